@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Installs what building and testing zt needs on a fresh Debian bookworm machine (DESIGN.md §2).
+# Idempotent: each step checks first and only acts when something is missing.
+set -euo pipefail
+
+TOOLCHAIN=1.98.0
+LLVM_DIR=/usr/lib/llvm-22
+
+step() { printf '\033[1m[bootstrap]\033[0m %s\n' "$*" >&2; }
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "bootstrap: must run as root (apt-get, eBPF and network namespaces need it)" >&2
+  exit 1
+fi
+
+need_pkgs=()
+for p in llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev iproute2; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need_pkgs+=("$p")
+done
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+  step "installing Debian packages: ${need_pkgs[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
+else
+  step "Debian packages present"
+fi
+
+if ! rustup toolchain list | grep -q "^${TOOLCHAIN}-"; then
+  step "installing Rust toolchain ${TOOLCHAIN}"
+  rustup toolchain install "$TOOLCHAIN" --profile minimal -c rust-src -c rustfmt -c clippy
+else
+  step "Rust toolchain ${TOOLCHAIN} present"
+fi
+
+if ! command -v bpf-linker >/dev/null 2>&1; then
+  step "installing bpf-linker (built against LLVM 22, takes a few minutes)"
+  PATH="$LLVM_DIR/bin:$PATH" LLVM_SYS_221_PREFIX="$LLVM_DIR" \
+    cargo "+$TOOLCHAIN" install --locked bpf-linker --no-default-features --features llvm-22
+else
+  step "bpf-linker present"
+fi

@@ -1,0 +1,134 @@
+//! The agent's life cycle: start capture, enroll the configured workloads, follow config reloads
+//! (SIGHUP), and stop on SIGTERM/SIGINT. Stopping leaves the pins in place on purpose: capture
+//! stays fail-closed until the next agent re-adopts it.
+use std::{collections::BTreeMap, path::PathBuf, sync::Arc};
+
+use anyhow::Context as _;
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{error, info, warn};
+
+use crate::{
+    config::{NodeConfig, Workload, WorkloadId},
+    ebpf::{Capture, OriginalDsts},
+    workload::Enrollment,
+};
+
+pub struct Agent {
+    config_path: PathBuf,
+    config: NodeConfig,
+    capture: Capture,
+    dsts: Arc<OriginalDsts>,
+    enrolled: BTreeMap<WorkloadId, Enrollment>,
+}
+
+impl Agent {
+    pub fn start(config_path: PathBuf, config: NodeConfig) -> anyhow::Result<Self> {
+        let capture = Capture::start(&config.capture).context("starting capture")?;
+        let dsts = Arc::new(OriginalDsts::open(capture.pin_dir())?);
+        info!(
+            node = %config.node_name,
+            cgroup = %capture.cgroup.display(),
+            pins = %capture.pin_dir().display(),
+            "capture started"
+        );
+        Ok(Self {
+            config_path,
+            config,
+            capture,
+            dsts,
+            enrolled: BTreeMap::new(),
+        })
+    }
+
+    pub async fn run(mut self) -> anyhow::Result<()> {
+        let mut hup = signal(SignalKind::hangup())?;
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        self.reconcile(self.config.workloads.clone()).await;
+        self.forget_stale_pods();
+        info!(workloads = self.enrolled.len(), "agent ready");
+        loop {
+            tokio::select! {
+                _ = hup.recv() => self.reload().await,
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+            }
+        }
+        info!("agent stopping; capture stays pinned (fail-closed until the next agent)");
+        Ok(())
+    }
+
+    async fn reload(&mut self) {
+        let new = match NodeConfig::load(&self.config_path) {
+            Ok(c) => c,
+            Err(e) => {
+                error!(error = %e, "config reload rejected; keeping the running config");
+                return;
+            }
+        };
+        for key in self.config.restart_only_changes(&new) {
+            warn!(key, "config change needs a restart to take effect");
+        }
+        if new.capture.fail_mode != self.config.capture.fail_mode
+            || new.capture.probe_source != self.config.capture.probe_source
+        {
+            if let Err(e) = self.capture.maps.apply_settings(&new.capture) {
+                error!(error = %e, "applying capture settings");
+            }
+        }
+        self.reconcile(new.workloads.clone()).await;
+        self.config = new;
+        info!(workloads = self.enrolled.len(), "config reloaded");
+    }
+
+    /// Makes the enrolled set equal to `desired`: removes what is gone or changed, adds what is new.
+    async fn reconcile(&mut self, desired: Vec<Workload>) {
+        let desired: BTreeMap<WorkloadId, Workload> =
+            desired.into_iter().map(|w| (w.id.clone(), w)).collect();
+        let gone: Vec<WorkloadId> = self
+            .enrolled
+            .iter()
+            .filter(|(id, e)| desired.get(*id) != Some(&e.local.workload))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in gone {
+            if let Some(enrollment) = self.enrolled.remove(&id)
+                && let Err(e) = enrollment.remove(&mut self.capture).await
+            {
+                error!(workload = %id, error = %e, "un-enrollment incomplete");
+            }
+        }
+        for (id, workload) in desired {
+            if self.enrolled.contains_key(&id) {
+                continue;
+            }
+            match Enrollment::enroll(&mut self.capture, self.dsts.clone(), workload).await {
+                Ok(e) => {
+                    self.enrolled.insert(id, e);
+                }
+                Err(e) => error!(error = %e, "enrollment failed"),
+            }
+        }
+    }
+
+    /// Removes pods a previous agent enrolled that are no longer configured.
+    fn forget_stale_pods(&mut self) {
+        let live: Vec<u64> = self
+            .enrolled
+            .values()
+            .map(|e| e.local.netns_cookie)
+            .collect();
+        for cookie in self.capture.maps.enrolled_pods() {
+            if live.contains(&cookie) {
+                continue;
+            }
+            match self.capture.forget_pod(cookie) {
+                Ok(()) => info!(
+                    netns_cookie = cookie,
+                    "removed stale pod left by a previous agent"
+                ),
+                Err(e) => error!(netns_cookie = cookie, error = %e, "removing stale pod"),
+            }
+        }
+    }
+}

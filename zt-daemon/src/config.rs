@@ -1,0 +1,341 @@
+//! The node config file (DESIGN.md §7): parsed and validated once into typed structs, so nothing
+//! downstream re-parses strings. Every error names the file, and where it can the line and key.
+use std::{
+    collections::{BTreeMap, HashSet},
+    fmt,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+
+pub const DEFAULT_PATH: &str = "/etc/zt/node.toml";
+const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/zt";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}:{column}: {message}")]
+    Parse {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+/// The validated node configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeConfig {
+    pub node_name: String,
+    pub capture: CaptureConfig,
+    pub log: LogConfig,
+    pub workloads: Vec<Workload>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaptureConfig {
+    /// cgroup v2 directory the cgroup programs attach to; `None` = the cgroup v2 root.
+    pub cgroup: Option<PathBuf>,
+    /// bpffs directory holding this agent's pins.
+    pub bpffs_dir: PathBuf,
+    pub fail_mode: FailMode,
+    /// Source address of kubelet probes, which bypass inbound capture.
+    pub probe_source: Option<Ipv4Addr>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailMode {
+    /// While no agent listener exists, captured connections are refused or dropped.
+    Closed,
+    /// While no agent listener exists, traffic goes around the agent.
+    Open,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A tracing EnvFilter directive, e.g. `info` or `zt_daemon=debug`.
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// A workload (pod) this node runs, identified by namespace and name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Workload {
+    pub id: WorkloadId,
+    pub service_account: String,
+    pub labels: BTreeMap<String, String>,
+    /// The pod's network namespace, e.g. `/run/netns/x` or `/proc/PID/ns/net`.
+    pub netns: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct WorkloadId {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl fmt::Display for WorkloadId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+// ---- file shape, as written by operators -------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    node_name: String,
+    #[serde(default)]
+    capture: RawCapture,
+    #[serde(default)]
+    log: RawLog,
+    #[serde(default, rename = "workload")]
+    workloads: Vec<RawWorkload>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawCapture {
+    cgroup: Option<PathBuf>,
+    bpffs_dir: Option<PathBuf>,
+    fail_mode: Option<FailMode>,
+    probe_source: Option<Ipv4Addr>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    format: Option<LogFormat>,
+    level: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWorkload {
+    name: String,
+    namespace: String,
+    #[serde(default = "default_service_account")]
+    service_account: String,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    netns: PathBuf,
+}
+
+fn default_service_account() -> String {
+    "default".to_owned()
+}
+
+impl NodeConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let (line, column) = e
+                .span()
+                .map(|span| line_column(text, span.start))
+                .unwrap_or((0, 0));
+            ConfigError::Parse {
+                path: path.to_owned(),
+                line,
+                column,
+                message: e.message().to_owned(),
+            }
+        })?;
+        let invalid = |message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            message,
+        };
+        if raw.node_name.trim().is_empty() {
+            return Err(invalid("node_name: must not be empty".into()));
+        }
+        let mut ids = HashSet::new();
+        let mut netns_paths: BTreeMap<PathBuf, WorkloadId> = BTreeMap::new();
+        let mut workloads = Vec::with_capacity(raw.workloads.len());
+        for (i, w) in raw.workloads.into_iter().enumerate() {
+            for (field, value) in [
+                ("name", &w.name),
+                ("namespace", &w.namespace),
+                ("service_account", &w.service_account),
+            ] {
+                if !is_dns_label(value) {
+                    return Err(invalid(format!(
+                        "workload[{i}].{field}: {value:?} is not a DNS label (lowercase letters, digits, '-')"
+                    )));
+                }
+            }
+            let id = WorkloadId {
+                namespace: w.namespace,
+                name: w.name,
+            };
+            if !ids.insert(id.clone()) {
+                return Err(invalid(format!("workload[{i}]: {id} is listed twice")));
+            }
+            if !w.netns.is_absolute() {
+                return Err(invalid(format!(
+                    "workload[{i}].netns: {} is not an absolute path",
+                    w.netns.display()
+                )));
+            }
+            if let Some(other) = netns_paths.insert(w.netns.clone(), id.clone()) {
+                return Err(invalid(format!(
+                    "workload[{i}].netns: {} is already enrolled as {other}",
+                    w.netns.display()
+                )));
+            }
+            workloads.push(Workload {
+                id,
+                service_account: w.service_account,
+                labels: w.labels,
+                netns: w.netns,
+            });
+        }
+        let bpffs_dir = raw
+            .capture
+            .bpffs_dir
+            .unwrap_or_else(|| DEFAULT_BPFFS_DIR.into());
+        if !bpffs_dir.is_absolute() {
+            return Err(invalid(format!(
+                "capture.bpffs_dir: {} is not an absolute path",
+                bpffs_dir.display()
+            )));
+        }
+        Ok(NodeConfig {
+            node_name: raw.node_name,
+            capture: CaptureConfig {
+                cgroup: raw.capture.cgroup,
+                bpffs_dir,
+                fail_mode: raw.capture.fail_mode.unwrap_or(FailMode::Closed),
+                probe_source: raw.capture.probe_source,
+            },
+            log: LogConfig {
+                format: raw.log.format.unwrap_or(LogFormat::Text),
+                level: raw.log.level.unwrap_or_else(|| "info".to_owned()),
+            },
+            workloads,
+        })
+    }
+
+    /// Settings that only take effect at start; a reload that changes them says so.
+    pub fn restart_only_changes(&self, new: &NodeConfig) -> Vec<&'static str> {
+        let mut changed = Vec::new();
+        if self.node_name != new.node_name {
+            changed.push("node_name");
+        }
+        if self.capture.cgroup != new.capture.cgroup {
+            changed.push("capture.cgroup");
+        }
+        if self.capture.bpffs_dir != new.capture.bpffs_dir {
+            changed.push("capture.bpffs_dir");
+        }
+        if self.log != new.log {
+            changed.push("log");
+        }
+        changed
+    }
+}
+
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// 1-based line and column of a byte offset.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    (line, column)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<NodeConfig, ConfigError> {
+        NodeConfig::parse(Path::new("/etc/zt/node.toml"), text)
+    }
+
+    #[test]
+    fn minimal_file_gets_defaults() {
+        let c = parse("node_name = \"n1\"\n").unwrap();
+        assert_eq!(c.capture.bpffs_dir, PathBuf::from("/sys/fs/bpf/zt"));
+        assert_eq!(c.capture.fail_mode, FailMode::Closed);
+        assert_eq!(c.log.format, LogFormat::Text);
+        assert!(c.workloads.is_empty());
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_and_key() {
+        let err = parse("node_name = \"n1\"\n[capture]\nfail_mod = \"open\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("/etc/zt/node.toml:3:1:"), "{err}");
+        assert!(err.contains("fail_mod"), "{err}");
+    }
+
+    #[test]
+    fn bad_value_is_rejected() {
+        let err = parse("node_name = \"n1\"\n[capture]\nfail_mode = \"sometimes\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(":3:"), "{err}");
+        assert!(err.contains("sometimes"), "{err}");
+    }
+
+    #[test]
+    fn same_netns_twice_is_rejected() {
+        let text = r#"
+node_name = "n1"
+[[workload]]
+name = "a"
+namespace = "default"
+netns = "/run/netns/p"
+[[workload]]
+name = "b"
+namespace = "default"
+netns = "/run/netns/p"
+"#;
+        let err = parse(text).unwrap_err().to_string();
+        assert!(err.contains("already enrolled as default/a"), "{err}");
+    }
+
+    #[test]
+    fn workload_names_must_be_dns_labels() {
+        let text =
+            "node_name = \"n1\"\n[[workload]]\nname = \"A_b\"\nnamespace = \"x\"\nnetns = \"/n\"\n";
+        let err = parse(text).unwrap_err().to_string();
+        assert!(err.contains("workload[0].name"), "{err}");
+    }
+
+    #[test]
+    fn line_column_is_one_based() {
+        assert_eq!(line_column("ab\ncd", 0), (1, 1));
+        assert_eq!(line_column("ab\ncd", 4), (2, 2));
+    }
+}

@@ -1,0 +1,566 @@
+//! Loading, attaching and pinning zt's kernel programs, and typed handles on their maps.
+//!
+//! Layout under the agent's bpffs directory (`capture.bpffs_dir`, default /sys/fs/bpf/zt):
+//!   maps/<MAP>               every map, pinned by name and reused by the next agent
+//!   links/<program>          cgroup links (connect, getpeername, bind, sockops)
+//!   pods/<netns cookie>/sk_lookup   one sk_lookup link per enrolled pod
+//! Because links and maps are pinned, capture keeps running (fail-closed) while the agent is
+//! down, and a restarted agent re-adopts them instead of opening a window without capture.
+use std::{
+    fs::File,
+    io,
+    net::{IpAddr, SocketAddr},
+    os::fd::{AsFd, AsRawFd},
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, Map, MapData, SockHash},
+    programs::{CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps, links::FdLink},
+};
+use tracing::{info, warn};
+use zt_common::{
+    AF_INET, AF_INET6, ConnKey, EnrolledPod, ListenerKey, SockAddr, map_names, settings,
+};
+
+use crate::config::{CaptureConfig, FailMode};
+
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/zt"));
+
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+/// Cgroup sock_addr programs, attached once per node at the configured cgroup.
+const SOCK_ADDR_PROGRAMS: [&str; 6] = [
+    "zt_connect4",
+    "zt_connect6",
+    "zt_getpeername4",
+    "zt_getpeername6",
+    "zt_bind4",
+    "zt_bind6",
+];
+const SOCKOPS_PROGRAM: &str = "zt_sockops";
+const SK_LOOKUP_PROGRAM: &str = "zt_sk_lookup";
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    #[error("{path}: {action}: {source}")]
+    Io {
+        path: PathBuf,
+        action: &'static str,
+        source: io::Error,
+    },
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("program {program}: {source}")]
+    Program {
+        program: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    #[error("program {program}: pinning link at {path}: {message}")]
+    Pin {
+        program: &'static str,
+        path: PathBuf,
+        message: String,
+    },
+    #[error("map {map}: {source}")]
+    Map {
+        map: &'static str,
+        source: aya::maps::MapError,
+    },
+    #[error("no cgroup v2 mount found in /proc/mounts; set capture.cgroup")]
+    NoCgroup2,
+}
+
+fn io_err<'a>(path: &'a Path, action: &'static str) -> impl FnOnce(io::Error) -> CaptureError + 'a {
+    move |source| CaptureError::Io {
+        path: path.to_owned(),
+        action,
+        source,
+    }
+}
+
+/// The loaded programs and the node-wide links. Dropping it leaves the pins in place.
+pub struct Capture {
+    ebpf: Ebpf,
+    dir: PathBuf,
+    pub maps: CaptureMaps,
+    /// Where the cgroup programs are attached.
+    pub cgroup: PathBuf,
+}
+
+impl Capture {
+    /// Loads the programs, attaches or re-adopts the node-wide links, and applies settings.
+    pub fn start(config: &CaptureConfig) -> Result<Self, CaptureError> {
+        let dir = config.bpffs_dir.clone();
+        ensure_bpffs(&dir)?;
+        for sub in ["maps", "links", "pods"] {
+            let p = dir.join(sub);
+            std::fs::create_dir_all(&p).map_err(io_err(&p, "creating pin directory"))?;
+        }
+        let cgroup = match &config.cgroup {
+            Some(p) => p.clone(),
+            None => cgroup2_root()?,
+        };
+        let cgroup_dir = File::open(&cgroup).map_err(io_err(&cgroup, "opening cgroup"))?;
+
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(dir.join("maps"))
+            .load(EBPF_OBJECT)?;
+        match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(logger) => spawn_ebpf_logger(logger),
+            Err(e) => warn!(error = %e, "eBPF log forwarding unavailable"),
+        }
+
+        // bpf_link attachments are always multi-program; the kernel rejects attach flags on them.
+        let mut links = Vec::new();
+        for name in SOCK_ADDR_PROGRAMS {
+            let pin = dir.join("links").join(name);
+            let program: &mut CgroupSockAddr = program_mut(&mut ebpf, name)?;
+            program.load().map_err(|source| CaptureError::Program {
+                program: name,
+                source,
+            })?;
+            let adopted = if pin.exists() {
+                replace_pinned_program(
+                    &pin,
+                    program.fd().map_err(|source| CaptureError::Program {
+                        program: name,
+                        source,
+                    })?,
+                )
+                .map_err(|e| pin_err(name, &pin, e))?;
+                true
+            } else {
+                let id = program
+                    .attach(cgroup_dir.as_fd(), CgroupAttachMode::Single)
+                    .map_err(|source| CaptureError::Program {
+                        program: name,
+                        source,
+                    })?;
+                let link = program
+                    .take_link(id)
+                    .map_err(|source| CaptureError::Program {
+                        program: name,
+                        source,
+                    })?;
+                let link = FdLink::try_from(link).map_err(|e| pin_err(name, &pin, e))?;
+                link.pin(&pin).map_err(|e| pin_err(name, &pin, e))?;
+                false
+            };
+            links.push((name, pin, adopted));
+        }
+
+        let pin = dir.join("links").join(SOCKOPS_PROGRAM);
+        let sockops: &mut SockOps = program_mut(&mut ebpf, SOCKOPS_PROGRAM)?;
+        sockops.load().map_err(|source| CaptureError::Program {
+            program: SOCKOPS_PROGRAM,
+            source,
+        })?;
+        let adopted = pin.exists();
+        if adopted {
+            let fd = sockops.fd().map_err(|source| CaptureError::Program {
+                program: SOCKOPS_PROGRAM,
+                source,
+            })?;
+            replace_pinned_program(&pin, fd).map_err(|e| pin_err(SOCKOPS_PROGRAM, &pin, e))?;
+        } else {
+            let id = sockops
+                .attach(cgroup_dir.as_fd(), CgroupAttachMode::Single)
+                .map_err(|source| CaptureError::Program {
+                    program: SOCKOPS_PROGRAM,
+                    source,
+                })?;
+            let link = sockops
+                .take_link(id)
+                .map_err(|source| CaptureError::Program {
+                    program: SOCKOPS_PROGRAM,
+                    source,
+                })?;
+            let link = FdLink::try_from(link).map_err(|e| pin_err(SOCKOPS_PROGRAM, &pin, e))?;
+            link.pin(&pin)
+                .map_err(|e| pin_err(SOCKOPS_PROGRAM, &pin, e))?;
+        }
+        links.push((SOCKOPS_PROGRAM, pin, adopted));
+
+        let sk_lookup: &mut SkLookup = program_mut(&mut ebpf, SK_LOOKUP_PROGRAM)?;
+        sk_lookup.load().map_err(|source| CaptureError::Program {
+            program: SK_LOOKUP_PROGRAM,
+            source,
+        })?;
+
+        let mut maps = CaptureMaps::open(&dir)?;
+        maps.apply_settings(config)?;
+        for (program, pin, adopted) in &links {
+            info!(program, pin = %pin.display(), adopted, "capture program attached");
+        }
+        Ok(Self {
+            ebpf,
+            dir,
+            maps,
+            cgroup,
+        })
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn pod_link_path(&self, netns_cookie: u64) -> PathBuf {
+        self.dir
+            .join("pods")
+            .join(netns_cookie.to_string())
+            .join("sk_lookup")
+    }
+
+    /// Attaches inbound steering to a pod's netns, or adopts the link a previous agent pinned.
+    /// Returns whether it was adopted.
+    pub fn attach_sk_lookup(
+        &mut self,
+        netns_cookie: u64,
+        netns: &File,
+    ) -> Result<bool, CaptureError> {
+        let pin = self.pod_link_path(netns_cookie);
+        let program: &mut SkLookup = program_mut(&mut self.ebpf, SK_LOOKUP_PROGRAM)?;
+        if pin.exists() {
+            let fd = program.fd().map_err(|source| CaptureError::Program {
+                program: SK_LOOKUP_PROGRAM,
+                source,
+            })?;
+            replace_pinned_program(&pin, fd).map_err(|e| pin_err(SK_LOOKUP_PROGRAM, &pin, e))?;
+            return Ok(true);
+        }
+        let parent = pin.parent().expect("pod link path has a parent");
+        std::fs::create_dir_all(parent).map_err(io_err(parent, "creating pin directory"))?;
+        let id = program
+            .attach(netns.as_fd())
+            .map_err(|source| CaptureError::Program {
+                program: SK_LOOKUP_PROGRAM,
+                source,
+            })?;
+        let link = program
+            .take_link(id)
+            .map_err(|source| CaptureError::Program {
+                program: SK_LOOKUP_PROGRAM,
+                source,
+            })?;
+        FdLink::from(link)
+            .pin(&pin)
+            .map_err(|e| pin_err(SK_LOOKUP_PROGRAM, &pin, e))?;
+        Ok(false)
+    }
+
+    /// Removes every trace of a pod: map entries and its sk_lookup link.
+    pub fn forget_pod(&mut self, netns_cookie: u64) -> Result<(), CaptureError> {
+        self.maps.forget_pod(netns_cookie)?;
+        let pin = self.pod_link_path(netns_cookie);
+        if pin.exists() {
+            // Removing the last reference (the pin) detaches the link.
+            std::fs::remove_file(&pin).map_err(io_err(&pin, "unpinning sk_lookup link"))?;
+        }
+        if let Some(dir) = pin.parent()
+            && dir.exists()
+        {
+            std::fs::remove_dir(dir).map_err(io_err(dir, "removing pod pin directory"))?;
+        }
+        Ok(())
+    }
+}
+
+/// Swaps the program of a link pinned by a previous agent for ours, atomically (BPF_LINK_UPDATE),
+/// so an upgraded agent runs its own programs without a moment of missing capture. aya exposes
+/// this only for some link types, hence the raw syscall.
+fn replace_pinned_program(pin: &Path, program: &aya::programs::ProgramFd) -> io::Result<()> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_LINK_UPDATE: libc::c_long = 29;
+    let path = std::ffi::CString::new(pin.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::other("pin path contains NUL"))?;
+    // bpf_attr is a union; 128 zeroed bytes cover every member used here.
+    let mut attr = [0u64; 16];
+    attr[0] = path.as_ptr() as u64;
+    // SAFETY: attr is a valid, zero-padded bpf_attr for BPF_OBJ_GET; `path` outlives the call.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, attr.as_ptr(), 128u32) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this fd to us.
+    let link = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let mut attr = [0u32; 32];
+    attr[0] = link.as_raw_fd() as u32;
+    attr[1] = program.as_fd().as_raw_fd() as u32;
+    // SAFETY: attr is a valid, zero-padded bpf_attr for BPF_LINK_UPDATE.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_LINK_UPDATE, attr.as_ptr(), 128u32) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn pin_err(program: &'static str, path: &Path, e: impl std::fmt::Display) -> CaptureError {
+    CaptureError::Pin {
+        program,
+        path: path.to_owned(),
+        message: e.to_string(),
+    }
+}
+
+fn program_mut<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, CaptureError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let program = ebpf.program_mut(name).ok_or(CaptureError::Program {
+        program: name,
+        source: aya::programs::ProgramError::UnexpectedProgramType,
+    })?;
+    program.try_into().map_err(|source| CaptureError::Program {
+        program: name,
+        source,
+    })
+}
+
+/// Forwards aya-log records from the programs into the agent's tracing output.
+fn spawn_ebpf_logger(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
+    // SAFETY: the logger owns its ring buffer fd and flushing never closes or replaces it.
+    let registered = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+    };
+    let mut logger = match registered {
+        Ok(l) => l,
+        Err(e) => {
+            warn!(error = %e, "eBPF log forwarding unavailable");
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        while let Ok(mut guard) = logger.readable_mut().await {
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    });
+}
+
+/// Mounts bpffs at /sys/fs/bpf when the pin directory lives there and nothing is mounted yet.
+fn ensure_bpffs(dir: &Path) -> Result<(), CaptureError> {
+    let root = Path::new("/sys/fs/bpf");
+    let probe = if dir.starts_with(root) { root } else { dir };
+    if is_bpffs(probe) {
+        return Ok(());
+    }
+    if probe == root {
+        nix::mount::mount(
+            Some("bpf"),
+            root,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .map_err(|e| CaptureError::Io {
+            path: root.to_owned(),
+            action: "mounting bpffs",
+            source: e.into(),
+        })?;
+        info!(path = %root.display(), "mounted bpffs");
+        return Ok(());
+    }
+    Err(CaptureError::Io {
+        path: dir.to_owned(),
+        action: "checking pin directory",
+        source: io::Error::other("not on a bpf filesystem"),
+    })
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    nix::sys::statfs::statfs(path)
+        .map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+        .unwrap_or(false)
+}
+
+/// The cgroup v2 mount point, read from /proc/mounts (unified or hybrid layouts).
+pub fn cgroup2_root() -> Result<PathBuf, CaptureError> {
+    let mounts = std::fs::read_to_string("/proc/mounts")
+        .map_err(io_err(Path::new("/proc/mounts"), "reading"))?;
+    mounts
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (_src, target, fstype) = (f.next()?, f.next()?, f.next()?);
+            (fstype == "cgroup2").then(|| PathBuf::from(target))
+        })
+        .next()
+        .ok_or(CaptureError::NoCgroup2)
+}
+
+fn open_map<T>(
+    pin_dir: &Path,
+    name: &'static str,
+    kind: fn(MapData) -> Map,
+) -> Result<T, CaptureError>
+where
+    T: TryFrom<Map, Error = aya::maps::MapError>,
+{
+    let data = MapData::from_pin(pin_dir.join("maps").join(name))
+        .map_err(|source| CaptureError::Map { map: name, source })?;
+    T::try_from(kind(data)).map_err(|source| CaptureError::Map { map: name, source })
+}
+
+fn map_err(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> CaptureError {
+    move |source| CaptureError::Map { map, source }
+}
+
+fn listener_key(ip: IpAddr) -> ListenerKey {
+    match ip {
+        IpAddr::V4(v4) => ListenerKey {
+            addr: [u32::from_ne_bytes(v4.octets()), 0, 0, 0],
+            family: AF_INET,
+            _pad: [0; 2],
+        },
+        IpAddr::V6(v6) => {
+            let o = v6.octets();
+            let word = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+            ListenerKey {
+                addr: [word(0), word(4), word(8), word(12)],
+                family: AF_INET6,
+                _pad: [0; 2],
+            }
+        }
+    }
+}
+
+/// The address the programs recorded, back as a socket address.
+fn socket_addr(a: &SockAddr) -> Option<SocketAddr> {
+    let ip = match a.family {
+        AF_INET => IpAddr::from(a.addr[0].to_ne_bytes()),
+        AF_INET6 => {
+            let mut o = [0u8; 16];
+            for (i, w) in a.addr.iter().enumerate() {
+                o[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+            }
+            IpAddr::from(o)
+        }
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, a.port))
+}
+
+/// Handles on the pinned maps that enrollment writes. Each handle is opened from its pin, so any
+/// number of them can coexist (the agent, the proxy's read-only table, tests).
+pub struct CaptureMaps {
+    enrolled: HashMap<MapData, u64, EnrolledPod>,
+    orig_dst_by_port: HashMap<MapData, ConnKey, SockAddr>,
+    pod_addrs: HashMap<MapData, ListenerKey, u64>,
+    inbound_listeners: SockHash<MapData, ListenerKey>,
+    settings: Array<MapData, u32>,
+}
+
+impl CaptureMaps {
+    pub fn open(pin_dir: &Path) -> Result<Self, CaptureError> {
+        Ok(Self {
+            enrolled: open_map(pin_dir, map_names::ENROLLED, Map::HashMap)?,
+            orig_dst_by_port: open_map(pin_dir, map_names::ORIG_DST_BY_PORT, Map::LruHashMap)?,
+            pod_addrs: open_map(pin_dir, map_names::POD_ADDRS, Map::HashMap)?,
+            inbound_listeners: open_map(pin_dir, map_names::INBOUND_LISTENERS, Map::SockHash)?,
+            settings: open_map(pin_dir, map_names::SETTINGS, Map::Array)?,
+        })
+    }
+
+    pub fn apply_settings(&mut self, config: &CaptureConfig) -> Result<(), CaptureError> {
+        let fail_open = u32::from(config.fail_mode == FailMode::Open);
+        let probe = config
+            .probe_source
+            .map_or(0, |ip| u32::from_ne_bytes(ip.octets()));
+        for (index, value) in [
+            (settings::FAIL_OPEN, fail_open),
+            (settings::PROBE_SOURCE_V4, probe),
+        ] {
+            self.settings
+                .set(index, &value, 0)
+                .map_err(map_err(map_names::SETTINGS))?;
+        }
+        Ok(())
+    }
+
+    /// Marks a pod's netns as captured. Its listeners must exist first (fail-closed ordering).
+    pub fn enroll(&mut self, netns_cookie: u64) -> Result<(), CaptureError> {
+        self.enrolled
+            .insert(&netns_cookie, &EnrolledPod::default(), 0)
+            .map_err(map_err(map_names::ENROLLED))
+    }
+
+    /// Steers inbound connections for `ip` to `listener`, the pod's inbound plaintext socket.
+    pub fn steer_inbound(
+        &mut self,
+        ip: IpAddr,
+        netns_cookie: u64,
+        listener: &impl AsRawFd,
+    ) -> Result<(), CaptureError> {
+        let key = listener_key(ip);
+        self.inbound_listeners
+            .insert(&key, listener.as_raw_fd(), 0)
+            .map_err(map_err(map_names::INBOUND_LISTENERS))?;
+        self.pod_addrs
+            .insert(&key, &netns_cookie, 0)
+            .map_err(map_err(map_names::POD_ADDRS))
+    }
+
+    /// Netns cookies of every enrolled pod, including ones a previous agent left behind.
+    pub fn enrolled_pods(&self) -> Vec<u64> {
+        self.enrolled.keys().filter_map(Result::ok).collect()
+    }
+
+    /// Removes every map entry that belongs to the pod.
+    pub fn forget_pod(&mut self, netns_cookie: u64) -> Result<(), CaptureError> {
+        let ignore_missing = |r: Result<(), aya::maps::MapError>, map| match r {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(source) => Err(CaptureError::Map { map, source }),
+        };
+        ignore_missing(self.enrolled.remove(&netns_cookie), map_names::ENROLLED)?;
+        let addrs: Vec<ListenerKey> = self
+            .pod_addrs
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, cookie)| *cookie == netns_cookie)
+            .map(|(k, _)| k)
+            .collect();
+        for key in addrs {
+            ignore_missing(
+                self.inbound_listeners.remove(&key),
+                map_names::INBOUND_LISTENERS,
+            )?;
+            ignore_missing(self.pod_addrs.remove(&key), map_names::POD_ADDRS)?;
+        }
+        let conns: Vec<ConnKey> = self
+            .orig_dst_by_port
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.netns_cookie == netns_cookie)
+            .collect();
+        for key in conns {
+            ignore_missing(
+                self.orig_dst_by_port.remove(&key),
+                map_names::ORIG_DST_BY_PORT,
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Read-only view of the original destinations, for the outbound proxy.
+pub struct OriginalDsts(HashMap<MapData, ConnKey, SockAddr>);
+
+impl OriginalDsts {
+    pub fn open(pin_dir: &Path) -> Result<Self, CaptureError> {
+        open_map(pin_dir, map_names::ORIG_DST_BY_PORT, Map::LruHashMap).map(Self)
+    }
+
+    /// The destination the application in pod `netns_cookie` asked for on its socket with
+    /// source port `port`.
+    pub fn get(&self, netns_cookie: u64, port: u16) -> Option<SocketAddr> {
+        let key = ConnKey {
+            netns_cookie,
+            port,
+            _pad: [0; 6],
+        };
+        self.0.get(&key, 0).ok().as_ref().and_then(socket_addr)
+    }
+}

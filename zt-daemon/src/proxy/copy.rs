@@ -1,0 +1,110 @@
+//! Bidirectional byte copy between two TCP streams.
+//!
+//! Each direction reads into its own buffer and writes everything before reading again, so a slow
+//! reader stalls its writer (backpressure) and no byte is lost or reordered. EOF on one side is
+//! passed on as a half-close (FIN) while the other direction keeps flowing. A reset or error on
+//! either side resets both, so a peer that resets is seen as a reset, not as a clean close.
+use std::{fmt, time::Duration};
+
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    net::TcpStream,
+};
+
+/// Per-direction buffer. 64 KiB holds several TCP segments at loopback/veth MTUs, so one
+/// read/write pair moves a whole socket-buffer's worth of bulk data with few syscalls.
+const BUFFER_SIZE: usize = 64 * 1024;
+
+/// How a relayed connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// Both sides finished with FIN.
+    Eof,
+    /// The downstream (the side that connected to the agent) reset or failed.
+    DownstreamReset,
+    /// The upstream (the side the agent connected to) reset or failed.
+    UpstreamReset,
+}
+
+impl fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Eof => "eof",
+            Self::DownstreamReset => "downstream_reset",
+            Self::UpstreamReset => "upstream_reset",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RelayOutcome {
+    /// Bytes copied downstream -> upstream.
+    pub sent: u64,
+    /// Bytes copied upstream -> downstream.
+    pub received: u64,
+    pub close: CloseReason,
+}
+
+/// Which side of a copy failed.
+enum Failure {
+    Read,
+    Write,
+}
+
+/// Copies `from` into `to` until EOF, then half-closes `to`.
+async fn pump<R, W>(from: &mut R, to: &mut W, copied: &mut u64) -> Result<(), Failure>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; BUFFER_SIZE];
+    loop {
+        let n = from.read(&mut buf).await.map_err(|_| Failure::Read)?;
+        if n == 0 {
+            return to.shutdown().await.map_err(|_| Failure::Write);
+        }
+        to.write_all(&buf[..n]).await.map_err(|_| Failure::Write)?;
+        *copied += n as u64;
+    }
+}
+
+/// Relays between `downstream` and `upstream` until both directions are done or one side fails.
+pub async fn relay(mut downstream: TcpStream, mut upstream: TcpStream) -> RelayOutcome {
+    let (mut sent, mut received) = (0u64, 0u64);
+    let close = {
+        let (mut dr, mut dw) = downstream.split();
+        let (mut ur, mut uw) = upstream.split();
+        let up = pump(&mut dr, &mut uw, &mut sent);
+        let down = pump(&mut ur, &mut dw, &mut received);
+        tokio::pin!(up, down);
+        let (mut up_done, mut down_done) = (false, false);
+        loop {
+            tokio::select! {
+                r = &mut up, if !up_done => match r {
+                    Ok(()) => up_done = true,
+                    Err(Failure::Read) => break CloseReason::DownstreamReset,
+                    Err(Failure::Write) => break CloseReason::UpstreamReset,
+                },
+                r = &mut down, if !down_done => match r {
+                    Ok(()) => down_done = true,
+                    Err(Failure::Read) => break CloseReason::UpstreamReset,
+                    Err(Failure::Write) => break CloseReason::DownstreamReset,
+                },
+            }
+            if up_done && down_done {
+                break CloseReason::Eof;
+            }
+        }
+    };
+    if close != CloseReason::Eof {
+        // Linger 0 turns the close into a RST, passing the reset on to the other peer.
+        for s in [&downstream, &upstream] {
+            let _ = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO));
+        }
+    }
+    RelayOutcome {
+        sent,
+        received,
+        close,
+    }
+}

@@ -1,0 +1,198 @@
+//! Workloads on this node: enrollment into capture, and un-enrollment that leaves no trace.
+//!
+//! Enrolling a pod creates the agent's listeners inside its netns first, then attaches inbound
+//! steering, and only then marks the netns as captured, so there is never a moment where captured
+//! traffic has no listener to go to (except while the agent itself is down: fail-closed).
+pub mod netns;
+
+use std::{fs::File, net::IpAddr, net::SocketAddr, sync::Arc};
+
+use tokio::{net::TcpListener, task::JoinHandle};
+use tracing::{info, warn};
+use zt_common::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
+
+pub use crate::config::{Workload, WorkloadId};
+use crate::{
+    ebpf::{Capture, CaptureError, OriginalDsts},
+    proxy,
+    workload::netns::{NetnsError, NetnsWorker},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EnrollError {
+    #[error("workload {workload}: {source}")]
+    Netns {
+        workload: WorkloadId,
+        source: NetnsError,
+    },
+    #[error("workload {workload} ({netns}): {what}: {source}")]
+    Socket {
+        workload: WorkloadId,
+        netns: String,
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("workload {workload}: {source}")]
+    Capture {
+        workload: WorkloadId,
+        source: CaptureError,
+    },
+}
+
+/// What the proxy needs to act for one enrolled workload.
+pub struct LocalWorkload {
+    pub workload: Workload,
+    pub netns_cookie: u64,
+    pub addresses: Vec<IpAddr>,
+    pub netns: NetnsWorker,
+}
+
+/// An enrolled workload: its listeners are served by `tasks` until it is removed.
+pub struct Enrollment {
+    pub local: Arc<LocalWorkload>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// The in-pod listeners, created on the pod's netns thread.
+struct PodListeners {
+    outbound_v4: std::net::TcpListener,
+    outbound_v6: Option<std::net::TcpListener>,
+    inbound: std::net::TcpListener,
+    hbone: std::net::TcpListener,
+}
+
+fn create_listeners() -> Result<PodListeners, (&'static str, std::io::Error)> {
+    use std::net::{Ipv4Addr, Ipv6Addr};
+    let v4 = |ip: Ipv4Addr, port| SocketAddr::from((ip, port));
+    let v6 = |ip: Ipv6Addr, port| SocketAddr::from((ip, port));
+    let outbound_v4 = netns::agent_listener(v4(Ipv4Addr::LOCALHOST, OUTBOUND_PORT), false)
+        .map_err(|e| ("listen on 127.0.0.1:15001", e))?;
+    // A pod without IPv6 has no ::1; IPv4 capture still works.
+    let outbound_v6 = netns::agent_listener(v6(Ipv6Addr::LOCALHOST, OUTBOUND_PORT), false).ok();
+    // Dual-stack wildcards: sk_lookup may hand them IPv4 or IPv6 connections.
+    let inbound = netns::agent_listener(v6(Ipv6Addr::UNSPECIFIED, INBOUND_PLAINTEXT_PORT), true)
+        .map_err(|e| ("listen on [::]:15006", e))?;
+    let hbone = netns::agent_listener(v6(Ipv6Addr::UNSPECIFIED, HBONE_PORT), true)
+        .map_err(|e| ("listen on [::]:15008", e))?;
+    Ok(PodListeners {
+        outbound_v4,
+        outbound_v6,
+        inbound,
+        hbone,
+    })
+}
+
+impl Enrollment {
+    /// Enrolls `workload`: listeners, inbound steering, then capture.
+    pub async fn enroll(
+        capture: &mut Capture,
+        dsts: Arc<OriginalDsts>,
+        workload: Workload,
+    ) -> Result<Self, EnrollError> {
+        let id = workload.id.clone();
+        let netns_label = workload.netns.display().to_string();
+        let socket_err = |what, source| EnrollError::Socket {
+            workload: id.clone(),
+            netns: netns_label.clone(),
+            what,
+            source,
+        };
+        let worker = NetnsWorker::spawn(&workload.netns).map_err(|source| EnrollError::Netns {
+            workload: id.clone(),
+            source,
+        })?;
+        let inside = worker
+            .run(|| {
+                let cookie = netns::current_netns_cookie().map_err(|e| ("SO_NETNS_COOKIE", e))?;
+                let addrs = netns::current_pod_addresses().map_err(|e| ("listing addresses", e))?;
+                let listeners = create_listeners()?;
+                Ok::<_, (&'static str, std::io::Error)>((cookie, addrs, listeners))
+            })
+            .await
+            .map_err(|source| EnrollError::Netns {
+                workload: id.clone(),
+                source,
+            })?;
+        let (cookie, addresses, listeners) = inside.map_err(|(what, e)| socket_err(what, e))?;
+
+        let capture_err = |source| EnrollError::Capture {
+            workload: id.clone(),
+            source,
+        };
+        let netns_file = File::open(&workload.netns).map_err(|e| socket_err("opening netns", e))?;
+        let steer = |capture: &mut Capture| -> Result<bool, CaptureError> {
+            let adopted = capture.attach_sk_lookup(cookie, &netns_file)?;
+            for ip in &addresses {
+                capture
+                    .maps
+                    .steer_inbound(*ip, cookie, &listeners.inbound)?;
+            }
+            capture.maps.enroll(cookie)?;
+            Ok(adopted)
+        };
+        let adopted = match steer(capture) {
+            Ok(adopted) => adopted,
+            Err(e) => {
+                if let Err(undo) = capture.forget_pod(cookie) {
+                    warn!(workload = %id, error = %undo, "cleanup after failed enrollment");
+                }
+                return Err(capture_err(e));
+            }
+        };
+
+        let local = Arc::new(LocalWorkload {
+            workload,
+            netns_cookie: cookie,
+            addresses,
+            netns: worker,
+        });
+        let tokio_listener = |l: std::net::TcpListener, what| {
+            TcpListener::from_std(l).map_err(|e| socket_err(what, e))
+        };
+        let mut tasks = Vec::new();
+        let mut outbound = vec![tokio_listener(listeners.outbound_v4, "outbound v4")?];
+        if let Some(l) = listeners.outbound_v6 {
+            outbound.push(tokio_listener(l, "outbound v6")?);
+        }
+        for l in outbound {
+            tasks.push(tokio::spawn(proxy::outbound::serve(
+                l,
+                local.clone(),
+                dsts.clone(),
+            )));
+        }
+        let inbound = tokio_listener(listeners.inbound, "inbound")?;
+        tasks.push(tokio::spawn(proxy::inbound::serve_plaintext(
+            inbound,
+            local.clone(),
+        )));
+        let hbone = tokio_listener(listeners.hbone, "hbone")?;
+        tasks.push(tokio::spawn(proxy::inbound::serve_hbone(
+            hbone,
+            local.clone(),
+        )));
+
+        info!(
+            workload = %local.workload.id,
+            netns = %local.netns.path().display(),
+            netns_cookie = cookie,
+            addresses = ?local.addresses,
+            adopted,
+            "workload enrolled"
+        );
+        Ok(Self { local, tasks })
+    }
+
+    /// Closes the workload's listeners and connections and removes every trace from the kernel.
+    pub async fn remove(self, capture: &mut Capture) -> Result<(), CaptureError> {
+        for task in &self.tasks {
+            task.abort();
+        }
+        for task in self.tasks {
+            let _ = task.await;
+        }
+        capture.forget_pod(self.local.netns_cookie)?;
+        info!(workload = %self.local.workload.id, "workload un-enrolled");
+        Ok(())
+    }
+}

@@ -1,0 +1,172 @@
+//! Network namespaces of pods: each enrolled pod gets one thread that lives inside its netns and
+//! creates sockets there on request. A socket keeps the netns it was created in, so the tokio
+//! runtime can use it from any thread afterwards.
+use std::{
+    fs::File,
+    io,
+    net::{IpAddr, SocketAddr},
+    os::fd::AsFd,
+    path::{Path, PathBuf},
+    sync::mpsc,
+};
+
+use nix::sched::{CloneFlags, setns};
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use tokio::sync::oneshot;
+use zt_common::AGENT_MARK;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetnsError {
+    #[error("netns {path}: cannot open: {source}")]
+    Open { path: PathBuf, source: io::Error },
+    #[error("netns {path}: cannot enter: {source}")]
+    Enter { path: PathBuf, source: io::Error },
+    #[error("netns {path}: worker thread has stopped")]
+    WorkerGone { path: PathBuf },
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// A thread inside one pod's network namespace.
+pub struct NetnsWorker {
+    path: PathBuf,
+    jobs: mpsc::Sender<Job>,
+}
+
+impl NetnsWorker {
+    /// Opens `path` and starts a thread inside that namespace.
+    pub fn spawn(path: &Path) -> Result<Self, NetnsError> {
+        let file = File::open(path).map_err(|source| NetnsError::Open {
+            path: path.to_owned(),
+            source,
+        })?;
+        let (jobs, rx) = mpsc::channel::<Job>();
+        let (entered_tx, entered_rx) = mpsc::sync_channel(1);
+        std::thread::Builder::new()
+            .name("zt-netns".into())
+            .spawn(move || {
+                let entered = setns(file.as_fd(), CloneFlags::CLONE_NEWNET);
+                let ok = entered.is_ok();
+                let _ = entered_tx.send(entered.map_err(io::Error::from));
+                if ok {
+                    while let Ok(job) = rx.recv() {
+                        job();
+                    }
+                }
+            })
+            .map_err(|source| NetnsError::Enter {
+                path: path.to_owned(),
+                source,
+            })?;
+        let entered = entered_rx
+            .recv()
+            .unwrap_or_else(|_| Err(io::Error::other("netns thread exited before entering")));
+        entered.map_err(|source| NetnsError::Enter {
+            path: path.to_owned(),
+            source,
+        })?;
+        Ok(Self {
+            path: path.to_owned(),
+            jobs,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `f` on the thread inside the namespace.
+    pub async fn run<R: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> R + Send + 'static,
+    ) -> Result<R, NetnsError> {
+        let (tx, rx) = oneshot::channel();
+        let gone = || NetnsError::WorkerGone {
+            path: self.path.clone(),
+        };
+        self.jobs
+            .send(Box::new(move || {
+                let _ = tx.send(f());
+            }))
+            .map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())
+    }
+
+    /// A TCP socket in the pod's namespace, marked as the agent's, ready to connect to `dst`.
+    pub async fn upstream_socket(
+        &self,
+        dst: SocketAddr,
+    ) -> Result<tokio::net::TcpSocket, io::Error> {
+        let socket = self
+            .run(move || agent_socket(Domain::for_address(dst)))
+            .await
+            .map_err(io::Error::other)??;
+        let std: std::net::TcpStream = socket.into();
+        Ok(tokio::net::TcpSocket::from_std_stream(std))
+    }
+}
+
+/// A non-blocking TCP socket carrying the agent mark, in the calling thread's namespace.
+pub fn agent_socket(domain: Domain) -> io::Result<Socket> {
+    let socket = Socket::new(
+        domain,
+        Type::STREAM.nonblocking().cloexec(),
+        Some(Protocol::TCP),
+    )?;
+    socket.set_mark(AGENT_MARK)?;
+    socket.set_tcp_nodelay(true)?;
+    Ok(socket)
+}
+
+/// A listening agent socket on `addr`. `dual_stack` makes an IPv6 wildcard accept IPv4 too.
+pub fn agent_listener(addr: SocketAddr, dual_stack: bool) -> io::Result<std::net::TcpListener> {
+    let socket = agent_socket(Domain::for_address(addr))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(!dual_stack)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.bind(&SockAddr::from(addr))?;
+    socket.listen(1024)?;
+    Ok(socket.into())
+}
+
+/// SO_NETNS_COOKIE of the calling thread's namespace.
+pub fn current_netns_cookie() -> io::Result<u64> {
+    let socket = Socket::new(Domain::IPV4, Type::DGRAM.cloexec(), None)?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: valid fd, out-pointer and length for a u64 option.
+    let rc = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
+/// Routable addresses of the calling thread's namespace: no loopback, no IPv6 link-local.
+pub fn current_pod_addresses() -> io::Result<Vec<IpAddr>> {
+    let mut out = Vec::new();
+    for ifa in nix::ifaddrs::getifaddrs().map_err(io::Error::from)? {
+        let Some(addr) = ifa.address else { continue };
+        let ip = if let Some(v4) = addr.as_sockaddr_in() {
+            IpAddr::V4(v4.ip())
+        } else if let Some(v6) = addr.as_sockaddr_in6() {
+            IpAddr::V6(v6.ip())
+        } else {
+            continue;
+        };
+        let link_local_v6 = matches!(ip, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80);
+        if !ip.is_loopback() && !link_local_v6 && !out.contains(&ip) {
+            out.push(ip);
+        }
+    }
+    Ok(out)
+}
