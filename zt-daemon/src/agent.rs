@@ -62,7 +62,7 @@ impl Agent {
         let new = match NodeConfig::load(&self.config_path) {
             Ok(c) => c,
             Err(e) => {
-                error!(error = %e, "config reload rejected; keeping the running config");
+                error!(error = %e, kept = "the running config", "config reload rejected");
                 return;
             }
         };

@@ -510,8 +510,14 @@ impl CaptureMaps {
 
     /// Removes every map entry that belongs to the pod.
     pub fn forget_pod(&mut self, netns_cookie: u64) -> Result<(), CaptureError> {
+        // An entry may already be gone (a closed socket leaves the sockhash by itself).
         let ignore_missing = |r: Result<(), aya::maps::MapError>, map| match r {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+            {
+                Ok(())
+            }
             Err(source) => Err(CaptureError::Map { map, source }),
         };
         ignore_missing(self.enrolled.remove(&netns_cookie), map_names::ENROLLED)?;

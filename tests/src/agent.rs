@@ -1,0 +1,155 @@
+//! Running zt-daemon on a test node: config file, process, and its JSON log.
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::{Context as _, bail};
+use serde_json::Value;
+
+use crate::{Node, Pod, Testbed, bin_path, in_cgroup_and_netns, read_json_lines, wait_until};
+
+pub struct Agent {
+    pub pid: u32,
+    pub node: Node,
+    pub config: PathBuf,
+    pub log: PathBuf,
+}
+
+/// The node config for `node`'s agent enrolling `workloads` (name = pod name, namespace "default").
+pub fn node_config(node: &Node, workloads: &[&Pod], extra_capture: &str) -> String {
+    let mut c = format!(
+        "node_name = \"{}\"\n[capture]\ncgroup = \"{}\"\nbpffs_dir = \"{}\"\n{extra_capture}\n[log]\nformat = \"json\"\nlevel = \"info,zt=debug\"\n",
+        node.name,
+        node.cgroup.display(),
+        node.pin_dir.display()
+    );
+    for pod in workloads {
+        c.push_str(&format!(
+            "[[workload]]\nname = \"{}\"\nnamespace = \"default\"\nservice_account = \"sa-{}\"\nnetns = \"{}\"\n",
+            pod.name,
+            pod.name,
+            pod.netns.display()
+        ));
+    }
+    c
+}
+
+impl Agent {
+    /// Starts the agent of node `n` enrolling `workloads`, and waits until it is ready.
+    pub fn start(bed: &mut Testbed, n: usize, workloads: &[&Pod]) -> anyhow::Result<Self> {
+        let text = node_config(bed.node(n), workloads, "");
+        Self::start_with_config(bed, n, &text)
+    }
+
+    pub fn start_with_config(
+        bed: &mut Testbed,
+        n: usize,
+        config_text: &str,
+    ) -> anyhow::Result<Self> {
+        let node = bed.node(n).clone();
+        let config = bed.dir.join(format!("{}.toml", node.name));
+        std::fs::write(&config, config_text)?;
+        // A fresh log per start, so each run's events can be told apart.
+        let mut k = 0;
+        let log_name = loop {
+            let name = format!("agent-{}-{k}.log", node.name);
+            if !bed.log_path(&name).exists() {
+                break name;
+            }
+            k += 1;
+        };
+        let mut cmd = in_cgroup_and_netns(bin_path("zt-daemon")?, None, &node.netns)?;
+        cmd.args(["run", "--config"]).arg(&config);
+        cmd.env_remove("RUST_LOG");
+        let pid = bed.spawn(cmd, &log_name)?;
+        let agent = Agent {
+            pid,
+            node,
+            config,
+            log: bed.log_path(&log_name),
+        };
+        let ready = wait_until(Duration::from_secs(20), || {
+            if bed.exited(pid) {
+                bail!("agent exited");
+            }
+            Ok(agent
+                .events()?
+                .iter()
+                .any(|e| e["message"] == "agent ready"))
+        });
+        if let Err(e) = ready {
+            bail!(
+                "agent on {} not ready: {e}\n--- log ---\n{}",
+                agent.node.name,
+                agent.log_tail()
+            );
+        }
+        Ok(agent)
+    }
+
+    pub fn events(&self) -> anyhow::Result<Vec<Value>> {
+        read_json_lines(&self.log)
+    }
+
+    /// Access-log records (one per closed connection).
+    pub fn access_records(&self) -> anyhow::Result<Vec<Value>> {
+        Ok(self
+            .events()?
+            .into_iter()
+            .filter(|e| e["target"] == "zt::access")
+            .collect())
+    }
+
+    /// Waits for an access record matching `pred`.
+    pub fn wait_access(&self, what: &str, pred: impl Fn(&Value) -> bool) -> anyhow::Result<Value> {
+        let mut found = None;
+        wait_until(Duration::from_secs(10), || {
+            found = self.access_records()?.into_iter().find(|r| pred(r));
+            Ok(found.is_some())
+        })
+        .with_context(|| {
+            format!(
+                "no access record for {what}\n--- log ---\n{}",
+                self.log_tail()
+            )
+        })?;
+        Ok(found.expect("found"))
+    }
+
+    /// The netns cookie the agent logged when it enrolled `pod`.
+    pub fn netns_cookie(&self, pod: &Pod) -> anyhow::Result<u64> {
+        let id = format!("default/{}", pod.name);
+        self.events()?
+            .iter()
+            .rev()
+            .find(|e| e["message"] == "workload enrolled" && e["workload"] == id.as_str())
+            .and_then(|e| e["netns_cookie"].as_u64())
+            .with_context(|| format!("agent never enrolled {id}"))
+    }
+
+    /// Rewrites the config file and sends SIGHUP; waits until the agent logs the reload.
+    pub fn reload(&self, config_text: &str) -> anyhow::Result<()> {
+        let before = self.count("config reloaded")?;
+        std::fs::write(&self.config, config_text)?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid as i32),
+            nix::sys::signal::Signal::SIGHUP,
+        )?;
+        wait_until(Duration::from_secs(10), || {
+            Ok(self.count("config reloaded")? > before)
+        })
+        .with_context(|| format!("agent did not reload\n--- log ---\n{}", self.log_tail()))
+    }
+
+    pub fn count(&self, message: &str) -> anyhow::Result<usize> {
+        Ok(self
+            .events()?
+            .iter()
+            .filter(|e| e["message"] == message)
+            .count())
+    }
+
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().filter(|l| !l.contains("aya_obj")).collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+}

@@ -1,0 +1,152 @@
+//! zt-probe: the application side of the end-to-end tests and the demo. It runs inside a pod
+//! (cgroup + netns) and reports what it saw as JSON lines on stdout.
+//!
+//!   serve --listen ADDR          accept forever; per connection read to EOF, reply with the byte
+//!                                count and SHA-256, print a `connection` event
+//!   connect --to ADDR --bytes N  send N random bytes, half-close, read the reply; print what the
+//!                                socket saw (getpeername, getsockname) and both digests
+//!   bind --port P                try to bind P on IPv4 and IPv6; print the outcome
+use std::{
+    io::{Read, Write},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    time::Duration,
+};
+
+use clap::{Parser, Subcommand};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    Serve {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    Connect {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 0)]
+        bytes: u64,
+        #[arg(long, default_value_t = 3000)]
+        timeout_ms: u64,
+    },
+    Bind {
+        #[arg(long)]
+        port: u16,
+    },
+}
+
+fn hex(d: &[u8]) -> String {
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn serve(listen: SocketAddr) -> std::io::Result<()> {
+    let listener = TcpListener::bind(listen)?;
+    println!(
+        "{}",
+        json!({"event": "listening", "addr": listen.to_string()})
+    );
+    for conn in listener.incoming() {
+        let Ok(mut conn) = conn else { continue };
+        std::thread::spawn(move || {
+            let peer = conn.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+            let local = conn.local_addr().map(|a| a.to_string()).unwrap_or_default();
+            let mut hasher = Sha256::new();
+            let mut total = 0u64;
+            let mut buf = vec![0u8; 64 * 1024];
+            let outcome = loop {
+                match conn.read(&mut buf) {
+                    Ok(0) => break "eof",
+                    Ok(n) => {
+                        hasher.update(&buf[..n]);
+                        total += n as u64;
+                    }
+                    Err(_) => break "reset",
+                }
+            };
+            let digest = hex(&hasher.finalize());
+            let reply = json!({"bytes": total, "sha256": digest});
+            let _ = conn.write_all(format!("{reply}\n").as_bytes());
+            let _ = conn.shutdown(Shutdown::Both);
+            println!(
+                "{}",
+                json!({"event": "connection", "peer": peer, "local": local, "bytes": total,
+                       "sha256": digest, "end": outcome})
+            );
+            let _ = std::io::stdout().flush();
+        });
+    }
+    Ok(())
+}
+
+fn connect(
+    to: SocketAddr,
+    bytes: u64,
+    timeout: Duration,
+) -> Result<serde_json::Value, std::io::Error> {
+    let mut conn = TcpStream::connect_timeout(&to, timeout)?;
+    conn.set_read_timeout(Some(timeout * 4))?;
+    let peer = conn.peer_addr()?.to_string();
+    let local = conn.local_addr()?.to_string();
+    let mut random = std::fs::File::open("/dev/urandom")?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        random.read_exact(&mut buf[..n])?;
+        conn.write_all(&buf[..n])?;
+        hasher.update(&buf[..n]);
+        left -= n as u64;
+    }
+    conn.shutdown(Shutdown::Write)?;
+    let mut reply = String::new();
+    conn.read_to_string(&mut reply)?;
+    let reply: serde_json::Value = serde_json::from_str(reply.trim())
+        .map_err(|e| std::io::Error::other(format!("bad reply {reply:?}: {e}")))?;
+    Ok(
+        json!({"ok": true, "peer": peer, "local": local, "sent": bytes,
+              "sent_sha256": hex(&hasher.finalize()), "reply": reply}),
+    )
+}
+
+fn bind(port: u16) -> serde_json::Value {
+    let outcome = |addr: SocketAddr| match TcpListener::bind(addr) {
+        Ok(_) => "ok".to_owned(),
+        Err(e) => e.to_string(),
+    };
+    json!({"port": port, "v4": outcome(SocketAddr::from(([0, 0, 0, 0], port))),
+           "v6": outcome(SocketAddr::from(([0u16; 8], port)))})
+}
+
+fn main() {
+    match Cli::parse().command {
+        Cmd::Serve { listen } => {
+            if let Err(e) = serve(listen) {
+                eprintln!("zt-probe serve {listen}: {e}");
+                std::process::exit(1);
+            }
+        }
+        Cmd::Connect {
+            to,
+            bytes,
+            timeout_ms,
+        } => match connect(to, bytes, Duration::from_millis(timeout_ms)) {
+            Ok(v) => println!("{v}"),
+            Err(e) => {
+                println!(
+                    "{}",
+                    json!({"ok": false, "error": e.to_string(), "kind": format!("{:?}", e.kind())})
+                );
+                std::process::exit(1);
+            }
+        },
+        Cmd::Bind { port } => println!("{}", bind(port)),
+    }
+}

@@ -1,0 +1,38 @@
+//! Reading an agent's pinned maps from the outside, to check what the kernel really holds.
+use std::path::Path;
+
+use anyhow::Context as _;
+use aya::maps::{HashMap, Map, MapData};
+use zt_common::{ConnKey, EnrolledPod, ListenerKey, SockAddr, map_names};
+
+fn open(pin_dir: &Path, name: &str) -> anyhow::Result<MapData> {
+    let path = pin_dir.join("maps").join(name);
+    MapData::from_pin(&path).with_context(|| format!("opening pinned map {}", path.display()))
+}
+
+/// Netns cookies in ZT_ENROLLED.
+pub fn enrolled(pin_dir: &Path) -> anyhow::Result<Vec<u64>> {
+    let map: HashMap<_, u64, EnrolledPod> =
+        Map::HashMap(open(pin_dir, map_names::ENROLLED)?).try_into()?;
+    Ok(map.keys().collect::<Result<_, _>>()?)
+}
+
+/// Netns cookies that own an address in ZT_POD_ADDRS.
+pub fn pod_address_owners(pin_dir: &Path) -> anyhow::Result<Vec<u64>> {
+    let map: HashMap<_, ListenerKey, u64> =
+        Map::HashMap(open(pin_dir, map_names::POD_ADDRS)?).try_into()?;
+    Ok(map
+        .iter()
+        .map(|r| r.map(|(_, v)| v))
+        .collect::<Result<_, _>>()?)
+}
+
+/// Netns cookies of the connections in ZT_ORIG_DST_BY_PORT.
+pub fn connection_owners(pin_dir: &Path) -> anyhow::Result<Vec<u64>> {
+    let map: HashMap<_, ConnKey, SockAddr> =
+        Map::LruHashMap(open(pin_dir, map_names::ORIG_DST_BY_PORT)?).try_into()?;
+    Ok(map
+        .keys()
+        .map(|r| r.map(|k| k.netns_cookie))
+        .collect::<Result<_, _>>()?)
+}

@@ -1,0 +1,82 @@
+//! Driving zt-probe inside pods: a server that records every connection it receives, and a client
+//! that reports what its socket saw.
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use anyhow::Context as _;
+use serde_json::Value;
+
+use crate::{Pod, Testbed, bin_path, read_json_lines, wait_until};
+
+pub struct Server {
+    pub pid: u32,
+    pub log: PathBuf,
+}
+
+impl Server {
+    /// Starts `zt-probe serve` in `pod` and waits until it listens.
+    pub fn start(bed: &mut Testbed, pod: &Pod, listen: SocketAddr) -> anyhow::Result<Self> {
+        let log_name = format!("server-{}-{}.log", pod.name, listen.port());
+        let mut cmd = bed.pod_command(pod, bin_path("zt-probe")?)?;
+        cmd.args(["serve", "--listen", &listen.to_string()]);
+        let pid = bed.spawn(cmd, &log_name)?;
+        let server = Server {
+            pid,
+            log: bed.log_path(&log_name),
+        };
+        wait_until(Duration::from_secs(5), || {
+            Ok(read_json_lines(&server.log)?
+                .iter()
+                .any(|e| e["event"] == "listening"))
+        })
+        .with_context(|| format!("server in {} did not start listening on {listen}", pod.name))?;
+        Ok(server)
+    }
+
+    /// Every connection the server has finished, in order.
+    pub fn connections(&self) -> anyhow::Result<Vec<Value>> {
+        Ok(read_json_lines(&self.log)?
+            .into_iter()
+            .filter(|e| e["event"] == "connection")
+            .collect())
+    }
+}
+
+/// Runs `zt-probe connect` in `pod`; Ok carries the report of a completed exchange, Err the
+/// probe's error report (refused, timed out, ...).
+pub fn connect(
+    bed: &Testbed,
+    pod: &Pod,
+    to: SocketAddr,
+    bytes: u64,
+    timeout: Duration,
+) -> anyhow::Result<Result<Value, Value>> {
+    let mut cmd = bed.pod_command(pod, bin_path("zt-probe")?)?;
+    cmd.args([
+        "connect",
+        "--to",
+        &to.to_string(),
+        "--bytes",
+        &bytes.to_string(),
+    ]);
+    cmd.args(["--timeout-ms", &timeout.as_millis().to_string()]);
+    let out = cmd.output().context("running zt-probe connect")?;
+    let report: Value = serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "zt-probe connect printed no report: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })?;
+    Ok(if out.status.success() {
+        Ok(report)
+    } else {
+        Err(report)
+    })
+}
+
+/// Runs `zt-probe bind` in `pod`.
+pub fn try_bind(bed: &Testbed, pod: &Pod, port: u16) -> anyhow::Result<Value> {
+    let mut cmd = bed.pod_command(pod, bin_path("zt-probe")?)?;
+    cmd.args(["bind", "--port", &port.to_string()]);
+    let out = cmd.output().context("running zt-probe bind")?;
+    serde_json::from_slice(&out.stdout).context("zt-probe bind printed no report")
+}

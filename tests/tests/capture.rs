@@ -1,0 +1,355 @@
+//! Root end-to-end tests of eBPF capture (issue 2), in real network namespaces with the real
+//! agent binary. They need root and a kernel that loads the programs; without either they fail
+//! with the reason, they never skip.
+use std::{net::SocketAddr, time::Duration};
+
+use serde_json::Value;
+use zt_tests::{
+    Agent, Testbed,
+    agent::node_config,
+    maps,
+    probe::{Server, connect, try_bind},
+};
+
+const MIB: u64 = 1024 * 1024;
+const APP_PORT: u16 = 9000;
+const TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Node 1 runs pods n1p1 (enrolled) and n1p2 (not enrolled); node 2 runs n2p1 (enrolled, with
+/// the server) and n2p2 (not enrolled). Each node has its own agent.
+struct TwoNodes {
+    agent1: Agent,
+    agent2: Agent,
+    server: Server,
+    bed: Testbed,
+}
+
+fn two_nodes() -> anyhow::Result<TwoNodes> {
+    let mut bed = Testbed::new(2)?;
+    let (p11, p21) = (bed.pod(1, 1).clone(), bed.pod(2, 1).clone());
+    let agent1 = Agent::start(&mut bed, 1, &[&p11])?;
+    let agent2 = Agent::start(&mut bed, 2, &[&p21])?;
+    // Dual-stack listener: serves the IPv4 and the IPv6 tests.
+    let server = Server::start(&mut bed, &p21, SocketAddr::from(([0u16; 8], APP_PORT)))?;
+    Ok(TwoNodes {
+        agent1,
+        agent2,
+        server,
+        bed,
+    })
+}
+
+fn addr(ip: std::net::IpAddr, port: u16) -> SocketAddr {
+    SocketAddr::new(ip, port)
+}
+
+/// Sends `bytes` from `from` to `to` and checks that they arrived intact.
+fn exchange(bed: &Testbed, from: &zt_tests::Pod, to: SocketAddr, bytes: u64) -> Value {
+    let report = connect(bed, from, to, bytes, TIMEOUT)
+        .expect("probe ran")
+        .unwrap_or_else(|e| panic!("{} -> {to} failed: {e}", from.name));
+    assert_eq!(
+        report["reply"]["bytes"].as_u64(),
+        Some(bytes),
+        "server byte count: {report}"
+    );
+    assert_eq!(
+        report["reply"]["sha256"], report["sent_sha256"],
+        "payload checksum: {report}"
+    );
+    report
+}
+
+fn outbound_crosses_nodes(v6: bool) {
+    let t = two_nodes().unwrap();
+    let (client, server_pod) = (t.bed.pod(1, 1), t.bed.pod(2, 1));
+    let dst = addr(server_pod.ip(v6), APP_PORT);
+    let report = exchange(&t.bed, client, dst, 16 * MIB);
+
+    // The application still sees its original peer, not the agent's listener.
+    assert_eq!(report["peer"], dst.to_string(), "getpeername(): {report}");
+
+    // The source agent captured it and knew where it was going.
+    let out = t
+        .agent1
+        .wait_access("outbound flow", |r| r["direction"] == "outbound")
+        .unwrap();
+    assert_eq!(out["original_dst"], dst.to_string(), "{out}");
+    assert_eq!(out["workload"], "default/n1p1");
+    assert_eq!(out["bytes_sent"].as_u64(), Some(16 * MIB), "{out}");
+    assert_eq!(out["close"], "eof");
+
+    // The destination agent received it through sk_lookup and its inbound listener.
+    let inb = t
+        .agent2
+        .wait_access("inbound flow", |r| r["direction"] == "inbound")
+        .unwrap();
+    assert_eq!(inb["original_dst"], dst.to_string(), "{inb}");
+    assert_eq!(inb["bytes_sent"].as_u64(), Some(16 * MIB), "{inb}");
+    assert_eq!(t.server.connections().unwrap().len(), 1);
+}
+
+#[test]
+fn outbound_ipv4_crosses_nodes_through_both_agents() {
+    outbound_crosses_nodes(false);
+}
+
+#[test]
+fn outbound_ipv6_crosses_nodes_through_both_agents() {
+    outbound_crosses_nodes(true);
+}
+
+#[test]
+fn inbound_reaches_app_via_sk_lookup_and_uncaptured_pod_is_left_alone() {
+    let t = two_nodes().unwrap();
+    let (client, server_pod) = (t.bed.pod(1, 2), t.bed.pod(2, 1));
+    let dst = addr(server_pod.ipv4.into(), APP_PORT);
+    let report = exchange(&t.bed, client, dst, MIB);
+    assert_eq!(report["peer"], dst.to_string());
+
+    // Inbound: steered to the agent, which saw the original destination port.
+    let inb = t
+        .agent2
+        .wait_access("inbound flow", |r| r["direction"] == "inbound")
+        .unwrap();
+    assert_eq!(inb["original_dst"], dst.to_string(), "{inb}");
+    let peer: SocketAddr = inb["peer"].as_str().unwrap().parse().unwrap();
+    assert_eq!(peer.ip().to_canonical(), client.ip(false), "{inb}");
+
+    // Outbound: n1p2 is not enrolled, so node 1's agent saw nothing.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        t.agent1.access_records().unwrap().is_empty(),
+        "non-enrolled pod was captured"
+    );
+}
+
+#[test]
+fn killed_agent_fails_closed_and_restarted_agent_readopts_pins() {
+    let mut t = two_nodes().unwrap();
+    let (p11, p12, p21) = (
+        t.bed.pod(1, 1).clone(),
+        t.bed.pod(1, 2).clone(),
+        t.bed.pod(2, 1).clone(),
+    );
+    let dst = addr(p21.ipv4.into(), APP_PORT);
+
+    t.bed.kill(t.agent1.pid);
+    t.bed.kill(t.agent2.pid);
+    for node in [t.bed.node(1), t.bed.node(2)] {
+        assert!(
+            node.pin_dir.join("links/zt_connect4").exists(),
+            "pins must survive the agent"
+        );
+    }
+
+    // Outbound from an enrolled pod: refused, not sent around the agent.
+    let refused = connect(&t.bed, &p11, dst, MIB, TIMEOUT).unwrap();
+    let err = refused.expect_err("enrolled pod reached the server with its agent dead");
+    assert_eq!(err["kind"], "ConnectionRefused", "{err}");
+
+    // Inbound to an enrolled pod: dropped, not delivered to the app.
+    let dropped = connect(&t.bed, &p12, dst, MIB, Duration::from_secs(1)).unwrap();
+    assert!(
+        dropped.is_err(),
+        "captured inbound was delivered with the agent dead: {dropped:?}"
+    );
+    assert!(
+        t.server.connections().unwrap().is_empty(),
+        "server received data while fail-closed"
+    );
+
+    // A new agent re-adopts the pinned links and maps; the pods are not re-created.
+    let agent1 = Agent::start(&mut t.bed, 1, &[&p11]).unwrap();
+    let agent2 = Agent::start(&mut t.bed, 2, &[&p21]).unwrap();
+    for a in [&agent1, &agent2] {
+        let events = a.events().unwrap();
+        let adopted = events
+            .iter()
+            .filter(|e| e["message"] == "capture program attached" && e["adopted"] == true)
+            .count();
+        assert_eq!(
+            adopted,
+            7,
+            "all node-wide links re-adopted:\n{}",
+            a.log_tail()
+        );
+        assert!(
+            events
+                .iter()
+                .any(|e| e["message"] == "workload enrolled" && e["adopted"] == true)
+        );
+    }
+    exchange(&t.bed, &p11, dst, MIB);
+    agent1
+        .wait_access("outbound after restart", |r| r["direction"] == "outbound")
+        .unwrap();
+    agent2
+        .wait_access("inbound after restart", |r| r["direction"] == "inbound")
+        .unwrap();
+}
+
+#[test]
+fn enrolled_pod_cannot_bind_agent_ports() {
+    let t = two_nodes().unwrap();
+    for port in [15001, 15006, 15008] {
+        let r = try_bind(&t.bed, t.bed.pod(1, 1), port).unwrap();
+        for family in ["v4", "v6"] {
+            let outcome = r[family].as_str().unwrap();
+            assert!(
+                outcome.contains("Operation not permitted"),
+                "bind {port} {family}: {r}"
+            );
+        }
+    }
+    // The guard is specific to enrolled pods.
+    let r = try_bind(&t.bed, t.bed.pod(1, 2), 15006).unwrap();
+    assert_eq!(r["v4"], "ok", "{r}");
+}
+
+#[test]
+fn unenrollment_leaves_no_trace() {
+    let mut bed = Testbed::new(2).unwrap();
+    let (p11, p12, p22) = (
+        bed.pod(1, 1).clone(),
+        bed.pod(1, 2).clone(),
+        bed.pod(2, 2).clone(),
+    );
+    let node = bed.node(1).clone();
+    let agent = Agent::start(&mut bed, 1, &[&p11, &p12]).unwrap();
+    let server = Server::start(&mut bed, &p11, SocketAddr::from(([0, 0, 0, 0], APP_PORT))).unwrap();
+    let gone = agent.netns_cookie(&p11).unwrap();
+    let kept = agent.netns_cookie(&p12).unwrap();
+
+    // Before: the kernel holds p11's state (so the checks below can fail).
+    exchange(&bed, &p22, addr(p11.ipv4.into(), APP_PORT), 1024);
+    agent
+        .wait_access("inbound before", |r| r["direction"] == "inbound")
+        .unwrap();
+    assert!(maps::enrolled(&node.pin_dir).unwrap().contains(&gone));
+    assert!(
+        maps::pod_address_owners(&node.pin_dir)
+            .unwrap()
+            .contains(&gone)
+    );
+    let pod_pins = node.pin_dir.join("pods").join(gone.to_string());
+    assert!(pod_pins.join("sk_lookup").exists());
+
+    agent.reload(&node_config(&node, &[&p12], "")).unwrap();
+
+    let enrolled = maps::enrolled(&node.pin_dir).unwrap();
+    assert!(
+        !enrolled.contains(&gone) && enrolled.contains(&kept),
+        "ZT_ENROLLED: {enrolled:?}"
+    );
+    assert!(
+        !maps::pod_address_owners(&node.pin_dir)
+            .unwrap()
+            .contains(&gone)
+    );
+    assert!(
+        !maps::connection_owners(&node.pin_dir)
+            .unwrap()
+            .contains(&gone)
+    );
+    assert!(
+        !pod_pins.exists(),
+        "sk_lookup link pin left at {}",
+        pod_pins.display()
+    );
+
+    // No listener: the HBONE port of the pod refuses.
+    let r = connect(&bed, &p22, addr(p11.ipv4.into(), 15008), 0, TIMEOUT).unwrap();
+    assert_eq!(
+        r.expect_err("15008 still listening")["kind"],
+        "ConnectionRefused"
+    );
+    // No sk_lookup: traffic reaches the app directly, and the agent sees none of it.
+    let before = agent.access_records().unwrap().len();
+    exchange(&bed, &p22, addr(p11.ipv4.into(), APP_PORT), 1024);
+    assert_eq!(server.connections().unwrap().len(), 2);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        agent.access_records().unwrap().len(),
+        before,
+        "un-enrolled pod still captured"
+    );
+}
+
+#[test]
+fn bad_workload_and_bad_reload_keep_the_agent_running() {
+    let mut bed = Testbed::new(1).unwrap();
+    let (p11, node) = (bed.pod(1, 1).clone(), bed.node(1).clone());
+    let missing = "/run/netns/zt-does-not-exist";
+    let mut config = node_config(&node, &[&p11], "");
+    config.push_str(&format!(
+        "[[workload]]\nname = \"ghost\"\nnamespace = \"default\"\nnetns = \"{missing}\"\n"
+    ));
+    let agent = Agent::start_with_config(&mut bed, 1, &config).unwrap();
+    let failure = agent
+        .events()
+        .unwrap()
+        .into_iter()
+        .find(|e| e["message"] == "enrollment failed")
+        .expect("enrollment failure logged");
+    let error = failure["error"].as_str().unwrap();
+    assert!(
+        error.contains(missing) && error.contains("default/ghost"),
+        "{failure}"
+    );
+    assert!(
+        agent.netns_cookie(&p11).is_ok(),
+        "the good workload is enrolled"
+    );
+
+    // A config that does not parse is rejected with file and line; the old one keeps running.
+    std::fs::write(&agent.config, "node_name = \"x\"\nbogus = 1\n").unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent.pid as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    zt_tests::wait_until(Duration::from_secs(5), || {
+        Ok(agent.count("config reload rejected")? == 1)
+    })
+    .unwrap();
+    let rejected = agent
+        .events()
+        .unwrap()
+        .into_iter()
+        .find(|e| e["message"] == "config reload rejected")
+        .unwrap();
+    let why = rejected["error"].as_str().unwrap();
+    assert!(
+        why.contains(&format!("{}:2:", agent.config.display())) && why.contains("bogus"),
+        "{why}"
+    );
+    assert!(!bed.exited(agent.pid));
+    let cookie = agent.netns_cookie(&p11).unwrap();
+    assert!(maps::enrolled(&node.pin_dir).unwrap().contains(&cookie));
+}
+
+#[test]
+fn check_config_rejects_a_pod_enrolled_twice() {
+    let dir = std::env::temp_dir().join(format!("zt-check-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("node.toml");
+    std::fs::write(
+        &file,
+        "node_name = \"n\"\n[[workload]]\nname = \"a\"\nnamespace = \"d\"\nnetns = \"/run/netns/p\"\n\
+         [[workload]]\nname = \"b\"\nnamespace = \"d\"\nnetns = \"/run/netns/p\"\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(zt_tests::bin_path("zt-daemon").unwrap())
+        .arg("check-config")
+        .arg(&file)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("node.toml") && stderr.contains("already enrolled as d/a"),
+        "{stderr}"
+    );
+}
