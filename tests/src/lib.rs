@@ -153,7 +153,7 @@ impl Testbed {
         require_root()?;
         let id = format!(
             "zt{}x{}",
-            std::process::id() % 100_000,
+            std::process::id() % 10_000,
             BED_COUNTER.fetch_add(1, Ordering::Relaxed)
         );
         let dir = std::env::temp_dir().join(format!("zt-test-{id}"));

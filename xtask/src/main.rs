@@ -1,1 +1,108 @@
-fn main() {}
+//! Developer commands, run as `cargo xtask <command>` (normally through scripts/dev.sh, which
+//! first installs the toolchain): `test` runs every check CI runs, `demo` shows capture at work.
+mod demo;
+
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Format and lint checks, unit tests and the root end-to-end tests.
+    Test,
+    /// Two nodes, four pods, two agents: run a few flows and show what was captured.
+    Demo,
+}
+
+/// Runs `cargo <args>` from the workspace root and fails if it fails.
+pub fn cargo(args: &[&str]) -> anyhow::Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    eprintln!("[xtask] cargo {}", args.join(" "));
+    let status = Command::new(&cargo)
+        .args(args)
+        .current_dir(workspace_root())
+        .status()
+        .with_context(|| format!("running {cargo}"))?;
+    if !status.success() {
+        bail!("cargo {} failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+fn workspace_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_owned()
+}
+
+fn test() -> anyhow::Result<()> {
+    zt_tests::require_root()?;
+    cargo(&["fmt", "--all", "--check"])?;
+    cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
+    // Builds zt-daemon (and through it the eBPF object) and zt-probe, which the e2e tests run.
+    cargo(&["build"])?;
+    cargo_test()
+}
+
+/// `cargo test` with its output passed through, closing with one summary line over all test
+/// binaries (unit and end-to-end).
+fn cargo_test() -> anyhow::Result<()> {
+    use std::io::BufRead as _;
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    eprintln!("[xtask] cargo test --all-targets");
+    let mut child = Command::new(&cargo)
+        .args(["test", "--all-targets"])
+        .current_dir(workspace_root())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {cargo}"))?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    let stdout = child.stdout.take().context("cargo test stdout")?;
+    for line in std::io::BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let count = |word: &str| -> u64 {
+                rest.split(';')
+                    .find_map(|part| {
+                        part.trim()
+                            .trim_start_matches("ok. ")
+                            .trim_start_matches("FAILED. ")
+                            .strip_suffix(word)
+                    })
+                    .and_then(|n| n.trim().parse().ok())
+                    .unwrap_or(0)
+            };
+            passed += count(" passed");
+            failed += count(" failed");
+        }
+    }
+    let status = child.wait()?;
+    println!("summary: {passed} passed, {failed} failed");
+    if !status.success() || failed > 0 {
+        bail!("cargo test failed ({status})");
+    }
+    if passed == 0 {
+        bail!("no test ran");
+    }
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Cmd::Test => test(),
+        Cmd::Demo => {
+            zt_tests::require_root()?;
+            cargo(&["build"])?;
+            demo::run()
+        }
+    }
+}

@@ -69,12 +69,10 @@ impl Agent {
         for key in self.config.restart_only_changes(&new) {
             warn!(key, "config change needs a restart to take effect");
         }
-        if new.capture.fail_mode != self.config.capture.fail_mode
-            || new.capture.probe_source != self.config.capture.probe_source
-        {
-            if let Err(e) = self.capture.maps.apply_settings(&new.capture) {
-                error!(error = %e, "applying capture settings");
-            }
+        let settings_changed = new.capture.fail_mode != self.config.capture.fail_mode
+            || new.capture.probe_source != self.config.capture.probe_source;
+        if settings_changed && let Err(e) = self.capture.maps.apply_settings(&new.capture) {
+            error!(error = %e, "applying capture settings");
         }
         self.reconcile(new.workloads.clone()).await;
         self.config = new;

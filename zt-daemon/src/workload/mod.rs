@@ -35,7 +35,7 @@ pub enum EnrollError {
     #[error("workload {workload}: {source}")]
     Capture {
         workload: WorkloadId,
-        source: CaptureError,
+        source: Box<CaptureError>,
     },
 }
 
@@ -117,7 +117,7 @@ impl Enrollment {
 
         let capture_err = |source| EnrollError::Capture {
             workload: id.clone(),
-            source,
+            source: Box::new(source),
         };
         let netns_file = File::open(&workload.netns).map_err(|e| socket_err("opening netns", e))?;
         let steer = |capture: &mut Capture| -> Result<bool, CaptureError> {
