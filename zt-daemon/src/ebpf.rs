@@ -2,6 +2,7 @@
 //!
 //! Layout under the agent's bpffs directory (`capture.bpffs_dir`, default /sys/fs/bpf/zt):
 //!   maps/<MAP>               every map, pinned by name and reused by the next agent
+//!   programs/<program>       the running agent's programs (replaced by the next agent)
 //!   links/<program>          cgroup links (connect, getpeername, bind, sockops)
 //!   pods/<netns cookie>/sk_lookup   one sk_lookup link per enrolled pod
 //! Because links and maps are pinned, capture keeps running (fail-closed) while the agent is
@@ -57,7 +58,7 @@ pub enum CaptureError {
         program: &'static str,
         source: aya::programs::ProgramError,
     },
-    #[error("program {program}: pinning link at {path}: {message}")]
+    #[error("program {program}: pinning at {path}: {message}")]
     Pin {
         program: &'static str,
         path: PathBuf,
@@ -94,7 +95,7 @@ impl Capture {
     pub fn start(config: &CaptureConfig) -> Result<Self, CaptureError> {
         let dir = config.bpffs_dir.clone();
         ensure_bpffs(&dir)?;
-        for sub in ["maps", "links", "pods"] {
+        for sub in ["maps", "programs", "links", "pods"] {
             let p = dir.join(sub);
             std::fs::create_dir_all(&p).map_err(io_err(&p, "creating pin directory"))?;
         }
@@ -121,6 +122,7 @@ impl Capture {
                 program: name,
                 source,
             })?;
+            pin_program(&dir, name, |p| program.pin(p))?;
             let adopted = if pin.exists() {
                 replace_pinned_program(
                     &pin,
@@ -157,6 +159,7 @@ impl Capture {
             program: SOCKOPS_PROGRAM,
             source,
         })?;
+        pin_program(&dir, SOCKOPS_PROGRAM, |p| sockops.pin(p))?;
         let adopted = pin.exists();
         if adopted {
             let fd = sockops.fd().map_err(|source| CaptureError::Program {
@@ -188,6 +191,7 @@ impl Capture {
             program: SK_LOOKUP_PROGRAM,
             source,
         })?;
+        pin_program(&dir, SK_LOOKUP_PROGRAM, |p| sk_lookup.pin(p))?;
 
         let mut maps = CaptureMaps::open(&dir)?;
         maps.apply_settings(config)?;
@@ -295,6 +299,20 @@ fn replace_pinned_program(pin: &Path, program: &aya::programs::ProgramFd) -> io:
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Pins a freshly loaded program, replacing the previous agent's pin; that program then lives only
+/// as long as a link still runs it.
+fn pin_program(
+    dir: &Path,
+    name: &'static str,
+    pin: impl FnOnce(&Path) -> Result<(), aya::pin::PinError>,
+) -> Result<(), CaptureError> {
+    let path = dir.join("programs").join(name);
+    if path.exists() {
+        std::fs::remove_file(&path).map_err(io_err(&path, "replacing program pin"))?;
+    }
+    pin(&path).map_err(|e| pin_err(name, &path, e))
 }
 
 fn pin_err(program: &'static str, path: &Path, e: impl std::fmt::Display) -> CaptureError {

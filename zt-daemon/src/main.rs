@@ -2,6 +2,8 @@
 mod agent;
 mod config;
 mod ebpf;
+#[allow(dead_code)] // Used by the tunnel (issue 4); tested on its own until then.
+mod identity;
 mod proxy;
 mod workload;
 
