@@ -41,6 +41,11 @@ pub fn sh(program: &str, args: &[&str]) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Runs `ip` with whitespace-separated arguments.
+fn ip(args: &str) -> anyhow::Result<String> {
+    sh("ip", &args.split_whitespace().collect::<Vec<_>>())
+}
+
 /// The cgroup v2 mount point, from /proc/mounts (unified or hybrid layouts).
 pub fn cgroup2_root() -> anyhow::Result<PathBuf> {
     let mounts = std::fs::read_to_string("/proc/mounts")?;
@@ -178,46 +183,24 @@ impl Testbed {
     }
 
     fn add_netns(&mut self, name: &str) -> anyhow::Result<PathBuf> {
-        sh("ip", &["netns", "add", name])?;
+        ip(&format!("netns add {name}"))?;
         self.netns_names.push(name.to_owned());
-        sh("ip", &["-n", name, "link", "set", "lo", "up"])?;
+        ip(&format!("-n {name} link set lo up"))?;
         Ok(PathBuf::from("/run/netns").join(name))
     }
 
     fn add_node(&mut self, n: u8, pods: usize) -> anyhow::Result<()> {
-        let node_name = format!("{}-n{n}", self.id);
-        let netns = self.add_netns(&node_name)?;
-        let ns = node_name.as_str();
+        let ns = format!("{}-n{n}", self.id);
+        let netns = self.add_netns(&ns)?;
         // The node routes for its pods.
         write_sysctl(&netns, "net/ipv4/ip_forward", "1")?;
         write_sysctl(&netns, "net/ipv6/conf/all/forwarding", "1")?;
-        sh("ip", &["-n", ns, "link", "add", "br0", "type", "bridge"])?;
-        sh(
-            "ip",
-            &[
-                "-n",
-                ns,
-                "addr",
-                "add",
-                &format!("10.200.{n}.1/24"),
-                "dev",
-                "br0",
-            ],
-        )?;
-        sh(
-            "ip",
-            &[
-                "-n",
-                ns,
-                "addr",
-                "add",
-                &format!("fd00:200:{n}::1/64"),
-                "dev",
-                "br0",
-                "nodad",
-            ],
-        )?;
-        sh("ip", &["-n", ns, "link", "set", "br0", "up"])?;
+        ip(&format!("-n {ns} link add br0 type bridge"))?;
+        ip(&format!("-n {ns} addr add 10.200.{n}.1/24 dev br0"))?;
+        ip(&format!(
+            "-n {ns} addr add fd00:200:{n}::1/64 dev br0 nodad"
+        ))?;
+        ip(&format!("-n {ns} link set br0 up"))?;
         let cgroup = self.root_cgroup.join(format!("node{n}"));
         std::fs::create_dir(&cgroup)?;
         let mut node = Node {
@@ -228,80 +211,24 @@ impl Testbed {
             pods: Vec::new(),
         };
         for p in 1..=pods {
-            let pod_name = format!("{}-n{n}p{p}", self.id);
-            let pod_netns = self.add_netns(&pod_name)?;
-            let host_if = format!("{}h{p}", node_name);
-            let pod_if = format!("{}c{p}", node_name);
+            let pod_ns = format!("{}-n{n}p{p}", self.id);
+            let pod_netns = self.add_netns(&pod_ns)?;
+            let (host_if, pod_if) = (format!("{ns}h{p}"), format!("{ns}c{p}"));
             // Created in the root netns under unique names, then moved.
-            sh(
-                "ip",
-                &[
-                    "link", "add", &host_if, "type", "veth", "peer", "name", &pod_if,
-                ],
-            )?;
-            sh("ip", &["link", "set", &host_if, "netns", ns])?;
-            sh("ip", &["link", "set", &pod_if, "netns", &pod_name])?;
-            sh(
-                "ip",
-                &["-n", ns, "link", "set", &host_if, "master", "br0", "up"],
-            )?;
-            sh(
-                "ip",
-                &["-n", &pod_name, "link", "set", &pod_if, "name", "eth0"],
-            )?;
+            ip(&format!("link add {host_if} type veth peer name {pod_if}"))?;
+            ip(&format!("link set {host_if} netns {ns}"))?;
+            ip(&format!("link set {pod_if} netns {pod_ns}"))?;
+            ip(&format!("-n {ns} link set {host_if} master br0 up"))?;
+            ip(&format!("-n {pod_ns} link set {pod_if} name eth0"))?;
             let ipv4 = Ipv4Addr::new(10, 200, n, 10 + p as u8);
             let ipv6: Ipv6Addr = format!("fd00:200:{n}::{}", 10 + p).parse()?;
-            sh(
-                "ip",
-                &[
-                    "-n",
-                    &pod_name,
-                    "addr",
-                    "add",
-                    &format!("{ipv4}/24"),
-                    "dev",
-                    "eth0",
-                ],
-            )?;
-            sh(
-                "ip",
-                &[
-                    "-n",
-                    &pod_name,
-                    "addr",
-                    "add",
-                    &format!("{ipv6}/64"),
-                    "dev",
-                    "eth0",
-                    "nodad",
-                ],
-            )?;
-            sh("ip", &["-n", &pod_name, "link", "set", "eth0", "up"])?;
-            sh(
-                "ip",
-                &[
-                    "-n",
-                    &pod_name,
-                    "route",
-                    "add",
-                    "default",
-                    "via",
-                    &format!("10.200.{n}.1"),
-                ],
-            )?;
-            sh(
-                "ip",
-                &[
-                    "-n",
-                    &pod_name,
-                    "-6",
-                    "route",
-                    "add",
-                    "default",
-                    "via",
-                    &format!("fd00:200:{n}::1"),
-                ],
-            )?;
+            ip(&format!("-n {pod_ns} addr add {ipv4}/24 dev eth0"))?;
+            ip(&format!("-n {pod_ns} addr add {ipv6}/64 dev eth0 nodad"))?;
+            ip(&format!("-n {pod_ns} link set eth0 up"))?;
+            ip(&format!("-n {pod_ns} route add default via 10.200.{n}.1"))?;
+            ip(&format!(
+                "-n {pod_ns} -6 route add default via fd00:200:{n}::1"
+            ))?;
             let pod_cgroup = cgroup.join(format!("pod{p}"));
             std::fs::create_dir(&pod_cgroup)?;
             node.pods.push(Pod {
@@ -318,67 +245,25 @@ impl Testbed {
 
     /// Joins node1 and node2 with a veth pair and routes each node's pod subnet over it.
     fn link_nodes(&mut self) -> anyhow::Result<()> {
-        let (a, b) = (format!("{}-n1", self.id), format!("{}-n2", self.id));
-        let (ia, ib) = (format!("{}-x1", self.id), format!("{}-x2", self.id));
-        sh(
-            "ip",
-            &["link", "add", &ia, "type", "veth", "peer", "name", &ib],
-        )?;
-        sh("ip", &["link", "set", &ia, "netns", &a])?;
-        sh("ip", &["link", "set", &ib, "netns", &b])?;
-        for (ns, ifname, me, peer, peer_net) in [(&a, &ia, "1", "2", "2"), (&b, &ib, "2", "1", "1")]
-        {
-            sh(
-                "ip",
-                &[
-                    "-n",
-                    ns,
-                    "addr",
-                    "add",
-                    &format!("10.200.0.{me}/30"),
-                    "dev",
-                    ifname,
-                ],
-            )?;
-            sh(
-                "ip",
-                &[
-                    "-n",
-                    ns,
-                    "addr",
-                    "add",
-                    &format!("fd00:200::{me}/126"),
-                    "dev",
-                    ifname,
-                    "nodad",
-                ],
-            )?;
-            sh("ip", &["-n", ns, "link", "set", ifname, "up"])?;
-            sh(
-                "ip",
-                &[
-                    "-n",
-                    ns,
-                    "route",
-                    "add",
-                    &format!("10.200.{peer_net}.0/24"),
-                    "via",
-                    &format!("10.200.0.{peer}"),
-                ],
-            )?;
-            sh(
-                "ip",
-                &[
-                    "-n",
-                    ns,
-                    "-6",
-                    "route",
-                    "add",
-                    &format!("fd00:200:{peer_net}::/64"),
-                    "via",
-                    &format!("fd00:200::{peer}"),
-                ],
-            )?;
+        let id = &self.id;
+        ip(&format!("link add {id}-x1 type veth peer name {id}-x2"))?;
+        for me in [1, 2] {
+            let (ns, dev) = (format!("{id}-n{me}"), format!("{id}-x{me}"));
+            ip(&format!("link set {dev} netns {ns}"))?;
+            ip(&format!("-n {ns} addr add 10.200.0.{me}/30 dev {dev}"))?;
+            ip(&format!(
+                "-n {ns} addr add fd00:200::{me}/126 dev {dev} nodad"
+            ))?;
+            ip(&format!("-n {ns} link set {dev} up"))?;
+        }
+        for (me, peer) in [(1, 2), (2, 1)] {
+            let ns = format!("{id}-n{me}");
+            ip(&format!(
+                "-n {ns} route add 10.200.{peer}.0/24 via 10.200.0.{peer}"
+            ))?;
+            ip(&format!(
+                "-n {ns} -6 route add fd00:200:{peer}::/64 via fd00:200::{peer}"
+            ))?;
         }
         Ok(())
     }

@@ -18,7 +18,9 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, Map, MapData, SockHash},
-    programs::{CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps, links::FdLink},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, ProgramError, ProgramFd, SkLookup, SockOps, links::FdLink,
+    },
 };
 use tracing::{info, warn};
 use zt_common::{
@@ -118,79 +120,38 @@ impl Capture {
         for name in SOCK_ADDR_PROGRAMS {
             let pin = dir.join("links").join(name);
             let program: &mut CgroupSockAddr = program_mut(&mut ebpf, name)?;
-            program.load().map_err(|source| CaptureError::Program {
-                program: name,
-                source,
-            })?;
+            program.load().map_err(prog_err(name))?;
             pin_program(&dir, name, |p| program.pin(p))?;
-            let adopted = if pin.exists() {
-                replace_pinned_program(
-                    &pin,
-                    program.fd().map_err(|source| CaptureError::Program {
-                        program: name,
-                        source,
-                    })?,
-                )
-                .map_err(|e| pin_err(name, &pin, e))?;
-                true
-            } else {
-                let id = program
-                    .attach(cgroup_dir.as_fd(), CgroupAttachMode::Single)
-                    .map_err(|source| CaptureError::Program {
-                        program: name,
-                        source,
-                    })?;
-                let link = program
-                    .take_link(id)
-                    .map_err(|source| CaptureError::Program {
-                        program: name,
-                        source,
-                    })?;
-                let link = FdLink::try_from(link).map_err(|e| pin_err(name, &pin, e))?;
-                link.pin(&pin).map_err(|e| pin_err(name, &pin, e))?;
-                false
-            };
+            let adopted = adopt_or_attach(
+                program,
+                name,
+                &pin,
+                |p| p.fd(),
+                |p| {
+                    let id = p.attach(cgroup_dir.as_fd(), CgroupAttachMode::Single)?;
+                    Ok(FdLink::try_from(p.take_link(id)?)?)
+                },
+            )?;
             links.push((name, pin, adopted));
         }
-
         let pin = dir.join("links").join(SOCKOPS_PROGRAM);
         let sockops: &mut SockOps = program_mut(&mut ebpf, SOCKOPS_PROGRAM)?;
-        sockops.load().map_err(|source| CaptureError::Program {
-            program: SOCKOPS_PROGRAM,
-            source,
-        })?;
+        sockops.load().map_err(prog_err(SOCKOPS_PROGRAM))?;
         pin_program(&dir, SOCKOPS_PROGRAM, |p| sockops.pin(p))?;
-        let adopted = pin.exists();
-        if adopted {
-            let fd = sockops.fd().map_err(|source| CaptureError::Program {
-                program: SOCKOPS_PROGRAM,
-                source,
-            })?;
-            replace_pinned_program(&pin, fd).map_err(|e| pin_err(SOCKOPS_PROGRAM, &pin, e))?;
-        } else {
-            let id = sockops
-                .attach(cgroup_dir.as_fd(), CgroupAttachMode::Single)
-                .map_err(|source| CaptureError::Program {
-                    program: SOCKOPS_PROGRAM,
-                    source,
-                })?;
-            let link = sockops
-                .take_link(id)
-                .map_err(|source| CaptureError::Program {
-                    program: SOCKOPS_PROGRAM,
-                    source,
-                })?;
-            let link = FdLink::try_from(link).map_err(|e| pin_err(SOCKOPS_PROGRAM, &pin, e))?;
-            link.pin(&pin)
-                .map_err(|e| pin_err(SOCKOPS_PROGRAM, &pin, e))?;
-        }
+        let adopted = adopt_or_attach(
+            sockops,
+            SOCKOPS_PROGRAM,
+            &pin,
+            |p| p.fd(),
+            |p| {
+                let id = p.attach(cgroup_dir.as_fd(), CgroupAttachMode::Single)?;
+                Ok(FdLink::try_from(p.take_link(id)?)?)
+            },
+        )?;
         links.push((SOCKOPS_PROGRAM, pin, adopted));
 
         let sk_lookup: &mut SkLookup = program_mut(&mut ebpf, SK_LOOKUP_PROGRAM)?;
-        sk_lookup.load().map_err(|source| CaptureError::Program {
-            program: SK_LOOKUP_PROGRAM,
-            source,
-        })?;
+        sk_lookup.load().map_err(prog_err(SK_LOOKUP_PROGRAM))?;
         pin_program(&dir, SK_LOOKUP_PROGRAM, |p| sk_lookup.pin(p))?;
 
         let mut maps = CaptureMaps::open(&dir)?;
@@ -225,33 +186,19 @@ impl Capture {
         netns: &File,
     ) -> Result<bool, CaptureError> {
         let pin = self.pod_link_path(netns_cookie);
-        let program: &mut SkLookup = program_mut(&mut self.ebpf, SK_LOOKUP_PROGRAM)?;
-        if pin.exists() {
-            let fd = program.fd().map_err(|source| CaptureError::Program {
-                program: SK_LOOKUP_PROGRAM,
-                source,
-            })?;
-            replace_pinned_program(&pin, fd).map_err(|e| pin_err(SK_LOOKUP_PROGRAM, &pin, e))?;
-            return Ok(true);
-        }
         let parent = pin.parent().expect("pod link path has a parent");
         std::fs::create_dir_all(parent).map_err(io_err(parent, "creating pin directory"))?;
-        let id = program
-            .attach(netns.as_fd())
-            .map_err(|source| CaptureError::Program {
-                program: SK_LOOKUP_PROGRAM,
-                source,
-            })?;
-        let link = program
-            .take_link(id)
-            .map_err(|source| CaptureError::Program {
-                program: SK_LOOKUP_PROGRAM,
-                source,
-            })?;
-        FdLink::from(link)
-            .pin(&pin)
-            .map_err(|e| pin_err(SK_LOOKUP_PROGRAM, &pin, e))?;
-        Ok(false)
+        let program: &mut SkLookup = program_mut(&mut self.ebpf, SK_LOOKUP_PROGRAM)?;
+        adopt_or_attach(
+            program,
+            SK_LOOKUP_PROGRAM,
+            &pin,
+            |p| p.fd(),
+            |p| {
+                let id = p.attach(netns.as_fd())?;
+                Ok(FdLink::from(p.take_link(id)?))
+            },
+        )
     }
 
     /// Removes every trace of a pod: map entries and its sk_lookup link.
@@ -271,10 +218,33 @@ impl Capture {
     }
 }
 
+fn prog_err(program: &'static str) -> impl Fn(ProgramError) -> CaptureError {
+    move |source| CaptureError::Program { program, source }
+}
+
+/// Makes `pin` a link running `program`: a link a previous agent pinned gets our program swapped
+/// in (returns true, adopted); otherwise `attach` creates the link and it is pinned.
+fn adopt_or_attach<P>(
+    program: &mut P,
+    name: &'static str,
+    pin: &Path,
+    fd: impl FnOnce(&P) -> Result<&ProgramFd, ProgramError>,
+    attach: impl FnOnce(&mut P) -> Result<FdLink, ProgramError>,
+) -> Result<bool, CaptureError> {
+    if pin.exists() {
+        let fd = fd(program).map_err(prog_err(name))?;
+        replace_pinned_program(pin, fd).map_err(|e| pin_err(name, pin, e))?;
+        return Ok(true);
+    }
+    let link = attach(program).map_err(prog_err(name))?;
+    link.pin(pin).map_err(|e| pin_err(name, pin, e))?;
+    Ok(false)
+}
+
 /// Swaps the program of a link pinned by a previous agent for ours, atomically (BPF_LINK_UPDATE),
 /// so an upgraded agent runs its own programs without a moment of missing capture. aya exposes
 /// this only for some link types, hence the raw syscall.
-fn replace_pinned_program(pin: &Path, program: &aya::programs::ProgramFd) -> io::Result<()> {
+fn replace_pinned_program(pin: &Path, program: &ProgramFd) -> io::Result<()> {
     use std::os::fd::{FromRawFd, OwnedFd};
     const BPF_OBJ_GET: libc::c_long = 7;
     const BPF_LINK_UPDATE: libc::c_long = 29;

@@ -11,7 +11,7 @@ use tracing::{debug, warn};
 use zt_common::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 
 use crate::{
-    proxy::{Direction, accept_loop, copy, log_access},
+    proxy::{Direction, accept_loop, connect_in_pod, copy, log_access, reset},
     workload::LocalWorkload,
 };
 
@@ -45,15 +45,11 @@ async fn handle_plaintext(client: TcpStream, peer: SocketAddr, workload: &LocalW
         warn!(workload = %workload.workload.id, %peer, original_dst = %dst, "inbound to an agent port; closing");
         return;
     }
-    let upstream = match workload.netns.upstream_socket(dst).await {
-        Ok(socket) => socket.connect(dst).await,
-        Err(e) => Err(e),
-    };
-    let app = match upstream {
+    let app = match connect_in_pod(workload, dst).await {
         Ok(s) => s,
         Err(e) => {
             warn!(workload = %workload.workload.id, %peer, original_dst = %dst, error = %e, "inbound: application unreachable");
-            let _ = socket2::SockRef::from(&client).set_linger(Some(std::time::Duration::ZERO));
+            reset(client);
             return;
         }
     };

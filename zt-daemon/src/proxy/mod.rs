@@ -54,6 +54,24 @@ where
     }
 }
 
+/// Connects to `dst` from inside the workload's netns, with the agent's mark.
+pub(crate) async fn connect_in_pod(
+    workload: &LocalWorkload,
+    dst: SocketAddr,
+) -> std::io::Result<tokio::net::TcpStream> {
+    workload
+        .netns
+        .upstream_socket(dst)
+        .await?
+        .connect(dst)
+        .await
+}
+
+/// Closes `stream` with a RST, so the peer sees a failure rather than an empty success.
+pub(crate) fn reset(stream: tokio::net::TcpStream) {
+    let _ = socket2::SockRef::from(&stream).set_linger(Some(std::time::Duration::ZERO));
+}
+
 /// One access-log line per closed connection (target `zt::access`).
 pub(crate) fn log_access(
     direction: Direction,

@@ -11,7 +11,7 @@ use tracing::warn;
 
 use crate::{
     ebpf::OriginalDsts,
-    proxy::{Direction, accept_loop, copy, log_access},
+    proxy::{Direction, accept_loop, connect_in_pod, copy, log_access, reset},
     workload::LocalWorkload,
 };
 
@@ -30,16 +30,11 @@ async fn handle(app: TcpStream, peer: SocketAddr, workload: &LocalWorkload, dsts
         warn!(workload = %workload.workload.id, %peer, "outbound connection without an original destination; closing");
         return;
     };
-    let upstream = match workload.netns.upstream_socket(dst).await {
-        Ok(socket) => socket.connect(dst).await,
-        Err(e) => Err(e),
-    };
-    let upstream = match upstream {
+    let upstream = match connect_in_pod(workload, dst).await {
         Ok(s) => s,
         Err(e) => {
             warn!(workload = %workload.workload.id, original_dst = %dst, error = %e, "outbound connect failed");
-            // Reset so the application sees a refused/failed connection, not an empty success.
-            let _ = socket2::SockRef::from(&app).set_linger(Some(std::time::Duration::ZERO));
+            reset(app);
             return;
         }
     };
