@@ -1,11 +1,4 @@
 //! zt-daemon: the per-node zt agent and its subcommands.
-mod agent;
-mod config;
-mod ebpf;
-#[allow(dead_code)] // Used by the tunnel (issue 4); tested on its own until then.
-mod identity;
-mod proxy;
-mod workload;
 
 use std::path::PathBuf;
 
@@ -13,7 +6,14 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use tracing_subscriber::{EnvFilter, prelude::*};
 
-use crate::config::{LogConfig, LogFormat, NodeConfig};
+use zt_daemon::{
+    agent,
+    config::{self, LogConfig, LogFormat, NodeConfig},
+    identity::{
+        ca::{self, CertificateAuthority},
+        spiffe::TrustDomain,
+    },
+};
 
 #[derive(Parser)]
 #[command(name = "zt-daemon", version, about = "zt node agent")]
@@ -31,6 +31,22 @@ enum Command {
     },
     /// Validate a node config file and exit.
     CheckConfig { file: PathBuf },
+    /// The built-in certificate authority.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Create a P-256 root CA: DIR/ca.pem (the trust bundle) and DIR/ca-key.pem (mode 0600).
+    Init {
+        #[arg(long)]
+        trust_domain: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 fn init_logging(log: &LogConfig) {
@@ -56,6 +72,22 @@ fn main() -> anyhow::Result<()> {
                 file.display(),
                 config.node_name,
                 config.workloads.len()
+            );
+            Ok(())
+        }
+        Command::Ca {
+            command: CaCommand::Init { trust_domain, out },
+        } => {
+            let td: TrustDomain = trust_domain
+                .parse()
+                .with_context(|| format!("trust domain {trust_domain:?}"))?;
+            let ca = CertificateAuthority::generate(td)?;
+            ca.write(&out)?;
+            println!(
+                "wrote {} and {} for trust domain {}",
+                out.join(ca::CA_CERT_FILE).display(),
+                out.join(ca::CA_KEY_FILE).display(),
+                ca.trust_domain()
             );
             Ok(())
         }

@@ -1,3 +1,8 @@
-//! Workload identity (DESIGN.md §4): SPIFFE IDs, X.509-SVIDs, trust bundles and their
-//! verification.
+//! Workload identity (DESIGN.md §4): SPIFFE IDs, X.509-SVIDs from the built-in CA, revocation,
+//! and the rustls verifiers both ends of the tunnel use.
+pub mod ca;
+pub mod revocation;
 pub mod spiffe;
+pub mod svid;
+pub mod tls;
+pub mod verify;

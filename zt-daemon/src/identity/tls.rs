@@ -1,0 +1,94 @@
+//! rustls configurations for the tunnel: TLS 1.3 only, mutual, SPIFFE-verified on both sides,
+//! presenting whatever SVID a workload's `SvidSlot` holds at handshake time, so rotation takes
+//! effect on the next handshake without touching established connections.
+use std::sync::{Arc, RwLock};
+
+use rustls::{
+    ClientConfig, ServerConfig, SignatureScheme,
+    client::ResolvesClientCert,
+    server::{ClientHello, ResolvesServerCert},
+    sign::CertifiedKey,
+};
+
+use super::{
+    spiffe::SpiffeId,
+    svid::Svid,
+    verify::{SpiffeClientVerifier, SpiffeServerVerifier, TrustStore},
+};
+
+/// ALPN of the HBONE tunnel.
+pub const ALPN_H2: &[u8] = b"h2";
+
+/// The current SVID of one workload; replaced on rotation.
+#[derive(Debug, Clone)]
+pub struct SvidSlot(Arc<RwLock<Svid>>);
+
+impl SvidSlot {
+    pub fn new(svid: Svid) -> Self {
+        Self(Arc::new(RwLock::new(svid)))
+    }
+
+    pub fn get(&self) -> Svid {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn replace(&self, svid: Svid) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = svid;
+    }
+
+    fn certified(&self) -> Arc<CertifiedKey> {
+        self.0
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .certified_key()
+    }
+}
+
+impl ResolvesServerCert for SvidSlot {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.certified())
+    }
+}
+
+impl ResolvesClientCert for SvidSlot {
+    fn resolve(
+        &self,
+        _issuers: &[&[u8]],
+        _schemes: &[SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        Some(self.certified())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// The inbound (15008) side for the workload whose SVID `slot` holds.
+pub fn server_config(slot: SvidSlot, trust: TrustStore) -> Result<ServerConfig, rustls::Error> {
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(SpiffeClientVerifier::new(trust))
+        .with_cert_resolver(Arc::new(slot));
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    Ok(config)
+}
+
+/// The outbound side for the workload whose SVID `slot` holds, calling `expected` if known.
+pub fn client_config(
+    slot: SvidSlot,
+    trust: TrustStore,
+    expected: Option<SpiffeId>,
+) -> Result<ClientConfig, rustls::Error> {
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(SpiffeServerVerifier::new(trust, expected))
+        .with_client_cert_resolver(Arc::new(slot));
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    Ok(config)
+}

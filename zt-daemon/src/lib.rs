@@ -1,0 +1,8 @@
+//! zt's per-node agent as a library: the `zt-daemon` binary is a thin CLI over it, and the
+//! integration tests drive the same modules (DESIGN.md §1: one module per concern).
+pub mod agent;
+pub mod config;
+pub mod ebpf;
+pub mod identity;
+pub mod proxy;
+pub mod workload;

@@ -1,0 +1,426 @@
+//! Identity layer, end to end: real TLS 1.3 handshakes over real TCP sockets (tokio-rustls) with
+//! certificates made by the built-in CA (or crafted bad ones), and Debian's openssl reading what
+//! we issue.
+use std::{collections::HashMap, net::SocketAddr, path::Path, sync::Arc, time::Duration};
+
+use rcgen::{CertificateParams, DistinguishedName, IsCa, KeyPair, KeyUsagePurpose, SanType};
+use rustls::ClientConfig;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+use zt_daemon::identity::{
+    ca::CertificateAuthority,
+    revocation::RevocationList,
+    spiffe::{SpiffeId, TrustDomain},
+    svid::Svid,
+    tls::{SvidSlot, client_config, server_config},
+    verify::{SpiffeServerVerifier, TrustState, TrustStore},
+};
+
+const TTL: Duration = Duration::from_secs(3600);
+
+fn td(s: &str) -> TrustDomain {
+    s.parse().unwrap()
+}
+
+fn id(s: &str) -> SpiffeId {
+    s.parse().unwrap()
+}
+
+fn trust(cas: &[&CertificateAuthority], revoked: RevocationList) -> TrustStore {
+    let mut bundles: HashMap<TrustDomain, Vec<CertificateDer<'static>>> = HashMap::new();
+    for ca in cas {
+        bundles
+            .entry(ca.trust_domain().clone())
+            .or_default()
+            .push(ca.root().clone());
+    }
+    TrustStore::new(TrustState::new(bundles, revoked).unwrap())
+}
+
+/// A leaf shaped like an SVID with `edit` applied, signed by `ca` (or self-signed): the
+/// certificate and its key. These are meant to be bad, so they never pass through `Svid`.
+fn crafted(
+    ca: Option<&CertificateAuthority>,
+    edit: impl FnOnce(&mut CertificateParams),
+) -> (CertificateDer<'static>, KeyPair) {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params.subject_alt_names = vec![SanType::URI(
+        "spiffe://cluster.local/ns/a/sa/client".try_into().unwrap(),
+    )];
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::minutes(5);
+    params.not_after = now + time::Duration::hours(1);
+    edit(&mut params);
+    let der = match ca {
+        Some(ca) => ca.sign(&params, &key).unwrap(),
+        None => params.self_signed(&key).unwrap().der().clone(),
+    };
+    (der, key)
+}
+
+/// A client presenting a crafted certificate, verifying the server with our verifier.
+fn crafted_client(cert: (CertificateDer<'static>, KeyPair), t: TrustStore) -> ClientConfig {
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(cert.1.serialize_der()));
+    ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(SpiffeServerVerifier::new(t, None))
+        .with_client_auth_cert(vec![cert.0], key)
+        .unwrap()
+}
+
+fn svid_client(svid: &Svid, t: TrustStore, expected: Option<SpiffeId>) -> ClientConfig {
+    client_config(SvidSlot::new(svid.clone()), t, expected).unwrap()
+}
+
+/// One handshake of `client` with a server presenting `server`'s SVID and verifying with
+/// `server_trust`. Returns (server side, client side) outcomes; on success five bytes go through
+/// the tunnel and back.
+async fn handshake(
+    server: &SvidSlot,
+    server_trust: TrustStore,
+    client: ClientConfig,
+) -> (Result<(), String>, Result<(), String>) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(
+        server_config(server.clone(), server_trust).unwrap(),
+    ));
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+    let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server_side = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut tls = acceptor.accept(tcp).await.map_err(|e| e.to_string())?;
+        let mut buf = [0u8; 5];
+        tls.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
+        tls.write_all(&buf).await.map_err(|e| e.to_string())?;
+        tls.shutdown().await.map_err(|e| e.to_string())
+    });
+    let client_side = async {
+        let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+        let name = ServerName::try_from("zt.invalid").unwrap();
+        let mut tls = connector
+            .connect(name, tcp)
+            .await
+            .map_err(|e| e.to_string())?;
+        tls.write_all(b"hello").await.map_err(|e| e.to_string())?;
+        let mut buf = [0u8; 5];
+        tls.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
+        assert_eq!(&buf, b"hello");
+        Ok(())
+    }
+    .await;
+    let server_side = server_side.await.unwrap();
+    (server_side, client_side)
+}
+
+struct Mesh {
+    ca: CertificateAuthority,
+    server: SvidSlot,
+}
+
+fn mesh() -> Mesh {
+    let ca = CertificateAuthority::generate(td("cluster.local")).unwrap();
+    let server = SvidSlot::new(
+        ca.issue(&id("spiffe://cluster.local/ns/b/sa/server"), TTL)
+            .unwrap(),
+    );
+    Mesh { ca, server }
+}
+
+#[tokio::test]
+async fn valid_pair_handshakes_and_carries_bytes() {
+    let m = mesh();
+    let client =
+        m.ca.issue(&id("spiffe://cluster.local/ns/a/sa/client"), TTL)
+            .unwrap();
+    let t = trust(&[&m.ca], RevocationList::default());
+    let expected = Some(m.server.get().id().clone());
+    let (s, c) = handshake(&m.server, t.clone(), svid_client(&client, t, expected)).await;
+    assert_eq!(s, Ok(()));
+    assert_eq!(c, Ok(()));
+}
+
+/// The server, verifying with `t`, refuses `client` with a message containing `reason`.
+async fn refused_client(m: &Mesh, client: ClientConfig, t: TrustStore, reason: &str) {
+    let (s, c) = handshake(&m.server, t, client).await;
+    let err = s.expect_err("server accepted a bad client certificate");
+    assert!(err.contains(reason), "expected {reason:?} in {err:?}");
+    assert!(c.is_err(), "client believed the handshake succeeded");
+}
+
+#[tokio::test]
+async fn each_bad_client_certificate_fails_with_its_own_reason() {
+    let m = mesh();
+    let t = trust(&[&m.ca], RevocationList::default());
+    let now = time::OffsetDateTime::now_utc();
+    let cases: Vec<(&str, (CertificateDer<'static>, KeyPair))> = vec![
+        (
+            "certificate expired at",
+            crafted(Some(&m.ca), |p| {
+                p.not_before = now - time::Duration::hours(2);
+                p.not_after = now - time::Duration::hours(1);
+            }),
+        ),
+        (
+            "not yet valid",
+            crafted(Some(&m.ca), |p| {
+                p.not_before = now + time::Duration::hours(1);
+                p.not_after = now + time::Duration::hours(2);
+            }),
+        ),
+        (
+            "a CA certificate used as a leaf",
+            crafted(Some(&m.ca), |p| {
+                p.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            }),
+        ),
+        (
+            "2 URI SANs",
+            crafted(Some(&m.ca), |p| {
+                p.subject_alt_names.push(SanType::URI(
+                    "spiffe://cluster.local/ns/a/sa/other".try_into().unwrap(),
+                ));
+            }),
+        ),
+        (
+            "no URI SAN",
+            crafted(Some(&m.ca), |p| p.subject_alt_names.clear()),
+        ),
+        (
+            "DNS SAN only",
+            crafted(Some(&m.ca), |p| {
+                p.subject_alt_names = vec![SanType::DnsName("client.example".try_into().unwrap())];
+            }),
+        ),
+        ("self-signed certificate", crafted(None, |_| {})),
+        (
+            "keyCertSign",
+            crafted(Some(&m.ca), |p| {
+                p.key_usages.push(KeyUsagePurpose::KeyCertSign);
+            }),
+        ),
+    ];
+    let client_trust = trust(&[&m.ca], RevocationList::default());
+    for (reason, cert) in cases {
+        refused_client(
+            &m,
+            crafted_client(cert, client_trust.clone()),
+            t.clone(),
+            reason,
+        )
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn another_trust_domain_is_refused() {
+    let m = mesh();
+    let t = trust(&[&m.ca], RevocationList::default());
+    // A foreign trust domain we hold no bundle for.
+    let other = CertificateAuthority::generate(td("other.org")).unwrap();
+    let foreign = other
+        .issue(&id("spiffe://other.org/ns/a/sa/client"), TTL)
+        .unwrap();
+    let ours = trust(&[&m.ca], RevocationList::default());
+    refused_client(
+        &m,
+        svid_client(&foreign, ours.clone(), None),
+        t.clone(),
+        "no trust bundle for trust domain other.org",
+    )
+    .await;
+    // A certificate that claims our trust domain but chains to another domain's root: bundles
+    // are never merged, so other.org's root cannot vouch for cluster.local.
+    let impostor_ca = CertificateAuthority::generate(td("cluster.local")).unwrap();
+    let impostor = impostor_ca
+        .issue(&id("spiffe://cluster.local/ns/a/sa/client"), TTL)
+        .unwrap();
+    let both = trust(&[&m.ca, &other], RevocationList::default());
+    refused_client(
+        &m,
+        svid_client(&impostor, ours.clone(), None),
+        both.clone(),
+        "not issued by the trust bundle of cluster.local",
+    )
+    .await;
+    let claims_ours = crafted(Some(&other), |_| {});
+    refused_client(
+        &m,
+        crafted_client(claims_ours, ours),
+        both,
+        "not issued by the trust bundle of cluster.local",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn revoked_identity_and_serial_are_refused() {
+    let m = mesh();
+    let client =
+        m.ca.issue(&id("spiffe://cluster.local/ns/a/sa/client"), TTL)
+            .unwrap();
+    let by_id = RevocationList::parse(
+        Path::new("revoked"),
+        "spiffe://cluster.local/ns/a/sa/client\n",
+    )
+    .unwrap();
+    let ours = trust(&[&m.ca], RevocationList::default());
+    refused_client(
+        &m,
+        svid_client(&client, ours.clone(), None),
+        trust(&[&m.ca], by_id),
+        "identity spiffe://cluster.local/ns/a/sa/client is revoked",
+    )
+    .await;
+    let line = format!("serial:{}\n", client.leaf.serial);
+    let by_serial = RevocationList::parse(Path::new("revoked"), &line).unwrap();
+    let reason = format!(
+        "certificate serial {} of spiffe://cluster.local/ns/a/sa/client is revoked",
+        client.leaf.serial
+    );
+    refused_client(
+        &m,
+        svid_client(&client, ours, None),
+        trust(&[&m.ca], by_serial),
+        &reason,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn client_refuses_a_server_that_is_not_the_expected_identity() {
+    let m = mesh();
+    let client =
+        m.ca.issue(&id("spiffe://cluster.local/ns/a/sa/client"), TTL)
+            .unwrap();
+    let t = trust(&[&m.ca], RevocationList::default());
+    let expected = id("spiffe://cluster.local/ns/b/sa/database");
+    let (s, c) = handshake(
+        &m.server,
+        t.clone(),
+        svid_client(&client, t, Some(expected)),
+    )
+    .await;
+    let err = c.expect_err("client accepted the wrong server");
+    assert!(
+        err.contains("server is spiffe://cluster.local/ns/b/sa/server, expected spiffe://cluster.local/ns/b/sa/database"),
+        "{err}"
+    );
+    assert!(s.is_err());
+}
+
+#[test]
+fn openssl_accepts_and_describes_an_issued_svid() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = CertificateAuthority::generate(td("cluster.local")).unwrap();
+    ca.write(dir.path()).unwrap();
+    let mode = std::fs::metadata(dir.path().join("ca-key.pem")).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
+        0o600
+    );
+    let svid = ca
+        .issue(&id("spiffe://cluster.local/ns/default/sa/web"), TTL)
+        .unwrap();
+    std::fs::write(dir.path().join("svid.pem"), svid.chain_pem()).unwrap();
+
+    let openssl = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir.path())
+            .output()
+            .expect("openssl (Debian's) is installed");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (ok, text) = openssl(&["verify", "-CAfile", "ca.pem", "svid.pem"]);
+    assert!(ok && text.contains("svid.pem: OK"), "{text}");
+
+    let (ok, text) = openssl(&["x509", "-in", "svid.pem", "-noout", "-text"]);
+    assert!(ok, "{text}");
+    assert_eq!(text.matches("URI:").count(), 1, "{text}");
+    assert!(
+        text.contains("URI:spiffe://cluster.local/ns/default/sa/web"),
+        "{text}"
+    );
+    assert!(!text.contains("DNS:"), "{text}");
+    assert!(text.contains("CA:FALSE"), "{text}");
+    let ku = text
+        .split("X509v3 Key Usage: critical")
+        .nth(1)
+        .expect("key usage is critical");
+    assert!(ku.trim_start().starts_with("Digital Signature\n"), "{text}");
+    assert!(
+        text.contains("TLS Web Server Authentication, TLS Web Client Authentication"),
+        "{text}"
+    );
+    assert!(text.contains("ASN1 OID: prime256v1"), "{text}");
+
+    // The CA reloads from what it wrote, and issues chains openssl accepts.
+    let reloaded = CertificateAuthority::load(dir.path()).unwrap();
+    assert_eq!(reloaded.trust_domain(), ca.trust_domain());
+    let again = reloaded
+        .issue(&id("spiffe://cluster.local/ns/default/sa/api"), TTL)
+        .unwrap();
+    std::fs::write(dir.path().join("svid2.pem"), again.chain_pem()).unwrap();
+    let (ok, text) = openssl(&["verify", "-CAfile", "ca.pem", "svid2.pem"]);
+    assert!(ok, "{text}");
+}
+
+#[test]
+fn svid_files_with_bad_input_are_rejected_with_the_file_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = CertificateAuthority::generate(td("cluster.local")).unwrap();
+    let (a, a_key) = crafted(Some(&ca), |_| {});
+    let (_, b_key) = crafted(Some(&ca), |_| {});
+    let p = |n: &str| dir.path().join(n);
+    std::fs::write(
+        p("a.pem"),
+        pem::encode(&pem::Pem::new("CERTIFICATE", a.to_vec())),
+    )
+    .unwrap();
+    std::fs::write(p("a-key.pem"), a_key.serialize_pem()).unwrap();
+    std::fs::write(p("b-key.pem"), b_key.serialize_pem()).unwrap();
+    std::fs::write(
+        p("garbage.pem"),
+        "-----BEGIN CERTIFICATE-----\nnot base64!!\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let key = a_key.serialize_pem();
+    std::fs::write(p("truncated-key.pem"), &key[..key.len() / 2]).unwrap();
+
+    let svid = Svid::from_pem_files(&p("a.pem"), &p("a-key.pem")).unwrap();
+    assert_eq!(
+        svid.id().to_string(),
+        "spiffe://cluster.local/ns/a/sa/client"
+    );
+    for (cert, key, named) in [
+        ("garbage.pem", "a-key.pem", "garbage.pem"),
+        ("a.pem", "truncated-key.pem", "truncated-key.pem"),
+        ("a.pem", "b-key.pem", "b-key.pem"),
+        ("missing.pem", "a-key.pem", "missing.pem"),
+        ("b-key.pem", "a-key.pem", "b-key.pem"),
+    ] {
+        let err = Svid::from_pem_files(&p(cert), &p(key))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(named), "{cert}+{key}: {err}");
+    }
+}
