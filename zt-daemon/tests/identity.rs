@@ -13,6 +13,7 @@ use tokio::{
 use zt_daemon::identity::{
     ca::CertificateAuthority,
     revocation::RevocationList,
+    rotation::{BuiltinIssuer, IssueError, Renewal, SvidSource, WorkloadIdentity},
     spiffe::{SpiffeId, TrustDomain},
     svid::Svid,
     tls::{SvidSlot, client_config, server_config},
@@ -423,4 +424,225 @@ fn svid_files_with_bad_input_are_rejected_with_the_file_named() {
             .to_string();
         assert!(err.contains(named), "{cert}+{key}: {err}");
     }
+}
+
+/// Serves TLS echo on a loopback port until the test ends.
+async fn echo_server(slot: SvidSlot, t: TrustStore) -> SocketAddr {
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_config(slot, t).unwrap()));
+    let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = tls.read(&mut buf).await {
+                    if n == 0 || tls.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+type Tls = tokio_rustls::client::TlsStream<TcpStream>;
+
+async fn dial(addr: SocketAddr, client: ClientConfig) -> Result<Tls, String> {
+    let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+    let mut tls = connector
+        .connect(ServerName::try_from("zt.invalid").unwrap(), tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    ping(&mut tls).await?;
+    Ok(tls)
+}
+
+async fn ping(tls: &mut Tls) -> Result<(), String> {
+    tls.write_all(b"ping").await.map_err(|e| e.to_string())?;
+    let mut buf = [0u8; 4];
+    tls.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
+    (&buf == b"ping")
+        .then_some(())
+        .ok_or_else(|| "echo mismatch".to_owned())
+}
+
+fn server_serial(tls: &Tls) -> String {
+    let leaf = &tls.get_ref().1.peer_certificates().unwrap()[0];
+    zt_daemon::identity::svid::LeafFacts::parse(leaf)
+        .unwrap()
+        .serial
+}
+
+#[tokio::test]
+async fn rotation_serves_new_handshakes_and_keeps_open_connections() {
+    let ca = CertificateAuthority::generate(td("cluster.local")).unwrap();
+    let t = trust(&[&ca], RevocationList::default());
+    let client = ca
+        .issue(&id("spiffe://cluster.local/ns/a/sa/client"), TTL)
+        .unwrap();
+    // The issuer owns the CA from here on; the trust store already holds its root.
+    let issuer: Arc<dyn SvidSource> = Arc::new(BuiltinIssuer {
+        ca,
+        ttl: Duration::from_secs(4),
+    });
+    let renewal = Renewal::default();
+    let server = WorkloadIdentity::start(
+        id("spiffe://cluster.local/ns/b/sa/server"),
+        issuer,
+        &renewal,
+    )
+    .unwrap();
+    let addr = echo_server(server.slot.clone(), t.clone()).await;
+
+    let mut before = dial(addr, svid_client(&client, t.clone(), None))
+        .await
+        .unwrap();
+    let first = server_serial(&before);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(8);
+    while server.slot.get().leaf.serial == first {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no rotation within 8 s of a 4 s TTL"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The connection opened before rotation still works.
+    ping(&mut before).await.unwrap();
+    // A new handshake gets the new certificate.
+    let after = dial(addr, svid_client(&client, t, None)).await.unwrap();
+    assert_ne!(server_serial(&after), first);
+    assert_eq!(server_serial(&after), server.slot.get().leaf.serial);
+    assert_eq!(
+        renewal.failures.load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+    assert!(server.is_valid());
+}
+
+/// Fails its first `failures` fetches, then issues.
+struct Flaky {
+    inner: BuiltinIssuer,
+    failures: std::sync::atomic::AtomicUsize,
+}
+
+impl SvidSource for Flaky {
+    fn fetch(&self, id: &SpiffeId) -> Result<Svid, IssueError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let calls = self.failures.fetch_sub(1, SeqCst);
+        if calls > 0 && calls <= 2 {
+            return Err(IssueError::Failed {
+                id: id.clone(),
+                message: "CA unavailable".into(),
+            });
+        }
+        self.inner.fetch(id)
+    }
+}
+
+#[tokio::test]
+async fn issuer_failure_keeps_the_valid_certificate_and_retries() {
+    let ca = CertificateAuthority::generate(td("cluster.local")).unwrap();
+    // The first fetch succeeds (counter starts past the failing window), the next two fail.
+    let flaky = Arc::new(Flaky {
+        // Renewal at 5-6 s, retries after 1 s and 2 s more: recovered before the 10 s expiry.
+        inner: BuiltinIssuer {
+            ca,
+            ttl: Duration::from_secs(10),
+        },
+        failures: std::sync::atomic::AtomicUsize::new(3),
+    });
+    let renewal = Renewal::default();
+    let w =
+        WorkloadIdentity::start(id("spiffe://cluster.local/ns/a/sa/w"), flaky, &renewal).unwrap();
+    let first = w.slot.get().leaf.serial;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(12);
+    while w.slot.get().leaf.serial == first {
+        assert!(
+            w.is_valid(),
+            "lost the certificate while the issuer was failing"
+        );
+        assert!(tokio::time::Instant::now() < deadline, "never recovered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        renewal.failures.load(std::sync::atomic::Ordering::Relaxed),
+        2
+    );
+}
+
+#[tokio::test]
+async fn trust_bundle_rotation_with_overlap_drops_no_handshake() {
+    let old = CertificateAuthority::generate(td("cluster.local")).unwrap();
+    let new = CertificateAuthority::generate(td("cluster.local")).unwrap();
+    let t = trust(&[&old], RevocationList::default());
+    let server = SvidSlot::new(
+        old.issue(&id("spiffe://cluster.local/ns/b/sa/server"), TTL)
+            .unwrap(),
+    );
+    let addr = echo_server(server.clone(), t.clone()).await;
+    let client_old = old
+        .issue(&id("spiffe://cluster.local/ns/a/sa/client"), TTL)
+        .unwrap();
+    let client_new = new
+        .issue(&id("spiffe://cluster.local/ns/a/sa/client"), TTL)
+        .unwrap();
+
+    // Overlap: both roots trusted, workloads move to the new CA one by one.
+    let both = trust(&[&old, &new], RevocationList::default());
+    t.replace(
+        TrustState::new(
+            HashMap::from([(
+                td("cluster.local"),
+                vec![old.root().clone(), new.root().clone()],
+            )]),
+            RevocationList::default(),
+        )
+        .unwrap(),
+    );
+    let mut failed = 0;
+    for round in 0..20 {
+        if round == 10 {
+            server.replace(
+                new.issue(&id("spiffe://cluster.local/ns/b/sa/server"), TTL)
+                    .unwrap(),
+            );
+        }
+        let client = if round % 2 == 0 {
+            &client_old
+        } else {
+            &client_new
+        };
+        if dial(addr, svid_client(client, both.clone(), None))
+            .await
+            .is_err()
+        {
+            failed += 1;
+        }
+    }
+    assert_eq!(failed, 0, "handshakes failed during the bundle overlap");
+
+    // Old root removed: its certificates are refused, the new ones pass.
+    t.replace(
+        TrustState::new(
+            HashMap::from([(td("cluster.local"), vec![new.root().clone()])]),
+            RevocationList::default(),
+        )
+        .unwrap(),
+    );
+    assert!(
+        dial(addr, svid_client(&client_old, both.clone(), None))
+            .await
+            .is_err()
+    );
+    dial(addr, svid_client(&client_new, both, None))
+        .await
+        .unwrap();
 }

@@ -2,6 +2,7 @@
 //! and the rustls verifiers both ends of the tunnel use.
 pub mod ca;
 pub mod revocation;
+pub mod rotation;
 pub mod spiffe;
 pub mod svid;
 pub mod tls;

@@ -6,9 +6,10 @@
 //! knows whom it is calling, it is that identity. Each failure has its own readable reason.
 use std::{
     collections::HashMap,
-    sync::{Arc, RwLock},
+    sync::Arc,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
+use tokio::sync::watch;
 
 use rustls::{
     DigitallySignedStruct, DistinguishedName, SignatureScheme,
@@ -105,21 +106,40 @@ impl TrustState {
     }
 }
 
-/// Shared, hot-swappable trust state used by every verifier.
-#[derive(Debug, Clone, Default)]
-pub struct TrustStore(Arc<RwLock<Arc<TrustState>>>);
+impl TrustState {
+    /// Whether a peer already connected is now revoked (used to close live connections).
+    pub fn revoked(&self, id: &SpiffeId, serial: &str) -> Option<Revoked> {
+        self.revoked.check(id, serial)
+    }
+}
+
+/// Shared, hot-swappable trust state used by every verifier. Subscribers are told of every
+/// replacement, so the tunnel can close live connections of a newly revoked identity.
+#[derive(Debug, Clone)]
+pub struct TrustStore(Arc<watch::Sender<Arc<TrustState>>>);
+
+impl Default for TrustStore {
+    fn default() -> Self {
+        Self::new(TrustState::default())
+    }
+}
 
 impl TrustStore {
     pub fn new(state: TrustState) -> Self {
-        Self(Arc::new(RwLock::new(Arc::new(state))))
+        Self(Arc::new(watch::Sender::new(Arc::new(state))))
     }
 
     pub fn replace(&self, state: TrustState) {
-        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(state);
+        self.0.send_replace(Arc::new(state));
     }
 
-    fn current(&self) -> Arc<TrustState> {
-        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    /// The current state, then every replacement.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<TrustState>> {
+        self.0.subscribe()
+    }
+
+    pub fn current(&self) -> Arc<TrustState> {
+        self.0.borrow().clone()
     }
 
     /// Verifies a peer's chain for `usage`; returns the peer's SPIFFE ID.

@@ -1,0 +1,162 @@
+//! Keeping each workload's SVID fresh. A task per workload renews at half the certificate's
+//! lifetime plus jitter (so a node's workloads do not all renew at once), or at once when the
+//! source says something changed (the files provider's watcher). When the source fails, the valid
+//! certificate stays in use and the task retries with capped exponential backoff; every failure
+//! is counted for the metrics endpoint.
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, SystemTime},
+};
+
+use tokio::{sync::Notify, task::JoinHandle};
+use tracing::{info, warn};
+
+use super::{
+    ca::{CaError, CertificateAuthority},
+    spiffe::SpiffeId,
+    svid::Svid,
+    tls::SvidSlot,
+};
+
+const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum IssueError {
+    #[error("issuing {id}: {message}")]
+    Failed { id: SpiffeId, message: String },
+}
+
+/// Where a workload's SVIDs come from.
+pub trait SvidSource: Send + Sync + 'static {
+    fn fetch(&self, id: &SpiffeId) -> Result<Svid, IssueError>;
+}
+
+/// The built-in CA issuing short-lived SVIDs.
+pub struct BuiltinIssuer {
+    pub ca: CertificateAuthority,
+    pub ttl: Duration,
+}
+
+impl SvidSource for BuiltinIssuer {
+    fn fetch(&self, id: &SpiffeId) -> Result<Svid, IssueError> {
+        self.ca
+            .issue(id, self.ttl)
+            .map_err(|e: CaError| IssueError::Failed {
+                id: id.clone(),
+                message: e.to_string(),
+            })
+    }
+}
+
+/// Shared by every workload's renewal task.
+#[derive(Clone, Default)]
+pub struct Renewal {
+    /// Wakes every task for an immediate refresh (files changed on disk).
+    pub wake: Arc<Notify>,
+    /// Issuance failures so far (`zt_identity_issue_failures_total`).
+    pub failures: Arc<AtomicU64>,
+}
+
+/// A workload's identity while it is enrolled: its current SVID and the task renewing it.
+/// Dropping it stops renewal and drops the key.
+pub struct WorkloadIdentity {
+    pub id: SpiffeId,
+    pub slot: SvidSlot,
+    task: JoinHandle<()>,
+}
+
+impl Drop for WorkloadIdentity {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl WorkloadIdentity {
+    /// Fetches the first SVID (an error leaves the workload without identity) and starts renewal.
+    pub fn start(
+        id: SpiffeId,
+        source: Arc<dyn SvidSource>,
+        renewal: &Renewal,
+    ) -> Result<Self, IssueError> {
+        let svid = source.fetch(&id).inspect_err(|_| {
+            renewal.failures.fetch_add(1, Ordering::Relaxed);
+        })?;
+        info!(identity = %id, serial = %svid.leaf.serial, expires = ?svid.leaf.not_after, "identity issued");
+        let slot = SvidSlot::new(svid);
+        let task = tokio::spawn(renew_forever(
+            id.clone(),
+            slot.clone(),
+            source,
+            renewal.clone(),
+        ));
+        Ok(Self { id, slot, task })
+    }
+
+    /// Whether the workload holds a certificate that is valid now (readiness).
+    pub fn is_valid(&self) -> bool {
+        let leaf = self.slot.get().leaf;
+        let now = SystemTime::now();
+        leaf.not_before <= now && now < leaf.not_after
+    }
+}
+
+/// Half the lifetime plus up to a tenth of it, at random.
+fn renewal_delay(svid: &Svid) -> Duration {
+    let life = svid
+        .leaf
+        .not_after
+        .duration_since(svid.leaf.not_before)
+        .unwrap_or_default();
+    let mut byte = [0u8; 1];
+    let _ = rustls::crypto::aws_lc_rs::default_provider()
+        .secure_random
+        .fill(&mut byte);
+    let jitter = life / 10 * u32::from(byte[0]) / 255;
+    let at = svid.renew_at() + jitter;
+    at.duration_since(SystemTime::now()).unwrap_or_default()
+}
+
+async fn renew_forever(
+    id: SpiffeId,
+    slot: SvidSlot,
+    source: Arc<dyn SvidSource>,
+    renewal: Renewal,
+) {
+    let mut backoff = None::<Duration>;
+    loop {
+        let wait = backoff.unwrap_or_else(|| renewal_delay(&slot.get()));
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = renewal.wake.notified() => {}
+        }
+        let source = source.clone();
+        let fetch_id = id.clone();
+        let fetched = tokio::task::spawn_blocking(move || source.fetch(&fetch_id))
+            .await
+            .unwrap_or_else(|e| {
+                Err(IssueError::Failed {
+                    id: id.clone(),
+                    message: e.to_string(),
+                })
+            });
+        match fetched {
+            Ok(svid) => {
+                backoff = None;
+                if svid.leaf.serial != slot.get().leaf.serial {
+                    info!(identity = %id, serial = %svid.leaf.serial, expires = ?svid.leaf.not_after, "identity renewed");
+                    slot.replace(svid);
+                }
+            }
+            Err(e) => {
+                renewal.failures.fetch_add(1, Ordering::Relaxed);
+                let next = backoff.map_or(FIRST_BACKOFF, |b| (b * 2).min(MAX_BACKOFF));
+                warn!(identity = %id, error = %e, retry_in = ?next, "renewal failed; keeping the current certificate");
+                backoff = Some(next);
+            }
+        }
+    }
+}
