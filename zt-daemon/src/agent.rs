@@ -10,6 +10,7 @@ use tracing::{error, info, warn};
 use crate::{
     config::{NodeConfig, Workload, WorkloadId},
     ebpf::{Capture, OriginalDsts},
+    identity::{node::NodeIdentity, rotation::WorkloadIdentity, spiffe::SpiffeId},
     workload::Enrollment,
 };
 
@@ -17,6 +18,8 @@ pub struct Agent {
     config_path: PathBuf,
     config: NodeConfig,
     capture: Capture,
+    /// `None` when the config has no `[identity]` section (capture only).
+    identity: Option<NodeIdentity>,
     dsts: Arc<OriginalDsts>,
     enrolled: BTreeMap<WorkloadId, Enrollment>,
 }
@@ -25,6 +28,16 @@ impl Agent {
     pub fn start(config_path: PathBuf, config: NodeConfig) -> anyhow::Result<Self> {
         let capture = Capture::start(&config.capture).context("starting capture")?;
         let dsts = Arc::new(OriginalDsts::open(capture.pin_dir())?);
+        let identity = match &config.identity {
+            Some(c) => Some(
+                NodeIdentity::start(config.trust_domain.clone(), c.clone())
+                    .context("starting the identity provider")?,
+            ),
+            None => {
+                warn!("no [identity] section: workloads get no SVIDs (capture only)");
+                None
+            }
+        };
         info!(
             node = %config.node_name,
             cgroup = %capture.cgroup.display(),
@@ -35,6 +48,7 @@ impl Agent {
             config_path,
             config,
             capture,
+            identity,
             dsts,
             enrolled: BTreeMap::new(),
         })
@@ -100,11 +114,33 @@ impl Agent {
             if self.enrolled.contains_key(&id) {
                 continue;
             }
-            match Enrollment::enroll(&mut self.capture, self.dsts.clone(), workload).await {
+            let identity = self.issue_identity(&workload);
+            match Enrollment::enroll(&mut self.capture, self.dsts.clone(), workload, identity).await
+            {
                 Ok(e) => {
                     self.enrolled.insert(id, e);
                 }
                 Err(e) => error!(error = %e, "enrollment failed"),
+            }
+        }
+    }
+
+    /// The workload's SVID, if the node has an identity provider. A failure leaves the workload
+    /// enrolled without identity (not ready) and is logged.
+    fn issue_identity(&self, workload: &Workload) -> Option<WorkloadIdentity> {
+        let node = self.identity.as_ref()?;
+        let issued = SpiffeId::workload(
+            node.trust_domain(),
+            &workload.id.namespace,
+            &workload.service_account,
+        )
+        .map_err(|e| e.to_string())
+        .and_then(|id| node.issue(id).map_err(|e| e.to_string()));
+        match issued {
+            Ok(identity) => Some(identity),
+            Err(e) => {
+                error!(workload = %workload.id, error = %e, "identity issuance failed");
+                None
             }
         }
     }

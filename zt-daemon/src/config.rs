@@ -5,12 +5,17 @@ use std::{
     fmt,
     net::Ipv4Addr,
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use serde::Deserialize;
 
+use crate::identity::spiffe::TrustDomain;
+
 pub const DEFAULT_PATH: &str = "/etc/zt/node.toml";
 const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/zt";
+const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+const DEFAULT_SVID_TTL_SECONDS: u64 = 3600;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -34,6 +39,9 @@ pub enum ConfigError {
 #[derive(Debug, Clone, PartialEq)]
 pub struct NodeConfig {
     pub node_name: String,
+    pub trust_domain: TrustDomain,
+    /// `None`: capture only, no workload identities (no `[identity]` section).
+    pub identity: Option<IdentityConfig>,
     pub capture: CaptureConfig,
     pub log: LogConfig,
     pub workloads: Vec<Workload>,
@@ -57,6 +65,21 @@ pub enum FailMode {
     Closed,
     /// While no agent listener exists, traffic goes around the agent.
     Open,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentityConfig {
+    pub provider: IdentityProvider,
+    pub svid_ttl: Duration,
+    pub revocation_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdentityProvider {
+    /// The built-in CA in `ca_dir` (made by `zt-daemon ca init`).
+    Builtin { ca_dir: PathBuf },
+    /// SVIDs and bundles written by another issuer (layout in identity::files).
+    Files { dir: PathBuf },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,6 +124,8 @@ impl fmt::Display for WorkloadId {
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     node_name: String,
+    trust_domain: Option<String>,
+    identity: Option<RawIdentity>,
     #[serde(default)]
     capture: RawCapture,
     #[serde(default)]
@@ -116,6 +141,23 @@ struct RawCapture {
     bpffs_dir: Option<PathBuf>,
     fail_mode: Option<FailMode>,
     probe_source: Option<Ipv4Addr>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIdentity {
+    provider: RawProvider,
+    ca_dir: Option<PathBuf>,
+    files_dir: Option<PathBuf>,
+    svid_ttl_seconds: Option<u64>,
+    revocation_file: Option<PathBuf>,
+}
+
+#[derive(Deserialize, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+enum RawProvider {
+    Builtin,
+    Files,
 }
 
 #[derive(Deserialize, Default)]
@@ -221,8 +263,20 @@ impl NodeConfig {
                 bpffs_dir.display()
             )));
         }
+        let trust_domain: TrustDomain = raw
+            .trust_domain
+            .as_deref()
+            .unwrap_or(DEFAULT_TRUST_DOMAIN)
+            .parse()
+            .map_err(|e| invalid(format!("trust_domain: {e}")))?;
+        let identity = raw
+            .identity
+            .map(|i| identity_config(i, &invalid))
+            .transpose()?;
         Ok(NodeConfig {
             node_name: raw.node_name,
+            trust_domain,
+            identity,
             capture: CaptureConfig {
                 cgroup: raw.capture.cgroup,
                 bpffs_dir,
@@ -243,6 +297,12 @@ impl NodeConfig {
         if self.node_name != new.node_name {
             changed.push("node_name");
         }
+        if self.trust_domain != new.trust_domain {
+            changed.push("trust_domain");
+        }
+        if self.identity != new.identity {
+            changed.push("identity");
+        }
         if self.capture.cgroup != new.capture.cgroup {
             changed.push("capture.cgroup");
         }
@@ -254,6 +314,37 @@ impl NodeConfig {
         }
         changed
     }
+}
+
+fn identity_config(
+    raw: RawIdentity,
+    invalid: &dyn Fn(String) -> ConfigError,
+) -> Result<IdentityConfig, ConfigError> {
+    let ttl = raw.svid_ttl_seconds.unwrap_or(DEFAULT_SVID_TTL_SECONDS);
+    if ttl < 2 {
+        return Err(invalid(format!(
+            "identity.svid_ttl_seconds: {ttl} is too short (at least 2)"
+        )));
+    }
+    let provider = match (raw.provider, raw.ca_dir, raw.files_dir) {
+        (RawProvider::Builtin, Some(ca_dir), None) => IdentityProvider::Builtin { ca_dir },
+        (RawProvider::Files, None, Some(dir)) => IdentityProvider::Files { dir },
+        (RawProvider::Builtin, _, _) => {
+            return Err(invalid(
+                "identity: provider \"builtin\" takes ca_dir (and no files_dir)".into(),
+            ));
+        }
+        (RawProvider::Files, _, _) => {
+            return Err(invalid(
+                "identity: provider \"files\" takes files_dir (and no ca_dir)".into(),
+            ));
+        }
+    };
+    Ok(IdentityConfig {
+        provider,
+        svid_ttl: Duration::from_secs(ttl),
+        revocation_file: raw.revocation_file,
+    })
 }
 
 fn is_dns_label(s: &str) -> bool {
@@ -331,6 +422,25 @@ netns = "/run/netns/p"
             "node_name = \"n1\"\n[[workload]]\nname = \"A_b\"\nnamespace = \"x\"\nnetns = \"/n\"\n";
         let err = parse(text).unwrap_err().to_string();
         assert!(err.contains("workload[0].name"), "{err}");
+    }
+
+    #[test]
+    fn identity_section_is_typed() {
+        let c = parse("node_name = \"n\"\ntrust_domain = \"Example.ORG\"\n[identity]\nprovider = \"builtin\"\nca_dir = \"/etc/zt/ca\"\n").unwrap();
+        assert_eq!(c.trust_domain.as_str(), "example.org");
+        let id = c.identity.unwrap();
+        assert_eq!(
+            id.provider,
+            IdentityProvider::Builtin {
+                ca_dir: "/etc/zt/ca".into()
+            }
+        );
+        assert_eq!(id.svid_ttl, Duration::from_secs(3600));
+        let err = parse("node_name = \"n\"\n[identity]\nprovider = \"files\"\nca_dir = \"/x\"\n")
+            .unwrap_err();
+        assert!(err.to_string().contains("takes files_dir"), "{err}");
+        let err = parse("node_name = \"n\"\ntrust_domain = \"a:b\"\n").unwrap_err();
+        assert!(err.to_string().contains("trust_domain"), "{err}");
     }
 
     #[test]

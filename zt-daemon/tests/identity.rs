@@ -646,3 +646,148 @@ async fn trust_bundle_rotation_with_overlap_drops_no_handshake() {
         .await
         .unwrap();
 }
+
+/// Writes `contents` to `path` the way issuers do: a temporary file renamed into place.
+fn put(path: &Path, contents: impl AsRef<[u8]>) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, contents).unwrap();
+    std::fs::rename(tmp, path).unwrap();
+}
+
+fn write_svid(dir: &Path, ca: &CertificateAuthority, sa: &str) -> String {
+    let (cert, key) = crafted(Some(ca), |p| {
+        p.subject_alt_names = vec![SanType::URI(
+            format!("spiffe://cluster.local/ns/default/sa/{sa}")
+                .try_into()
+                .unwrap(),
+        )];
+    });
+    let serial = zt_daemon::identity::svid::LeafFacts::parse(&cert)
+        .unwrap()
+        .serial;
+    put(
+        &dir.join("default").join(sa).join("tls.key"),
+        key.serialize_pem(),
+    );
+    put(
+        &dir.join("default").join(sa).join("tls.crt"),
+        pem::encode(&pem::Pem::new("CERTIFICATE", cert.to_vec())),
+    );
+    serial
+}
+
+async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !check() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn files_provider_hot_reloads_and_keeps_the_last_good_state() {
+    use zt_daemon::{
+        config::{IdentityConfig, IdentityProvider},
+        identity::node::NodeIdentity,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let files = dir.path().join("identities");
+    let revocations = dir.path().join("revocations").join("revoked.txt");
+    put(&revocations, "# nothing revoked yet\n");
+    let ca = CertificateAuthority::generate(td("cluster.local")).unwrap();
+    put(&files.join("bundles/cluster.local.pem"), ca.bundle_pem());
+    let first = write_svid(&files, &ca, "web");
+    write_svid(&files, &ca, "client");
+
+    let node = NodeIdentity::start(
+        td("cluster.local"),
+        IdentityConfig {
+            provider: IdentityProvider::Files { dir: files.clone() },
+            svid_ttl: TTL,
+            revocation_file: Some(revocations.clone()),
+        },
+    )
+    .unwrap();
+    let web = node
+        .issue(id("spiffe://cluster.local/ns/default/sa/web"))
+        .unwrap();
+    assert_eq!(web.slot.get().leaf.serial, first);
+    let client = node
+        .issue(id("spiffe://cluster.local/ns/default/sa/client"))
+        .unwrap();
+    let addr = echo_server(web.slot.clone(), node.trust.clone()).await;
+    let dial_client = || {
+        dial(
+            addr,
+            client_config(client.slot.clone(), node.trust.clone(), None).unwrap(),
+        )
+    };
+    dial_client().await.unwrap();
+
+    // A new certificate on disk is picked up without a restart.
+    let second = write_svid(&files, &ca, "web");
+    eventually("the new SVID", || web.slot.get().leaf.serial == second).await;
+
+    // A broken certificate is refused; the previous one stays in use.
+    let failures = node
+        .renewal
+        .failures
+        .load(std::sync::atomic::Ordering::Relaxed);
+    put(
+        &files.join("default/web/tls.crt"),
+        "-----BEGIN CERTIFICATE-----\ngarbage\n-----END CERTIFICATE-----\n",
+    );
+    eventually("the failure to be counted", || {
+        node.renewal
+            .failures
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > failures
+    })
+    .await;
+    assert_eq!(web.slot.get().leaf.serial, second);
+    assert!(web.is_valid());
+    dial_client().await.unwrap();
+
+    // A broken bundle keeps the previous trust state.
+    let before = node.trust.current();
+    put(&files.join("bundles/cluster.local.pem"), "not pem at all");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(
+        Arc::ptr_eq(&before, &node.trust.current()),
+        "broken bundle replaced the trust state"
+    );
+    dial_client().await.unwrap();
+
+    // Revoking the client takes effect for new handshakes, and subscribers are told.
+    // (A reload is all or nothing, so the bundle is repaired first.)
+    put(&files.join("bundles/cluster.local.pem"), ca.bundle_pem());
+    eventually("the repaired bundle", || {
+        !Arc::ptr_eq(&before, &node.trust.current())
+    })
+    .await;
+    let mut events = node.trust.subscribe();
+    events.borrow_and_update();
+    put(
+        &revocations,
+        "spiffe://cluster.local/ns/default/sa/client\n",
+    );
+    tokio::time::timeout(Duration::from_secs(10), events.changed())
+        .await
+        .unwrap()
+        .unwrap();
+    let client_leaf = client.slot.get().leaf;
+    assert!(
+        events
+            .borrow()
+            .revoked(&client_leaf.id, &client_leaf.serial)
+            .is_some()
+    );
+    let err = dial_client()
+        .await
+        .expect_err("revoked client still accepted");
+    assert!(!err.is_empty());
+}

@@ -1,6 +1,8 @@
 //! Workload identity (DESIGN.md §4): SPIFFE IDs, X.509-SVIDs from the built-in CA, revocation,
 //! and the rustls verifiers both ends of the tunnel use.
 pub mod ca;
+pub mod files;
+pub mod node;
 pub mod revocation;
 pub mod rotation;
 pub mod spiffe;

@@ -14,6 +14,7 @@ use zt_common::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 pub use crate::config::{Workload, WorkloadId};
 use crate::{
     ebpf::{Capture, CaptureError, OriginalDsts},
+    identity::{rotation::WorkloadIdentity, tls::SvidSlot},
     proxy,
     workload::netns::{NetnsError, NetnsWorker},
 };
@@ -45,11 +46,15 @@ pub struct LocalWorkload {
     pub netns_cookie: u64,
     pub addresses: Vec<IpAddr>,
     pub netns: NetnsWorker,
+    /// The workload's current SVID, when the node has an identity provider.
+    pub svid: Option<SvidSlot>,
 }
 
-/// An enrolled workload: its listeners are served by `tasks` until it is removed.
+/// An enrolled workload: its listeners are served by `tasks` until it is removed; its identity
+/// (and private key) lives exactly as long.
 pub struct Enrollment {
     pub local: Arc<LocalWorkload>,
+    pub identity: Option<WorkloadIdentity>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -88,6 +93,7 @@ impl Enrollment {
         capture: &mut Capture,
         dsts: Arc<OriginalDsts>,
         workload: Workload,
+        identity: Option<WorkloadIdentity>,
     ) -> Result<Self, EnrollError> {
         let id = workload.id.clone();
         let netns_label = workload.netns.display().to_string();
@@ -145,6 +151,7 @@ impl Enrollment {
             netns_cookie: cookie,
             addresses,
             netns: worker,
+            svid: identity.as_ref().map(|i| i.slot.clone()),
         });
         let tokio_listener = |l: std::net::TcpListener, what| {
             TcpListener::from_std(l).map_err(|e| socket_err(what, e))
@@ -180,7 +187,11 @@ impl Enrollment {
             adopted,
             "workload enrolled"
         );
-        Ok(Self { local, tasks })
+        Ok(Self {
+            local,
+            identity,
+            tasks,
+        })
     }
 
     /// Closes the workload's listeners and connections and removes every trace from the kernel.
@@ -192,6 +203,9 @@ impl Enrollment {
             let _ = task.await;
         }
         capture.forget_pod(self.local.netns_cookie)?;
+        if let Some(identity) = &self.identity {
+            info!(workload = %self.local.workload.id, identity = %identity.id, "identity released");
+        }
         info!(workload = %self.local.workload.id, "workload un-enrolled");
         Ok(())
     }

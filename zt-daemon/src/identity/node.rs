@@ -1,0 +1,180 @@
+//! The node's identity service: where SVIDs come from (built-in CA or files), the trust store
+//! every verifier shares, and the watcher that reloads bundles, revocations and SVID files when
+//! they change on disk. Bad new files are logged with their path; the last good state stays.
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use notify::{RecommendedWatcher, RecursiveMode, Watcher as _};
+use rustls::pki_types::CertificateDer;
+use tokio::sync::mpsc;
+use tracing::{error, info};
+
+use super::{
+    ca::{CaError, CertificateAuthority},
+    files::{self, BundleError, FilesSource},
+    revocation::{RevocationError, RevocationList},
+    rotation::{BuiltinIssuer, IssueError, Renewal, SvidSource, WorkloadIdentity},
+    spiffe::{SpiffeId, TrustDomain},
+    verify::{TrustState, TrustStore},
+};
+use crate::config::{IdentityConfig, IdentityProvider};
+
+/// Bursts of file events (an editor's write-rename, cert-manager's atomic swap) settle first.
+const SETTLE: Duration = Duration::from_millis(200);
+
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error(transparent)]
+    Ca(#[from] CaError),
+    #[error(transparent)]
+    Bundle(#[from] BundleError),
+    #[error(transparent)]
+    Revocation(#[from] RevocationError),
+    #[error("trust bundle: {0}")]
+    Trust(String),
+    #[error("watching {path}: {message}")]
+    Watch { path: PathBuf, message: String },
+}
+
+/// Everything the trust state is built from; cloned into the watcher task.
+#[derive(Clone)]
+struct TrustSources {
+    trust_domain: TrustDomain,
+    /// Root of the built-in CA; the files provider reads its bundles from disk instead.
+    builtin_root: Option<CertificateDer<'static>>,
+    config: IdentityConfig,
+}
+
+impl TrustSources {
+    fn load(&self) -> Result<TrustState, IdentityError> {
+        let bundles = match (&self.builtin_root, &self.config.provider) {
+            (Some(root), _) => HashMap::from([(self.trust_domain.clone(), vec![root.clone()])]),
+            (None, IdentityProvider::Files { dir }) => {
+                files::load_bundles(&dir.join(files::BUNDLES_DIR))?
+            }
+            (None, IdentityProvider::Builtin { .. }) => HashMap::new(),
+        };
+        let revoked = match &self.config.revocation_file {
+            Some(path) => RevocationList::load(path)?,
+            None => RevocationList::default(),
+        };
+        TrustState::new(bundles, revoked).map_err(IdentityError::Trust)
+    }
+
+    /// Paths whose changes reload identity material.
+    fn watched_paths(&self) -> Vec<PathBuf> {
+        let mut paths = Vec::new();
+        if let IdentityProvider::Files { dir } = &self.config.provider {
+            paths.push(dir.clone());
+        }
+        if let Some(f) = &self.config.revocation_file {
+            // Watch the directory: editors and kubelet replace files by renaming.
+            paths.push(f.parent().unwrap_or(Path::new("/")).to_owned());
+        }
+        paths
+    }
+}
+
+pub struct NodeIdentity {
+    pub trust: TrustStore,
+    pub renewal: Renewal,
+    source: Arc<dyn SvidSource>,
+    sources: TrustSources,
+    _watcher: Option<RecommendedWatcher>,
+}
+
+impl NodeIdentity {
+    pub fn start(trust_domain: TrustDomain, config: IdentityConfig) -> Result<Self, IdentityError> {
+        let (source, builtin_root): (Arc<dyn SvidSource>, _) = match &config.provider {
+            IdentityProvider::Builtin { ca_dir } => {
+                let ca = CertificateAuthority::load(ca_dir)?;
+                if ca.trust_domain() != &trust_domain {
+                    return Err(IdentityError::Trust(format!(
+                        "{}: CA serves {}, node config says {trust_domain}",
+                        ca_dir.display(),
+                        ca.trust_domain()
+                    )));
+                }
+                let root = ca.root().clone();
+                let ttl = config.svid_ttl;
+                (Arc::new(BuiltinIssuer { ca, ttl }), Some(root))
+            }
+            IdentityProvider::Files { dir } => (Arc::new(FilesSource { dir: dir.clone() }), None),
+        };
+        let sources = TrustSources {
+            trust_domain,
+            builtin_root,
+            config,
+        };
+        let trust = TrustStore::new(sources.load()?);
+        let renewal = Renewal::default();
+        let watcher = watch(&sources, &trust, &renewal)?;
+        Ok(Self {
+            trust,
+            renewal,
+            source,
+            sources,
+            _watcher: watcher,
+        })
+    }
+
+    pub fn trust_domain(&self) -> &TrustDomain {
+        &self.sources.trust_domain
+    }
+
+    /// Issues the first SVID of an enrolled workload and keeps it renewed.
+    pub fn issue(&self, id: SpiffeId) -> Result<WorkloadIdentity, IssueError> {
+        WorkloadIdentity::start(id, self.source.clone(), &self.renewal)
+    }
+}
+
+/// Reloads trust and wakes SVID renewal whenever a watched path changes.
+fn watch(
+    sources: &TrustSources,
+    trust: &TrustStore,
+    renewal: &Renewal,
+) -> Result<Option<RecommendedWatcher>, IdentityError> {
+    let paths = sources.watched_paths();
+    let Some(first) = paths.first().cloned() else {
+        return Ok(None);
+    };
+    let watch_err = |path: &Path, e: notify::Error| IdentityError::Watch {
+        path: path.to_owned(),
+        message: e.to_string(),
+    };
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if event.is_ok() {
+            let _ = tx.send(());
+        }
+    })
+    .map_err(|e| watch_err(&first, e))?;
+    for path in &paths {
+        watcher
+            .watch(path, RecursiveMode::Recursive)
+            .map_err(|e| watch_err(path, e))?;
+    }
+    let (sources, trust, renewal) = (sources.clone(), trust.clone(), renewal.clone());
+    tokio::spawn(async move {
+        while rx.recv().await.is_some() {
+            tokio::time::sleep(SETTLE).await;
+            while rx.try_recv().is_ok() {}
+            match sources.load() {
+                Ok(state) => {
+                    trust.replace(state);
+                    info!("trust bundles and revocation list reloaded");
+                }
+                Err(e) => {
+                    error!(error = %e, "identity reload rejected; keeping the previous trust state")
+                }
+            }
+            // SVID files may have changed too: every workload re-reads its own.
+            renewal.wake.notify_waiters();
+        }
+    });
+    Ok(Some(watcher))
+}
