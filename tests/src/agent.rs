@@ -139,6 +139,18 @@ impl Agent {
         .with_context(|| format!("agent did not reload\n--- log ---\n{}", self.log_tail()))
     }
 
+    /// GET /healthz/ready on the agent's node: (status, body).
+    pub fn readiness(&self) -> anyhow::Result<(u16, String)> {
+        let mut cmd = in_cgroup_and_netns(bin_path("zt-probe")?, None, &self.node.netns)?;
+        cmd.args(["get", "--to", "127.0.0.1:15021", "--path", "/healthz/ready"]);
+        let out = cmd.output()?;
+        let v: Value = serde_json::from_slice(&out.stdout)?;
+        Ok((
+            v["status"].as_u64().unwrap_or(0) as u16,
+            v["body"].as_str().unwrap_or_default().to_owned(),
+        ))
+    }
+
     pub fn count(&self, message: &str) -> anyhow::Result<usize> {
         Ok(self
             .events()?

@@ -8,6 +8,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
 use crate::{
+    admin::{self, Readiness, ReadyInputs},
     config::{NodeConfig, Workload, WorkloadId},
     ebpf::{Capture, OriginalDsts},
     identity::{node::NodeIdentity, rotation::WorkloadIdentity, spiffe::SpiffeId},
@@ -22,6 +23,7 @@ pub struct Agent {
     identity: Option<NodeIdentity>,
     dsts: Arc<OriginalDsts>,
     enrolled: BTreeMap<WorkloadId, Enrollment>,
+    readiness: Readiness,
 }
 
 impl Agent {
@@ -51,6 +53,7 @@ impl Agent {
             identity,
             dsts,
             enrolled: BTreeMap::new(),
+            readiness: Readiness::default(),
         })
     }
 
@@ -58,6 +61,13 @@ impl Agent {
         let mut hup = signal(SignalKind::hangup())?;
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
+        let addr = self.config.admin.readiness_addr;
+        let readiness = self.readiness.clone();
+        tokio::spawn(async move {
+            if let Err(e) = admin::serve_readiness(addr, readiness).await {
+                error!(%addr, error = %e, "readiness endpoint unavailable");
+            }
+        });
         self.reconcile(self.config.workloads.clone()).await;
         self.forget_stale_pods();
         info!(workloads = self.enrolled.len(), "agent ready");
@@ -88,8 +98,8 @@ impl Agent {
         if settings_changed && let Err(e) = self.capture.maps.apply_settings(&new.capture) {
             error!(error = %e, "applying capture settings");
         }
-        self.reconcile(new.workloads.clone()).await;
         self.config = new;
+        self.reconcile(self.config.workloads.clone()).await;
         info!(workloads = self.enrolled.len(), "config reloaded");
     }
 
@@ -123,23 +133,33 @@ impl Agent {
                 Err(e) => error!(error = %e, "enrollment failed"),
             }
         }
+        self.readiness.set(ReadyInputs {
+            capture_started: true,
+            workloads: self
+                .config
+                .workloads
+                .iter()
+                .map(|w| {
+                    let enrolled = self.enrolled.get(&w.id).map(|e| e.local.svid.clone());
+                    (w.id.clone(), enrolled)
+                })
+                .collect(),
+            identity_required: self.identity.is_some(),
+        });
     }
 
-    /// The workload's SVID, if the node has an identity provider. A failure leaves the workload
-    /// enrolled without identity (not ready) and is logged.
+    /// The workload's identity, if the node has an identity provider. Until its first SVID is
+    /// issued the workload is not ready.
     fn issue_identity(&self, workload: &Workload) -> Option<WorkloadIdentity> {
         let node = self.identity.as_ref()?;
-        let issued = SpiffeId::workload(
+        match SpiffeId::workload(
             node.trust_domain(),
             &workload.id.namespace,
             &workload.service_account,
-        )
-        .map_err(|e| e.to_string())
-        .and_then(|id| node.issue(id).map_err(|e| e.to_string()));
-        match issued {
-            Ok(identity) => Some(identity),
+        ) {
+            Ok(id) => Some(node.issue(id)),
             Err(e) => {
-                error!(workload = %workload.id, error = %e, "identity issuance failed");
+                error!(workload = %workload.id, error = %e, "workload has no valid SPIFFE ID");
                 None
             }
         }

@@ -3,7 +3,7 @@
 use std::{
     collections::{BTreeMap, HashSet},
     fmt,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -43,8 +43,15 @@ pub struct NodeConfig {
     /// `None`: capture only, no workload identities (no `[identity]` section).
     pub identity: Option<IdentityConfig>,
     pub capture: CaptureConfig,
+    pub admin: AdminConfig,
     pub log: LogConfig,
     pub workloads: Vec<Workload>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminConfig {
+    /// Where `/healthz/ready` is served.
+    pub readiness_addr: SocketAddr,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -129,6 +136,8 @@ struct RawConfig {
     #[serde(default)]
     capture: RawCapture,
     #[serde(default)]
+    admin: RawAdmin,
+    #[serde(default)]
     log: RawLog,
     #[serde(default, rename = "workload")]
     workloads: Vec<RawWorkload>,
@@ -158,6 +167,12 @@ struct RawIdentity {
 enum RawProvider {
     Builtin,
     Files,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    readiness_addr: Option<SocketAddr>,
 }
 
 #[derive(Deserialize, Default)]
@@ -283,6 +298,12 @@ impl NodeConfig {
                 fail_mode: raw.capture.fail_mode.unwrap_or(FailMode::Closed),
                 probe_source: raw.capture.probe_source,
             },
+            admin: AdminConfig {
+                readiness_addr: raw
+                    .admin
+                    .readiness_addr
+                    .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 15021))),
+            },
             log: LogConfig {
                 format: raw.log.format.unwrap_or(LogFormat::Text),
                 level: raw.log.level.unwrap_or_else(|| "info".to_owned()),
@@ -308,6 +329,9 @@ impl NodeConfig {
         }
         if self.capture.bpffs_dir != new.capture.bpffs_dir {
             changed.push("capture.bpffs_dir");
+        }
+        if self.admin != new.admin {
+            changed.push("admin");
         }
         if self.log != new.log {
             changed.push("log");

@@ -149,7 +149,7 @@ async fn valid_pair_handshakes_and_carries_bytes() {
         m.ca.issue(&id("spiffe://cluster.local/ns/a/sa/client"), TTL)
             .unwrap();
     let t = trust(&[&m.ca], RevocationList::default());
-    let expected = Some(m.server.get().id().clone());
+    let expected = Some(m.server.get().unwrap().id().clone());
     let (s, c) = handshake(&m.server, t.clone(), svid_client(&client, t, expected)).await;
     assert_eq!(s, Ok(()));
     assert_eq!(c, Ok(()));
@@ -498,8 +498,7 @@ async fn rotation_serves_new_handshakes_and_keeps_open_connections() {
         id("spiffe://cluster.local/ns/b/sa/server"),
         issuer,
         &renewal,
-    )
-    .unwrap();
+    );
     let addr = echo_server(server.slot.clone(), t.clone()).await;
 
     let mut before = dial(addr, svid_client(&client, t.clone(), None))
@@ -507,7 +506,7 @@ async fn rotation_serves_new_handshakes_and_keeps_open_connections() {
         .unwrap();
     let first = server_serial(&before);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(8);
-    while server.slot.get().leaf.serial == first {
+    while server.slot.serial().unwrap() == first {
         assert!(
             tokio::time::Instant::now() < deadline,
             "no rotation within 8 s of a 4 s TTL"
@@ -519,7 +518,7 @@ async fn rotation_serves_new_handshakes_and_keeps_open_connections() {
     // A new handshake gets the new certificate.
     let after = dial(addr, svid_client(&client, t, None)).await.unwrap();
     assert_ne!(server_serial(&after), first);
-    assert_eq!(server_serial(&after), server.slot.get().leaf.serial);
+    assert_eq!(server_serial(&after), server.slot.serial().unwrap());
     assert_eq!(
         renewal.failures.load(std::sync::atomic::Ordering::Relaxed),
         0
@@ -560,11 +559,10 @@ async fn issuer_failure_keeps_the_valid_certificate_and_retries() {
         failures: std::sync::atomic::AtomicUsize::new(3),
     });
     let renewal = Renewal::default();
-    let w =
-        WorkloadIdentity::start(id("spiffe://cluster.local/ns/a/sa/w"), flaky, &renewal).unwrap();
-    let first = w.slot.get().leaf.serial;
+    let w = WorkloadIdentity::start(id("spiffe://cluster.local/ns/a/sa/w"), flaky, &renewal);
+    let first = w.slot.serial().unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(12);
-    while w.slot.get().leaf.serial == first {
+    while w.slot.serial().unwrap() == first {
         assert!(
             w.is_valid(),
             "lost the certificate while the issuer was failing"
@@ -712,13 +710,9 @@ async fn files_provider_hot_reloads_and_keeps_the_last_good_state() {
         },
     )
     .unwrap();
-    let web = node
-        .issue(id("spiffe://cluster.local/ns/default/sa/web"))
-        .unwrap();
-    assert_eq!(web.slot.get().leaf.serial, first);
-    let client = node
-        .issue(id("spiffe://cluster.local/ns/default/sa/client"))
-        .unwrap();
+    let web = node.issue(id("spiffe://cluster.local/ns/default/sa/web"));
+    assert_eq!(web.slot.serial().unwrap(), first);
+    let client = node.issue(id("spiffe://cluster.local/ns/default/sa/client"));
     let addr = echo_server(web.slot.clone(), node.trust.clone()).await;
     let dial_client = || {
         dial(
@@ -730,7 +724,7 @@ async fn files_provider_hot_reloads_and_keeps_the_last_good_state() {
 
     // A new certificate on disk is picked up without a restart.
     let second = write_svid(&files, &ca, "web");
-    eventually("the new SVID", || web.slot.get().leaf.serial == second).await;
+    eventually("the new SVID", || web.slot.serial().unwrap() == second).await;
 
     // A broken certificate is refused; the previous one stays in use.
     let failures = node
@@ -748,7 +742,7 @@ async fn files_provider_hot_reloads_and_keeps_the_last_good_state() {
             > failures
     })
     .await;
-    assert_eq!(web.slot.get().leaf.serial, second);
+    assert_eq!(web.slot.serial().unwrap(), second);
     assert!(web.is_valid());
     dial_client().await.unwrap();
 
@@ -779,7 +773,7 @@ async fn files_provider_hot_reloads_and_keeps_the_last_good_state() {
         .await
         .unwrap()
         .unwrap();
-    let client_leaf = client.slot.get().leaf;
+    let client_leaf = client.slot.get().unwrap().leaf;
     assert!(
         events
             .borrow()

@@ -6,6 +6,7 @@
 //!   connect --to ADDR --bytes N  send N random bytes, half-close, read the reply; print what the
 //!                                socket saw (getpeername, getsockname) and both digests
 //!   bind --port P                try to bind P on IPv4 and IPv6; print the outcome
+//!   get --to ADDR --path P       HTTP GET; print status and body
 use std::{
     io::{Read, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
@@ -39,6 +40,13 @@ enum Cmd {
     Bind {
         #[arg(long)]
         port: u16,
+    },
+    /// HTTP/1.0 GET; prints the status code and body.
+    Get {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        path: String,
     },
 }
 
@@ -125,6 +133,21 @@ fn bind(port: u16) -> serde_json::Value {
            "v6": outcome(SocketAddr::from(([0u16; 8], port)))})
 }
 
+fn get(to: SocketAddr, path: &str) -> std::io::Result<serde_json::Value> {
+    let mut conn = TcpStream::connect_timeout(&to, Duration::from_secs(3))?;
+    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(conn, "GET {path} HTTP/1.0\r\nHost: {to}\r\n\r\n")?;
+    let mut response = String::new();
+    conn.read_to_string(&mut response)?;
+    let status: u16 = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    Ok(json!({"status": status, "body": body}))
+}
+
 fn main() {
     match Cli::parse().command {
         Cmd::Serve { listen } => {
@@ -148,5 +171,9 @@ fn main() {
             }
         },
         Cmd::Bind { port } => println!("{}", bind(port)),
+        Cmd::Get { to, path } => match get(to, &path) {
+            Ok(v) => println!("{v}"),
+            Err(e) => println!("{}", json!({"status": 0, "error": e.to_string()})),
+        },
     }
 }

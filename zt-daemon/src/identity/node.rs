@@ -17,7 +17,7 @@ use super::{
     ca::{CaError, CertificateAuthority},
     files::{self, BundleError, FilesSource},
     revocation::{RevocationError, RevocationList},
-    rotation::{BuiltinIssuer, IssueError, Renewal, SvidSource, WorkloadIdentity},
+    rotation::{BuiltinIssuer, Renewal, SvidSource, WorkloadIdentity},
     spiffe::{SpiffeId, TrustDomain},
     verify::{TrustState, TrustStore},
 };
@@ -127,7 +127,7 @@ impl NodeIdentity {
     }
 
     /// Issues the first SVID of an enrolled workload and keeps it renewed.
-    pub fn issue(&self, id: SpiffeId) -> Result<WorkloadIdentity, IssueError> {
+    pub fn issue(&self, id: SpiffeId) -> WorkloadIdentity {
         WorkloadIdentity::start(id, self.source.clone(), &self.renewal)
     }
 }

@@ -76,31 +76,35 @@ impl Drop for WorkloadIdentity {
 }
 
 impl WorkloadIdentity {
-    /// Fetches the first SVID (an error leaves the workload without identity) and starts renewal.
-    pub fn start(
-        id: SpiffeId,
-        source: Arc<dyn SvidSource>,
-        renewal: &Renewal,
-    ) -> Result<Self, IssueError> {
-        let svid = source.fetch(&id).inspect_err(|_| {
-            renewal.failures.fetch_add(1, Ordering::Relaxed);
-        })?;
-        info!(identity = %id, serial = %svid.leaf.serial, expires = ?svid.leaf.not_after, "identity issued");
-        let slot = SvidSlot::new(svid);
+    /// Fetches the first SVID now and keeps it renewed. If the source fails, the workload has
+    /// no certificate (not ready) and the task retries with backoff until it gets one.
+    pub fn start(id: SpiffeId, source: Arc<dyn SvidSource>, renewal: &Renewal) -> Self {
+        let slot = SvidSlot::default();
+        match source.fetch(&id) {
+            Ok(svid) => {
+                info!(identity = %id, serial = %svid.leaf.serial, expires = ?svid.leaf.not_after, "identity issued");
+                slot.replace(svid);
+            }
+            Err(e) => {
+                renewal.failures.fetch_add(1, Ordering::Relaxed);
+                warn!(identity = %id, error = %e, "identity issuance failed; retrying");
+            }
+        }
         let task = tokio::spawn(renew_forever(
             id.clone(),
             slot.clone(),
             source,
             renewal.clone(),
         ));
-        Ok(Self { id, slot, task })
+        Self { id, slot, task }
     }
 
     /// Whether the workload holds a certificate that is valid now (readiness).
     pub fn is_valid(&self) -> bool {
-        let leaf = self.slot.get().leaf;
         let now = SystemTime::now();
-        leaf.not_before <= now && now < leaf.not_after
+        self.slot
+            .get()
+            .is_some_and(|s| s.leaf.not_before <= now && now < s.leaf.not_after)
     }
 }
 
@@ -126,9 +130,14 @@ async fn renew_forever(
     source: Arc<dyn SvidSource>,
     renewal: Renewal,
 ) {
-    let mut backoff = None::<Duration>;
+    // Without a certificate, start in backoff.
+    let mut backoff = slot.get().is_none().then_some(FIRST_BACKOFF);
     loop {
-        let wait = backoff.unwrap_or_else(|| renewal_delay(&slot.get()));
+        let wait = match (backoff, slot.get()) {
+            (Some(b), _) => b,
+            (None, Some(svid)) => renewal_delay(&svid),
+            (None, None) => FIRST_BACKOFF,
+        };
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = renewal.wake.notified() => {}
@@ -146,7 +155,7 @@ async fn renew_forever(
         match fetched {
             Ok(svid) => {
                 backoff = None;
-                if svid.leaf.serial != slot.get().leaf.serial {
+                if slot.serial().as_ref() != Some(&svid.leaf.serial) {
                     info!(identity = %id, serial = %svid.leaf.serial, expires = ?svid.leaf.not_after, "identity renewed");
                     slot.replace(svid);
                 }

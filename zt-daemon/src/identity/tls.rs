@@ -19,34 +19,41 @@ use super::{
 /// ALPN of the HBONE tunnel.
 pub const ALPN_H2: &[u8] = b"h2";
 
-/// The current SVID of one workload; replaced on rotation.
-#[derive(Debug, Clone)]
-pub struct SvidSlot(Arc<RwLock<Svid>>);
+/// The current SVID of one workload; replaced on rotation. Empty until the first issuance
+/// succeeds, and then handshakes for the workload fail rather than present nothing valid.
+#[derive(Debug, Clone, Default)]
+pub struct SvidSlot(Arc<RwLock<Option<Svid>>>);
 
 impl SvidSlot {
     pub fn new(svid: Svid) -> Self {
-        Self(Arc::new(RwLock::new(svid)))
+        Self(Arc::new(RwLock::new(Some(svid))))
     }
 
-    pub fn get(&self) -> Svid {
+    pub fn get(&self) -> Option<Svid> {
         self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    pub fn replace(&self, svid: Svid) {
-        *self.0.write().unwrap_or_else(|p| p.into_inner()) = svid;
+    /// Serial of the current certificate.
+    pub fn serial(&self) -> Option<String> {
+        self.get().map(|s| s.leaf.serial)
     }
 
-    fn certified(&self) -> Arc<CertifiedKey> {
+    pub fn replace(&self, svid: Svid) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Some(svid);
+    }
+
+    fn certified(&self) -> Option<Arc<CertifiedKey>> {
         self.0
             .read()
             .unwrap_or_else(|p| p.into_inner())
-            .certified_key()
+            .as_ref()
+            .map(Svid::certified_key)
     }
 }
 
 impl ResolvesServerCert for SvidSlot {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.certified())
+        self.certified()
     }
 }
 
@@ -56,11 +63,11 @@ impl ResolvesClientCert for SvidSlot {
         _issuers: &[&[u8]],
         _schemes: &[SignatureScheme],
     ) -> Option<Arc<CertifiedKey>> {
-        Some(self.certified())
+        self.certified()
     }
 
     fn has_certs(&self) -> bool {
-        true
+        self.certified().is_some()
     }
 }
 
