@@ -2,6 +2,22 @@
 //! workloads enrolled on its node, and only for them, for as long as they stay enrolled.
 use zt_tests::{Agent, Testbed, agent::node_config, bin_path};
 
+/// `zt-daemon ca init` into the bed's directory; returns the CA directory.
+fn ca_init(bed: &Testbed, name: &str) -> std::path::PathBuf {
+    let ca_dir = bed.dir.join(name);
+    let out = std::process::Command::new(bin_path("zt-daemon").unwrap())
+        .args(["ca", "init", "--trust-domain", "cluster.local", "--out"])
+        .arg(&ca_dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ca_dir
+}
+
 fn with_builtin_ca(config: String, ca_dir: &std::path::Path) -> String {
     format!(
         "{config}[identity]\nprovider = \"builtin\"\nca_dir = \"{}\"\n",
@@ -129,13 +145,7 @@ fn openssl_issue(ca_dir: &std::path::Path, out: &std::path::Path, id: &str) {
 fn readiness_waits_for_a_valid_certificate_from_the_files_provider() {
     let mut bed = Testbed::new(1).unwrap();
     let (p11, node) = (bed.pod(1, 1).clone(), bed.node(1).clone());
-    let ca_dir = bed.dir.join("issuer");
-    let out = std::process::Command::new(bin_path("zt-daemon").unwrap())
-        .args(["ca", "init", "--trust-domain", "cluster.local", "--out"])
-        .arg(&ca_dir)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    let ca_dir = ca_init(&bed, "issuer");
     let files = bed.dir.join("identities");
     std::fs::create_dir_all(files.join("bundles")).unwrap();
     std::fs::copy(
