@@ -1,7 +1,12 @@
 //! The agent's life cycle: start capture, enroll the configured workloads, follow config reloads
 //! (SIGHUP), and stop on SIGTERM/SIGINT. Stopping leaves the pins in place on purpose: capture
 //! stays fail-closed until the next agent re-adopts it.
-use std::{collections::BTreeMap, path::PathBuf, sync::Arc};
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+    path::PathBuf,
+    sync::Arc,
+};
 
 use anyhow::Context as _;
 use tokio::signal::unix::{SignalKind, signal};
@@ -12,6 +17,7 @@ use crate::{
     config::{NodeConfig, Workload, WorkloadId},
     ebpf::{Capture, OriginalDsts},
     identity::{node::NodeIdentity, rotation::WorkloadIdentity, spiffe::SpiffeId},
+    proxy::{MeshDirectory, ProxyContext, Tunnel},
     workload::Enrollment,
 };
 
@@ -21,7 +27,7 @@ pub struct Agent {
     capture: Capture,
     /// `None` when the config has no `[identity]` section (capture only).
     identity: Option<NodeIdentity>,
-    dsts: Arc<OriginalDsts>,
+    proxy: Arc<ProxyContext>,
     enrolled: BTreeMap<WorkloadId, Enrollment>,
     readiness: Readiness,
 }
@@ -29,7 +35,7 @@ pub struct Agent {
 impl Agent {
     pub fn start(config_path: PathBuf, config: NodeConfig) -> anyhow::Result<Self> {
         let capture = Capture::start(&config.capture).context("starting capture")?;
-        let dsts = Arc::new(OriginalDsts::open(capture.pin_dir())?);
+        let dsts = OriginalDsts::open(capture.pin_dir())?;
         let identity = match &config.identity {
             Some(c) => Some(
                 NodeIdentity::start(config.trust_domain.clone(), c.clone())
@@ -46,12 +52,21 @@ impl Agent {
             pins = %capture.pin_dir().display(),
             "capture started"
         );
+        let proxy = Arc::new(ProxyContext {
+            dsts,
+            tunnel: identity.as_ref().map(|node| Tunnel {
+                trust: node.trust.clone(),
+                mode: config.mtls.mode,
+                directory: MeshDirectory::default(),
+                handshake_timeout: config.mtls.handshake_timeout,
+            }),
+        });
         Ok(Self {
             config_path,
             config,
             capture,
+            proxy,
             identity,
-            dsts,
             enrolled: BTreeMap::new(),
             readiness: Readiness::default(),
         })
@@ -125,7 +140,8 @@ impl Agent {
                 continue;
             }
             let identity = self.issue_identity(&workload);
-            match Enrollment::enroll(&mut self.capture, self.dsts.clone(), workload, identity).await
+            match Enrollment::enroll(&mut self.capture, self.proxy.clone(), workload, identity)
+                .await
             {
                 Ok(e) => {
                     self.enrolled.insert(id, e);
@@ -133,6 +149,7 @@ impl Agent {
                 Err(e) => error!(error = %e, "enrollment failed"),
             }
         }
+        self.publish_mesh_directory();
         self.readiness.set(ReadyInputs {
             capture_started: true,
             workloads: self
@@ -146,6 +163,27 @@ impl Agent {
                 .collect(),
             identity_required: self.identity.is_some(),
         });
+    }
+
+    /// Meshed addresses: this node's enrolled workloads and the configured remote endpoints.
+    fn publish_mesh_directory(&self) {
+        let Some(tunnel) = &self.proxy.tunnel else {
+            return;
+        };
+        let mut entries: HashMap<IpAddr, SpiffeId> = self
+            .config
+            .endpoints
+            .iter()
+            .map(|e| (e.ip, e.identity.clone()))
+            .collect();
+        for enrollment in self.enrolled.values() {
+            if let Some(identity) = &enrollment.identity {
+                for ip in &enrollment.local.addresses {
+                    entries.insert(*ip, identity.id.clone());
+                }
+            }
+        }
+        tunnel.directory.replace(entries);
     }
 
     /// The workload's identity, if the node has an identity provider. Until its first SVID is

@@ -10,12 +10,13 @@ use std::{
 
 use serde::Deserialize;
 
-use crate::identity::spiffe::TrustDomain;
+use crate::identity::spiffe::{SpiffeId, TrustDomain};
 
 pub const DEFAULT_PATH: &str = "/etc/zt/node.toml";
 const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/zt";
 const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 const DEFAULT_SVID_TTL_SECONDS: u64 = 3600;
+const DEFAULT_HANDSHAKE_TIMEOUT_MS: u64 = 5000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -43,9 +44,33 @@ pub struct NodeConfig {
     /// `None`: capture only, no workload identities (no `[identity]` section).
     pub identity: Option<IdentityConfig>,
     pub capture: CaptureConfig,
+    pub mtls: MtlsConfig,
+    /// Meshed workloads on other nodes (until discovery provides them): address -> identity.
+    pub endpoints: Vec<MeshEndpoint>,
     pub admin: AdminConfig,
     pub log: LogConfig,
     pub workloads: Vec<Workload>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MtlsConfig {
+    pub mode: MtlsMode,
+    pub handshake_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MtlsMode {
+    /// A captured connection to a destination outside the mesh is refused.
+    Strict,
+    /// ... or sent in plain TCP.
+    Permissive,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeshEndpoint {
+    pub ip: std::net::IpAddr,
+    pub identity: SpiffeId,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -136,6 +161,10 @@ struct RawConfig {
     #[serde(default)]
     capture: RawCapture,
     #[serde(default)]
+    mtls: RawMtls,
+    #[serde(default, rename = "endpoint")]
+    endpoints: Vec<RawEndpoint>,
+    #[serde(default)]
     admin: RawAdmin,
     #[serde(default)]
     log: RawLog,
@@ -167,6 +196,20 @@ struct RawIdentity {
 enum RawProvider {
     Builtin,
     Files,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawMtls {
+    mode: Option<MtlsMode>,
+    handshake_timeout_ms: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEndpoint {
+    ip: std::net::IpAddr,
+    identity: String,
 }
 
 #[derive(Deserialize, Default)]
@@ -288,6 +331,18 @@ impl NodeConfig {
             .identity
             .map(|i| identity_config(i, &invalid))
             .transpose()?;
+        let endpoints = raw
+            .endpoints
+            .into_iter()
+            .enumerate()
+            .map(|(i, e)| {
+                let identity: SpiffeId = e
+                    .identity
+                    .parse()
+                    .map_err(|err| invalid(format!("endpoint[{i}].identity: {err}")))?;
+                Ok(MeshEndpoint { ip: e.ip, identity })
+            })
+            .collect::<Result<Vec<_>, ConfigError>>()?;
         Ok(NodeConfig {
             node_name: raw.node_name,
             trust_domain,
@@ -298,6 +353,15 @@ impl NodeConfig {
                 fail_mode: raw.capture.fail_mode.unwrap_or(FailMode::Closed),
                 probe_source: raw.capture.probe_source,
             },
+            mtls: MtlsConfig {
+                mode: raw.mtls.mode.unwrap_or(MtlsMode::Strict),
+                handshake_timeout: Duration::from_millis(
+                    raw.mtls
+                        .handshake_timeout_ms
+                        .unwrap_or(DEFAULT_HANDSHAKE_TIMEOUT_MS),
+                ),
+            },
+            endpoints,
             admin: AdminConfig {
                 readiness_addr: raw
                     .admin
@@ -323,6 +387,9 @@ impl NodeConfig {
         }
         if self.identity != new.identity {
             changed.push("identity");
+        }
+        if self.mtls != new.mtls {
+            changed.push("mtls");
         }
         if self.capture.cgroup != new.capture.cgroup {
             changed.push("capture.cgroup");

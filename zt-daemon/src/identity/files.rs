@@ -105,3 +105,41 @@ impl SvidSource for FilesSource {
         Ok(svid)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unreadable_bundle_directory_is_named() {
+        let err = load_bundles(Path::new("/nonexistent/zt/bundles")).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("/nonexistent/zt/bundles: cannot read"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn bundle_file_name_must_be_a_trust_domain() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("Bad Name.pem"), "").unwrap();
+        let err = load_bundles(dir.path()).unwrap_err().to_string();
+        assert!(
+            err.contains("Bad Name.pem") && err.contains("not a trust domain"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn workload_dir_follows_the_id() {
+        let source = FilesSource { dir: "/ids".into() };
+        let id: SpiffeId = "spiffe://td/ns/default/sa/web".parse().unwrap();
+        assert_eq!(
+            source.workload_dir(&id),
+            Some(PathBuf::from("/ids/default/web"))
+        );
+        let other: SpiffeId = "spiffe://td/custom/path".parse().unwrap();
+        assert_eq!(source.workload_dir(&other), None);
+    }
+}

@@ -68,12 +68,35 @@ where
     }
 }
 
-/// Relays between `downstream` and `upstream` until both directions are done or one side fails.
-pub async fn relay(mut downstream: TcpStream, mut upstream: TcpStream) -> RelayOutcome {
+/// A stream that can be aborted so that its peer sees a reset rather than a clean close.
+pub trait Abort {
+    fn abort(&mut self);
+}
+
+impl Abort for TcpStream {
+    fn abort(&mut self) {
+        // Linger 0 turns the coming close into a RST.
+        let _ = socket2::SockRef::from(&*self).set_linger(Some(Duration::ZERO));
+    }
+}
+
+impl Abort for super::hbone::H2Stream {
+    fn abort(&mut self) {
+        self.reset();
+    }
+}
+
+/// Relays between `downstream` and `upstream` until both directions are done or one side fails;
+/// a failure on either side aborts both.
+pub async fn relay<D, U>(downstream: D, upstream: U) -> RelayOutcome
+where
+    D: AsyncRead + AsyncWrite + Abort + Unpin,
+    U: AsyncRead + AsyncWrite + Abort + Unpin,
+{
     let (mut sent, mut received) = (0u64, 0u64);
+    let (mut dr, mut dw) = tokio::io::split(downstream);
+    let (mut ur, mut uw) = tokio::io::split(upstream);
     let close = {
-        let (mut dr, mut dw) = downstream.split();
-        let (mut ur, mut uw) = upstream.split();
         let up = pump(&mut dr, &mut uw, &mut sent);
         let down = pump(&mut ur, &mut dw, &mut received);
         tokio::pin!(up, down);
@@ -97,10 +120,8 @@ pub async fn relay(mut downstream: TcpStream, mut upstream: TcpStream) -> RelayO
         }
     };
     if close != CloseReason::Eof {
-        // Linger 0 turns the close into a RST, passing the reset on to the other peer.
-        for s in [&downstream, &upstream] {
-            let _ = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO));
-        }
+        dr.unsplit(dw).abort();
+        ur.unsplit(uw).abort();
     }
     RelayOutcome {
         sent,

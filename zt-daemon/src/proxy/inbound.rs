@@ -1,58 +1,240 @@
-//! Inbound: sk_lookup steers every TCP connection for the pod's address (except 15008 and
-//! loopback) to the pod's 15006 listener. The accepted socket's local address is the original
-//! destination; the agent connects to it from inside the pod over loopback, which sk_lookup
-//! lets through, so the application receives it.
+//! Inbound. sk_lookup steers every TCP connection for the pod's address (except 15008 and the
+//! pod's own traffic) to the pod's 15006 listener; 15008 is the HBONE listener.
 //!
-//! 15008 is reserved for the HBONE tunnel; until it lands its connections are refused.
+//! - 15006 (plaintext): with an identity provider and `mtls.mode = strict`, refused; otherwise the
+//!   accepted socket's local address is the original destination, and the agent connects to it
+//!   from inside the pod over loopback, which sk_lookup lets through.
+//! - 15008 (HBONE): mutual TLS presenting the workload's SVID and requiring a client SVID, then
+//!   HTTP/2 CONNECT streams. Each stream may only reach this pod's own addresses: the agent is
+//!   never an open proxy.
 use std::{net::SocketAddr, sync::Arc, time::Instant};
 
+use bytes::Bytes;
+use h2::server::SendResponse;
+use http::{Method, Request, Response, StatusCode};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
 use zt_common::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 
 use crate::{
-    proxy::{Direction, accept_loop, connect_in_pod, copy, log_access, reset},
+    config::MtlsMode,
+    identity::{spiffe::SpiffeId, svid::LeafFacts, tls::server_config},
+    proxy::{
+        Direction, Identities, ProxyContext, Tunnel, accept_loop, connect_in_pod, copy,
+        hbone::H2Stream, log_access, reset,
+    },
     workload::LocalWorkload,
 };
 
-pub async fn serve_plaintext(listener: TcpListener, workload: Arc<LocalWorkload>) {
+const AGENT_PORTS: [u16; 3] = [OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, HBONE_PORT];
+
+pub async fn serve_plaintext(
+    listener: TcpListener,
+    workload: Arc<LocalWorkload>,
+    ctx: Arc<ProxyContext>,
+) {
     accept_loop(listener, "inbound", move |stream, peer| {
-        let workload = workload.clone();
-        async move { handle_plaintext(stream, peer, &workload).await }
+        let (workload, ctx) = (workload.clone(), ctx.clone());
+        async move { handle_plaintext(stream, peer, &workload, &ctx).await }
     })
     .await
 }
 
-pub async fn serve_hbone(listener: TcpListener, workload: Arc<LocalWorkload>) {
-    accept_loop(listener, "hbone", move |_stream, peer| {
-        let id = workload.workload.id.clone();
-        async move { debug!(workload = %id, %peer, "HBONE not available yet; closing") }
+pub async fn serve_hbone(
+    listener: TcpListener,
+    workload: Arc<LocalWorkload>,
+    ctx: Arc<ProxyContext>,
+) {
+    accept_loop(listener, "hbone", move |stream, peer| {
+        let (workload, ctx) = (workload.clone(), ctx.clone());
+        async move {
+            match &ctx.tunnel {
+                Some(tunnel) => handle_hbone(stream, peer, &workload, tunnel).await,
+                None => debug!(workload = %workload.workload.id, %peer, "no identity provider: HBONE refused"),
+            }
+        }
     })
     .await
 }
 
-async fn handle_plaintext(client: TcpStream, peer: SocketAddr, workload: &LocalWorkload) {
+async fn handle_plaintext(
+    client: TcpStream,
+    peer: SocketAddr,
+    workload: &LocalWorkload,
+    ctx: &ProxyContext,
+) {
     let started = Instant::now();
+    let id = &workload.workload.id;
     let dst = match client.local_addr() {
         Ok(a) => SocketAddr::new(a.ip().to_canonical(), a.port()),
         Err(e) => {
-            warn!(workload = %workload.workload.id, %peer, error = %e, "inbound: no local address");
+            warn!(workload = %id, %peer, error = %e, "inbound: no local address");
             return;
         }
     };
-    if [OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, HBONE_PORT].contains(&dst.port()) {
+    if ctx
+        .tunnel
+        .as_ref()
+        .is_some_and(|t| t.mode == MtlsMode::Strict)
+    {
+        warn!(workload = %id, %peer, original_dst = %dst, "refused: plaintext inbound and mtls.mode is strict");
+        reset(client);
+        return;
+    }
+    if AGENT_PORTS.contains(&dst.port()) {
         // Forwarding to our own ports would loop.
-        warn!(workload = %workload.workload.id, %peer, original_dst = %dst, "inbound to an agent port; closing");
+        warn!(workload = %id, %peer, original_dst = %dst, "inbound to an agent port; closing");
         return;
     }
     let app = match connect_in_pod(workload, dst).await {
         Ok(s) => s,
         Err(e) => {
-            warn!(workload = %workload.workload.id, %peer, original_dst = %dst, error = %e, "inbound: application unreachable");
+            warn!(workload = %id, %peer, original_dst = %dst, error = %e, "inbound: application unreachable");
             reset(client);
             return;
         }
     };
     let outcome = copy::relay(client, app).await;
-    log_access(Direction::Inbound, workload, peer, dst, started, &outcome);
+    log_access(
+        Direction::Inbound,
+        workload,
+        peer,
+        dst,
+        &Identities::NONE,
+        started,
+        &outcome,
+    );
+}
+
+async fn handle_hbone(
+    stream: TcpStream,
+    peer: SocketAddr,
+    workload: &Arc<LocalWorkload>,
+    tunnel: &Tunnel,
+) {
+    let id = &workload.workload.id;
+    let Some(slot) = workload.svid.clone() else {
+        warn!(workload = %id, %peer, "HBONE refused: the workload has no identity");
+        return;
+    };
+    let config = match server_config(slot.clone(), tunnel.trust.clone()) {
+        Ok(c) => c,
+        Err(e) => {
+            warn!(workload = %id, error = %e, "HBONE: TLS configuration");
+            return;
+        }
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let tls = match tokio::time::timeout(tunnel.handshake_timeout, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            warn!(workload = %id, %peer, error = %e, "HBONE: TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            warn!(workload = %id, %peer, "HBONE: TLS handshake timed out");
+            return;
+        }
+    };
+    let peer_id = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|certs| certs.first())
+        .and_then(|leaf| LeafFacts::parse(leaf).ok())
+        .map(|leaf| leaf.id);
+    let Some(peer_id) = peer_id else {
+        // The verifier already required an SVID; this cannot happen with a completed handshake.
+        return;
+    };
+    let local_id = slot.get().map(|s| s.id().clone());
+    let mut connection = match h2::server::handshake(tls).await {
+        Ok(c) => c,
+        Err(e) => {
+            warn!(workload = %id, %peer, error = %e, "HBONE: HTTP/2 handshake failed");
+            return;
+        }
+    };
+    while let Some(next) = connection.accept().await {
+        let (request, respond) = match next {
+            Ok(r) => r,
+            Err(e) => {
+                debug!(workload = %id, %peer, error = %e, "HBONE connection ended");
+                break;
+            }
+        };
+        let (workload, peer_id, local_id) = (workload.clone(), peer_id.clone(), local_id.clone());
+        tokio::spawn(async move {
+            let identities = Identities {
+                source: Some(peer_id),
+                destination: local_id,
+            };
+            handle_connect(request, respond, peer, &workload, identities).await
+        });
+    }
+}
+
+fn refuse(mut respond: SendResponse<Bytes>, status: StatusCode) {
+    let mut response = Response::new(());
+    *response.status_mut() = status;
+    let _ = respond.send_response(response, true);
+}
+
+/// One CONNECT stream: check where it may go, connect to the app, relay.
+async fn handle_connect(
+    request: Request<h2::RecvStream>,
+    mut respond: SendResponse<Bytes>,
+    peer: SocketAddr,
+    workload: &LocalWorkload,
+    identities: Identities,
+) {
+    let started = Instant::now();
+    let id = &workload.workload.id;
+    let source = identities
+        .source
+        .as_ref()
+        .map(SpiffeId::to_string)
+        .unwrap_or_default();
+    if request.method() != Method::CONNECT {
+        warn!(workload = %id, %peer, source_identity = %source, method = %request.method(), "HBONE: not a CONNECT; refused");
+        return refuse(respond, StatusCode::METHOD_NOT_ALLOWED);
+    }
+    let dst: Option<SocketAddr> = request
+        .uri()
+        .authority()
+        .and_then(|a| a.as_str().parse().ok());
+    let Some(dst) = dst else {
+        warn!(workload = %id, %peer, source_identity = %source, uri = %request.uri(), "HBONE: CONNECT without an ip:port authority; refused");
+        return refuse(respond, StatusCode::BAD_REQUEST);
+    };
+    let dst = SocketAddr::new(dst.ip().to_canonical(), dst.port());
+    if !workload.addresses.contains(&dst.ip()) || AGENT_PORTS.contains(&dst.port()) {
+        warn!(workload = %id, %peer, source_identity = %source, authority = %dst, "HBONE: CONNECT to an address this pod does not serve; refused");
+        return refuse(respond, StatusCode::FORBIDDEN);
+    }
+    let app = match connect_in_pod(workload, dst).await {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(workload = %id, %peer, original_dst = %dst, error = %e, "HBONE: application unreachable");
+            return refuse(respond, StatusCode::SERVICE_UNAVAILABLE);
+        }
+    };
+    let send = match respond.send_response(Response::new(()), false) {
+        Ok(s) => s,
+        Err(e) => {
+            debug!(workload = %id, %peer, error = %e, "HBONE: stream gone before the reply");
+            return;
+        }
+    };
+    let tunnel = H2Stream::new(send, request.into_body());
+    let outcome = copy::relay(tunnel, app).await;
+    log_access(
+        Direction::Inbound,
+        workload,
+        peer,
+        dst,
+        &identities,
+        started,
+        &outcome,
+    );
 }

@@ -2,10 +2,56 @@
 //! the bytes. `outbound` serves the pod's 15001 listener, `inbound` its 15006 and 15008
 //! listeners, and `copy` moves bytes.
 pub mod copy;
+pub mod hbone;
 pub mod inbound;
 pub mod outbound;
 
-use std::{future::Future, net::SocketAddr, time::Instant};
+use std::{
+    collections::HashMap,
+    future::Future,
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, RwLock},
+    time::{Duration, Instant},
+};
+
+use crate::{
+    config::MtlsMode,
+    ebpf::OriginalDsts,
+    identity::{spiffe::SpiffeId, verify::TrustStore},
+};
+
+/// Which addresses belong to meshed workloads, and who they are. The agent fills it from its
+/// enrolled workloads and the configured endpoints (later: discovery).
+#[derive(Default, Clone)]
+pub struct MeshDirectory(Arc<RwLock<HashMap<IpAddr, SpiffeId>>>);
+
+impl MeshDirectory {
+    pub fn replace(&self, entries: HashMap<IpAddr, SpiffeId>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = entries;
+    }
+
+    pub fn lookup(&self, ip: IpAddr) -> Option<SpiffeId> {
+        self.0
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&ip.to_canonical())
+            .cloned()
+    }
+}
+
+/// What the mTLS tunnel needs; absent when the node has no identity provider (capture only).
+pub struct Tunnel {
+    pub trust: TrustStore,
+    pub mode: MtlsMode,
+    pub directory: MeshDirectory,
+    pub handshake_timeout: Duration,
+}
+
+/// Shared by every listener of every workload on the node.
+pub struct ProxyContext {
+    pub dsts: OriginalDsts,
+    pub tunnel: Option<Tunnel>,
+}
 
 use tokio::{net::TcpListener, task::JoinSet};
 use tracing::{info, warn};
@@ -68,8 +114,21 @@ pub(crate) async fn connect_in_pod(
 }
 
 /// Closes `stream` with a RST, so the peer sees a failure rather than an empty success.
-pub(crate) fn reset(stream: tokio::net::TcpStream) {
-    let _ = socket2::SockRef::from(&stream).set_linger(Some(std::time::Duration::ZERO));
+pub(crate) fn reset(mut stream: tokio::net::TcpStream) {
+    copy::Abort::abort(&mut stream);
+}
+
+/// The identities on both ends of a connection, when it went through the tunnel.
+pub(crate) struct Identities {
+    pub source: Option<SpiffeId>,
+    pub destination: Option<SpiffeId>,
+}
+
+impl Identities {
+    pub const NONE: Identities = Identities {
+        source: None,
+        destination: None,
+    };
 }
 
 /// One access-log line per closed connection (target `zt::access`).
@@ -78,13 +137,22 @@ pub(crate) fn log_access(
     workload: &LocalWorkload,
     peer: SocketAddr,
     original_dst: SocketAddr,
+    identities: &Identities,
     started: Instant,
     outcome: &RelayOutcome,
 ) {
+    let name = |id: &Option<SpiffeId>| {
+        id.as_ref()
+            .map_or_else(|| "-".to_owned(), ToString::to_string)
+    };
+    let mtls = identities.source.is_some() && identities.destination.is_some();
     info!(
         target: "zt::access",
         direction = direction.as_str(),
         workload = %workload.workload.id,
+        source_identity = %name(&identities.source),
+        destination_identity = %name(&identities.destination),
+        connection_security_policy = if mtls { "mutual_tls" } else { "none" },
         peer = %peer,
         original_dst = %original_dst,
         bytes_sent = outcome.sent,

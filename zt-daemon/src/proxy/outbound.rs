@@ -1,43 +1,136 @@
 //! Outbound: the pod's 127.0.0.1:15001 and [::1]:15001 listeners receive every TCP connect the
 //! pod's applications make (rewritten by connect4/6). The original destination comes from the
-//! map that sockops keyed by (netns cookie, source port); the agent connects to it from inside
-//! the pod's netns, so the traffic leaves with the pod's address.
-//!
-//! Until the mTLS tunnel lands, every destination is reached in plain TCP.
+//! map that sockops keyed by (netns cookie, source port). A meshed destination is reached over an
+//! HBONE stream presenting the workload's SVID and requiring the destination's identity; any
+//! other follows `mtls.mode` (strict: refused, permissive: plain TCP). Without an identity
+//! provider the node only captures, and forwards everything in plain TCP. Upstream sockets are
+//! made inside the pod's netns, so traffic leaves with the pod's address.
 use std::{net::SocketAddr, sync::Arc, time::Instant};
 
 use tokio::net::{TcpListener, TcpStream};
 use tracing::warn;
+use zt_common::HBONE_PORT;
 
 use crate::{
-    ebpf::OriginalDsts,
-    proxy::{Direction, accept_loop, connect_in_pod, copy, log_access, reset},
+    config::MtlsMode,
+    identity::{spiffe::SpiffeId, tls::client_config},
+    proxy::{
+        Direction, Identities, ProxyContext, Tunnel, accept_loop, connect_in_pod, copy,
+        hbone::{H2Stream, TunnelError},
+        log_access, reset,
+    },
     workload::LocalWorkload,
 };
 
-pub async fn serve(listener: TcpListener, workload: Arc<LocalWorkload>, dsts: Arc<OriginalDsts>) {
+pub async fn serve(listener: TcpListener, workload: Arc<LocalWorkload>, ctx: Arc<ProxyContext>) {
     accept_loop(listener, "outbound", move |stream, peer| {
-        let (workload, dsts) = (workload.clone(), dsts.clone());
-        async move { handle(stream, peer, &workload, &dsts).await }
+        let (workload, ctx) = (workload.clone(), ctx.clone());
+        async move { handle(stream, peer, &workload, &ctx).await }
     })
     .await
 }
 
-async fn handle(app: TcpStream, peer: SocketAddr, workload: &LocalWorkload, dsts: &OriginalDsts) {
+async fn handle(app: TcpStream, peer: SocketAddr, workload: &LocalWorkload, ctx: &ProxyContext) {
     let started = Instant::now();
-    let Some(dst) = dsts.get(workload.netns_cookie, peer.port()) else {
+    let Some(dst) = ctx.dsts.get(workload.netns_cookie, peer.port()) else {
         // Not captured by us (e.g. something connected to 15001 directly): refuse.
         warn!(workload = %workload.workload.id, %peer, "outbound connection without an original destination; closing");
         return;
     };
-    let upstream = match connect_in_pod(workload, dst).await {
-        Ok(s) => s,
-        Err(e) => {
-            warn!(workload = %workload.workload.id, original_dst = %dst, error = %e, "outbound connect failed");
+    let id = &workload.workload.id;
+    let meshed = ctx
+        .tunnel
+        .as_ref()
+        .map(|t| (t, t.directory.lookup(dst.ip())));
+    match meshed {
+        Some((tunnel, Some(expected))) => match open_tunnel(workload, tunnel, dst, &expected).await
+        {
+            Ok((stream, source)) => {
+                let outcome = copy::relay(app, stream).await;
+                let identities = Identities {
+                    source: Some(source),
+                    destination: Some(expected),
+                };
+                log_access(
+                    Direction::Outbound,
+                    workload,
+                    peer,
+                    dst,
+                    &identities,
+                    started,
+                    &outcome,
+                );
+            }
+            Err(e) => {
+                warn!(workload = %id, original_dst = %dst, destination_identity = %expected, error = %e, "HBONE connect failed");
+                reset(app);
+            }
+        },
+        Some((tunnel, None)) if tunnel.mode == MtlsMode::Strict => {
+            warn!(workload = %id, original_dst = %dst, "refused: destination is not meshed and mtls.mode is strict");
             reset(app);
-            return;
         }
-    };
-    let outcome = copy::relay(app, upstream).await;
-    log_access(Direction::Outbound, workload, peer, dst, started, &outcome);
+        _ => match connect_in_pod(workload, dst).await {
+            Ok(upstream) => {
+                let outcome = copy::relay(app, upstream).await;
+                log_access(
+                    Direction::Outbound,
+                    workload,
+                    peer,
+                    dst,
+                    &Identities::NONE,
+                    started,
+                    &outcome,
+                );
+            }
+            Err(e) => {
+                warn!(workload = %id, original_dst = %dst, error = %e, "outbound connect failed");
+                reset(app);
+            }
+        },
+    }
+}
+
+/// Opens an HBONE stream to `dst` through its pod's 15008, as `workload`, requiring `expected`.
+/// Returns the stream and the source identity it presented.
+async fn open_tunnel(
+    workload: &LocalWorkload,
+    tunnel: &Tunnel,
+    dst: SocketAddr,
+    expected: &SpiffeId,
+) -> Result<(H2Stream, SpiffeId), TunnelError> {
+    let slot = workload.svid.clone().ok_or(TunnelError::NoCertificate)?;
+    let source = slot
+        .get()
+        .map(|s| s.id().clone())
+        .ok_or(TunnelError::NoCertificate)?;
+    let config = client_config(slot, tunnel.trust.clone(), Some(expected.clone()))?;
+    let hbone = SocketAddr::new(dst.ip(), HBONE_PORT);
+    let tcp = connect_in_pod(workload, hbone)
+        .await
+        .map_err(|e| TunnelError::Connect(hbone, e))?;
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let server_name = rustls::pki_types::ServerName::IpAddress(dst.ip().into());
+    let tls = tokio::time::timeout(
+        tunnel.handshake_timeout,
+        connector.connect(server_name, tcp),
+    )
+    .await
+    .map_err(|_| TunnelError::HandshakeTimeout)?
+    .map_err(TunnelError::Handshake)?;
+    let (send_request, connection) = h2::client::handshake(tls).await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let mut send_request = send_request.ready().await?;
+    let request = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri(dst.to_string())
+        .body(())?;
+    let (response, send) = send_request.send_request(request, false)?;
+    let response = response.await?;
+    if response.status() != http::StatusCode::OK {
+        return Err(TunnelError::Refused(dst, response.status()));
+    }
+    Ok((H2Stream::new(send, response.into_body()), source))
 }

@@ -13,9 +13,10 @@ use zt_common::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 
 pub use crate::config::{Workload, WorkloadId};
 use crate::{
-    ebpf::{Capture, CaptureError, OriginalDsts},
+    ebpf::{Capture, CaptureError},
     identity::{rotation::WorkloadIdentity, tls::SvidSlot},
     proxy,
+    proxy::ProxyContext,
     workload::netns::{NetnsError, NetnsWorker},
 };
 
@@ -91,7 +92,7 @@ impl Enrollment {
     /// Enrolls `workload`: listeners, inbound steering, then capture.
     pub async fn enroll(
         capture: &mut Capture,
-        dsts: Arc<OriginalDsts>,
+        ctx: Arc<ProxyContext>,
         workload: Workload,
         identity: Option<WorkloadIdentity>,
     ) -> Result<Self, EnrollError> {
@@ -165,18 +166,20 @@ impl Enrollment {
             tasks.push(tokio::spawn(proxy::outbound::serve(
                 l,
                 local.clone(),
-                dsts.clone(),
+                ctx.clone(),
             )));
         }
         let inbound = tokio_listener(listeners.inbound, "inbound")?;
         tasks.push(tokio::spawn(proxy::inbound::serve_plaintext(
             inbound,
             local.clone(),
+            ctx.clone(),
         )));
         let hbone = tokio_listener(listeners.hbone, "hbone")?;
         tasks.push(tokio::spawn(proxy::inbound::serve_hbone(
             hbone,
             local.clone(),
+            ctx,
         )));
 
         info!(
