@@ -14,7 +14,7 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 need_pkgs=()
-for p in llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev iproute2 openssl; do
+for p in llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev iproute2 openssl tcpdump; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need_pkgs+=("$p")
 done
 if [ ${#need_pkgs[@]} -gt 0 ]; then

@@ -50,15 +50,36 @@ pub fn connect(
     bytes: u64,
     timeout: Duration,
 ) -> anyhow::Result<Result<Value, Value>> {
+    connect_with_pattern(bed, pod, to, bytes, timeout, None)
+}
+
+/// As [`connect`], sending `pattern` repeated instead of random bytes.
+pub fn connect_with_pattern(
+    bed: &Testbed,
+    pod: &Pod,
+    to: SocketAddr,
+    bytes: u64,
+    timeout: Duration,
+    pattern: Option<&str>,
+) -> anyhow::Result<Result<Value, Value>> {
     let mut cmd = bed.pod_command(pod, bin_path("zt-probe")?)?;
+    let (to, bytes, timeout) = (
+        to.to_string(),
+        bytes.to_string(),
+        timeout.as_millis().to_string(),
+    );
     cmd.args([
         "connect",
         "--to",
-        &to.to_string(),
+        &to,
         "--bytes",
-        &bytes.to_string(),
+        &bytes,
+        "--timeout-ms",
+        &timeout,
     ]);
-    cmd.args(["--timeout-ms", &timeout.as_millis().to_string()]);
+    if let Some(p) = pattern {
+        cmd.args(["--pattern", p]);
+    }
     let out = cmd.output().context("running zt-probe connect")?;
     let report: Value = serde_json::from_slice(&out.stdout).with_context(|| {
         format!(

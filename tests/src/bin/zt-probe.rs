@@ -36,6 +36,9 @@ enum Cmd {
         bytes: u64,
         #[arg(long, default_value_t = 3000)]
         timeout_ms: u64,
+        /// Send this string repeated instead of random bytes (for wire checks).
+        #[arg(long)]
+        pattern: Option<String>,
     },
     Bind {
         #[arg(long)]
@@ -97,6 +100,7 @@ fn connect(
     to: SocketAddr,
     bytes: u64,
     timeout: Duration,
+    pattern: Option<&str>,
 ) -> Result<serde_json::Value, std::io::Error> {
     let mut conn = TcpStream::connect_timeout(&to, timeout)?;
     conn.set_read_timeout(Some(timeout * 4))?;
@@ -108,7 +112,14 @@ fn connect(
     let mut left = bytes;
     while left > 0 {
         let n = left.min(buf.len() as u64) as usize;
-        random.read_exact(&mut buf[..n])?;
+        match pattern {
+            Some(p) if !p.is_empty() => {
+                for (i, b) in buf[..n].iter_mut().enumerate() {
+                    *b = p.as_bytes()[i % p.len()];
+                }
+            }
+            _ => random.read_exact(&mut buf[..n])?,
+        }
         conn.write_all(&buf[..n])?;
         hasher.update(&buf[..n]);
         left -= n as u64;
@@ -160,7 +171,13 @@ fn main() {
             to,
             bytes,
             timeout_ms,
-        } => match connect(to, bytes, Duration::from_millis(timeout_ms)) {
+            pattern,
+        } => match connect(
+            to,
+            bytes,
+            Duration::from_millis(timeout_ms),
+            pattern.as_deref(),
+        ) {
             Ok(v) => println!("{v}"),
             Err(e) => {
                 println!(

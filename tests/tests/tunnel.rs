@@ -1,0 +1,272 @@
+//! Root end-to-end tests of the HBONE mTLS tunnel (issue 4): captured connections between meshed
+//! pods cross nodes as HTTP/2 CONNECT streams over TLS 1.3 on port 15008, each side presenting
+//! its own workload's SVID.
+use std::{net::SocketAddr, path::Path, time::Duration};
+
+use serde_json::Value;
+use zt_tests::{
+    Agent, Pod, Testbed,
+    agent::node_config,
+    bin_path, in_cgroup_and_netns,
+    probe::{Server, connect, connect_with_pattern},
+};
+
+const MIB: u64 = 1024 * 1024;
+const PORT: u16 = 9000;
+const TIMEOUT: Duration = Duration::from_secs(3);
+
+fn spiffe(pod: &Pod) -> String {
+    format!("spiffe://cluster.local/ns/default/sa/sa-{}", pod.name)
+}
+
+/// Node config with the shared built-in CA and the other node's meshed pods as endpoints.
+fn meshed_config(
+    bed: &Testbed,
+    n: usize,
+    enrolled: &[&Pod],
+    remote: &[&Pod],
+    ca: &Path,
+    mode: &str,
+) -> String {
+    let mut c = node_config(bed.node(n), enrolled, "");
+    c.push_str(&format!(
+        "[identity]\nprovider = \"builtin\"\nca_dir = \"{}\"\n[mtls]\nmode = \"{mode}\"\n",
+        ca.display()
+    ));
+    for pod in remote {
+        for ip in [pod.ip(false), pod.ip(true)] {
+            c.push_str(&format!(
+                "[[endpoint]]\nip = \"{ip}\"\nidentity = \"{}\"\n",
+                spiffe(pod)
+            ));
+        }
+    }
+    c
+}
+
+struct Mesh {
+    bed: Testbed,
+    agent1: Agent,
+    agent2: Agent,
+    server: Server,
+}
+
+/// n1p1 and n2p1 are meshed (one per node), n1p2 is meshed on node 1 too, n2p2 is outside.
+fn mesh(mode: &str) -> Mesh {
+    let mut bed = Testbed::new(2).unwrap();
+    let ca = bed.dir.join("ca");
+    let out = std::process::Command::new(bin_path("zt-daemon").unwrap())
+        .args(["ca", "init", "--trust-domain", "cluster.local", "--out"])
+        .arg(&ca)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (p11, p12, p21) = (
+        bed.pod(1, 1).clone(),
+        bed.pod(1, 2).clone(),
+        bed.pod(2, 1).clone(),
+    );
+    let c1 = meshed_config(&bed, 1, &[&p11, &p12], &[&p21], &ca, mode);
+    let c2 = meshed_config(&bed, 2, &[&p21], &[&p11, &p12], &ca, mode);
+    let agent1 = Agent::start_with_config(&mut bed, 1, &c1).unwrap();
+    let agent2 = Agent::start_with_config(&mut bed, 2, &c2).unwrap();
+    let server = Server::start(&mut bed, &p21, SocketAddr::from(([0u16; 8], PORT))).unwrap();
+    Mesh {
+        bed,
+        agent1,
+        agent2,
+        server,
+    }
+}
+
+fn intact(report: &Value, bytes: u64) {
+    assert_eq!(report["reply"]["bytes"].as_u64(), Some(bytes), "{report}");
+    assert_eq!(report["reply"]["sha256"], report["sent_sha256"], "{report}");
+}
+
+#[test]
+fn cross_node_connection_travels_over_mutual_tls_with_both_identities() {
+    let m = mesh("strict");
+    let (p11, p21) = (m.bed.pod(1, 1), m.bed.pod(2, 1));
+    for v6 in [false, true] {
+        let dst = SocketAddr::new(p21.ip(v6), PORT);
+        let report = connect(&m.bed, p11, dst, 16 * MIB, TIMEOUT)
+            .unwrap()
+            .expect("transfer");
+        intact(&report, 16 * MIB);
+        assert_eq!(report["peer"], dst.to_string());
+        let dst_s = dst.to_string();
+        let out = m
+            .agent1
+            .wait_access("outbound over HBONE", |r| {
+                r["direction"] == "outbound" && r["original_dst"] == dst_s.as_str()
+            })
+            .unwrap();
+        assert_eq!(out["connection_security_policy"], "mutual_tls", "{out}");
+        assert_eq!(out["source_identity"], spiffe(p11).as_str(), "{out}");
+        assert_eq!(out["destination_identity"], spiffe(p21).as_str(), "{out}");
+        assert_eq!(out["bytes_sent"].as_u64(), Some(16 * MIB), "{out}");
+        let inb = m
+            .agent2
+            .wait_access("inbound over HBONE", |r| {
+                r["direction"] == "inbound" && r["original_dst"] == dst_s.as_str()
+            })
+            .unwrap();
+        assert_eq!(inb["connection_security_policy"], "mutual_tls", "{inb}");
+        assert_eq!(inb["source_identity"], spiffe(p11).as_str(), "{inb}");
+        assert_eq!(inb["destination_identity"], spiffe(p21).as_str(), "{inb}");
+    }
+    assert_eq!(m.server.connections().unwrap().len(), 2);
+}
+
+#[test]
+fn same_node_connection_uses_the_tunnel_too() {
+    let mut m = mesh("strict");
+    let (p11, p12) = (m.bed.pod(1, 1).clone(), m.bed.pod(1, 2).clone());
+    Server::start(&mut m.bed, &p12, SocketAddr::from(([0, 0, 0, 0], PORT))).unwrap();
+    let dst = SocketAddr::new(p12.ip(false), PORT);
+    let report = connect(&m.bed, &p11, dst, 4 * MIB, TIMEOUT)
+        .unwrap()
+        .expect("transfer");
+    intact(&report, 4 * MIB);
+    let inb = m
+        .agent1
+        .wait_access("same-node inbound", |r| r["direction"] == "inbound")
+        .unwrap();
+    assert_eq!(inb["connection_security_policy"], "mutual_tls", "{inb}");
+    assert_eq!(inb["source_identity"], spiffe(&p11).as_str(), "{inb}");
+    assert_eq!(inb["destination_identity"], spiffe(&p12).as_str(), "{inb}");
+}
+
+#[test]
+fn strict_refuses_plaintext_both_ways_and_permissive_allows_it() {
+    let mut strict = mesh("strict");
+    let (p11, p21, p22) = (
+        strict.bed.pod(1, 1).clone(),
+        strict.bed.pod(2, 1).clone(),
+        strict.bed.pod(2, 2).clone(),
+    );
+    Server::start(
+        &mut strict.bed,
+        &p22,
+        SocketAddr::from(([0, 0, 0, 0], PORT)),
+    )
+    .unwrap();
+    // Outbound to a destination outside the mesh.
+    let outside = SocketAddr::new(p22.ip(false), PORT);
+    assert!(
+        connect(&strict.bed, &p11, outside, 1024, TIMEOUT)
+            .unwrap()
+            .is_err()
+    );
+    // Plaintext inbound to a meshed pod from outside the mesh.
+    let meshed = SocketAddr::new(p21.ip(false), PORT);
+    assert!(
+        connect(&strict.bed, &p22, meshed, 1024, TIMEOUT)
+            .unwrap()
+            .is_err()
+    );
+    assert!(
+        strict.server.connections().unwrap().is_empty(),
+        "strict let plaintext through"
+    );
+    drop(strict);
+
+    let mut permissive = mesh("permissive");
+    let (p11, p21, p22) = (
+        permissive.bed.pod(1, 1).clone(),
+        permissive.bed.pod(2, 1).clone(),
+        permissive.bed.pod(2, 2).clone(),
+    );
+    Server::start(
+        &mut permissive.bed,
+        &p22,
+        SocketAddr::from(([0, 0, 0, 0], PORT)),
+    )
+    .unwrap();
+    intact(
+        &connect(
+            &permissive.bed,
+            &p11,
+            SocketAddr::new(p22.ip(false), PORT),
+            1024,
+            TIMEOUT,
+        )
+        .unwrap()
+        .unwrap(),
+        1024,
+    );
+    intact(
+        &connect(
+            &permissive.bed,
+            &p22,
+            SocketAddr::new(p21.ip(false), PORT),
+            1024,
+            TIMEOUT,
+        )
+        .unwrap()
+        .unwrap(),
+        1024,
+    );
+    let out = permissive
+        .agent1
+        .wait_access("plain outbound", |r| r["direction"] == "outbound")
+        .unwrap();
+    assert_eq!(out["connection_security_policy"], "none", "{out}");
+}
+
+#[test]
+fn wire_between_nodes_carries_only_tls_on_15008() {
+    let mut m = mesh("strict");
+    let marker = "ZT-WIRE-MARKER-a1b2c3d4e5";
+    let (p11, p21) = (m.bed.pod(1, 1).clone(), m.bed.pod(2, 1).clone());
+    let node1 = m.bed.node(1).clone();
+    let pcap = m.bed.dir.join("wire.pcap");
+    let link = format!("{}-x1", m.bed.id);
+    let mut tcpdump = in_cgroup_and_netns("tcpdump", None, &node1.netns).unwrap();
+    tcpdump
+        .args(["-i", &link, "-U", "-w"])
+        .arg(&pcap)
+        .args(["tcp"]);
+    let pid = m.bed.spawn(tcpdump, "tcpdump.log").unwrap();
+    zt_tests::wait_until(Duration::from_secs(5), || Ok(pcap.exists())).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+
+    let dst = SocketAddr::new(p21.ip(false), PORT);
+    let report = connect_with_pattern(&m.bed, &p11, dst, MIB, TIMEOUT, Some(marker))
+        .unwrap()
+        .expect("transfer");
+    intact(&report, MIB);
+    std::thread::sleep(Duration::from_millis(300));
+    m.bed.kill(pid);
+
+    let captured = std::fs::read(&pcap).unwrap();
+    assert!(
+        captured.len() > (MIB / 2) as usize,
+        "capture too small ({} bytes): not on the data path?",
+        captured.len()
+    );
+    let found = captured
+        .windows(marker.len())
+        .any(|w| w == marker.as_bytes());
+    assert!(!found, "the marker crossed the wire in clear text");
+    let summary = std::process::Command::new("tcpdump")
+        .args(["-nn", "-r"])
+        .arg(&pcap)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&summary.stdout);
+    let lines: Vec<&str> = text.lines().filter(|l| l.contains(" IP ")).collect();
+    assert!(!lines.is_empty(), "no packets captured");
+    for l in &lines {
+        assert!(
+            l.contains(".15008 ") || l.contains(".15008:"),
+            "traffic not on 15008: {l}"
+        );
+    }
+    let _ = m.agent2;
+}
