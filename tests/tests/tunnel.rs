@@ -270,3 +270,24 @@ fn wire_between_nodes_carries_only_tls_on_15008() {
     }
     let _ = m.agent2;
 }
+
+#[test]
+fn sequential_connections_share_one_pooled_tls_session() {
+    let m = mesh("strict");
+    let (p11, p21) = (m.bed.pod(1, 1), m.bed.pod(2, 1));
+    let dst = SocketAddr::new(p21.ip(false), PORT);
+    for _ in 0..100 {
+        intact(
+            &connect(&m.bed, p11, dst, 1024, TIMEOUT)
+                .unwrap()
+                .expect("transfer"),
+            1024,
+        );
+    }
+    assert_eq!(m.server.connections().unwrap().len(), 100);
+    let handshakes = m.agent2.count("HBONE connection accepted").unwrap();
+    assert_eq!(
+        handshakes, 1,
+        "100 connections took {handshakes} TLS handshakes"
+    );
+}

@@ -59,6 +59,8 @@ impl Agent {
                 mode: config.mtls.mode,
                 directory: MeshDirectory::default(),
                 handshake_timeout: config.mtls.handshake_timeout,
+                pool: Arc::default(),
+                pool_idle_timeout: config.mtls.pool_idle_timeout,
             }),
         });
         Ok(Self {

@@ -17,6 +17,7 @@ const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/zt";
 const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 const DEFAULT_SVID_TTL_SECONDS: u64 = 3600;
 const DEFAULT_HANDSHAKE_TIMEOUT_MS: u64 = 5000;
+const DEFAULT_POOL_IDLE_SECONDS: u64 = 60;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -56,6 +57,8 @@ pub struct NodeConfig {
 pub struct MtlsConfig {
     pub mode: MtlsMode,
     pub handshake_timeout: Duration,
+    /// A pooled HBONE connection without streams closes after this long.
+    pub pool_idle_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -203,6 +206,7 @@ enum RawProvider {
 struct RawMtls {
     mode: Option<MtlsMode>,
     handshake_timeout_ms: Option<u64>,
+    pool_idle_seconds: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -359,6 +363,11 @@ impl NodeConfig {
                     raw.mtls
                         .handshake_timeout_ms
                         .unwrap_or(DEFAULT_HANDSHAKE_TIMEOUT_MS),
+                ),
+                pool_idle_timeout: Duration::from_secs(
+                    raw.mtls
+                        .pool_idle_seconds
+                        .unwrap_or(DEFAULT_POOL_IDLE_SECONDS),
                 ),
             },
             endpoints,

@@ -16,6 +16,8 @@ use bytes::{Buf, Bytes};
 use h2::{RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use super::pool::StreamGuard;
+
 #[derive(Debug, thiserror::Error)]
 pub enum TunnelError {
     #[error("the workload has no certificate")]
@@ -41,6 +43,8 @@ pub struct H2Stream {
     recv: RecvStream,
     /// Data received but not yet read.
     pending: Bytes,
+    /// Keeps a pooled connection counted as busy while this stream lives.
+    _busy: Option<StreamGuard>,
 }
 
 impl H2Stream {
@@ -49,7 +53,13 @@ impl H2Stream {
             send,
             recv,
             pending: Bytes::new(),
+            _busy: None,
         }
+    }
+
+    pub fn on_pooled(mut self, guard: StreamGuard) -> Self {
+        self._busy = Some(guard);
+        self
     }
 
     /// Aborts the stream (RST_STREAM), the tunnel's equivalent of a TCP reset.

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use h2::server::SendResponse;
 use http::{Method, Request, Response, StatusCode};
 use tokio::net::{TcpListener, TcpStream};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 use zt_common::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 
 use crate::{
@@ -148,6 +148,7 @@ async fn handle_hbone(
         return;
     };
     let local_id = slot.get().map(|s| s.id().clone());
+    info!(workload = %id, %peer, source_identity = %peer_id, "HBONE connection accepted");
     let mut connection = match h2::server::handshake(tls).await {
         Ok(c) => c,
         Err(e) => {

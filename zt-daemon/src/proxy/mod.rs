@@ -5,6 +5,7 @@ pub mod copy;
 pub mod hbone;
 pub mod inbound;
 pub mod outbound;
+pub mod pool;
 
 use std::{
     collections::HashMap,
@@ -45,6 +46,8 @@ pub struct Tunnel {
     pub mode: MtlsMode,
     pub directory: MeshDirectory,
     pub handshake_timeout: Duration,
+    pub pool: Arc<pool::Pool>,
+    pub pool_idle_timeout: Duration,
 }
 
 /// Shared by every listener of every workload on the node.

@@ -8,7 +8,7 @@
 use std::{net::SocketAddr, sync::Arc, time::Instant};
 
 use tokio::net::{TcpListener, TcpStream};
-use tracing::warn;
+use tracing::{debug, warn};
 use zt_common::HBONE_PORT;
 
 use crate::{
@@ -17,7 +17,9 @@ use crate::{
     proxy::{
         Direction, Identities, ProxyContext, Tunnel, accept_loop, connect_in_pod, copy,
         hbone::{H2Stream, TunnelError},
-        log_access, reset,
+        log_access,
+        pool::{PoolKey, PooledConnection},
+        reset,
     },
     workload::LocalWorkload,
 };
@@ -91,8 +93,9 @@ async fn handle(app: TcpStream, peer: SocketAddr, workload: &LocalWorkload, ctx:
     }
 }
 
-/// Opens an HBONE stream to `dst` through its pod's 15008, as `workload`, requiring `expected`.
-/// Returns the stream and the source identity it presented.
+/// Opens an HBONE stream to `dst` as `workload`, requiring `expected`: on the pooled connection
+/// for that pair if there is a live one, else on a new one. Returns the stream and the source
+/// identity it speaks for.
 async fn open_tunnel(
     workload: &LocalWorkload,
     tunnel: &Tunnel,
@@ -104,6 +107,20 @@ async fn open_tunnel(
         .get()
         .map(|s| s.id().clone())
         .ok_or(TunnelError::NoCertificate)?;
+    let key = PoolKey {
+        source: source.clone(),
+        destination: dst.ip(),
+        expected: expected.clone(),
+    };
+    if let Some(pooled) = tunnel.pool.get(&key) {
+        match open_stream(&pooled, dst).await {
+            Ok(stream) => return Ok((stream, source)),
+            Err(e) => {
+                debug!(workload = %workload.workload.id, error = %e, "pooled HBONE connection unusable; replacing it");
+                tunnel.pool.evict(&key, pooled.id);
+            }
+        }
+    }
     let config = client_config(slot, tunnel.trust.clone(), Some(expected.clone()))?;
     let hbone = SocketAddr::new(dst.ip(), HBONE_PORT);
     let tcp = connect_in_pod(workload, hbone)
@@ -118,11 +135,16 @@ async fn open_tunnel(
     .await
     .map_err(|_| TunnelError::HandshakeTimeout)?
     .map_err(TunnelError::Handshake)?;
-    let (send_request, connection) = h2::client::handshake(tls).await?;
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    let mut send_request = send_request.ready().await?;
+    let (send, connection) = h2::client::handshake(tls).await?;
+    let pooled = tunnel
+        .pool
+        .insert(key, send, connection, tunnel.pool_idle_timeout, hbone);
+    Ok((open_stream(&pooled, dst).await?, source))
+}
+
+/// One CONNECT stream to `dst` on a pooled connection.
+async fn open_stream(pooled: &PooledConnection, dst: SocketAddr) -> Result<H2Stream, TunnelError> {
+    let (mut send_request, busy) = pooled.stream().await?;
     let request = http::Request::builder()
         .method(http::Method::CONNECT)
         .uri(dst.to_string())
@@ -132,5 +154,5 @@ async fn open_tunnel(
     if response.status() != http::StatusCode::OK {
         return Err(TunnelError::Refused(dst, response.status()));
     }
-    Ok((H2Stream::new(send, response.into_body()), source))
+    Ok(H2Stream::new(send, response.into_body()).on_pooled(busy))
 }
