@@ -18,7 +18,11 @@ use zt_common::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 
 use crate::{
     config::MtlsMode,
-    identity::{spiffe::SpiffeId, svid::LeafFacts, tls::server_config},
+    identity::{
+        spiffe::SpiffeId,
+        svid::LeafFacts,
+        tls::{ALPN_H2, server_config},
+    },
     proxy::{
         Direction, Identities, ProxyContext, Tunnel, accept_loop, connect_in_pod, copy,
         hbone::H2Stream, log_access, reset,
@@ -136,6 +140,10 @@ async fn handle_hbone(
             return;
         }
     };
+    if tls.get_ref().1.alpn_protocol() != Some(ALPN_H2) {
+        warn!(workload = %id, %peer, "HBONE refused: client did not negotiate ALPN h2");
+        return;
+    }
     let peer_id = tls
         .get_ref()
         .1

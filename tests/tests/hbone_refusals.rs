@@ -1,0 +1,253 @@
+//! Root end-to-end tests of what the HBONE listener (15008) refuses (issue 4). A client in a pod
+//! outside the mesh talks to a meshed pod's 15008 directly, with the real TLS and HTTP/2 stacks:
+//! without a certificate, with another trust domain's, without ALPN h2, with garbage, stalling,
+//! and with requests that would make the agent an open proxy. Nothing it does may disturb a
+//! legitimate connection.
+use std::{collections::HashMap, net::SocketAddr, path::Path, sync::Arc, time::Duration};
+
+use rustls::{ClientConfig, pki_types::ServerName};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+use zt_daemon::identity::{
+    ca::CertificateAuthority,
+    revocation::RevocationList,
+    spiffe::SpiffeId,
+    svid::Svid,
+    tls::{ALPN_H2, SvidSlot, client_config},
+    verify::{SpiffeServerVerifier, TrustState, TrustStore},
+};
+use zt_tests::{Agent, Testbed, agent::node_config, bin_path, probe::Server};
+
+const PORT: u16 = 9000;
+
+/// Runs `f` on a current-thread runtime in a thread inside `netns`.
+fn in_netns<R: Send>(netns: &Path, f: impl AsyncFnOnce() -> R + Send) -> R {
+    let ns = std::fs::File::open(netns).unwrap();
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(f())
+        })
+        .join()
+        .unwrap()
+    })
+}
+
+fn trust_of(ca: &CertificateAuthority) -> TrustStore {
+    TrustStore::new(
+        TrustState::new(
+            HashMap::from([(ca.trust_domain().clone(), vec![ca.root().clone()])]),
+            RevocationList::default(),
+        )
+        .unwrap(),
+    )
+}
+
+fn svid(ca: &CertificateAuthority, id: &str) -> Svid {
+    ca.issue(&id.parse::<SpiffeId>().unwrap(), Duration::from_secs(600))
+        .unwrap()
+}
+
+/// TLS to `addr`; Err carries the handshake error.
+async fn tls(
+    addr: SocketAddr,
+    config: ClientConfig,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
+    let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let mut stream = connector
+        .connect(ServerName::IpAddress(addr.ip().into()), tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    // TLS 1.3 client auth failures surface on the first read.
+    stream.write_all(b"").await.map_err(|e| e.to_string())?;
+    Ok(stream)
+}
+
+/// One HTTP/2 request on a fresh HBONE connection; returns the status code, or the error.
+async fn request(
+    addr: SocketAddr,
+    config: ClientConfig,
+    method: http::Method,
+    uri: &str,
+) -> Result<u16, String> {
+    let stream = tls(addr, config).await?;
+    let (send, connection) = h2::client::handshake(stream)
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let mut send = send.ready().await.map_err(|e| e.to_string())?;
+    let req = http::Request::builder()
+        .method(method)
+        .uri(uri)
+        .body(())
+        .map_err(|e| e.to_string())?;
+    let (response, _body) = send.send_request(req, false).map_err(|e| e.to_string())?;
+    let response = response.await.map_err(|e| e.to_string())?;
+    Ok(response.status().as_u16())
+}
+
+fn no_cert_client(trust: TrustStore) -> ClientConfig {
+    let mut c = ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .dangerous()
+    .with_custom_certificate_verifier(SpiffeServerVerifier::new(trust, None))
+    .with_no_client_auth();
+    c.alpn_protocols = vec![ALPN_H2.to_vec()];
+    c
+}
+
+#[test]
+fn hbone_listener_refuses_what_it_must() {
+    let mut bed = Testbed::new(2).unwrap();
+    let ca_dir = bed.dir.join("ca");
+    let out = std::process::Command::new(bin_path("zt-daemon").unwrap())
+        .args(["ca", "init", "--trust-domain", "cluster.local", "--out"])
+        .arg(&ca_dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let (p21, p22) = (bed.pod(2, 1).clone(), bed.pod(2, 2).clone());
+    let config = format!(
+        "{}[identity]\nprovider = \"builtin\"\nca_dir = \"{}\"\n[mtls]\nmode = \"strict\"\nhandshake_timeout_ms = 1000\n",
+        node_config(bed.node(2), &[&p21], ""),
+        ca_dir.display()
+    );
+    let agent = Agent::start_with_config(&mut bed, 2, &config).unwrap();
+    let server = Server::start(&mut bed, &p21, SocketAddr::from(([0, 0, 0, 0], PORT))).unwrap();
+    Server::start(&mut bed, &p22, SocketAddr::from(([0, 0, 0, 0], PORT))).unwrap();
+
+    let ca = CertificateAuthority::load(&ca_dir).unwrap();
+    let trust = trust_of(&ca);
+    let hbone = SocketAddr::new(p21.ip(false), 15008);
+    let client = svid(&ca, "spiffe://cluster.local/ns/default/sa/rogue");
+    let good = || client_config(SvidSlot::new(client.clone()), trust.clone(), None).unwrap();
+    let app = SocketAddr::new(p21.ip(false), PORT).to_string();
+
+    in_netns(&p22.netns, async || {
+        // A legitimate stream works: the refusals below are about what is asked, not who asks.
+        assert_eq!(
+            request(hbone, good(), http::Method::CONNECT, &app).await,
+            Ok(200)
+        );
+
+        // No client certificate, or one from another trust domain.
+        assert!(
+            request(
+                hbone,
+                no_cert_client(trust.clone()),
+                http::Method::CONNECT,
+                &app
+            )
+            .await
+            .is_err()
+        );
+        let other = CertificateAuthority::generate("other.org".parse().unwrap()).unwrap();
+        let foreign = svid(&other, "spiffe://other.org/ns/default/sa/rogue");
+        let foreign_client = client_config(SvidSlot::new(foreign), trust.clone(), None).unwrap();
+        assert!(
+            request(hbone, foreign_client, http::Method::CONNECT, &app)
+                .await
+                .is_err()
+        );
+
+        // Never an open proxy: another pod, another family's address, or the agent's own ports.
+        let elsewhere = SocketAddr::new(p22.ip(false), PORT).to_string();
+        assert_eq!(
+            request(hbone, good(), http::Method::CONNECT, &elsewhere).await,
+            Ok(403)
+        );
+        let agent_port = SocketAddr::new(p21.ip(false), 15006).to_string();
+        assert_eq!(
+            request(hbone, good(), http::Method::CONNECT, &agent_port).await,
+            Ok(403)
+        );
+        let loopback = "127.0.0.1:9000";
+        assert_eq!(
+            request(hbone, good(), http::Method::CONNECT, loopback).await,
+            Ok(403)
+        );
+
+        // Not a CONNECT.
+        let get = format!("https://{app}/");
+        assert_eq!(
+            request(hbone, good(), http::Method::GET, &get).await,
+            Ok(405)
+        );
+
+        // No ALPN h2: refused after the handshake.
+        let mut no_alpn = good();
+        no_alpn.alpn_protocols.clear();
+        assert!(
+            request(hbone, no_alpn, http::Method::CONNECT, &app)
+                .await
+                .is_err()
+        );
+
+        // Garbage instead of a ClientHello: closed.
+        let mut raw = TcpStream::connect(hbone).await.unwrap();
+        raw.write_all(b"GET / HTTP/1.1\r\n\r\nthis is not TLS")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 256];
+        let closed = tokio::time::timeout(Duration::from_secs(3), async {
+            loop {
+                match raw.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => continue,
+                }
+            }
+        })
+        .await;
+        assert!(closed.is_ok(), "garbage connection left open");
+
+        // A peer that stalls mid-handshake is dropped after the handshake timeout (1 s here).
+        let mut stalled = TcpStream::connect(hbone).await.unwrap();
+        let started = std::time::Instant::now();
+        let outcome = tokio::time::timeout(Duration::from_secs(5), stalled.read(&mut buf)).await;
+        assert!(
+            matches!(outcome, Ok(Ok(0)) | Ok(Err(_))),
+            "stalled handshake not closed: {outcome:?}"
+        );
+        assert!(
+            started.elapsed() >= Duration::from_millis(900),
+            "closed before the timeout"
+        );
+
+        // Through all of that, legitimate streams still work.
+        assert_eq!(
+            request(hbone, good(), http::Method::CONNECT, &app).await,
+            Ok(200)
+        );
+    });
+
+    // Only the two legitimate CONNECTs reached the application (as connections closed by the
+    // client without sending anything).
+    zt_tests::wait_until(Duration::from_secs(5), || {
+        Ok(server.connections()?.len() == 2)
+    })
+    .unwrap();
+    let events = agent.events().unwrap();
+    for message in [
+        "HBONE: TLS handshake failed",
+        "HBONE: TLS handshake timed out",
+        "HBONE refused: client did not negotiate ALPN h2",
+    ] {
+        assert!(
+            events.iter().any(|e| e["message"] == message),
+            "no {message:?} logged\n{}",
+            agent.log_tail()
+        );
+    }
+}
