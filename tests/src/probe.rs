@@ -32,6 +32,20 @@ impl Server {
         Ok(server)
     }
 
+    /// Waits until the server has recorded exactly `n` finished connections (it records each
+    /// just after replying, so a client can be done a moment before the record appears).
+    pub fn expect_connections(&self, n: usize) -> anyhow::Result<Vec<Value>> {
+        let mut seen = Vec::new();
+        let waited = wait_until(Duration::from_secs(5), || {
+            seen = self.connections()?;
+            Ok(seen.len() >= n)
+        });
+        if waited.is_err() || seen.len() != n {
+            anyhow::bail!("server recorded {} connections, expected {n}", seen.len());
+        }
+        Ok(seen)
+    }
+
     /// Every connection the server has finished, in order.
     pub fn connections(&self) -> anyhow::Result<Vec<Value>> {
         Ok(read_json_lines(&self.log)?

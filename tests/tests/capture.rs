@@ -86,7 +86,7 @@ fn outbound_crosses_nodes(v6: bool) {
         .unwrap();
     assert_eq!(inb["original_dst"], dst.to_string(), "{inb}");
     assert_eq!(inb["bytes_sent"].as_u64(), Some(16 * MIB), "{inb}");
-    assert_eq!(t.server.connections().unwrap().len(), 1);
+    t.server.expect_connections(1).unwrap();
 }
 
 #[test]
@@ -267,7 +267,7 @@ fn unenrollment_leaves_no_trace() {
     // No sk_lookup: traffic reaches the app directly, and the agent sees none of it.
     let before = agent.access_records().unwrap().len();
     exchange(&bed, &p22, addr(p11.ipv4.into(), APP_PORT), 1024);
-    assert_eq!(server.connections().unwrap().len(), 2);
+    server.expect_connections(2).unwrap();
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(
         agent.access_records().unwrap().len(),

@@ -120,7 +120,7 @@ fn cross_node_connection_travels_over_mutual_tls_with_both_identities() {
         assert_eq!(inb["source_identity"], spiffe(p11).as_str(), "{inb}");
         assert_eq!(inb["destination_identity"], spiffe(p21).as_str(), "{inb}");
     }
-    assert_eq!(m.server.connections().unwrap().len(), 2);
+    m.server.expect_connections(2).unwrap();
 }
 
 #[test]
@@ -284,7 +284,7 @@ fn sequential_connections_share_one_pooled_tls_session() {
             1024,
         );
     }
-    assert_eq!(m.server.connections().unwrap().len(), 100);
+    m.server.expect_connections(100).unwrap();
     let handshakes = m.agent2.count("HBONE connection accepted").unwrap();
     assert_eq!(
         handshakes, 1,
