@@ -1,5 +1,8 @@
 //! Running zt-daemon on a test node: config file, process, and its JSON log.
-use std::{path::PathBuf, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use anyhow::{Context as _, bail};
 use serde_json::Value;
@@ -28,6 +31,51 @@ pub fn node_config(node: &Node, workloads: &[&Pod], extra_capture: &str) -> Stri
             pod.name,
             pod.netns.display()
         ));
+    }
+    c
+}
+
+/// The SPIFFE ID the agents give a test pod (service account `sa-<pod>`).
+pub fn spiffe_id(pod: &Pod) -> String {
+    format!("spiffe://cluster.local/ns/default/sa/sa-{}", pod.name)
+}
+
+/// `zt-daemon ca init` for trust domain cluster.local into `dir`.
+pub fn ca_init(dir: &Path) -> anyhow::Result<()> {
+    let out = std::process::Command::new(bin_path("zt-daemon")?)
+        .args(["ca", "init", "--trust-domain", "cluster.local", "--out"])
+        .arg(dir)
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "zt-daemon ca init: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// Node config with the built-in CA in `ca`, `mtls.mode = mode`, and `remote` pods (on other
+/// nodes) as meshed endpoints, as discovery would provide them.
+pub fn meshed_config(
+    node: &Node,
+    enrolled: &[&Pod],
+    remote: &[&Pod],
+    ca: &Path,
+    mode: &str,
+) -> String {
+    let mut c = node_config(node, enrolled, "");
+    c.push_str(&format!(
+        "[identity]\nprovider = \"builtin\"\nca_dir = \"{}\"\n[mtls]\nmode = \"{mode}\"\n",
+        ca.display()
+    ));
+    for pod in remote {
+        for ip in [pod.ip(false), pod.ip(true)] {
+            c.push_str(&format!(
+                "[[endpoint]]\nip = \"{ip}\"\nidentity = \"{}\"\n",
+                spiffe_id(pod)
+            ));
+        }
     }
     c
 }

@@ -18,7 +18,7 @@ use zt_daemon::identity::{
     tls::{ALPN_H2, SvidSlot, client_config},
     verify::{SpiffeServerVerifier, TrustState, TrustStore},
 };
-use zt_tests::{Agent, Testbed, agent::node_config, bin_path, probe::Server};
+use zt_tests::{Agent, Testbed, agent::node_config, probe::Server};
 
 const PORT: u16 = 9000;
 
@@ -112,12 +112,7 @@ fn no_cert_client(trust: TrustStore) -> ClientConfig {
 fn hbone_listener_refuses_what_it_must() {
     let mut bed = Testbed::new(2).unwrap();
     let ca_dir = bed.dir.join("ca");
-    let out = std::process::Command::new(bin_path("zt-daemon").unwrap())
-        .args(["ca", "init", "--trust-domain", "cluster.local", "--out"])
-        .arg(&ca_dir)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    zt_tests::agent::ca_init(&ca_dir).unwrap();
     let (p21, p22) = (bed.pod(2, 1).clone(), bed.pod(2, 2).clone());
     let config = format!(
         "{}[identity]\nprovider = \"builtin\"\nca_dir = \"{}\"\n[mtls]\nmode = \"strict\"\nhandshake_timeout_ms = 1000\n",

@@ -1,20 +1,11 @@
 //! Root end-to-end test of the agent's identity issuance (issue 3): the agent holds SVIDs for the
 //! workloads enrolled on its node, and only for them, for as long as they stay enrolled.
-use zt_tests::{Agent, Testbed, agent::node_config, bin_path};
+use zt_tests::{Agent, Testbed, agent::node_config};
 
 /// `zt-daemon ca init` into the bed's directory; returns the CA directory.
 fn ca_init(bed: &Testbed, name: &str) -> std::path::PathBuf {
     let ca_dir = bed.dir.join(name);
-    let out = std::process::Command::new(bin_path("zt-daemon").unwrap())
-        .args(["ca", "init", "--trust-domain", "cluster.local", "--out"])
-        .arg(&ca_dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    zt_tests::agent::ca_init(&ca_dir).unwrap();
     ca_dir
 }
 
@@ -30,16 +21,7 @@ fn agent_issues_svids_for_enrolled_workloads_only() {
     let mut bed = Testbed::new(2).unwrap();
     let (p11, node) = (bed.pod(1, 1).clone(), bed.node(1).clone());
     let ca_dir = bed.dir.join("ca");
-    let out = std::process::Command::new(bin_path("zt-daemon").unwrap())
-        .args(["ca", "init", "--trust-domain", "cluster.local", "--out"])
-        .arg(&ca_dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    zt_tests::agent::ca_init(&ca_dir).unwrap();
 
     let config = with_builtin_ca(node_config(&node, &[&p11], ""), &ca_dir);
     let agent = Agent::start_with_config(&mut bed, 1, &config).unwrap();

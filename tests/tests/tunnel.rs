@@ -1,48 +1,19 @@
 //! Root end-to-end tests of the HBONE mTLS tunnel (issue 4): captured connections between meshed
 //! pods cross nodes as HTTP/2 CONNECT streams over TLS 1.3 on port 15008, each side presenting
 //! its own workload's SVID.
-use std::{net::SocketAddr, path::Path, time::Duration};
+use std::{net::SocketAddr, time::Duration};
 
 use serde_json::Value;
 use zt_tests::{
-    Agent, Pod, Testbed,
-    agent::node_config,
-    bin_path, in_cgroup_and_netns,
+    Agent, Testbed,
+    agent::{meshed_config, spiffe_id},
+    in_cgroup_and_netns,
     probe::{Server, connect, connect_with_pattern},
 };
 
 const MIB: u64 = 1024 * 1024;
 const PORT: u16 = 9000;
 const TIMEOUT: Duration = Duration::from_secs(3);
-
-fn spiffe(pod: &Pod) -> String {
-    format!("spiffe://cluster.local/ns/default/sa/sa-{}", pod.name)
-}
-
-/// Node config with the shared built-in CA and the other node's meshed pods as endpoints.
-fn meshed_config(
-    bed: &Testbed,
-    n: usize,
-    enrolled: &[&Pod],
-    remote: &[&Pod],
-    ca: &Path,
-    mode: &str,
-) -> String {
-    let mut c = node_config(bed.node(n), enrolled, "");
-    c.push_str(&format!(
-        "[identity]\nprovider = \"builtin\"\nca_dir = \"{}\"\n[mtls]\nmode = \"{mode}\"\n",
-        ca.display()
-    ));
-    for pod in remote {
-        for ip in [pod.ip(false), pod.ip(true)] {
-            c.push_str(&format!(
-                "[[endpoint]]\nip = \"{ip}\"\nidentity = \"{}\"\n",
-                spiffe(pod)
-            ));
-        }
-    }
-    c
-}
 
 struct Mesh {
     bed: Testbed,
@@ -55,23 +26,14 @@ struct Mesh {
 fn mesh(mode: &str) -> Mesh {
     let mut bed = Testbed::new(2).unwrap();
     let ca = bed.dir.join("ca");
-    let out = std::process::Command::new(bin_path("zt-daemon").unwrap())
-        .args(["ca", "init", "--trust-domain", "cluster.local", "--out"])
-        .arg(&ca)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    zt_tests::agent::ca_init(&ca).unwrap();
     let (p11, p12, p21) = (
         bed.pod(1, 1).clone(),
         bed.pod(1, 2).clone(),
         bed.pod(2, 1).clone(),
     );
-    let c1 = meshed_config(&bed, 1, &[&p11, &p12], &[&p21], &ca, mode);
-    let c2 = meshed_config(&bed, 2, &[&p21], &[&p11, &p12], &ca, mode);
+    let c1 = meshed_config(bed.node(1), &[&p11, &p12], &[&p21], &ca, mode);
+    let c2 = meshed_config(bed.node(2), &[&p21], &[&p11, &p12], &ca, mode);
     let agent1 = Agent::start_with_config(&mut bed, 1, &c1).unwrap();
     let agent2 = Agent::start_with_config(&mut bed, 2, &c2).unwrap();
     let server = Server::start(&mut bed, &p21, SocketAddr::from(([0u16; 8], PORT))).unwrap();
@@ -107,8 +69,12 @@ fn cross_node_connection_travels_over_mutual_tls_with_both_identities() {
             })
             .unwrap();
         assert_eq!(out["connection_security_policy"], "mutual_tls", "{out}");
-        assert_eq!(out["source_identity"], spiffe(p11).as_str(), "{out}");
-        assert_eq!(out["destination_identity"], spiffe(p21).as_str(), "{out}");
+        assert_eq!(out["source_identity"], spiffe_id(p11).as_str(), "{out}");
+        assert_eq!(
+            out["destination_identity"],
+            spiffe_id(p21).as_str(),
+            "{out}"
+        );
         assert_eq!(out["bytes_sent"].as_u64(), Some(16 * MIB), "{out}");
         let inb = m
             .agent2
@@ -117,8 +83,12 @@ fn cross_node_connection_travels_over_mutual_tls_with_both_identities() {
             })
             .unwrap();
         assert_eq!(inb["connection_security_policy"], "mutual_tls", "{inb}");
-        assert_eq!(inb["source_identity"], spiffe(p11).as_str(), "{inb}");
-        assert_eq!(inb["destination_identity"], spiffe(p21).as_str(), "{inb}");
+        assert_eq!(inb["source_identity"], spiffe_id(p11).as_str(), "{inb}");
+        assert_eq!(
+            inb["destination_identity"],
+            spiffe_id(p21).as_str(),
+            "{inb}"
+        );
     }
     m.server.expect_connections(2).unwrap();
 }
@@ -138,8 +108,12 @@ fn same_node_connection_uses_the_tunnel_too() {
         .wait_access("same-node inbound", |r| r["direction"] == "inbound")
         .unwrap();
     assert_eq!(inb["connection_security_policy"], "mutual_tls", "{inb}");
-    assert_eq!(inb["source_identity"], spiffe(&p11).as_str(), "{inb}");
-    assert_eq!(inb["destination_identity"], spiffe(&p12).as_str(), "{inb}");
+    assert_eq!(inb["source_identity"], spiffe_id(&p11).as_str(), "{inb}");
+    assert_eq!(
+        inb["destination_identity"],
+        spiffe_id(&p12).as_str(),
+        "{inb}"
+    );
 }
 
 #[test]

@@ -11,6 +11,7 @@ use anyhow::Context as _;
 use serde_json::Value;
 use zt_tests::{
     Agent, Testbed,
+    agent::{ca_init, meshed_config},
     probe::{Server, connect},
 };
 
@@ -42,11 +43,17 @@ fn scenario(shared: &Mutex<Option<Testbed>>) -> anyhow::Result<()> {
     let bed = guard.as_mut().context("test bed gone")?;
     let (n1p1, n1p2) = (bed.pod(1, 1).clone(), bed.pod(1, 2).clone());
     let (n2p1, n2p2) = (bed.pod(2, 1).clone(), bed.pod(2, 2).clone());
+    println!("creating the mesh CA (zt-daemon ca init, trust domain cluster.local)");
+    let ca = bed.dir.join("ca");
+    ca_init(&ca)?;
     println!(
         "starting agents: node1 enrolls n1p1 n1p2; node2 enrolls n2p1 (n2p2 stays outside the mesh)"
     );
-    let agent1 = Agent::start(bed, 1, &[&n1p1, &n1p2])?;
-    let agent2 = Agent::start(bed, 2, &[&n2p1])?;
+    println!("mtls.mode = permissive, so the mesh still talks to n2p2 in plain TCP");
+    let c1 = meshed_config(bed.node(1), &[&n1p1, &n1p2], &[&n2p1], &ca, "permissive");
+    let c2 = meshed_config(bed.node(2), &[&n2p1], &[&n1p1, &n1p2], &ca, "permissive");
+    let agent1 = Agent::start_with_config(bed, 1, &c1)?;
+    let agent2 = Agent::start_with_config(bed, 2, &c2)?;
     for pod in [&n1p2, &n2p1, &n2p2] {
         Server::start(bed, pod, SocketAddr::from(([0u16; 8], PORT)))?;
     }
@@ -56,25 +63,31 @@ fn scenario(shared: &Mutex<Option<Testbed>>) -> anyhow::Result<()> {
             &n1p1,
             SocketAddr::new(n2p1.ipv4.into(), PORT),
             4 << 20,
-            "enrolled -> enrolled, IPv4",
+            "mesh -> mesh, cross-node, IPv4",
         ),
         (
             &n1p2,
             SocketAddr::new(n2p1.ipv6.into(), PORT),
             1 << 20,
-            "enrolled -> enrolled, IPv6",
+            "mesh -> mesh, cross-node, IPv6",
+        ),
+        (
+            &n1p1,
+            SocketAddr::new(n1p2.ipv4.into(), PORT),
+            1 << 20,
+            "mesh -> mesh, same node",
         ),
         (
             &n1p1,
             SocketAddr::new(n2p2.ipv4.into(), PORT),
             64 << 10,
-            "enrolled -> outside the mesh",
+            "mesh -> outside the mesh",
         ),
         (
             &n2p2,
             SocketAddr::new(n1p2.ipv4.into(), PORT),
             16 << 10,
-            "outside the mesh -> enrolled",
+            "outside the mesh -> mesh",
         ),
     ];
     println!("\nflows:");
@@ -91,7 +104,7 @@ fn scenario(shared: &Mutex<Option<Testbed>>) -> anyhow::Result<()> {
             Err(e) => format!("failed: {}", e["error"]),
         };
         println!(
-            "  {:<5} -> {:<22} {:<30} {outcome}",
+            "  {:<5} -> {:<22} {:<32} {outcome}",
             from.name,
             to.to_string(),
             what
@@ -99,22 +112,22 @@ fn scenario(shared: &Mutex<Option<Testbed>>) -> anyhow::Result<()> {
     }
     std::thread::sleep(Duration::from_millis(300));
 
-    println!("\nwhat the agents captured (from their access logs):");
+    println!("\nwhat the agents saw (their access logs):");
     println!(
-        "  {:<6} {:<9} {:<14} {:<24} {:>10} {:>10}  close",
-        "agent", "direction", "workload", "original dst", "sent", "received"
+        "  {:<6} {:<9} {:<23} {:<10} {:>9}  {:<45} -> destination identity",
+        "agent", "direction", "original dst", "security", "sent", "source identity"
     );
     for (name, agent) in [("node1", &agent1), ("node2", &agent2)] {
         for r in agent.access_records()? {
             println!(
-                "  {:<6} {:<9} {:<14} {:<24} {:>10} {:>10}  {}",
+                "  {:<6} {:<9} {:<23} {:<10} {:>9}  {:<45} -> {}",
                 name,
                 field(&r, "direction"),
-                field(&r, "workload"),
                 field(&r, "original_dst"),
+                field(&r, "connection_security_policy"),
                 human(r["bytes_sent"].as_u64().unwrap_or(0)),
-                human(r["bytes_received"].as_u64().unwrap_or(0)),
-                field(&r, "close"),
+                field(&r, "source_identity"),
+                field(&r, "destination_identity"),
             );
         }
     }
