@@ -67,6 +67,23 @@ pub fn connect(
     connect_with_pattern(bed, pod, to, bytes, timeout, None)
 }
 
+/// As [`connect`], staying silent for `idle` after connecting.
+pub fn connect_after_idle(
+    bed: &Testbed,
+    pod: &Pod,
+    to: SocketAddr,
+    idle: Duration,
+) -> anyhow::Result<Result<Value, Value>> {
+    run_connect(
+        bed,
+        pod,
+        to,
+        1024,
+        Duration::from_secs(3),
+        &["--idle-ms", &idle.as_millis().to_string()],
+    )
+}
+
 /// As [`connect`], sending `pattern` repeated instead of random bytes.
 pub fn connect_with_pattern(
     bed: &Testbed,
@@ -75,6 +92,18 @@ pub fn connect_with_pattern(
     bytes: u64,
     timeout: Duration,
     pattern: Option<&str>,
+) -> anyhow::Result<Result<Value, Value>> {
+    let pattern_args: Vec<&str> = pattern.map(|p| vec!["--pattern", p]).unwrap_or_default();
+    run_connect(bed, pod, to, bytes, timeout, &pattern_args)
+}
+
+fn run_connect(
+    bed: &Testbed,
+    pod: &Pod,
+    to: SocketAddr,
+    bytes: u64,
+    timeout: Duration,
+    extra: &[&str],
 ) -> anyhow::Result<Result<Value, Value>> {
     let mut cmd = bed.pod_command(pod, bin_path("zt-probe")?)?;
     let (to, bytes, timeout) = (
@@ -91,9 +120,7 @@ pub fn connect_with_pattern(
         "--timeout-ms",
         &timeout,
     ]);
-    if let Some(p) = pattern {
-        cmd.args(["--pattern", p]);
-    }
+    cmd.args(extra);
     let out = cmd.output().context("running zt-probe connect")?;
     let report: Value = serde_json::from_slice(&out.stdout).with_context(|| {
         format!(

@@ -353,3 +353,54 @@ fn check_config_rejects_a_pod_enrolled_twice() {
         "{stderr}"
     );
 }
+
+#[test]
+fn idle_and_connection_limits_close_with_their_reasons() {
+    let mut bed = Testbed::new(2).unwrap();
+    let (p11, p12, node) = (
+        bed.pod(1, 1).clone(),
+        bed.pod(1, 2).clone(),
+        bed.node(1).clone(),
+    );
+    let mut config = node_config(&node, &[&p11], "");
+    config.push_str("[limits]\nidle_timeout_seconds = 1\nmax_connections_per_workload = 2\n");
+    let agent = Agent::start_with_config(&mut bed, 1, &config).unwrap();
+    Server::start(&mut bed, &p12, SocketAddr::from(([0, 0, 0, 0], APP_PORT))).unwrap();
+    let dst = addr(p12.ipv4.into(), APP_PORT);
+
+    // Silent for longer than the idle timeout: the agent closes the connection.
+    let idle =
+        zt_tests::probe::connect_after_idle(&bed, &p11, dst, Duration::from_millis(2500)).unwrap();
+    assert!(idle.is_err(), "idle connection survived: {idle:?}");
+    let closed = agent
+        .wait_access("idle close", |r| r["close"] == "idle_timeout")
+        .unwrap();
+    assert_eq!(closed["original_dst"], dst.to_string());
+
+    // Two connections held open fill the workload's quota; a third is refused meanwhile.
+    let bed = &bed;
+    let outcomes: Vec<bool> = std::thread::scope(|s| {
+        let held: Vec<_> = (0..2)
+            .map(|_| {
+                s.spawn(|| {
+                    zt_tests::probe::connect_after_idle(bed, &p11, dst, Duration::from_millis(700))
+                        .unwrap()
+                        .is_ok()
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(300));
+        let third = connect(bed, &p11, dst, 1024, TIMEOUT).unwrap().is_ok();
+        let mut all: Vec<bool> = held.into_iter().map(|h| h.join().unwrap()).collect();
+        all.push(third);
+        all
+    });
+    assert_eq!(outcomes, vec![true, true, false], "held, held, third");
+    let refused = agent
+        .events()
+        .unwrap()
+        .into_iter()
+        .find(|e| e["close"] == "max_connections")
+        .unwrap_or_else(|| panic!("no max_connections refusal logged\n{}", agent.log_tail()));
+    assert_eq!(refused["workload"], "default/n1p1");
+}

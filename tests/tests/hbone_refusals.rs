@@ -115,7 +115,7 @@ fn hbone_listener_refuses_what_it_must() {
     zt_tests::agent::ca_init(&ca_dir).unwrap();
     let (p21, p22) = (bed.pod(2, 1).clone(), bed.pod(2, 2).clone());
     let config = format!(
-        "{}[identity]\nprovider = \"builtin\"\nca_dir = \"{}\"\n[mtls]\nmode = \"strict\"\nhandshake_timeout_ms = 1000\n",
+        "{}[identity]\nprovider = \"builtin\"\nca_dir = \"{}\"\n[mtls]\nmode = \"strict\"\n[limits]\nhandshake_timeout_ms = 1000\n",
         node_config(bed.node(2), &[&p21], ""),
         ca_dir.display()
     );

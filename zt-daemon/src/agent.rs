@@ -54,11 +54,13 @@ impl Agent {
         );
         let proxy = Arc::new(ProxyContext {
             dsts,
+            idle_timeout: config.limits.idle_timeout,
+            max_connections_per_workload: config.limits.max_connections_per_workload,
             tunnel: identity.as_ref().map(|node| Tunnel {
                 trust: node.trust.clone(),
                 mode: config.mtls.mode,
                 directory: MeshDirectory::default(),
-                handshake_timeout: config.mtls.handshake_timeout,
+                handshake_timeout: config.limits.handshake_timeout,
                 pool: Arc::default(),
                 pool_idle_timeout: config.mtls.pool_idle_timeout,
             }),

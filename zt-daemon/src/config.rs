@@ -18,6 +18,8 @@ const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 const DEFAULT_SVID_TTL_SECONDS: u64 = 3600;
 const DEFAULT_HANDSHAKE_TIMEOUT_MS: u64 = 5000;
 const DEFAULT_POOL_IDLE_SECONDS: u64 = 60;
+const DEFAULT_IDLE_TIMEOUT_SECONDS: u64 = 3600;
+const DEFAULT_MAX_CONNECTIONS: usize = 16384;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -46,6 +48,7 @@ pub struct NodeConfig {
     pub identity: Option<IdentityConfig>,
     pub capture: CaptureConfig,
     pub mtls: MtlsConfig,
+    pub limits: LimitsConfig,
     /// Meshed workloads on other nodes (until discovery provides them): address -> identity.
     pub endpoints: Vec<MeshEndpoint>,
     pub admin: AdminConfig,
@@ -56,9 +59,18 @@ pub struct NodeConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MtlsConfig {
     pub mode: MtlsMode,
-    pub handshake_timeout: Duration,
     /// A pooled HBONE connection without streams closes after this long.
     pub pool_idle_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimitsConfig {
+    /// A TLS handshake on the tunnel must finish within this.
+    pub handshake_timeout: Duration,
+    /// A connection with no bytes in either direction for this long is closed.
+    pub idle_timeout: Duration,
+    /// Captured connections (outbound, inbound and tunnel streams) one workload may have open.
+    pub max_connections_per_workload: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -165,6 +177,8 @@ struct RawConfig {
     capture: RawCapture,
     #[serde(default)]
     mtls: RawMtls,
+    #[serde(default)]
+    limits: RawLimits,
     #[serde(default, rename = "endpoint")]
     endpoints: Vec<RawEndpoint>,
     #[serde(default)]
@@ -205,8 +219,15 @@ enum RawProvider {
 #[serde(deny_unknown_fields)]
 struct RawMtls {
     mode: Option<MtlsMode>,
-    handshake_timeout_ms: Option<u64>,
     pool_idle_seconds: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    handshake_timeout_ms: Option<u64>,
+    idle_timeout_seconds: Option<u64>,
+    max_connections_per_workload: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -359,16 +380,27 @@ impl NodeConfig {
             },
             mtls: MtlsConfig {
                 mode: raw.mtls.mode.unwrap_or(MtlsMode::Strict),
-                handshake_timeout: Duration::from_millis(
-                    raw.mtls
-                        .handshake_timeout_ms
-                        .unwrap_or(DEFAULT_HANDSHAKE_TIMEOUT_MS),
-                ),
                 pool_idle_timeout: Duration::from_secs(
                     raw.mtls
                         .pool_idle_seconds
                         .unwrap_or(DEFAULT_POOL_IDLE_SECONDS),
                 ),
+            },
+            limits: LimitsConfig {
+                handshake_timeout: Duration::from_millis(
+                    raw.limits
+                        .handshake_timeout_ms
+                        .unwrap_or(DEFAULT_HANDSHAKE_TIMEOUT_MS),
+                ),
+                idle_timeout: Duration::from_secs(
+                    raw.limits
+                        .idle_timeout_seconds
+                        .unwrap_or(DEFAULT_IDLE_TIMEOUT_SECONDS),
+                ),
+                max_connections_per_workload: raw
+                    .limits
+                    .max_connections_per_workload
+                    .unwrap_or(DEFAULT_MAX_CONNECTIONS),
             },
             endpoints,
             admin: AdminConfig {
@@ -399,6 +431,9 @@ impl NodeConfig {
         }
         if self.mtls != new.mtls {
             changed.push("mtls");
+        }
+        if self.limits != new.limits {
+            changed.push("limits");
         }
         if self.capture.cgroup != new.capture.cgroup {
             changed.push("capture.cgroup");

@@ -39,6 +39,9 @@ enum Cmd {
         /// Send this string repeated instead of random bytes (for wire checks).
         #[arg(long)]
         pattern: Option<String>,
+        /// Stay silent this long after connecting (for idle and concurrency limits).
+        #[arg(long, default_value_t = 0)]
+        idle_ms: u64,
     },
     Bind {
         #[arg(long)]
@@ -101,8 +104,10 @@ fn connect(
     bytes: u64,
     timeout: Duration,
     pattern: Option<&str>,
+    idle: Duration,
 ) -> Result<serde_json::Value, std::io::Error> {
     let mut conn = TcpStream::connect_timeout(&to, timeout)?;
+    std::thread::sleep(idle);
     conn.set_read_timeout(Some(timeout * 4))?;
     let peer = conn.peer_addr()?.to_string();
     let local = conn.local_addr()?.to_string();
@@ -172,11 +177,13 @@ fn main() {
             bytes,
             timeout_ms,
             pattern,
+            idle_ms,
         } => match connect(
             to,
             bytes,
             Duration::from_millis(timeout_ms),
             pattern.as_deref(),
+            Duration::from_millis(idle_ms),
         ) {
             Ok(v) => println!("{v}"),
             Err(e) => {

@@ -4,7 +4,11 @@
 //! reader stalls its writer (backpressure) and no byte is lost or reordered. EOF on one side is
 //! passed on as a half-close (FIN) while the other direction keeps flowing. A reset or error on
 //! either side resets both, so a peer that resets is seen as a reset, not as a clean close.
-use std::{fmt, time::Duration};
+use std::{
+    fmt,
+    sync::atomic::{AtomicU64, Ordering},
+    time::{Duration, Instant},
+};
 
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
@@ -24,6 +28,8 @@ pub enum CloseReason {
     DownstreamReset,
     /// The upstream (the side the agent connected to) reset or failed.
     UpstreamReset,
+    /// No byte in either direction for `limits.idle_timeout`.
+    IdleTimeout,
 }
 
 impl fmt::Display for CloseReason {
@@ -32,6 +38,7 @@ impl fmt::Display for CloseReason {
             Self::Eof => "eof",
             Self::DownstreamReset => "downstream_reset",
             Self::UpstreamReset => "upstream_reset",
+            Self::IdleTimeout => "idle_timeout",
         })
     }
 }
@@ -51,8 +58,30 @@ enum Failure {
     Write,
 }
 
-/// Copies `from` into `to` until EOF, then half-closes `to`.
-async fn pump<R, W>(from: &mut R, to: &mut W, copied: &mut u64) -> Result<(), Failure>
+/// When a relay last moved a byte, in milliseconds since it started (shared by both directions).
+struct Activity {
+    start: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn touch(&self) {
+        self.last_ms
+            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn last(&self) -> Instant {
+        self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+}
+
+/// Copies `from` into `to` until EOF, then half-closes `to`; notes every transfer in `activity`.
+async fn pump<R, W>(
+    from: &mut R,
+    to: &mut W,
+    copied: &mut u64,
+    activity: &Activity,
+) -> Result<(), Failure>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -60,6 +89,7 @@ where
     let mut buf = vec![0u8; BUFFER_SIZE];
     loop {
         let n = from.read(&mut buf).await.map_err(|_| Failure::Read)?;
+        activity.touch();
         if n == 0 {
             return to.shutdown().await.map_err(|_| Failure::Write);
         }
@@ -86,9 +116,9 @@ impl Abort for super::hbone::H2Stream {
     }
 }
 
-/// Relays between `downstream` and `upstream` until both directions are done or one side fails;
-/// a failure on either side aborts both.
-pub async fn relay<D, U>(downstream: D, upstream: U) -> RelayOutcome
+/// Relays between `downstream` and `upstream` until both directions are done, one side fails, or
+/// nothing moved for `idle_timeout`; a failure or idle timeout aborts both sides.
+pub async fn relay<D, U>(downstream: D, upstream: U, idle_timeout: Duration) -> RelayOutcome
 where
     D: AsyncRead + AsyncWrite + Abort + Unpin,
     U: AsyncRead + AsyncWrite + Abort + Unpin,
@@ -96,9 +126,13 @@ where
     let (mut sent, mut received) = (0u64, 0u64);
     let (mut dr, mut dw) = tokio::io::split(downstream);
     let (mut ur, mut uw) = tokio::io::split(upstream);
+    let activity = Activity {
+        start: Instant::now(),
+        last_ms: AtomicU64::new(0),
+    };
     let close = {
-        let up = pump(&mut dr, &mut uw, &mut sent);
-        let down = pump(&mut ur, &mut dw, &mut received);
+        let up = pump(&mut dr, &mut uw, &mut sent, &activity);
+        let down = pump(&mut ur, &mut dw, &mut received, &activity);
         tokio::pin!(up, down);
         let (mut up_done, mut down_done) = (false, false);
         loop {
@@ -113,6 +147,11 @@ where
                     Err(Failure::Read) => break CloseReason::UpstreamReset,
                     Err(Failure::Write) => break CloseReason::DownstreamReset,
                 },
+                _ = tokio::time::sleep_until((activity.last() + idle_timeout).into()) => {
+                    if activity.last().elapsed() >= idle_timeout {
+                        break CloseReason::IdleTimeout;
+                    }
+                }
             }
             if up_done && down_done {
                 break CloseReason::Eof;

@@ -7,7 +7,11 @@
 //! - 15008 (HBONE): mutual TLS presenting the workload's SVID and requiring a client SVID, then
 //!   HTTP/2 CONNECT streams. Each stream may only reach this pod's own addresses: the agent is
 //!   never an open proxy.
-use std::{net::SocketAddr, sync::Arc, time::Instant};
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use bytes::Bytes;
 use h2::server::SendResponse;
@@ -37,10 +41,15 @@ pub async fn serve_plaintext(
     workload: Arc<LocalWorkload>,
     ctx: Arc<ProxyContext>,
 ) {
-    accept_loop(listener, "inbound", move |stream, peer| {
-        let (workload, ctx) = (workload.clone(), ctx.clone());
-        async move { handle_plaintext(stream, peer, &workload, &ctx).await }
-    })
+    accept_loop(
+        listener,
+        "inbound",
+        &workload.clone(),
+        move |stream, peer| {
+            let (workload, ctx) = (workload.clone(), ctx.clone());
+            async move { handle_plaintext(stream, peer, &workload, &ctx).await }
+        },
+    )
     .await
 }
 
@@ -49,11 +58,11 @@ pub async fn serve_hbone(
     workload: Arc<LocalWorkload>,
     ctx: Arc<ProxyContext>,
 ) {
-    accept_loop(listener, "hbone", move |stream, peer| {
+    accept_loop(listener, "hbone", &workload.clone(), move |stream, peer| {
         let (workload, ctx) = (workload.clone(), ctx.clone());
         async move {
             match &ctx.tunnel {
-                Some(tunnel) => handle_hbone(stream, peer, &workload, tunnel).await,
+                Some(tunnel) => handle_hbone(stream, peer, &workload, tunnel, ctx.idle_timeout).await,
                 None => debug!(workload = %workload.workload.id, %peer, "no identity provider: HBONE refused"),
             }
         }
@@ -98,7 +107,7 @@ async fn handle_plaintext(
             return;
         }
     };
-    let outcome = copy::relay(client, app).await;
+    let outcome = copy::relay(client, app, ctx.idle_timeout).await;
     log_access(
         Direction::Inbound,
         workload,
@@ -115,6 +124,7 @@ async fn handle_hbone(
     peer: SocketAddr,
     workload: &Arc<LocalWorkload>,
     tunnel: &Tunnel,
+    idle_timeout: Duration,
 ) {
     let id = &workload.workload.id;
     let Some(slot) = workload.svid.clone() else {
@@ -178,7 +188,7 @@ async fn handle_hbone(
                 source: Some(peer_id),
                 destination: local_id,
             };
-            handle_connect(request, respond, peer, &workload, identities).await
+            handle_connect(request, respond, peer, &workload, identities, idle_timeout).await
         });
     }
 }
@@ -196,6 +206,7 @@ async fn handle_connect(
     peer: SocketAddr,
     workload: &LocalWorkload,
     identities: Identities,
+    idle_timeout: Duration,
 ) {
     let started = Instant::now();
     let id = &workload.workload.id;
@@ -236,7 +247,7 @@ async fn handle_connect(
         }
     };
     let tunnel = H2Stream::new(send, request.into_body());
-    let outcome = copy::relay(tunnel, app).await;
+    let outcome = copy::relay(tunnel, app, idle_timeout).await;
     log_access(
         Direction::Inbound,
         workload,

@@ -54,6 +54,8 @@ pub struct Tunnel {
 pub struct ProxyContext {
     pub dsts: OriginalDsts,
     pub tunnel: Option<Tunnel>,
+    pub idle_timeout: Duration,
+    pub max_connections_per_workload: usize,
 }
 
 use tokio::{net::TcpListener, task::JoinSet};
@@ -78,9 +80,14 @@ impl Direction {
 }
 
 /// Accepts on `listener` until the task is aborted; each connection runs `handle` in a task that
-/// is aborted together with this loop (un-enrollment closes the pod's connections).
-pub(crate) async fn accept_loop<F, Fut>(listener: TcpListener, what: &'static str, handle: F)
-where
+/// is aborted together with this loop (un-enrollment closes the pod's connections). A connection
+/// beyond the workload's `limits.max_connections_per_workload` is refused.
+pub(crate) async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    what: &'static str,
+    workload: &LocalWorkload,
+    handle: F,
+) where
     F: Fn(tokio::net::TcpStream, SocketAddr) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
@@ -90,7 +97,16 @@ where
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
-                    connections.spawn(handle(stream, peer));
+                    let Some(permit) = workload.connection_permit() else {
+                        warn!(workload = %workload.workload.id, listener = what, %peer, close = "max_connections", "connection refused: workload at its connection limit");
+                        reset(stream);
+                        continue;
+                    };
+                    let work = handle(stream, peer);
+                    connections.spawn(async move {
+                        work.await;
+                        drop(permit);
+                    });
                 }
                 Err(e) => {
                     // EMFILE and friends: back off briefly instead of spinning.

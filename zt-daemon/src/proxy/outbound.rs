@@ -25,10 +25,15 @@ use crate::{
 };
 
 pub async fn serve(listener: TcpListener, workload: Arc<LocalWorkload>, ctx: Arc<ProxyContext>) {
-    accept_loop(listener, "outbound", move |stream, peer| {
-        let (workload, ctx) = (workload.clone(), ctx.clone());
-        async move { handle(stream, peer, &workload, &ctx).await }
-    })
+    accept_loop(
+        listener,
+        "outbound",
+        &workload.clone(),
+        move |stream, peer| {
+            let (workload, ctx) = (workload.clone(), ctx.clone());
+            async move { handle(stream, peer, &workload, &ctx).await }
+        },
+    )
     .await
 }
 
@@ -48,7 +53,7 @@ async fn handle(app: TcpStream, peer: SocketAddr, workload: &LocalWorkload, ctx:
         Some((tunnel, Some(expected))) => match open_tunnel(workload, tunnel, dst, &expected).await
         {
             Ok((stream, source)) => {
-                let outcome = copy::relay(app, stream).await;
+                let outcome = copy::relay(app, stream, ctx.idle_timeout).await;
                 let identities = Identities {
                     source: Some(source),
                     destination: Some(expected),
@@ -74,7 +79,7 @@ async fn handle(app: TcpStream, peer: SocketAddr, workload: &LocalWorkload, ctx:
         }
         _ => match connect_in_pod(workload, dst).await {
             Ok(upstream) => {
-                let outcome = copy::relay(app, upstream).await;
+                let outcome = copy::relay(app, upstream, ctx.idle_timeout).await;
                 log_access(
                     Direction::Outbound,
                     workload,

@@ -49,6 +49,15 @@ pub struct LocalWorkload {
     pub netns: NetnsWorker,
     /// The workload's current SVID, when the node has an identity provider.
     pub svid: Option<SvidSlot>,
+    /// One permit per open captured connection (`limits.max_connections_per_workload`).
+    connection_permits: Arc<tokio::sync::Semaphore>,
+}
+
+impl LocalWorkload {
+    /// A permit for one more connection, or `None` at the limit.
+    pub fn connection_permit(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.connection_permits.clone().try_acquire_owned().ok()
+    }
 }
 
 /// An enrolled workload: its listeners are served by `tasks` until it is removed; its identity
@@ -153,6 +162,9 @@ impl Enrollment {
             addresses,
             netns: worker,
             svid: identity.as_ref().map(|i| i.slot.clone()),
+            connection_permits: Arc::new(tokio::sync::Semaphore::new(
+                ctx.max_connections_per_workload,
+            )),
         });
         let tokio_listener = |l: std::net::TcpListener, what| {
             TcpListener::from_std(l).map_err(|e| socket_err(what, e))
