@@ -15,9 +15,25 @@ pub struct Server {
 impl Server {
     /// Starts `zt-probe serve` in `pod` and waits until it listens.
     pub fn start(bed: &mut Testbed, pod: &Pod, listen: SocketAddr) -> anyhow::Result<Self> {
+        Self::start_sending(bed, pod, listen, 0)
+    }
+
+    /// As [`Self::start`], the server also sending `send` random bytes to every client.
+    pub fn start_sending(
+        bed: &mut Testbed,
+        pod: &Pod,
+        listen: SocketAddr,
+        send: u64,
+    ) -> anyhow::Result<Self> {
         let log_name = format!("server-{}-{}.log", pod.name, listen.port());
         let mut cmd = bed.pod_command(pod, bin_path("zt-probe")?)?;
-        cmd.args(["serve", "--listen", &listen.to_string()]);
+        cmd.args([
+            "serve",
+            "--listen",
+            &listen.to_string(),
+            "--send",
+            &send.to_string(),
+        ]);
         let pid = bed.spawn(cmd, &log_name)?;
         let server = Server {
             pid,
@@ -65,6 +81,25 @@ pub fn connect(
     timeout: Duration,
 ) -> anyhow::Result<Result<Value, Value>> {
     connect_with_pattern(bed, pod, to, bytes, timeout, None)
+}
+
+/// Full duplex: sends `bytes` while receiving the `expect` bytes a sending server sends.
+pub fn connect_duplex(
+    bed: &Testbed,
+    pod: &Pod,
+    to: SocketAddr,
+    bytes: u64,
+    expect: u64,
+    timeout: Duration,
+) -> anyhow::Result<Result<Value, Value>> {
+    run_connect(
+        bed,
+        pod,
+        to,
+        bytes,
+        timeout,
+        &["--expect", &expect.to_string()],
+    )
 }
 
 /// As [`connect`], staying silent for `idle` after connecting.

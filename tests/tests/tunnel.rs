@@ -8,7 +8,7 @@ use zt_tests::{
     Agent, Testbed,
     agent::{meshed_config, spiffe_id},
     in_cgroup_and_netns,
-    probe::{Server, connect, connect_with_pattern},
+    probe::{Server, connect, connect_duplex, connect_with_pattern},
 };
 
 const MIB: u64 = 1024 * 1024;
@@ -264,4 +264,60 @@ fn sequential_connections_share_one_pooled_tls_session() {
         handshakes, 1,
         "100 connections took {handshakes} TLS handshakes"
     );
+}
+
+/// 256 MiB each way at once through the tunnel; both ends compare checksums.
+fn duplex(cross_node: bool) {
+    let mut m = mesh("strict");
+    let client = m.bed.pod(1, 1).clone();
+    let target = if cross_node {
+        m.bed.pod(2, 1).clone()
+    } else {
+        m.bed.pod(1, 2).clone()
+    };
+    let port = PORT + 1;
+    Server::start_sending(
+        &mut m.bed,
+        &target,
+        SocketAddr::from(([0, 0, 0, 0], port)),
+        256 * MIB,
+    )
+    .unwrap();
+    let dst = SocketAddr::new(target.ip(false), port);
+    let r = connect_duplex(
+        &m.bed,
+        &client,
+        dst,
+        256 * MIB,
+        256 * MIB,
+        Duration::from_secs(30),
+    )
+    .unwrap()
+    .unwrap_or_else(|e| panic!("duplex transfer failed: {e}"));
+    intact(&r, 256 * MIB);
+    assert_eq!(r["received"].as_u64(), Some(256 * MIB), "{r}");
+    assert_eq!(
+        r["received_sha256"], r["reply"]["sent_sha256"],
+        "server -> client checksum: {r}"
+    );
+    let agent = if cross_node { &m.agent2 } else { &m.agent1 };
+    let inb = agent
+        .wait_access("duplex inbound", |r| r["direction"] == "inbound")
+        .unwrap();
+    assert_eq!(inb["connection_security_policy"], "mutual_tls");
+    assert_eq!(inb["bytes_sent"].as_u64(), Some(256 * MIB), "{inb}");
+    assert!(
+        inb["bytes_received"].as_u64().unwrap() >= 256 * MIB,
+        "{inb}"
+    );
+}
+
+#[test]
+fn cross_node_256_mib_both_ways_at_once() {
+    duplex(true);
+}
+
+#[test]
+fn same_node_256_mib_both_ways_at_once() {
+    duplex(false);
 }

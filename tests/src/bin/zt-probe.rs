@@ -28,6 +28,9 @@ enum Cmd {
     Serve {
         #[arg(long)]
         listen: SocketAddr,
+        /// Also send this many random bytes to each client, while reading (full duplex).
+        #[arg(long, default_value_t = 0)]
+        send: u64,
     },
     Connect {
         #[arg(long)]
@@ -42,6 +45,9 @@ enum Cmd {
         /// Stay silent this long after connecting (for idle and concurrency limits).
         #[arg(long, default_value_t = 0)]
         idle_ms: u64,
+        /// Bytes the server sends before its reply (its `--send`), read while sending.
+        #[arg(long, default_value_t = 0)]
+        expect: u64,
     },
     Bind {
         #[arg(long)]
@@ -60,7 +66,52 @@ fn hex(d: &[u8]) -> String {
     d.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn serve(listen: SocketAddr) -> std::io::Result<()> {
+/// Writes `bytes` random bytes (or `pattern` repeated) to `to`; returns their SHA-256.
+fn send_bytes(to: &mut impl Write, bytes: u64, pattern: Option<&str>) -> std::io::Result<String> {
+    let mut random = std::fs::File::open("/dev/urandom")?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        match pattern {
+            Some(p) if !p.is_empty() => {
+                for (i, b) in buf[..n].iter_mut().enumerate() {
+                    *b = p.as_bytes()[i % p.len()];
+                }
+            }
+            _ => random.read_exact(&mut buf[..n])?,
+        }
+        to.write_all(&buf[..n])?;
+        hasher.update(&buf[..n]);
+        left -= n as u64;
+    }
+    Ok(hex(&hasher.finalize()))
+}
+
+/// Reads up to `limit` bytes (to EOF when `None`); returns count, SHA-256 and how it ended.
+fn read_bytes(from: &mut impl Read, limit: Option<u64>) -> (u64, String, &'static str) {
+    let mut hasher = Sha256::new();
+    let mut total = 0u64;
+    let mut buf = vec![0u8; 64 * 1024];
+    let end = loop {
+        let want = limit.map_or(buf.len(), |l| (l - total).min(buf.len() as u64) as usize);
+        if want == 0 {
+            break "limit";
+        }
+        match from.read(&mut buf[..want]) {
+            Ok(0) => break "eof",
+            Ok(n) => {
+                hasher.update(&buf[..n]);
+                total += n as u64;
+            }
+            Err(_) => break "reset",
+        }
+    };
+    (total, hex(&hasher.finalize()), end)
+}
+
+fn serve(listen: SocketAddr, send: u64) -> std::io::Result<()> {
     let listener = TcpListener::bind(listen)?;
     println!(
         "{}",
@@ -71,21 +122,13 @@ fn serve(listen: SocketAddr) -> std::io::Result<()> {
         std::thread::spawn(move || {
             let peer = conn.peer_addr().map(|a| a.to_string()).unwrap_or_default();
             let local = conn.local_addr().map(|a| a.to_string()).unwrap_or_default();
-            let mut hasher = Sha256::new();
-            let mut total = 0u64;
-            let mut buf = vec![0u8; 64 * 1024];
-            let outcome = loop {
-                match conn.read(&mut buf) {
-                    Ok(0) => break "eof",
-                    Ok(n) => {
-                        hasher.update(&buf[..n]);
-                        total += n as u64;
-                    }
-                    Err(_) => break "reset",
-                }
-            };
-            let digest = hex(&hasher.finalize());
-            let reply = json!({"bytes": total, "sha256": digest});
+            let writer = conn.try_clone().ok().map(|mut w| {
+                std::thread::spawn(move || send_bytes(&mut w, send, None).unwrap_or_default())
+            });
+            let (total, digest, outcome) = read_bytes(&mut conn, None);
+            let sent_digest = writer.and_then(|w| w.join().ok()).unwrap_or_default();
+            let reply =
+                json!({"bytes": total, "sha256": digest, "sent": send, "sent_sha256": sent_digest});
             let _ = conn.write_all(format!("{reply}\n").as_bytes());
             let _ = conn.shutdown(Shutdown::Both);
             println!(
@@ -105,38 +148,32 @@ fn connect(
     timeout: Duration,
     pattern: Option<&str>,
     idle: Duration,
+    expect: u64,
 ) -> Result<serde_json::Value, std::io::Error> {
     let mut conn = TcpStream::connect_timeout(&to, timeout)?;
     std::thread::sleep(idle);
     conn.set_read_timeout(Some(timeout * 4))?;
     let peer = conn.peer_addr()?.to_string();
     let local = conn.local_addr()?.to_string();
-    let mut random = std::fs::File::open("/dev/urandom")?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut left = bytes;
-    while left > 0 {
-        let n = left.min(buf.len() as u64) as usize;
-        match pattern {
-            Some(p) if !p.is_empty() => {
-                for (i, b) in buf[..n].iter_mut().enumerate() {
-                    *b = p.as_bytes()[i % p.len()];
-                }
-            }
-            _ => random.read_exact(&mut buf[..n])?,
-        }
-        conn.write_all(&buf[..n])?;
-        hasher.update(&buf[..n]);
-        left -= n as u64;
-    }
+    // Read while writing: the server may be sending too (full duplex).
+    let mut reader = conn.try_clone()?;
+    let receiving = std::thread::spawn(move || {
+        let (received, received_sha256, _) = read_bytes(&mut reader, Some(expect));
+        let mut reply = String::new();
+        let outcome = reader.read_to_string(&mut reply).map(|_| reply);
+        (received, received_sha256, outcome)
+    });
+    let sent_sha256 = send_bytes(&mut conn, bytes, pattern)?;
     conn.shutdown(Shutdown::Write)?;
-    let mut reply = String::new();
-    conn.read_to_string(&mut reply)?;
+    let (received, received_sha256, reply) = receiving
+        .join()
+        .map_err(|_| std::io::Error::other("reader thread panicked"))?;
+    let reply = reply?;
     let reply: serde_json::Value = serde_json::from_str(reply.trim())
         .map_err(|e| std::io::Error::other(format!("bad reply {reply:?}: {e}")))?;
     Ok(
-        json!({"ok": true, "peer": peer, "local": local, "sent": bytes,
-              "sent_sha256": hex(&hasher.finalize()), "reply": reply}),
+        json!({"ok": true, "peer": peer, "local": local, "sent": bytes, "sent_sha256": sent_sha256,
+              "received": received, "received_sha256": received_sha256, "reply": reply}),
     )
 }
 
@@ -166,8 +203,8 @@ fn get(to: SocketAddr, path: &str) -> std::io::Result<serde_json::Value> {
 
 fn main() {
     match Cli::parse().command {
-        Cmd::Serve { listen } => {
-            if let Err(e) = serve(listen) {
+        Cmd::Serve { listen, send } => {
+            if let Err(e) = serve(listen, send) {
                 eprintln!("zt-probe serve {listen}: {e}");
                 std::process::exit(1);
             }
@@ -178,12 +215,14 @@ fn main() {
             timeout_ms,
             pattern,
             idle_ms,
+            expect,
         } => match connect(
             to,
             bytes,
             Duration::from_millis(timeout_ms),
             pattern.as_deref(),
             Duration::from_millis(idle_ms),
+            expect,
         ) {
             Ok(v) => println!("{v}"),
             Err(e) => {
