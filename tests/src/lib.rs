@@ -60,6 +60,10 @@ pub fn cgroup2_root() -> anyhow::Result<PathBuf> {
 
 /// A binary built next to this test (or xtask) executable: zt-daemon, zt-probe.
 pub fn bin_path(name: &str) -> anyhow::Result<PathBuf> {
+    // Benchmarks point this at the release build.
+    if let Some(dir) = std::env::var_os("ZT_BIN_DIR") {
+        return Ok(PathBuf::from(dir).join(name));
+    }
     let exe = std::env::current_exe()?;
     // Integration tests live in target/<profile>/deps, binaries in target/<profile>.
     for dir in exe.ancestors().skip(1).take(2) {

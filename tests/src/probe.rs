@@ -25,15 +25,28 @@ impl Server {
         listen: SocketAddr,
         send: u64,
     ) -> anyhow::Result<Self> {
+        Self::start_with(bed, pod, listen, &["--send", &send.to_string()])
+    }
+
+    /// As [`Self::start`], counting without hashing (benchmarks).
+    pub fn start_discarding(
+        bed: &mut Testbed,
+        pod: &Pod,
+        listen: SocketAddr,
+    ) -> anyhow::Result<Self> {
+        Self::start_with(bed, pod, listen, &["--discard"])
+    }
+
+    fn start_with(
+        bed: &mut Testbed,
+        pod: &Pod,
+        listen: SocketAddr,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
         let log_name = format!("server-{}-{}.log", pod.name, listen.port());
         let mut cmd = bed.pod_command(pod, bin_path("zt-probe")?)?;
-        cmd.args([
-            "serve",
-            "--listen",
-            &listen.to_string(),
-            "--send",
-            &send.to_string(),
-        ]);
+        cmd.args(["serve", "--listen", &listen.to_string()])
+            .args(extra);
         let pid = bed.spawn(cmd, &log_name)?;
         let server = Server {
             pid,

@@ -1,5 +1,6 @@
 //! Developer commands, run as `cargo xtask <command>` (normally through scripts/dev.sh, which
 //! first installs the toolchain): `test` runs every check CI runs, `demo` shows capture at work.
+mod bench;
 mod demo;
 
 use std::process::Command;
@@ -19,6 +20,17 @@ enum Cmd {
     Test,
     /// Two nodes, four pods, two agents: run a few flows and show what was captured.
     Demo,
+    /// Benchmarks against direct TCP; writes BENCHMARKS.md.
+    Bench {
+        #[command(subcommand)]
+        what: BenchCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Direct TCP against zt cross-node: throughput and 1 KiB round trips.
+    Tunnel,
 }
 
 /// Runs `cargo <args>` from the workspace root and fails if it fails.
@@ -36,7 +48,7 @@ pub fn cargo(args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn workspace_root() -> std::path::PathBuf {
+pub fn workspace_root() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("xtask lives in the workspace")
@@ -99,6 +111,12 @@ fn cargo_test() -> anyhow::Result<()> {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Cmd::Test => test(),
+        Cmd::Bench {
+            what: BenchCmd::Tunnel,
+        } => {
+            zt_tests::require_root()?;
+            bench::tunnel()
+        }
         Cmd::Demo => {
             zt_tests::require_root()?;
             cargo(&["build"])?;

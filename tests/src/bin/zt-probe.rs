@@ -7,6 +7,8 @@
 //!                                socket saw (getpeername, getsockname) and both digests
 //!   bind --port P                try to bind P on IPv4 and IPv6; print the outcome
 //!   get --to ADDR --path P       HTTP GET; print status and body
+//!   echo --listen ADDR           echo server (benchmarks)
+//!   rr --to ADDR --size N        request/response round trips; print p50/p99/p99.9 (benchmarks)
 use std::{
     io::{Read, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
@@ -31,6 +33,10 @@ enum Cmd {
         /// Also send this many random bytes to each client, while reading (full duplex).
         #[arg(long, default_value_t = 0)]
         send: u64,
+        /// Count received bytes without hashing them (benchmarks: the probe must not be the
+        /// bottleneck).
+        #[arg(long)]
+        discard: bool,
     },
     Connect {
         #[arg(long)]
@@ -53,6 +59,21 @@ enum Cmd {
         #[arg(long)]
         port: u16,
     },
+    /// Echo server: every byte received is sent back.
+    Echo {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    /// Request/response round trips of `size` bytes on one connection to an echo server;
+    /// prints p50/p99 in microseconds.
+    Rr {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 1024)]
+        size: usize,
+        #[arg(long, default_value_t = 2000)]
+        count: usize,
+    },
     /// HTTP/1.0 GET; prints the status code and body.
     Get {
         #[arg(long)]
@@ -67,30 +88,42 @@ fn hex(d: &[u8]) -> String {
 }
 
 /// Writes `bytes` random bytes (or `pattern` repeated) to `to`; returns their SHA-256.
+/// With a pattern, the buffer is filled once and nothing is hashed: that mode serves wire checks
+/// and benchmarks, where the probe must not be the bottleneck.
 fn send_bytes(to: &mut impl Write, bytes: u64, pattern: Option<&str>) -> std::io::Result<String> {
     let mut random = std::fs::File::open("/dev/urandom")?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 64 * 1024];
+    let fixed = pattern.filter(|p| !p.is_empty());
+    if let Some(p) = fixed {
+        for (i, b) in buf.iter_mut().enumerate() {
+            *b = p.as_bytes()[i % p.len()];
+        }
+    }
     let mut left = bytes;
     while left > 0 {
         let n = left.min(buf.len() as u64) as usize;
-        match pattern {
-            Some(p) if !p.is_empty() => {
-                for (i, b) in buf[..n].iter_mut().enumerate() {
-                    *b = p.as_bytes()[i % p.len()];
-                }
-            }
-            _ => random.read_exact(&mut buf[..n])?,
+        if fixed.is_none() {
+            random.read_exact(&mut buf[..n])?;
+            hasher.update(&buf[..n]);
         }
         to.write_all(&buf[..n])?;
-        hasher.update(&buf[..n]);
         left -= n as u64;
     }
-    Ok(hex(&hasher.finalize()))
+    Ok(if fixed.is_some() {
+        String::new()
+    } else {
+        hex(&hasher.finalize())
+    })
 }
 
-/// Reads up to `limit` bytes (to EOF when `None`); returns count, SHA-256 and how it ended.
-fn read_bytes(from: &mut impl Read, limit: Option<u64>) -> (u64, String, &'static str) {
+/// Reads up to `limit` bytes (to EOF when `None`); returns count, SHA-256 (empty when `discard`)
+/// and how it ended.
+fn read_bytes(
+    from: &mut impl Read,
+    limit: Option<u64>,
+    discard: bool,
+) -> (u64, String, &'static str) {
     let mut hasher = Sha256::new();
     let mut total = 0u64;
     let mut buf = vec![0u8; 64 * 1024];
@@ -102,16 +135,23 @@ fn read_bytes(from: &mut impl Read, limit: Option<u64>) -> (u64, String, &'stati
         match from.read(&mut buf[..want]) {
             Ok(0) => break "eof",
             Ok(n) => {
-                hasher.update(&buf[..n]);
+                if !discard {
+                    hasher.update(&buf[..n]);
+                }
                 total += n as u64;
             }
             Err(_) => break "reset",
         }
     };
-    (total, hex(&hasher.finalize()), end)
+    let digest = if discard {
+        String::new()
+    } else {
+        hex(&hasher.finalize())
+    };
+    (total, digest, end)
 }
 
-fn serve(listen: SocketAddr, send: u64) -> std::io::Result<()> {
+fn serve(listen: SocketAddr, send: u64, discard: bool) -> std::io::Result<()> {
     let listener = TcpListener::bind(listen)?;
     println!(
         "{}",
@@ -125,7 +165,7 @@ fn serve(listen: SocketAddr, send: u64) -> std::io::Result<()> {
             let writer = conn.try_clone().ok().map(|mut w| {
                 std::thread::spawn(move || send_bytes(&mut w, send, None).unwrap_or_default())
             });
-            let (total, digest, outcome) = read_bytes(&mut conn, None);
+            let (total, digest, outcome) = read_bytes(&mut conn, None, discard);
             let sent_digest = writer.and_then(|w| w.join().ok()).unwrap_or_default();
             let reply =
                 json!({"bytes": total, "sha256": digest, "sent": send, "sent_sha256": sent_digest});
@@ -150,6 +190,7 @@ fn connect(
     idle: Duration,
     expect: u64,
 ) -> Result<serde_json::Value, std::io::Error> {
+    let started = std::time::Instant::now();
     let mut conn = TcpStream::connect_timeout(&to, timeout)?;
     std::thread::sleep(idle);
     conn.set_read_timeout(Some(timeout * 4))?;
@@ -158,7 +199,7 @@ fn connect(
     // Read while writing: the server may be sending too (full duplex).
     let mut reader = conn.try_clone()?;
     let receiving = std::thread::spawn(move || {
-        let (received, received_sha256, _) = read_bytes(&mut reader, Some(expect));
+        let (received, received_sha256, _) = read_bytes(&mut reader, Some(expect), false);
         let mut reply = String::new();
         let outcome = reader.read_to_string(&mut reply).map(|_| reply);
         (received, received_sha256, outcome)
@@ -173,7 +214,8 @@ fn connect(
         .map_err(|e| std::io::Error::other(format!("bad reply {reply:?}: {e}")))?;
     Ok(
         json!({"ok": true, "peer": peer, "local": local, "sent": bytes, "sent_sha256": sent_sha256,
-              "received": received, "received_sha256": received_sha256, "reply": reply}),
+              "received": received, "received_sha256": received_sha256, "reply": reply,
+              "elapsed_us": started.elapsed().as_micros() as u64}),
     )
 }
 
@@ -184,6 +226,53 @@ fn bind(port: u16) -> serde_json::Value {
     };
     json!({"port": port, "v4": outcome(SocketAddr::from(([0, 0, 0, 0], port))),
            "v6": outcome(SocketAddr::from(([0u16; 8], port)))})
+}
+
+fn echo(listen: SocketAddr) -> std::io::Result<()> {
+    let listener = TcpListener::bind(listen)?;
+    println!(
+        "{}",
+        json!({"event": "listening", "addr": listen.to_string()})
+    );
+    for conn in listener.incoming() {
+        let Ok(mut conn) = conn else { continue };
+        let _ = conn.set_nodelay(true);
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 64 * 1024];
+            while let Ok(n) = conn.read(&mut buf) {
+                if n == 0 || conn.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    Ok(())
+}
+
+fn round_trips(to: SocketAddr, size: usize, count: usize) -> std::io::Result<serde_json::Value> {
+    let mut conn = TcpStream::connect_timeout(&to, Duration::from_secs(3))?;
+    conn.set_nodelay(true)?;
+    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let request = vec![0x5au8; size];
+    let mut response = vec![0u8; size];
+    // Warm up: connection, pool and caches.
+    let warmup = count / 10 + 1;
+    let mut samples = Vec::with_capacity(count);
+    for i in 0..count + warmup {
+        let started = std::time::Instant::now();
+        conn.write_all(&request)?;
+        conn.read_exact(&mut response)?;
+        if i >= warmup {
+            samples.push(started.elapsed().as_nanos() as u64);
+        }
+    }
+    samples.sort_unstable();
+    let pick = |q: f64| {
+        samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)] as f64 / 1000.0
+    };
+    Ok(
+        json!({"count": count, "size": size, "p50_us": pick(0.50), "p99_us": pick(0.99), "p999_us": pick(0.999)}),
+    )
 }
 
 fn get(to: SocketAddr, path: &str) -> std::io::Result<serde_json::Value> {
@@ -203,8 +292,12 @@ fn get(to: SocketAddr, path: &str) -> std::io::Result<serde_json::Value> {
 
 fn main() {
     match Cli::parse().command {
-        Cmd::Serve { listen, send } => {
-            if let Err(e) = serve(listen, send) {
+        Cmd::Serve {
+            listen,
+            send,
+            discard,
+        } => {
+            if let Err(e) = serve(listen, send, discard) {
                 eprintln!("zt-probe serve {listen}: {e}");
                 std::process::exit(1);
             }
@@ -234,6 +327,19 @@ fn main() {
             }
         },
         Cmd::Bind { port } => println!("{}", bind(port)),
+        Cmd::Echo { listen } => {
+            if let Err(e) = echo(listen) {
+                eprintln!("zt-probe echo {listen}: {e}");
+                std::process::exit(1);
+            }
+        }
+        Cmd::Rr { to, size, count } => match round_trips(to, size, count) {
+            Ok(v) => println!("{v}"),
+            Err(e) => {
+                println!("{}", json!({"ok": false, "error": e.to_string()}));
+                std::process::exit(1);
+            }
+        },
         Cmd::Get { to, path } => match get(to, &path) {
             Ok(v) => println!("{v}"),
             Err(e) => println!("{}", json!({"status": 0, "error": e.to_string()})),

@@ -18,6 +18,29 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::pool::StreamGuard;
 
+/// HTTP/2 flow-control windows and frame size for the tunnel. The defaults (64 KiB windows,
+/// 16 KiB frames) stall a single bulk stream every few segments; these let one stream keep the
+/// path full while still bounding what a stalled reader can pin in memory.
+const STREAM_WINDOW: u32 = 4 << 20;
+const CONNECTION_WINDOW: u32 = 16 << 20;
+const MAX_FRAME: u32 = 256 << 10;
+
+pub fn client_builder() -> h2::client::Builder {
+    let mut b = h2::client::Builder::new();
+    b.initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME);
+    b
+}
+
+pub fn server_builder() -> h2::server::Builder {
+    let mut b = h2::server::Builder::new();
+    b.initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME);
+    b
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum TunnelError {
     #[error("the workload has no certificate")]

@@ -29,7 +29,7 @@ use crate::{
     },
     proxy::{
         Direction, Identities, ProxyContext, Tunnel, accept_loop, connect_in_pod, copy,
-        hbone::H2Stream, log_access, reset,
+        hbone::{self, H2Stream}, log_access, reset,
     },
     workload::LocalWorkload,
 };
@@ -167,7 +167,7 @@ async fn handle_hbone(
     };
     let local_id = slot.get().map(|s| s.id().clone());
     info!(workload = %id, %peer, source_identity = %peer_id, "HBONE connection accepted");
-    let mut connection = match h2::server::handshake(tls).await {
+    let mut connection = match hbone::server_builder().handshake(tls).await {
         Ok(c) => c,
         Err(e) => {
             warn!(workload = %id, %peer, error = %e, "HBONE: HTTP/2 handshake failed");

@@ -16,7 +16,7 @@ use crate::{
     identity::{spiffe::SpiffeId, tls::client_config},
     proxy::{
         Direction, Identities, ProxyContext, Tunnel, accept_loop, connect_in_pod, copy,
-        hbone::{H2Stream, TunnelError},
+        hbone::{self, H2Stream, TunnelError},
         log_access,
         pool::{PoolKey, PooledConnection},
         reset,
@@ -140,7 +140,7 @@ async fn open_tunnel(
     .await
     .map_err(|_| TunnelError::HandshakeTimeout)?
     .map_err(TunnelError::Handshake)?;
-    let (send, connection) = h2::client::handshake(tls).await?;
+    let (send, connection) = hbone::client_builder().handshake(tls).await?;
     let pooled = tunnel
         .pool
         .insert(key, send, connection, tunnel.pool_idle_timeout, hbone);

@@ -1,0 +1,202 @@
+//! `cargo xtask bench tunnel`: direct TCP against zt cross-node, in one run on the same topology,
+//! with release builds. Writes BENCHMARKS.md. Figures are ratios to direct TCP measured minutes
+//! apart at most, because this machine is shared and noisy; absolute numbers are indicative.
+use std::{fmt::Write as _, net::SocketAddr, time::Duration};
+
+use anyhow::{Context as _, bail};
+use serde_json::Value;
+use zt_tests::{
+    Agent, Pod, Testbed,
+    agent::{ca_init, meshed_config},
+    in_cgroup_and_netns,
+    probe::{Server, connect_with_pattern},
+};
+
+const MIB: u64 = 1024 * 1024;
+const THROUGHPUT_PORT: u16 = 9100;
+const ECHO_PORT: u16 = 9200;
+
+struct Figures {
+    throughput_mib_s: f64,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+fn throughput(
+    bed: &Testbed,
+    from: &Pod,
+    to: SocketAddr,
+    bytes: u64,
+    runs: usize,
+) -> anyhow::Result<f64> {
+    let mut best = 0f64;
+    for _ in 0..runs {
+        let r = connect_with_pattern(bed, from, to, bytes, Duration::from_secs(30), Some("zt"))?
+            .map_err(|e| anyhow::anyhow!("throughput run failed: {e}"))?;
+        let us = r["elapsed_us"].as_u64().context("no elapsed_us")? as f64;
+        best = best.max(bytes as f64 / MIB as f64 / (us / 1e6));
+    }
+    Ok(best)
+}
+
+fn round_trips(bed: &Testbed, from: &Pod, to: SocketAddr) -> anyhow::Result<(f64, f64)> {
+    let mut cmd = in_cgroup_and_netns(
+        zt_tests::bin_path("zt-probe")?,
+        Some(&from.cgroup),
+        &from.netns,
+    )?;
+    cmd.args([
+        "rr",
+        "--to",
+        &to.to_string(),
+        "--size",
+        "1024",
+        "--count",
+        "5000",
+    ]);
+    let out = cmd.output()?;
+    let v: Value = serde_json::from_slice(&out.stdout).context("rr printed no report")?;
+    let _ = bed;
+    Ok((
+        v["p50_us"].as_f64().context("p50")?,
+        v["p99_us"].as_f64().context("p99")?,
+    ))
+}
+
+fn measure(bed: &Testbed, from: &Pod, to: &Pod) -> anyhow::Result<Figures> {
+    let t = SocketAddr::new(to.ip(false), THROUGHPUT_PORT);
+    let e = SocketAddr::new(to.ip(false), ECHO_PORT);
+    let throughput_mib_s = throughput(bed, from, t, 512 * MIB, 3)?;
+    let (p50_us, p99_us) = round_trips(bed, from, e)?;
+    Ok(Figures {
+        throughput_mib_s,
+        p50_us,
+        p99_us,
+    })
+}
+
+pub fn tunnel() -> anyhow::Result<()> {
+    let root = crate::workspace_root();
+    crate::cargo(&["build", "--release", "-p", "zt-daemon", "-p", "zt-tests"])?;
+    // SAFETY: single-threaded at this point; the test bed reads it to find release binaries.
+    unsafe { std::env::set_var("ZT_BIN_DIR", root.join("target/release")) };
+
+    let mut bed = Testbed::new(2)?;
+    let (n1p1, n1p2) = (bed.pod(1, 1).clone(), bed.pod(1, 2).clone());
+    let (n2p1, n2p2) = (bed.pod(2, 1).clone(), bed.pod(2, 2).clone());
+    let ca = bed.dir.join("ca");
+    ca_init(&ca)?;
+    let c1 = meshed_config(bed.node(1), &[&n1p1], &[&n2p1], &ca, "strict");
+    let c2 = meshed_config(bed.node(2), &[&n2p1], &[&n1p1], &ca, "strict");
+    let _a1 = Agent::start_with_config(
+        &mut bed,
+        1,
+        &c1.replace(
+            "level = \"info,zt=debug\"",
+            "level = \"warn,zt_daemon::agent=info,zt_daemon::workload=info\"",
+        ),
+    )?;
+    let _a2 = Agent::start_with_config(
+        &mut bed,
+        2,
+        &c2.replace(
+            "level = \"info,zt=debug\"",
+            "level = \"warn,zt_daemon::agent=info,zt_daemon::workload=info\"",
+        ),
+    )?;
+    for pod in [&n2p1, &n2p2] {
+        Server::start(
+            &mut bed,
+            pod,
+            SocketAddr::from(([0, 0, 0, 0], THROUGHPUT_PORT)),
+        )?;
+        let mut echo = bed.pod_command(pod, zt_tests::bin_path("zt-probe")?)?;
+        echo.args([
+            "echo",
+            "--listen",
+            &SocketAddr::from(([0, 0, 0, 0], ECHO_PORT)).to_string(),
+        ]);
+        bed.spawn(echo, &format!("echo-{}.log", pod.name))?;
+    }
+    std::thread::sleep(Duration::from_millis(300));
+
+    println!("direct TCP: n1p2 -> n2p2 (neither enrolled)");
+    let direct = measure(&bed, &n1p2, &n2p2)?;
+    println!("zt cross-node: n1p1 -> n2p1 (HBONE, mutual TLS 1.3)");
+    let zt = measure(&bed, &n1p1, &n2p1)?;
+    if zt.throughput_mib_s <= 0.0 || direct.throughput_mib_s <= 0.0 {
+        bail!("no throughput measured");
+    }
+    drop(bed);
+
+    let ratio = zt.throughput_mib_s / direct.throughput_mib_s;
+    let added_p50 = zt.p50_us - direct.p50_us;
+    let added_p99 = zt.p99_us - direct.p99_us;
+    let machine = format!(
+        "{} cores, kernel {}",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+    );
+    let mut md = String::new();
+    writeln!(md, "# Benchmarks\n")?;
+    writeln!(
+        md,
+        "Produced by `bash scripts/dev.sh bench tunnel` (that is, `cargo xtask bench tunnel`), as root, release builds."
+    )?;
+    writeln!(
+        md,
+        "Machine: {machine}; shared and noisy, so compare the ratios, which come from one run.\n"
+    )?;
+    writeln!(
+        md,
+        "Topology (DESIGN.md §9): two node namespaces joined by a veth pair, pods on bridges. Direct = two"
+    )?;
+    writeln!(
+        md,
+        "pods outside the mesh; zt = the same path captured by eBPF on both nodes and carried over a"
+    )?;
+    writeln!(
+        md,
+        "pooled HBONE connection (HTTP/2 CONNECT over mutual TLS 1.3, aws-lc-rs).\n"
+    )?;
+    writeln!(
+        md,
+        "| path | single-stream throughput (MiB/s, best of 3 × 512 MiB) | 1 KiB RR p50 (µs) | 1 KiB RR p99 (µs) |"
+    )?;
+    writeln!(md, "| --- | ---: | ---: | ---: |")?;
+    for (name, f) in [("direct TCP", &direct), ("zt cross-node", &zt)] {
+        writeln!(
+            md,
+            "| {name} | {:.0} | {:.1} | {:.1} |",
+            f.throughput_mib_s, f.p50_us, f.p99_us
+        )?;
+    }
+    writeln!(md, "\n| ratio / delta | value | target (issue 4) | holds |")?;
+    writeln!(md, "| --- | ---: | ---: | --- |")?;
+    writeln!(
+        md,
+        "| throughput zt / direct | {ratio:.2}× | ≥ 0.45× | {} |",
+        if ratio >= 0.45 { "yes" } else { "no" }
+    )?;
+    writeln!(
+        md,
+        "| added p50 (1 KiB, warm pool) | {added_p50:.1} µs | ≤ 70 µs | {} |",
+        if added_p50 <= 70.0 { "yes" } else { "no" }
+    )?;
+    writeln!(
+        md,
+        "| added p99 | {added_p99:.1} µs | ≤ 2 × added p50 | {} |",
+        if added_p99 <= 2.0 * added_p50.max(0.0) {
+            "yes"
+        } else {
+            "no"
+        }
+    )?;
+    std::fs::write(root.join("BENCHMARKS.md"), &md)?;
+    println!("\n{md}");
+    Ok(())
+}
