@@ -29,7 +29,8 @@ use crate::{
     },
     proxy::{
         Direction, Identities, ProxyContext, Tunnel, accept_loop, connect_in_pod, copy,
-        hbone::{self, H2Stream}, log_access, reset,
+        hbone::{self, H2Stream},
+        log_access, reset,
     },
     workload::LocalWorkload,
 };
