@@ -214,7 +214,8 @@ fn wire_between_nodes_carries_only_tls_on_15008() {
     let report = connect_with_pattern(&m.bed, &p11, dst, MIB, TIMEOUT, Some(marker))
         .unwrap()
         .expect("transfer");
-    intact(&report, MIB);
+    // Pattern mode is not hashed by the client; the byte count proves delivery.
+    assert_eq!(report["reply"]["bytes"].as_u64(), Some(MIB), "{report}");
     std::thread::sleep(Duration::from_millis(300));
     m.bed.kill(pid);
 
