@@ -115,6 +115,16 @@ pub fn connect_duplex(
     )
 }
 
+/// Sends `bytes`, then resets the connection (RST) instead of closing it.
+pub fn connect_and_reset(
+    bed: &Testbed,
+    pod: &Pod,
+    to: SocketAddr,
+    bytes: u64,
+) -> anyhow::Result<Result<Value, Value>> {
+    run_connect(bed, pod, to, bytes, Duration::from_secs(3), &["--reset"])
+}
+
 /// As [`connect`], staying silent for `idle` after connecting.
 pub fn connect_after_idle(
     bed: &Testbed,

@@ -322,3 +322,29 @@ fn cross_node_256_mib_both_ways_at_once() {
 fn same_node_256_mib_both_ways_at_once() {
     duplex(false);
 }
+
+#[test]
+fn a_reset_on_one_side_is_a_reset_on_the_other() {
+    let m = mesh("strict");
+    let (p11, p21) = (m.bed.pod(1, 1), m.bed.pod(2, 1));
+    let dst = SocketAddr::new(p21.ip(false), PORT);
+    zt_tests::probe::connect_and_reset(&m.bed, p11, dst, 64 * 1024)
+        .unwrap()
+        .expect("probe ran");
+    let seen = m.server.expect_connections(1).unwrap();
+    assert_eq!(
+        seen[0]["end"], "reset",
+        "the server saw a clean close: {}",
+        seen[0]
+    );
+    let out = m
+        .agent1
+        .wait_access("reset outbound", |r| r["direction"] == "outbound")
+        .unwrap();
+    assert_eq!(out["close"], "downstream_reset", "{out}");
+    let inb = m
+        .agent2
+        .wait_access("reset inbound", |r| r["direction"] == "inbound")
+        .unwrap();
+    assert_eq!(inb["close"], "downstream_reset", "{inb}");
+}

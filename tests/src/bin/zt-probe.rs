@@ -54,6 +54,9 @@ enum Cmd {
         /// Bytes the server sends before its reply (its `--send`), read while sending.
         #[arg(long, default_value_t = 0)]
         expect: u64,
+        /// After sending, reset the connection (RST) instead of half-closing it.
+        #[arg(long)]
+        reset: bool,
     },
     Bind {
         #[arg(long)]
@@ -189,6 +192,7 @@ fn connect(
     pattern: Option<&str>,
     idle: Duration,
     expect: u64,
+    reset: bool,
 ) -> Result<serde_json::Value, std::io::Error> {
     let started = std::time::Instant::now();
     let mut conn = TcpStream::connect_timeout(&to, timeout)?;
@@ -205,6 +209,13 @@ fn connect(
         (received, received_sha256, outcome)
     });
     let sent_sha256 = send_bytes(&mut conn, bytes, pattern)?;
+    if reset {
+        // Give the bytes time to leave, then close with linger 0: a RST, not a FIN.
+        std::thread::sleep(Duration::from_millis(300));
+        socket2::SockRef::from(&conn).set_linger(Some(Duration::ZERO))?;
+        drop(conn);
+        return Ok(json!({"ok": true, "reset": true, "sent": bytes}));
+    }
     conn.shutdown(Shutdown::Write)?;
     let (received, received_sha256, reply) = receiving
         .join()
@@ -309,6 +320,7 @@ fn main() {
             pattern,
             idle_ms,
             expect,
+            reset,
         } => match connect(
             to,
             bytes,
@@ -316,6 +328,7 @@ fn main() {
             pattern.as_deref(),
             Duration::from_millis(idle_ms),
             expect,
+            reset,
         ) {
             Ok(v) => println!("{v}"),
             Err(e) => {
