@@ -154,12 +154,18 @@ fn read_bytes(
     (total, digest, end)
 }
 
-fn serve(listen: SocketAddr, send: u64, discard: bool) -> std::io::Result<()> {
+/// Binds a listener and tells the test it is ready (the `listening` event).
+fn bind_and_announce(listen: SocketAddr) -> std::io::Result<TcpListener> {
     let listener = TcpListener::bind(listen)?;
     println!(
         "{}",
         json!({"event": "listening", "addr": listen.to_string()})
     );
+    Ok(listener)
+}
+
+fn serve(listen: SocketAddr, send: u64, discard: bool) -> std::io::Result<()> {
+    let listener = bind_and_announce(listen)?;
     for conn in listener.incoming() {
         let Ok(mut conn) = conn else { continue };
         std::thread::spawn(move || {
@@ -240,11 +246,7 @@ fn bind(port: u16) -> serde_json::Value {
 }
 
 fn echo(listen: SocketAddr) -> std::io::Result<()> {
-    let listener = TcpListener::bind(listen)?;
-    println!(
-        "{}",
-        json!({"event": "listening", "addr": listen.to_string()})
-    );
+    let listener = bind_and_announce(listen)?;
     for conn in listener.incoming() {
         let Ok(mut conn) = conn else { continue };
         let _ = conn.set_nodelay(true);

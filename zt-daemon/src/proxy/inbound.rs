@@ -45,11 +45,9 @@ pub async fn serve_plaintext(
     accept_loop(
         listener,
         "inbound",
-        &workload.clone(),
-        move |stream, peer| {
-            let (workload, ctx) = (workload.clone(), ctx.clone());
-            async move { handle_plaintext(stream, peer, &workload, &ctx).await }
-        },
+        workload,
+        ctx,
+        |stream, peer, w, c| async move { handle_plaintext(stream, peer, &w, &c).await },
     )
     .await
 }
@@ -59,15 +57,20 @@ pub async fn serve_hbone(
     workload: Arc<LocalWorkload>,
     ctx: Arc<ProxyContext>,
 ) {
-    accept_loop(listener, "hbone", &workload.clone(), move |stream, peer| {
-        let (workload, ctx) = (workload.clone(), ctx.clone());
-        async move {
-            match &ctx.tunnel {
-                Some(tunnel) => handle_hbone(stream, peer, &workload, tunnel, ctx.idle_timeout).await,
-                None => debug!(workload = %workload.workload.id, %peer, "no identity provider: HBONE refused"),
+    accept_loop(
+        listener,
+        "hbone",
+        workload,
+        ctx,
+        |stream, peer, w, c| async move {
+            match &c.tunnel {
+                Some(tunnel) => handle_hbone(stream, peer, &w, tunnel, c.idle_timeout).await,
+                None => {
+                    debug!(workload = %w.workload.id, %peer, "no identity provider: HBONE refused")
+                }
             }
-        }
-    })
+        },
+    )
     .await
 }
 

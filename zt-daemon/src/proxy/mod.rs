@@ -85,10 +85,11 @@ impl Direction {
 pub(crate) async fn accept_loop<F, Fut>(
     listener: TcpListener,
     what: &'static str,
-    workload: &LocalWorkload,
+    workload: Arc<LocalWorkload>,
+    ctx: Arc<ProxyContext>,
     handle: F,
 ) where
-    F: Fn(tokio::net::TcpStream, SocketAddr) -> Fut,
+    F: Fn(tokio::net::TcpStream, SocketAddr, Arc<LocalWorkload>, Arc<ProxyContext>) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let mut connections = JoinSet::new();
@@ -102,7 +103,7 @@ pub(crate) async fn accept_loop<F, Fut>(
                         reset(stream);
                         continue;
                     };
-                    let work = handle(stream, peer);
+                    let work = handle(stream, peer, workload.clone(), ctx.clone());
                     connections.spawn(async move {
                         work.await;
                         drop(permit);

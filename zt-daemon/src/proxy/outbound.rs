@@ -28,11 +28,9 @@ pub async fn serve(listener: TcpListener, workload: Arc<LocalWorkload>, ctx: Arc
     accept_loop(
         listener,
         "outbound",
-        &workload.clone(),
-        move |stream, peer| {
-            let (workload, ctx) = (workload.clone(), ctx.clone());
-            async move { handle(stream, peer, &workload, &ctx).await }
-        },
+        workload,
+        ctx,
+        |stream, peer, w, c| async move { handle(stream, peer, &w, &c).await },
     )
     .await
 }
