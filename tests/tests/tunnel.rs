@@ -24,6 +24,11 @@ struct Mesh {
 
 /// n1p1 and n2p1 are meshed (one per node), n1p2 is meshed on node 1 too, n2p2 is outside.
 fn mesh(mode: &str) -> Mesh {
+    mesh_with(mode, None)
+}
+
+/// As [`mesh`], node 2's agent watching `revocations` as its revocation list.
+fn mesh_with(mode: &str, revocations: Option<&std::path::Path>) -> Mesh {
     let mut bed = Testbed::new(2).unwrap();
     let ca = bed.dir.join("ca");
     zt_tests::agent::ca_init(&ca).unwrap();
@@ -33,7 +38,13 @@ fn mesh(mode: &str) -> Mesh {
         bed.pod(2, 1).clone(),
     );
     let c1 = meshed_config(bed.node(1), &[&p11, &p12], &[&p21], &ca, mode);
-    let c2 = meshed_config(bed.node(2), &[&p21], &[&p11, &p12], &ca, mode);
+    let mut c2 = meshed_config(bed.node(2), &[&p21], &[&p11, &p12], &ca, mode);
+    if let Some(path) = revocations {
+        c2 = c2.replace(
+            "[identity]\n",
+            &format!("[identity]\nrevocation_file = \"{}\"\n", path.display()),
+        );
+    }
     let agent1 = Agent::start_with_config(&mut bed, 1, &c1).unwrap();
     let agent2 = Agent::start_with_config(&mut bed, 2, &c2).unwrap();
     let server = Server::start(&mut bed, &p21, SocketAddr::from(([0u16; 8], PORT))).unwrap();
@@ -347,4 +358,48 @@ fn a_reset_on_one_side_is_a_reset_on_the_other() {
         .wait_access("reset inbound", |r| r["direction"] == "inbound")
         .unwrap();
     assert_eq!(inb["close"], "downstream_reset", "{inb}");
+}
+
+#[test]
+fn revoking_a_peer_closes_its_live_connections() {
+    let dir = std::env::temp_dir().join(format!("zt-revocations-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let list = dir.join("revoked.txt");
+    std::fs::write(&list, "# nothing revoked\n").unwrap();
+    let m = mesh_with("strict", Some(&list));
+    let (p11, p21) = (m.bed.pod(1, 1).clone(), m.bed.pod(2, 1).clone());
+    let dst = SocketAddr::new(p21.ip(false), PORT);
+    // Before: the identity is fine.
+    intact(
+        &connect(&m.bed, &p11, dst, 1024, TIMEOUT).unwrap().unwrap(),
+        1024,
+    );
+
+    let bed = &m.bed;
+    let held = std::thread::scope(|s| {
+        let held = s.spawn(|| {
+            zt_tests::probe::connect_after_idle(bed, &p11, dst, Duration::from_millis(2500))
+                .unwrap()
+        });
+        std::thread::sleep(Duration::from_millis(700));
+        let tmp = dir.join("revoked.tmp");
+        std::fs::write(&tmp, format!("{}\n", spiffe_id(&p11))).unwrap();
+        std::fs::rename(&tmp, &list).unwrap();
+        held.join().unwrap()
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        held.is_err(),
+        "the revoked identity's open connection survived: {held:?}"
+    );
+    let events = m.agent2.events().unwrap();
+    assert!(
+        events
+            .iter()
+            .any(|e| e["close"] == "revoked" && e["source_identity"] == spiffe_id(&p11).as_str()),
+        "no revoked close logged\n{}",
+        m.agent2.log_tail()
+    );
+    // And new connections from it are refused.
+    assert!(connect(&m.bed, &p11, dst, 1024, TIMEOUT).unwrap().is_err());
 }

@@ -158,17 +158,17 @@ async fn handle_hbone(
         warn!(workload = %id, %peer, "HBONE refused: client did not negotiate ALPN h2");
         return;
     }
-    let peer_id = tls
+    let peer_leaf = tls
         .get_ref()
         .1
         .peer_certificates()
         .and_then(|certs| certs.first())
-        .and_then(|leaf| LeafFacts::parse(leaf).ok())
-        .map(|leaf| leaf.id);
-    let Some(peer_id) = peer_id else {
+        .and_then(|leaf| LeafFacts::parse(leaf).ok());
+    let Some(peer_leaf) = peer_leaf else {
         // The verifier already required an SVID; this cannot happen with a completed handshake.
         return;
     };
+    let peer_id = peer_leaf.id.clone();
     let local_id = slot.get().map(|s| s.id().clone());
     info!(workload = %id, %peer, source_identity = %peer_id, "HBONE connection accepted");
     let mut connection = match hbone::server_builder().handshake(tls).await {
@@ -178,22 +178,39 @@ async fn handle_hbone(
             return;
         }
     };
-    while let Some(next) = connection.accept().await {
-        let (request, respond) = match next {
-            Ok(r) => r,
-            Err(e) => {
-                debug!(workload = %id, %peer, error = %e, "HBONE connection ended");
-                break;
+    // A revocation that arrives while the connection is open closes it, and with it every
+    // stream it carries (dropping an h2 connection fails its streams, which resets both ends).
+    let mut trust_changes = tunnel.trust.subscribe();
+    let mut watching = true;
+    loop {
+        tokio::select! {
+            next = connection.accept() => {
+                let (request, respond) = match next {
+                    Some(Ok(r)) => r,
+                    Some(Err(e)) => {
+                        debug!(workload = %id, %peer, error = %e, "HBONE connection ended");
+                        break;
+                    }
+                    None => break,
+                };
+                let (workload, peer_id, local_id) = (workload.clone(), peer_id.clone(), local_id.clone());
+                tokio::spawn(async move {
+                    let identities = Identities {
+                        source: Some(peer_id),
+                        destination: local_id,
+                    };
+                    handle_connect(request, respond, peer, &workload, identities, idle_timeout).await
+                });
             }
-        };
-        let (workload, peer_id, local_id) = (workload.clone(), peer_id.clone(), local_id.clone());
-        tokio::spawn(async move {
-            let identities = Identities {
-                source: Some(peer_id),
-                destination: local_id,
-            };
-            handle_connect(request, respond, peer, &workload, identities, idle_timeout).await
-        });
+            changed = trust_changes.changed(), if watching => {
+                watching = changed.is_ok();
+                let revoked = trust_changes.borrow_and_update().revoked(&peer_leaf.id, &peer_leaf.serial);
+                if revoked.is_some() {
+                    warn!(workload = %id, %peer, source_identity = %peer_id, close = "revoked", "HBONE connection closed: peer certificate revoked");
+                    break;
+                }
+            }
+        }
     }
 }
 
