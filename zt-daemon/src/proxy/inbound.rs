@@ -28,9 +28,9 @@ use crate::{
         tls::{ALPN_H2, server_config},
     },
     proxy::{
-        Direction, Identities, ProxyContext, Tunnel, accept_loop, connect_in_pod, copy,
+        AccessRecord, Direction, Identities, ProxyContext, Tunnel, accept_loop, connect_in_pod,
         hbone::{self, H2Stream},
-        log_access, reset,
+        relay_and_log, reset,
     },
     workload::LocalWorkload,
 };
@@ -111,16 +111,15 @@ async fn handle_plaintext(
             return;
         }
     };
-    let outcome = copy::relay(client, app, ctx.idle_timeout).await;
-    log_access(
-        Direction::Inbound,
+    let record = AccessRecord {
+        direction: Direction::Inbound,
         workload,
         peer,
-        dst,
-        &Identities::NONE,
+        original_dst: dst,
+        identities: Identities::NONE,
         started,
-        &outcome,
-    );
+    };
+    relay_and_log(record, client, app, ctx.idle_timeout).await;
 }
 
 async fn handle_hbone(
@@ -268,14 +267,13 @@ async fn handle_connect(
         }
     };
     let tunnel = H2Stream::new(send, request.into_body());
-    let outcome = copy::relay(tunnel, app, idle_timeout).await;
-    log_access(
-        Direction::Inbound,
+    let record = AccessRecord {
+        direction: Direction::Inbound,
         workload,
         peer,
-        dst,
-        &identities,
+        original_dst: dst,
+        identities,
         started,
-        &outcome,
-    );
+    };
+    relay_and_log(record, tunnel, app, idle_timeout).await;
 }

@@ -58,10 +58,14 @@ pub struct ProxyContext {
     pub max_connections_per_workload: usize,
 }
 
-use tokio::{net::TcpListener, task::JoinSet};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpListener,
+    task::JoinSet,
+};
 use tracing::{info, warn};
 
-use crate::{proxy::copy::RelayOutcome, workload::LocalWorkload};
+use crate::workload::LocalWorkload;
 
 /// Which side of the agent a connection was captured on.
 #[derive(Debug, Clone, Copy)]
@@ -151,33 +155,45 @@ impl Identities {
     };
 }
 
-/// One access-log line per closed connection (target `zt::access`).
-pub(crate) fn log_access(
-    direction: Direction,
-    workload: &LocalWorkload,
-    peer: SocketAddr,
-    original_dst: SocketAddr,
-    identities: &Identities,
-    started: Instant,
-    outcome: &RelayOutcome,
-) {
+/// Who and where a relayed connection is, for its access-log line.
+pub(crate) struct AccessRecord<'a> {
+    pub direction: Direction,
+    pub workload: &'a LocalWorkload,
+    pub peer: SocketAddr,
+    pub original_dst: SocketAddr,
+    pub identities: Identities,
+    pub started: Instant,
+}
+
+/// Relays until the connection ends, then writes its one access-log line (target `zt::access`).
+pub(crate) async fn relay_and_log<D, U>(
+    record: AccessRecord<'_>,
+    downstream: D,
+    upstream: U,
+    idle_timeout: Duration,
+) where
+    D: AsyncRead + AsyncWrite + copy::Abort + Unpin,
+    U: AsyncRead + AsyncWrite + copy::Abort + Unpin,
+{
+    let outcome = copy::relay(downstream, upstream, idle_timeout).await;
     let name = |id: &Option<SpiffeId>| {
         id.as_ref()
             .map_or_else(|| "-".to_owned(), ToString::to_string)
     };
-    let mtls = identities.source.is_some() && identities.destination.is_some();
+    let ids = &record.identities;
+    let mtls = ids.source.is_some() && ids.destination.is_some();
     info!(
         target: "zt::access",
-        direction = direction.as_str(),
-        workload = %workload.workload.id,
-        source_identity = %name(&identities.source),
-        destination_identity = %name(&identities.destination),
+        direction = record.direction.as_str(),
+        workload = %record.workload.workload.id,
+        source_identity = %name(&ids.source),
+        destination_identity = %name(&ids.destination),
         connection_security_policy = if mtls { "mutual_tls" } else { "none" },
-        peer = %peer,
-        original_dst = %original_dst,
+        peer = %record.peer,
+        original_dst = %record.original_dst,
         bytes_sent = outcome.sent,
         bytes_received = outcome.received,
-        duration_ms = started.elapsed().as_millis() as u64,
+        duration_ms = record.started.elapsed().as_millis() as u64,
         close = %outcome.close,
         "connection closed"
     );

@@ -15,11 +15,10 @@ use crate::{
     config::MtlsMode,
     identity::{spiffe::SpiffeId, tls::client_config},
     proxy::{
-        Direction, Identities, ProxyContext, Tunnel, accept_loop, connect_in_pod, copy,
+        AccessRecord, Direction, Identities, ProxyContext, Tunnel, accept_loop, connect_in_pod,
         hbone::{self, H2Stream, TunnelError},
-        log_access,
         pool::{PoolKey, PooledConnection},
-        reset,
+        relay_and_log, reset,
     },
     workload::LocalWorkload,
 };
@@ -43,6 +42,14 @@ async fn handle(app: TcpStream, peer: SocketAddr, workload: &LocalWorkload, ctx:
         return;
     };
     let id = &workload.workload.id;
+    let plain = AccessRecord {
+        direction: Direction::Outbound,
+        workload,
+        peer,
+        original_dst: dst,
+        identities: Identities::NONE,
+        started,
+    };
     let meshed = ctx
         .tunnel
         .as_ref()
@@ -51,20 +58,15 @@ async fn handle(app: TcpStream, peer: SocketAddr, workload: &LocalWorkload, ctx:
         Some((tunnel, Some(expected))) => match open_tunnel(workload, tunnel, dst, &expected).await
         {
             Ok((stream, source)) => {
-                let outcome = copy::relay(app, stream, ctx.idle_timeout).await;
                 let identities = Identities {
                     source: Some(source),
                     destination: Some(expected),
                 };
-                log_access(
-                    Direction::Outbound,
-                    workload,
-                    peer,
-                    dst,
-                    &identities,
-                    started,
-                    &outcome,
-                );
+                let record = AccessRecord {
+                    identities,
+                    ..plain
+                };
+                relay_and_log(record, app, stream, ctx.idle_timeout).await;
             }
             Err(e) => {
                 warn!(workload = %id, original_dst = %dst, destination_identity = %expected, error = %e, "HBONE connect failed");
@@ -76,18 +78,7 @@ async fn handle(app: TcpStream, peer: SocketAddr, workload: &LocalWorkload, ctx:
             reset(app);
         }
         _ => match connect_in_pod(workload, dst).await {
-            Ok(upstream) => {
-                let outcome = copy::relay(app, upstream, ctx.idle_timeout).await;
-                log_access(
-                    Direction::Outbound,
-                    workload,
-                    peer,
-                    dst,
-                    &Identities::NONE,
-                    started,
-                    &outcome,
-                );
-            }
+            Ok(upstream) => relay_and_log(plain, app, upstream, ctx.idle_timeout).await,
             Err(e) => {
                 warn!(workload = %id, original_dst = %dst, error = %e, "outbound connect failed");
                 reset(app);
