@@ -17,9 +17,13 @@ pub struct Agent {
 }
 
 /// The node config for `node`'s agent enrolling `workloads` (name = pod name, namespace "default").
+/// The `[policy]` section of `node_config`: tests that are not about policy admit everyone.
+/// Policy tests replace it with their own.
+pub const ALLOW_BY_DEFAULT: &str = "[policy]\ndefault = \"allow\"\n";
+
 pub fn node_config(node: &Node, workloads: &[&Pod], extra_capture: &str) -> String {
     let mut c = format!(
-        "node_name = \"{}\"\n[capture]\ncgroup = \"{}\"\nbpffs_dir = \"{}\"\n{extra_capture}\n[log]\nformat = \"json\"\nlevel = \"info,zt=debug\"\n",
+        "node_name = \"{}\"\n[capture]\ncgroup = \"{}\"\nbpffs_dir = \"{}\"\n{extra_capture}\n[log]\nformat = \"json\"\nlevel = \"info,zt=debug\"\n{ALLOW_BY_DEFAULT}",
         node.name,
         node.cgroup.display(),
         node.pin_dir.display()

@@ -174,6 +174,18 @@ fn hbone_listener_refuses_what_it_must() {
             Ok(403)
         );
 
+        // A CONNECT without an ip:port authority: a host name, or none at all. h2 refuses the
+        // latter itself (malformed request, RST_STREAM); either way nothing reaches the app.
+        assert_eq!(
+            request(hbone, good(), http::Method::CONNECT, "example.com:9000").await,
+            Ok(400)
+        );
+        let no_authority = request(hbone, good(), http::Method::CONNECT, "/").await;
+        assert!(
+            matches!(no_authority, Err(_) | Ok(400)),
+            "CONNECT without authority: {no_authority:?}"
+        );
+
         // Not a CONNECT.
         let get = format!("https://{app}/");
         assert_eq!(

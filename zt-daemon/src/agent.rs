@@ -14,9 +14,10 @@ use tracing::{error, info, warn};
 
 use crate::{
     admin::{self, Readiness, ReadyInputs},
-    config::{NodeConfig, Workload, WorkloadId},
+    config::{MtlsMode, NodeConfig, Workload, WorkloadId},
     ebpf::{Capture, OriginalDsts},
     identity::{node::NodeIdentity, rotation::WorkloadIdentity, spiffe::SpiffeId},
+    policy::{self, PolicySet, PolicyStore},
     proxy::{MeshDirectory, ProxyContext, Tunnel},
     workload::Enrollment,
 };
@@ -28,6 +29,8 @@ pub struct Agent {
     /// `None` when the config has no `[identity]` section (capture only).
     identity: Option<NodeIdentity>,
     proxy: Arc<ProxyContext>,
+    /// Reloads policies when their files change; dropped (and replaced) on a config reload.
+    _policy_watch: Option<notify::RecommendedWatcher>,
     enrolled: BTreeMap<WorkloadId, Enrollment>,
     readiness: Readiness,
 }
@@ -52,8 +55,18 @@ impl Agent {
             pins = %capture.pin_dir().display(),
             "capture started"
         );
+        let mtls_default = Self::mtls_default(&config);
+        let (policies, warnings) = PolicySet::load(&config.policy, mtls_default)
+            .context("loading policies (policy.dir)")?;
+        policy::log_warnings(&warnings);
+        info!(policies = policies.len(), default = ?config.policy.default, "policies loaded");
+        let policy = PolicyStore::new(policies);
+        let policy_watch = policy
+            .watch(&config.policy, mtls_default)
+            .context("watching policies")?;
         let proxy = Arc::new(ProxyContext {
             dsts,
+            policy,
             idle_timeout: config.limits.idle_timeout,
             max_connections_per_workload: config.limits.max_connections_per_workload,
             tunnel: identity.as_ref().map(|node| Tunnel {
@@ -71,6 +84,7 @@ impl Agent {
             capture,
             proxy,
             identity,
+            _policy_watch: policy_watch,
             enrolled: BTreeMap::new(),
             readiness: Readiness::default(),
         })
@@ -116,6 +130,15 @@ impl Agent {
             || new.capture.probe_source != self.config.capture.probe_source;
         if settings_changed && let Err(e) = self.capture.maps.apply_settings(&new.capture) {
             error!(error = %e, "applying capture settings");
+        }
+        // SIGHUP reloads policies too, and follows a changed policy section.
+        let mtls_default = Self::mtls_default(&new);
+        self.proxy.policy.reload(&new.policy, mtls_default);
+        if new.policy != self.config.policy {
+            match self.proxy.policy.watch(&new.policy, mtls_default) {
+                Ok(w) => self._policy_watch = w,
+                Err(e) => error!(error = %e, "watching the new policy.dir"),
+            }
         }
         self.config = new;
         self.reconcile(self.config.workloads.clone()).await;
@@ -167,6 +190,16 @@ impl Agent {
                 .collect(),
             identity_required: self.identity.is_some(),
         });
+    }
+
+    /// The mTLS mode PeerAuthentication overrides: `mtls.mode`, or permissive on a capture-only
+    /// node, where no peer can present an identity.
+    fn mtls_default(config: &NodeConfig) -> MtlsMode {
+        if config.identity.is_some() {
+            config.mtls.mode
+        } else {
+            MtlsMode::Permissive
+        }
     }
 
     /// Meshed addresses: this node's enrolled workloads and the configured remote endpoints.

@@ -20,6 +20,7 @@ const DEFAULT_HANDSHAKE_TIMEOUT_MS: u64 = 5000;
 const DEFAULT_POOL_IDLE_SECONDS: u64 = 60;
 const DEFAULT_IDLE_TIMEOUT_SECONDS: u64 = 3600;
 const DEFAULT_MAX_CONNECTIONS: usize = 16384;
+const DEFAULT_ROOT_NAMESPACE: &str = "zt-system";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -48,6 +49,7 @@ pub struct NodeConfig {
     pub identity: Option<IdentityConfig>,
     pub capture: CaptureConfig,
     pub mtls: MtlsConfig,
+    pub policy: PolicyConfig,
     pub limits: LimitsConfig,
     /// Meshed workloads on other nodes (until discovery provides them): address -> identity.
     pub endpoints: Vec<MeshEndpoint>,
@@ -61,6 +63,25 @@ pub struct MtlsConfig {
     pub mode: MtlsMode,
     /// A pooled HBONE connection without streams closes after this long.
     pub pool_idle_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyConfig {
+    /// A YAML file or a directory of them (AuthorizationPolicy, PeerAuthentication); watched.
+    pub dir: Option<PathBuf>,
+    /// The decision for a workload that no ALLOW policy selects.
+    pub default: PolicyDefault,
+    /// Policies in this namespace apply to every namespace.
+    pub root_namespace: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PolicyDefault {
+    /// Zero trust: nothing is reachable until an ALLOW policy says so.
+    Deny,
+    /// Istio's behaviour: a workload without ALLOW policies accepts everyone.
+    Allow,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -178,6 +199,8 @@ struct RawConfig {
     #[serde(default)]
     mtls: RawMtls,
     #[serde(default)]
+    policy: RawPolicy,
+    #[serde(default)]
     limits: RawLimits,
     #[serde(default, rename = "endpoint")]
     endpoints: Vec<RawEndpoint>,
@@ -220,6 +243,14 @@ enum RawProvider {
 struct RawMtls {
     mode: Option<MtlsMode>,
     pool_idle_seconds: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    dir: Option<PathBuf>,
+    default: Option<PolicyDefault>,
+    root_namespace: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -368,6 +399,23 @@ impl NodeConfig {
                 Ok(MeshEndpoint { ip: e.ip, identity })
             })
             .collect::<Result<Vec<_>, ConfigError>>()?;
+        let root_namespace = raw
+            .policy
+            .root_namespace
+            .unwrap_or_else(|| DEFAULT_ROOT_NAMESPACE.to_owned());
+        if !is_dns_label(&root_namespace) {
+            return Err(invalid(format!(
+                "policy.root_namespace: {root_namespace:?} is not a DNS label"
+            )));
+        }
+        if let Some(dir) = &raw.policy.dir
+            && !dir.is_absolute()
+        {
+            return Err(invalid(format!(
+                "policy.dir: {} is not an absolute path",
+                dir.display()
+            )));
+        }
         Ok(NodeConfig {
             node_name: raw.node_name,
             trust_domain,
@@ -385,6 +433,11 @@ impl NodeConfig {
                         .pool_idle_seconds
                         .unwrap_or(DEFAULT_POOL_IDLE_SECONDS),
                 ),
+            },
+            policy: PolicyConfig {
+                dir: raw.policy.dir,
+                default: raw.policy.default.unwrap_or(PolicyDefault::Deny),
+                root_namespace,
             },
             limits: LimitsConfig {
                 handshake_timeout: Duration::from_millis(

@@ -5,12 +5,10 @@ use std::{
     collections::HashMap,
     path::{Path, PathBuf},
     sync::Arc,
-    time::Duration,
 };
 
-use notify::{RecommendedWatcher, RecursiveMode, Watcher as _};
+use notify::RecommendedWatcher;
 use rustls::pki_types::CertificateDer;
-use tokio::sync::mpsc;
 use tracing::{error, info};
 
 use super::{
@@ -23,9 +21,6 @@ use super::{
 };
 use crate::config::{IdentityConfig, IdentityProvider};
 
-/// Bursts of file events (an editor's write-rename, cert-manager's atomic swap) settle first.
-const SETTLE: Duration = Duration::from_millis(200);
-
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
     #[error(transparent)]
@@ -36,8 +31,8 @@ pub enum IdentityError {
     Revocation(#[from] RevocationError),
     #[error("trust bundle: {0}")]
     Trust(String),
-    #[error("watching {path}: {message}")]
-    Watch { path: PathBuf, message: String },
+    #[error(transparent)]
+    Watch(#[from] crate::watch::WatchError),
 }
 
 /// Everything the trust state is built from; cloned into the watcher task.
@@ -139,42 +134,22 @@ fn watch(
     renewal: &Renewal,
 ) -> Result<Option<RecommendedWatcher>, IdentityError> {
     let paths = sources.watched_paths();
-    let Some(first) = paths.first().cloned() else {
+    if paths.is_empty() {
         return Ok(None);
-    };
-    let watch_err = |path: &Path, e: notify::Error| IdentityError::Watch {
-        path: path.to_owned(),
-        message: e.to_string(),
-    };
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok() {
-            let _ = tx.send(());
-        }
-    })
-    .map_err(|e| watch_err(&first, e))?;
-    for path in &paths {
-        watcher
-            .watch(path, RecursiveMode::Recursive)
-            .map_err(|e| watch_err(path, e))?;
     }
     let (sources, trust, renewal) = (sources.clone(), trust.clone(), renewal.clone());
-    tokio::spawn(async move {
-        while rx.recv().await.is_some() {
-            tokio::time::sleep(SETTLE).await;
-            while rx.try_recv().is_ok() {}
-            match sources.load() {
-                Ok(state) => {
-                    trust.replace(state);
-                    info!("trust bundles and revocation list reloaded");
-                }
-                Err(e) => {
-                    error!(error = %e, "identity reload rejected; keeping the previous trust state")
-                }
+    let watcher = crate::watch::on_change(&paths, move || {
+        match sources.load() {
+            Ok(state) => {
+                trust.replace(state);
+                info!("trust bundles and revocation list reloaded");
             }
-            // SVID files may have changed too: every workload re-reads its own.
-            renewal.wake.notify_waiters();
+            Err(e) => {
+                error!(error = %e, "identity reload rejected; keeping the previous trust state")
+            }
         }
-    });
+        // SVID files may have changed too: every workload re-reads its own.
+        renewal.wake.notify_waiters();
+    })?;
     Ok(Some(watcher))
 }

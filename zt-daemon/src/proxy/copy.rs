@@ -6,6 +6,7 @@
 //! either side resets both, so a peer that resets is seen as a reset, not as a clean close.
 use std::{
     fmt,
+    future::Future,
     sync::atomic::{AtomicU64, Ordering},
     time::{Duration, Instant},
 };
@@ -30,6 +31,8 @@ pub enum CloseReason {
     UpstreamReset,
     /// No byte in either direction for `limits.idle_timeout`.
     IdleTimeout,
+    /// A policy update denied the open connection.
+    Policy,
 }
 
 impl fmt::Display for CloseReason {
@@ -39,6 +42,7 @@ impl fmt::Display for CloseReason {
             Self::DownstreamReset => "downstream_reset",
             Self::UpstreamReset => "upstream_reset",
             Self::IdleTimeout => "idle_timeout",
+            Self::Policy => "policy",
         })
     }
 }
@@ -50,6 +54,17 @@ pub struct RelayOutcome {
     /// Bytes copied upstream -> downstream.
     pub received: u64,
     pub close: CloseReason,
+}
+
+impl RelayOutcome {
+    /// A connection closed before any byte was relayed.
+    pub fn refused(close: CloseReason) -> Self {
+        Self {
+            sent: 0,
+            received: 0,
+            close,
+        }
+    }
 }
 
 /// Which side of a copy failed.
@@ -116,9 +131,15 @@ impl Abort for super::hbone::H2Stream {
     }
 }
 
-/// Relays between `downstream` and `upstream` until both directions are done, one side fails, or
-/// nothing moved for `idle_timeout`; a failure or idle timeout aborts both sides.
-pub async fn relay<D, U>(downstream: D, upstream: U, idle_timeout: Duration) -> RelayOutcome
+/// Relays between `downstream` and `upstream` until both directions are done, one side fails,
+/// nothing moved for `idle_timeout`, or `interrupt` resolves (with the reason to close); anything
+/// but a clean end aborts both sides.
+pub async fn relay<D, U>(
+    downstream: D,
+    upstream: U,
+    idle_timeout: Duration,
+    interrupt: impl Future<Output = CloseReason>,
+) -> RelayOutcome
 where
     D: AsyncRead + AsyncWrite + Abort + Unpin,
     U: AsyncRead + AsyncWrite + Abort + Unpin,
@@ -133,7 +154,7 @@ where
     let close = {
         let up = pump(&mut dr, &mut uw, &mut sent, &activity);
         let down = pump(&mut ur, &mut dw, &mut received, &activity);
-        tokio::pin!(up, down);
+        tokio::pin!(up, down, interrupt);
         let (mut up_done, mut down_done) = (false, false);
         loop {
             tokio::select! {
@@ -147,6 +168,7 @@ where
                     Err(Failure::Read) => break CloseReason::UpstreamReset,
                     Err(Failure::Write) => break CloseReason::DownstreamReset,
                 },
+                reason = &mut interrupt => break reason,
                 _ = tokio::time::sleep_until((activity.last() + idle_timeout).into()) => {
                     if activity.last().elapsed() >= idle_timeout {
                         break CloseReason::IdleTimeout;

@@ -7,11 +7,7 @@
 //! - 15008 (HBONE): mutual TLS presenting the workload's SVID and requiring a client SVID, then
 //!   HTTP/2 CONNECT streams. Each stream may only reach this pod's own addresses: the agent is
 //!   never an open proxy.
-use std::{
-    net::SocketAddr,
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::{net::SocketAddr, sync::Arc, time::Instant};
 
 use bytes::Bytes;
 use h2::server::SendResponse;
@@ -21,16 +17,18 @@ use tracing::{debug, info, warn};
 use zt_common::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 
 use crate::{
-    config::MtlsMode,
     identity::{
         spiffe::SpiffeId,
         svid::LeafFacts,
         tls::{ALPN_H2, server_config},
     },
+    policy::Peer,
     proxy::{
-        AccessRecord, Direction, Identities, ProxyContext, Tunnel, accept_loop, connect_in_pod,
+        AccessRecord, Direction, Identities, ProxyContext, Tunnel, accept_loop, authorize,
+        connect_in_pod,
+        copy::{CloseReason, RelayOutcome},
         hbone::{self, H2Stream},
-        relay_and_log, reset,
+        log_access, relay_and_log, reset,
     },
     workload::LocalWorkload,
 };
@@ -64,7 +62,7 @@ pub async fn serve_hbone(
         ctx,
         |stream, peer, w, c| async move {
             match &c.tunnel {
-                Some(tunnel) => handle_hbone(stream, peer, &w, tunnel, c.idle_timeout).await,
+                Some(tunnel) => handle_hbone(stream, peer, &w, tunnel, &c).await,
                 None => {
                     debug!(workload = %w.workload.id, %peer, "no identity provider: HBONE refused")
                 }
@@ -89,18 +87,31 @@ async fn handle_plaintext(
             return;
         }
     };
-    if ctx
-        .tunnel
-        .as_ref()
-        .is_some_and(|t| t.mode == MtlsMode::Strict)
-    {
-        warn!(workload = %id, %peer, original_dst = %dst, "refused: plaintext inbound and mtls.mode is strict");
-        reset(client);
-        return;
-    }
     if AGENT_PORTS.contains(&dst.port()) {
         // Forwarding to our own ports would loop.
         warn!(workload = %id, %peer, original_dst = %dst, "inbound to an agent port; closing");
+        return;
+    }
+    // Plaintext has no identity: policy sees only the address, and a STRICT PeerAuthentication
+    // (or mtls.mode) refuses it.
+    let source = Peer {
+        identity: None,
+        ip: peer.ip().to_canonical(),
+    };
+    let (decision, denied_later) = authorize(ctx, workload, source, dst.port(), false);
+    let allowed = decision.is_allowed();
+    let record = AccessRecord {
+        direction: Direction::Inbound,
+        workload,
+        peer,
+        original_dst: dst,
+        identities: Identities::NONE,
+        decision: Some(decision),
+        started,
+    };
+    if !allowed {
+        log_access(&record, &RelayOutcome::refused(CloseReason::Policy));
+        reset(client);
         return;
     }
     let app = match connect_in_pod(workload, dst).await {
@@ -111,15 +122,7 @@ async fn handle_plaintext(
             return;
         }
     };
-    let record = AccessRecord {
-        direction: Direction::Inbound,
-        workload,
-        peer,
-        original_dst: dst,
-        identities: Identities::NONE,
-        started,
-    };
-    relay_and_log(record, client, app, ctx.idle_timeout).await;
+    relay_and_log(record, client, app, ctx.idle_timeout, denied_later).await;
 }
 
 async fn handle_hbone(
@@ -127,7 +130,7 @@ async fn handle_hbone(
     peer: SocketAddr,
     workload: &Arc<LocalWorkload>,
     tunnel: &Tunnel,
-    idle_timeout: Duration,
+    ctx: &Arc<ProxyContext>,
 ) {
     let id = &workload.workload.id;
     let Some(slot) = workload.svid.clone() else {
@@ -192,13 +195,13 @@ async fn handle_hbone(
                     }
                     None => break,
                 };
-                let (workload, peer_id, local_id) = (workload.clone(), peer_id.clone(), local_id.clone());
+                let (workload, ctx) = (workload.clone(), ctx.clone());
+                let identities = Identities {
+                    source: Some(peer_id.clone()),
+                    destination: local_id.clone(),
+                };
                 tokio::spawn(async move {
-                    let identities = Identities {
-                        source: Some(peer_id),
-                        destination: local_id,
-                    };
-                    handle_connect(request, respond, peer, &workload, identities, idle_timeout).await
+                    handle_connect(request, respond, peer, &workload, identities, &ctx).await
                 });
             }
             changed = trust_changes.changed(), if watching => {
@@ -226,7 +229,7 @@ async fn handle_connect(
     peer: SocketAddr,
     workload: &LocalWorkload,
     identities: Identities,
-    idle_timeout: Duration,
+    ctx: &ProxyContext,
 ) {
     let started = Instant::now();
     let id = &workload.workload.id;
@@ -252,6 +255,25 @@ async fn handle_connect(
         warn!(workload = %id, %peer, source_identity = %source, authority = %dst, "HBONE: CONNECT to an address this pod does not serve; refused");
         return refuse(respond, StatusCode::FORBIDDEN);
     }
+    let source = Peer {
+        identity: identities.source.clone(),
+        ip: peer.ip().to_canonical(),
+    };
+    let (decision, denied_later) = authorize(ctx, workload, source, dst.port(), true);
+    let allowed = decision.is_allowed();
+    let record = AccessRecord {
+        direction: Direction::Inbound,
+        workload,
+        peer,
+        original_dst: dst,
+        identities,
+        decision: Some(decision),
+        started,
+    };
+    if !allowed {
+        log_access(&record, &RelayOutcome::refused(CloseReason::Policy));
+        return refuse(respond, StatusCode::FORBIDDEN);
+    }
     let app = match connect_in_pod(workload, dst).await {
         Ok(s) => s,
         Err(e) => {
@@ -267,13 +289,5 @@ async fn handle_connect(
         }
     };
     let tunnel = H2Stream::new(send, request.into_body());
-    let record = AccessRecord {
-        direction: Direction::Inbound,
-        workload,
-        peer,
-        original_dst: dst,
-        identities,
-        started,
-    };
-    relay_and_log(record, tunnel, app, idle_timeout).await;
+    relay_and_log(record, tunnel, app, ctx.idle_timeout, denied_later).await;
 }

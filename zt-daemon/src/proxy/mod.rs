@@ -19,6 +19,7 @@ use crate::{
     config::MtlsMode,
     ebpf::OriginalDsts,
     identity::{spiffe::SpiffeId, verify::TrustStore},
+    policy::{self, Peer, PolicyDecision, PolicyStore, WorkloadRef},
 };
 
 /// Which addresses belong to meshed workloads, and who they are. The agent fills it from its
@@ -54,6 +55,7 @@ pub struct Tunnel {
 pub struct ProxyContext {
     pub dsts: OriginalDsts,
     pub tunnel: Option<Tunnel>,
+    pub policy: PolicyStore,
     pub idle_timeout: Duration,
     pub max_connections_per_workload: usize,
 }
@@ -102,6 +104,9 @@ pub(crate) async fn accept_loop<F, Fut>(
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
+                    // Dual-stack listeners see IPv4 peers as v4-mapped IPv6; logs and policy
+                    // want the address the peer has.
+                    let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
                     let Some(permit) = workload.connection_permit() else {
                         warn!(workload = %workload.workload.id, listener = what, %peer, close = "max_connections", "connection refused: workload at its connection limit");
                         reset(stream);
@@ -162,39 +167,97 @@ pub(crate) struct AccessRecord<'a> {
     pub peer: SocketAddr,
     pub original_dst: SocketAddr,
     pub identities: Identities,
+    /// The authorization decision; inbound only (policy is enforced at the destination).
+    pub decision: Option<PolicyDecision>,
     pub started: Instant,
 }
 
-/// Relays until the connection ends, then writes its one access-log line (target `zt::access`).
+/// Relays until the connection ends or `interrupt` resolves (a policy update that now denies it),
+/// then writes its one access-log line.
 pub(crate) async fn relay_and_log<D, U>(
     record: AccessRecord<'_>,
     downstream: D,
     upstream: U,
     idle_timeout: Duration,
+    interrupt: impl Future<Output = copy::CloseReason>,
 ) where
     D: AsyncRead + AsyncWrite + copy::Abort + Unpin,
     U: AsyncRead + AsyncWrite + copy::Abort + Unpin,
 {
-    let outcome = copy::relay(downstream, upstream, idle_timeout).await;
-    let name = |id: &Option<SpiffeId>| {
-        id.as_ref()
-            .map_or_else(|| "-".to_owned(), ToString::to_string)
-    };
+    let outcome = copy::relay(downstream, upstream, idle_timeout, interrupt).await;
+    log_access(&record, &outcome);
+}
+
+fn id_or_dash(id: Option<&SpiffeId>) -> String {
+    id.map_or_else(|| "-".to_owned(), ToString::to_string)
+}
+
+/// The access-log line (target `zt::access`) of a connection that ended or was refused.
+pub(crate) fn log_access(record: &AccessRecord<'_>, outcome: &copy::RelayOutcome) {
     let ids = &record.identities;
     let mtls = ids.source.is_some() && ids.destination.is_some();
+    let (decision, rule) = match &record.decision {
+        Some(d) => (d.action.to_string(), d.rule_ref()),
+        None => ("-".to_owned(), "-".to_owned()),
+    };
     info!(
         target: "zt::access",
         direction = record.direction.as_str(),
         workload = %record.workload.workload.id,
-        source_identity = %name(&ids.source),
-        destination_identity = %name(&ids.destination),
+        source_identity = %id_or_dash(ids.source.as_ref()),
+        destination_identity = %id_or_dash(ids.destination.as_ref()),
         connection_security_policy = if mtls { "mutual_tls" } else { "none" },
         peer = %record.peer,
         original_dst = %record.original_dst,
+        policy_decision = %decision,
+        policy_rule = %rule,
         bytes_sent = outcome.sent,
         bytes_received = outcome.received,
         duration_ms = record.started.elapsed().as_millis() as u64,
         close = %outcome.close,
         "connection closed"
     );
+}
+
+/// Authorizes an inbound connection to `workload` under the policies in force. When it is
+/// allowed, the returned future resolves (close reason `policy`) if a later policy update denies
+/// it; when denied, the decision is logged with the policy and rule that made it.
+pub(crate) fn authorize<'a>(
+    ctx: &ProxyContext,
+    workload: &'a LocalWorkload,
+    peer: Peer,
+    port: u16,
+    mtls: bool,
+) -> (PolicyDecision, impl Future<Output = copy::CloseReason> + 'a) {
+    let mut updates = ctx.policy.subscribe();
+    let target = WorkloadRef::from(&workload.workload);
+    let decision = updates
+        .borrow_and_update()
+        .decide(&target, &peer, port, mtls);
+    if !decision.is_allowed() {
+        warn!(
+            workload = %workload.workload.id,
+            source_identity = %id_or_dash(peer.identity.as_ref()),
+            peer = %peer.ip,
+            port,
+            action = %decision.action,
+            reason = decision.reason.as_str(),
+            rule = %decision.rule_ref(),
+            "connection denied: {decision}"
+        );
+    }
+    let revoked = async move {
+        let decision = policy::denied_by_update(updates, target, &peer, port, mtls).await;
+        warn!(
+            workload = %workload.workload.id,
+            source_identity = %id_or_dash(peer.identity.as_ref()),
+            peer = %peer.ip,
+            port,
+            rule = %decision.rule_ref(),
+            close = "policy",
+            "open connection closed by a policy update: {decision}"
+        );
+        copy::CloseReason::Policy
+    };
+    (decision, revoked)
 }

@@ -5,7 +5,7 @@
 //! other follows `mtls.mode` (strict: refused, permissive: plain TCP). Without an identity
 //! provider the node only captures, and forwards everything in plain TCP. Upstream sockets are
 //! made inside the pod's netns, so traffic leaves with the pod's address.
-use std::{net::SocketAddr, sync::Arc, time::Instant};
+use std::{future::pending, net::SocketAddr, sync::Arc, time::Instant};
 
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
@@ -48,6 +48,7 @@ async fn handle(app: TcpStream, peer: SocketAddr, workload: &LocalWorkload, ctx:
         peer,
         original_dst: dst,
         identities: Identities::NONE,
+        decision: None,
         started,
     };
     let meshed = ctx
@@ -66,7 +67,7 @@ async fn handle(app: TcpStream, peer: SocketAddr, workload: &LocalWorkload, ctx:
                     identities,
                     ..plain
                 };
-                relay_and_log(record, app, stream, ctx.idle_timeout).await;
+                relay_and_log(record, app, stream, ctx.idle_timeout, pending()).await;
             }
             Err(e) => {
                 warn!(workload = %id, original_dst = %dst, destination_identity = %expected, error = %e, "HBONE connect failed");
@@ -78,7 +79,7 @@ async fn handle(app: TcpStream, peer: SocketAddr, workload: &LocalWorkload, ctx:
             reset(app);
         }
         _ => match connect_in_pod(workload, dst).await {
-            Ok(upstream) => relay_and_log(plain, app, upstream, ctx.idle_timeout).await,
+            Ok(upstream) => relay_and_log(plain, app, upstream, ctx.idle_timeout, pending()).await,
             Err(e) => {
                 warn!(workload = %id, original_dst = %dst, error = %e, "outbound connect failed");
                 reset(app);

@@ -1,0 +1,252 @@
+//! Root end-to-end tests of authorization (issue 5): Istio AuthorizationPolicy and
+//! PeerAuthentication files on the destination node decide who reaches a pod, with real mTLS
+//! between pods on two nodes, and a policy change closes open connections it now denies.
+use std::{
+    net::SocketAddr,
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use zt_tests::{
+    Agent, Testbed,
+    agent::{ALLOW_BY_DEFAULT, meshed_config, spiffe_id},
+    probe::{Server, connect, connect_after_idle},
+};
+
+const PORT: u16 = 9000;
+const TIMEOUT: Duration = Duration::from_secs(3);
+
+/// n1p1 and n1p2 are meshed on node 1, n2p1 (the server) on node 2; n2p2 is outside the mesh.
+struct Mesh {
+    bed: Testbed,
+    agent2: Agent,
+    server: Server,
+    policies: std::path::PathBuf,
+    agent1: Agent,
+}
+
+fn principal(pod: &zt_tests::Pod) -> String {
+    spiffe_id(pod).trim_start_matches("spiffe://").to_owned()
+}
+
+fn write_policy(dir: &Path, name: &str, yaml: &str) {
+    // Write then rename, as kubelet and editors do, so the watcher never reads half a file.
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, yaml).unwrap();
+    std::fs::rename(&tmp, dir.join(name)).unwrap();
+}
+
+fn allow_from(principals: &[String]) -> String {
+    let list: Vec<String> = principals.iter().map(|p| format!("\"{p}\"")).collect();
+    format!(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: allow-clients\n  namespace: default\nspec:\n  action: ALLOW\n  rules:\n  - from:\n    - source:\n        principals: [{}]\n    to:\n    - operation:\n        ports: [\"{PORT}\"]\n",
+        list.join(", ")
+    )
+}
+
+/// Node 2 enforces the policies `initial` writes into `policies/`, with `policy.default = deny`
+/// and `mtls.mode = mtls_mode`.
+fn mesh(mtls_mode: &str, initial: impl FnOnce(&Testbed) -> Vec<(&'static str, String)>) -> Mesh {
+    let mut bed = Testbed::new(2).unwrap();
+    let ca = bed.dir.join("ca");
+    zt_tests::agent::ca_init(&ca).unwrap();
+    let policies = bed.dir.join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    for (name, yaml) in initial(&bed) {
+        write_policy(&policies, name, &yaml);
+    }
+    let (p11, p12, p21) = (
+        bed.pod(1, 1).clone(),
+        bed.pod(1, 2).clone(),
+        bed.pod(2, 1).clone(),
+    );
+    let c1 = meshed_config(bed.node(1), &[&p11, &p12], &[&p21], &ca, "strict");
+    let c2 = meshed_config(bed.node(2), &[&p21], &[&p11, &p12], &ca, mtls_mode).replace(
+        ALLOW_BY_DEFAULT,
+        &format!(
+            "[policy]\ndefault = \"deny\"\ndir = \"{}\"\n",
+            policies.display()
+        ),
+    );
+    let agent1 = Agent::start_with_config(&mut bed, 1, &c1).unwrap();
+    let agent2 = Agent::start_with_config(&mut bed, 2, &c2).unwrap();
+    let server = Server::start(&mut bed, &p21, SocketAddr::from(([0u16; 8], PORT))).unwrap();
+    Mesh {
+        bed,
+        agent2,
+        server,
+        policies,
+        agent1,
+    }
+}
+
+#[test]
+fn allowed_identity_connects_and_denied_identity_never_reaches_the_app() {
+    let m = mesh("strict", |bed| {
+        vec![("allow.yaml", allow_from(&[principal(bed.pod(1, 1))]))]
+    });
+    let (p11, p12, p22) = (m.bed.pod(1, 1), m.bed.pod(1, 2), m.bed.pod(2, 2));
+    let dst = SocketAddr::new(m.bed.pod(2, 1).ip(false), PORT);
+
+    let report = connect(&m.bed, p11, dst, 64 * 1024, TIMEOUT)
+        .unwrap()
+        .expect("the allowed identity connects");
+    assert_eq!(report["reply"]["bytes"].as_u64(), Some(64 * 1024));
+    m.server.expect_connections(1).unwrap();
+
+    let denied = connect(&m.bed, p12, dst, 1024, TIMEOUT).unwrap();
+    assert!(denied.is_err(), "denied identity got through: {denied:?}");
+    // Plaintext from outside the mesh, under STRICT.
+    let plain = connect(&m.bed, p22, dst, 1024, TIMEOUT).unwrap();
+    assert!(plain.is_err(), "plaintext got through STRICT: {plain:?}");
+
+    let denial = m
+        .agent2
+        .wait_access("the denied identity", |r| {
+            r["source_identity"] == spiffe_id(p12).as_str()
+        })
+        .unwrap();
+    assert_eq!(denial["policy_decision"], "DENY", "{denial}");
+    assert_eq!(denial["close"], "policy", "{denial}");
+    assert_eq!(denial["bytes_sent"], 0, "{denial}");
+    let plain_denial = m
+        .agent2
+        .wait_access("the plaintext peer", |r| {
+            r["peer"]
+                .as_str()
+                .is_some_and(|p| p.starts_with(&p22.ip(false).to_string()))
+        })
+        .unwrap();
+    assert_eq!(plain_denial["policy_decision"], "DENY", "{plain_denial}");
+    let allow = m
+        .agent2
+        .wait_access("the allowed identity", |r| {
+            r["source_identity"] == spiffe_id(p11).as_str()
+        })
+        .unwrap();
+    assert_eq!(allow["policy_decision"], "ALLOW", "{allow}");
+    assert_eq!(
+        allow["policy_rule"], "default/allow-clients rules[0]",
+        "{allow}"
+    );
+    let events = m.agent2.events().unwrap();
+    let reasons: Vec<&str> = events
+        .iter()
+        .filter(|e| {
+            e["message"]
+                .as_str()
+                .is_some_and(|s| s.starts_with("connection denied"))
+        })
+        .filter_map(|e| e["reason"].as_str())
+        .collect();
+    assert_eq!(
+        reasons,
+        vec!["policy", "mtls_required"],
+        "{}",
+        m.agent2.log_tail()
+    );
+
+    // The app saw only the allowed connection.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(m.server.connections().unwrap().len(), 1);
+}
+
+#[test]
+fn permissive_admits_plaintext_only_where_an_ip_block_allows_it_and_strict_refuses_it() {
+    let permissive = "apiVersion: security.istio.io/v1beta1\nkind: PeerAuthentication\nmetadata:\n  name: default\n  namespace: default\nspec:\n  mtls:\n    mode: PERMISSIVE\n";
+    // The node's mtls.mode is strict; the namespace's PeerAuthentication relaxes it.
+    let m = mesh("strict", |bed| {
+        let ip_rule = format!(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: plaintext-from-n2p2\n  namespace: default\nspec:\n  rules:\n  - from:\n    - source:\n        ipBlocks: [\"{}/32\"]\n",
+            bed.pod(2, 2).ip(false)
+        );
+        vec![
+            ("ip.yaml", ip_rule),
+            ("peer-auth.yaml", permissive.to_owned()),
+        ]
+    });
+    let dst = SocketAddr::new(m.bed.pod(2, 1).ip(false), PORT);
+    let inside = connect(&m.bed, m.bed.pod(2, 2), dst, 1024, TIMEOUT).unwrap();
+    assert!(
+        inside.is_ok(),
+        "plaintext from the allowed block: {inside:?}"
+    );
+    // Node 1 stops enrolling n1p2, which then speaks plaintext from outside the block.
+    let (p11, p21) = (m.bed.pod(1, 1), m.bed.pod(2, 1));
+    let c1 = meshed_config(
+        m.bed.node(1),
+        &[p11],
+        &[p21],
+        &m.bed.dir.join("ca"),
+        "permissive",
+    );
+    m.agent1.reload(&c1).unwrap();
+    let outside_pod = m.bed.pod(1, 2);
+    let outside = connect(&m.bed, outside_pod, dst, 1024, TIMEOUT).unwrap();
+    assert!(
+        outside.is_err(),
+        "plaintext from outside the block: {outside:?}"
+    );
+    m.server.expect_connections(1).unwrap();
+
+    // STRICT for the namespace: the same plaintext peer is now refused.
+    let strict = permissive.replace("PERMISSIVE", "STRICT");
+    write_policy(&m.policies, "peer-auth.yaml", &strict);
+    zt_tests::wait_until(Duration::from_secs(5), || {
+        Ok(m.agent2.count("policies loaded")? >= 2)
+    })
+    .unwrap();
+    let refused = connect(&m.bed, m.bed.pod(2, 2), dst, 1024, TIMEOUT).unwrap();
+    assert!(refused.is_err(), "plaintext under STRICT: {refused:?}");
+    m.server.expect_connections(1).unwrap();
+}
+
+#[test]
+fn a_policy_update_closes_denied_live_connections_within_a_second() {
+    let m = mesh("strict", |bed| {
+        let both = [principal(bed.pod(1, 1)), principal(bed.pod(1, 2))];
+        vec![("allow.yaml", allow_from(&both))]
+    });
+    let only_a = allow_from(&[principal(m.bed.pod(1, 1))]);
+    let (p11, p12) = (m.bed.pod(1, 1), m.bed.pod(1, 2));
+    let dst = SocketAddr::new(m.bed.pod(2, 1).ip(false), PORT);
+    let (kept, closed) = std::thread::scope(|s| {
+        // Both connect, stay silent for 3 s, then send and expect the server's reply.
+        let kept = s.spawn(|| connect_after_idle(&m.bed, p11, dst, Duration::from_secs(3)));
+        let closed = s.spawn(|| connect_after_idle(&m.bed, p12, dst, Duration::from_secs(3)));
+        std::thread::sleep(Duration::from_millis(1000));
+        let written = Instant::now();
+        write_policy(&m.policies, "allow.yaml", &only_a);
+        let record = m
+            .agent2
+            .wait_access("the connection the update denies", |r| {
+                r["close"] == "policy" && r["source_identity"] == spiffe_id(p12).as_str()
+            })
+            .unwrap();
+        let took = written.elapsed();
+        assert!(took <= Duration::from_secs(1), "closed after {took:?}");
+        assert_eq!(
+            record["policy_decision"], "ALLOW",
+            "it was allowed when it opened"
+        );
+        (
+            kept.join().unwrap().unwrap(),
+            closed.join().unwrap().unwrap(),
+        )
+    });
+    let kept = kept.expect("the still-allowed connection keeps flowing");
+    assert_eq!(kept["reply"]["bytes"].as_u64(), Some(1024));
+    assert!(
+        closed.is_err(),
+        "the denied connection was not closed: {closed:?}"
+    );
+    let events = m.agent2.events().unwrap();
+    assert!(
+        events.iter().any(|e| e["close"] == "policy"
+            && e["message"]
+                .as_str()
+                .is_some_and(|s| s.starts_with("open connection closed by a policy update"))),
+        "{}",
+        m.agent2.log_tail()
+    );
+}

@@ -1,0 +1,439 @@
+//! Identity-based authorization (DESIGN.md §6): Istio AuthorizationPolicy and PeerAuthentication,
+//! enforced by the inbound proxy after the mTLS handshake and before the app is dialled.
+//!
+//! `istio` reads YAML into the typed rules of `rules`; a `PolicySet` indexes them by namespace and
+//! compiles, once per workload, the few rules that select it, so that a decision costs work
+//! proportional to those rules and not to every policy loaded. The `PolicyStore` publishes the
+//! current set; open connections subscribe and are closed when a new set denies them.
+pub mod istio;
+pub mod rules;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt,
+    path::PathBuf,
+    sync::{Arc, RwLock},
+};
+
+use notify::RecommendedWatcher;
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+use self::{
+    istio::Loaded,
+    rules::{AuthorizationPolicy, PeerAuthentication, Rule, selects},
+};
+pub use self::{
+    istio::{LoadWarning, PolicyError},
+    rules::{Action, Peer, PolicyName},
+};
+use crate::config::{MtlsMode, PolicyConfig, PolicyDefault, WorkloadId};
+
+/// Why a decision came out as it did; the `reason` label of `zt_policy_decisions_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecisionReason {
+    /// A DENY rule matched, an ALLOW rule matched, or ALLOW policies select the workload and none
+    /// of their rules matched.
+    Policy,
+    /// No ALLOW policy selects the workload: `policy.default` decided.
+    Default,
+    /// A plaintext peer, and PeerAuthentication (or `mtls.mode`) is STRICT for the port.
+    MtlsRequired,
+}
+
+impl DecisionReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Policy => "policy",
+            Self::Default => "default",
+            Self::MtlsRequired => "mtls_required",
+        }
+    }
+}
+
+/// The outcome of authorizing one connection, with what decided it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyDecision {
+    pub action: Action,
+    pub reason: DecisionReason,
+    /// The policy whose rule matched (or the PeerAuthentication that required mTLS).
+    pub policy: Option<Arc<PolicyName>>,
+    /// Index of the matching rule in the policy's `rules` list.
+    pub rule: Option<usize>,
+}
+
+impl PolicyDecision {
+    pub fn is_allowed(&self) -> bool {
+        self.action == Action::Allow
+    }
+
+    /// `ns/name rules[i]`, or `-` when no rule decided.
+    pub fn rule_ref(&self) -> String {
+        match (&self.policy, self.rule) {
+            (Some(p), Some(r)) => format!("{p} rules[{r}]"),
+            (Some(p), None) => p.to_string(),
+            _ => "-".to_owned(),
+        }
+    }
+}
+
+impl fmt::Display for PolicyDecision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.reason {
+            DecisionReason::Policy if self.rule.is_some() => {
+                write!(f, "{} by {}", self.action, self.rule_ref())
+            }
+            DecisionReason::Policy => write!(
+                f,
+                "{}: ALLOW policies select the workload and none of their rules matched",
+                self.action
+            ),
+            DecisionReason::Default => write!(
+                f,
+                "{} by default: no ALLOW policy selects the workload (policy.default)",
+                self.action
+            ),
+            DecisionReason::MtlsRequired => match &self.policy {
+                Some(p) => write!(f, "{}: plaintext, and {p} requires mTLS", self.action),
+                None => write!(f, "{}: plaintext, and mtls.mode is strict", self.action),
+            },
+        }
+    }
+}
+
+/// A rule that selects a workload, with where it came from.
+#[derive(Debug)]
+struct SelectedRule {
+    policy: Arc<PolicyName>,
+    index: usize,
+    rule: Rule,
+}
+
+/// The rules and mTLS mode that apply to one workload, compiled from a `PolicySet`.
+#[derive(Debug)]
+pub struct WorkloadRules {
+    deny: Vec<SelectedRule>,
+    allow: Vec<SelectedRule>,
+    /// Whether any ALLOW policy selects the workload (even one whose rules were all dropped).
+    allow_selected: bool,
+    default: PolicyDefault,
+    mtls: MtlsMode,
+    port_mtls: BTreeMap<u16, MtlsMode>,
+    /// The PeerAuthentication that set `mtls`, if any.
+    mtls_policy: Option<Arc<PolicyName>>,
+}
+
+impl WorkloadRules {
+    /// The mTLS mode for connections to `port`.
+    pub fn mtls_mode(&self, port: u16) -> MtlsMode {
+        self.port_mtls.get(&port).copied().unwrap_or(self.mtls)
+    }
+
+    /// Authorizes `peer` connecting to `port`; `mtls` says whether it came through the tunnel.
+    pub fn decide(&self, peer: &Peer, port: u16, mtls: bool) -> PolicyDecision {
+        let decided = |action, rule: &SelectedRule| PolicyDecision {
+            action,
+            reason: DecisionReason::Policy,
+            policy: Some(rule.policy.clone()),
+            rule: Some(rule.index),
+        };
+        if !mtls && self.mtls_mode(port) == MtlsMode::Strict {
+            return PolicyDecision {
+                action: Action::Deny,
+                reason: DecisionReason::MtlsRequired,
+                policy: self.mtls_policy.clone(),
+                rule: None,
+            };
+        }
+        if let Some(r) = self.deny.iter().find(|r| r.rule.matches(peer, port)) {
+            return decided(Action::Deny, r);
+        }
+        if let Some(r) = self.allow.iter().find(|r| r.rule.matches(peer, port)) {
+            return decided(Action::Allow, r);
+        }
+        if self.allow_selected {
+            return PolicyDecision {
+                action: Action::Deny,
+                reason: DecisionReason::Policy,
+                policy: None,
+                rule: None,
+            };
+        }
+        PolicyDecision {
+            action: match self.default {
+                PolicyDefault::Deny => Action::Deny,
+                PolicyDefault::Allow => Action::Allow,
+            },
+            reason: DecisionReason::Default,
+            policy: None,
+            rule: None,
+        }
+    }
+}
+
+/// What a workload is, as far as policy selection goes.
+pub struct WorkloadRef<'a> {
+    pub id: &'a WorkloadId,
+    pub labels: &'a BTreeMap<String, String>,
+}
+
+impl<'a> From<&'a crate::config::Workload> for WorkloadRef<'a> {
+    fn from(w: &'a crate::config::Workload) -> Self {
+        Self {
+            id: &w.id,
+            labels: &w.labels,
+        }
+    }
+}
+
+/// A workload's compiled rules, and the labels they were compiled for (labels can change).
+type CompiledFor = (BTreeMap<String, String>, Arc<WorkloadRules>);
+
+/// All loaded policies, indexed by namespace, with a per-workload cache of compiled rules.
+pub struct PolicySet {
+    authorization: HashMap<String, Vec<AuthorizationPolicy>>,
+    peer_authentication: HashMap<String, Vec<PeerAuthentication>>,
+    root_namespace: String,
+    default: PolicyDefault,
+    /// The node's `mtls.mode`, which PeerAuthentication overrides.
+    mtls_default: MtlsMode,
+    compiled: RwLock<HashMap<WorkloadId, CompiledFor>>,
+    policy_count: usize,
+}
+
+impl PolicySet {
+    pub fn new(loaded: Loaded, config: &PolicyConfig, mtls_default: MtlsMode) -> Self {
+        let mut authorization: HashMap<String, Vec<AuthorizationPolicy>> = HashMap::new();
+        let mut peer_authentication: HashMap<String, Vec<PeerAuthentication>> = HashMap::new();
+        let policy_count = loaded.authorization.len() + loaded.peer_authentication.len();
+        for p in loaded.authorization {
+            authorization
+                .entry(p.name.namespace.clone())
+                .or_default()
+                .push(p);
+        }
+        for p in loaded.peer_authentication {
+            peer_authentication
+                .entry(p.name.namespace.clone())
+                .or_default()
+                .push(p);
+        }
+        // The oldest would win in Istio; files have no age, so the first by name does.
+        for list in peer_authentication.values_mut() {
+            list.sort_by(|a, b| a.name.cmp(&b.name));
+        }
+        Self {
+            authorization,
+            peer_authentication,
+            root_namespace: config.root_namespace.clone(),
+            default: config.default,
+            mtls_default,
+            compiled: RwLock::default(),
+            policy_count,
+        }
+    }
+
+    /// Loads `config.dir` (no directory: no policies). Warnings are for fields zt cannot enforce.
+    pub fn load(
+        config: &PolicyConfig,
+        mtls_default: MtlsMode,
+    ) -> Result<(Self, Vec<LoadWarning>), PolicyError> {
+        let mut loaded = match &config.dir {
+            Some(dir) => Loaded::from_path(dir)?,
+            None => Loaded::default(),
+        };
+        let warnings = std::mem::take(&mut loaded.warnings);
+        Ok((Self::new(loaded, config, mtls_default), warnings))
+    }
+
+    pub fn len(&self) -> usize {
+        self.policy_count
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.policy_count == 0
+    }
+
+    /// The rules for `workload`, compiled on first use and cached for this set.
+    pub fn rules_for(&self, workload: &WorkloadRef<'_>) -> Arc<WorkloadRules> {
+        if let Some((labels, rules)) = self
+            .compiled
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(workload.id)
+            && labels == workload.labels
+        {
+            return rules.clone();
+        }
+        let rules = Arc::new(self.compile(workload));
+        self.compiled
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                workload.id.clone(),
+                (workload.labels.clone(), rules.clone()),
+            );
+        rules
+    }
+
+    pub fn decide(
+        &self,
+        workload: &WorkloadRef<'_>,
+        peer: &Peer,
+        port: u16,
+        mtls: bool,
+    ) -> PolicyDecision {
+        self.rules_for(workload).decide(peer, port, mtls)
+    }
+
+    fn in_scope<'a, T>(
+        &'a self,
+        by_namespace: &'a HashMap<String, Vec<T>>,
+        namespace: &'a str,
+    ) -> impl Iterator<Item = &'a T> {
+        let root = by_namespace.get(&self.root_namespace);
+        let own = (namespace != self.root_namespace)
+            .then(|| by_namespace.get(namespace))
+            .flatten();
+        root.into_iter().chain(own).flatten()
+    }
+
+    fn compile(&self, workload: &WorkloadRef<'_>) -> WorkloadRules {
+        let (mut deny, mut allow, mut allow_selected) = (Vec::new(), Vec::new(), false);
+        for policy in self.in_scope(&self.authorization, &workload.id.namespace) {
+            if !selects(&policy.selector, workload.labels) {
+                continue;
+            }
+            let target = match policy.action {
+                Action::Deny => &mut deny,
+                Action::Allow => {
+                    allow_selected = true;
+                    &mut allow
+                }
+            };
+            target.extend(policy.rules.iter().map(|(index, rule)| SelectedRule {
+                policy: policy.name.clone(),
+                index: *index,
+                rule: rule.clone(),
+            }));
+        }
+        // Most specific first: a workload selector in its namespace, then the namespace-wide
+        // policy, then the mesh-wide one in the root namespace.
+        let own = self
+            .peer_authentication
+            .get(&workload.id.namespace)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        let root = self
+            .peer_authentication
+            .get(&self.root_namespace)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        let workload_pa = own
+            .iter()
+            .find(|p| p.selector.is_some() && selects(&p.selector, workload.labels));
+        let namespace_pa = own.iter().find(|p| p.selector.is_none());
+        let mesh_pa = root.iter().find(|p| p.selector.is_none());
+        let (mut mtls, mut mtls_policy) = (self.mtls_default, None);
+        for pa in [mesh_pa, namespace_pa, workload_pa].into_iter().flatten() {
+            if let Some(mode) = pa.mode {
+                mtls = mode;
+                mtls_policy = Some(pa.name.clone());
+            }
+        }
+        WorkloadRules {
+            deny,
+            allow,
+            allow_selected,
+            default: self.default,
+            mtls,
+            port_mtls: workload_pa
+                .map(|p| p.port_modes.clone())
+                .unwrap_or_default(),
+            mtls_policy,
+        }
+    }
+}
+
+/// The policy set in force, shared by every listener; connections subscribe to changes.
+#[derive(Clone)]
+pub struct PolicyStore(Arc<watch::Sender<Arc<PolicySet>>>);
+
+impl PolicyStore {
+    pub fn new(set: PolicySet) -> Self {
+        Self(Arc::new(watch::channel(Arc::new(set)).0))
+    }
+
+    pub fn current(&self) -> Arc<PolicySet> {
+        self.0.borrow().clone()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<Arc<PolicySet>> {
+        self.0.subscribe()
+    }
+
+    pub fn replace(&self, set: PolicySet) {
+        self.0.send_replace(Arc::new(set));
+    }
+
+    /// Reloads from `config`; a set that does not load leaves the current one in force.
+    pub fn reload(&self, config: &PolicyConfig, mtls_default: MtlsMode) {
+        match PolicySet::load(config, mtls_default) {
+            Ok((set, warnings)) => {
+                log_warnings(&warnings);
+                info!(policies = set.len(), "policies loaded");
+                self.replace(set);
+            }
+            Err(e) => error!(error = %e, kept = "the previous policies", "policy reload rejected"),
+        }
+    }
+
+    /// Reloads whenever a file under `config.dir` changes.
+    pub fn watch(
+        &self,
+        config: &PolicyConfig,
+        mtls_default: MtlsMode,
+    ) -> Result<Option<RecommendedWatcher>, crate::watch::WatchError> {
+        let Some(dir) = config.dir.clone() else {
+            return Ok(None);
+        };
+        // Watch the parent of a single file: editors replace files by renaming.
+        let watched: PathBuf = if dir.is_dir() {
+            dir
+        } else {
+            dir.parent().map(PathBuf::from).unwrap_or(dir)
+        };
+        let (store, config) = (self.clone(), config.clone());
+        crate::watch::on_change(&[watched], move || store.reload(&config, mtls_default)).map(Some)
+    }
+}
+
+pub fn log_warnings(warnings: &[LoadWarning]) {
+    for w in warnings {
+        warn!(file = %w.origin.file.display(), document = w.origin.document, policy = %w.policy, "{}", w.message);
+    }
+}
+
+/// Resolves with the denying decision when a policy change denies a connection that was allowed;
+/// never resolves otherwise. Open connections race it against their byte copy.
+pub async fn denied_by_update(
+    mut updates: watch::Receiver<Arc<PolicySet>>,
+    workload: WorkloadRef<'_>,
+    peer: &Peer,
+    port: u16,
+    mtls: bool,
+) -> PolicyDecision {
+    loop {
+        if updates.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+        let set = updates.borrow_and_update().clone();
+        let decision = set.decide(&workload, peer, port, mtls);
+        if !decision.is_allowed() {
+            return decision;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

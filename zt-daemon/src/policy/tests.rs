@@ -1,0 +1,579 @@
+//! Table-driven tests of loading (every field, every bad input) and evaluation (DENY before
+//! ALLOW, defaults, empty rules, root-namespace scope, PeerAuthentication precedence).
+use std::{collections::BTreeMap, path::Path};
+
+use super::{istio::Loaded, *};
+use crate::config::{MtlsMode, PolicyConfig, PolicyDefault, WorkloadId};
+
+fn config(default: PolicyDefault) -> PolicyConfig {
+    PolicyConfig {
+        dir: None,
+        default,
+        root_namespace: "zt-system".into(),
+    }
+}
+
+fn load(yaml: &str) -> Result<Loaded, PolicyError> {
+    let mut loaded = Loaded::default();
+    loaded.read_str(Path::new("test.yaml"), yaml)?;
+    Ok(loaded)
+}
+
+fn set(yaml: &str, default: PolicyDefault) -> PolicySet {
+    let loaded = load(yaml).unwrap_or_else(|e| panic!("{e}"));
+    PolicySet::new(loaded, &config(default), MtlsMode::Permissive)
+}
+
+fn peer(id: Option<&str>, ip: &str) -> Peer {
+    Peer {
+        identity: id.map(|s| s.parse().unwrap()),
+        ip: ip.parse().unwrap(),
+    }
+}
+
+fn web() -> Peer {
+    peer(Some("spiffe://cluster.local/ns/shop/sa/web"), "10.200.1.2")
+}
+
+fn decide(set: &PolicySet, ns: &str, labels: &[(&str, &str)], peer: &Peer, port: u16) -> String {
+    let id = WorkloadId {
+        namespace: ns.into(),
+        name: "w".into(),
+    };
+    let labels: BTreeMap<String, String> = labels
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let workload = WorkloadRef {
+        id: &id,
+        labels: &labels,
+    };
+    set.decide(&workload, peer, port, peer.identity.is_some())
+        .to_string()
+}
+
+fn authz(ns: &str, name: &str, spec: &str) -> String {
+    format!(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: {name}\n  namespace: {ns}\nspec:\n{spec}\n---\n"
+    )
+}
+
+#[test]
+fn evaluation_rules() {
+    use PolicyDefault::{Allow, Deny};
+    let allow_web = authz(
+        "db",
+        "allow-web",
+        "  action: ALLOW\n  rules:\n  - from:\n    - source:\n        principals: [\"cluster.local/ns/shop/sa/web\"]",
+    );
+    let deny_shop = authz(
+        "db",
+        "deny-shop",
+        "  action: DENY\n  rules:\n  - from:\n    - source:\n        namespaces: [\"shop\"]\n    to:\n    - operation:\n        ports: [\"22\"]",
+    );
+    let cases: Vec<(&str, String, PolicyDefault, &str, u16, &str)> = vec![
+        (
+            "no policy, default deny",
+            String::new(),
+            Deny,
+            "db",
+            80,
+            "DENY by default",
+        ),
+        (
+            "no policy, default allow",
+            String::new(),
+            Allow,
+            "db",
+            80,
+            "ALLOW by default",
+        ),
+        (
+            "allow matches",
+            allow_web.clone(),
+            Deny,
+            "db",
+            80,
+            "ALLOW by db/allow-web rules[0]",
+        ),
+        (
+            "policy in another namespace does not select",
+            allow_web.clone(),
+            Deny,
+            "other",
+            80,
+            "DENY by default",
+        ),
+        (
+            "deny before allow",
+            format!("{allow_web}{deny_shop}"),
+            Allow,
+            "db",
+            22,
+            "DENY by db/deny-shop rules[0]",
+        ),
+        (
+            "deny rule not matching port falls to allow",
+            format!("{allow_web}{deny_shop}"),
+            Allow,
+            "db",
+            80,
+            "ALLOW by db/allow-web rules[0]",
+        ),
+        (
+            "deny alone does not make the workload allow-selected",
+            deny_shop.clone(),
+            Allow,
+            "db",
+            80,
+            "ALLOW by default",
+        ),
+        (
+            "allow with no rules denies all, even with default allow",
+            authz("db", "nothing", "  action: ALLOW"),
+            Allow,
+            "db",
+            80,
+            "DENY: ALLOW policies select",
+        ),
+        (
+            "spec {} is an ALLOW with no rules",
+            authz("db", "empty", "  {}"),
+            Allow,
+            "db",
+            80,
+            "DENY: ALLOW policies select",
+        ),
+        (
+            "rule {} matches all",
+            authz("db", "all", "  rules:\n  - {}"),
+            Deny,
+            "db",
+            80,
+            "ALLOW by db/all rules[0]",
+        ),
+        (
+            "deny with no rules matches nothing",
+            authz("db", "deny-none", "  action: DENY"),
+            Allow,
+            "db",
+            80,
+            "ALLOW by default",
+        ),
+        (
+            "root namespace is mesh-wide",
+            authz("zt-system", "mesh-deny", "  action: DENY\n  rules:\n  - {}"),
+            Allow,
+            "anything",
+            80,
+            "DENY by zt-system/mesh-deny rules[0]",
+        ),
+        (
+            "root namespace policy with a selector",
+            authz(
+                "zt-system",
+                "mesh-allow-db",
+                "  selector:\n    matchLabels:\n      app: db\n  rules:\n  - {}",
+            ),
+            Deny,
+            "db",
+            80,
+            "DENY by default",
+        ),
+        (
+            "selector matches labels",
+            authz(
+                "db",
+                "sel",
+                "  selector:\n    matchLabels:\n      app: db\n  rules:\n  - {}",
+            ),
+            Deny,
+            "db",
+            80,
+            "DENY by default",
+        ),
+        (
+            "second rule reported by its index",
+            authz(
+                "db",
+                "two",
+                "  rules:\n  - to:\n    - operation:\n        ports: [\"1\"]\n  - to:\n    - operation:\n        notPorts: [\"1\"]",
+            ),
+            Deny,
+            "db",
+            80,
+            "ALLOW by db/two rules[1]",
+        ),
+    ];
+    for (what, yaml, default, ns, port, expected) in cases {
+        let set = if yaml.is_empty() {
+            PolicySet::new(Loaded::default(), &config(default), MtlsMode::Permissive)
+        } else {
+            set(&yaml, default)
+        };
+        let got = decide(&set, ns, &[], &web(), port);
+        assert!(
+            got.starts_with(expected),
+            "{what}: got {got:?}, want {expected:?}"
+        );
+    }
+    // The selector cases above had no labels; with the label they select.
+    let s = set(
+        &authz(
+            "zt-system",
+            "mesh-allow-db",
+            "  selector:\n    matchLabels:\n      app: db\n  rules:\n  - {}",
+        ),
+        Deny,
+    );
+    assert!(decide(&s, "db", &[("app", "db")], &web(), 80).starts_with("ALLOW"));
+    assert!(decide(&s, "db", &[("app", "web")], &web(), 80).starts_with("DENY"));
+}
+
+#[test]
+fn plaintext_peers_have_no_identity() {
+    let s = set(
+        &authz(
+            "db",
+            "p",
+            "  rules:\n  - from:\n    - source:\n        principals: [\"*\"]\n  - from:\n    - source:\n        ipBlocks: [\"10.200.9.0/24\"]",
+        ),
+        PolicyDefault::Deny,
+    );
+    let plain_inside = peer(None, "10.200.9.7");
+    let plain_outside = peer(None, "10.200.1.7");
+    assert!(decide(&s, "db", &[], &web(), 80).starts_with("ALLOW by db/p rules[0]"));
+    assert!(decide(&s, "db", &[], &plain_inside, 80).starts_with("ALLOW by db/p rules[1]"));
+    assert!(decide(&s, "db", &[], &plain_outside, 80).starts_with("DENY"));
+}
+
+#[test]
+fn peer_authentication_precedence() {
+    let pa = |ns: &str, name: &str, spec: &str| {
+        format!(
+            "apiVersion: security.istio.io/v1beta1\nkind: PeerAuthentication\nmetadata:\n  name: {name}\n  namespace: {ns}\nspec:\n{spec}\n---\n"
+        )
+    };
+    let allow_all = authz("zt-system", "all", "  rules:\n  - {}");
+    let plain = peer(None, "10.200.1.2");
+    let cases = vec![
+        (
+            "node default (permissive)",
+            String::new(),
+            &[][..],
+            80,
+            "ALLOW",
+        ),
+        (
+            "mesh strict",
+            pa("zt-system", "mesh", "  mtls:\n    mode: STRICT"),
+            &[][..],
+            80,
+            "DENY: plaintext, and zt-system/mesh requires mTLS",
+        ),
+        (
+            "namespace permissive overrides mesh strict",
+            pa("zt-system", "mesh", "  mtls:\n    mode: STRICT")
+                + &pa("db", "ns", "  mtls:\n    mode: PERMISSIVE"),
+            &[][..],
+            80,
+            "ALLOW",
+        ),
+        (
+            "namespace UNSET inherits mesh",
+            pa("zt-system", "mesh", "  mtls:\n    mode: STRICT")
+                + &pa("db", "ns", "  mtls:\n    mode: UNSET"),
+            &[][..],
+            80,
+            "DENY: plaintext, and zt-system/mesh",
+        ),
+        (
+            "workload strict overrides namespace permissive",
+            pa("db", "ns", "  mtls:\n    mode: PERMISSIVE")
+                + &pa(
+                    "db",
+                    "wl",
+                    "  selector:\n    matchLabels:\n      app: db\n  mtls:\n    mode: STRICT",
+                ),
+            &[("app", "db")][..],
+            80,
+            "DENY: plaintext, and db/wl",
+        ),
+        (
+            "workload selector that does not match",
+            pa(
+                "db",
+                "wl",
+                "  selector:\n    matchLabels:\n      app: db\n  mtls:\n    mode: STRICT",
+            ),
+            &[("app", "web")][..],
+            80,
+            "ALLOW",
+        ),
+        (
+            "port-level permissive under workload strict",
+            pa(
+                "db",
+                "wl",
+                "  selector:\n    matchLabels:\n      app: db\n  mtls:\n    mode: STRICT\n  portLevelMtls:\n    8080:\n      mode: PERMISSIVE",
+            ),
+            &[("app", "db")][..],
+            8080,
+            "ALLOW",
+        ),
+        (
+            "DISABLE is applied as PERMISSIVE",
+            pa("zt-system", "mesh", "  mtls:\n    mode: DISABLE"),
+            &[][..],
+            80,
+            "ALLOW",
+        ),
+    ];
+    for (what, yaml, labels, port, expected) in cases {
+        let s = set(&format!("{allow_all}{yaml}"), PolicyDefault::Deny);
+        let got = decide(&s, "db", labels, &plain, port);
+        assert!(got.starts_with(expected), "{what}: got {got:?}");
+    }
+    // mTLS peers are never refused by PeerAuthentication.
+    let s = set(
+        &format!(
+            "{allow_all}{}",
+            pa("zt-system", "mesh", "  mtls:\n    mode: STRICT")
+        ),
+        PolicyDefault::Deny,
+    );
+    assert!(decide(&s, "db", &[], &web(), 80).starts_with("ALLOW"));
+}
+
+#[test]
+fn every_source_and_operation_field_loads() {
+    let yaml = authz(
+        "db",
+        "full",
+        r#"  selector:
+    matchLabels:
+      app: db
+  action: ALLOW
+  rules:
+  - from:
+    - source:
+        principals: ["cluster.local/ns/shop/sa/web", "cluster.local/ns/shop/*", "*/sa/web", "*"]
+        notPrincipals: ["cluster.local/ns/shop/sa/bad"]
+        namespaces: ["shop", "sh*", "*op"]
+        notNamespaces: ["legacy"]
+        ipBlocks: ["10.200.0.0/16", "fd00:200::/48", "10.200.1.2"]
+        notIpBlocks: ["10.200.9.0/24"]
+    to:
+    - operation:
+        ports: ["80", 443]
+        notPorts: ["22"]"#,
+    );
+    let loaded = load(&yaml).unwrap();
+    assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+    let policy = &loaded.authorization[0];
+    assert_eq!(policy.name.to_string(), "db/full");
+    assert_eq!(policy.action, Action::Allow);
+    let (index, rule) = &policy.rules[0];
+    assert_eq!(*index, 0);
+    let source = &rule.from[0];
+    assert_eq!(source.principals.len(), 4);
+    assert_eq!(source.not_principals.len(), 1);
+    assert_eq!(source.namespaces.len(), 3);
+    assert_eq!(source.not_namespaces.len(), 1);
+    assert_eq!(source.ip_blocks[2].to_string(), "10.200.1.2/32");
+    assert_eq!(source.not_ip_blocks.len(), 1);
+    assert_eq!(rule.to[0].ports, vec![80, 443]);
+    assert_eq!(rule.to[0].not_ports, vec![22]);
+}
+
+#[test]
+fn unsupported_fields_make_policy_stricter() {
+    let yaml = authz(
+        "db",
+        "http-allow",
+        "  rules:\n  - to:\n    - operation:\n        methods: [\"GET\"]\n  - from:\n    - source:\n        namespaces: [\"shop\"]",
+    ) + &authz(
+        "db",
+        "http-deny",
+        "  action: DENY\n  rules:\n  - from:\n    - source:\n        requestPrincipals: [\"*\"]\n    to:\n    - operation:\n        paths: [\"/admin\"]\n        ports: [\"8080\"]\n    when:\n    - key: request.headers[x]\n      values: [\"y\"]",
+    ) + &authz("db", "audit", "  action: AUDIT\n  rules:\n  - {}")
+        + &authz(
+            "db",
+            "custom",
+            "  action: CUSTOM\n  provider:\n    name: ext\n  rules:\n  - to:\n    - operation:\n        ports: [\"9\"]",
+        )
+        + &authz(
+            "db",
+            "waypoint",
+            "  targetRefs:\n  - kind: Service\n    name: x\n  rules:\n  - {}",
+        );
+    let loaded = load(&yaml).unwrap();
+    let messages: Vec<String> = loaded.warnings.iter().map(ToString::to_string).collect();
+    let has = |needle: &str| messages.iter().any(|m| m.contains(needle));
+    assert!(
+        has("test.yaml: document 1 (db/http-allow): ALLOW rule spec.rules[0] dropped"),
+        "{messages:#?}"
+    );
+    assert!(
+        has("spec.rules[0].to[0].operation.methods"),
+        "{messages:#?}"
+    );
+    assert!(
+        has(
+            "(db/http-deny): DENY rule spec.rules[0] applied without spec.rules[0].when, spec.rules[0].from[0].source.requestPrincipals, spec.rules[0].to[0].operation.paths"
+        ),
+        "{messages:#?}"
+    );
+    assert!(has("(db/audit): ignored: action AUDIT"), "{messages:#?}");
+    assert!(has("(db/custom): action CUSTOM"), "{messages:#?}");
+    assert!(has("(db/waypoint): ignored: targetRef"), "{messages:#?}");
+
+    let s = PolicySet::new(loaded, &config(PolicyDefault::Allow), MtlsMode::Permissive);
+    let other_ns = peer(Some("spiffe://cluster.local/ns/other/sa/x"), "10.200.1.2");
+    // The dropped GET rule allows nothing; the namespaces rule still allows shop.
+    assert!(decide(&s, "db", &[], &web(), 80).starts_with("ALLOW by db/http-allow rules[1]"));
+    assert!(decide(&s, "db", &[], &other_ns, 80).starts_with("DENY: ALLOW policies select"));
+    // The DENY rule, stripped of its HTTP fields, denies every source on 8080.
+    assert!(decide(&s, "db", &[], &web(), 8080).starts_with("DENY by db/http-deny rules[0]"));
+    // CUSTOM applies as DENY.
+    assert!(decide(&s, "db", &[], &web(), 9).starts_with("DENY by db/custom rules[0]"));
+}
+
+#[test]
+fn bad_input_names_file_document_and_field() {
+    let header = |kind: &str| {
+        format!(
+            "apiVersion: security.istio.io/v1\nkind: {kind}\nmetadata:\n  name: p\n  namespace: db\n"
+        )
+    };
+    let cases: Vec<(String, &str)> = vec![
+        (
+            "".to_string(),
+            "test.yaml: holds no AuthorizationPolicy or PeerAuthentication",
+        ),
+        (
+            "# only a comment\n".to_string(),
+            "holds no AuthorizationPolicy",
+        ),
+        (
+            "just a string".to_string(),
+            "document 1: not a Kubernetes object",
+        ),
+        ("a: [unclosed".to_string(), "document 1:"),
+        (
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: x\n".to_string(),
+            "document 1: apiVersion \"v1\" is not one of",
+        ),
+        (
+            "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata:\n  name: x\n"
+                .to_string(),
+            "kind \"RequestAuthentication\" is not AuthorizationPolicy or PeerAuthentication",
+        ),
+        (
+            "kind: AuthorizationPolicy\n".to_string(),
+            "missing field `apiVersion`",
+        ),
+        (
+            format!(
+                "{}spec:\n  rules:\n  - from:\n    - source:\n        ipBlocks: [\"10.0.0.300/8\"]\n",
+                header("AuthorizationPolicy")
+            ),
+            "spec.rules[0].from[0].source.ipBlocks[0]: \"10.0.0.300/8\" is not a CIDR",
+        ),
+        (
+            format!(
+                "{}spec:\n  rules:\n  - from:\n    - source:\n        principals: [\"spiffe://cluster.local/ns/a/sa/b\"]\n",
+                header("AuthorizationPolicy")
+            ),
+            "spec.rules[0].from[0].source.principals[0]: \"spiffe://cluster.local/ns/a/sa/b\": principals are written without spiffe://",
+        ),
+        (
+            format!(
+                "{}spec:\n  rules:\n  - from:\n    - source:\n        notPrincipals: [\"cluster.local/ns/a b\"]\n",
+                header("AuthorizationPolicy")
+            ),
+            "spec.rules[0].from[0].source.notPrincipals[0]",
+        ),
+        (
+            format!(
+                "{}spec:\n  rules:\n  - to:\n    - operation:\n        ports: [\"70000\"]\n",
+                header("AuthorizationPolicy")
+            ),
+            "spec.rules[0].to[0].operation.ports[0]: \"70000\" is not a port",
+        ),
+        (
+            format!(
+                "{}spec:\n  rules:\n  - from:\n    - source:\n        principal: [\"x\"]\n",
+                header("AuthorizationPolicy")
+            ),
+            "spec.rules[0].from[0].source.principal: unknown field `principal`, expected one of `principals`",
+        ),
+        (
+            format!("{}spec:\n  action: PERMIT\n", header("AuthorizationPolicy")),
+            "spec.action: \"PERMIT\" is not ALLOW",
+        ),
+        (
+            format!(
+                "{}spec:\n  mtls:\n    mode: SOMETIMES\n",
+                header("PeerAuthentication")
+            ),
+            "spec.mtls.mode: \"SOMETIMES\" is not UNSET",
+        ),
+        (
+            format!(
+                "{}spec:\n  selector:\n    matchLabels:\n      app: x\n  portLevelMtls:\n    http:\n      mode: STRICT\n",
+                header("PeerAuthentication")
+            ),
+            "portLevelMtls",
+        ),
+        (
+            format!(
+                "{}---\n{}spec:\n  rules: 5\n",
+                header("AuthorizationPolicy"),
+                header("AuthorizationPolicy")
+            ),
+            "test.yaml: document 2: spec.rules: invalid type",
+        ),
+    ];
+    for (yaml, expected) in cases {
+        match load(&yaml) {
+            Ok(_) => panic!("accepted {yaml:?}"),
+            Err(e) => assert!(
+                e.to_string().contains(expected),
+                "{yaml:?}: got {e}, want {expected:?}"
+            ),
+        }
+    }
+}
+
+#[test]
+fn decisions_cost_only_the_workloads_rules() {
+    // 1 000 namespaces of 10 policies: a workload's compiled rules hold its own 10 only.
+    let mut yaml = String::new();
+    for ns in 0..1000 {
+        for p in 0..10 {
+            yaml.push_str(&authz(
+                &format!("ns{ns}"),
+                &format!("p{p}"),
+                &format!(
+                    "  rules:\n  - to:\n    - operation:\n        ports: [\"{}\"]",
+                    1000 + p
+                ),
+            ));
+        }
+    }
+    let s = set(&yaml, PolicyDefault::Deny);
+    assert_eq!(s.len(), 10_000);
+    let id = WorkloadId {
+        namespace: "ns7".into(),
+        name: "w".into(),
+    };
+    let labels = BTreeMap::new();
+    let rules = s.rules_for(&WorkloadRef {
+        id: &id,
+        labels: &labels,
+    });
+    assert_eq!(rules.allow.len(), 10);
+    assert!(rules.deny.is_empty());
+    assert!(decide(&s, "ns7", &[], &web(), 1009).starts_with("ALLOW by ns7/p9 rules[0]"));
+}
