@@ -250,3 +250,145 @@ fn a_policy_update_closes_denied_live_connections_within_a_second() {
         m.agent2.log_tail()
     );
 }
+
+/// Runs `zt-daemon policy check ARGS` from the repository root: (exit code, stdout, stderr).
+fn policy_check(args: &[&str]) -> (i32, String, String) {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = std::process::Command::new(zt_tests::bin_path("zt-daemon").unwrap())
+        .current_dir(repo)
+        .arg("policy")
+        .arg("check")
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+        String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+    )
+}
+
+#[test]
+fn example_policies_in_deploy_and_readme_pass_policy_check() {
+    let db = ["--to", "shop/db", "--label", "app=db"];
+    let cases: Vec<(Vec<&str>, i32, &str)> = vec![
+        (
+            vec![
+                "--port",
+                "5432",
+                "--from",
+                "spiffe://cluster.local/ns/shop/sa/frontend",
+            ],
+            0,
+            "ALLOW by shop/allow-frontend rules[0]",
+        ),
+        (
+            vec![
+                "--port",
+                "5432",
+                "--from",
+                "spiffe://cluster.local/ns/shop/sa/batch-nightly",
+            ],
+            0,
+            "ALLOW by shop/allow-frontend rules[0]",
+        ),
+        (
+            vec![
+                "--port",
+                "5433",
+                "--from",
+                "spiffe://cluster.local/ns/shop/sa/frontend",
+            ],
+            1,
+            "DENY: ALLOW policies select the workload and none of their rules matched",
+        ),
+        (
+            vec![
+                "--port",
+                "5432",
+                "--from",
+                "spiffe://cluster.local/ns/legacy/sa/frontend",
+            ],
+            1,
+            "DENY by zt-system/deny-legacy rules[0]",
+        ),
+        (
+            vec!["--port", "9187", "--from", "10.200.99.5"],
+            0,
+            "ALLOW by shop/allow-metrics-scrape rules[0]",
+        ),
+        (
+            vec!["--port", "5432", "--from", "10.200.99.5"],
+            1,
+            "DENY: plaintext, and shop/db-metrics requires mTLS",
+        ),
+    ];
+    for (args, code, expected) in cases {
+        let mut all = vec!["--policies", "deploy/policies"];
+        all.extend(db);
+        all.extend(&args);
+        let (got_code, stdout, stderr) = policy_check(&all);
+        assert_eq!(
+            (got_code, stdout.as_str()),
+            (code, expected),
+            "{args:?}: {stderr}"
+        );
+        assert!(stderr.is_empty(), "warnings for the examples: {stderr}");
+    }
+    let (code, _, stderr) = policy_check(&[
+        "--policies",
+        "/nonexistent-zt-policies",
+        "--to",
+        "a/b",
+        "--port",
+        "1",
+        "--from",
+        "10.0.0.1",
+    ]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("/nonexistent-zt-policies"), "{stderr}");
+
+    // README: its YAML examples load, and its commands print what it says they print.
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"))
+            .unwrap();
+    let blocks: Vec<&str> = readme
+        .split("```yaml\n")
+        .skip(1)
+        .filter_map(|b| b.split("```").next())
+        .collect();
+    assert!(blocks.len() >= 2, "README has no policy examples");
+    let dir = std::env::temp_dir().join(format!("zt-readme-policies-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (i, block) in blocks.iter().enumerate() {
+        std::fs::write(dir.join(format!("readme-{i}.yaml")), block).unwrap();
+    }
+    let commands: Vec<(String, String)> = readme
+        .replace("\\\n", " ")
+        .lines()
+        .collect::<Vec<_>>()
+        .windows(2)
+        .filter(|w| w[0].starts_with("zt-daemon policy check") && w[1].starts_with("# "))
+        .map(|w| (w[0].to_owned(), w[1][2..].to_owned()))
+        .collect();
+    assert!(commands.len() >= 2, "README shows no policy check commands");
+    for (command, expected) in commands {
+        let args: Vec<&str> = command.split_whitespace().skip(3).collect();
+        let (_, stdout, stderr) = policy_check(&args);
+        assert_eq!(stdout, expected, "{command}: {stderr}");
+        let dir_s = dir.display().to_string();
+        let readme_args: Vec<&str> = args
+            .iter()
+            .map(|a| {
+                if *a == "deploy/policies" {
+                    dir_s.as_str()
+                } else {
+                    a
+                }
+            })
+            .collect();
+        let (_, stdout, stderr) = policy_check(&readme_args);
+        assert_eq!(stdout, expected, "README's YAML with {command}: {stderr}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -20,7 +20,8 @@ const DEFAULT_HANDSHAKE_TIMEOUT_MS: u64 = 5000;
 const DEFAULT_POOL_IDLE_SECONDS: u64 = 60;
 const DEFAULT_IDLE_TIMEOUT_SECONDS: u64 = 3600;
 const DEFAULT_MAX_CONNECTIONS: usize = 16384;
-const DEFAULT_ROOT_NAMESPACE: &str = "zt-system";
+/// Policies in this namespace apply mesh-wide (Istio's root namespace).
+pub const DEFAULT_ROOT_NAMESPACE: &str = "zt-system";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

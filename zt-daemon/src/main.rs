@@ -1,18 +1,21 @@
 //! zt-daemon: the per-node zt agent and its subcommands.
 
-use std::path::PathBuf;
+use std::{collections::BTreeMap, net::IpAddr, path::PathBuf, process::ExitCode};
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::{EnvFilter, prelude::*};
 
 use zt_daemon::{
     agent,
-    config::{self, LogConfig, LogFormat, NodeConfig},
+    config::{
+        self, LogConfig, LogFormat, MtlsMode, NodeConfig, PolicyConfig, PolicyDefault, WorkloadId,
+    },
     identity::{
         ca::{self, CertificateAuthority},
-        spiffe::TrustDomain,
+        spiffe::{SpiffeId, TrustDomain},
     },
+    policy::{Peer, PolicySet, WorkloadRef},
 };
 
 #[derive(Parser)]
@@ -36,6 +39,46 @@ enum Command {
         #[command(subcommand)]
         command: CaCommand,
     },
+    /// Authorization policies.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Decide one connection as the agent would; prints ALLOW or DENY and what decided it.
+    /// Exit code 0 = ALLOW, 1 = DENY, 2 = the input could not be read.
+    Check(CheckArgs),
+}
+
+#[derive(Args)]
+struct CheckArgs {
+    /// The source: a SPIFFE ID (an mTLS peer) or an IP address (a plaintext peer).
+    #[arg(long)]
+    from: String,
+    /// The source's address when --from is a SPIFFE ID (for ipBlocks rules).
+    #[arg(long, default_value = "0.0.0.0")]
+    from_ip: IpAddr,
+    /// The destination workload, NAMESPACE/NAME.
+    #[arg(long)]
+    to: String,
+    /// The destination port.
+    #[arg(long)]
+    port: u16,
+    /// A policy file or directory; default: the config's policy.dir.
+    #[arg(long)]
+    policies: Option<PathBuf>,
+    /// A node config: its [policy] and [mtls] settings, and the labels of its workloads.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// A label of the destination workload, KEY=VALUE (repeatable; adds to the config's).
+    #[arg(long = "label")]
+    labels: Vec<String>,
+    /// policy.default when no --config is given.
+    #[arg(long, value_parser = ["deny", "allow"], default_value = "deny")]
+    default: String,
 }
 
 #[derive(Subcommand)]
@@ -62,9 +105,103 @@ fn init_logging(log: &LogConfig) {
     }
 }
 
-fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// `policy check`: the decision, and the exit code that follows it.
+fn policy_check(args: CheckArgs) -> anyhow::Result<ExitCode> {
+    let CheckArgs {
+        from,
+        from_ip,
+        to,
+        port,
+        policies,
+        config,
+        labels,
+        default,
+    } = args;
+    let node = config.as_deref().map(NodeConfig::load).transpose()?;
+    let (namespace, name) = to
+        .split_once('/')
+        .with_context(|| format!("--to {to:?}: expected NAMESPACE/NAME"))?;
+    let id = WorkloadId {
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+    };
+    let mut workload_labels: BTreeMap<String, String> = node
+        .as_ref()
+        .and_then(|n| n.workloads.iter().find(|w| w.id == id))
+        .map(|w| w.labels.clone())
+        .unwrap_or_default();
+    for label in &labels {
+        let (k, v) = label
+            .split_once('=')
+            .with_context(|| format!("--label {label:?}: expected KEY=VALUE"))?;
+        workload_labels.insert(k.to_owned(), v.to_owned());
+    }
+    let mut policy_config = match &node {
+        Some(n) => n.policy.clone(),
+        None => PolicyConfig {
+            dir: None,
+            default: if default == "allow" {
+                PolicyDefault::Allow
+            } else {
+                PolicyDefault::Deny
+            },
+            root_namespace: config::DEFAULT_ROOT_NAMESPACE.to_owned(),
+        },
+    };
+    if policies.is_some() {
+        policy_config.dir = policies;
+    }
+    if policy_config.dir.is_none() {
+        anyhow::bail!("no policies: give --policies, or --config with a policy.dir");
+    }
+    let mtls_default = node.as_ref().map_or(MtlsMode::Strict, |n| n.mtls.mode);
+    let (set, warnings) = PolicySet::load(&policy_config, mtls_default)?;
+    for w in &warnings {
+        eprintln!("warning: {w}");
+    }
+    let (peer, mtls) = match from.parse::<IpAddr>() {
+        Ok(ip) => (Peer { identity: None, ip }, false),
+        Err(_) => {
+            let identity: SpiffeId = from
+                .parse()
+                .with_context(|| format!("--from {from:?}: not an IP address or a SPIFFE ID"))?;
+            (
+                Peer {
+                    identity: Some(identity),
+                    ip: from_ip,
+                },
+                true,
+            )
+        }
+    };
+    let workload = WorkloadRef {
+        id: &id,
+        labels: &workload_labels,
+    };
+    let decision = set.decide(&workload, &peer, port, mtls);
+    println!("{decision}");
+    Ok(if decision.is_allowed() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Policy {
+            command: PolicyCommand::Check(args),
+        } => policy_check(args),
         Command::CheckConfig { file } => {
             let config = NodeConfig::load(&file)?;
             println!(
@@ -73,7 +210,7 @@ fn main() -> anyhow::Result<()> {
                 config.node_name,
                 config.workloads.len()
             );
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         Command::Ca {
             command: CaCommand::Init { trust_domain, out },
@@ -89,7 +226,7 @@ fn main() -> anyhow::Result<()> {
                 out.join(ca::CA_KEY_FILE).display(),
                 ca.trust_domain()
             );
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         Command::Run { config: path } => {
             let config = NodeConfig::load(&path)?;
@@ -101,7 +238,8 @@ fn main() -> anyhow::Result<()> {
             runtime.block_on(async move {
                 let agent = agent::Agent::start(path, config)?;
                 agent.run().await
-            })
+            })?;
+            Ok(ExitCode::SUCCESS)
         }
     }
 }

@@ -26,16 +26,18 @@ const API_VERSIONS: [&str; 2] = ["security.istio.io/v1", "security.istio.io/v1be
 
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("{file}: document {document}: {message}")]
+    #[error("{file}: document {document} (line {line}): {message}")]
     Document {
         file: PathBuf,
         /// 1-based, counting `---` separated documents.
         document: usize,
+        /// Where the document starts in the file, 1-based.
+        line: usize,
         message: String,
     },
     #[error("{0}: holds no AuthorizationPolicy or PeerAuthentication")]
@@ -81,9 +83,9 @@ impl Loaded {
     /// Reads `path`: one YAML file, or every `*.yaml`/`*.yml` file in a directory (sorted, not
     /// recursive, hidden files skipped so that kubelet's `..data` links do not count twice).
     pub fn from_path(path: &Path) -> Result<Self, PolicyError> {
-        let read_err = |source| PolicyError::Read {
+        let read_err = |error| PolicyError::Read {
             path: path.to_owned(),
-            source,
+            error,
         };
         let mut loaded = Loaded::default();
         if !path.is_dir() {
@@ -108,9 +110,9 @@ impl Loaded {
     }
 
     fn read_file(&mut self, file: &Path) -> Result<(), PolicyError> {
-        let text = std::fs::read_to_string(file).map_err(|source| PolicyError::Read {
+        let text = std::fs::read_to_string(file).map_err(|error| PolicyError::Read {
             path: file.to_owned(),
-            source,
+            error,
         })?;
         self.read_str(file, &text)
     }
@@ -118,6 +120,7 @@ impl Loaded {
     /// Reads every document of `text`, attributing errors to `file`.
     pub fn read_str(&mut self, file: &Path, text: &str) -> Result<(), PolicyError> {
         let before = self.authorization.len() + self.peer_authentication.len();
+        let starts = document_lines(text);
         for (i, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
             let origin = Origin {
                 file: file.to_owned(),
@@ -126,6 +129,7 @@ impl Loaded {
             let fail = |message: String| PolicyError::Document {
                 file: file.to_owned(),
                 document: i + 1,
+                line: starts.get(i).copied().unwrap_or(1),
                 message,
             };
             let value = Value::deserialize(document).map_err(|e| fail(e.to_string()))?;
@@ -188,6 +192,27 @@ impl Loaded {
         }
         Ok(())
     }
+}
+
+/// The 1-based line on which each `---`-separated document starts (its separator, if any).
+fn document_lines(text: &str) -> Vec<usize> {
+    let mut starts = vec![1];
+    let mut content_seen = false;
+    for (n, line) in text.lines().enumerate() {
+        let is_separator = line == "---" || line.starts_with("--- ");
+        if is_separator {
+            if content_seen {
+                starts.push(n + 1);
+            } else {
+                // A leading separator opens the first document.
+                starts[0] = n + 1;
+            }
+            content_seen = true;
+        } else if !line.trim().is_empty() && !line.trim_start().starts_with('#') {
+            content_seen = true;
+        }
+    }
+    starts
 }
 
 fn path_error(e: serde_path_to_error::Error<serde_yaml::Error>) -> String {

@@ -457,12 +457,12 @@ fn bad_input_names_file_document_and_field() {
         ),
         (
             "just a string".to_string(),
-            "document 1: not a Kubernetes object",
+            "document 1 (line 1): not a Kubernetes object",
         ),
-        ("a: [unclosed".to_string(), "document 1:"),
+        ("a: [unclosed".to_string(), "document 1 (line 1):"),
         (
             "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: x\n".to_string(),
-            "document 1: apiVersion \"v1\" is not one of",
+            "document 1 (line 1): apiVersion \"v1\" is not one of",
         ),
         (
             "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata:\n  name: x\n"
@@ -532,7 +532,7 @@ fn bad_input_names_file_document_and_field() {
                 header("AuthorizationPolicy"),
                 header("AuthorizationPolicy")
             ),
-            "test.yaml: document 2: spec.rules: invalid type",
+            "test.yaml: document 2 (line 6): spec.rules: invalid type",
         ),
     ];
     for (yaml, expected) in cases {
