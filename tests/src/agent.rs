@@ -193,8 +193,30 @@ impl Agent {
 
     /// GET /healthz/ready on the agent's node: (status, body).
     pub fn readiness(&self) -> anyhow::Result<(u16, String)> {
+        self.get("127.0.0.1:15021", "/healthz/ready")
+    }
+
+    /// GET /metrics on the agent's node: the Prometheus text.
+    pub fn metrics(&self) -> anyhow::Result<String> {
+        let (status, body) = self.get("127.0.0.1:15020", "/metrics")?;
+        anyhow::ensure!(status == 200, "/metrics answered {status}: {body}");
+        Ok(body)
+    }
+
+    /// The lines of a scrape whose metric name is `name` (with their labels and value).
+    pub fn metric_lines(&self, name: &str) -> anyhow::Result<Vec<String>> {
+        Ok(self
+            .metrics()?
+            .lines()
+            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+            .map(str::to_owned)
+            .collect())
+    }
+
+    /// An HTTP GET from inside the agent's node: (status, body).
+    fn get(&self, to: &str, path: &str) -> anyhow::Result<(u16, String)> {
         let mut cmd = in_cgroup_and_netns(bin_path("zt-probe")?, None, &self.node.netns)?;
-        cmd.args(["get", "--to", "127.0.0.1:15021", "--path", "/healthz/ready"]);
+        cmd.args(["get", "--to", to, "--path", path]);
         let out = cmd.output()?;
         let v: Value = serde_json::from_slice(&out.stdout)?;
         Ok((

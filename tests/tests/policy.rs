@@ -149,6 +149,16 @@ fn allowed_identity_connects_and_denied_identity_never_reaches_the_app() {
     // The app saw only the allowed connection.
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(m.server.connections().unwrap().len(), 1);
+
+    // Each decision is counted, scraped over HTTP.
+    assert_eq!(
+        m.agent2.metric_lines("zt_policy_decisions_total").unwrap(),
+        vec![
+            "zt_policy_decisions_total{action=\"allow\",reason=\"policy\"} 1",
+            "zt_policy_decisions_total{action=\"deny\",reason=\"mtls_required\"} 1",
+            "zt_policy_decisions_total{action=\"deny\",reason=\"policy\"} 1",
+        ]
+    );
 }
 
 #[test]
@@ -235,6 +245,14 @@ fn a_policy_update_closes_denied_live_connections_within_a_second() {
         )
     });
     let kept = kept.expect("the still-allowed connection keeps flowing");
+    // Two allowed at open; one denied by the update.
+    assert_eq!(
+        m.agent2.metric_lines("zt_policy_decisions_total").unwrap(),
+        vec![
+            "zt_policy_decisions_total{action=\"allow\",reason=\"policy\"} 2",
+            "zt_policy_decisions_total{action=\"deny\",reason=\"policy\"} 1",
+        ]
+    );
     assert_eq!(kept["reply"]["bytes"].as_u64(), Some(1024));
     assert!(
         closed.is_err(),

@@ -1,7 +1,7 @@
-//! The agent's HTTP endpoints. Today: readiness on `admin.readiness_addr` (default 0.0.0.0:15021),
+//! The agent's HTTP endpoints: readiness on `admin.readiness_addr` (default 0.0.0.0:15021),
 //! `GET /healthz/ready`: 200 when the capture programs are attached and every configured workload
 //! is enrolled and, with an identity provider, holds a valid certificate; 503 with the reason
-//! otherwise.
+//! otherwise. Metrics on `admin.metrics_addr` (default 0.0.0.0:15020), `GET /metrics`.
 use std::{
     convert::Infallible,
     net::SocketAddr,
@@ -15,7 +15,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tracing::{debug, warn};
 
-use crate::{config::WorkloadId, identity::tls::SvidSlot};
+use crate::{config::WorkloadId, identity::tls::SvidSlot, metrics::Metrics};
 
 /// What readiness is decided from; the agent replaces it after every reconcile.
 #[derive(Default)]
@@ -61,45 +61,75 @@ impl Readiness {
     }
 }
 
-/// Serves readiness until the task is dropped.
-pub async fn serve_readiness(addr: SocketAddr, readiness: Readiness) -> std::io::Result<()> {
+/// What an endpoint answers for a path: status, content type and body.
+pub type Reply = (StatusCode, &'static str, String);
+
+/// Serves `route` over HTTP/1 on `addr` until the task is dropped; `what` names it in logs.
+pub async fn serve<R>(addr: SocketAddr, what: &'static str, route: R) -> std::io::Result<()>
+where
+    R: Fn(&str) -> Reply + Clone + Send + Sync + 'static,
+{
     let listener = TcpListener::bind(addr).await?;
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(a) => a,
             Err(e) => {
-                warn!(error = %e, "readiness accept failed");
+                warn!(endpoint = what, error = %e, "accept failed");
                 continue;
             }
         };
-        let readiness = readiness.clone();
+        let route = route.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req: Request<hyper::body::Incoming>| {
-                let readiness = readiness.clone();
-                async move { Ok::<_, Infallible>(respond(&req, &readiness)) }
+                let (status, content_type, body) = route(req.uri().path());
+                let mut response = Response::new(Full::new(Bytes::from(body)));
+                *response.status_mut() = status;
+                if let Ok(v) = hyper::header::HeaderValue::from_str(content_type) {
+                    response
+                        .headers_mut()
+                        .insert(hyper::header::CONTENT_TYPE, v);
+                }
+                async move { Ok::<_, Infallible>(response) }
             });
             if let Err(e) = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
                 .await
             {
-                debug!(%peer, error = %e, "readiness connection ended");
+                debug!(endpoint = what, %peer, error = %e, "connection ended");
             }
         });
     }
 }
 
-fn respond(req: &Request<hyper::body::Incoming>, readiness: &Readiness) -> Response<Full<Bytes>> {
-    let (status, body) = match req.uri().path() {
+const TEXT: &str = "text/plain; charset=utf-8";
+
+fn not_found() -> Reply {
+    (StatusCode::NOT_FOUND, TEXT, "not found\n".to_owned())
+}
+
+/// `GET /healthz/ready`.
+pub fn readiness_route(readiness: Readiness) -> impl Fn(&str) -> Reply + Clone + Send + Sync {
+    move |path| match path {
         "/healthz/ready" => match readiness.check() {
-            Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
+            Ok(()) => (StatusCode::OK, TEXT, "ready\n".to_owned()),
             Err(why) => (
                 StatusCode::SERVICE_UNAVAILABLE,
+                TEXT,
                 format!("not ready: {why}\n"),
             ),
         },
-        _ => (StatusCode::NOT_FOUND, "not found\n".to_owned()),
-    };
-    let mut response = Response::new(Full::new(Bytes::from(body)));
-    *response.status_mut() = status;
-    response
+        _ => not_found(),
+    }
+}
+
+/// `GET /metrics`, the Prometheus text format.
+pub fn metrics_route(metrics: Arc<Metrics>) -> impl Fn(&str) -> Reply + Clone + Send + Sync {
+    move |path| match path {
+        "/metrics" => (
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            metrics.encode(),
+        ),
+        _ => not_found(),
+    }
 }

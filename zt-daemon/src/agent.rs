@@ -67,6 +67,7 @@ impl Agent {
         let proxy = Arc::new(ProxyContext {
             dsts,
             policy,
+            metrics: Arc::default(),
             idle_timeout: config.limits.idle_timeout,
             max_connections_per_workload: config.limits.max_connections_per_workload,
             tunnel: identity.as_ref().map(|node| Tunnel {
@@ -94,13 +95,34 @@ impl Agent {
         let mut hup = signal(SignalKind::hangup())?;
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
-        let addr = self.config.admin.readiness_addr;
-        let readiness = self.readiness.clone();
-        tokio::spawn(async move {
-            if let Err(e) = admin::serve_readiness(addr, readiness).await {
-                error!(%addr, error = %e, "readiness endpoint unavailable");
-            }
-        });
+        let admin = &self.config.admin;
+        let endpoints = [
+            (
+                admin.readiness_addr,
+                "readiness",
+                tokio::spawn(admin::serve(
+                    admin.readiness_addr,
+                    "readiness",
+                    admin::readiness_route(self.readiness.clone()),
+                )),
+            ),
+            (
+                admin.metrics_addr,
+                "metrics",
+                tokio::spawn(admin::serve(
+                    admin.metrics_addr,
+                    "metrics",
+                    admin::metrics_route(self.proxy.metrics.clone()),
+                )),
+            ),
+        ];
+        for (addr, what, task) in endpoints {
+            tokio::spawn(async move {
+                if let Ok(Err(e)) = task.await {
+                    error!(%addr, endpoint = what, error = %e, "endpoint unavailable");
+                }
+            });
+        }
         self.reconcile(self.config.workloads.clone()).await;
         self.forget_stale_pods();
         info!(workloads = self.enrolled.len(), "agent ready");

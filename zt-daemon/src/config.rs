@@ -114,6 +114,8 @@ pub struct MeshEndpoint {
 pub struct AdminConfig {
     /// Where `/healthz/ready` is served.
     pub readiness_addr: SocketAddr,
+    /// Where `/metrics` is served.
+    pub metrics_addr: SocketAddr,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -273,6 +275,7 @@ struct RawEndpoint {
 #[serde(deny_unknown_fields)]
 struct RawAdmin {
     readiness_addr: Option<SocketAddr>,
+    metrics_addr: Option<SocketAddr>,
 }
 
 #[derive(Deserialize, Default)]
@@ -462,6 +465,10 @@ impl NodeConfig {
                     .admin
                     .readiness_addr
                     .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 15021))),
+                metrics_addr: raw
+                    .admin
+                    .metrics_addr
+                    .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 15020))),
             },
             log: LogConfig {
                 format: raw.log.format.unwrap_or(LogFormat::Text),

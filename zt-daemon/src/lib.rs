@@ -5,6 +5,7 @@ pub mod agent;
 pub mod config;
 pub mod ebpf;
 pub mod identity;
+pub mod metrics;
 pub mod policy;
 pub mod proxy;
 pub mod watch;

@@ -56,6 +56,7 @@ pub struct ProxyContext {
     pub dsts: OriginalDsts,
     pub tunnel: Option<Tunnel>,
     pub policy: PolicyStore,
+    pub metrics: Arc<crate::metrics::Metrics>,
     pub idle_timeout: Duration,
     pub max_connections_per_workload: usize,
 }
@@ -234,6 +235,7 @@ pub(crate) fn authorize<'a>(
     let decision = updates
         .borrow_and_update()
         .decide(&target, &peer, port, mtls);
+    ctx.metrics.count_decision(&decision);
     if !decision.is_allowed() {
         warn!(
             workload = %workload.workload.id,
@@ -246,8 +248,10 @@ pub(crate) fn authorize<'a>(
             "connection denied: {decision}"
         );
     }
+    let metrics = ctx.metrics.clone();
     let revoked = async move {
         let decision = policy::denied_by_update(updates, target, &peer, port, mtls).await;
+        metrics.count_decision(&decision);
         warn!(
             workload = %workload.workload.id,
             source_identity = %id_or_dash(peer.identity.as_ref()),
