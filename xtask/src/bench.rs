@@ -164,7 +164,7 @@ pub fn tunnel() -> anyhow::Result<()> {
             .trim()
     );
     let mut md = String::new();
-    writeln!(md, "# Benchmarks\n")?;
+    writeln!(md, "## Tunnel (issue 4)\n")?;
     writeln!(
         md,
         "Produced by `bash scripts/dev.sh bench tunnel` (that is, `cargo xtask bench tunnel`), as root, release builds."
@@ -218,7 +218,76 @@ pub fn tunnel() -> anyhow::Result<()> {
             "no"
         }
     )?;
-    std::fs::write(root.join("BENCHMARKS.md"), &md)?;
+    write_section(&root, "tunnel", &md)?;
+    println!("\n{md}");
+    Ok(())
+}
+
+/// Replaces the section `name` of BENCHMARKS.md (between `<!-- name -->` and `<!-- /name -->`),
+/// or appends it, so that each benchmark command rewrites only its own figures.
+fn write_section(root: &std::path::Path, name: &str, content: &str) -> anyhow::Result<()> {
+    let path = root.join("BENCHMARKS.md");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|_| "# Benchmarks\n".to_owned());
+    let (open, close) = (format!("<!-- {name} -->"), format!("<!-- /{name} -->"));
+    let section = format!("{open}\n{}\n{close}", content.trim_end());
+    let updated = match (text.find(&open), text.find(&close)) {
+        (Some(a), Some(b)) if a < b => {
+            format!("{}{section}{}", &text[..a], &text[b + close.len()..])
+        }
+        _ => format!("{}\n{section}\n", text.trim_end()),
+    };
+    std::fs::write(&path, updated)?;
+    Ok(())
+}
+
+/// `cargo xtask bench policy`: the criterion benchmark of authorization decisions; records the
+/// median time per decision with 10 and with 10 000 policies.
+pub fn policy() -> anyhow::Result<()> {
+    let root = crate::workspace_root();
+    crate::cargo(&["bench", "-p", "zt-daemon", "--bench", "policy"])?;
+    let median_ns = |name: &str| -> anyhow::Result<f64> {
+        let path = root.join(format!(
+            "target/criterion/policy_decision/{name}/new/estimates.json"
+        ));
+        let v: Value = serde_json::from_str(&std::fs::read_to_string(&path)?)
+            .with_context(|| format!("{}", path.display()))?;
+        v["median"]["point_estimate"]
+            .as_f64()
+            .with_context(|| format!("{}: no median", path.display()))
+    };
+    let (few, many) = (median_ns("10_policies")?, median_ns("10000_policies")?);
+    let ratio = many / few;
+    let mut md = String::new();
+    writeln!(md, "## Policy decisions (issue 5)\n")?;
+    writeln!(
+        md,
+        "Produced by `bash scripts/dev.sh bench policy` (criterion, `zt-daemon/benches/policy.rs`): one"
+    )?;
+    writeln!(
+        md,
+        "decision for a workload selected by 10 policies, in a set of 10 policies and in a set of 10 000"
+    )?;
+    writeln!(
+        md,
+        "policies over 1 000 namespaces. Median time per decision.\n"
+    )?;
+    writeln!(md, "| policies loaded | ns per decision |")?;
+    writeln!(md, "| ---: | ---: |")?;
+    writeln!(md, "| 10 | {few:.0} |")?;
+    writeln!(md, "| 10 000 | {many:.0} |")?;
+    writeln!(md, "\n| target | value | holds |")?;
+    writeln!(md, "| --- | ---: | --- |")?;
+    writeln!(
+        md,
+        "| under 1 µs per decision (10 000 policies) | {many:.0} ns | {} |",
+        if many < 1000.0 { "yes" } else { "no" }
+    )?;
+    writeln!(
+        md,
+        "| at most 2× the cost with 10 policies | {ratio:.2}× | {} |",
+        if ratio <= 2.0 { "yes" } else { "no" }
+    )?;
+    write_section(&root, "policy", &md)?;
     println!("\n{md}");
     Ok(())
 }

@@ -31,6 +31,8 @@ enum Cmd {
 enum BenchCmd {
     /// Direct TCP against zt cross-node: throughput and 1 KiB round trips.
     Tunnel,
+    /// Criterion: one authorization decision with 10 and with 10 000 policies.
+    Policy,
 }
 
 /// Runs `cargo <args>` from the workspace root and fails if it fails.
@@ -117,6 +119,9 @@ fn main() -> anyhow::Result<()> {
             zt_tests::require_root()?;
             bench::tunnel()
         }
+        Cmd::Bench {
+            what: BenchCmd::Policy,
+        } => bench::policy(),
         Cmd::Demo => {
             zt_tests::require_root()?;
             cargo(&["build"])?;
