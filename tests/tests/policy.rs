@@ -258,6 +258,33 @@ fn a_policy_update_closes_denied_live_connections_within_a_second() {
         closed.is_err(),
         "the denied connection was not closed: {closed:?}"
     );
+
+    // A file that does not load keeps the policies in force, and the agent says where it broke.
+    write_policy(
+        &m.policies,
+        "broken.yaml",
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: broken\n  namespace: default\nspec:\n  rules:\n  - from:\n    - source:\n        ipBlocks: [\"10.0.0.300/8\"]\n",
+    );
+    zt_tests::wait_until(Duration::from_secs(5), || {
+        Ok(m.agent2.count("policy reload rejected")? == 1)
+    })
+    .unwrap();
+    let rejected = m
+        .agent2
+        .events()
+        .unwrap()
+        .into_iter()
+        .find(|e| e["message"] == "policy reload rejected")
+        .unwrap();
+    let error = rejected["error"].as_str().unwrap_or_default();
+    assert!(
+        error
+            .contains("broken.yaml: document 1 (line 1): spec.rules[0].from[0].source.ipBlocks[0]"),
+        "{rejected}"
+    );
+    assert!(connect(&m.bed, p11, dst, 1024, TIMEOUT).unwrap().is_ok());
+    assert!(connect(&m.bed, p12, dst, 1024, TIMEOUT).unwrap().is_err());
+
     let events = m.agent2.events().unwrap();
     assert!(
         events.iter().any(|e| e["close"] == "policy"
