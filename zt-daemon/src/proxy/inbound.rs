@@ -22,10 +22,8 @@ use crate::{
         svid::LeafFacts,
         tls::{ALPN_H2, server_config},
     },
-    policy::Peer,
     proxy::{
-        AccessRecord, Direction, Identities, ProxyContext, Tunnel, accept_loop, authorize,
-        connect_in_pod,
+        Identities, ProxyContext, Tunnel, accept_loop, authorize, connect_in_pod,
         copy::{CloseReason, RelayOutcome},
         hbone::{self, H2Stream},
         log_access, relay_and_log, reset,
@@ -94,22 +92,8 @@ async fn handle_plaintext(
     }
     // Plaintext has no identity: policy sees only the address, and a STRICT PeerAuthentication
     // (or mtls.mode) refuses it.
-    let source = Peer {
-        identity: None,
-        ip: peer.ip().to_canonical(),
-    };
-    let (decision, denied_later) = authorize(ctx, workload, source, dst.port(), false);
-    let allowed = decision.is_allowed();
-    let record = AccessRecord {
-        direction: Direction::Inbound,
-        workload,
-        peer,
-        original_dst: dst,
-        identities: Identities::NONE,
-        decision: Some(decision),
-        started,
-    };
-    if !allowed {
+    let (record, denied_later) = authorize(ctx, workload, peer, dst, Identities::NONE, started);
+    if !record.is_allowed() {
         log_access(&record, &RelayOutcome::refused(CloseReason::Policy));
         reset(client);
         return;
@@ -255,22 +239,8 @@ async fn handle_connect(
         warn!(workload = %id, %peer, source_identity = %source, authority = %dst, "HBONE: CONNECT to an address this pod does not serve; refused");
         return refuse(respond, StatusCode::FORBIDDEN);
     }
-    let source = Peer {
-        identity: identities.source.clone(),
-        ip: peer.ip().to_canonical(),
-    };
-    let (decision, denied_later) = authorize(ctx, workload, source, dst.port(), true);
-    let allowed = decision.is_allowed();
-    let record = AccessRecord {
-        direction: Direction::Inbound,
-        workload,
-        peer,
-        original_dst: dst,
-        identities,
-        decision: Some(decision),
-        started,
-    };
-    if !allowed {
+    let (record, denied_later) = authorize(ctx, workload, peer, dst, identities, started);
+    if !record.is_allowed() {
         log_access(&record, &RelayOutcome::refused(CloseReason::Policy));
         return refuse(respond, StatusCode::FORBIDDEN);
     }

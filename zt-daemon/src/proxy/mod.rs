@@ -173,6 +173,15 @@ pub(crate) struct AccessRecord<'a> {
     pub started: Instant,
 }
 
+impl AccessRecord<'_> {
+    /// Whether policy allowed the connection (outbound connections are not authorized here).
+    pub fn is_allowed(&self) -> bool {
+        self.decision
+            .as_ref()
+            .is_none_or(PolicyDecision::is_allowed)
+    }
+}
+
 /// Relays until the connection ends or `interrupt` resolves (a policy update that now denies it),
 /// then writes its one access-log line.
 pub(crate) async fn relay_and_log<D, U>(
@@ -220,16 +229,27 @@ pub(crate) fn log_access(record: &AccessRecord<'_>, outcome: &copy::RelayOutcome
     );
 }
 
-/// Authorizes an inbound connection to `workload` under the policies in force. When it is
-/// allowed, the returned future resolves (close reason `policy`) if a later policy update denies
-/// it; when denied, the decision is logged with the policy and rule that made it.
+/// Authorizes an inbound connection from `peer` (with `identities.source` when it came through
+/// the tunnel) to `original_dst` on `workload`, under the policies in force, and returns its
+/// access record. When allowed, the returned future resolves (close reason `policy`) if a later
+/// policy update denies it; when denied, the decision is logged with the policy and rule.
 pub(crate) fn authorize<'a>(
     ctx: &ProxyContext,
     workload: &'a LocalWorkload,
-    peer: Peer,
-    port: u16,
-    mtls: bool,
-) -> (PolicyDecision, impl Future<Output = copy::CloseReason> + 'a) {
+    peer_addr: SocketAddr,
+    original_dst: SocketAddr,
+    identities: Identities,
+    started: Instant,
+) -> (
+    AccessRecord<'a>,
+    impl Future<Output = copy::CloseReason> + 'a,
+) {
+    let mtls = identities.source.is_some();
+    let peer = Peer {
+        identity: identities.source.clone(),
+        ip: peer_addr.ip().to_canonical(),
+    };
+    let port = original_dst.port();
     let mut updates = ctx.policy.subscribe();
     let target = WorkloadRef::from(&workload.workload);
     let decision = updates
@@ -263,5 +283,14 @@ pub(crate) fn authorize<'a>(
         );
         copy::CloseReason::Policy
     };
-    (decision, revoked)
+    let record = AccessRecord {
+        direction: Direction::Inbound,
+        workload,
+        peer: peer_addr,
+        original_dst,
+        identities,
+        decision: Some(decision),
+        started,
+    };
+    (record, revoked)
 }
