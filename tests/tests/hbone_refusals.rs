@@ -258,3 +258,55 @@ fn hbone_listener_refuses_what_it_must() {
         );
     }
 }
+
+#[test]
+fn hbone_streams_count_against_the_workload_connection_limit() {
+    let mut bed = Testbed::new(2).unwrap();
+    let ca_dir = bed.dir.join("ca");
+    zt_tests::agent::ca_init(&ca_dir).unwrap();
+    let (p21, p22) = (bed.pod(2, 1).clone(), bed.pod(2, 2).clone());
+    // The TLS connection takes one permit, each stream one more: room for two streams.
+    let config = format!(
+        "{}[identity]\nprovider = \"builtin\"\nca_dir = \"{}\"\n[limits]\nmax_connections_per_workload = 3\n",
+        node_config(bed.node(2), &[&p21], ""),
+        ca_dir.display()
+    );
+    let agent = Agent::start_with_config(&mut bed, 2, &config).unwrap();
+    Server::start(&mut bed, &p21, SocketAddr::from(([0, 0, 0, 0], PORT))).unwrap();
+    let ca = CertificateAuthority::load(&ca_dir).unwrap();
+    let client = svid(&ca, "spiffe://cluster.local/ns/default/sa/client");
+    let config = client_config(SvidSlot::new(client), trust_of(&ca), None).unwrap();
+    let hbone = SocketAddr::new(p21.ip(false), 15008);
+    let app = SocketAddr::new(p21.ip(false), PORT).to_string();
+
+    let statuses = in_netns(&p22.netns, async || {
+        let stream = tls(hbone, config).await.unwrap();
+        let (send, connection) = h2::client::handshake(stream).await.unwrap();
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        let mut statuses = Vec::new();
+        // Bodies stay open so each stream (and its permit) lives until the end.
+        let mut open = Vec::new();
+        for _ in 0..3 {
+            let mut send = send.clone().ready().await.unwrap();
+            let req = http::Request::builder()
+                .method(http::Method::CONNECT)
+                .uri(app.as_str())
+                .body(())
+                .unwrap();
+            let (response, body) = send.send_request(req, false).unwrap();
+            statuses.push(response.await.unwrap().status().as_u16());
+            open.push(body);
+        }
+        statuses
+    });
+    assert_eq!(statuses, vec![200, 200, 503]);
+    assert!(
+        agent.events().unwrap().iter().any(|e| e["message"]
+            == "HBONE stream refused: workload at its connection limit"
+            && e["close"] == "max_connections"),
+        "{}",
+        agent.log_tail()
+    );
+}

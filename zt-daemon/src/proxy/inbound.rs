@@ -179,13 +179,21 @@ async fn handle_hbone(
                     }
                     None => break,
                 };
+                // Each stream is a captured connection and counts against the workload's limit,
+                // as the TLS connection carrying it does.
+                let Some(permit) = workload.connection_permit() else {
+                    warn!(workload = %id, %peer, source_identity = %peer_id, close = "max_connections", "HBONE stream refused: workload at its connection limit");
+                    refuse(respond, StatusCode::SERVICE_UNAVAILABLE);
+                    continue;
+                };
                 let (workload, ctx) = (workload.clone(), ctx.clone());
                 let identities = Identities {
                     source: Some(peer_id.clone()),
                     destination: local_id.clone(),
                 };
                 tokio::spawn(async move {
-                    handle_connect(request, respond, peer, &workload, identities, &ctx).await
+                    handle_connect(request, respond, peer, &workload, identities, &ctx).await;
+                    drop(permit);
                 });
             }
             changed = trust_changes.changed(), if watching => {
