@@ -25,6 +25,15 @@ else
   step "Debian packages present"
 fi
 
+# promtool (tests check a live scrape with it); without recommends, so no server is installed.
+if ! command -v promtool >/dev/null 2>&1; then
+  step "installing Debian package prometheus (for promtool)"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+else
+  step "promtool present"
+fi
+
 if ! rustup toolchain list | grep -q "^${TOOLCHAIN}-"; then
   step "installing Rust toolchain ${TOOLCHAIN}"
   rustup toolchain install "$TOOLCHAIN" --profile minimal -c rust-src -c rustfmt -c clippy

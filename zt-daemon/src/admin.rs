@@ -1,21 +1,32 @@
-//! The agent's HTTP endpoints: readiness on `admin.readiness_addr` (default 0.0.0.0:15021),
-//! `GET /healthz/ready`: 200 when the capture programs are attached and every configured workload
-//! is enrolled and, with an identity provider, holds a valid certificate; 503 with the reason
-//! otherwise. Metrics on `admin.metrics_addr` (default 0.0.0.0:15020), `GET /metrics`.
+//! The agent's HTTP endpoints (DESIGN.md §8), each on its own address:
+//! - readiness, `admin.readiness_addr` (0.0.0.0:15021): `GET /healthz/ready`, 200 when the capture
+//!   programs are attached and every configured workload is enrolled and, with an identity
+//!   provider, holds a valid certificate; 503 with the reason otherwise;
+//! - metrics, `admin.metrics_addr` (0.0.0.0:15020): `GET /metrics`, Prometheus text;
+//! - admin, `admin.admin_addr` (127.0.0.1:15000): `GET /config_dump` (JSON), `GET /logging`
+//!   (the log filter) and `POST /logging?level=FILTER` (change it at runtime).
 use std::{
     convert::Infallible,
     net::SocketAddr,
-    sync::{Arc, RwLock},
-    time::SystemTime,
+    path::{Path, PathBuf},
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{SystemTime, UNIX_EPOCH},
 };
 
 use http_body_util::Full;
-use hyper::{Request, Response, StatusCode, body::Bytes, service::service_fn};
+use hyper::{Method, Request, Response, StatusCode, body::Bytes, service::service_fn};
 use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
 use tokio::net::TcpListener;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
-use crate::{config::WorkloadId, identity::tls::SvidSlot, metrics::Metrics};
+use crate::{
+    config::WorkloadId, identity::tls::SvidSlot, metrics::Metrics, proxy::ProxyContext,
+    workload::LocalWorkload,
+};
 
 /// What readiness is decided from; the agent replaces it after every reconcile.
 #[derive(Default)]
@@ -61,13 +72,213 @@ impl Readiness {
     }
 }
 
-/// What an endpoint answers for a path: status, content type and body.
+/// Installs a new log filter, or says why it cannot.
+type ApplyFilter = dyn Fn(&str) -> Result<(), String> + Send + Sync;
+
+/// Changes the log filter at runtime; the binary wires it to its tracing subscriber.
+#[derive(Clone)]
+pub struct LogControl {
+    current: Arc<RwLock<String>>,
+    apply: Arc<ApplyFilter>,
+}
+
+impl LogControl {
+    pub fn new(
+        initial: &str,
+        apply: impl Fn(&str) -> Result<(), String> + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            current: Arc::new(RwLock::new(initial.to_owned())),
+            apply: Arc::new(apply),
+        }
+    }
+
+    /// For embedding without a reloadable subscriber: every change is refused.
+    pub fn fixed(level: &str) -> Self {
+        Self::new(level, |_| {
+            Err("the log filter is fixed in this process".into())
+        })
+    }
+
+    pub fn current(&self) -> String {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Applies `filter` (tracing's EnvFilter syntax); a bad one changes nothing. A bare word must
+    /// be a level: tracing would read `verbose` as a target name and quietly log nothing.
+    pub fn set(&self, filter: &str) -> Result<(), String> {
+        const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+        for directive in filter.split(',').map(str::trim) {
+            if !directive.contains('=')
+                && !LEVELS.contains(&directive.to_ascii_lowercase().as_str())
+            {
+                return Err(format!(
+                    "{directive:?} is not a level ({}); a target needs TARGET=LEVEL",
+                    LEVELS.join(", ")
+                ));
+            }
+        }
+        (self.apply)(filter)?;
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = filter.to_owned();
+        Ok(())
+    }
+}
+
+/// The node's state as the admin and metrics endpoints see it; the agent republishes the
+/// workload list after every reconcile.
+#[derive(Clone)]
+pub struct AdminState {
+    pub node_name: String,
+    pub readiness: Readiness,
+    pub workloads: Arc<RwLock<Vec<Arc<LocalWorkload>>>>,
+    pub proxy: Arc<ProxyContext>,
+    pub pin_dir: PathBuf,
+    /// Issuance failures the identity provider counted (none without a provider).
+    pub issue_failures: Option<Arc<AtomicU64>>,
+    pub log: LogControl,
+}
+
+impl AdminState {
+    fn workloads(&self) -> Vec<Arc<LocalWorkload>> {
+        self.workloads
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Sets the gauges that are read off live state rather than counted as things happen.
+    fn refresh_metrics(&self) {
+        let metrics: &Metrics = &self.proxy.metrics;
+        let workloads = self.workloads();
+        metrics.workloads_enrolled.set(workloads.len() as i64);
+        metrics.certificate_expiry.reset();
+        for svid in workloads.iter().filter_map(|w| w.svid.as_ref()?.get()) {
+            metrics
+                .certificate_expiry
+                .with_label_values(&[&svid.id().to_string()])
+                .set(unix_seconds(svid.leaf.not_after) as i64);
+        }
+        if let Some(failures) = &self.issue_failures {
+            let total = failures.load(Ordering::Relaxed);
+            let seen = metrics.identity_issue_failures.get();
+            metrics
+                .identity_issue_failures
+                .inc_by(total.saturating_sub(seen));
+        }
+    }
+
+    /// `/config_dump`: workloads and their enrollment, identities with expiry, policies, eBPF
+    /// pins, listeners and pooled connections.
+    fn config_dump(&self) -> Value {
+        let now = SystemTime::now();
+        let workloads: Vec<Value> = self
+            .workloads()
+            .iter()
+            .map(|w| {
+                let svid = w.svid.as_ref().and_then(SvidSlot::get);
+                json!({
+                    "workload": w.workload.id.to_string(),
+                    "service_account": w.workload.service_account,
+                    "labels": w.workload.labels,
+                    "netns": w.workload.netns,
+                    "netns_cookie": w.netns_cookie,
+                    "addresses": w.addresses,
+                    "enrolled": true,
+                    "listeners": [
+                        format!("[::]:{} (outbound)", zt_common::OUTBOUND_PORT),
+                        format!("[::]:{} (inbound plaintext)", zt_common::INBOUND_PLAINTEXT_PORT),
+                        format!("[::]:{} (HBONE)", zt_common::HBONE_PORT),
+                    ],
+                    "identity": svid.as_ref().map(|s| json!({
+                        "spiffe_id": s.id().to_string(),
+                        "serial": s.leaf.serial,
+                        "not_before": unix_seconds(s.leaf.not_before),
+                        "not_after": unix_seconds(s.leaf.not_after),
+                        "expires_in_seconds": s.leaf.not_after.duration_since(now).map_or(0, |d| d.as_secs()),
+                    })),
+                })
+            })
+            .collect();
+        let policies = self.proxy.policy.current();
+        let pool: Vec<Value> = self
+            .proxy
+            .tunnel
+            .as_ref()
+            .map(|t| {
+                t.pool
+                    .snapshot()
+                    .into_iter()
+                    .map(|(key, active)| {
+                        json!({
+                            "source": key.source.to_string(),
+                            "destination": key.destination,
+                            "expected_identity": key.expected.to_string(),
+                            "active_streams": active,
+                        })
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        json!({
+            "node": self.node_name,
+            "workloads": workloads,
+            "policies": {
+                "count": policies.len(),
+                "authorization_policies": policies.authorization_names(),
+                "peer_authentications": policies.peer_authentication_names(),
+            },
+            "capture": {
+                "pin_dir": self.pin_dir,
+                "pins": pins(&self.pin_dir),
+            },
+            "pool": pool,
+            "log_level": self.log.current(),
+        })
+    }
+}
+
+fn unix_seconds(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// Every pinned object under `dir` (programs, links, maps, per-pod sk_lookup links).
+fn pins(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if let Ok(rel) = path.strip_prefix(dir) {
+                out.push(rel.display().to_string());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// What an endpoint answers: status, content type and body.
 pub type Reply = (StatusCode, &'static str, String);
 
-/// Serves `route` over HTTP/1 on `addr` until the task is dropped; `what` names it in logs.
+const TEXT: &str = "text/plain; charset=utf-8";
+
+fn text(status: StatusCode, body: impl Into<String>) -> Reply {
+    (status, TEXT, body.into())
+}
+
+/// Serves `route` (method, path, query) over HTTP/1 on `addr` until the task is dropped; `what`
+/// names the endpoint in logs.
 pub async fn serve<R>(addr: SocketAddr, what: &'static str, route: R) -> std::io::Result<()>
 where
-    R: Fn(&str) -> Reply + Clone + Send + Sync + 'static,
+    R: Fn(&Method, &str, Option<&str>) -> Reply + Clone + Send + Sync + 'static,
 {
     let listener = TcpListener::bind(addr).await?;
     loop {
@@ -81,14 +292,14 @@ where
         let route = route.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req: Request<hyper::body::Incoming>| {
-                let (status, content_type, body) = route(req.uri().path());
+                let (status, content_type, body) =
+                    route(req.method(), req.uri().path(), req.uri().query());
                 let mut response = Response::new(Full::new(Bytes::from(body)));
                 *response.status_mut() = status;
-                if let Ok(v) = hyper::header::HeaderValue::from_str(content_type) {
-                    response
-                        .headers_mut()
-                        .insert(hyper::header::CONTENT_TYPE, v);
-                }
+                response.headers_mut().insert(
+                    hyper::header::CONTENT_TYPE,
+                    hyper::header::HeaderValue::from_static(content_type),
+                );
                 async move { Ok::<_, Infallible>(response) }
             });
             if let Err(e) = hyper::server::conn::http1::Builder::new()
@@ -101,20 +312,19 @@ where
     }
 }
 
-const TEXT: &str = "text/plain; charset=utf-8";
-
 fn not_found() -> Reply {
-    (StatusCode::NOT_FOUND, TEXT, "not found\n".to_owned())
+    text(StatusCode::NOT_FOUND, "not found\n")
 }
 
 /// `GET /healthz/ready`.
-pub fn readiness_route(readiness: Readiness) -> impl Fn(&str) -> Reply + Clone + Send + Sync {
-    move |path| match path {
+pub fn readiness_route(
+    readiness: Readiness,
+) -> impl Fn(&Method, &str, Option<&str>) -> Reply + Clone + Send + Sync {
+    move |_, path, _| match path {
         "/healthz/ready" => match readiness.check() {
-            Ok(()) => (StatusCode::OK, TEXT, "ready\n".to_owned()),
-            Err(why) => (
+            Ok(()) => text(StatusCode::OK, "ready\n"),
+            Err(why) => text(
                 StatusCode::SERVICE_UNAVAILABLE,
-                TEXT,
                 format!("not ready: {why}\n"),
             ),
         },
@@ -123,13 +333,59 @@ pub fn readiness_route(readiness: Readiness) -> impl Fn(&str) -> Reply + Clone +
 }
 
 /// `GET /metrics`, the Prometheus text format.
-pub fn metrics_route(metrics: Arc<Metrics>) -> impl Fn(&str) -> Reply + Clone + Send + Sync {
-    move |path| match path {
-        "/metrics" => (
+pub fn metrics_route(
+    state: AdminState,
+) -> impl Fn(&Method, &str, Option<&str>) -> Reply + Clone + Send + Sync {
+    move |_, path, _| match path {
+        "/metrics" => {
+            state.refresh_metrics();
+            (
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                state.proxy.metrics.encode(),
+            )
+        }
+        _ => not_found(),
+    }
+}
+
+/// `/config_dump` and `/logging`, on the loopback admin address.
+pub fn admin_route(
+    state: AdminState,
+) -> impl Fn(&Method, &str, Option<&str>) -> Reply + Clone + Send + Sync {
+    move |method, path, query| match (path, method) {
+        ("/config_dump", &Method::GET) => (
             StatusCode::OK,
-            "text/plain; version=0.0.4; charset=utf-8",
-            metrics.encode(),
+            "application/json",
+            serde_json::to_string_pretty(&state.config_dump()).unwrap_or_default() + "\n",
         ),
+        ("/logging", &Method::GET) => text(StatusCode::OK, format!("{}\n", state.log.current())),
+        ("/logging", &Method::POST) => {
+            let level = query.and_then(|q| {
+                form_urlencoded::parse(q.as_bytes())
+                    .find(|(k, _)| k == "level")
+                    .map(|(_, v)| v.into_owned())
+            });
+            let Some(level) = level else {
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    "missing ?level=FILTER (e.g. info,zt_daemon=debug)\n",
+                );
+            };
+            match state.log.set(&level) {
+                Ok(()) => {
+                    info!(level, "log filter changed");
+                    text(StatusCode::OK, format!("{level}\n"))
+                }
+                Err(why) => text(
+                    StatusCode::BAD_REQUEST,
+                    format!("level {level:?} refused: {why}\n"),
+                ),
+            }
+        }
+        ("/config_dump" | "/logging", _) => {
+            text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
+        }
         _ => not_found(),
     }
 }

@@ -2,7 +2,7 @@
 //! (SIGHUP), and stop on SIGTERM/SIGINT. Stopping leaves the pins in place on purpose: capture
 //! stays fail-closed until the next agent re-adopts it.
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     net::IpAddr,
     path::PathBuf,
     sync::Arc,
@@ -13,7 +13,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
 use crate::{
-    admin::{self, Readiness, ReadyInputs},
+    admin::{self, AdminState, LogControl, Readiness, ReadyInputs},
     config::{MtlsMode, NodeConfig, Workload, WorkloadId},
     ebpf::{Capture, OriginalDsts},
     identity::{node::NodeIdentity, rotation::WorkloadIdentity, spiffe::SpiffeId},
@@ -21,6 +21,9 @@ use crate::{
     proxy::{MeshDirectory, ProxyContext, Tunnel},
     workload::Enrollment,
 };
+
+/// How often the capture state in the kernel is compared with the enrolled workloads.
+const DRIFT_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 
 pub struct Agent {
     config_path: PathBuf,
@@ -32,11 +35,16 @@ pub struct Agent {
     /// Reloads policies when their files change; dropped (and replaced) on a config reload.
     _policy_watch: Option<notify::RecommendedWatcher>,
     enrolled: BTreeMap<WorkloadId, Enrollment>,
-    readiness: Readiness,
+    /// What the readiness, metrics and admin endpoints read.
+    admin: AdminState,
 }
 
 impl Agent {
-    pub fn start(config_path: PathBuf, config: NodeConfig) -> anyhow::Result<Self> {
+    pub fn start(
+        config_path: PathBuf,
+        config: NodeConfig,
+        log: LogControl,
+    ) -> anyhow::Result<Self> {
         let capture = Capture::start(&config.capture).context("starting capture")?;
         let dsts = OriginalDsts::open(capture.pin_dir())?;
         let identity = match &config.identity {
@@ -79,6 +87,15 @@ impl Agent {
                 pool_idle_timeout: config.mtls.pool_idle_timeout,
             }),
         });
+        let admin = AdminState {
+            node_name: config.node_name.clone(),
+            readiness: Readiness::default(),
+            workloads: Arc::default(),
+            proxy: proxy.clone(),
+            pin_dir: capture.pin_dir().to_owned(),
+            issue_failures: identity.as_ref().map(|n| n.renewal.failures.clone()),
+            log,
+        };
         Ok(Self {
             config_path,
             config,
@@ -87,7 +104,7 @@ impl Agent {
             identity,
             _policy_watch: policy_watch,
             enrolled: BTreeMap::new(),
-            readiness: Readiness::default(),
+            admin,
         })
     }
 
@@ -95,24 +112,33 @@ impl Agent {
         let mut hup = signal(SignalKind::hangup())?;
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
-        let admin = &self.config.admin;
+        let addrs = &self.config.admin;
         let endpoints = [
             (
-                admin.readiness_addr,
+                addrs.readiness_addr,
                 "readiness",
                 tokio::spawn(admin::serve(
-                    admin.readiness_addr,
+                    addrs.readiness_addr,
                     "readiness",
-                    admin::readiness_route(self.readiness.clone()),
+                    admin::readiness_route(self.admin.readiness.clone()),
                 )),
             ),
             (
-                admin.metrics_addr,
+                addrs.metrics_addr,
                 "metrics",
                 tokio::spawn(admin::serve(
-                    admin.metrics_addr,
+                    addrs.metrics_addr,
                     "metrics",
-                    admin::metrics_route(self.proxy.metrics.clone()),
+                    admin::metrics_route(self.admin.clone()),
+                )),
+            ),
+            (
+                addrs.admin_addr,
+                "admin",
+                tokio::spawn(admin::serve(
+                    addrs.admin_addr,
+                    "admin",
+                    admin::admin_route(self.admin.clone()),
                 )),
             ),
         ];
@@ -126,8 +152,10 @@ impl Agent {
         self.reconcile(self.config.workloads.clone()).await;
         self.forget_stale_pods();
         info!(workloads = self.enrolled.len(), "agent ready");
+        let mut drift_check = tokio::time::interval(DRIFT_CHECK_INTERVAL);
         loop {
             tokio::select! {
+                _ = drift_check.tick() => self.check_drift(),
                 _ = hup.recv() => self.reload().await,
                 _ = term.recv() => break,
                 _ = int.recv() => break,
@@ -199,7 +227,13 @@ impl Agent {
             }
         }
         self.publish_mesh_directory();
-        self.readiness.set(ReadyInputs {
+        *self
+            .admin
+            .workloads
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) =
+            self.enrolled.values().map(|e| e.local.clone()).collect();
+        self.admin.readiness.set(ReadyInputs {
             capture_started: true,
             workloads: self
                 .config
@@ -212,6 +246,25 @@ impl Agent {
                 .collect(),
             identity_required: self.identity.is_some(),
         });
+    }
+
+    /// Compares the pods enrolled in the kernel maps with the agent's enrolled workloads and
+    /// exports the difference as `zt_capture_drift`.
+    fn check_drift(&self) {
+        let in_kernel: HashSet<u64> = self.capture.maps.enrolled_pods().into_iter().collect();
+        let wanted: HashSet<u64> = self
+            .enrolled
+            .values()
+            .map(|e| e.local.netns_cookie)
+            .collect();
+        let drift = wanted.symmetric_difference(&in_kernel).count();
+        self.proxy.metrics.capture_drift.set(drift as i64);
+        if drift > 0 {
+            warn!(
+                drift,
+                "capture maps differ from the enrolled workloads (zt_capture_drift)"
+            );
+        }
     }
 
     /// The mTLS mode PeerAuthentication overrides: `mtls.mode`, or permissive on a capture-only

@@ -116,6 +116,8 @@ pub struct AdminConfig {
     pub readiness_addr: SocketAddr,
     /// Where `/metrics` is served.
     pub metrics_addr: SocketAddr,
+    /// Where `/config_dump` and `/logging` are served; loopback by default.
+    pub admin_addr: SocketAddr,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -276,6 +278,7 @@ struct RawEndpoint {
 struct RawAdmin {
     readiness_addr: Option<SocketAddr>,
     metrics_addr: Option<SocketAddr>,
+    admin_addr: Option<SocketAddr>,
 }
 
 #[derive(Deserialize, Default)]
@@ -469,6 +472,10 @@ impl NodeConfig {
                     .admin
                     .metrics_addr
                     .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 15020))),
+                admin_addr: raw
+                    .admin
+                    .admin_addr
+                    .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 15000))),
             },
             log: LogConfig {
                 format: raw.log.format.unwrap_or(LogFormat::Text),
@@ -543,7 +550,8 @@ fn identity_config(
     })
 }
 
-fn is_dns_label(s: &str) -> bool {
+/// RFC 1123 label: what Kubernetes allows for namespaces and most names.
+pub fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
         && s.bytes()

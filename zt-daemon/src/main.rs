@@ -7,6 +7,7 @@ use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::{EnvFilter, prelude::*};
 
 use zt_daemon::{
+    admin::LogControl,
     agent,
     config::{
         self, LogConfig, LogFormat, MtlsMode, NodeConfig, PolicyConfig, PolicyDefault, WorkloadId,
@@ -92,10 +93,12 @@ enum CaCommand {
     },
 }
 
-fn init_logging(log: &LogConfig) {
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(&log.level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+/// Installs the tracing subscriber; the returned control changes its filter at runtime
+/// (`POST /logging?level=...` on the admin address).
+fn init_logging(log: &LogConfig) -> LogControl {
+    let initial = std::env::var("RUST_LOG").unwrap_or_else(|_| log.level.clone());
+    let filter = EnvFilter::try_new(&initial).unwrap_or_else(|_| EnvFilter::new("info"));
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
     let registry = tracing_subscriber::registry().with(filter);
     match log.format {
         LogFormat::Json => registry
@@ -103,6 +106,10 @@ fn init_logging(log: &LogConfig) {
             .init(),
         LogFormat::Text => registry.with(tracing_subscriber::fmt::layer()).init(),
     }
+    LogControl::new(&initial, move |level| {
+        let filter = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+        handle.reload(filter).map_err(|e| e.to_string())
+    })
 }
 
 fn main() -> ExitCode {
@@ -230,13 +237,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Run { config: path } => {
             let config = NodeConfig::load(&path)?;
-            init_logging(&config.log);
+            let log = init_logging(&config.log);
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
                 .context("starting the tokio runtime")?;
             runtime.block_on(async move {
-                let agent = agent::Agent::start(path, config)?;
+                let agent = agent::Agent::start(path, config, log)?;
                 agent.run().await
             })?;
             Ok(ExitCode::SUCCESS)

@@ -1,45 +1,172 @@
 //! The agent's Prometheus metrics (DESIGN.md §8), served as text on `admin.metrics_addr`
-//! (default 0.0.0.0:15020) at `/metrics`. Labels never carry per-connection values (ports,
+//! (default 0.0.0.0:15020) at `/metrics`. The TCP metrics have Istio's shape (`istio_tcp_*` with
+//! the `zt_` prefix), so dashboards port over. Labels never carry per-connection values (ports,
 //! addresses), so the number of series stays bounded however many connections pass.
-use prometheus::{Encoder, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    core::Collector,
+};
 
 use crate::policy::PolicyDecision;
 
+/// Istio's value for a label zt does not know (a plaintext peer's principal, say).
+pub const UNKNOWN: &str = "unknown";
+
+const TCP_LABELS: [&str; 8] = [
+    "reporter",
+    "source_principal",
+    "destination_principal",
+    "source_workload",
+    "source_workload_namespace",
+    "destination_workload",
+    "destination_workload_namespace",
+    "connection_security_policy",
+];
+
+/// The labels of one connection in the TCP metrics.
+pub struct TcpLabels<'a> {
+    /// `source` (outbound side) or `destination` (inbound side).
+    pub reporter: &'static str,
+    pub source_principal: &'a str,
+    pub destination_principal: &'a str,
+    pub source_workload: &'a str,
+    pub source_workload_namespace: &'a str,
+    pub destination_workload: &'a str,
+    pub destination_workload_namespace: &'a str,
+    /// `mutual_tls` or `none`.
+    pub connection_security_policy: &'static str,
+}
+
+impl TcpLabels<'_> {
+    fn values(&self) -> [&str; 8] {
+        [
+            self.reporter,
+            self.source_principal,
+            self.destination_principal,
+            self.source_workload,
+            self.source_workload_namespace,
+            self.destination_workload,
+            self.destination_workload_namespace,
+            self.connection_security_policy,
+        ]
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
-    /// `zt_policy_decisions_total{action, reason}`: every authorization decision.
+    tcp_opened: IntCounterVec,
+    tcp_closed: IntCounterVec,
+    tcp_sent: IntCounterVec,
+    tcp_received: IntCounterVec,
     policy_decisions: IntCounterVec,
+    handshake_failures: IntCounterVec,
+    /// Set at scrape time from the enrolled workloads' certificates.
+    pub certificate_expiry: IntGaugeVec,
+    pub workloads_enrolled: IntGauge,
+    pub capture_drift: IntGauge,
+    pub identity_issue_failures: IntCounter,
+}
+
+fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    IntCounterVec::new(Opts::new(name, help), labels).expect("static metric definition")
+}
+
+fn gauge(name: &str, help: &str) -> IntGauge {
+    IntGauge::new(name, help).expect("static metric definition")
 }
 
 impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
-        let policy_decisions = IntCounterVec::new(
-            Opts::new(
+        let m = Self {
+            tcp_opened: counter_vec(
+                "zt_tcp_connections_opened_total",
+                "TCP connections opened through the agent.",
+                &TCP_LABELS,
+            ),
+            tcp_closed: counter_vec(
+                "zt_tcp_connections_closed_total",
+                "TCP connections closed through the agent.",
+                &TCP_LABELS,
+            ),
+            tcp_sent: counter_vec(
+                "zt_tcp_sent_bytes_total",
+                "Bytes sent during the response (destination to source), counted at close.",
+                &TCP_LABELS,
+            ),
+            tcp_received: counter_vec(
+                "zt_tcp_received_bytes_total",
+                "Bytes received during the request (source to destination), counted at close.",
+                &TCP_LABELS,
+            ),
+            policy_decisions: counter_vec(
                 "zt_policy_decisions_total",
                 "Authorization decisions, by action (allow, deny) and reason (policy, default, mtls_required).",
+                &["action", "reason"],
             ),
-            &["action", "reason"],
-        )
-        .expect("static metric definition");
+            handshake_failures: counter_vec(
+                "zt_tls_handshake_failures_total",
+                "Failed mTLS handshakes on the tunnel, both sides, by reason.",
+                &["reason"],
+            ),
+            certificate_expiry: IntGaugeVec::new(
+                Opts::new(
+                    "zt_certificate_expiry_timestamp_seconds",
+                    "When each enrolled workload's current certificate expires (Unix seconds).",
+                ),
+                &["identity"],
+            )
+            .expect("static metric definition"),
+            workloads_enrolled: gauge("zt_workloads_enrolled", "Workloads enrolled on this node."),
+            capture_drift: gauge(
+                "zt_capture_drift",
+                "Enrolled pods whose capture state in the kernel differs from what the agent wants.",
+            ),
+            identity_issue_failures: IntCounter::new(
+                "zt_identity_issue_failures_total",
+                "Failed attempts to issue or renew a workload certificate.",
+            )
+            .expect("static metric definition"),
+            registry,
+        };
         let build_info = IntGauge::with_opts(
             Opts::new("zt_build_info", "zt build; the value is always 1.")
                 .const_label("version", env!("CARGO_PKG_VERSION")),
         )
         .expect("static metric definition");
         build_info.set(1);
-        for metric in [
-            Box::new(policy_decisions.clone()) as Box<dyn prometheus::core::Collector>,
+        let collectors: Vec<Box<dyn Collector>> = vec![
+            Box::new(m.tcp_opened.clone()),
+            Box::new(m.tcp_closed.clone()),
+            Box::new(m.tcp_sent.clone()),
+            Box::new(m.tcp_received.clone()),
+            Box::new(m.policy_decisions.clone()),
+            Box::new(m.handshake_failures.clone()),
+            Box::new(m.certificate_expiry.clone()),
+            Box::new(m.workloads_enrolled.clone()),
+            Box::new(m.capture_drift.clone()),
+            Box::new(m.identity_issue_failures.clone()),
             Box::new(build_info),
-        ] {
-            registry
-                .register(metric)
+            Box::new(prometheus::process_collector::ProcessCollector::for_self()),
+        ];
+        for c in collectors {
+            m.registry
+                .register(c)
                 .expect("each metric is registered once");
         }
-        Self {
-            registry,
-            policy_decisions,
-        }
+        m
+    }
+
+    pub fn connection_opened(&self, labels: &TcpLabels<'_>) {
+        self.tcp_opened.with_label_values(&labels.values()).inc();
+    }
+
+    /// `request` bytes went source → destination, `response` bytes destination → source.
+    pub fn connection_closed(&self, labels: &TcpLabels<'_>, request: u64, response: u64) {
+        let values = labels.values();
+        self.tcp_closed.with_label_values(&values).inc();
+        self.tcp_received.with_label_values(&values).inc_by(request);
+        self.tcp_sent.with_label_values(&values).inc_by(response);
     }
 
     pub fn count_decision(&self, decision: &PolicyDecision) {
@@ -51,6 +178,10 @@ impl Metrics {
         self.policy_decisions
             .with_label_values(&[action, decision.reason.as_str()])
             .inc();
+    }
+
+    pub fn handshake_failed(&self, reason: &'static str) {
+        self.handshake_failures.with_label_values(&[reason]).inc();
     }
 
     /// The Prometheus text exposition of every metric.

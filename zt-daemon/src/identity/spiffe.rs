@@ -114,6 +114,13 @@ impl SpiffeId {
         &self.path
     }
 
+    /// The namespace of a Kubernetes workload ID (`/ns/<namespace>/sa/<service account>`).
+    pub fn kubernetes_namespace(&self) -> Option<&str> {
+        let mut segments = self.path.strip_prefix("/ns/")?.split('/');
+        let namespace = segments.next()?;
+        (segments.next() == Some("sa")).then_some(namespace)
+    }
+
     /// The ID without `spiffe://`, as Istio writes principals.
     pub fn principal(&self) -> String {
         format!("{}{}", self.trust_domain, self.path)

@@ -99,3 +99,24 @@ pub fn client_config(
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     Ok(config)
 }
+
+/// A short, stable reason for a failed tunnel handshake (`zt_tls_handshake_failures_total`):
+/// the verifier's own reason when it refused the peer, else a class of the TLS error.
+pub fn handshake_failure_reason(e: &std::io::Error) -> &'static str {
+    use rustls::{CertificateError, Error};
+    let Some(tls) = e.get_ref().and_then(|inner| inner.downcast_ref::<Error>()) else {
+        return "connection_closed";
+    };
+    match tls {
+        Error::InvalidCertificate(CertificateError::Other(other)) => other
+            .0
+            .downcast_ref::<super::verify::VerifyError>()
+            .map_or("bad_certificate", super::verify::VerifyError::reason),
+        Error::InvalidCertificate(_) => "bad_certificate",
+        Error::NoCertificatesPresented => "no_client_certificate",
+        Error::AlertReceived(_) => "peer_refused",
+        Error::NoApplicationProtocol => "no_alpn",
+        Error::PeerIncompatible(_) => "incompatible_peer",
+        _ => "protocol_error",
+    }
+}

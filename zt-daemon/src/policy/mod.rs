@@ -254,6 +254,30 @@ impl PolicySet {
         self.policy_count == 0
     }
 
+    /// `namespace/name` of every AuthorizationPolicy in force, sorted.
+    pub fn authorization_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .authorization
+            .values()
+            .flatten()
+            .map(|p| p.name.to_string())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// `namespace/name` of every PeerAuthentication in force, sorted.
+    pub fn peer_authentication_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .peer_authentication
+            .values()
+            .flatten()
+            .map(|p| p.name.to_string())
+            .collect();
+        names.sort();
+        names
+    }
+
     /// The rules for `workload`, compiled on first use and cached for this set.
     pub fn rules_for(&self, workload: &WorkloadRef<'_>) -> Arc<WorkloadRules> {
         if let Some((labels, rules)) = self

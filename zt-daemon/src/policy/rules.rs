@@ -50,10 +50,7 @@ pub struct Peer {
 impl Peer {
     /// The namespace of a Kubernetes-shaped identity (`/ns/<ns>/sa/<sa>`).
     fn namespace(&self) -> Option<&str> {
-        let path = self.identity.as_ref()?.path();
-        let mut segments = path.strip_prefix("/ns/")?.split('/');
-        let ns = segments.next()?;
-        (segments.next() == Some("sa")).then_some(ns)
+        self.identity.as_ref()?.kubernetes_namespace()
     }
 }
 

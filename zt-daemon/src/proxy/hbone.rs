@@ -17,6 +17,10 @@ use h2::{RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::pool::StreamGuard;
+use crate::{
+    config::{WorkloadId, is_dns_label},
+    identity::spiffe::SpiffeId,
+};
 
 /// HTTP/2 flow-control windows and frame size for the tunnel. The defaults (64 KiB windows,
 /// 16 KiB frames) stall a single bulk stream every few segments; these let one stream keep the
@@ -59,6 +63,17 @@ pub enum TunnelError {
     Http(#[from] http::Error),
     #[error("CONNECT {0} answered {1}")]
     Refused(std::net::SocketAddr, http::StatusCode),
+}
+
+impl TunnelError {
+    /// The `zt_tls_handshake_failures_total` reason, when this is a failed handshake.
+    pub fn handshake_failure(&self) -> Option<&'static str> {
+        match self {
+            Self::HandshakeTimeout => Some("timeout"),
+            Self::Handshake(e) => Some(crate::identity::tls::handshake_failure_reason(e)),
+            _ => None,
+        }
+    }
 }
 
 pub struct H2Stream {
@@ -154,4 +169,43 @@ impl AsyncWrite for H2Stream {
         self.send.send_data(Bytes::new(), true).map_err(h2_io)?;
         Poll::Ready(Ok(()))
     }
+}
+
+/// W3C `baggage` on CONNECT requests and responses tells the other agent which workload it
+/// speaks with (for metrics and logs), as Istio ambient's peers do. Keys zt sends:
+/// `k8s.namespace.name` and `k8s.workload.name`.
+const NAMESPACE_KEY: &str = "k8s.namespace.name";
+const WORKLOAD_KEY: &str = "k8s.workload.name";
+
+pub fn baggage(workload: &WorkloadId) -> http::HeaderValue {
+    let value = format!(
+        "{NAMESPACE_KEY}={},{WORKLOAD_KEY}={}",
+        workload.namespace, workload.name
+    );
+    // Namespaces and names are DNS labels (validated with the config), so this cannot fail.
+    http::HeaderValue::from_str(&value).unwrap_or_else(|_| http::HeaderValue::from_static(""))
+}
+
+/// The peer's workload from its `baggage`, believed only if its namespace is the one in the
+/// peer's verified identity and both parts are DNS labels: a peer cannot claim another
+/// namespace's workload, nor blow up label cardinality with arbitrary strings.
+pub fn peer_workload(headers: &http::HeaderMap, verified: &SpiffeId) -> Option<WorkloadId> {
+    let value = headers.get("baggage")?.to_str().ok()?;
+    let (mut namespace, mut name) = (None, None);
+    for member in value.split(',') {
+        let (k, v) = member.split_once('=')?;
+        match k.trim() {
+            NAMESPACE_KEY => namespace = Some(v.trim()),
+            WORKLOAD_KEY => name = Some(v.trim()),
+            _ => {}
+        }
+    }
+    let (namespace, name) = (namespace?, name?);
+    (Some(namespace) == verified.kubernetes_namespace()
+        && is_dns_label(namespace)
+        && is_dns_label(name))
+    .then(|| WorkloadId {
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+    })
 }

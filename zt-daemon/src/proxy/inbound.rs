@@ -20,7 +20,7 @@ use crate::{
     identity::{
         spiffe::SpiffeId,
         svid::LeafFacts,
-        tls::{ALPN_H2, server_config},
+        tls::{ALPN_H2, handshake_failure_reason, server_config},
     },
     proxy::{
         Identities, ProxyContext, Tunnel, accept_loop, authorize, connect_in_pod,
@@ -92,7 +92,8 @@ async fn handle_plaintext(
     }
     // Plaintext has no identity: policy sees only the address, and a STRICT PeerAuthentication
     // (or mtls.mode) refuses it.
-    let (record, denied_later) = authorize(ctx, workload, peer, dst, Identities::NONE, started);
+    let (record, denied_later) =
+        authorize(ctx, workload, peer, dst, Identities::NONE, None, started);
     if !record.is_allowed() {
         log_access(&record, &RelayOutcome::refused(CloseReason::Policy));
         reset(client);
@@ -106,7 +107,7 @@ async fn handle_plaintext(
             return;
         }
     };
-    relay_and_log(record, client, app, ctx.idle_timeout, denied_later).await;
+    relay_and_log(record, client, app, ctx, denied_later).await;
 }
 
 async fn handle_hbone(
@@ -132,15 +133,19 @@ async fn handle_hbone(
     let tls = match tokio::time::timeout(tunnel.handshake_timeout, acceptor.accept(stream)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
-            warn!(workload = %id, %peer, error = %e, "HBONE: TLS handshake failed");
+            let reason = handshake_failure_reason(&e);
+            ctx.metrics.handshake_failed(reason);
+            warn!(workload = %id, %peer, error = %e, reason, "HBONE: TLS handshake failed");
             return;
         }
         Err(_) => {
+            ctx.metrics.handshake_failed("timeout");
             warn!(workload = %id, %peer, "HBONE: TLS handshake timed out");
             return;
         }
     };
     if tls.get_ref().1.alpn_protocol() != Some(ALPN_H2) {
+        ctx.metrics.handshake_failed("no_alpn");
         warn!(workload = %id, %peer, "HBONE refused: client did not negotiate ALPN h2");
         return;
     }
@@ -247,7 +252,12 @@ async fn handle_connect(
         warn!(workload = %id, %peer, source_identity = %source, authority = %dst, "HBONE: CONNECT to an address this pod does not serve; refused");
         return refuse(respond, StatusCode::FORBIDDEN);
     }
-    let (record, denied_later) = authorize(ctx, workload, peer, dst, identities, started);
+    let peer_workload = identities
+        .source
+        .as_ref()
+        .and_then(|verified| hbone::peer_workload(request.headers(), verified));
+    let (record, denied_later) =
+        authorize(ctx, workload, peer, dst, identities, peer_workload, started);
     if !record.is_allowed() {
         log_access(&record, &RelayOutcome::refused(CloseReason::Policy));
         return refuse(respond, StatusCode::FORBIDDEN);
@@ -259,7 +269,10 @@ async fn handle_connect(
             return refuse(respond, StatusCode::SERVICE_UNAVAILABLE);
         }
     };
-    let send = match respond.send_response(Response::new(()), false) {
+    let mut ok = Response::new(());
+    ok.headers_mut()
+        .insert("baggage", hbone::baggage(&workload.workload.id));
+    let send = match respond.send_response(ok, false) {
         Ok(s) => s,
         Err(e) => {
             debug!(workload = %id, %peer, error = %e, "HBONE: stream gone before the reply");
@@ -267,5 +280,5 @@ async fn handle_connect(
         }
     };
     let tunnel = H2Stream::new(send, request.into_body());
-    relay_and_log(record, tunnel, app, ctx.idle_timeout, denied_later).await;
+    relay_and_log(record, tunnel, app, ctx, denied_later).await;
 }

@@ -16,9 +16,10 @@ use std::{
 };
 
 use crate::{
-    config::MtlsMode,
+    config::{MtlsMode, WorkloadId},
     ebpf::OriginalDsts,
     identity::{spiffe::SpiffeId, verify::TrustStore},
+    metrics::{self, Metrics, TcpLabels},
     policy::{self, Peer, PolicyDecision, PolicyStore, WorkloadRef},
 };
 
@@ -168,6 +169,8 @@ pub(crate) struct AccessRecord<'a> {
     pub peer: SocketAddr,
     pub original_dst: SocketAddr,
     pub identities: Identities,
+    /// The workload at the other end, when its agent said (HBONE baggage).
+    pub peer_workload: Option<WorkloadId>,
     /// The authorization decision; inbound only (policy is enforced at the destination).
     pub decision: Option<PolicyDecision>,
     pub started: Instant,
@@ -180,6 +183,60 @@ impl AccessRecord<'_> {
             .as_ref()
             .is_none_or(PolicyDecision::is_allowed)
     }
+
+    /// (source, destination) workloads.
+    fn workloads(&self) -> (Option<&WorkloadId>, Option<&WorkloadId>) {
+        let local = Some(&self.workload.workload.id);
+        match self.direction {
+            Direction::Outbound => (local, self.peer_workload.as_ref()),
+            Direction::Inbound => (self.peer_workload.as_ref(), local),
+        }
+    }
+
+    fn is_mutual_tls(&self) -> bool {
+        self.identities.source.is_some() && self.identities.destination.is_some()
+    }
+
+    /// Counts the connection in the TCP metrics: opened, or closed with its bytes.
+    fn count(&self, metrics: &Metrics, closed: Option<&copy::RelayOutcome>) {
+        let principal = |id: &Option<SpiffeId>| {
+            id.as_ref()
+                .map_or_else(|| metrics::UNKNOWN.to_owned(), SpiffeId::principal)
+        };
+        let (source_principal, destination_principal) = (
+            principal(&self.identities.source),
+            principal(&self.identities.destination),
+        );
+        let (source, destination) = self.workloads();
+        fn name(w: Option<&WorkloadId>) -> &str {
+            w.map_or(metrics::UNKNOWN, |w| w.name.as_str())
+        }
+        fn namespace(w: Option<&WorkloadId>) -> &str {
+            w.map_or(metrics::UNKNOWN, |w| w.namespace.as_str())
+        }
+        let labels = TcpLabels {
+            reporter: match self.direction {
+                Direction::Outbound => "source",
+                Direction::Inbound => "destination",
+            },
+            source_principal: &source_principal,
+            destination_principal: &destination_principal,
+            source_workload: name(source),
+            source_workload_namespace: namespace(source),
+            destination_workload: name(destination),
+            destination_workload_namespace: namespace(destination),
+            connection_security_policy: if self.is_mutual_tls() {
+                "mutual_tls"
+            } else {
+                "none"
+            },
+        };
+        match closed {
+            None => metrics.connection_opened(&labels),
+            // `sent` is what the downstream (the source) sent: the request.
+            Some(o) => metrics.connection_closed(&labels, o.sent, o.received),
+        }
+    }
 }
 
 /// Relays until the connection ends or `interrupt` resolves (a policy update that now denies it),
@@ -188,13 +245,15 @@ pub(crate) async fn relay_and_log<D, U>(
     record: AccessRecord<'_>,
     downstream: D,
     upstream: U,
-    idle_timeout: Duration,
+    ctx: &ProxyContext,
     interrupt: impl Future<Output = copy::CloseReason>,
 ) where
     D: AsyncRead + AsyncWrite + copy::Abort + Unpin,
     U: AsyncRead + AsyncWrite + copy::Abort + Unpin,
 {
-    let outcome = copy::relay(downstream, upstream, idle_timeout, interrupt).await;
+    record.count(&ctx.metrics, None);
+    let outcome = copy::relay(downstream, upstream, ctx.idle_timeout, interrupt).await;
+    record.count(&ctx.metrics, Some(&outcome));
     log_access(&record, &outcome);
 }
 
@@ -205,7 +264,9 @@ fn id_or_dash(id: Option<&SpiffeId>) -> String {
 /// The access-log line (target `zt::access`) of a connection that ended or was refused.
 pub(crate) fn log_access(record: &AccessRecord<'_>, outcome: &copy::RelayOutcome) {
     let ids = &record.identities;
-    let mtls = ids.source.is_some() && ids.destination.is_some();
+    let (source_workload, destination_workload) = record.workloads();
+    let workload_name =
+        |w: Option<&WorkloadId>| w.map_or_else(|| "-".to_owned(), ToString::to_string);
     let (decision, rule) = match &record.decision {
         Some(d) => (d.action.to_string(), d.rule_ref()),
         None => ("-".to_owned(), "-".to_owned()),
@@ -216,7 +277,9 @@ pub(crate) fn log_access(record: &AccessRecord<'_>, outcome: &copy::RelayOutcome
         workload = %record.workload.workload.id,
         source_identity = %id_or_dash(ids.source.as_ref()),
         destination_identity = %id_or_dash(ids.destination.as_ref()),
-        connection_security_policy = if mtls { "mutual_tls" } else { "none" },
+        source_workload = %workload_name(source_workload),
+        destination_workload = %workload_name(destination_workload),
+        connection_security_policy = if record.is_mutual_tls() { "mutual_tls" } else { "none" },
         peer = %record.peer,
         original_dst = %record.original_dst,
         policy_decision = %decision,
@@ -239,6 +302,7 @@ pub(crate) fn authorize<'a>(
     peer_addr: SocketAddr,
     original_dst: SocketAddr,
     identities: Identities,
+    peer_workload: Option<WorkloadId>,
     started: Instant,
 ) -> (
     AccessRecord<'a>,
@@ -289,6 +353,7 @@ pub(crate) fn authorize<'a>(
         peer: peer_addr,
         original_dst,
         identities,
+        peer_workload,
         decision: Some(decision),
         started,
     };

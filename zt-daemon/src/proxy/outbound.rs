@@ -12,7 +12,7 @@ use tracing::{debug, warn};
 use zt_common::HBONE_PORT;
 
 use crate::{
-    config::MtlsMode,
+    config::{MtlsMode, WorkloadId},
     identity::{spiffe::SpiffeId, tls::client_config},
     proxy::{
         AccessRecord, Direction, Identities, ProxyContext, Tunnel, accept_loop, connect_in_pod,
@@ -48,6 +48,7 @@ async fn handle(app: TcpStream, peer: SocketAddr, workload: &LocalWorkload, ctx:
         peer,
         original_dst: dst,
         identities: Identities::NONE,
+        peer_workload: None,
         decision: None,
         started,
     };
@@ -58,18 +59,22 @@ async fn handle(app: TcpStream, peer: SocketAddr, workload: &LocalWorkload, ctx:
     match meshed {
         Some((tunnel, Some(expected))) => match open_tunnel(workload, tunnel, dst, &expected).await
         {
-            Ok((stream, source)) => {
+            Ok((stream, source, peer_workload)) => {
                 let identities = Identities {
                     source: Some(source),
                     destination: Some(expected),
                 };
                 let record = AccessRecord {
                     identities,
+                    peer_workload,
                     ..plain
                 };
-                relay_and_log(record, app, stream, ctx.idle_timeout, pending()).await;
+                relay_and_log(record, app, stream, ctx, pending()).await;
             }
             Err(e) => {
+                if let Some(reason) = e.handshake_failure() {
+                    ctx.metrics.handshake_failed(reason);
+                }
                 warn!(workload = %id, original_dst = %dst, destination_identity = %expected, error = %e, "HBONE connect failed");
                 reset(app);
             }
@@ -79,7 +84,7 @@ async fn handle(app: TcpStream, peer: SocketAddr, workload: &LocalWorkload, ctx:
             reset(app);
         }
         _ => match connect_in_pod(workload, dst).await {
-            Ok(upstream) => relay_and_log(plain, app, upstream, ctx.idle_timeout, pending()).await,
+            Ok(upstream) => relay_and_log(plain, app, upstream, ctx, pending()).await,
             Err(e) => {
                 warn!(workload = %id, original_dst = %dst, error = %e, "outbound connect failed");
                 reset(app);
@@ -89,14 +94,14 @@ async fn handle(app: TcpStream, peer: SocketAddr, workload: &LocalWorkload, ctx:
 }
 
 /// Opens an HBONE stream to `dst` as `workload`, requiring `expected`: on the pooled connection
-/// for that pair if there is a live one, else on a new one. Returns the stream and the source
-/// identity it speaks for.
+/// for that pair if there is a live one, else on a new one. Returns the stream, the source
+/// identity it speaks for, and the destination workload if its agent said.
 async fn open_tunnel(
     workload: &LocalWorkload,
     tunnel: &Tunnel,
     dst: SocketAddr,
     expected: &SpiffeId,
-) -> Result<(H2Stream, SpiffeId), TunnelError> {
+) -> Result<(H2Stream, SpiffeId, Option<WorkloadId>), TunnelError> {
     let slot = workload.svid.clone().ok_or(TunnelError::NoCertificate)?;
     let source = slot
         .get()
@@ -108,8 +113,8 @@ async fn open_tunnel(
         expected: expected.clone(),
     };
     if let Some(pooled) = tunnel.pool.get(&key) {
-        match open_stream(&pooled, dst).await {
-            Ok(stream) => return Ok((stream, source)),
+        match open_stream(&pooled, workload, dst, expected).await {
+            Ok((stream, peer)) => return Ok((stream, source, peer)),
             Err(e) => {
                 debug!(workload = %workload.workload.id, error = %e, "pooled HBONE connection unusable; replacing it");
                 tunnel.pool.evict(&key, pooled.id);
@@ -134,20 +139,32 @@ async fn open_tunnel(
     let pooled = tunnel
         .pool
         .insert(key, send, connection, tunnel.pool_idle_timeout, hbone);
-    Ok((open_stream(&pooled, dst).await?, source))
+    let (stream, peer) = open_stream(&pooled, workload, dst, expected).await?;
+    Ok((stream, source, peer))
 }
 
-/// One CONNECT stream to `dst` on a pooled connection.
-async fn open_stream(pooled: &PooledConnection, dst: SocketAddr) -> Result<H2Stream, TunnelError> {
+/// One CONNECT stream to `dst` on a pooled connection, and the destination workload if its
+/// agent said.
+async fn open_stream(
+    pooled: &PooledConnection,
+    workload: &LocalWorkload,
+    dst: SocketAddr,
+    expected: &SpiffeId,
+) -> Result<(H2Stream, Option<WorkloadId>), TunnelError> {
     let (mut send_request, busy) = pooled.stream().await?;
     let request = http::Request::builder()
         .method(http::Method::CONNECT)
         .uri(dst.to_string())
+        .header("baggage", hbone::baggage(&workload.workload.id))
         .body(())?;
     let (response, send) = send_request.send_request(request, false)?;
     let response = response.await?;
     if response.status() != http::StatusCode::OK {
         return Err(TunnelError::Refused(dst, response.status()));
     }
-    Ok(H2Stream::new(send, response.into_body()).on_pooled(busy))
+    let peer = hbone::peer_workload(response.headers(), expected);
+    Ok((
+        H2Stream::new(send, response.into_body()).on_pooled(busy),
+        peer,
+    ))
 }

@@ -76,6 +76,14 @@ impl Pool {
         self.connections.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Every pooled connection and its open streams (for `/config_dump`).
+    pub fn snapshot(&self) -> Vec<(PoolKey, usize)> {
+        self.lock()
+            .iter()
+            .map(|(k, c)| (k.clone(), c.active.load(Ordering::Relaxed)))
+            .collect()
+    }
+
     /// Forgets a connection that failed, unless it was already replaced.
     pub fn evict(&self, key: &PoolKey, id: u64) {
         let mut map = self.lock();
