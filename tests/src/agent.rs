@@ -16,11 +16,11 @@ pub struct Agent {
     pub log: PathBuf,
 }
 
-/// The node config for `node`'s agent enrolling `workloads` (name = pod name, namespace "default").
 /// The `[policy]` section of `node_config`: tests that are not about policy admit everyone.
 /// Policy tests replace it with their own.
 pub const ALLOW_BY_DEFAULT: &str = "[policy]\ndefault = \"allow\"\n";
 
+/// The node config for `node`'s agent enrolling `workloads` (name = pod name, namespace "default").
 pub fn node_config(node: &Node, workloads: &[&Pod], extra_capture: &str) -> String {
     let mut c = format!(
         "node_name = \"{}\"\n[capture]\ncgroup = \"{}\"\nbpffs_dir = \"{}\"\n{extra_capture}\n[log]\nformat = \"json\"\nlevel = \"info,zt=debug\"\n{ALLOW_BY_DEFAULT}",
@@ -215,8 +215,18 @@ impl Agent {
 
     /// An HTTP GET from inside the agent's node: (status, body).
     fn get(&self, to: &str, path: &str) -> anyhow::Result<(u16, String)> {
+        self.http("GET", to, path)
+    }
+
+    /// A request to the agent's loopback admin API (127.0.0.1:15000): (status, body).
+    pub fn admin(&self, method: &str, path: &str) -> anyhow::Result<(u16, String)> {
+        self.http(method, "127.0.0.1:15000", path)
+    }
+
+    /// An HTTP request from inside the agent's node: (status, body).
+    pub fn http(&self, method: &str, to: &str, path: &str) -> anyhow::Result<(u16, String)> {
         let mut cmd = in_cgroup_and_netns(bin_path("zt-probe")?, None, &self.node.netns)?;
-        cmd.args(["get", "--to", to, "--path", path]);
+        cmd.args(["get", "--to", to, "--path", path, "--method", method]);
         let out = cmd.output()?;
         let v: Value = serde_json::from_slice(&out.stdout)?;
         Ok((

@@ -200,3 +200,27 @@ pub fn try_bind(bed: &Testbed, pod: &Pod, port: u16) -> anyhow::Result<Value> {
     let out = cmd.output().context("running zt-probe bind")?;
     serde_json::from_slice(&out.stdout).context("zt-probe bind printed no report")
 }
+
+/// `count` sequential connections from `pod` to `to`, each sending `bytes`; how many completed.
+pub fn churn(
+    bed: &Testbed,
+    pod: &Pod,
+    to: SocketAddr,
+    count: usize,
+    bytes: usize,
+) -> anyhow::Result<u64> {
+    let mut cmd = bed.pod_command(pod, bin_path("zt-probe")?)?;
+    cmd.args([
+        "churn",
+        "--to",
+        &to.to_string(),
+        "--count",
+        &count.to_string(),
+        "--bytes",
+        &bytes.to_string(),
+    ]);
+    let out = cmd.output().context("running zt-probe churn")?;
+    let report: Value =
+        serde_json::from_slice(&out.stdout).context("zt-probe churn printed no report")?;
+    report["completed"].as_u64().context("no completed count")
+}

@@ -3,72 +3,24 @@
 //! without a certificate, with another trust domain's, without ALPN h2, with garbage, stalling,
 //! and with requests that would make the agent an open proxy. Nothing it does may disturb a
 //! legitimate connection.
-use std::{collections::HashMap, net::SocketAddr, path::Path, sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use rustls::{ClientConfig, pki_types::ServerName};
+use rustls::ClientConfig;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
 };
 use zt_daemon::identity::{
     ca::CertificateAuthority,
-    revocation::RevocationList,
-    spiffe::SpiffeId,
-    svid::Svid,
     tls::{ALPN_H2, SvidSlot, client_config},
-    verify::{SpiffeServerVerifier, TrustState, TrustStore},
+    verify::{SpiffeServerVerifier, TrustStore},
 };
 use zt_tests::{Agent, Testbed, agent::node_config, probe::Server};
 
+mod rogue;
+use rogue::{in_netns, svid, tls, trust_of};
+
 const PORT: u16 = 9000;
-
-/// Runs `f` on a current-thread runtime in a thread inside `netns`.
-fn in_netns<R: Send>(netns: &Path, f: impl AsyncFnOnce() -> R + Send) -> R {
-    let ns = std::fs::File::open(netns).unwrap();
-    std::thread::scope(|s| {
-        s.spawn(move || {
-            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap()
-                .block_on(f())
-        })
-        .join()
-        .unwrap()
-    })
-}
-
-fn trust_of(ca: &CertificateAuthority) -> TrustStore {
-    TrustStore::new(
-        TrustState::new(
-            HashMap::from([(ca.trust_domain().clone(), vec![ca.root().clone()])]),
-            RevocationList::default(),
-        )
-        .unwrap(),
-    )
-}
-
-fn svid(ca: &CertificateAuthority, id: &str) -> Svid {
-    ca.issue(&id.parse::<SpiffeId>().unwrap(), Duration::from_secs(600))
-        .unwrap()
-}
-
-/// TLS to `addr`; Err carries the handshake error.
-async fn tls(
-    addr: SocketAddr,
-    config: ClientConfig,
-) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
-    let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let mut stream = connector
-        .connect(ServerName::IpAddress(addr.ip().into()), tcp)
-        .await
-        .map_err(|e| e.to_string())?;
-    // TLS 1.3 client auth failures surface on the first read.
-    stream.write_all(b"").await.map_err(|e| e.to_string())?;
-    Ok(stream)
-}
 
 /// One HTTP/2 request on a fresh HBONE connection; returns the status code, or the error.
 async fn request(

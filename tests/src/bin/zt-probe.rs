@@ -77,12 +77,24 @@ enum Cmd {
         #[arg(long, default_value_t = 2000)]
         count: usize,
     },
-    /// HTTP/1.0 GET; prints the status code and body.
+    /// One HTTP/1.0 request (GET unless --method); prints the status code and body.
     Get {
         #[arg(long)]
         to: SocketAddr,
         #[arg(long)]
         path: String,
+        #[arg(long, default_value = "GET")]
+        method: String,
+    },
+    /// `count` sequential connections, each sending `bytes`, half-closing and reading the reply;
+    /// prints how many completed.
+    Churn {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        count: usize,
+        #[arg(long, default_value_t = 100)]
+        bytes: usize,
     },
 }
 
@@ -288,10 +300,37 @@ fn round_trips(to: SocketAddr, size: usize, count: usize) -> std::io::Result<ser
     )
 }
 
-fn get(to: SocketAddr, path: &str) -> std::io::Result<serde_json::Value> {
+fn churn(to: SocketAddr, count: usize, bytes: usize) -> serde_json::Value {
+    let payload = vec![0x5au8; bytes];
+    let mut completed = 0;
+    let mut first_error = None;
+    for _ in 0..count {
+        let once = || -> std::io::Result<()> {
+            let mut conn = TcpStream::connect_timeout(&to, Duration::from_secs(3))?;
+            conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+            conn.write_all(&payload)?;
+            conn.shutdown(Shutdown::Write)?;
+            let mut reply = Vec::new();
+            conn.read_to_end(&mut reply)?;
+            Ok(())
+        };
+        match once() {
+            Ok(()) => completed += 1,
+            Err(e) => {
+                first_error.get_or_insert_with(|| e.to_string());
+            }
+        }
+    }
+    json!({"count": count, "completed": completed, "error": first_error})
+}
+
+fn get(to: SocketAddr, path: &str, method: &str) -> std::io::Result<serde_json::Value> {
     let mut conn = TcpStream::connect_timeout(&to, Duration::from_secs(3))?;
     conn.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(conn, "GET {path} HTTP/1.0\r\nHost: {to}\r\n\r\n")?;
+    write!(
+        conn,
+        "{method} {path} HTTP/1.0\r\nHost: {to}\r\nContent-Length: 0\r\n\r\n"
+    )?;
     let mut response = String::new();
     conn.read_to_string(&mut response)?;
     let status: u16 = response
@@ -355,7 +394,8 @@ fn main() {
                 std::process::exit(1);
             }
         },
-        Cmd::Get { to, path } => match get(to, &path) {
+        Cmd::Churn { to, count, bytes } => println!("{}", churn(to, count, bytes)),
+        Cmd::Get { to, path, method } => match get(to, &path, &method) {
             Ok(v) => println!("{v}"),
             Err(e) => println!("{}", json!({"status": 0, "error": e.to_string()})),
         },

@@ -115,6 +115,8 @@ async fn open_tunnel(
     if let Some(pooled) = tunnel.pool.get(&key) {
         match open_stream(&pooled, workload, dst, expected).await {
             Ok((stream, peer)) => return Ok((stream, source, peer)),
+            // The peer answered: the connection is fine and asking again would get the same.
+            Err(e @ TunnelError::Refused(..)) => return Err(e),
             Err(e) => {
                 debug!(workload = %workload.workload.id, error = %e, "pooled HBONE connection unusable; replacing it");
                 tunnel.pool.evict(&key, pooled.id);
