@@ -249,3 +249,69 @@ impl Agent {
         lines[lines.len().saturating_sub(40)..].join("\n")
     }
 }
+
+/// Two nodes for policy tests: n1p1 and n1p2 meshed on node 1, n2p1 on node 2 serving `port`.
+/// Node 2 enforces the policies in `policies` with `policy.default = "deny"`.
+pub struct PolicyMesh {
+    pub bed: Testbed,
+    pub agent1: Agent,
+    pub agent2: Agent,
+    pub server: crate::probe::Server,
+    /// The directory node 2 watches for policies.
+    pub policies: PathBuf,
+}
+
+impl PolicyMesh {
+    /// Starts it; `initial` writes the first policies (name, YAML), and node 2 runs with
+    /// `mtls.mode = mtls_mode`.
+    pub fn start(
+        mtls_mode: &str,
+        port: u16,
+        initial: impl FnOnce(&Testbed) -> Vec<(&'static str, String)>,
+    ) -> anyhow::Result<Self> {
+        let mut bed = Testbed::new(2)?;
+        let ca = bed.dir.join("ca");
+        ca_init(&ca)?;
+        let policies = bed.dir.join("policies");
+        std::fs::create_dir_all(&policies)?;
+        for (name, yaml) in initial(&bed) {
+            write_policy(&policies, name, &yaml)?;
+        }
+        let (p11, p12, p21) = (
+            bed.pod(1, 1).clone(),
+            bed.pod(1, 2).clone(),
+            bed.pod(2, 1).clone(),
+        );
+        let c1 = meshed_config(bed.node(1), &[&p11, &p12], &[&p21], &ca, "strict");
+        let c2 = meshed_config(bed.node(2), &[&p21], &[&p11, &p12], &ca, mtls_mode).replace(
+            ALLOW_BY_DEFAULT,
+            &format!(
+                "[policy]\ndefault = \"deny\"\ndir = \"{}\"\n",
+                policies.display()
+            ),
+        );
+        let agent1 = Agent::start_with_config(&mut bed, 1, &c1)?;
+        let agent2 = Agent::start_with_config(&mut bed, 2, &c2)?;
+        let server = crate::probe::Server::start(
+            &mut bed,
+            &p21,
+            std::net::SocketAddr::from(([0u16; 8], port)),
+        )?;
+        Ok(Self {
+            bed,
+            agent1,
+            agent2,
+            server,
+            policies,
+        })
+    }
+}
+
+/// Writes a policy file as kubelet and editors do (write, then rename), so that a watcher never
+/// reads half of it.
+pub fn write_policy(dir: &Path, name: &str, yaml: &str) -> anyhow::Result<()> {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, yaml)?;
+    std::fs::rename(&tmp, dir.join(name))?;
+    Ok(())
+}

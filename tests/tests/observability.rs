@@ -9,9 +9,9 @@ use std::{
 };
 
 use zt_tests::{
-    Agent, Testbed,
-    agent::{ALLOW_BY_DEFAULT, meshed_config, spiffe_id},
-    probe::{Server, churn, connect},
+    Agent,
+    agent::{PolicyMesh, spiffe_id},
+    probe::{churn, connect},
 };
 
 mod rogue;
@@ -64,50 +64,16 @@ fn value(samples: &[Sample], name: &str, want: &[(&str, &str)]) -> f64 {
     found[0].2
 }
 
-struct Mesh {
-    bed: Testbed,
-    agent1: Agent,
-    agent2: Agent,
-    _server: Server,
-}
-
 /// n1p1 and n1p2 meshed on node 1, n2p1 (the server) on node 2, whose policy admits n1p1 only.
-fn mesh() -> Mesh {
-    let mut bed = Testbed::new(2).unwrap();
-    let ca = bed.dir.join("ca");
-    zt_tests::agent::ca_init(&ca).unwrap();
-    let policies = bed.dir.join("policies");
-    std::fs::create_dir_all(&policies).unwrap();
-    let (p11, p12, p21) = (
-        bed.pod(1, 1).clone(),
-        bed.pod(1, 2).clone(),
-        bed.pod(2, 1).clone(),
-    );
-    std::fs::write(
-        policies.join("allow.yaml"),
-        format!(
+fn mesh() -> PolicyMesh {
+    PolicyMesh::start("strict", PORT, |bed| {
+        let allow = format!(
             "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: allow-n1p1\n  namespace: default\nspec:\n  rules:\n  - from:\n    - source:\n        principals: [\"{}\"]\n",
-            spiffe_id(&p11).trim_start_matches("spiffe://")
-        ),
-    )
-    .unwrap();
-    let c1 = meshed_config(bed.node(1), &[&p11, &p12], &[&p21], &ca, "strict");
-    let c2 = meshed_config(bed.node(2), &[&p21], &[&p11, &p12], &ca, "strict").replace(
-        ALLOW_BY_DEFAULT,
-        &format!(
-            "[policy]\ndefault = \"deny\"\ndir = \"{}\"\n",
-            policies.display()
-        ),
-    );
-    let agent1 = Agent::start_with_config(&mut bed, 1, &c1).unwrap();
-    let agent2 = Agent::start_with_config(&mut bed, 2, &c2).unwrap();
-    let server = Server::start(&mut bed, &p21, SocketAddr::from(([0u16; 8], PORT))).unwrap();
-    Mesh {
-        bed,
-        agent1,
-        agent2,
-        _server: server,
-    }
+            spiffe_id(bed.pod(1, 1)).trim_start_matches("spiffe://")
+        );
+        vec![("allow.yaml", allow)]
+    })
+    .unwrap()
 }
 
 /// Every field the access log promises (issue 7, point 3).

@@ -8,32 +8,16 @@ use std::{
 };
 
 use zt_tests::{
-    Agent, Testbed,
-    agent::{ALLOW_BY_DEFAULT, meshed_config, spiffe_id},
-    probe::{Server, connect, connect_after_idle},
+    Testbed,
+    agent::{PolicyMesh, meshed_config, spiffe_id},
+    probe::{connect, connect_after_idle},
 };
 
 const PORT: u16 = 9000;
 const TIMEOUT: Duration = Duration::from_secs(3);
 
-/// n1p1 and n1p2 are meshed on node 1, n2p1 (the server) on node 2; n2p2 is outside the mesh.
-struct Mesh {
-    bed: Testbed,
-    agent2: Agent,
-    server: Server,
-    policies: std::path::PathBuf,
-    agent1: Agent,
-}
-
 fn principal(pod: &zt_tests::Pod) -> String {
     spiffe_id(pod).trim_start_matches("spiffe://").to_owned()
-}
-
-fn write_policy(dir: &Path, name: &str, yaml: &str) {
-    // Write then rename, as kubelet and editors do, so the watcher never reads half a file.
-    let tmp = dir.join(format!(".{name}.tmp"));
-    std::fs::write(&tmp, yaml).unwrap();
-    std::fs::rename(&tmp, dir.join(name)).unwrap();
 }
 
 fn allow_from(principals: &[String]) -> String {
@@ -44,40 +28,16 @@ fn allow_from(principals: &[String]) -> String {
     )
 }
 
-/// Node 2 enforces the policies `initial` writes into `policies/`, with `policy.default = deny`
-/// and `mtls.mode = mtls_mode`.
-fn mesh(mtls_mode: &str, initial: impl FnOnce(&Testbed) -> Vec<(&'static str, String)>) -> Mesh {
-    let mut bed = Testbed::new(2).unwrap();
-    let ca = bed.dir.join("ca");
-    zt_tests::agent::ca_init(&ca).unwrap();
-    let policies = bed.dir.join("policies");
-    std::fs::create_dir_all(&policies).unwrap();
-    for (name, yaml) in initial(&bed) {
-        write_policy(&policies, name, &yaml);
-    }
-    let (p11, p12, p21) = (
-        bed.pod(1, 1).clone(),
-        bed.pod(1, 2).clone(),
-        bed.pod(2, 1).clone(),
-    );
-    let c1 = meshed_config(bed.node(1), &[&p11, &p12], &[&p21], &ca, "strict");
-    let c2 = meshed_config(bed.node(2), &[&p21], &[&p11, &p12], &ca, mtls_mode).replace(
-        ALLOW_BY_DEFAULT,
-        &format!(
-            "[policy]\ndefault = \"deny\"\ndir = \"{}\"\n",
-            policies.display()
-        ),
-    );
-    let agent1 = Agent::start_with_config(&mut bed, 1, &c1).unwrap();
-    let agent2 = Agent::start_with_config(&mut bed, 2, &c2).unwrap();
-    let server = Server::start(&mut bed, &p21, SocketAddr::from(([0u16; 8], PORT))).unwrap();
-    Mesh {
-        bed,
-        agent2,
-        server,
-        policies,
-        agent1,
-    }
+/// n1p1 and n1p2 meshed on node 1, n2p1 (the server) on node 2; n2p2 is outside the mesh.
+fn mesh(
+    mtls_mode: &str,
+    initial: impl FnOnce(&Testbed) -> Vec<(&'static str, String)>,
+) -> PolicyMesh {
+    PolicyMesh::start(mtls_mode, PORT, initial).unwrap()
+}
+
+fn write_policy(dir: &Path, name: &str, yaml: &str) {
+    zt_tests::agent::write_policy(dir, name, yaml).unwrap()
 }
 
 #[test]

@@ -256,26 +256,12 @@ impl PolicySet {
 
     /// `namespace/name` of every AuthorizationPolicy in force, sorted.
     pub fn authorization_names(&self) -> Vec<String> {
-        let mut names: Vec<String> = self
-            .authorization
-            .values()
-            .flatten()
-            .map(|p| p.name.to_string())
-            .collect();
-        names.sort();
-        names
+        sorted_names(self.authorization.values().flatten().map(|p| &p.name))
     }
 
     /// `namespace/name` of every PeerAuthentication in force, sorted.
     pub fn peer_authentication_names(&self) -> Vec<String> {
-        let mut names: Vec<String> = self
-            .peer_authentication
-            .values()
-            .flatten()
-            .map(|p| p.name.to_string())
-            .collect();
-        names.sort();
-        names
+        sorted_names(self.peer_authentication.values().flatten().map(|p| &p.name))
     }
 
     /// The rules for `workload`, compiled on first use and cached for this set.
@@ -377,6 +363,12 @@ impl PolicySet {
             mtls_policy,
         }
     }
+}
+
+fn sorted_names<'a>(names: impl Iterator<Item = &'a Arc<PolicyName>>) -> Vec<String> {
+    let mut out: Vec<String> = names.map(ToString::to_string).collect();
+    out.sort();
+    out
 }
 
 /// The policy set in force, shared by every listener; connections subscribe to changes.
