@@ -36,3 +36,23 @@ pub fn connection_owners(pin_dir: &Path) -> anyhow::Result<Vec<u64>> {
         .map(|r| r.map(|k| k.netns_cookie))
         .collect::<Result<_, _>>()?)
 }
+
+/// Deletes a pod's ZT_ENROLLED entry and its ZT_POD_ADDRS entries behind the agent's back (the
+/// drift the agent must repair).
+pub fn delete_pod_entries(pin_dir: &Path, netns_cookie: u64) -> anyhow::Result<()> {
+    let mut enrolled: HashMap<_, u64, EnrolledPod> =
+        Map::HashMap(open(pin_dir, map_names::ENROLLED)?).try_into()?;
+    enrolled.remove(&netns_cookie)?;
+    let mut addrs: HashMap<_, ListenerKey, u64> =
+        Map::HashMap(open(pin_dir, map_names::POD_ADDRS)?).try_into()?;
+    let keys: Vec<ListenerKey> = addrs
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(_, cookie)| *cookie == netns_cookie)
+        .map(|(k, _)| k)
+        .collect();
+    for key in keys {
+        addrs.remove(&key)?;
+    }
+    Ok(())
+}

@@ -404,3 +404,59 @@ fn idle_and_connection_limits_close_with_their_reasons() {
         .unwrap_or_else(|| panic!("no max_connections refusal logged\n{}", agent.log_tail()));
     assert_eq!(refused["workload"], "default/n1p1");
 }
+
+#[test]
+fn capture_drift_is_repaired_and_counted() {
+    let mut bed = Testbed::new(2).unwrap();
+    let (p11, p12) = (bed.pod(1, 1).clone(), bed.pod(1, 2).clone());
+    let config = node_config(bed.node(1), &[&p11], "reconcile_interval_ms = 200\n");
+    let agent = Agent::start_with_config(&mut bed, 1, &config).unwrap();
+    Server::start(&mut bed, &p12, SocketAddr::from(([0u16; 8], APP_PORT))).unwrap();
+    let dst = SocketAddr::new(p12.ip(false), APP_PORT);
+    let captured = |n: usize| {
+        agent
+            .wait_access("a captured connection", |_| true)
+            .unwrap();
+        zt_tests::wait_until(Duration::from_secs(5), || {
+            Ok(agent
+                .access_records()?
+                .iter()
+                .filter(|r| r["direction"] == "outbound")
+                .count()
+                == n)
+        })
+        .unwrap();
+    };
+    connect(&bed, &p11, dst, 1024, TIMEOUT)
+        .unwrap()
+        .expect("connect");
+    captured(1);
+
+    let cookie = agent.netns_cookie(&p11).unwrap();
+    let pins = &bed.node(1).pin_dir;
+    maps::delete_pod_entries(pins, cookie).unwrap();
+    assert!(!maps::enrolled(pins).unwrap().contains(&cookie));
+    zt_tests::wait_until(Duration::from_secs(5), || {
+        Ok(maps::enrolled(pins)?.contains(&cookie)
+            && maps::pod_address_owners(pins)?.contains(&cookie))
+    })
+    .unwrap_or_else(|e| panic!("drift not repaired: {e}\n{}", agent.log_tail()));
+    assert!(
+        agent
+            .count("capture drift repaired: the pod's map entries were restored")
+            .unwrap()
+            >= 1
+    );
+    // Captured again, and the gauge is back to 0 once the repair has been seen.
+    connect(&bed, &p11, dst, 1024, TIMEOUT)
+        .unwrap()
+        .expect("connect");
+    captured(2);
+    zt_tests::wait_until(Duration::from_secs(5), || {
+        Ok(agent
+            .metric_lines("zt_capture_drift")?
+            .iter()
+            .any(|l| l == "zt_capture_drift 0"))
+    })
+    .unwrap();
+}

@@ -22,9 +22,6 @@ use crate::{
     workload::Enrollment,
 };
 
-/// How often the capture state in the kernel is compared with the enrolled workloads.
-const DRIFT_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
-
 pub struct Agent {
     config_path: PathBuf,
     config: NodeConfig,
@@ -150,12 +147,14 @@ impl Agent {
             });
         }
         self.reconcile(self.config.workloads.clone()).await;
-        self.forget_stale_pods();
+        // Pods a previous agent enrolled that are no longer configured go now.
+        self.reconcile_capture();
         info!(workloads = self.enrolled.len(), "agent ready");
-        let mut drift_check = tokio::time::interval(DRIFT_CHECK_INTERVAL);
+        let mut drift_check = tokio::time::interval(self.config.capture.reconcile_interval);
+        drift_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = drift_check.tick() => self.check_drift(),
+                _ = drift_check.tick() => self.reconcile_capture(),
                 _ = hup.recv() => self.reload().await,
                 _ = term.recv() => break,
                 _ = int.recv() => break,
@@ -248,23 +247,46 @@ impl Agent {
         });
     }
 
-    /// Compares the pods enrolled in the kernel maps with the agent's enrolled workloads and
-    /// exports the difference as `zt_capture_drift`.
-    fn check_drift(&self) {
-        let in_kernel: HashSet<u64> = self.capture.maps.enrolled_pods().into_iter().collect();
+    /// Compares the kernel's capture state with the enrolled workloads, repairs what differs
+    /// (re-steers and re-enrolls a pod whose entries went missing, forgets pods nobody enrolled)
+    /// and exports how many pods differed as `zt_capture_drift`.
+    fn reconcile_capture(&mut self) {
+        let mut drift = 0;
+        for enrollment in self.enrolled.values() {
+            let id = &enrollment.local.workload.id;
+            match enrollment.repair_capture(&mut self.capture) {
+                Ok(false) => {}
+                Ok(true) => {
+                    drift += 1;
+                    warn!(workload = %id, netns_cookie = enrollment.local.netns_cookie, "capture drift repaired: the pod's map entries were restored");
+                }
+                Err(e) => {
+                    drift += 1;
+                    error!(workload = %id, error = %e, "capture drift: repair failed; retrying");
+                }
+            }
+        }
         let wanted: HashSet<u64> = self
             .enrolled
             .values()
             .map(|e| e.local.netns_cookie)
             .collect();
-        let drift = wanted.symmetric_difference(&in_kernel).count();
-        self.proxy.metrics.capture_drift.set(drift as i64);
-        if drift > 0 {
-            warn!(
-                drift,
-                "capture maps differ from the enrolled workloads (zt_capture_drift)"
-            );
+        for cookie in self.capture.maps.enrolled_pods() {
+            if wanted.contains(&cookie) {
+                continue;
+            }
+            drift += 1;
+            match self.capture.forget_pod(cookie) {
+                Ok(()) => warn!(
+                    netns_cookie = cookie,
+                    "capture drift repaired: removed a pod no configured workload owns"
+                ),
+                Err(e) => {
+                    error!(netns_cookie = cookie, error = %e, "capture drift: removing a stale pod failed; retrying")
+                }
+            }
         }
+        self.proxy.metrics.capture_drift.set(drift);
     }
 
     /// The mTLS mode PeerAuthentication overrides: `mtls.mode`, or permissive on a capture-only
@@ -311,27 +333,6 @@ impl Agent {
             Err(e) => {
                 error!(workload = %workload.id, error = %e, "workload has no valid SPIFFE ID");
                 None
-            }
-        }
-    }
-
-    /// Removes pods a previous agent enrolled that are no longer configured.
-    fn forget_stale_pods(&mut self) {
-        let live: Vec<u64> = self
-            .enrolled
-            .values()
-            .map(|e| e.local.netns_cookie)
-            .collect();
-        for cookie in self.capture.maps.enrolled_pods() {
-            if live.contains(&cookie) {
-                continue;
-            }
-            match self.capture.forget_pod(cookie) {
-                Ok(()) => info!(
-                    netns_cookie = cookie,
-                    "removed stale pod left by a previous agent"
-                ),
-                Err(e) => error!(netns_cookie = cookie, error = %e, "removing stale pod"),
             }
         }
     }

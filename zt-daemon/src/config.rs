@@ -20,6 +20,7 @@ const DEFAULT_HANDSHAKE_TIMEOUT_MS: u64 = 5000;
 const DEFAULT_POOL_IDLE_SECONDS: u64 = 60;
 const DEFAULT_IDLE_TIMEOUT_SECONDS: u64 = 3600;
 const DEFAULT_MAX_CONNECTIONS: usize = 16384;
+const DEFAULT_RECONCILE_INTERVAL_MS: u64 = 5000;
 /// Policies in this namespace apply mesh-wide (Istio's root namespace).
 pub const DEFAULT_ROOT_NAMESPACE: &str = "zt-system";
 
@@ -129,6 +130,8 @@ pub struct CaptureConfig {
     pub fail_mode: FailMode,
     /// Source address of kubelet probes, which bypass inbound capture.
     pub probe_source: Option<Ipv4Addr>,
+    /// How often the kernel's capture state is compared with the enrolled workloads and repaired.
+    pub reconcile_interval: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -224,6 +227,7 @@ struct RawCapture {
     bpffs_dir: Option<PathBuf>,
     fail_mode: Option<FailMode>,
     probe_source: Option<Ipv4Addr>,
+    reconcile_interval_ms: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -432,6 +436,12 @@ impl NodeConfig {
                 bpffs_dir,
                 fail_mode: raw.capture.fail_mode.unwrap_or(FailMode::Closed),
                 probe_source: raw.capture.probe_source,
+                reconcile_interval: Duration::from_millis(
+                    raw.capture
+                        .reconcile_interval_ms
+                        .unwrap_or(DEFAULT_RECONCILE_INTERVAL_MS)
+                        .max(100),
+                ),
             },
             mtls: MtlsConfig {
                 mode: raw.mtls.mode.unwrap_or(MtlsMode::Strict),

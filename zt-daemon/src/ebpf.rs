@@ -491,6 +491,16 @@ impl CaptureMaps {
             .map_err(map_err(map_names::POD_ADDRS))
     }
 
+    /// Whether the kernel holds what enrolling `netns_cookie` with `addresses` wrote: the
+    /// enrollment and, for each address, its owner. (A listener socket leaves the sockhash by
+    /// itself when it closes; re-steering restores it with the owner.)
+    pub fn pod_in_sync(&self, netns_cookie: u64, addresses: &[IpAddr]) -> bool {
+        self.enrolled.get(&netns_cookie, 0).is_ok()
+            && addresses
+                .iter()
+                .all(|ip| self.pod_addrs.get(&listener_key(*ip), 0).ok() == Some(netns_cookie))
+    }
+
     /// Netns cookies of every enrolled pod, including ones a previous agent left behind.
     pub fn enrolled_pods(&self) -> Vec<u64> {
         self.enrolled.keys().filter_map(Result::ok).collect()

@@ -51,6 +51,9 @@ pub struct LocalWorkload {
     pub svid: Option<SvidSlot>,
     /// One permit per open captured connection (`limits.max_connections_per_workload`).
     connection_permits: Arc<tokio::sync::Semaphore>,
+    /// A second handle on the inbound plaintext listener, to re-steer inbound capture to it
+    /// when the kernel's maps drift.
+    inbound_listener: std::net::TcpListener,
 }
 
 impl LocalWorkload {
@@ -156,6 +159,10 @@ impl Enrollment {
             }
         };
 
+        let inbound_listener = listeners
+            .inbound
+            .try_clone()
+            .map_err(|e| socket_err("duplicating the inbound listener", e))?;
         let local = Arc::new(LocalWorkload {
             workload,
             netns_cookie: cookie,
@@ -165,6 +172,7 @@ impl Enrollment {
             connection_permits: Arc::new(tokio::sync::Semaphore::new(
                 ctx.max_connections_per_workload,
             )),
+            inbound_listener,
         });
         let tokio_listener = |l: std::net::TcpListener, what| {
             TcpListener::from_std(l).map_err(|e| socket_err(what, e))
@@ -207,6 +215,25 @@ impl Enrollment {
             identity,
             tasks,
         })
+    }
+
+    /// Makes the kernel hold this workload's capture state again, if it drifted (an entry
+    /// deleted behind the agent's back); returns whether it had.
+    pub fn repair_capture(&self, capture: &mut Capture) -> Result<bool, CaptureError> {
+        let local = &self.local;
+        if capture
+            .maps
+            .pod_in_sync(local.netns_cookie, &local.addresses)
+        {
+            return Ok(false);
+        }
+        for ip in &local.addresses {
+            capture
+                .maps
+                .steer_inbound(*ip, local.netns_cookie, &local.inbound_listener)?;
+        }
+        capture.maps.enroll(local.netns_cookie)?;
+        Ok(true)
     }
 
     /// Closes the workload's listeners and connections and removes every trace from the kernel.
