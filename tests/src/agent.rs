@@ -180,7 +180,7 @@ impl Agent {
     /// Rewrites the config file and sends SIGHUP; waits until the agent logs the reload.
     pub fn reload(&self, config_text: &str) -> anyhow::Result<()> {
         let before = self.count("config reloaded")?;
-        std::fs::write(&self.config, config_text)?;
+        self.write_config(config_text)?;
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(self.pid as i32),
             nix::sys::signal::Signal::SIGHUP,
@@ -189,6 +189,15 @@ impl Agent {
             Ok(self.count("config reloaded")? > before)
         })
         .with_context(|| format!("agent did not reload\n--- log ---\n{}", self.log_tail()))
+    }
+
+    /// Replaces the config file as kubelet and editors do (write, then rename), so that the
+    /// agent's file watcher never reads half of it. The agent reloads on its own.
+    pub fn write_config(&self, config_text: &str) -> anyhow::Result<()> {
+        let tmp = self.config.with_extension("toml.tmp");
+        std::fs::write(&tmp, config_text)?;
+        std::fs::rename(&tmp, &self.config)?;
+        Ok(())
     }
 
     /// GET /healthz/ready on the agent's node: (status, body).

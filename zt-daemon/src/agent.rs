@@ -152,10 +152,35 @@ impl Agent {
         info!(workloads = self.enrolled.len(), "agent ready");
         let mut drift_check = tokio::time::interval(self.config.capture.reconcile_interval);
         drift_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The config file is watched too (its directory: kubelet swaps ConfigMap files by
+        // renaming); an event reloads only if the file's content changed.
+        let (file_changed, mut file_changes) = tokio::sync::mpsc::unbounded_channel();
+        let config_dir = self
+            .config_path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(std::path::Path::new("."))
+            .to_owned();
+        let _config_watch = crate::watch::on_change(&[config_dir], move || {
+            let _ = file_changed.send(());
+        })
+        .inspect_err(|e| warn!(error = %e, "config file not watched; reload with SIGHUP"))
+        .ok();
+        let mut loaded_text = std::fs::read_to_string(&self.config_path).unwrap_or_default();
         loop {
             tokio::select! {
                 _ = drift_check.tick() => self.reconcile_capture(),
-                _ = hup.recv() => self.reload().await,
+                _ = hup.recv() => {
+                    loaded_text = std::fs::read_to_string(&self.config_path).unwrap_or_default();
+                    self.reload().await
+                }
+                Some(()) = file_changes.recv() => {
+                    let text = std::fs::read_to_string(&self.config_path).unwrap_or_default();
+                    if text != loaded_text {
+                        loaded_text = text;
+                        self.reload().await;
+                    }
+                }
                 _ = term.recv() => break,
                 _ = int.recv() => break,
             }
