@@ -97,9 +97,8 @@ impl Agent {
         config_text: &str,
     ) -> anyhow::Result<Self> {
         let node = bed.node(n).clone();
-        let config = bed.dir.join(format!("{}.toml", node.name));
-        std::fs::write(&config, config_text)?;
-        // A fresh log per start, so each run's events can be told apart.
+        // A fresh log and config file per start, so that each run's events can be told apart
+        // and two agents on one node (an upgrade) do not share a file.
         let mut k = 0;
         let log_name = loop {
             let name = format!("agent-{}-{k}.log", node.name);
@@ -108,6 +107,8 @@ impl Agent {
             }
             k += 1;
         };
+        let config = bed.dir.join(format!("{}-{k}.toml", node.name));
+        std::fs::write(&config, config_text)?;
         let mut cmd = in_cgroup_and_netns(bin_path("zt-daemon")?, None, &node.netns)?;
         cmd.args(["run", "--config"]).arg(&config);
         cmd.env_remove("RUST_LOG");

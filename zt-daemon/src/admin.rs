@@ -39,16 +39,27 @@ pub struct ReadyInputs {
 }
 
 #[derive(Default, Clone)]
-pub struct Readiness(Arc<RwLock<ReadyInputs>>);
+pub struct Readiness {
+    inputs: Arc<RwLock<ReadyInputs>>,
+    /// Set on SIGTERM: a draining agent is never ready again.
+    draining: Arc<std::sync::atomic::AtomicBool>,
+}
 
 impl Readiness {
     pub fn set(&self, inputs: ReadyInputs) {
-        *self.0.write().unwrap_or_else(|p| p.into_inner()) = inputs;
+        *self.inputs.write().unwrap_or_else(|p| p.into_inner()) = inputs;
+    }
+
+    pub fn set_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
     }
 
     /// `Ok` when ready, else the first reason it is not.
     pub fn check(&self) -> Result<(), String> {
-        let inputs = self.0.read().unwrap_or_else(|p| p.into_inner());
+        if self.draining.load(Ordering::Relaxed) {
+            return Err("draining (shutting down)".into());
+        }
+        let inputs = self.inputs.read().unwrap_or_else(|p| p.into_inner());
         if !inputs.capture_started {
             return Err("capture programs not attached".into());
         }

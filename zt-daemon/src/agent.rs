@@ -75,6 +75,8 @@ impl Agent {
             metrics: Arc::default(),
             idle_timeout: config.limits.idle_timeout,
             max_connections_per_workload: config.limits.max_connections_per_workload,
+            drain_timeout: config.limits.drain,
+            draining: tokio::sync::watch::channel(false).0,
             tunnel: identity.as_ref().map(|node| Tunnel {
                 trust: node.trust.clone(),
                 mode: config.mtls.mode,
@@ -185,8 +187,26 @@ impl Agent {
                 _ = int.recv() => break,
             }
         }
+        self.drain().await;
         info!("agent stopping; capture stays pinned (fail-closed until the next agent)");
         Ok(())
+    }
+
+    /// SIGTERM: unready, stop accepting (a successor's listeners, bound with SO_REUSEPORT, take
+    /// new and queued connections), let open connections finish for `limits.drain_seconds`, then
+    /// close them.
+    async fn drain(&mut self) {
+        info!(
+            drain_seconds = self.config.limits.drain.as_secs(),
+            workloads = self.enrolled.len(),
+            "draining: no longer ready, listeners closing"
+        );
+        self.admin.readiness.set_draining();
+        self.proxy.drain();
+        for enrollment in self.enrolled.values_mut() {
+            enrollment.drained().await;
+        }
+        info!("drain complete");
     }
 
     async fn reload(&mut self) {

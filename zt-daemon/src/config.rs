@@ -21,6 +21,7 @@ const DEFAULT_POOL_IDLE_SECONDS: u64 = 60;
 const DEFAULT_IDLE_TIMEOUT_SECONDS: u64 = 3600;
 const DEFAULT_MAX_CONNECTIONS: usize = 16384;
 const DEFAULT_RECONCILE_INTERVAL_MS: u64 = 5000;
+const DEFAULT_DRAIN_SECONDS: u64 = 30;
 /// Policies in this namespace apply mesh-wide (Istio's root namespace).
 pub const DEFAULT_ROOT_NAMESPACE: &str = "zt-system";
 
@@ -94,6 +95,8 @@ pub struct LimitsConfig {
     pub idle_timeout: Duration,
     /// Captured connections (outbound, inbound and tunnel streams) one workload may have open.
     pub max_connections_per_workload: usize,
+    /// On SIGTERM, open connections get this long to finish before they are closed.
+    pub drain: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -268,6 +271,7 @@ struct RawLimits {
     handshake_timeout_ms: Option<u64>,
     idle_timeout_seconds: Option<u64>,
     max_connections_per_workload: Option<usize>,
+    drain_seconds: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -471,6 +475,9 @@ impl NodeConfig {
                     .limits
                     .max_connections_per_workload
                     .unwrap_or(DEFAULT_MAX_CONNECTIONS),
+                drain: Duration::from_secs(
+                    raw.limits.drain_seconds.unwrap_or(DEFAULT_DRAIN_SECONDS),
+                ),
             },
             endpoints,
             admin: AdminConfig {

@@ -173,8 +173,17 @@ async fn handle_hbone(
     // stream it carries (dropping an h2 connection fails its streams, which resets both ends).
     let mut trust_changes = tunnel.trust.subscribe();
     let mut watching = true;
+    // Draining: GOAWAY tells the peer to open new streams elsewhere (its pool reconnects, to a
+    // successor agent during an upgrade); streams in flight finish.
+    let drain_started = ctx.drain_started();
+    tokio::pin!(drain_started);
+    let mut going_away = false;
     loop {
         tokio::select! {
+            () = &mut drain_started, if !going_away => {
+                going_away = true;
+                connection.graceful_shutdown();
+            }
             next = connection.accept() => {
                 let (request, respond) = match next {
                     Some(Ok(r)) => r,

@@ -60,6 +60,23 @@ pub struct ProxyContext {
     pub metrics: Arc<crate::metrics::Metrics>,
     pub idle_timeout: Duration,
     pub max_connections_per_workload: usize,
+    /// How long open connections may finish once draining starts.
+    pub drain_timeout: Duration,
+    /// Set once, on SIGTERM: listeners stop accepting and open connections drain.
+    pub draining: tokio::sync::watch::Sender<bool>,
+}
+
+impl ProxyContext {
+    /// Starts draining every listener of every workload.
+    pub fn drain(&self) {
+        self.draining.send_replace(true);
+    }
+
+    /// Resolves once draining has started.
+    pub async fn drain_started(&self) {
+        let mut draining = self.draining.subscribe();
+        let _ = draining.wait_for(|d| *d).await;
+    }
 }
 
 use tokio::{
@@ -87,9 +104,11 @@ impl Direction {
     }
 }
 
-/// Accepts on `listener` until the task is aborted; each connection runs `handle` in a task that
-/// is aborted together with this loop (un-enrollment closes the pod's connections). A connection
-/// beyond the workload's `limits.max_connections_per_workload` is refused.
+/// Accepts on `listener` until the task is aborted or draining starts; each connection runs
+/// `handle` in a task that is aborted together with this loop (un-enrollment closes the pod's
+/// connections). A connection beyond the workload's `limits.max_connections_per_workload` is
+/// refused. When draining starts, the listener closes (a successor's listener takes the queued
+/// connections) and open connections get `drain_timeout` to finish before they are closed.
 pub(crate) async fn accept_loop<F, Fut>(
     listener: TcpListener,
     what: &'static str,
@@ -101,8 +120,12 @@ pub(crate) async fn accept_loop<F, Fut>(
     Fut: Future<Output = ()> + Send + 'static,
 {
     let mut connections = JoinSet::new();
+    let drain = ctx.clone();
+    let drain_started = drain.drain_started();
+    tokio::pin!(drain_started);
     loop {
         tokio::select! {
+            () = &mut drain_started => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
@@ -128,6 +151,17 @@ pub(crate) async fn accept_loop<F, Fut>(
             },
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
         }
+    }
+    drop(listener);
+    let open = connections.len();
+    let finished = tokio::time::timeout(ctx.drain_timeout, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if finished.is_err() {
+        warn!(workload = %workload.workload.id, listener = what, open = connections.len(), close = "drain_timeout", "drain time over; closing open connections");
+    } else if open > 0 {
+        info!(workload = %workload.workload.id, listener = what, connections = open, "listener drained");
     }
 }
 

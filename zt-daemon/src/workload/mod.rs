@@ -123,6 +123,7 @@ impl Enrollment {
         let inside = worker
             .run(|| {
                 let cookie = netns::current_netns_cookie().map_err(|e| ("SO_NETNS_COOKIE", e))?;
+                netns::migrate_queued_connections_on_close();
                 let addrs = netns::current_pod_addresses().map_err(|e| ("listing addresses", e))?;
                 let listeners = create_listeners()?;
                 Ok::<_, (&'static str, std::io::Error)>((cookie, addrs, listeners))
@@ -215,6 +216,13 @@ impl Enrollment {
             identity,
             tasks,
         })
+    }
+
+    /// Waits until the workload's listeners have drained (after `ProxyContext::drain`).
+    pub async fn drained(&mut self) {
+        for task in &mut self.tasks {
+            let _ = task.await;
+        }
     }
 
     /// Makes the kernel hold this workload's capture state again, if it drifted (an entry

@@ -125,9 +125,22 @@ pub fn agent_listener(addr: SocketAddr, dual_stack: bool) -> io::Result<std::net
         socket.set_only_v6(!dual_stack)?;
     }
     socket.set_reuse_address(true)?;
+    // A successor agent binds the same ports while this one drains (upgrade handover); the bind
+    // guard program keeps pods themselves off these ports.
+    socket.set_reuse_port(true)?;
     socket.bind(&SockAddr::from(addr))?;
     socket.listen(1024)?;
     Ok(socket.into())
+}
+
+/// Sets `net.ipv4.tcp_migrate_req` in the calling thread's namespace, so that connections still
+/// queued on a listener that closes move to another listener of its SO_REUSEPORT group: a
+/// draining agent hands its backlog to its successor instead of resetting it. Best effort
+/// (kernels before 5.14 lack it).
+pub fn migrate_queued_connections_on_close() {
+    if let Err(e) = std::fs::write("/proc/sys/net/ipv4/tcp_migrate_req", "1") {
+        tracing::debug!(error = %e, "net.ipv4.tcp_migrate_req not set");
+    }
 }
 
 /// SO_NETNS_COOKIE of the calling thread's namespace.
