@@ -182,7 +182,13 @@ fn manifests_parse_as_kubernetes_objects_and_promise_what_operators_need() {
             "kustomization names missing {file}"
         );
     }
-    zt_daemon::config::NodeConfig::load(&deploy().join("node.toml")).unwrap();
+    // Each agent takes its node name from NODE_NAME; here it is given in the file instead.
+    let node_toml = deploy().join("node.toml");
+    let text = std::fs::read_to_string(&node_toml).unwrap();
+    let config =
+        zt_daemon::config::NodeConfig::parse(&node_toml, &format!("node_name = \"n\"\n{text}"))
+            .unwrap();
+    assert!(config.kubernetes.is_some(), "the DaemonSet discovers pods");
 
     // Multi-stage image: a build stage and a slim runtime stage with only the binary.
     let dockerfile = std::fs::read_to_string(deploy().join("Dockerfile")).unwrap();

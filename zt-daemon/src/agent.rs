@@ -15,6 +15,7 @@ use tracing::{error, info, warn};
 use crate::{
     admin::{self, AdminState, LogControl, Readiness, ReadyInputs},
     config::{MtlsMode, NodeConfig, Workload, WorkloadId},
+    discovery,
     ebpf::{Capture, OriginalDsts},
     identity::{node::NodeIdentity, rotation::WorkloadIdentity, spiffe::SpiffeId},
     policy::{self, PolicySet, PolicyStore},
@@ -32,6 +33,8 @@ pub struct Agent {
     /// Reloads policies when their files change; dropped (and replaced) on a config reload.
     _policy_watch: Option<notify::RecommendedWatcher>,
     enrolled: BTreeMap<WorkloadId, Enrollment>,
+    /// Meshed pods found by Kubernetes discovery (empty without it).
+    discovered: Vec<Workload>,
     /// What the readiness, metrics and admin endpoints read.
     admin: AdminState,
 }
@@ -103,6 +106,7 @@ impl Agent {
             identity,
             _policy_watch: policy_watch,
             enrolled: BTreeMap::new(),
+            discovered: Vec::new(),
             admin,
         })
     }
@@ -148,7 +152,7 @@ impl Agent {
                 }
             });
         }
-        self.reconcile(self.config.workloads.clone()).await;
+        self.reconcile().await;
         // Pods a previous agent enrolled that are no longer configured go now.
         self.reconcile_capture();
         info!(workloads = self.enrolled.len(), "agent ready");
@@ -169,8 +173,33 @@ impl Agent {
         .inspect_err(|e| warn!(error = %e, "config file not watched; reload with SIGHUP"))
         .ok();
         let mut loaded_text = std::fs::read_to_string(&self.config_path).unwrap_or_default();
+        let mut discovery = match &self.config.kubernetes {
+            Some(k) => match discovery::start(k, &self.config.node_name).await {
+                Ok(rx) => {
+                    info!(node = %self.config.node_name, "watching this node's pods in Kubernetes");
+                    Some(rx)
+                }
+                Err(e) => {
+                    error!(error = %e, "Kubernetes discovery unavailable; static workloads only");
+                    None
+                }
+            },
+            None => None,
+        };
         loop {
             tokio::select! {
+                Some(Ok(())) = async {
+                    match &mut discovery {
+                        Some(rx) => Some(rx.changed().await),
+                        None => None,
+                    }
+                } => {
+                    self.discovered = discovery
+                        .as_ref()
+                        .map(|rx| rx.borrow().clone())
+                        .unwrap_or_default();
+                    self.reconcile().await;
+                }
                 _ = drift_check.tick() => self.reconcile_capture(),
                 _ = hup.recv() => {
                     loaded_text = std::fs::read_to_string(&self.config_path).unwrap_or_default();
@@ -235,14 +264,29 @@ impl Agent {
             }
         }
         self.config = new;
-        self.reconcile(self.config.workloads.clone()).await;
+        self.reconcile().await;
         info!(workloads = self.enrolled.len(), "config reloaded");
     }
 
     /// Makes the enrolled set equal to `desired`: removes what is gone or changed, adds what is new.
-    async fn reconcile(&mut self, desired: Vec<Workload>) {
-        let desired: BTreeMap<WorkloadId, Workload> =
-            desired.into_iter().map(|w| (w.id.clone(), w)).collect();
+    /// The workloads that should be enrolled: the static `[[workload]]`s and the meshed pods
+    /// Kubernetes discovery found (a static entry wins over a discovered one with its name).
+    fn desired(&self) -> BTreeMap<WorkloadId, Workload> {
+        let mut desired: BTreeMap<WorkloadId, Workload> = self
+            .discovered
+            .iter()
+            .map(|w| (w.id.clone(), w.clone()))
+            .collect();
+        for w in &self.config.workloads {
+            desired.insert(w.id.clone(), w.clone());
+        }
+        desired
+    }
+
+    /// Makes the enrolled set equal to `desired()`: removes what is gone or changed, adds what is
+    /// new. A workload that fails to enroll is logged and tried again on the next reconcile.
+    async fn reconcile(&mut self) {
+        let desired = self.desired();
         let gone: Vec<WorkloadId> = self
             .enrolled
             .iter()
@@ -280,12 +324,11 @@ impl Agent {
         self.admin.readiness.set(ReadyInputs {
             capture_started: true,
             workloads: self
-                .config
-                .workloads
-                .iter()
-                .map(|w| {
-                    let enrolled = self.enrolled.get(&w.id).map(|e| e.local.svid.clone());
-                    (w.id.clone(), enrolled)
+                .desired()
+                .keys()
+                .map(|id| {
+                    let enrolled = self.enrolled.get(id).map(|e| e.local.svid.clone());
+                    (id.clone(), enrolled)
                 })
                 .collect(),
             identity_required: self.identity.is_some(),

@@ -22,6 +22,7 @@ const DEFAULT_IDLE_TIMEOUT_SECONDS: u64 = 3600;
 const DEFAULT_MAX_CONNECTIONS: usize = 16384;
 const DEFAULT_RECONCILE_INTERVAL_MS: u64 = 5000;
 const DEFAULT_DRAIN_SECONDS: u64 = 30;
+const DEFAULT_NETNS_DIR: &str = "/run/netns";
 /// Policies in this namespace apply mesh-wide (Istio's root namespace).
 pub const DEFAULT_ROOT_NAMESPACE: &str = "zt-system";
 
@@ -58,7 +59,19 @@ pub struct NodeConfig {
     pub endpoints: Vec<MeshEndpoint>,
     pub admin: AdminConfig,
     pub log: LogConfig,
+    /// Static workloads (`[[workload]]`).
     pub workloads: Vec<Workload>,
+    /// `None`: no Kubernetes discovery (static workloads only).
+    pub kubernetes: Option<KubernetesDiscovery>,
+}
+
+/// `[discovery.kubernetes]`: watch this node's pods and enroll the meshed ones.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KubernetesDiscovery {
+    /// API server URL; `None` = in-cluster config, or KUBECONFIG outside a cluster.
+    pub api_server: Option<String>,
+    /// Where the pods' network namespaces are pinned by the container runtime.
+    pub netns_dir: PathBuf,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -202,7 +215,7 @@ impl fmt::Display for WorkloadId {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
-    node_name: String,
+    node_name: Option<String>,
     trust_domain: Option<String>,
     identity: Option<RawIdentity>,
     #[serde(default)]
@@ -221,6 +234,22 @@ struct RawConfig {
     log: RawLog,
     #[serde(default, rename = "workload")]
     workloads: Vec<RawWorkload>,
+    #[serde(default)]
+    discovery: RawDiscovery,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDiscovery {
+    kubernetes: Option<RawKubernetes>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKubernetes {
+    enabled: bool,
+    api_server: Option<String>,
+    netns_dir: Option<PathBuf>,
 }
 
 #[derive(Deserialize, Default)]
@@ -338,8 +367,16 @@ impl NodeConfig {
             path: path.to_owned(),
             message,
         };
-        if raw.node_name.trim().is_empty() {
-            return Err(invalid("node_name: must not be empty".into()));
+        // One ConfigMap serves every node: without node_name, the DaemonSet's NODE_NAME (downward
+        // API) names the node.
+        let node_name = match raw.node_name {
+            Some(name) => name,
+            None => std::env::var("NODE_NAME").unwrap_or_default(),
+        };
+        if node_name.trim().is_empty() {
+            return Err(invalid(
+                "node_name: must not be empty (set it, or $NODE_NAME)".into(),
+            ));
         }
         let mut ids = HashSet::new();
         let mut netns_paths: BTreeMap<PathBuf, WorkloadId> = BTreeMap::new();
@@ -431,8 +468,31 @@ impl NodeConfig {
                 dir.display()
             )));
         }
+        let kubernetes = match raw.discovery.kubernetes {
+            Some(k) if k.enabled => {
+                let netns_dir = k.netns_dir.unwrap_or_else(|| DEFAULT_NETNS_DIR.into());
+                if !netns_dir.is_absolute() {
+                    return Err(invalid(format!(
+                        "discovery.kubernetes.netns_dir: {} is not an absolute path",
+                        netns_dir.display()
+                    )));
+                }
+                if let Some(url) = &k.api_server
+                    && !(url.starts_with("https://") || url.starts_with("http://"))
+                {
+                    return Err(invalid(format!(
+                        "discovery.kubernetes.api_server: {url:?} is not an http(s) URL"
+                    )));
+                }
+                Some(KubernetesDiscovery {
+                    api_server: k.api_server,
+                    netns_dir,
+                })
+            }
+            _ => None,
+        };
         Ok(NodeConfig {
-            node_name: raw.node_name,
+            node_name,
             trust_domain,
             identity,
             capture: CaptureConfig {
@@ -499,6 +559,7 @@ impl NodeConfig {
                 level: raw.log.level.unwrap_or_else(|| "info".to_owned()),
             },
             workloads,
+            kubernetes,
         })
     }
 
@@ -531,6 +592,9 @@ impl NodeConfig {
         }
         if self.log != new.log {
             changed.push("log");
+        }
+        if self.kubernetes != new.kubernetes {
+            changed.push("discovery.kubernetes");
         }
         changed
     }

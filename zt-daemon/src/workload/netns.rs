@@ -165,6 +165,19 @@ pub fn current_netns_cookie() -> io::Result<u64> {
 }
 
 /// Routable addresses of the calling thread's namespace: no loopback, no IPv6 link-local.
+/// The addresses of the network namespace at `path` (blocking: enters it on a short-lived thread).
+pub fn addresses_in(path: &Path) -> io::Result<Vec<IpAddr>> {
+    let file = File::open(path)?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            setns(file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
+            current_pod_addresses()
+        })
+        .join()
+        .unwrap_or_else(|_| Err(io::Error::other("netns thread panicked")))
+    })
+}
+
 pub fn current_pod_addresses() -> io::Result<Vec<IpAddr>> {
     let mut out = Vec::new();
     for ifa in nix::ifaddrs::getifaddrs().map_err(io::Error::from)? {
