@@ -527,3 +527,62 @@ fn config_file_changes_apply_bad_ones_are_refused_and_no_connection_drops() {
         assert_eq!(report["reply"]["bytes"].as_u64(), Some(1024), "{report}");
     });
 }
+
+/// Threads of `pid` named `name`.
+fn threads_named(pid: u32, name: &str) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|tasks| {
+            tasks
+                .flatten()
+                .filter(|t| {
+                    std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == name)
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_pod_whose_network_namespace_disappears_is_unenrolled_cleanly() {
+    let mut bed = Testbed::new(2).unwrap();
+    let (p11, p12, node) = (
+        bed.pod(1, 1).clone(),
+        bed.pod(1, 2).clone(),
+        bed.node(1).clone(),
+    );
+    let config = node_config(&node, &[&p11, &p12], "reconcile_interval_ms = 200\n");
+    let agent = Agent::start_with_config(&mut bed, 1, &config).unwrap();
+    let (dead, alive) = (
+        agent.netns_cookie(&p11).unwrap(),
+        agent.netns_cookie(&p12).unwrap(),
+    );
+    let threads = threads_named(agent.pid, "zt-netns");
+    assert_eq!(threads, 2, "one netns thread per pod");
+
+    // The pod dies: its namespace is deleted behind the agent's back.
+    let name = p11.netns.file_name().unwrap().to_str().unwrap();
+    zt_tests::sh("ip", &["netns", "del", name]).unwrap();
+    zt_tests::wait_until(Duration::from_secs(5), || {
+        Ok(
+            agent.count("network namespace gone (the pod died?): un-enrolling")? == 1
+                && agent.count("workload un-enrolled")? == 1,
+        )
+    })
+    .unwrap_or_else(|e| panic!("not un-enrolled: {e}\n{}", agent.log_tail()));
+    let enrolled = maps::enrolled(&node.pin_dir).unwrap();
+    assert!(
+        !enrolled.contains(&dead) && enrolled.contains(&alive),
+        "{enrolled:?}"
+    );
+    assert!(
+        !maps::pod_address_owners(&node.pin_dir)
+            .unwrap()
+            .contains(&dead)
+    );
+    // Its netns thread is gone (it would have kept the namespace alive), the other pod's stays.
+    zt_tests::wait_until(Duration::from_secs(5), || {
+        Ok(threads_named(agent.pid, "zt-netns") == 1)
+    })
+    .unwrap();
+    assert!(!bed.exited(agent.pid));
+}

@@ -154,7 +154,7 @@ impl Agent {
         }
         self.reconcile().await;
         // Pods a previous agent enrolled that are no longer configured go now.
-        self.reconcile_capture();
+        self.reconcile_capture().await;
         info!(workloads = self.enrolled.len(), "agent ready");
         let mut drift_check = tokio::time::interval(self.config.capture.reconcile_interval);
         drift_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -200,7 +200,7 @@ impl Agent {
                         .unwrap_or_default();
                     self.reconcile().await;
                 }
-                _ = drift_check.tick() => self.reconcile_capture(),
+                _ = drift_check.tick() => self.reconcile_capture().await,
                 _ = hup.recv() => {
                     loaded_text = std::fs::read_to_string(&self.config_path).unwrap_or_default();
                     self.reload().await
@@ -314,6 +314,11 @@ impl Agent {
                 Err(e) => error!(error = %e, "enrollment failed"),
             }
         }
+        self.publish_state();
+    }
+
+    /// Tells the proxies, the admin endpoints and readiness what is enrolled now.
+    fn publish_state(&self) {
         self.publish_mesh_directory();
         *self
             .admin
@@ -338,7 +343,27 @@ impl Agent {
     /// Compares the kernel's capture state with the enrolled workloads, repairs what differs
     /// (re-steers and re-enrolls a pod whose entries went missing, forgets pods nobody enrolled)
     /// and exports how many pods differed as `zt_capture_drift`.
-    fn reconcile_capture(&mut self) {
+    async fn reconcile_capture(&mut self) {
+        // A pod that died took its network namespace with it (or only its name: our netns
+        // thread would keep it alive). Either way it is un-enrolled, not repaired.
+        let dead: Vec<WorkloadId> = self
+            .enrolled
+            .iter()
+            .filter(|(_, e)| !e.local.workload.netns.exists())
+            .map(|(id, _)| id.clone())
+            .collect();
+        let any_dead = !dead.is_empty();
+        for id in dead {
+            if let Some(enrollment) = self.enrolled.remove(&id) {
+                warn!(workload = %id, netns = %enrollment.local.workload.netns.display(), "network namespace gone (the pod died?): un-enrolling");
+                if let Err(e) = enrollment.remove(&mut self.capture).await {
+                    error!(workload = %id, error = %e, "un-enrollment incomplete");
+                }
+            }
+        }
+        if any_dead {
+            self.publish_state();
+        }
         let mut drift = 0;
         for enrollment in self.enrolled.values() {
             let id = &enrollment.local.workload.id;
