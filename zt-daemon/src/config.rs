@@ -40,8 +40,13 @@ pub enum ConfigError {
         column: usize,
         message: String,
     },
-    #[error("{path}: {message}")]
-    Invalid { path: PathBuf, message: String },
+    #[error("{path}:{line}: {message}")]
+    Invalid {
+        path: PathBuf,
+        /// Where the offending key is (1 when the file does not say, e.g. a missing key).
+        line: usize,
+        message: String,
+    },
 }
 
 /// The validated node configuration.
@@ -356,15 +361,31 @@ impl NodeConfig {
                 .span()
                 .map(|span| line_column(text, span.start))
                 .unwrap_or((0, 0));
+            // toml names the problem; the key is on the line it points at.
+            let key = text
+                .lines()
+                .nth(line.saturating_sub(1))
+                .and_then(|l| l.split_once('='))
+                .map(|(k, _)| k.trim().to_owned())
+                .filter(|k| !k.is_empty() && !k.starts_with('['));
             ConfigError::Parse {
                 path: path.to_owned(),
                 line,
                 column,
-                message: e.message().to_owned(),
+                message: match key {
+                    Some(key) if !e.message().contains(&key) => {
+                        format!("{key}: {}", e.message())
+                    }
+                    _ => e.message().to_owned(),
+                },
             }
         })?;
         let invalid = |message: String| ConfigError::Invalid {
             path: path.to_owned(),
+            line: message
+                .split_once(':')
+                .and_then(|(key, _)| line_of_key(text, key))
+                .unwrap_or(1),
             message,
         };
         // One ConfigMap serves every node: without node_name, the DaemonSet's NODE_NAME (downward
@@ -631,6 +652,49 @@ fn identity_config(
     })
 }
 
+/// The line of `key` in `text`, for keys as validation messages name them: `node_name`,
+/// `capture.bpffs_dir`, `discovery.kubernetes.netns_dir`, `workload[2].netns`, `endpoint[0]`.
+fn line_of_key(text: &str, key: &str) -> Option<usize> {
+    let (table, field) = match key.rsplit_once('.') {
+        Some((table, field)) => (table, Some(field)),
+        None if key.ends_with(']') => (key, None),
+        None => ("", Some(key)),
+    };
+    let (table, index) = match table.split_once('[') {
+        Some((name, rest)) => (name, rest.trim_end_matches(']').parse::<usize>().ok()),
+        None => (table, None),
+    };
+    let mut current = String::new();
+    let mut seen = 0usize;
+    for (n, line) in text.lines().enumerate() {
+        let trimmed = line.trim();
+        if let Some(header) = trimmed.strip_prefix("[[").and_then(|h| h.split_once("]]")) {
+            current = header.0.trim().to_owned();
+            if current == table {
+                seen += 1;
+                if field.is_none() && index.is_some_and(|i| i + 1 == seen) {
+                    return Some(n + 1);
+                }
+            }
+            continue;
+        }
+        if let Some(header) = trimmed.strip_prefix('[').and_then(|h| h.split_once(']')) {
+            current = header.0.trim().to_owned();
+            continue;
+        }
+        let right_table = current == table && index.is_none_or(|i| i + 1 == seen);
+        if let Some(field) = field
+            && right_table
+            && trimmed
+                .strip_prefix(field)
+                .is_some_and(|rest| rest.trim_start().starts_with('='))
+        {
+            return Some(n + 1);
+        }
+    }
+    None
+}
+
 /// RFC 1123 label: what Kubernetes allows for namespaces and most names.
 pub fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
@@ -655,6 +719,190 @@ mod tests {
 
     fn parse(text: &str) -> Result<NodeConfig, ConfigError> {
         NodeConfig::parse(Path::new("/etc/zt/node.toml"), text)
+    }
+
+    /// Every key README documents, with a non-default value.
+    const EVERY_KEY: &str = r#"
+node_name = "n1"
+trust_domain = "example.org"
+
+[identity]
+provider = "builtin"
+ca_dir = "/etc/zt/ca"
+svid_ttl_seconds = 600
+revocation_file = "/etc/zt/revoked"
+
+[mtls]
+mode = "permissive"
+pool_idle_seconds = 30
+
+[policy]
+dir = "/etc/zt/policies"
+default = "allow"
+root_namespace = "mesh-root"
+
+[capture]
+cgroup = "/sys/fs/cgroup/kubepods"
+bpffs_dir = "/sys/fs/bpf/zt2"
+fail_mode = "open"
+probe_source = "169.254.1.1"
+reconcile_interval_ms = 1000
+
+[discovery.kubernetes]
+enabled = true
+api_server = "https://10.0.0.1:6443"
+netns_dir = "/var/run/netns"
+
+[limits]
+handshake_timeout_ms = 1000
+idle_timeout_seconds = 60
+drain_seconds = 5
+max_connections_per_workload = 100
+
+[admin]
+readiness_addr = "0.0.0.0:25021"
+metrics_addr = "0.0.0.0:25020"
+admin_addr = "127.0.0.1:25000"
+
+[log]
+format = "json"
+level = "debug"
+
+[[endpoint]]
+ip = "10.200.2.11"
+identity = "spiffe://example.org/ns/a/sa/b"
+
+[[workload]]
+name = "web"
+namespace = "shop"
+service_account = "web-sa"
+labels = { app = "web" }
+netns = "/run/netns/web"
+"#;
+
+    /// The keys EVERY_KEY cannot hold at once (the other identity provider).
+    const FILES_PROVIDER: &str =
+        "node_name = \"n1\"\n[identity]\nprovider = \"files\"\nfiles_dir = \"/etc/zt/files\"\n";
+
+    #[test]
+    fn every_documented_key_parses() {
+        parse(FILES_PROVIDER).unwrap_or_else(|e| panic!("{e}"));
+        let c = parse(EVERY_KEY).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.trust_domain.as_str(), "example.org");
+        assert_eq!(c.mtls.mode, MtlsMode::Permissive);
+        assert_eq!(c.policy.default, PolicyDefault::Allow);
+        assert_eq!(c.policy.root_namespace, "mesh-root");
+        assert_eq!(c.capture.fail_mode, FailMode::Open);
+        assert_eq!(c.capture.reconcile_interval, Duration::from_secs(1));
+        assert_eq!(c.limits.drain, Duration::from_secs(5));
+        assert_eq!(c.admin.admin_addr.port(), 25000);
+        assert_eq!(
+            c.kubernetes.as_ref().map(|k| k.netns_dir.clone()),
+            Some(PathBuf::from("/var/run/netns"))
+        );
+        assert_eq!(c.workloads[0].labels["app"], "web");
+        assert_eq!(c.endpoints.len(), 1);
+
+        // Every key in README's table is in the file above.
+        let readme = include_str!("../../README.md");
+        let table = readme
+            .split("## Node config")
+            .nth(1)
+            .and_then(|t| t.split("\n## ").next())
+            .expect("README has the node config table");
+        let parsed: toml::Table = toml::from_str(EVERY_KEY).unwrap();
+        let alternative: toml::Table = toml::from_str(FILES_PROVIDER).unwrap();
+        let mut checked = 0;
+        for row in table.lines().filter(|l| l.starts_with("| `")) {
+            let cell = row.split('|').nth(1).unwrap_or_default();
+            let names: Vec<&str> = cell.split('`').skip(1).step_by(2).collect();
+            let (section, keys) = match names[0].split_once(' ') {
+                Some((section, first)) => (
+                    section.trim_matches(['[', ']']),
+                    std::iter::once(first)
+                        .chain(names[1..].iter().copied())
+                        .collect::<Vec<_>>(),
+                ),
+                None => ("", names.clone()),
+            };
+            let lookup = |root: &toml::Table, key: &str| {
+                let mut table = root;
+                for part in section.split('.').filter(|p| !p.is_empty()) {
+                    table = match table.get(part) {
+                        Some(toml::Value::Array(items)) => items[0].as_table().unwrap(),
+                        Some(v) => v.as_table().unwrap(),
+                        None => return false,
+                    };
+                }
+                table.contains_key(key)
+            };
+            for key in keys {
+                assert!(
+                    lookup(&parsed, key) || lookup(&alternative, key),
+                    "README documents [{section}] {key}, not in EVERY_KEY"
+                );
+                checked += 1;
+            }
+        }
+        assert!(checked >= 35, "only {checked} keys found in README");
+    }
+
+    #[test]
+    fn bad_forms_name_file_line_and_key() {
+        let base = "node_name = \"n1\"\n";
+        for (body, line, needle) in [
+            ("[capture]\nfail_mode = 3\n", 3, "fail_mode: "),
+            (
+                "[limits]\nidle_timeout_seconds = \"soon\"\n",
+                3,
+                "idle_timeout_seconds: ",
+            ),
+            ("[mtls]\nmod = \"strict\"\n", 3, "unknown field `mod`"),
+            (
+                "[policy]\ndefault = \"maybe\"\n",
+                3,
+                "unknown variant `maybe`",
+            ),
+            (
+                "[policy]\nroot_namespace = \"Root NS\"\n",
+                3,
+                "policy.root_namespace",
+            ),
+            ("[policy]\ndir = \"relative/dir\"\n", 3, "policy.dir"),
+            ("[capture]\nbpffs_dir = \"pins\"\n", 3, "capture.bpffs_dir"),
+            ("[admin]\nmetrics_addr = \"nowhere\"\n", 3, "metrics_addr"),
+            (
+                "[discovery.kubernetes]\nenabled = true\nnetns_dir = \"netns\"\n",
+                4,
+                "discovery.kubernetes.netns_dir",
+            ),
+            (
+                "[discovery.kubernetes]\nenabled = true\napi_server = \"10.0.0.1\"\n",
+                4,
+                "discovery.kubernetes.api_server",
+            ),
+            (
+                "[[endpoint]]\nip = \"10.0.0.1\"\nidentity = \"not-spiffe\"\n",
+                4,
+                "endpoint[0].identity",
+            ),
+            (
+                "[[workload]]\nname = \"a\"\nnamespace = \"d\"\nnetns = \"/run/netns/a\"\n[[workload]]\nname = \"B\"\nnamespace = \"d\"\nnetns = \"/run/netns/b\"\n",
+                7,
+                "workload[1].name",
+            ),
+            (
+                "[[workload]]\nname = \"a\"\nnamespace = \"d\"\nnetns = \"rel\"\n",
+                5,
+                "workload[0].netns",
+            ),
+        ] {
+            let text = format!("{base}{body}");
+            let err = parse(&text).expect_err(body).to_string();
+            let at = format!("/etc/zt/node.toml:{line}:");
+            assert!(err.starts_with(&at), "{body:?}: {err} (want line {line})");
+            assert!(err.contains(needle), "{body:?}: {err} (want {needle:?})");
+        }
     }
 
     #[test]
