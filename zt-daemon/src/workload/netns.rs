@@ -178,21 +178,70 @@ pub fn addresses_in(path: &Path) -> io::Result<Vec<IpAddr>> {
     })
 }
 
+/// The pod's own addresses in the calling thread's namespace (no loopback, no IPv6 link-local),
+/// read from the kernel over rtnetlink: an RTM_GETADDR dump on a NETLINK_ROUTE socket, which
+/// belongs to the namespace of the thread that opens it.
 pub fn current_pod_addresses() -> io::Result<Vec<IpAddr>> {
+    use netlink_packet_core::{NLM_F_DUMP, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload};
+    use netlink_packet_route::{
+        RouteNetlinkMessage,
+        address::{AddressAttribute, AddressMessage},
+    };
+    use netlink_sys::{
+        Socket as NetlinkSocket, SocketAddr as NetlinkAddr, protocols::NETLINK_ROUTE,
+    };
+
+    let mut socket = NetlinkSocket::new(NETLINK_ROUTE)?;
+    socket.bind_auto()?;
+    socket.connect(&NetlinkAddr::new(0, 0))?;
+    let mut request =
+        NetlinkMessage::from(RouteNetlinkMessage::GetAddress(AddressMessage::default()));
+    request.header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    request.header.sequence_number = 1;
+    request.finalize();
+    let mut buf = vec![0u8; request.buffer_len()];
+    request.serialize(&mut buf);
+    socket.send(&buf, 0)?;
+
+    let bad = |e: netlink_packet_core::DecodeError| {
+        io::Error::new(io::ErrorKind::InvalidData, e.to_string())
+    };
     let mut out = Vec::new();
-    for ifa in nix::ifaddrs::getifaddrs().map_err(io::Error::from)? {
-        let Some(addr) = ifa.address else { continue };
-        let ip = if let Some(v4) = addr.as_sockaddr_in() {
-            IpAddr::V4(v4.ip())
-        } else if let Some(v6) = addr.as_sockaddr_in6() {
-            IpAddr::V6(v6.ip())
-        } else {
-            continue;
-        };
-        let link_local_v6 = matches!(ip, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80);
-        if !ip.is_loopback() && !link_local_v6 && !out.contains(&ip) {
-            out.push(ip);
+    loop {
+        let (data, _) = socket.recv_from_full()?;
+        if data.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "rtnetlink dump ended early",
+            ));
+        }
+        let mut offset = 0;
+        while offset < data.len() {
+            let message =
+                NetlinkMessage::<RouteNetlinkMessage>::deserialize(&data[offset..]).map_err(bad)?;
+            let length = message.header.length as usize;
+            match message.payload {
+                NetlinkPayload::Done(_) => return Ok(out),
+                // An error message without a code is an acknowledgement.
+                NetlinkPayload::Error(e) if e.code.is_some() => return Err(e.to_io()),
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewAddress(address)) => {
+                    for attribute in address.attributes {
+                        let AddressAttribute::Address(ip) = attribute else {
+                            continue;
+                        };
+                        let link_local_v6 =
+                            matches!(ip, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80);
+                        if !ip.is_loopback() && !link_local_v6 && !out.contains(&ip) {
+                            out.push(ip);
+                        }
+                    }
+                }
+                _ => {}
+            }
+            if length == 0 {
+                break;
+            }
+            offset += length;
         }
     }
-    Ok(out)
 }
