@@ -21,6 +21,8 @@ struct ApiState {
     namespaces: Vec<Value>,
     pod_watches: Vec<mpsc::Sender<Option<String>>>,
     pod_lists: usize,
+    /// Pod watches opened so far (a stale sender can linger in `pod_watches`).
+    pod_watch_starts: usize,
 }
 
 #[derive(Clone)]
@@ -112,7 +114,11 @@ impl FakeApiServer {
                 }
                 ("/api/v1/pods", true) => {
                     let (tx, rx) = mpsc::channel();
-                    self.lock().pod_watches.push(tx);
+                    {
+                        let mut state = self.lock();
+                        state.pod_watches.push(tx);
+                        state.pod_watch_starts += 1;
+                    }
                     stream_events(out, rx);
                     return;
                 }
@@ -152,8 +158,8 @@ impl FakeApiServer {
         self.broadcast(Some(json!({"type": kind, "object": pod}).to_string()));
     }
 
-    fn open_pod_watches(&self) -> usize {
-        self.lock().pod_watches.len()
+    fn pod_watch_starts(&self) -> usize {
+        self.lock().pod_watch_starts
     }
 }
 
@@ -253,7 +259,7 @@ fn kubernetes_discovery_follows_list_watch_bookmarks_and_relists() {
 
     // The list: n2p1 is enrolled (namespace label), n2p2 is not (its annotation).
     wait_enrolled(&agent, "default/n2p1", 1);
-    wait_until(Duration::from_secs(5), || Ok(api.open_pod_watches() >= 1)).unwrap();
+    wait_until(Duration::from_secs(5), || Ok(api.pod_watch_starts() >= 1)).unwrap();
     assert_eq!(
         enrolled_events(&agent, "workload enrolled", "default/n2p2"),
         0
@@ -290,7 +296,9 @@ fn kubernetes_discovery_follows_list_watch_bookmarks_and_relists() {
     wait_enrolled(&agent, "default/n2p1", 2);
 
     // A watch stream that breaks mid-event: logged, retried, and nothing enrolled is lost.
-    wait_until(Duration::from_secs(10), || Ok(api.open_pod_watches() >= 1)).unwrap();
+    // (the watch opened after the relist is the one to break)
+    wait_until(Duration::from_secs(10), || Ok(api.pod_watch_starts() > 1)).unwrap();
+    let watches = api.pod_watch_starts();
     api.broadcast(Some(
         "{\"type\": \"MODIFIED\", \"object\": {\"metad".to_owned(),
     ));
@@ -299,14 +307,19 @@ fn kubernetes_discovery_follows_list_watch_bookmarks_and_relists() {
         Ok(agent.count("pod watch failed; retrying (enrolled pods are kept)")? >= 1)
     })
     .unwrap_or_else(|e| panic!("broken stream not reported: {e}\n{}", agent.log_tail()));
-    wait_until(Duration::from_secs(10), || Ok(api.open_pod_watches() >= 1)).unwrap();
+    wait_until(Duration::from_secs(10), || {
+        Ok(api.pod_watch_starts() > watches)
+    })
+    .unwrap();
     assert_eq!(
         enrolled_events(&agent, "workload un-enrolled", "default/n2p2"),
         0
     );
-    assert!(
-        maps::enrolled(&node.pin_dir)
-            .unwrap()
-            .contains(&agent.netns_cookie(&p22).unwrap())
-    );
+    let p22_cookie = agent.netns_cookie(&p22).unwrap();
+    assert!(maps::enrolled(&node.pin_dir).unwrap().contains(&p22_cookie));
+
+    // Opting out removes the pod.
+    api.pod_event("MODIFIED", pod_object(&p22, Some("disabled")));
+    wait_unenrolled(&agent, "default/n2p2", 1);
+    assert!(!maps::enrolled(&node.pin_dir).unwrap().contains(&p22_cookie));
 }
