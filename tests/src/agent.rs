@@ -182,14 +182,33 @@ impl Agent {
     pub fn reload(&self, config_text: &str) -> anyhow::Result<()> {
         let before = self.count("config reloaded")?;
         self.write_config(config_text)?;
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.pid as i32),
-            nix::sys::signal::Signal::SIGHUP,
-        )?;
+        self.signal(nix::sys::signal::Signal::SIGHUP)?;
         wait_until(Duration::from_secs(10), || {
             Ok(self.count("config reloaded")? > before)
         })
         .with_context(|| format!("agent did not reload\n--- log ---\n{}", self.log_tail()))
+    }
+
+    /// Sends `signal` to the agent process.
+    pub fn signal(&self, signal: nix::sys::signal::Signal) -> anyhow::Result<()> {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid as i32), signal)?;
+        Ok(())
+    }
+
+    /// SIGHUP after a bad config was written: waits for the rejection and returns its event.
+    /// (The file watcher may see the file first: one or two rejections, never a reload.)
+    pub fn expect_rejected_reload(&self) -> anyhow::Result<Value> {
+        self.signal(nix::sys::signal::Signal::SIGHUP)?;
+        let mut rejected = None;
+        wait_until(Duration::from_secs(5), || {
+            rejected = self
+                .events()?
+                .into_iter()
+                .find(|e| e["message"] == "config reload rejected");
+            Ok(rejected.is_some())
+        })
+        .with_context(|| format!("reload not rejected\n{}", self.log_tail()))?;
+        Ok(rejected.expect("found"))
     }
 
     /// Replaces the config file as kubelet and editors do (write, then rename), so that the

@@ -304,22 +304,7 @@ fn bad_workload_and_bad_reload_keep_the_agent_running() {
 
     // A config that does not parse is rejected with file and line; the old one keeps running.
     std::fs::write(&agent.config, "node_name = \"x\"\nbogus = 1\n").unwrap();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(agent.pid as i32),
-        nix::sys::signal::Signal::SIGHUP,
-    )
-    .unwrap();
-    // (The file watcher may see it before the SIGHUP: one or two rejections, no reload.)
-    zt_tests::wait_until(Duration::from_secs(5), || {
-        Ok(agent.count("config reload rejected")? >= 1)
-    })
-    .unwrap();
-    let rejected = agent
-        .events()
-        .unwrap()
-        .into_iter()
-        .find(|e| e["message"] == "config reload rejected")
-        .unwrap();
+    let rejected = agent.expect_rejected_reload().unwrap();
     let why = rejected["error"].as_str().unwrap();
     assert!(
         why.contains(&format!("{}:2:", agent.config.display())) && why.contains("bogus"),
@@ -495,21 +480,7 @@ fn config_file_changes_apply_bad_ones_are_refused_and_no_connection_drops() {
         agent
             .write_config(&node_config(&node, &[&p11], "").replace("[log]", "[log]\nlevle = 1"))
             .unwrap();
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(agent.pid as i32),
-            nix::sys::signal::Signal::SIGHUP,
-        )
-        .unwrap();
-        zt_tests::wait_until(Duration::from_secs(5), || {
-            Ok(agent.count("config reload rejected")? >= 1)
-        })
-        .unwrap();
-        let rejected = agent
-            .events()
-            .unwrap()
-            .into_iter()
-            .find(|e| e["message"] == "config reload rejected")
-            .unwrap();
+        let rejected = agent.expect_rejected_reload().unwrap();
         assert!(
             rejected["error"].as_str().unwrap().contains("levle"),
             "{rejected}"

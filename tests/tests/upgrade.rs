@@ -76,11 +76,7 @@ fn an_agent_hands_over_to_its_successor_without_dropping_a_connection() {
     std::thread::sleep(Duration::from_millis(500));
 
     let new = Agent::start_with_config(&mut bed, 2, &successor).unwrap();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(old.pid as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
+    old.signal(nix::sys::signal::Signal::SIGTERM).unwrap();
     zt_tests::wait_until(Duration::from_secs(25), || Ok(bed.exited(old.pid)))
         .unwrap_or_else(|e| panic!("old agent did not finish draining: {e}\n{}", old.log_tail()));
     let handover_done = started.elapsed();
