@@ -23,6 +23,8 @@ struct ApiState {
     pod_lists: usize,
     /// Pod watches opened so far (a stale sender can linger in `pod_watches`).
     pod_watch_starts: usize,
+    /// While set, pod lists are held back (the API is slow to answer).
+    hold_pod_lists: bool,
 }
 
 #[derive(Clone)]
@@ -94,6 +96,9 @@ impl FakeApiServer {
                 .any(|kv| kv == "watch=true" || kv == "watch=1");
             match (path, watching) {
                 ("/api/v1/pods", false) => {
+                    while self.lock().hold_pod_lists {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
                     let list = {
                         let mut state = self.lock();
                         state.pod_lists += 1;
@@ -247,6 +252,7 @@ fn kubernetes_discovery_follows_list_watch_bookmarks_and_relists() {
         state.namespaces = vec![json!({"apiVersion": "v1", "kind": "Namespace",
             "metadata": {"name": "default", "resourceVersion": "1", "labels": {"zt.io/mesh": "enabled"}}})];
         state.pods = vec![pod_object(&p21, None), pod_object(&p22, Some("disabled"))];
+        state.hold_pod_lists = true;
     }
     let config = node_config(&node, &[], "").replace(
         "[policy]",
@@ -257,6 +263,12 @@ fn kubernetes_discovery_follows_list_watch_bookmarks_and_relists() {
     );
     let agent = Agent::start_with_config(&mut bed, 2, &config).unwrap();
 
+    // Until the first list arrives the agent does not know what to enroll: not ready.
+    let (status, body) = agent.readiness().unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("waiting for the first list"), "{body}");
+    api.lock().hold_pod_lists = false;
+
     // The list: n2p1 is enrolled (namespace label), n2p2 is not (its annotation).
     wait_enrolled(&agent, "default/n2p1", 1);
     wait_until(Duration::from_secs(5), || Ok(api.pod_watch_starts() >= 1)).unwrap();
@@ -266,6 +278,7 @@ fn kubernetes_discovery_follows_list_watch_bookmarks_and_relists() {
     );
     let cookie = agent.netns_cookie(&p21).unwrap();
     assert!(maps::enrolled(&node.pin_dir).unwrap().contains(&cookie));
+    wait_until(Duration::from_secs(5), || Ok(agent.readiness()?.0 == 200)).unwrap();
 
     // MODIFIED: n2p2 opts in.
     api.pod_event("MODIFIED", pod_object(&p22, Some("enabled")));

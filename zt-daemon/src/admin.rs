@@ -36,6 +36,9 @@ pub struct ReadyInputs {
     /// and whether the node issues identities at all.
     pub workloads: Vec<(WorkloadId, Option<Option<SvidSlot>>)>,
     pub identity_required: bool,
+    /// Kubernetes discovery is configured and has not completed its first list yet: the set of
+    /// workloads to enroll is not known.
+    pub discovery_pending: bool,
 }
 
 #[derive(Default, Clone)]
@@ -62,6 +65,9 @@ impl Readiness {
         let inputs = self.inputs.read().unwrap_or_else(|p| p.into_inner());
         if !inputs.capture_started {
             return Err("capture programs not attached".into());
+        }
+        if inputs.discovery_pending {
+            return Err("waiting for the first list of this node's pods from Kubernetes".into());
         }
         let now = SystemTime::now();
         for (id, enrolled) in &inputs.workloads {

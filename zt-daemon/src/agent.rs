@@ -33,8 +33,8 @@ pub struct Agent {
     /// Reloads policies when their files change; dropped (and replaced) on a config reload.
     _policy_watch: Option<notify::RecommendedWatcher>,
     enrolled: BTreeMap<WorkloadId, Enrollment>,
-    /// Meshed pods found by Kubernetes discovery (empty without it).
-    discovered: Vec<Workload>,
+    /// Meshed pods found by Kubernetes discovery: empty without it, `None` until its first list.
+    discovered: Option<Vec<Workload>>,
     /// What the readiness, metrics and admin endpoints read.
     admin: AdminState,
 }
@@ -98,6 +98,11 @@ impl Agent {
             issue_failures: identity.as_ref().map(|n| n.renewal.failures.clone()),
             log,
         };
+        // With Kubernetes discovery, what to enroll is unknown until its first list.
+        let discovered = config
+            .kubernetes
+            .as_ref()
+            .map_or(Some(Vec::new()), |_| None);
         Ok(Self {
             config_path,
             config,
@@ -106,7 +111,7 @@ impl Agent {
             identity,
             _policy_watch: policy_watch,
             enrolled: BTreeMap::new(),
-            discovered: Vec::new(),
+            discovered,
             admin,
         })
     }
@@ -180,7 +185,7 @@ impl Agent {
                     Some(rx)
                 }
                 Err(e) => {
-                    error!(error = %e, "Kubernetes discovery unavailable; static workloads only");
+                    error!(error = %e, "Kubernetes discovery unavailable: static workloads are served, and the agent stays unready");
                     None
                 }
             },
@@ -194,10 +199,7 @@ impl Agent {
                         None => None,
                     }
                 } => {
-                    self.discovered = discovery
-                        .as_ref()
-                        .map(|rx| rx.borrow().clone())
-                        .unwrap_or_default();
+                    self.discovered = discovery.as_ref().and_then(|rx| rx.borrow().clone());
                     self.reconcile().await;
                 }
                 _ = drift_check.tick() => self.reconcile_capture().await,
@@ -275,6 +277,7 @@ impl Agent {
         let mut desired: BTreeMap<WorkloadId, Workload> = self
             .discovered
             .iter()
+            .flatten()
             .map(|w| (w.id.clone(), w.clone()))
             .collect();
         for w in &self.config.workloads {
@@ -337,6 +340,7 @@ impl Agent {
                 })
                 .collect(),
             identity_required: self.identity.is_some(),
+            discovery_pending: self.discovered.is_none(),
         });
     }
 

@@ -43,11 +43,12 @@ pub enum DiscoveryError {
     Config(String),
 }
 
-/// Starts watching; the receiver holds the meshed pods of `node_name` as workloads.
+/// Starts watching; the receiver holds the meshed pods of `node_name` as workloads, or `None`
+/// until the first lists of pods and namespaces are complete.
 pub async fn start(
     config: &KubernetesDiscovery,
     node_name: &str,
-) -> Result<watch::Receiver<Vec<Workload>>, DiscoveryError> {
+) -> Result<watch::Receiver<Option<Vec<Workload>>>, DiscoveryError> {
     let client = match &config.api_server {
         Some(url) => {
             let uri = url
@@ -67,7 +68,7 @@ pub async fn start(
     .default_backoff();
     let namespaces = watcher::watcher(Api::<Namespace>::all(client), watcher::Config::default())
         .default_backoff();
-    let (tx, rx) = watch::channel(Vec::new());
+    let (tx, rx) = watch::channel(None);
     let netns_dir = config.netns_dir.clone();
     tokio::spawn(async move {
         run(pods, namespaces, netns_dir, tx).await;
@@ -79,6 +80,8 @@ pub async fn start(
 struct Store<K> {
     live: BTreeMap<String, K>,
     relisting: Option<BTreeMap<String, K>>,
+    /// A first complete list has arrived.
+    synced: bool,
 }
 
 impl<K> Default for Store<K> {
@@ -86,6 +89,7 @@ impl<K> Default for Store<K> {
         Self {
             live: BTreeMap::new(),
             relisting: None,
+            synced: false,
         }
     }
 }
@@ -117,6 +121,7 @@ impl<K: kube::Resource> Store<K> {
                 if let Some(buffer) = self.relisting.take() {
                     self.live = buffer;
                 }
+                self.synced = true;
                 true
             }
             Event::Apply(k) => {
@@ -135,7 +140,7 @@ async fn run(
     pods: impl Stream<Item = Result<Event<Pod>, watcher::Error>>,
     namespaces: impl Stream<Item = Result<Event<Namespace>, watcher::Error>>,
     netns_dir: PathBuf,
-    tx: watch::Sender<Vec<Workload>>,
+    tx: watch::Sender<Option<Vec<Workload>>>,
 ) {
     tokio::pin!(pods, namespaces);
     let (mut pod_store, mut ns_store) = (Store::<Pod>::default(), Store::<Namespace>::default());
@@ -161,7 +166,7 @@ async fn run(
             _ = retry.tick() => true,
             else => break,
         };
-        if !changed {
+        if !changed || !(pod_store.synced && ns_store.synced) {
             continue;
         }
         let meshed: Vec<(WorkloadId, &Pod, IpAddr)> = pod_store
@@ -196,14 +201,14 @@ async fn run(
             });
         }
         tx.send_if_modified(|current| {
-            if *current == workloads {
+            if current.as_ref() == Some(&workloads) {
                 return false;
             }
             info!(
                 workloads = workloads.len(),
                 "meshed pods on this node changed"
             );
-            *current = workloads;
+            *current = Some(workloads);
             true
         });
     }
