@@ -245,17 +245,10 @@ fn write_section(root: &std::path::Path, name: &str, content: &str) -> anyhow::R
 pub fn policy() -> anyhow::Result<()> {
     let root = crate::workspace_root();
     crate::cargo(&["bench", "-p", "zt-daemon", "--bench", "policy"])?;
-    let median_ns = |name: &str| -> anyhow::Result<f64> {
-        let path = root.join(format!(
-            "target/criterion/policy_decision/{name}/new/estimates.json"
-        ));
-        let v: Value = serde_json::from_str(&std::fs::read_to_string(&path)?)
-            .with_context(|| format!("{}", path.display()))?;
-        v["median"]["point_estimate"]
-            .as_f64()
-            .with_context(|| format!("{}: no median", path.display()))
-    };
-    let (few, many) = (median_ns("10_policies")?, median_ns("10000_policies")?);
+    let (few, many) = (
+        criterion_median_ns(&root, "policy_decision/10_policies")?,
+        criterion_median_ns(&root, "policy_decision/10000_policies")?,
+    );
     let ratio = many / few;
     let mut md = String::new();
     writeln!(md, "## Policy decisions (issue 5)\n")?;
@@ -288,6 +281,57 @@ pub fn policy() -> anyhow::Result<()> {
         if ratio <= 2.0 { "yes" } else { "no" }
     )?;
     write_section(&root, "policy", &md)?;
+    println!("\n{md}");
+    Ok(())
+}
+
+/// The median time criterion measured for benchmark `id` (`group/name` or `name`), in ns.
+fn criterion_median_ns(root: &std::path::Path, id: &str) -> anyhow::Result<f64> {
+    let path = root.join(format!("target/criterion/{id}/new/estimates.json"));
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&path)?)
+        .with_context(|| format!("{}", path.display()))?;
+    v["median"]["point_estimate"]
+        .as_f64()
+        .with_context(|| format!("{}: no median", path.display()))
+}
+
+/// `cargo xtask bench micro`: criterion benchmarks of the tunnel's parts with real
+/// cryptography; records medians in BENCHMARKS.md.
+pub fn micro() -> anyhow::Result<()> {
+    let root = crate::workspace_root();
+    crate::cargo(&["bench", "-p", "zt-daemon", "--bench", "tunnel"])?;
+    let handshake = criterion_median_ns(&root, "mtls_handshake_both_sides")?;
+    let stream = criterion_median_ns(&root, "hbone_stream_open_warm")?;
+    let copy = criterion_median_ns(&root, "copy_loop/relay_4MiB_loopback")?;
+    let gib_s = (4u64 << 20) as f64 / (copy / 1e9) / (1u64 << 30) as f64;
+    let mut md = String::new();
+    writeln!(md, "## Tunnel parts (criterion)\n")?;
+    writeln!(
+        md,
+        "Produced by `bash scripts/dev.sh bench micro` (`zt-daemon/benches/tunnel.rs`): the agent's own"
+    )?;
+    writeln!(
+        md,
+        "TLS, HTTP/2 and copy code with rustls + aws-lc-rs, one process, loopback TCP. Medians.\n"
+    )?;
+    writeln!(md, "| benchmark | median |")?;
+    writeln!(md, "| --- | ---: |")?;
+    writeln!(
+        md,
+        "| mutual TLS 1.3 handshake, both sides, SPIFFE verification (P-256) | {:.0} µs |",
+        handshake / 1e3
+    )?;
+    writeln!(
+        md,
+        "| HBONE stream open on a warm connection (CONNECT → 200) | {:.1} µs |",
+        stream / 1e3
+    )?;
+    writeln!(
+        md,
+        "| copy loop: 4 MiB relayed between two loopback connections | {:.2} ms ({gib_s:.2} GiB/s) |",
+        copy / 1e6
+    )?;
+    write_section(&root, "micro", &md)?;
     println!("\n{md}");
     Ok(())
 }

@@ -33,6 +33,8 @@ enum BenchCmd {
     Tunnel,
     /// Criterion: one authorization decision with 10 and with 10 000 policies.
     Policy,
+    /// Criterion: mTLS handshake, HBONE stream open on a warm connection, the copy loop.
+    Micro,
 }
 
 /// Runs `cargo <args>` from the workspace root and fails if it fails.
@@ -122,6 +124,9 @@ fn main() -> anyhow::Result<()> {
         Cmd::Bench {
             what: BenchCmd::Policy,
         } => bench::policy(),
+        Cmd::Bench {
+            what: BenchCmd::Micro,
+        } => bench::micro(),
         Cmd::Demo => {
             zt_tests::require_root()?;
             cargo(&["build"])?;
