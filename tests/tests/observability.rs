@@ -147,10 +147,18 @@ fn a_scrape_counts_known_traffic_exactly() {
             .iter()
             .filter(|r| r["direction"] == "outbound")
             .count();
-        // The source side logs relayed connections; refused streams are logged as refusals.
-        Ok(inbound as u64 == N + K && outbound as u64 == N)
+        Ok(inbound as u64 == N + K && outbound as u64 == N + K)
     })
     .unwrap();
+    // The source side logs the streams the destination refused as such.
+    let refused = m
+        .agent1
+        .access_records()
+        .unwrap()
+        .into_iter()
+        .filter(|r| r["close"] == "tunnel_refused")
+        .count();
+    assert_eq!(refused as u64, K);
 
     let scrape2 = m.agent2.metrics().unwrap();
     let s2 = samples(&scrape2);

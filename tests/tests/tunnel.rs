@@ -141,13 +141,19 @@ fn strict_refuses_plaintext_both_ways_and_permissive_allows_it() {
         SocketAddr::from(([0, 0, 0, 0], PORT)),
     )
     .unwrap();
-    // Outbound to a destination outside the mesh.
+    // Outbound to a destination outside the mesh: refused, and logged as such.
     let outside = SocketAddr::new(p22.ip(false), PORT);
     assert!(
         connect(&strict.bed, &p11, outside, 1024, TIMEOUT)
             .unwrap()
             .is_err()
     );
+    let refused = strict
+        .agent1
+        .wait_access("refused outbound", |r| r["direction"] == "outbound")
+        .unwrap();
+    assert_eq!(refused["close"], "mtls_required", "{refused}");
+    assert_eq!(refused["bytes_sent"], 0, "{refused}");
     // Plaintext inbound to a meshed pod from outside the mesh.
     let meshed = SocketAddr::new(p21.ip(false), PORT);
     assert!(

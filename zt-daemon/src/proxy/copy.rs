@@ -31,8 +31,16 @@ pub enum CloseReason {
     UpstreamReset,
     /// No byte in either direction for `limits.idle_timeout`.
     IdleTimeout,
-    /// A policy update denied the open connection.
+    /// A policy update denied the open connection, or policy refused it.
     Policy,
+    /// Never relayed: the destination's agent refused the HBONE stream (403, 503).
+    TunnelRefused,
+    /// Never relayed: the tunnel could not be set up (connect, TLS handshake, HTTP/2).
+    TunnelFailed,
+    /// Never relayed: the destination is outside the mesh and `mtls.mode` is strict.
+    MtlsRequired,
+    /// Never relayed: the destination did not accept the connection.
+    ConnectFailed,
 }
 
 impl fmt::Display for CloseReason {
@@ -43,6 +51,10 @@ impl fmt::Display for CloseReason {
             Self::UpstreamReset => "upstream_reset",
             Self::IdleTimeout => "idle_timeout",
             Self::Policy => "policy",
+            Self::TunnelRefused => "tunnel_refused",
+            Self::TunnelFailed => "tunnel_failed",
+            Self::MtlsRequired => "mtls_required",
+            Self::ConnectFailed => "connect_failed",
         })
     }
 }

@@ -16,7 +16,9 @@ use crate::{
     identity::{spiffe::SpiffeId, tls::client_config},
     proxy::{
         AccessRecord, Direction, Identities, ProxyContext, Tunnel, accept_loop, connect_in_pod,
+        copy::{CloseReason, RelayOutcome},
         hbone::{self, H2Stream, TunnelError},
+        log_access,
         pool::{PoolKey, PooledConnection},
         relay_and_log, reset,
     },
@@ -76,21 +78,42 @@ async fn handle(app: TcpStream, peer: SocketAddr, workload: &LocalWorkload, ctx:
                     ctx.metrics.handshake_failed(reason);
                 }
                 warn!(workload = %id, original_dst = %dst, destination_identity = %expected, error = %e, "HBONE connect failed");
-                reset(app);
+                let close = match e {
+                    TunnelError::Refused(..) => CloseReason::TunnelRefused,
+                    _ => CloseReason::TunnelFailed,
+                };
+                let record = AccessRecord {
+                    identities: Identities {
+                        source: workload
+                            .svid
+                            .as_ref()
+                            .and_then(|s| s.get())
+                            .map(|s| s.id().clone()),
+                        destination: Some(expected),
+                    },
+                    ..plain
+                };
+                refuse(&record, app, close);
             }
         },
         Some((tunnel, None)) if tunnel.mode == MtlsMode::Strict => {
             warn!(workload = %id, original_dst = %dst, "refused: destination is not meshed and mtls.mode is strict");
-            reset(app);
+            refuse(&plain, app, CloseReason::MtlsRequired);
         }
         _ => match connect_in_pod(workload, dst).await {
             Ok(upstream) => relay_and_log(plain, app, upstream, ctx, pending()).await,
             Err(e) => {
                 warn!(workload = %id, original_dst = %dst, error = %e, "outbound connect failed");
-                reset(app);
+                refuse(&plain, app, CloseReason::ConnectFailed);
             }
         },
     }
+}
+
+/// Resets a captured connection that was never relayed, and writes its access-log line.
+fn refuse(record: &AccessRecord<'_>, app: TcpStream, close: CloseReason) {
+    reset(app);
+    log_access(record, &RelayOutcome::refused(close));
 }
 
 /// Opens an HBONE stream to `dst` as `workload`, requiring `expected`: on the pooled connection
