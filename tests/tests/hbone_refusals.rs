@@ -262,3 +262,63 @@ fn hbone_streams_count_against_the_workload_connection_limit() {
         agent.log_tail()
     );
 }
+
+#[test]
+fn a_certificate_is_refused_from_an_address_of_another_identity() {
+    let mut bed = Testbed::new(2).unwrap();
+    let ca_dir = bed.dir.join("ca");
+    zt_tests::agent::ca_init(&ca_dir).unwrap();
+    let (p21, p22) = (bed.pod(2, 1).clone(), bed.pod(2, 2).clone());
+    // The mesh knows p22's address as sa-n2p2's.
+    let owner = zt_tests::agent::spiffe_id(&p22);
+    let config = format!(
+        "{}[identity]\nprovider = \"builtin\"\nca_dir = \"{}\"\n[[endpoint]]\nip = \"{}\"\nidentity = \"{owner}\"\n",
+        node_config(bed.node(2), &[&p21], ""),
+        ca_dir.display(),
+        p22.ip(false)
+    );
+    let agent = Agent::start_with_config(&mut bed, 2, &config).unwrap();
+    let server = Server::start(&mut bed, &p21, SocketAddr::from(([0, 0, 0, 0], PORT))).unwrap();
+    let ca = CertificateAuthority::load(&ca_dir).unwrap();
+    let trust = trust_of(&ca);
+    let hbone = SocketAddr::new(p21.ip(false), 15008);
+    let app = SocketAddr::new(p21.ip(false), PORT).to_string();
+    let as_identity =
+        |id: &str| client_config(SvidSlot::new(svid(&ca, id)), trust.clone(), None).unwrap();
+    let (stolen, own) = in_netns(&p22.netns, async || {
+        (
+            request(
+                hbone,
+                as_identity("spiffe://cluster.local/ns/default/sa/sa-n1p1"),
+                http::Method::CONNECT,
+                &app,
+            )
+            .await,
+            request(hbone, as_identity(&owner), http::Method::CONNECT, &app).await,
+        )
+    });
+    assert!(
+        stolen.is_err(),
+        "another identity's certificate from p22: {stolen:?}"
+    );
+    assert_eq!(own, Ok(200), "p22's own identity");
+    zt_tests::wait_until(Duration::from_secs(5), || {
+        Ok(server.connections()?.len() == 1)
+    })
+    .unwrap();
+    assert_eq!(
+        agent
+            .count("HBONE refused: the source address belongs to another identity")
+            .unwrap(),
+        1,
+        "{}",
+        agent.log_tail()
+    );
+    let scrape = agent
+        .metric_lines("zt_tls_handshake_failures_total")
+        .unwrap();
+    assert_eq!(
+        scrape,
+        vec!["zt_tls_handshake_failures_total{reason=\"source_address_mismatch\"} 1"]
+    );
+}

@@ -160,6 +160,15 @@ async fn handle_hbone(
         return;
     };
     let peer_id = peer_leaf.id.clone();
+    // A certificate is only good from its own pod: when the mesh knows the source address, it
+    // must belong to the identity presented (a stolen key used from elsewhere is refused).
+    if let Some(owner) = tunnel.directory.lookup(peer.ip())
+        && owner != peer_id
+    {
+        ctx.metrics.handshake_failed("source_address_mismatch");
+        warn!(workload = %id, %peer, source_identity = %peer_id, address_owner = %owner, "HBONE refused: the source address belongs to another identity");
+        return;
+    }
     let local_id = slot.get().map(|s| s.id().clone());
     info!(workload = %id, %peer, source_identity = %peer_id, "HBONE connection accepted");
     let mut connection = match hbone::server_builder().handshake(tls).await {
