@@ -322,3 +322,70 @@ fn a_certificate_is_refused_from_an_address_of_another_identity() {
         vec!["zt_tls_handshake_failures_total{reason=\"source_address_mismatch\"} 1"]
     );
 }
+
+#[test]
+fn a_handshake_flood_is_bounded_and_legitimate_traffic_still_flows() {
+    const FLOOD: u64 = 2000;
+    let mut bed = Testbed::new(2).unwrap();
+    let ca = bed.dir.join("ca");
+    zt_tests::agent::ca_init(&ca).unwrap();
+    let (p11, p21, p22) = (
+        bed.pod(1, 1).clone(),
+        bed.pod(2, 1).clone(),
+        bed.pod(2, 2).clone(),
+    );
+    let c1 = zt_tests::agent::meshed_config(bed.node(1), &[&p11], &[&p21], &ca, "strict");
+    let c2 = zt_tests::agent::meshed_config(bed.node(2), &[&p21], &[&p11], &ca, "strict")
+        + "[limits]\nhandshake_timeout_ms = 1000\n";
+    let _agent1 = Agent::start_with_config(&mut bed, 1, &c1).unwrap();
+    let agent2 = Agent::start_with_config(&mut bed, 2, &c2).unwrap();
+    Server::start(&mut bed, &p21, SocketAddr::from(([0, 0, 0, 0], PORT))).unwrap();
+
+    // 2 000 connections to 15008 that never send a ClientHello, from outside the mesh.
+    let mut flood = bed
+        .pod_command(&p22, zt_tests::bin_path("zt-probe").unwrap())
+        .unwrap();
+    flood.args([
+        "flood",
+        "--to",
+        &SocketAddr::new(p21.ip(false), 15008).to_string(),
+        "--count",
+        &FLOOD.to_string(),
+        "--hold-ms",
+        "6000",
+    ]);
+    let flood = std::thread::spawn(move || flood.output().unwrap());
+    std::thread::sleep(Duration::from_millis(300));
+
+    // Meanwhile, meshed traffic to the same pod goes on.
+    let dst = SocketAddr::new(p21.ip(false), PORT);
+    for _ in 0..5 {
+        let report = zt_tests::probe::connect(&bed, &p11, dst, 64 * 1024, Duration::from_secs(3))
+            .unwrap()
+            .expect("legitimate connection during the flood");
+        assert_eq!(
+            report["reply"]["bytes"].as_u64(),
+            Some(64 * 1024),
+            "{report}"
+        );
+    }
+
+    let out = flood.join().unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["opened"].as_u64(), Some(FLOOD), "{report}");
+    // Each stalled handshake is closed after the 1 s timeout, not held for the probe's 6 s.
+    assert_eq!(report["closed_by_peer"].as_u64(), Some(FLOOD), "{report}");
+    let bound = report["opened_ms"].as_u64().unwrap() + 1000 + 2000;
+    assert!(
+        report["last_close_ms"].as_u64().unwrap() <= bound,
+        "stalled handshakes held too long: {report}"
+    );
+    assert_eq!(
+        agent2
+            .metric_lines("zt_tls_handshake_failures_total")
+            .unwrap(),
+        vec![format!(
+            "zt_tls_handshake_failures_total{{reason=\"timeout\"}} {FLOOD}"
+        )]
+    );
+}

@@ -122,6 +122,21 @@ fn main() -> ExitCode {
     }
 }
 
+/// Every captured connection costs the agent two or three descriptors, and a handshake flood many
+/// more: the soft limit (often 1024) is raised to the hard one.
+fn raise_open_file_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!(soft, hard, error = %e, "could not raise the open-file limit");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "could not read the open-file limit"),
+    }
+}
+
 /// `policy check`: the decision, and the exit code that follows it.
 fn policy_check(args: CheckArgs) -> anyhow::Result<ExitCode> {
     let CheckArgs {
@@ -238,6 +253,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run { config: path } => {
             let config = NodeConfig::load(&path)?;
             let log = init_logging(&config.log);
+            raise_open_file_limit();
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()

@@ -86,6 +86,16 @@ enum Cmd {
         #[arg(long, default_value = "GET")]
         method: String,
     },
+    /// Opens `count` connections that send nothing (stalled handshakes), holds them for `hold_ms`
+    /// and reports how many the peer closed, and when the last one was closed.
+    Flood {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        count: usize,
+        #[arg(long)]
+        hold_ms: u64,
+    },
     /// `count` sequential connections, each sending `bytes`, half-closing and reading the reply;
     /// prints how many completed.
     Churn {
@@ -300,6 +310,36 @@ fn round_trips(to: SocketAddr, size: usize, count: usize) -> std::io::Result<ser
     )
 }
 
+fn flood(to: SocketAddr, count: usize, hold: Duration) -> serde_json::Value {
+    let started = std::time::Instant::now();
+    let mut conns = Vec::with_capacity(count);
+    let mut failed = 0;
+    for _ in 0..count {
+        match TcpStream::connect_timeout(&to, Duration::from_secs(3)) {
+            Ok(c) => conns.push(c),
+            Err(_) => failed += 1,
+        }
+    }
+    let opened_ms = started.elapsed().as_millis() as u64;
+    let (mut closed, mut last_close_ms) = (0, 0);
+    for mut conn in conns {
+        let left = hold.saturating_sub(started.elapsed());
+        if left.is_zero() || conn.set_read_timeout(Some(left)).is_err() {
+            continue;
+        }
+        let mut byte = [0u8; 1];
+        match conn.read(&mut byte) {
+            Ok(0) => {}
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::ConnectionReset) => {}
+            _ => continue,
+        }
+        closed += 1;
+        last_close_ms = started.elapsed().as_millis() as u64;
+    }
+    json!({"opened": count - failed, "failed": failed, "opened_ms": opened_ms,
+           "closed_by_peer": closed, "last_close_ms": last_close_ms})
+}
+
 fn churn(to: SocketAddr, count: usize, bytes: usize) -> serde_json::Value {
     let payload = vec![0x5au8; bytes];
     let mut completed = 0;
@@ -395,6 +435,9 @@ fn main() {
             }
         },
         Cmd::Churn { to, count, bytes } => println!("{}", churn(to, count, bytes)),
+        Cmd::Flood { to, count, hold_ms } => {
+            println!("{}", flood(to, count, Duration::from_millis(hold_ms)))
+        }
         Cmd::Get { to, path, method } => match get(to, &path, &method) {
             Ok(v) => println!("{v}"),
             Err(e) => println!("{}", json!({"status": 0, "error": e.to_string()})),
