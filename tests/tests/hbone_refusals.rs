@@ -60,22 +60,35 @@ fn no_cert_client(trust: TrustStore) -> ClientConfig {
     c
 }
 
-#[test]
-fn hbone_listener_refuses_what_it_must() {
+/// Node 2 with n2p1 enrolled (builtin CA, `extra` appended to its config) and a server on it;
+/// the tests talk to its 15008 from n2p2, outside the mesh.
+fn hbone_target(
+    extra: impl FnOnce(&Testbed) -> String,
+) -> (Testbed, Agent, Server, CertificateAuthority) {
     let mut bed = Testbed::new(2).unwrap();
     let ca_dir = bed.dir.join("ca");
     zt_tests::agent::ca_init(&ca_dir).unwrap();
-    let (p21, p22) = (bed.pod(2, 1).clone(), bed.pod(2, 2).clone());
+    let p21 = bed.pod(2, 1).clone();
     let config = format!(
-        "{}[identity]\nprovider = \"builtin\"\nca_dir = \"{}\"\n[mtls]\nmode = \"strict\"\n[limits]\nhandshake_timeout_ms = 1000\n",
+        "{}[identity]\nprovider = \"builtin\"\nca_dir = \"{}\"\n{}",
         node_config(bed.node(2), &[&p21], ""),
-        ca_dir.display()
+        ca_dir.display(),
+        extra(&bed)
     );
     let agent = Agent::start_with_config(&mut bed, 2, &config).unwrap();
     let server = Server::start(&mut bed, &p21, SocketAddr::from(([0, 0, 0, 0], PORT))).unwrap();
+    let ca = CertificateAuthority::load(&ca_dir).unwrap();
+    (bed, agent, server, ca)
+}
+
+#[test]
+fn hbone_listener_refuses_what_it_must() {
+    let (mut bed, agent, server, ca) = hbone_target(|_| {
+        "[mtls]\nmode = \"strict\"\n[limits]\nhandshake_timeout_ms = 1000\n".to_owned()
+    });
+    let (p21, p22) = (bed.pod(2, 1).clone(), bed.pod(2, 2).clone());
     Server::start(&mut bed, &p22, SocketAddr::from(([0, 0, 0, 0], PORT))).unwrap();
 
-    let ca = CertificateAuthority::load(&ca_dir).unwrap();
     let trust = trust_of(&ca);
     let hbone = SocketAddr::new(p21.ip(false), 15008);
     let client = svid(&ca, "spiffe://cluster.local/ns/default/sa/rogue");
@@ -213,19 +226,10 @@ fn hbone_listener_refuses_what_it_must() {
 
 #[test]
 fn hbone_streams_count_against_the_workload_connection_limit() {
-    let mut bed = Testbed::new(2).unwrap();
-    let ca_dir = bed.dir.join("ca");
-    zt_tests::agent::ca_init(&ca_dir).unwrap();
-    let (p21, p22) = (bed.pod(2, 1).clone(), bed.pod(2, 2).clone());
     // The TLS connection takes one permit, each stream one more: room for two streams.
-    let config = format!(
-        "{}[identity]\nprovider = \"builtin\"\nca_dir = \"{}\"\n[limits]\nmax_connections_per_workload = 3\n",
-        node_config(bed.node(2), &[&p21], ""),
-        ca_dir.display()
-    );
-    let agent = Agent::start_with_config(&mut bed, 2, &config).unwrap();
-    Server::start(&mut bed, &p21, SocketAddr::from(([0, 0, 0, 0], PORT))).unwrap();
-    let ca = CertificateAuthority::load(&ca_dir).unwrap();
+    let (bed, agent, _server, ca) =
+        hbone_target(|_| "[limits]\nmax_connections_per_workload = 3\n".to_owned());
+    let (p21, p22) = (bed.pod(2, 1).clone(), bed.pod(2, 2).clone());
     let client = svid(&ca, "spiffe://cluster.local/ns/default/sa/client");
     let config = client_config(SvidSlot::new(client), trust_of(&ca), None).unwrap();
     let hbone = SocketAddr::new(p21.ip(false), 15008);
@@ -265,21 +269,17 @@ fn hbone_streams_count_against_the_workload_connection_limit() {
 
 #[test]
 fn a_certificate_is_refused_from_an_address_of_another_identity() {
-    let mut bed = Testbed::new(2).unwrap();
-    let ca_dir = bed.dir.join("ca");
-    zt_tests::agent::ca_init(&ca_dir).unwrap();
-    let (p21, p22) = (bed.pod(2, 1).clone(), bed.pod(2, 2).clone());
     // The mesh knows p22's address as sa-n2p2's.
+    let (bed, agent, server, ca) = hbone_target(|bed| {
+        let p22 = bed.pod(2, 2);
+        format!(
+            "[[endpoint]]\nip = \"{}\"\nidentity = \"{}\"\n",
+            p22.ip(false),
+            zt_tests::agent::spiffe_id(p22)
+        )
+    });
+    let (p21, p22) = (bed.pod(2, 1).clone(), bed.pod(2, 2).clone());
     let owner = zt_tests::agent::spiffe_id(&p22);
-    let config = format!(
-        "{}[identity]\nprovider = \"builtin\"\nca_dir = \"{}\"\n[[endpoint]]\nip = \"{}\"\nidentity = \"{owner}\"\n",
-        node_config(bed.node(2), &[&p21], ""),
-        ca_dir.display(),
-        p22.ip(false)
-    );
-    let agent = Agent::start_with_config(&mut bed, 2, &config).unwrap();
-    let server = Server::start(&mut bed, &p21, SocketAddr::from(([0, 0, 0, 0], PORT))).unwrap();
-    let ca = CertificateAuthority::load(&ca_dir).unwrap();
     let trust = trust_of(&ca);
     let hbone = SocketAddr::new(p21.ip(false), 15008);
     let app = SocketAddr::new(p21.ip(false), PORT).to_string();
