@@ -20,6 +20,39 @@ struct Figures {
     throughput_mib_s: f64,
     p50_us: f64,
     p99_us: f64,
+    /// New connections per second, each one request/response (`zt-probe churn`).
+    conns_per_s: f64,
+    /// CPU seconds both agents spent per GiB of the throughput runs (0 for direct TCP).
+    agent_cpu_s_per_gib: f64,
+}
+
+/// CPU seconds (user + system) a process has used so far, from /proc/PID/stat.
+fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces): utime and stime are 14th and 15th.
+    let rest = stat.rsplit_once(')').context("malformed stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok(ticks / per_second)
+}
+
+fn agents_cpu(agents: &[u32]) -> anyhow::Result<f64> {
+    agents.iter().map(|pid| cpu_seconds(*pid)).sum()
+}
+
+const CHURN: usize = 500;
+
+/// New connections per second from `from` to `to`, each sending 100 bytes and reading the reply.
+fn connection_rate(bed: &Testbed, from: &Pod, to: SocketAddr) -> anyhow::Result<f64> {
+    let started = std::time::Instant::now();
+    let done = zt_tests::probe::churn(bed, from, to, CHURN, 100)?;
+    anyhow::ensure!(
+        done == CHURN as u64,
+        "{done} of {CHURN} connections completed"
+    );
+    Ok(CHURN as f64 / started.elapsed().as_secs_f64())
 }
 
 fn throughput(
@@ -76,18 +109,28 @@ fn median(rounds: &[Figures]) -> Figures {
         throughput_mib_s: mid(|f| f.throughput_mib_s),
         p50_us: mid(|f| f.p50_us),
         p99_us: mid(|f| f.p99_us),
+        conns_per_s: mid(|f| f.conns_per_s),
+        agent_cpu_s_per_gib: mid(|f| f.agent_cpu_s_per_gib),
     }
 }
 
-fn measure(bed: &Testbed, from: &Pod, to: &Pod) -> anyhow::Result<Figures> {
+/// One round on one path; `agents` are the agent processes on the path (none for direct TCP).
+fn measure(bed: &Testbed, from: &Pod, to: &Pod, agents: &[u32]) -> anyhow::Result<Figures> {
+    const RUNS: usize = 2;
+    const BYTES: u64 = 256 * MIB;
     let t = SocketAddr::new(to.ip(false), THROUGHPUT_PORT);
     let e = SocketAddr::new(to.ip(false), ECHO_PORT);
-    let throughput_mib_s = throughput(bed, from, t, 256 * MIB, 2)?;
+    let cpu_before = agents_cpu(agents)?;
+    let throughput_mib_s = throughput(bed, from, t, BYTES, RUNS)?;
+    let cpu = agents_cpu(agents)? - cpu_before;
     let (p50_us, p99_us) = round_trips(bed, from, e)?;
+    let conns_per_s = connection_rate(bed, from, t)?;
     Ok(Figures {
         throughput_mib_s,
         p50_us,
         p99_us,
+        conns_per_s,
+        agent_cpu_s_per_gib: cpu / ((RUNS as u64 * BYTES) as f64 / (1u64 << 30) as f64),
     })
 }
 
@@ -104,7 +147,7 @@ pub fn tunnel() -> anyhow::Result<()> {
     ca_init(&ca)?;
     let c1 = meshed_config(bed.node(1), &[&n1p1], &[&n2p1], &ca, "strict");
     let c2 = meshed_config(bed.node(2), &[&n2p1], &[&n1p1], &ca, "strict");
-    let _a1 = Agent::start_with_config(
+    let a1 = Agent::start_with_config(
         &mut bed,
         1,
         &c1.replace(
@@ -112,7 +155,7 @@ pub fn tunnel() -> anyhow::Result<()> {
             "level = \"warn,zt_daemon::agent=info,zt_daemon::workload=info\"",
         ),
     )?;
-    let _a2 = Agent::start_with_config(
+    let a2 = Agent::start_with_config(
         &mut bed,
         2,
         &c2.replace(
@@ -120,6 +163,7 @@ pub fn tunnel() -> anyhow::Result<()> {
             "level = \"warn,zt_daemon::agent=info,zt_daemon::workload=info\"",
         ),
     )?;
+    let agents = [a1.pid, a2.pid];
     for pod in [&n2p1, &n2p2] {
         Server::start(
             &mut bed,
@@ -141,9 +185,9 @@ pub fn tunnel() -> anyhow::Result<()> {
     let (mut direct_rounds, mut zt_rounds) = (Vec::new(), Vec::new());
     for round in 1..=ROUNDS {
         println!("round {round}/{ROUNDS}: direct TCP n1p2 -> n2p2 (neither enrolled)");
-        direct_rounds.push(measure(&bed, &n1p2, &n2p2)?);
+        direct_rounds.push(measure(&bed, &n1p2, &n2p2, &[])?);
         println!("round {round}/{ROUNDS}: zt cross-node n1p1 -> n2p1 (HBONE, mutual TLS 1.3)");
-        zt_rounds.push(measure(&bed, &n1p1, &n2p1)?);
+        zt_rounds.push(measure(&bed, &n1p1, &n2p1, &agents)?);
     }
     let (direct, zt) = (median(&direct_rounds), median(&zt_rounds));
     if zt.throughput_mib_s <= 0.0 || direct.throughput_mib_s <= 0.0 {
@@ -187,14 +231,22 @@ pub fn tunnel() -> anyhow::Result<()> {
     )?;
     writeln!(
         md,
-        "| path | single-stream throughput (MiB/s, best of 2 × 256 MiB per round) | 1 KiB RR p50 (µs, 5000 RTTs) | 1 KiB RR p99 (µs) |"
+        "| path | single-stream throughput (MiB/s, best of 2 × 256 MiB per round) | 1 KiB RR p50 (µs, 5000 RTTs) | 1 KiB RR p99 (µs) | new connections/s ({CHURN} with one exchange each) | agents' CPU s per GiB |"
     )?;
-    writeln!(md, "| --- | ---: | ---: | ---: |")?;
+    writeln!(md, "| --- | ---: | ---: | ---: | ---: | ---: |")?;
     for (name, f) in [("direct TCP", &direct), ("zt cross-node", &zt)] {
         writeln!(
             md,
-            "| {name} | {:.0} | {:.1} | {:.1} |",
-            f.throughput_mib_s, f.p50_us, f.p99_us
+            "| {name} | {:.0} | {:.1} | {:.1} | {:.0} | {} |",
+            f.throughput_mib_s,
+            f.p50_us,
+            f.p99_us,
+            f.conns_per_s,
+            if name == "direct TCP" {
+                "-".to_owned()
+            } else {
+                format!("{:.2}", f.agent_cpu_s_per_gib)
+            }
         )?;
     }
     writeln!(md, "\n| ratio / delta | value | target (issue 4) | holds |")?;
@@ -208,6 +260,12 @@ pub fn tunnel() -> anyhow::Result<()> {
         md,
         "| added p50 (1 KiB, warm pool) | {added_p50:.1} µs | ≤ 70 µs | {} |",
         if added_p50 <= 70.0 { "yes" } else { "no" }
+    )?;
+    let conn_ratio = zt.conns_per_s / direct.conns_per_s;
+    writeln!(
+        md,
+        "| new connections/s zt / direct | {conn_ratio:.2}× | ≥ 0.5× (issue 8) | {} |",
+        if conn_ratio >= 0.5 { "yes" } else { "no" }
     )?;
     writeln!(
         md,
