@@ -110,13 +110,6 @@ impl LogControl {
         }
     }
 
-    /// For embedding without a reloadable subscriber: every change is refused.
-    pub fn fixed(level: &str) -> Self {
-        Self::new(level, |_| {
-            Err("the log filter is fixed in this process".into())
-        })
-    }
-
     pub fn current(&self) -> String {
         self.current
             .read()

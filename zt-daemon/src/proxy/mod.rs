@@ -120,8 +120,7 @@ pub(crate) async fn accept_loop<F, Fut>(
     Fut: Future<Output = ()> + Send + 'static,
 {
     let mut connections = JoinSet::new();
-    let drain = ctx.clone();
-    let drain_started = drain.drain_started();
+    let drain_started = ctx.drain_started();
     tokio::pin!(drain_started);
     loop {
         tokio::select! {
