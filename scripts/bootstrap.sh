@@ -14,7 +14,8 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 need_pkgs=()
-for p in llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev iproute2 openssl tcpdump; do
+# g++: libFuzzer (cargo fuzz) is C++.
+for p in llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev iproute2 openssl tcpdump g++; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need_pkgs+=("$p")
 done
 if [ ${#need_pkgs[@]} -gt 0 ]; then
@@ -47,4 +48,12 @@ if ! command -v bpf-linker >/dev/null 2>&1; then
     cargo "+$TOOLCHAIN" install --locked bpf-linker --no-default-features --features llvm-22
 else
   step "bpf-linker present"
+fi
+
+# cargo fuzz (the fuzz smoke in the test suite); the pinned toolchain builds the targets.
+if ! command -v cargo-fuzz >/dev/null 2>&1; then
+  step "installing cargo-fuzz"
+  cargo "+$TOOLCHAIN" install --locked cargo-fuzz
+else
+  step "cargo-fuzz present"
 fi

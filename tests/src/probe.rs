@@ -43,22 +43,8 @@ impl Server {
         listen: SocketAddr,
         extra: &[&str],
     ) -> anyhow::Result<Self> {
-        let log_name = format!("server-{}-{}.log", pod.name, listen.port());
-        let mut cmd = bed.pod_command(pod, bin_path("zt-probe")?)?;
-        cmd.args(["serve", "--listen", &listen.to_string()])
-            .args(extra);
-        let pid = bed.spawn(cmd, &log_name)?;
-        let server = Server {
-            pid,
-            log: bed.log_path(&log_name),
-        };
-        wait_until(Duration::from_secs(5), || {
-            Ok(read_json_lines(&server.log)?
-                .iter()
-                .any(|e| e["event"] == "listening"))
-        })
-        .with_context(|| format!("server in {} did not start listening on {listen}", pod.name))?;
-        Ok(server)
+        let (pid, log) = spawn_listening(bed, pod, "serve", listen, extra)?;
+        Ok(Server { pid, log })
     }
 
     /// Waits until the server has recorded exactly `n` finished connections (it records each
@@ -86,6 +72,76 @@ impl Server {
 
 /// Runs `zt-probe connect` in `pod`; Ok carries the report of a completed exchange, Err the
 /// probe's error report (refused, timed out, ...).
+/// Starts `zt-probe <what> --listen <listen>` in `pod` and waits until it listens.
+fn spawn_listening(
+    bed: &mut Testbed,
+    pod: &Pod,
+    what: &str,
+    listen: SocketAddr,
+    extra: &[&str],
+) -> anyhow::Result<(u32, PathBuf)> {
+    let log_name = format!("{what}-{}-{}.log", pod.name, listen.port());
+    let mut cmd = bed.pod_command(pod, bin_path("zt-probe")?)?;
+    cmd.args([what, "--listen", &listen.to_string()])
+        .args(extra);
+    let pid = bed.spawn(cmd, &log_name)?;
+    let log = bed.log_path(&log_name);
+    wait_until(Duration::from_secs(5), || {
+        Ok(read_json_lines(&log)?
+            .iter()
+            .any(|e| e["event"] == "listening"))
+    })
+    .with_context(|| format!("{what} in {} did not start listening on {listen}", pod.name))?;
+    Ok((pid, log))
+}
+
+/// `zt-probe tally` in a pod: every byte received, counted as it arrives, with timestamps.
+pub struct Tally {
+    pub log: PathBuf,
+}
+
+impl Tally {
+    pub fn start(bed: &mut Testbed, pod: &Pod, listen: SocketAddr) -> anyhow::Result<Self> {
+        let (_, log) = spawn_listening(bed, pod, "tally", listen, &[])?;
+        Ok(Self { log })
+    }
+
+    /// (Unix time in ms, bytes received so far), oldest first.
+    pub fn samples(&self) -> anyhow::Result<Vec<(u64, u64)>> {
+        Ok(read_json_lines(&self.log)?
+            .iter()
+            .filter(|e| e["event"] == "tally")
+            .filter_map(|e| Some((e["at_ms"].as_u64()?, e["bytes"].as_u64()?)))
+            .collect())
+    }
+}
+
+/// Bytes received by `at_ms`, from tally samples.
+pub fn received_by(samples: &[(u64, u64)], at_ms: u64) -> u64 {
+    samples
+        .iter()
+        .take_while(|(t, _)| *t <= at_ms)
+        .last()
+        .map_or(0, |(_, b)| *b)
+}
+
+/// Starts `zt-probe load` in `pod` against `to` for `duration`; returns its PID and log.
+pub fn start_load(
+    bed: &mut Testbed,
+    pod: &Pod,
+    to: SocketAddr,
+    workers: usize,
+    duration: Duration,
+) -> anyhow::Result<(u32, PathBuf)> {
+    let log_name = format!("load-{}-{}.log", pod.name, to.port());
+    let mut cmd = bed.pod_command(pod, bin_path("zt-probe")?)?;
+    cmd.args(["load", "--to", &to.to_string()])
+        .args(["--workers", &workers.to_string()])
+        .args(["--duration-ms", &duration.as_millis().to_string()]);
+    let pid = bed.spawn(cmd, &log_name)?;
+    Ok((pid, bed.log_path(&log_name)))
+}
+
 pub fn connect(
     bed: &Testbed,
     pod: &Pod,

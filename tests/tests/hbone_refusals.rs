@@ -18,34 +18,9 @@ use zt_daemon::identity::{
 use zt_tests::{Agent, Testbed, agent::node_config, probe::Server};
 
 mod rogue;
-use rogue::{in_netns, svid, tls, trust_of};
+use rogue::{client_presenting, forge, in_netns, request, svid, tls, trust_of};
 
 const PORT: u16 = 9000;
-
-/// One HTTP/2 request on a fresh HBONE connection; returns the status code, or the error.
-async fn request(
-    addr: SocketAddr,
-    config: ClientConfig,
-    method: http::Method,
-    uri: &str,
-) -> Result<u16, String> {
-    let stream = tls(addr, config).await?;
-    let (send, connection) = h2::client::handshake(stream)
-        .await
-        .map_err(|e| e.to_string())?;
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    let mut send = send.ready().await.map_err(|e| e.to_string())?;
-    let req = http::Request::builder()
-        .method(method)
-        .uri(uri)
-        .body(())
-        .map_err(|e| e.to_string())?;
-    let (response, _body) = send.send_request(req, false).map_err(|e| e.to_string())?;
-    let response = response.await.map_err(|e| e.to_string())?;
-    Ok(response.status().as_u16())
-}
 
 fn no_cert_client(trust: TrustStore) -> ClientConfig {
     let mut c = ClientConfig::builder_with_provider(Arc::new(
@@ -387,5 +362,135 @@ fn a_handshake_flood_is_bounded_and_legitimate_traffic_still_flows() {
         vec![format!(
             "zt_tls_handshake_failures_total{{reason=\"timeout\"}} {FLOOD}"
         )]
+    );
+}
+
+#[test]
+fn forged_stale_and_revoked_certificates_are_refused_counted_and_logged() {
+    let (bed, agent, server, ca) = hbone_target(|bed| {
+        let list = bed.dir.join("revoked.txt");
+        std::fs::write(&list, "spiffe://cluster.local/ns/default/sa/revoked\n").unwrap();
+        format!("revocation_file = \"{}\"\n", list.display())
+    });
+    let p22 = bed.pod(2, 2).clone();
+    let hbone = SocketAddr::new(bed.pod(2, 1).ip(false), 15008);
+    let app = SocketAddr::new(bed.pod(2, 1).ip(false), PORT).to_string();
+    let trust = trust_of(&ca);
+    let rogue = "spiffe://cluster.local/ns/default/sa/rogue";
+    let hour = Duration::from_secs(3600);
+    let now = std::time::SystemTime::now();
+
+    let other_td = CertificateAuthority::generate("other.org".parse().unwrap()).unwrap();
+    let same_td_other_ca =
+        CertificateAuthority::generate("cluster.local".parse().unwrap()).unwrap();
+    let present = |(cert, key): (_, rcgen::KeyPair)| client_presenting(cert, &key, trust.clone());
+    // (case, client, the reason counted, a piece of the logged error)
+    let cases: Vec<(&str, ClientConfig, &str, &str)> = vec![
+        (
+            "another trust domain's valid SVID",
+            present(forge(
+                &other_td,
+                "spiffe://other.org/ns/default/sa/rogue",
+                |_| {},
+            )),
+            "unknown_trust_domain",
+            "no trust bundle for trust domain other.org",
+        ),
+        (
+            "expired SVID",
+            present(forge(&ca, rogue, |p| {
+                p.not_before = (now - 2 * hour).into();
+                p.not_after = (now - hour).into();
+            })),
+            "expired",
+            "certificate expired",
+        ),
+        (
+            "revoked SVID",
+            present(forge(
+                &ca,
+                "spiffe://cluster.local/ns/default/sa/revoked",
+                |_| {},
+            )),
+            "revoked",
+            "is revoked",
+        ),
+        (
+            "leaf with two URI SANs",
+            present(forge(&ca, rogue, |p| {
+                p.subject_alt_names.push(rcgen::SanType::URI(
+                    "spiffe://cluster.local/ns/default/sa/admin"
+                        .try_into()
+                        .unwrap(),
+                ));
+            })),
+            "not_an_svid",
+            "2 URI SANs",
+        ),
+        (
+            "CA certificate as leaf",
+            present(forge(&ca, rogue, |p| {
+                p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+                p.key_usages.push(rcgen::KeyUsagePurpose::KeyCertSign);
+            })),
+            "not_an_svid",
+            "a CA certificate used as a leaf",
+        ),
+        (
+            "SVID from another CA of the same trust domain",
+            present(forge(&same_td_other_ca, rogue, |_| {})),
+            "untrusted_issuer",
+            "not issued by the trust bundle of cluster.local",
+        ),
+        (
+            "no client certificate",
+            no_cert_client(trust.clone()),
+            "no_client_certificate",
+            "",
+        ),
+    ];
+
+    let reasons: Vec<&str> = cases.iter().map(|c| c.2).collect();
+    let outcomes = in_netns(&p22.netns, async || {
+        let mut outcomes = Vec::new();
+        for (case, client, _, _) in cases.iter().cloned() {
+            let outcome = request(hbone, client, http::Method::CONNECT, &app).await;
+            outcomes.push((case, outcome));
+        }
+        outcomes
+    });
+    for (case, outcome) in &outcomes {
+        assert!(outcome.is_err(), "{case}: accepted ({outcome:?})");
+    }
+
+    // Counted once each, by reason.
+    zt_tests::wait_until(Duration::from_secs(5), || {
+        Ok(agent.metric_lines("zt_tls_handshake_failures_total")?.len() >= 6)
+    })
+    .unwrap();
+    let counted = agent
+        .metric_lines("zt_tls_handshake_failures_total")
+        .unwrap();
+    for reason in &reasons {
+        let expected = reasons.iter().filter(|r| *r == reason).count();
+        let line = format!("zt_tls_handshake_failures_total{{reason=\"{reason}\"}} {expected}");
+        assert!(counted.contains(&line), "no {line:?} in {counted:#?}");
+    }
+    // Logged with the reason and what was wrong with the certificate.
+    let events = agent.events().unwrap();
+    for (case, _, reason, detail) in &cases {
+        assert!(
+            events
+                .iter()
+                .any(|e| e["message"] == "HBONE: TLS handshake failed"
+                    && e["reason"] == *reason
+                    && e["error"].as_str().is_some_and(|m| m.contains(detail))),
+            "{case}: no log line with reason {reason} and {detail:?}\n{}",
+            agent.log_tail()
+        );
+    }
+    assert!(
+        server.connections().unwrap().is_empty(),
+        "a refused peer reached the application"
     );
 }

@@ -1,7 +1,9 @@
 //! Developer commands, run as `cargo xtask <command>` (normally through scripts/dev.sh, which
-//! first installs the toolchain): `test` runs every check CI runs, `demo` shows capture at work.
+//! first installs the toolchain): `test` runs every check CI runs, `demo` shows capture at work,
+//! `bench` measures, `fuzz` fuzzes.
 mod bench;
 mod demo;
+mod fuzz;
 
 use std::process::Command;
 
@@ -16,7 +18,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Format and lint checks, unit tests and the root end-to-end tests.
+    /// Format and lint checks, unit tests, the root end-to-end tests and the fuzz smoke.
     Test,
     /// Two nodes, four pods, two agents: run a few flows and show what was captured.
     Demo,
@@ -24,6 +26,17 @@ enum Cmd {
     Bench {
         #[command(subcommand)]
         what: BenchCmd,
+    },
+    /// Runs every fuzz target in fuzz/ for a bounded time; fails on a crash.
+    Fuzz {
+        /// 30 s per target (the test suite's run).
+        #[arg(long)]
+        smoke: bool,
+        /// Seconds per target (default 600).
+        #[arg(long, conflicts_with = "smoke")]
+        seconds: Option<u64>,
+        /// Only these targets (default: all).
+        targets: Vec<String>,
     },
 }
 
@@ -65,8 +78,11 @@ fn test() -> anyhow::Result<()> {
     cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
     // Builds zt-daemon (and through it the eBPF object) and zt-probe, which the e2e tests run.
     cargo(&["build"])?;
-    cargo_test()
+    cargo_test()?;
+    fuzz::run(SMOKE_SECONDS, &[])
 }
+
+const SMOKE_SECONDS: u64 = 30;
 
 /// `cargo test` with its output passed through, closing with one summary line over all test
 /// binaries (unit and end-to-end).
@@ -127,6 +143,18 @@ fn main() -> anyhow::Result<()> {
         Cmd::Bench {
             what: BenchCmd::Micro,
         } => bench::micro(),
+        Cmd::Fuzz {
+            smoke,
+            seconds,
+            targets,
+        } => {
+            let seconds = if smoke {
+                SMOKE_SECONDS
+            } else {
+                seconds.unwrap_or(600)
+            };
+            fuzz::run(seconds, &targets)
+        }
         Cmd::Demo => {
             zt_tests::require_root()?;
             cargo(&["build"])?;

@@ -77,12 +77,25 @@ impl Readiness {
             if !inputs.identity_required {
                 continue;
             }
-            let valid = slot
-                .as_ref()
-                .and_then(SvidSlot::get)
-                .is_some_and(|s| s.leaf.not_before <= now && now < s.leaf.not_after);
-            if !valid {
-                return Err(format!("workload {id} has no valid certificate"));
+            match slot.as_ref().and_then(SvidSlot::get) {
+                None => return Err(format!("workload {id} has no valid certificate")),
+                // Its issuer did not renew it in time (an outage, or a provider that stopped).
+                Some(svid) if now >= svid.leaf.not_after => {
+                    return Err(format!(
+                        "workload {id} has no valid certificate: {} expired {} s ago and was not renewed",
+                        svid.id(),
+                        now.duration_since(svid.leaf.not_after)
+                            .unwrap_or_default()
+                            .as_secs()
+                    ));
+                }
+                Some(svid) if now < svid.leaf.not_before => {
+                    return Err(format!(
+                        "workload {id} has no valid certificate: {} is not valid yet",
+                        svid.id()
+                    ));
+                }
+                Some(_) => {}
             }
         }
         Ok(())

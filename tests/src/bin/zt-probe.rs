@@ -9,6 +9,10 @@
 //!   get --to ADDR --path P       HTTP GET; print status and body
 //!   echo --listen ADDR           echo server (benchmarks)
 //!   rr --to ADDR --size N        request/response round trips; print p50/p99/p99.9 (benchmarks)
+//!   tally --listen ADDR          accept forever, count every byte received; print the running
+//!                                total with a timestamp whenever it changes (fault tests)
+//!   load --to ADDR ...           workers opening connections and streaming bytes until a
+//!                                deadline; print when each connect succeeded or failed
 use std::{
     io::{Read, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
@@ -94,6 +98,25 @@ enum Cmd {
         #[arg(long)]
         count: usize,
         #[arg(long)]
+        hold_ms: u64,
+    },
+    /// Counts every byte received on any connection; prints `{"event":"tally","at_ms","bytes"}`
+    /// every 20 ms while the total changes (`at_ms`: Unix time in milliseconds).
+    Tally {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    /// `workers` threads, each until `duration_ms` has passed: connect, stream 4 KiB writes for
+    /// `hold_ms`, close; after a failure wait 10 ms. Prints one summary with the Unix times (ms)
+    /// of every successful and failed connect.
+    Load {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 8)]
+        workers: usize,
+        #[arg(long)]
+        duration_ms: u64,
+        #[arg(long, default_value_t = 100)]
         hold_ms: u64,
     },
     /// `count` sequential connections, each sending `bytes`, half-closing and reading the reply;
@@ -364,6 +387,90 @@ fn churn(to: SocketAddr, count: usize, bytes: usize) -> serde_json::Value {
     json!({"count": count, "completed": completed, "error": first_error})
 }
 
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn tally(listen: SocketAddr) -> std::io::Result<()> {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    };
+    let listener = bind_and_announce(listen)?;
+    let total = Arc::new(AtomicU64::new(0));
+    let reported = total.clone();
+    std::thread::spawn(move || {
+        let mut last = 0;
+        loop {
+            std::thread::sleep(Duration::from_millis(20));
+            let now = reported.load(Ordering::Relaxed);
+            if now != last {
+                last = now;
+                println!(
+                    "{}",
+                    json!({"event": "tally", "at_ms": unix_ms(), "bytes": now})
+                );
+                let _ = std::io::stdout().flush();
+            }
+        }
+    });
+    for conn in listener.incoming() {
+        let Ok(mut conn) = conn else { continue };
+        let total = total.clone();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 64 * 1024];
+            while let Ok(n) = conn.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                total.fetch_add(n as u64, Ordering::Relaxed);
+            }
+        });
+    }
+    Ok(())
+}
+
+fn load(to: SocketAddr, workers: usize, duration: Duration, hold: Duration) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + duration;
+    let results: Vec<(Vec<u64>, Vec<u64>, u64)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                s.spawn(move || {
+                    let (mut ok, mut failed, mut written) = (Vec::new(), Vec::new(), 0u64);
+                    let chunk = vec![0x5au8; 4096];
+                    while std::time::Instant::now() < deadline {
+                        let Ok(mut conn) =
+                            TcpStream::connect_timeout(&to, Duration::from_millis(500))
+                        else {
+                            failed.push(unix_ms());
+                            std::thread::sleep(Duration::from_millis(10));
+                            continue;
+                        };
+                        ok.push(unix_ms());
+                        let until = std::time::Instant::now() + hold;
+                        while std::time::Instant::now() < until {
+                            match conn.write(&chunk) {
+                                Ok(n) if n > 0 => written += n as u64,
+                                _ => break,
+                            }
+                        }
+                    }
+                    (ok, failed, written)
+                })
+            })
+            .collect();
+        handles.into_iter().filter_map(|h| h.join().ok()).collect()
+    });
+    let mut ok: Vec<u64> = results.iter().flat_map(|r| r.0.clone()).collect();
+    let mut failed: Vec<u64> = results.iter().flat_map(|r| r.1.clone()).collect();
+    ok.sort_unstable();
+    failed.sort_unstable();
+    let written: u64 = results.iter().map(|r| r.2).sum();
+    json!({"ok_ms": ok, "failed_ms": failed, "written": written})
+}
+
 fn get(to: SocketAddr, path: &str, method: &str) -> std::io::Result<serde_json::Value> {
     let mut conn = TcpStream::connect_timeout(&to, Duration::from_secs(3))?;
     conn.set_read_timeout(Some(Duration::from_secs(5)))?;
@@ -434,6 +541,26 @@ fn main() {
                 std::process::exit(1);
             }
         },
+        Cmd::Tally { listen } => {
+            if let Err(e) = tally(listen) {
+                eprintln!("zt-probe tally {listen}: {e}");
+                std::process::exit(1);
+            }
+        }
+        Cmd::Load {
+            to,
+            workers,
+            duration_ms,
+            hold_ms,
+        } => println!(
+            "{}",
+            load(
+                to,
+                workers,
+                Duration::from_millis(duration_ms),
+                Duration::from_millis(hold_ms)
+            )
+        ),
         Cmd::Churn { to, count, bytes } => println!("{}", churn(to, count, bytes)),
         Cmd::Flood { to, count, hold_ms } => {
             println!("{}", flood(to, count, Duration::from_millis(hold_ms)))

@@ -4,13 +4,22 @@
 #![allow(dead_code)]
 use std::{collections::HashMap, net::SocketAddr, path::Path, sync::Arc, time::Duration};
 
-use rustls::{ClientConfig, pki_types::ServerName};
+use rcgen::{
+    CertificateParams, DistinguishedName, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose,
+    PKCS_ECDSA_P256_SHA256, SanType,
+};
+use rustls::{
+    ClientConfig,
+    pki_types::{CertificateDer, PrivateKeyDer, ServerName},
+};
 use tokio::{io::AsyncWriteExt, net::TcpStream};
 use zt_daemon::identity::{
     ca::CertificateAuthority,
     revocation::RevocationList,
     spiffe::SpiffeId,
     svid::Svid,
+    tls::ALPN_H2,
+    verify::SpiffeServerVerifier,
     verify::{TrustState, TrustStore},
 };
 
@@ -60,4 +69,73 @@ pub async fn tls(
     // TLS 1.3 client auth failures surface on the first read.
     stream.write_all(b"").await.map_err(|e| e.to_string())?;
     Ok(stream)
+}
+
+/// One HTTP/2 request on a fresh HBONE connection; returns the status code, or the error.
+pub async fn request(
+    addr: SocketAddr,
+    config: ClientConfig,
+    method: http::Method,
+    uri: &str,
+) -> Result<u16, String> {
+    let stream = tls(addr, config).await?;
+    let (send, connection) = h2::client::handshake(stream)
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let mut send = send.ready().await.map_err(|e| e.to_string())?;
+    let req = http::Request::builder()
+        .method(method)
+        .uri(uri)
+        .body(())
+        .map_err(|e| e.to_string())?;
+    let (response, _body) = send.send_request(req, false).map_err(|e| e.to_string())?;
+    let response = response.await.map_err(|e| e.to_string())?;
+    Ok(response.status().as_u16())
+}
+
+/// A certificate for `id` signed by `ca`, shaped as an SVID and then by `shape`, which forges
+/// what a real issuer never would (expired, two URI SANs, a CA as leaf, ...).
+pub fn forge(
+    ca: &CertificateAuthority,
+    id: &str,
+    shape: impl FnOnce(&mut CertificateParams),
+) -> (CertificateDer<'static>, KeyPair) {
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params.subject_alt_names = vec![SanType::URI(id.try_into().unwrap())];
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    let now = std::time::SystemTime::now();
+    params.not_before = (now - Duration::from_secs(60)).into();
+    params.not_after = (now + Duration::from_secs(600)).into();
+    shape(&mut params);
+    let cert = ca.sign(&params, &key).unwrap();
+    (cert, key)
+}
+
+/// A TLS 1.3 client (ALPN h2) presenting `cert` as is: no local checks on what it presents.
+pub fn client_presenting(
+    cert: CertificateDer<'static>,
+    key: &KeyPair,
+    trust: TrustStore,
+) -> ClientConfig {
+    let mut c = ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .dangerous()
+    .with_custom_certificate_verifier(SpiffeServerVerifier::new(trust, None))
+    .with_client_auth_cert(vec![cert], PrivateKeyDer::Pkcs8(key.serialize_der().into()))
+    .unwrap();
+    c.alpn_protocols = vec![ALPN_H2.to_vec()];
+    c
 }

@@ -153,6 +153,18 @@ async fn renew_forever(
                 })
             });
         match fetched {
+            // The source still hands out the certificate it should have replaced by now: its
+            // issuer is late or gone. Keep the certificate, count it, and ask again with backoff
+            // (without it, an overdue certificate would be re-read in a tight loop).
+            Ok(svid)
+                if slot.serial().as_ref() == Some(&svid.leaf.serial)
+                    && SystemTime::now() >= svid.renew_at() =>
+            {
+                renewal.failures.fetch_add(1, Ordering::Relaxed);
+                let next = backoff.map_or(FIRST_BACKOFF, |b| (b * 2).min(MAX_BACKOFF));
+                warn!(identity = %id, expires = ?svid.leaf.not_after, retry_in = ?next, "renewal overdue: the issuer has not renewed the certificate; keeping it until it expires");
+                backoff = Some(next);
+            }
             Ok(svid) => {
                 backoff = None;
                 if slot.serial().as_ref() != Some(&svid.leaf.serial) {

@@ -7,7 +7,11 @@
 //! - 15008 (HBONE): mutual TLS presenting the workload's SVID and requiring a client SVID, then
 //!   HTTP/2 CONNECT streams. Each stream may only reach this pod's own addresses: the agent is
 //!   never an open proxy.
-use std::{net::SocketAddr, sync::Arc, time::Instant};
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Instant,
+};
 
 use bytes::Bytes;
 use h2::server::SendResponse;
@@ -237,6 +241,48 @@ fn refuse(mut respond: SendResponse<Bytes>, status: StatusCode) {
     let _ = respond.send_response(response, true);
 }
 
+/// Why a CONNECT stream is refused before anything is dialled.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConnectRefusal {
+    #[error("not a CONNECT ({0})")]
+    NotConnect(Method),
+    #[error("CONNECT without an ip:port authority")]
+    NoAuthority,
+    #[error("CONNECT to {0}, an address this pod does not serve")]
+    NotThisPod(SocketAddr),
+}
+
+impl ConnectRefusal {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::NotConnect(_) => StatusCode::METHOD_NOT_ALLOWED,
+            Self::NoAuthority => StatusCode::BAD_REQUEST,
+            Self::NotThisPod(_) => StatusCode::FORBIDDEN,
+        }
+    }
+}
+
+/// Where a CONNECT may go: one of the pod's own addresses, never one of the agent's ports (the
+/// agent is never an open proxy). Everything here comes from the peer; it is fuzzed.
+pub fn connect_target<B>(
+    request: &Request<B>,
+    pod_addresses: &[IpAddr],
+) -> Result<SocketAddr, ConnectRefusal> {
+    if request.method() != Method::CONNECT {
+        return Err(ConnectRefusal::NotConnect(request.method().clone()));
+    }
+    let dst: SocketAddr = request
+        .uri()
+        .authority()
+        .and_then(|a| a.as_str().parse().ok())
+        .ok_or(ConnectRefusal::NoAuthority)?;
+    let dst = SocketAddr::new(dst.ip().to_canonical(), dst.port());
+    if !pod_addresses.contains(&dst.ip()) || AGENT_PORTS.contains(&dst.port()) {
+        return Err(ConnectRefusal::NotThisPod(dst));
+    }
+    Ok(dst)
+}
+
 /// One CONNECT stream: check where it may go, connect to the app, relay.
 async fn handle_connect(
     request: Request<h2::RecvStream>,
@@ -253,23 +299,13 @@ async fn handle_connect(
         .as_ref()
         .map(SpiffeId::to_string)
         .unwrap_or_default();
-    if request.method() != Method::CONNECT {
-        warn!(workload = %id, %peer, source_identity = %source, method = %request.method(), "HBONE: not a CONNECT; refused");
-        return refuse(respond, StatusCode::METHOD_NOT_ALLOWED);
-    }
-    let dst: Option<SocketAddr> = request
-        .uri()
-        .authority()
-        .and_then(|a| a.as_str().parse().ok());
-    let Some(dst) = dst else {
-        warn!(workload = %id, %peer, source_identity = %source, uri = %request.uri(), "HBONE: CONNECT without an ip:port authority; refused");
-        return refuse(respond, StatusCode::BAD_REQUEST);
+    let dst = match connect_target(&request, &workload.addresses) {
+        Ok(dst) => dst,
+        Err(refusal) => {
+            warn!(workload = %id, %peer, source_identity = %source, uri = %request.uri(), method = %request.method(), "HBONE: {refusal}; refused");
+            return refuse(respond, refusal.status());
+        }
     };
-    let dst = SocketAddr::new(dst.ip().to_canonical(), dst.port());
-    if !workload.addresses.contains(&dst.ip()) || AGENT_PORTS.contains(&dst.port()) {
-        warn!(workload = %id, %peer, source_identity = %source, authority = %dst, "HBONE: CONNECT to an address this pod does not serve; refused");
-        return refuse(respond, StatusCode::FORBIDDEN);
-    }
     let peer_workload = identities
         .source
         .as_ref()
