@@ -19,15 +19,18 @@ use zt_daemon::identity::{
 fn verifier() -> &'static SpiffeClientVerifier {
     static VERIFIER: OnceLock<std::sync::Arc<SpiffeClientVerifier>> = OnceLock::new();
     VERIFIER.get_or_init(|| {
-        let ca = CertificateAuthority::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/ca"))
-            .expect("fixture CA");
+        let ca =
+            CertificateAuthority::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/ca"))
+                .expect("fixture CA");
         let revoked = RevocationList::parse(
             Path::new("fuzz-revoked"),
             "spiffe://cluster.local/ns/default/sa/revoked\n",
         )
         .expect("fixture revocation list");
         let bundles = HashMap::from([(ca.trust_domain().clone(), vec![ca.root().clone()])]);
-        SpiffeClientVerifier::new(TrustStore::new(TrustState::new(bundles, revoked).expect("bundle")))
+        SpiffeClientVerifier::new(TrustStore::new(
+            TrustState::new(bundles, revoked).expect("bundle"),
+        ))
     })
 }
 

@@ -208,6 +208,65 @@ fn enrolled_pod_cannot_bind_agent_ports() {
 }
 
 #[test]
+fn an_enrolled_pod_has_no_channel_to_change_its_own_enrollment() {
+    let t = two_nodes().unwrap();
+    let (p11, p21, node) = (t.bed.pod(1, 1), t.bed.pod(2, 1), t.bed.node(1));
+    let cookie = t.agent1.netns_cookie(p11).unwrap();
+    let level = t.agent1.admin("GET", "/logging").unwrap().1;
+
+    // A pod process as a restricted pod runs one: not root, no capabilities. (A pod never sees
+    // the node's bpffs; here it shares the node's mount namespace, so file modes are what
+    // guard the pins.) The probe is copied where that user can run it.
+    let probe = t.bed.dir.join("zt-probe-unprivileged");
+    std::fs::copy(zt_tests::bin_path("zt-probe").unwrap(), &probe).unwrap();
+    let mut cmd = t.bed.pod_command(p11, "setpriv").unwrap();
+    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .args([
+            "--bounding-set=-all",
+            "--inh-caps=-all",
+            "--ambient-caps=-all",
+        ])
+        .arg("--no-new-privs")
+        .arg(&probe)
+        .args(["tamper", "--node", "10.200.1.1", "--pin-dir"])
+        .arg(&node.pin_dir);
+    let out = cmd.output().unwrap();
+    let r: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    let outcome = |k: &str| r[k].as_str().unwrap_or_default().to_owned();
+    // The admin API listens on the node's loopback only; the pod's loopback has no agent. (To
+    // the node's address the connection is captured like any other: the agent finds nothing
+    // listening there and resets it.)
+    let admin = outcome("admin_on_node");
+    assert!(admin.contains("refused") || admin.contains("reset"), "{r}");
+    assert!(outcome("admin_on_pod_loopback").contains("refused"), "{r}");
+    // What the pod can reach on the node is read-only.
+    for k in ["metrics_post", "metrics_config_dump", "readiness_post"] {
+        assert_eq!(outcome(k), "404", "{k}: {r}");
+    }
+    // The in-pod listeners take only captured connections and no commands.
+    for k in ["outbound_listener", "inbound_listener"] {
+        assert!(outcome(k).starts_with("closed"), "{k}: {r}");
+    }
+    // The kernel state is out of reach.
+    let map = outcome("open_pinned_map");
+    assert!(
+        map.contains("Permission denied") || map.contains("Operation not permitted"),
+        "{r}"
+    );
+
+    // Nothing changed: still enrolled, still captured, the log level as it was.
+    assert!(maps::enrolled(&node.pin_dir).unwrap().contains(&cookie));
+    assert_eq!(t.agent1.admin("GET", "/logging").unwrap().1, level);
+    exchange(&t.bed, p11, addr(p21.ipv4.into(), APP_PORT), 1024);
+    t.agent1
+        .wait_access("outbound after the attempts", |r| {
+            r["direction"] == "outbound"
+        })
+        .unwrap();
+}
+
+#[test]
 fn unenrollment_leaves_no_trace() {
     let mut bed = Testbed::new(2).unwrap();
     let (p11, p12, p22) = (

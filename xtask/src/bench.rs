@@ -134,11 +134,26 @@ fn measure(bed: &Testbed, from: &Pod, to: &Pod, agents: &[u32]) -> anyhow::Resul
     })
 }
 
-pub fn tunnel() -> anyhow::Result<()> {
+/// Builds zt-daemon and zt-probe in release mode and points the test bed at them.
+pub fn use_release_binaries() -> anyhow::Result<()> {
     let root = crate::workspace_root();
     crate::cargo(&["build", "--release", "-p", "zt-daemon", "-p", "zt-tests"])?;
     // SAFETY: single-threaded at this point; the test bed reads it to find release binaries.
     unsafe { std::env::set_var("ZT_BIN_DIR", root.join("target/release")) };
+    Ok(())
+}
+
+/// A test config logging only warnings and lifecycle events (no access log): the agent's
+/// logging must not be what is measured.
+pub fn quiet(config: &str) -> String {
+    config.replace(
+        "level = \"info,zt=debug\"",
+        "level = \"warn,zt_daemon::agent=info,zt_daemon::workload=info\"",
+    )
+}
+
+pub fn tunnel() -> anyhow::Result<()> {
+    use_release_binaries()?;
 
     let mut bed = Testbed::new(2)?;
     let (n1p1, n1p2) = (bed.pod(1, 1).clone(), bed.pod(1, 2).clone());
@@ -147,22 +162,8 @@ pub fn tunnel() -> anyhow::Result<()> {
     ca_init(&ca)?;
     let c1 = meshed_config(bed.node(1), &[&n1p1], &[&n2p1], &ca, "strict");
     let c2 = meshed_config(bed.node(2), &[&n2p1], &[&n1p1], &ca, "strict");
-    let a1 = Agent::start_with_config(
-        &mut bed,
-        1,
-        &c1.replace(
-            "level = \"info,zt=debug\"",
-            "level = \"warn,zt_daemon::agent=info,zt_daemon::workload=info\"",
-        ),
-    )?;
-    let a2 = Agent::start_with_config(
-        &mut bed,
-        2,
-        &c2.replace(
-            "level = \"info,zt=debug\"",
-            "level = \"warn,zt_daemon::agent=info,zt_daemon::workload=info\"",
-        ),
-    )?;
+    let a1 = Agent::start_with_config(&mut bed, 1, &quiet(&c1))?;
+    let a2 = Agent::start_with_config(&mut bed, 2, &quiet(&c2))?;
     let agents = [a1.pid, a2.pid];
     for pod in [&n2p1, &n2p2] {
         Server::start(
@@ -276,7 +277,7 @@ pub fn tunnel() -> anyhow::Result<()> {
             "no"
         }
     )?;
-    write_section(&root, "tunnel", &md)?;
+    write_section(&crate::workspace_root(), "tunnel", &md)?;
     println!("\n{md}");
     Ok(())
 }

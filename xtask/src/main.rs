@@ -1,9 +1,10 @@
 //! Developer commands, run as `cargo xtask <command>` (normally through scripts/dev.sh, which
 //! first installs the toolchain): `test` runs every check CI runs, `demo` shows capture at work,
-//! `bench` measures, `fuzz` fuzzes.
+//! `bench` measures, `fuzz` fuzzes, `soak` runs a long load.
 mod bench;
 mod demo;
 mod fuzz;
+mod soak;
 
 use std::process::Command;
 
@@ -26,6 +27,14 @@ enum Cmd {
     Bench {
         #[command(subcommand)]
         what: BenchCmd,
+    },
+    /// 10 000 connections with churn for a bounded time; samples the agents into SOAK.csv.
+    Soak {
+        /// Total minutes, load and recovery (at most 10).
+        #[arg(long, default_value_t = 10)]
+        minutes: u64,
+        #[arg(long, default_value_t = 10_000)]
+        connections: usize,
     },
     /// Runs every fuzz target in fuzz/ for a bounded time; fails on a crash.
     Fuzz {
@@ -143,6 +152,10 @@ fn main() -> anyhow::Result<()> {
         Cmd::Bench {
             what: BenchCmd::Micro,
         } => bench::micro(),
+        Cmd::Soak {
+            minutes,
+            connections,
+        } => soak::run(minutes, connections),
         Cmd::Fuzz {
             smoke,
             seconds,

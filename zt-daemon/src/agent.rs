@@ -157,6 +157,7 @@ impl Agent {
                 }
             });
         }
+        tokio::spawn(crate::memory::return_freed_memory());
         self.reconcile().await;
         // Pods a previous agent enrolled that are no longer configured go now.
         self.reconcile_capture().await;

@@ -6,6 +6,7 @@ pub mod config;
 pub mod discovery;
 pub mod ebpf;
 pub mod identity;
+pub mod memory;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;

@@ -11,6 +11,11 @@
 //!   rr --to ADDR --size N        request/response round trips; print p50/p99/p99.9 (benchmarks)
 //!   tally --listen ADDR          accept forever, count every byte received; print the running
 //!                                total with a timestamp whenever it changes (fault tests)
+//!   tamper --node IP --pin-dir D every way a pod could try to reach the agent's control surface
+//!                                (admin API, metrics, in-pod listeners, pinned maps); print each
+//!                                attempt's outcome
+//!   hold --to ADDR --connections N  keep N connections open, replacing some every second
+//!                                (soak); print a summary
 //!   load --to ADDR ...           workers opening connections and streaming bytes until a
 //!                                deadline; print when each connect succeeded or failed
 use std::{
@@ -118,6 +123,29 @@ enum Cmd {
         duration_ms: u64,
         #[arg(long, default_value_t = 100)]
         hold_ms: u64,
+    },
+    /// Opens `connections` connections (each sends 16 bytes) and keeps them open until
+    /// `duration_ms` has passed, closing the oldest and opening a new one `churn_per_sec` times a
+    /// second. Prints `{"event":"held"}` once all are open and a summary at the end.
+    Hold {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        connections: usize,
+        #[arg(long, default_value_t = 100)]
+        churn_per_sec: u32,
+        #[arg(long)]
+        duration_ms: u64,
+    },
+    /// Tries to change the pod's own enrollment through every channel a pod can reach; prints
+    /// what each attempt got. Run it unprivileged, as a pod's process is.
+    Tamper {
+        /// The node's address as the pod sees it (its gateway).
+        #[arg(long)]
+        node: std::net::IpAddr,
+        /// The agent's bpffs pin directory.
+        #[arg(long)]
+        pin_dir: std::path::PathBuf,
     },
     /// `count` sequential connections, each sending `bytes`, half-closing and reading the reply;
     /// prints how many completed.
@@ -387,6 +415,78 @@ fn churn(to: SocketAddr, count: usize, bytes: usize) -> serde_json::Value {
     json!({"count": count, "completed": completed, "error": first_error})
 }
 
+/// Raises the open-file soft limit to the hard one (thousands of connections in one process).
+fn raise_fd_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
+fn hold(
+    to: SocketAddr,
+    connections: usize,
+    churn_per_sec: u32,
+    duration: Duration,
+) -> serde_json::Value {
+    raise_fd_limit();
+    let started = std::time::Instant::now();
+    let open_one = || -> std::io::Result<TcpStream> {
+        let mut conn = TcpStream::connect_timeout(&to, Duration::from_secs(3))?;
+        conn.write_all(b"zt-soak-16-bytes")?;
+        Ok(conn)
+    };
+    #[derive(Default)]
+    struct Held {
+        open: std::collections::VecDeque<TcpStream>,
+        opened: u64,
+        failed: u64,
+        first_error: Option<String>,
+    }
+    impl Held {
+        fn record(&mut self, r: std::io::Result<TcpStream>) {
+            match r {
+                Ok(c) => {
+                    self.opened += 1;
+                    self.open.push_back(c);
+                }
+                Err(e) => {
+                    self.failed += 1;
+                    self.first_error.get_or_insert_with(|| e.to_string());
+                }
+            }
+        }
+    }
+    let mut held = Held::default();
+    while held.open.len() < connections && started.elapsed() < duration {
+        held.record(open_one());
+        if held.failed > connections as u64 / 10 {
+            break;
+        }
+    }
+    println!(
+        "{}",
+        json!({"event": "held", "open": held.open.len(), "ramp_ms": started.elapsed().as_millis() as u64})
+    );
+    let _ = std::io::stdout().flush();
+    let period = Duration::from_secs(1) / churn_per_sec.max(1);
+    while started.elapsed() < duration {
+        std::thread::sleep(period);
+        drop(held.open.pop_front());
+        held.record(open_one());
+    }
+    let (opened, failed, first_error) = (held.opened, held.failed, held.first_error.take());
+    let held = std::mem::take(&mut held.open).len();
+    json!({"event": "done", "held": held, "opened": opened, "failed": failed, "error": first_error})
+}
+
 fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -419,8 +519,9 @@ fn tally(listen: SocketAddr) -> std::io::Result<()> {
     for conn in listener.incoming() {
         let Ok(mut conn) = conn else { continue };
         let total = total.clone();
-        std::thread::spawn(move || {
-            let mut buf = vec![0u8; 64 * 1024];
+        let reader = std::thread::Builder::new().stack_size(64 * 1024);
+        let _ = reader.spawn(move || {
+            let mut buf = vec![0u8; 16 * 1024];
             while let Ok(n) = conn.read(&mut buf) {
                 if n == 0 {
                     break;
@@ -469,6 +570,48 @@ fn load(to: SocketAddr, workers: usize, duration: Duration, hold: Duration) -> s
     failed.sort_unstable();
     let written: u64 = results.iter().map(|r| r.2).sum();
     json!({"ok_ms": ok, "failed_ms": failed, "written": written})
+}
+
+/// One HTTP/1.0 request; its status code as text, or the error.
+fn http_outcome(to: SocketAddr, method: &str, path: &str) -> String {
+    match get(to, path, method) {
+        Ok(v) if v["status"] != 0 => v["status"].to_string(),
+        Ok(v) => v["error"].as_str().unwrap_or("no reply").to_owned(),
+        Err(e) => e.to_string(),
+    }
+}
+
+fn tamper(node: std::net::IpAddr, pin_dir: &std::path::Path) -> serde_json::Value {
+    let at = |port| SocketAddr::new(node, port);
+    let loopback = |port| SocketAddr::from(([127, 0, 0, 1], port));
+    // Bytes that would mean "enroll me elsewhere / unenroll me" to a listener that took commands.
+    let command_to = |to: SocketAddr| -> String {
+        let Ok(mut conn) = TcpStream::connect_timeout(&to, Duration::from_secs(2)) else {
+            return "refused".into();
+        };
+        let _ = conn.set_read_timeout(Some(Duration::from_secs(3)));
+        let _ = conn.write_all(b"POST /unenroll HTTP/1.0\r\nContent-Length: 0\r\n\r\n");
+        let mut reply = Vec::new();
+        match conn.read_to_end(&mut reply) {
+            Ok(_) if reply.is_empty() => "closed without a reply".into(),
+            Ok(_) => format!("replied {} bytes", reply.len()),
+            Err(e) => format!("closed: {e}"),
+        }
+    };
+    let map = pin_dir.join("maps").join(zt_common::map_names::ENROLLED);
+    json!({
+        "admin_on_node": http_outcome(at(15000), "POST", "/logging?level=off"),
+        "admin_on_pod_loopback": http_outcome(loopback(15000), "POST", "/logging?level=off"),
+        "metrics_post": http_outcome(at(15020), "POST", "/logging?level=off"),
+        "metrics_config_dump": http_outcome(at(15020), "GET", "/config_dump"),
+        "readiness_post": http_outcome(at(15021), "POST", "/logging?level=off"),
+        "outbound_listener": command_to(loopback(15001)),
+        "inbound_listener": command_to(loopback(15006)),
+        "open_pinned_map": match aya::maps::MapData::from_pin(&map) {
+            Ok(_) => "opened".to_owned(),
+            Err(e) => format!("{e:?}"),
+        },
+    })
 }
 
 fn get(to: SocketAddr, path: &str, method: &str) -> std::io::Result<serde_json::Value> {
@@ -561,6 +704,21 @@ fn main() {
                 Duration::from_millis(hold_ms)
             )
         ),
+        Cmd::Hold {
+            to,
+            connections,
+            churn_per_sec,
+            duration_ms,
+        } => println!(
+            "{}",
+            hold(
+                to,
+                connections,
+                churn_per_sec,
+                Duration::from_millis(duration_ms)
+            )
+        ),
+        Cmd::Tamper { node, pin_dir } => println!("{}", tamper(node, &pin_dir)),
         Cmd::Churn { to, count, bytes } => println!("{}", churn(to, count, bytes)),
         Cmd::Flood { to, count, hold_ms } => {
             println!("{}", flood(to, count, Duration::from_millis(hold_ms)))

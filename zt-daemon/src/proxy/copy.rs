@@ -16,9 +16,14 @@ use tokio::{
     net::TcpStream,
 };
 
-/// Per-direction buffer. 64 KiB holds several TCP segments at loopback/veth MTUs, so one
-/// read/write pair moves a whole socket-buffer's worth of bulk data with few syscalls.
-const BUFFER_SIZE: usize = 64 * 1024;
+/// Per-direction buffer, at first. Most captured connections carry requests and responses and
+/// sit idle most of their life: a small buffer keeps an idle connection cheap (the soak holds
+/// 10 000 of them).
+const INITIAL_BUFFER: usize = 4 * 1024;
+/// A read that fills the buffer means bulk data: the buffer grows to this, which holds several
+/// TCP segments at loopback/veth MTUs, so one read/write pair moves a whole socket buffer's
+/// worth with few syscalls.
+const BULK_BUFFER: usize = 64 * 1024;
 
 /// How a relayed connection ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,7 +118,7 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut buf = vec![0u8; BUFFER_SIZE];
+    let mut buf = vec![0u8; INITIAL_BUFFER];
     loop {
         let n = from.read(&mut buf).await.map_err(|_| Failure::Read)?;
         activity.touch();
@@ -122,6 +127,9 @@ where
         }
         to.write_all(&buf[..n]).await.map_err(|_| Failure::Write)?;
         *copied += n as u64;
+        if n == buf.len() && buf.len() < BULK_BUFFER {
+            buf.resize(BULK_BUFFER, 0);
+        }
     }
 }
 
