@@ -205,6 +205,29 @@ fn enrolled_pod_cannot_bind_agent_ports() {
     // The guard is specific to enrolled pods.
     let r = try_bind(&t.bed, t.bed.pod(1, 2), 15006).unwrap();
     assert_eq!(r["v4"], "ok", "{r}");
+    // Each refused attempt (3 ports, 2 families) is counted, and logged with the workload.
+    zt_tests::wait_until(Duration::from_secs(5), || {
+        Ok(t.agent1.metric_lines("zt_capture_denied_binds_total")?
+            == vec!["zt_capture_denied_binds_total 6".to_owned()])
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}: {:?}",
+            t.agent1.metric_lines("zt_capture_denied_binds_total")
+        )
+    });
+    let logged: u64 = t
+        .agent1
+        .events()
+        .unwrap()
+        .iter()
+        .filter(|e| {
+            e["message"] == "refused: an enrolled pod tried to bind one of the agent's ports"
+                && e["workload"] == "default/n1p1"
+        })
+        .filter_map(|e| e["attempts"].as_u64())
+        .sum();
+    assert_eq!(logged, 6);
 }
 
 #[test]

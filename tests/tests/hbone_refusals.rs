@@ -185,7 +185,35 @@ fn hbone_listener_refuses_what_it_must() {
         Ok(server.connections()?.len() == 2)
     })
     .unwrap();
+    // Each refused stream is counted by reason (the CONNECT without authority may be refused by
+    // h2 before it is a request, so it counts once or twice).
+    let refused = agent
+        .metric_lines("zt_hbone_streams_refused_total")
+        .unwrap();
+    for line in [
+        "zt_hbone_streams_refused_total{reason=\"not_this_pod\"} 3",
+        "zt_hbone_streams_refused_total{reason=\"not_connect\"} 1",
+    ] {
+        assert!(
+            refused.iter().any(|l| l == line),
+            "no {line:?} in {refused:#?}"
+        );
+    }
+    assert!(
+        refused
+            .iter()
+            .any(|l| l.starts_with("zt_hbone_streams_refused_total{reason=\"no_authority\"}")),
+        "{refused:#?}"
+    );
     let events = agent.events().unwrap();
+    for refusal in ["an address this pod does not serve", "not a CONNECT"] {
+        assert!(
+            events
+                .iter()
+                .any(|e| e["message"].as_str().is_some_and(|m| m.contains(refusal))),
+            "no {refusal:?} logged"
+        );
+    }
     for message in [
         "HBONE: TLS handshake failed",
         "HBONE: TLS handshake timed out",
@@ -233,6 +261,12 @@ fn hbone_streams_count_against_the_workload_connection_limit() {
         statuses
     });
     assert_eq!(statuses, vec![200, 200, 503]);
+    assert_eq!(
+        agent
+            .metric_lines("zt_hbone_streams_refused_total")
+            .unwrap(),
+        vec!["zt_hbone_streams_refused_total{reason=\"max_connections\"} 1"]
+    );
     assert!(
         agent.events().unwrap().iter().any(|e| e["message"]
             == "HBONE stream refused: workload at its connection limit"

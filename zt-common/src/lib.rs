@@ -24,6 +24,8 @@ pub mod map_names {
     pub const POD_ADDRS: &str = "ZT_POD_ADDRS";
     pub const INBOUND_LISTENERS: &str = "ZT_INBOUND_LISTENERS";
     pub const SETTINGS: &str = "ZT_SETTINGS";
+    /// Refused binds of the agent's ports, per pod netns cookie; the agent reads and clears it.
+    pub const DENIED_BINDS: &str = "ZT_DENIED_BINDS";
 }
 
 /// A TCP endpoint as the programs store it. Addresses are in network byte order exactly as the

@@ -405,6 +405,22 @@ impl Agent {
             }
         }
         self.proxy.metrics.capture_drift.set(drift);
+        self.report_denied_binds();
+    }
+
+    /// Binds of the agent's ports that the kernel refused in enrolled pods: counted and logged
+    /// per workload (a pod trying to take over capture is worth an operator's attention).
+    fn report_denied_binds(&mut self) {
+        for (cookie, attempts) in self.capture.maps.take_denied_binds() {
+            self.proxy.metrics.denied_binds.inc_by(attempts);
+            let workload = self
+                .enrolled
+                .values()
+                .find(|e| e.local.netns_cookie == cookie)
+                .map(|e| e.local.workload.id.to_string())
+                .unwrap_or_default();
+            warn!(%workload, netns_cookie = cookie, attempts, "refused: an enrolled pod tried to bind one of the agent's ports");
+        }
     }
 
     /// The mTLS mode PeerAuthentication overrides: `mtls.mode`, or permissive on a capture-only

@@ -439,6 +439,7 @@ pub struct CaptureMaps {
     pod_addrs: HashMap<MapData, ListenerKey, u64>,
     inbound_listeners: SockHash<MapData, ListenerKey>,
     settings: Array<MapData, u32>,
+    denied_binds: HashMap<MapData, u64, u64>,
 }
 
 impl CaptureMaps {
@@ -449,6 +450,7 @@ impl CaptureMaps {
             pod_addrs: open_map(pin_dir, map_names::POD_ADDRS, Map::HashMap)?,
             inbound_listeners: open_map(pin_dir, map_names::INBOUND_LISTENERS, Map::SockHash)?,
             settings: open_map(pin_dir, map_names::SETTINGS, Map::Array)?,
+            denied_binds: open_map(pin_dir, map_names::DENIED_BINDS, Map::HashMap)?,
         })
     }
 
@@ -506,6 +508,15 @@ impl CaptureMaps {
         self.enrolled.keys().filter_map(Result::ok).collect()
     }
 
+    /// Binds of the agent's ports the kernel refused since the last call, per pod netns cookie.
+    pub fn take_denied_binds(&mut self) -> Vec<(u64, u64)> {
+        let counts: Vec<(u64, u64)> = self.denied_binds.iter().filter_map(Result::ok).collect();
+        for (cookie, _) in &counts {
+            let _ = self.denied_binds.remove(cookie);
+        }
+        counts
+    }
+
     /// Removes every map entry that belongs to the pod.
     pub fn forget_pod(&mut self, netns_cookie: u64) -> Result<(), CaptureError> {
         // An entry may already be gone (a closed socket leaves the sockhash by itself).
@@ -519,6 +530,10 @@ impl CaptureMaps {
             Err(source) => Err(CaptureError::Map { map, source }),
         };
         ignore_missing(self.enrolled.remove(&netns_cookie), map_names::ENROLLED)?;
+        ignore_missing(
+            self.denied_binds.remove(&netns_cookie),
+            map_names::DENIED_BINDS,
+        )?;
         let addrs: Vec<ListenerKey> = self
             .pod_addrs
             .iter()

@@ -60,6 +60,9 @@ pub struct Metrics {
     tcp_received: IntCounterVec,
     policy_decisions: IntCounterVec,
     handshake_failures: IntCounterVec,
+    hbone_streams_refused: IntCounterVec,
+    /// Binds of the agent's ports refused in enrolled pods (read from the kernel's counters).
+    pub denied_binds: IntCounter,
     /// Set at scrape time from the enrolled workloads' certificates.
     pub certificate_expiry: IntGaugeVec,
     pub workloads_enrolled: IntGauge,
@@ -109,6 +112,16 @@ impl Metrics {
                 "Failed mTLS handshakes on the tunnel, both sides, by reason.",
                 &["reason"],
             ),
+            hbone_streams_refused: counter_vec(
+                "zt_hbone_streams_refused_total",
+                "HBONE CONNECT streams refused before reaching the application, by reason (not_connect, no_authority, not_this_pod, max_connections, application_unreachable; policy denials are in zt_policy_decisions_total).",
+                &["reason"],
+            ),
+            denied_binds: IntCounter::new(
+                "zt_capture_denied_binds_total",
+                "Attempts by enrolled pods to bind one of the agent's ports (15001, 15006, 15008), refused by the kernel program.",
+            )
+            .expect("static metric definition"),
             certificate_expiry: IntGaugeVec::new(
                 Opts::new(
                     "zt_certificate_expiry_timestamp_seconds",
@@ -142,6 +155,8 @@ impl Metrics {
             Box::new(m.tcp_received.clone()),
             Box::new(m.policy_decisions.clone()),
             Box::new(m.handshake_failures.clone()),
+            Box::new(m.hbone_streams_refused.clone()),
+            Box::new(m.denied_binds.clone()),
             Box::new(m.certificate_expiry.clone()),
             Box::new(m.workloads_enrolled.clone()),
             Box::new(m.capture_drift.clone()),
@@ -182,6 +197,12 @@ impl Metrics {
 
     pub fn handshake_failed(&self, reason: &'static str) {
         self.handshake_failures.with_label_values(&[reason]).inc();
+    }
+
+    pub fn hbone_stream_refused(&self, reason: &'static str) {
+        self.hbone_streams_refused
+            .with_label_values(&[reason])
+            .inc();
     }
 
     /// The Prometheus text exposition of every metric.

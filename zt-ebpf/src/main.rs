@@ -59,6 +59,9 @@ static INBOUND_LISTENERS: SockHash<ListenerKey> = SockHash::pinned(8192, 0);
 #[map(name = "ZT_SETTINGS")]
 static SETTINGS: Array<u32> = Array::pinned(settings::LEN, 0);
 
+#[map(name = "ZT_DENIED_BINDS")]
+static DENIED_BINDS: HashMap<u64, u64> = HashMap::pinned(4096, 0);
+
 #[inline(always)]
 fn setting(index: u32) -> u32 {
     SETTINGS.get(index).copied().unwrap_or(0)
@@ -284,6 +287,15 @@ fn guard_bind(ctx: &SockAddrContext) -> i32 {
             ctx,
             "zt: refused bind of reserved port {} in an enrolled pod", port
         );
+        // Counted per pod for the agent's metric and log; a lost increment under a race only
+        // undercounts, the bind is refused either way.
+        let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+        match DENIED_BINDS.get_ptr_mut(&netns) {
+            Some(count) => unsafe { *count += 1 },
+            None => {
+                let _ = DENIED_BINDS.insert(&netns, &1, 0);
+            }
+        }
         return DENY;
     }
     ALLOW

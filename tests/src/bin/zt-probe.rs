@@ -498,6 +498,7 @@ fn tally(listen: SocketAddr) -> std::io::Result<()> {
         Arc,
         atomic::{AtomicU64, Ordering},
     };
+    raise_fd_limit();
     let listener = bind_and_announce(listen)?;
     let total = Arc::new(AtomicU64::new(0));
     let reported = total.clone();

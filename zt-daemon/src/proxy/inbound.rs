@@ -209,6 +209,7 @@ async fn handle_hbone(
                 // Each stream is a captured connection and counts against the workload's limit,
                 // as the TLS connection carrying it does.
                 let Some(permit) = workload.connection_permit() else {
+                    ctx.metrics.hbone_stream_refused("max_connections");
                     warn!(workload = %id, %peer, source_identity = %peer_id, close = "max_connections", "HBONE stream refused: workload at its connection limit");
                     refuse(respond, StatusCode::SERVICE_UNAVAILABLE);
                     continue;
@@ -260,6 +261,15 @@ impl ConnectRefusal {
             Self::NotThisPod(_) => StatusCode::FORBIDDEN,
         }
     }
+
+    /// The label of `zt_hbone_streams_refused_total`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::NotConnect(_) => "not_connect",
+            Self::NoAuthority => "no_authority",
+            Self::NotThisPod(_) => "not_this_pod",
+        }
+    }
 }
 
 /// Where a CONNECT may go: one of the pod's own addresses, never one of the agent's ports (the
@@ -302,6 +312,7 @@ async fn handle_connect(
     let dst = match connect_target(&request, &workload.addresses) {
         Ok(dst) => dst,
         Err(refusal) => {
+            ctx.metrics.hbone_stream_refused(refusal.reason());
             warn!(workload = %id, %peer, source_identity = %source, uri = %request.uri(), method = %request.method(), "HBONE: {refusal}; refused");
             return refuse(respond, refusal.status());
         }
@@ -319,6 +330,7 @@ async fn handle_connect(
     let app = match connect_in_pod(workload, dst).await {
         Ok(s) => s,
         Err(e) => {
+            ctx.metrics.hbone_stream_refused("application_unreachable");
             warn!(workload = %id, %peer, original_dst = %dst, error = %e, "HBONE: application unreachable");
             return refuse(respond, StatusCode::SERVICE_UNAVAILABLE);
         }
