@@ -3,7 +3,7 @@
 //! without a certificate, with another trust domain's, without ALPN h2, with garbage, stalling,
 //! and with requests that would make the agent an open proxy. Nothing it does may disturb a
 //! legitimate connection.
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, time::Duration};
 
 use rustls::ClientConfig;
 use tokio::{
@@ -12,28 +12,14 @@ use tokio::{
 };
 use zt_daemon::identity::{
     ca::CertificateAuthority,
-    tls::{ALPN_H2, SvidSlot, client_config},
-    verify::{SpiffeServerVerifier, TrustStore},
+    tls::{SvidSlot, client_config},
 };
 use zt_tests::{Agent, Testbed, agent::node_config, probe::Server};
 
 mod rogue;
-use rogue::{client_presenting, forge, in_netns, request, svid, tls, trust_of};
+use rogue::{client_presenting, forge, in_netns, no_cert_client, request, svid, tls, trust_of};
 
 const PORT: u16 = 9000;
-
-fn no_cert_client(trust: TrustStore) -> ClientConfig {
-    let mut c = ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_protocol_versions(&[&rustls::version::TLS13])
-    .unwrap()
-    .dangerous()
-    .with_custom_certificate_verifier(SpiffeServerVerifier::new(trust, None))
-    .with_no_client_auth();
-    c.alpn_protocols = vec![ALPN_H2.to_vec()];
-    c
-}
 
 /// Node 2 with n2p1 enrolled (builtin CA, `extra` appended to its config) and a server on it;
 /// the tests talk to its 15008 from n2p2, outside the mesh.

@@ -121,21 +121,36 @@ pub fn forge(
     (cert, key)
 }
 
-/// A TLS 1.3 client (ALPN h2) presenting `cert` as is: no local checks on what it presents.
+/// A TLS 1.3 client that verifies the server as the agents do; the caller picks what it presents.
+fn rogue_client(
+    trust: TrustStore,
+) -> rustls::ConfigBuilder<ClientConfig, rustls::client::WantsClientCert> {
+    ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(SpiffeServerVerifier::new(trust, None))
+}
+
+fn offering_h2(mut config: ClientConfig) -> ClientConfig {
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    config
+}
+
+/// A client (ALPN h2) with no certificate at all.
+pub fn no_cert_client(trust: TrustStore) -> ClientConfig {
+    offering_h2(rogue_client(trust).with_no_client_auth())
+}
+
+/// A client (ALPN h2) presenting `cert` as is: no local checks on what it presents.
 pub fn client_presenting(
     cert: CertificateDer<'static>,
     key: &KeyPair,
     trust: TrustStore,
 ) -> ClientConfig {
-    let mut c = ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_protocol_versions(&[&rustls::version::TLS13])
-    .unwrap()
-    .dangerous()
-    .with_custom_certificate_verifier(SpiffeServerVerifier::new(trust, None))
-    .with_client_auth_cert(vec![cert], PrivateKeyDer::Pkcs8(key.serialize_der().into()))
-    .unwrap();
-    c.alpn_protocols = vec![ALPN_H2.to_vec()];
-    c
+    offering_h2(
+        rogue_client(trust)
+            .with_client_auth_cert(vec![cert], PrivateKeyDer::Pkcs8(key.serialize_der().into()))
+            .unwrap(),
+    )
 }
