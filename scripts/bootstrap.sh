@@ -14,8 +14,9 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 need_pkgs=()
-# g++: libFuzzer (cargo fuzz) is C++.
-for p in llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev iproute2 openssl tcpdump g++; do
+# g++: libFuzzer (cargo fuzz) is C++. iperf3 and haproxy: `cargo xtask bench` (its --quick
+# smoke is part of the test suite).
+for p in llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev iproute2 openssl tcpdump g++ iperf3 haproxy; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need_pkgs+=("$p")
 done
 if [ ${#need_pkgs[@]} -gt 0 ]; then

@@ -19,14 +19,19 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Format and lint checks, unit tests, the root end-to-end tests and the fuzz smoke.
+    /// Format and lint checks, unit tests, the root end-to-end tests, the fuzz smoke and the
+    /// benchmark smoke.
     Test,
     /// Two nodes, four pods, two agents: run a few flows and show what was captured.
     Demo,
-    /// Benchmarks against direct TCP; writes BENCHMARKS.md.
+    /// Benchmarks; without a subcommand, the data path: direct TCP, zt same-node and
+    /// cross-node, an HAProxy mTLS pair. Writes BENCHMARKS.md.
     Bench {
+        /// A short run proving the data path bench works (writes target/bench-quick.md).
+        #[arg(long)]
+        quick: bool,
         #[command(subcommand)]
-        what: BenchCmd,
+        what: Option<BenchCmd>,
     },
     /// 10 000 connections with churn for a bounded time; samples the agents into SOAK.csv.
     Soak {
@@ -51,12 +56,12 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum BenchCmd {
-    /// Direct TCP against zt cross-node: throughput and 1 KiB round trips.
-    Tunnel,
     /// Criterion: one authorization decision with 10 and with 10 000 policies.
     Policy,
     /// Criterion: mTLS handshake, HBONE stream open on a warm connection, the copy loop.
     Micro,
+    /// Criterion: rustls with aws-lc-rs against ring (handshake, bulk encryption).
+    Crypto,
 }
 
 /// Runs `cargo <args>` from the workspace root and fails if it fails.
@@ -88,7 +93,9 @@ fn test() -> anyhow::Result<()> {
     // Builds zt-daemon (and through it the eBPF object) and zt-probe, which the e2e tests run.
     cargo(&["build"])?;
     cargo_test()?;
-    fuzz::run(SMOKE_SECONDS, &[])
+    fuzz::run(SMOKE_SECONDS, &[])?;
+    // Proves the data path benchmark still runs and produces every figure; measures nothing.
+    bench::paths::run(true)
 }
 
 const SMOKE_SECONDS: u64 = 30;
@@ -140,18 +147,22 @@ fn cargo_test() -> anyhow::Result<()> {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Cmd::Test => test(),
-        Cmd::Bench {
-            what: BenchCmd::Tunnel,
-        } => {
+        Cmd::Bench { quick, what: None } => {
             zt_tests::require_root()?;
-            bench::tunnel()
+            bench::paths::run(quick)
         }
         Cmd::Bench {
-            what: BenchCmd::Policy,
+            what: Some(BenchCmd::Policy),
+            ..
         } => bench::policy(),
         Cmd::Bench {
-            what: BenchCmd::Micro,
+            what: Some(BenchCmd::Micro),
+            ..
         } => bench::micro(),
+        Cmd::Bench {
+            what: Some(BenchCmd::Crypto),
+            ..
+        } => bench::crypto(),
         Cmd::Soak {
             minutes,
             connections,

@@ -15,7 +15,7 @@ use zt_tests::{
     read_json_lines,
 };
 
-use crate::bench::{quiet, use_release_binaries};
+use crate::bench::{open_fds, quiet, rss_kib, use_release_binaries};
 
 const PORT: u16 = 9300;
 const SAMPLE_EVERY: Duration = Duration::from_secs(10);
@@ -29,19 +29,6 @@ struct Sample {
     fds: [u64; 2],
     map_entries: u64,
     pooled: u64,
-}
-
-fn status_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .with_context(|| format!("no {field} in /proc/{pid}/status"))
-}
-
-fn open_fds(pid: u32) -> anyhow::Result<u64> {
-    Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))?.count() as u64)
 }
 
 /// Pooled HBONE connections of an agent, from its /config_dump.
@@ -60,10 +47,7 @@ fn sample(
     Ok(Sample {
         t_s: started.elapsed().as_secs(),
         phase,
-        rss_kib: [
-            status_kib(agents[0].pid, "VmRSS:")?,
-            status_kib(agents[1].pid, "VmRSS:")?,
-        ],
+        rss_kib: [rss_kib(agents[0].pid)?, rss_kib(agents[1].pid)?],
         fds: [open_fds(agents[0].pid)?, open_fds(agents[1].pid)?],
         map_entries: maps::connection_owners(&bed.node(1).pin_dir)?.len() as u64,
         pooled: pooled(agents[0])?,

@@ -251,8 +251,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Run { config: path } => {
+            // Before anything else: a re-executed agent starts over from here.
+            let reexec_failed = zt_daemon::memory::reexec_without_thread_caches();
             let config = NodeConfig::load(&path)?;
             let log = init_logging(&config.log);
+            if let Some(e) = reexec_failed {
+                tracing::warn!(error = %e, "could not turn off glibc's per-thread caches; freed memory may stay resident");
+            }
             raise_open_file_limit();
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

@@ -126,7 +126,8 @@ enum Cmd {
     },
     /// Opens `connections` connections (each sends 16 bytes) and keeps them open until
     /// `duration_ms` has passed, closing the oldest and opening a new one `churn_per_sec` times a
-    /// second. Prints `{"event":"held"}` once all are open and a summary at the end.
+    /// second (0: no churn, the connections stay idle). Prints `{"event":"held"}` once all are
+    /// open and a summary at the end.
     Hold {
         #[arg(long)]
         to: SocketAddr,
@@ -476,6 +477,9 @@ fn hold(
         json!({"event": "held", "open": held.open.len(), "ramp_ms": started.elapsed().as_millis() as u64})
     );
     let _ = std::io::stdout().flush();
+    if churn_per_sec == 0 {
+        std::thread::sleep(duration.saturating_sub(started.elapsed()));
+    }
     let period = Duration::from_secs(1) / churn_per_sec.max(1);
     while started.elapsed() < duration {
         std::thread::sleep(period);

@@ -1,0 +1,219 @@
+//! Benchmarks, run as `cargo xtask bench [micro|policy|crypto]` with release builds; each writes
+//! its own section of BENCHMARKS.md. `paths` is the data path benchmark (the default), `haproxy`
+//! its reference proxy; micro and policy run criterion benchmarks in zt-daemon/benches, crypto
+//! the provider comparison in crypto-bench/.
+mod haproxy;
+pub mod paths;
+
+use std::fmt::Write as _;
+
+use anyhow::Context as _;
+use serde_json::Value;
+
+/// CPU seconds (user + system) a process has used so far, from /proc/PID/stat.
+fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces): utime and stime are 14th and 15th.
+    let rest = stat.rsplit_once(')').context("malformed stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok(ticks / per_second)
+}
+
+/// Resident set size of a process, in KiB.
+pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .with_context(|| format!("no VmRSS in /proc/{pid}/status"))
+}
+
+pub fn open_fds(pid: u32) -> anyhow::Result<u64> {
+    Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))?.count() as u64)
+}
+
+/// Builds zt-daemon and zt-probe in release mode and points the test bed at them.
+pub fn use_release_binaries() -> anyhow::Result<()> {
+    let root = crate::workspace_root();
+    crate::cargo(&["build", "--release", "-p", "zt-daemon", "-p", "zt-tests"])?;
+    // SAFETY: single-threaded at this point; the test bed reads it to find release binaries.
+    unsafe { std::env::set_var("ZT_BIN_DIR", root.join("target/release")) };
+    Ok(())
+}
+
+/// A test config logging only warnings and lifecycle events (no access log): the agent's
+/// logging must not be what is measured.
+pub fn quiet(config: &str) -> String {
+    config.replace(
+        "level = \"info,zt=debug\"",
+        "level = \"warn,zt_daemon::agent=info,zt_daemon::workload=info\"",
+    )
+}
+
+/// Replaces the section `name` of BENCHMARKS.md (between `<!-- name -->` and `<!-- /name -->`),
+/// or appends it, so that each benchmark command rewrites only its own figures.
+fn write_section(root: &std::path::Path, name: &str, content: &str) -> anyhow::Result<()> {
+    let path = root.join("BENCHMARKS.md");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|_| "# Benchmarks\n".to_owned());
+    let (open, close) = (format!("<!-- {name} -->"), format!("<!-- /{name} -->"));
+    let section = format!("{open}\n{}\n{close}", content.trim_end());
+    let updated = match (text.find(&open), text.find(&close)) {
+        (Some(a), Some(b)) if a < b => {
+            format!("{}{section}{}", &text[..a], &text[b + close.len()..])
+        }
+        _ => format!("{}\n{section}\n", text.trim_end()),
+    };
+    std::fs::write(&path, updated)?;
+    Ok(())
+}
+
+/// `cargo xtask bench policy`: the criterion benchmark of authorization decisions; records the
+/// median time per decision with 10 and with 10 000 policies.
+pub fn policy() -> anyhow::Result<()> {
+    let root = crate::workspace_root();
+    crate::cargo(&["bench", "-p", "zt-daemon", "--bench", "policy"])?;
+    let (few, many) = (
+        criterion_median_ns(&root, "policy_decision/10_policies")?,
+        criterion_median_ns(&root, "policy_decision/10000_policies")?,
+    );
+    let ratio = many / few;
+    let mut md = String::new();
+    writeln!(md, "## Policy decisions (issue 5)\n")?;
+    writeln!(
+        md,
+        "Produced by `bash scripts/dev.sh bench policy` (criterion, `zt-daemon/benches/policy.rs`): one"
+    )?;
+    writeln!(
+        md,
+        "decision for a workload selected by 10 policies, in a set of 10 policies and in a set of 10 000"
+    )?;
+    writeln!(
+        md,
+        "policies over 1 000 namespaces. Median time per decision.\n"
+    )?;
+    writeln!(md, "| policies loaded | ns per decision |")?;
+    writeln!(md, "| ---: | ---: |")?;
+    writeln!(md, "| 10 | {few:.0} |")?;
+    writeln!(md, "| 10 000 | {many:.0} |")?;
+    writeln!(md, "\n| target | value | holds |")?;
+    writeln!(md, "| --- | ---: | --- |")?;
+    writeln!(
+        md,
+        "| under 1 µs per decision (10 000 policies) | {many:.0} ns | {} |",
+        if many < 1000.0 { "yes" } else { "no" }
+    )?;
+    writeln!(
+        md,
+        "| at most 2× the cost with 10 policies | {ratio:.2}× | {} |",
+        if ratio <= 2.0 { "yes" } else { "no" }
+    )?;
+    write_section(&root, "policy", &md)?;
+    println!("\n{md}");
+    Ok(())
+}
+
+/// The median time criterion measured for benchmark `id` (`group/name` or `name`), in ns.
+/// `workspace` is the root of the workspace criterion ran in.
+fn criterion_median_ns(workspace: &std::path::Path, id: &str) -> anyhow::Result<f64> {
+    let path = workspace.join(format!("target/criterion/{id}/new/estimates.json"));
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&path)?)
+        .with_context(|| format!("{}", path.display()))?;
+    v["median"]["point_estimate"]
+        .as_f64()
+        .with_context(|| format!("{}: no median", path.display()))
+}
+
+/// `cargo xtask bench micro`: criterion benchmarks of the tunnel's parts with real
+/// cryptography; records medians in BENCHMARKS.md.
+pub fn micro() -> anyhow::Result<()> {
+    let root = crate::workspace_root();
+    crate::cargo(&["bench", "-p", "zt-daemon", "--bench", "tunnel"])?;
+    let handshake = criterion_median_ns(&root, "mtls_handshake_both_sides")?;
+    let stream = criterion_median_ns(&root, "hbone_stream_open_warm")?;
+    let copy = criterion_median_ns(&root, "copy_loop/relay_4MiB_loopback")?;
+    let gib_s = (4u64 << 20) as f64 / (copy / 1e9) / (1u64 << 30) as f64;
+    let mut md = String::new();
+    writeln!(md, "## Tunnel parts (criterion)\n")?;
+    writeln!(
+        md,
+        "Produced by `bash scripts/dev.sh bench micro` (`zt-daemon/benches/tunnel.rs`): the agent's own"
+    )?;
+    writeln!(
+        md,
+        "TLS, HTTP/2 and copy code with rustls + aws-lc-rs, one process, loopback TCP. Medians.\n"
+    )?;
+    writeln!(md, "| benchmark | median |")?;
+    writeln!(md, "| --- | ---: |")?;
+    writeln!(
+        md,
+        "| mutual TLS 1.3 handshake, both sides, SPIFFE verification (P-256) | {:.0} µs |",
+        handshake / 1e3
+    )?;
+    writeln!(
+        md,
+        "| HBONE stream open on a warm connection (CONNECT → 200) | {:.1} µs |",
+        stream / 1e3
+    )?;
+    writeln!(
+        md,
+        "| copy loop: 4 MiB relayed between two loopback connections | {:.2} ms ({gib_s:.2} GiB/s) |",
+        copy / 1e6
+    )?;
+    write_section(&root, "micro", &md)?;
+    println!("\n{md}");
+    Ok(())
+}
+
+/// `cargo xtask bench crypto`: the rustls crypto providers, aws-lc-rs (the agent's) against ring,
+/// on this CPU (crypto-bench/, a workspace of its own); records medians in BENCHMARKS.md.
+pub fn crypto() -> anyhow::Result<()> {
+    let dir = crate::workspace_root().join("crypto-bench");
+    crate::cargo(&[
+        "bench",
+        "--manifest-path",
+        "crypto-bench/Cargo.toml",
+        "--bench",
+        "providers",
+    ])?;
+    let mut md = String::new();
+    writeln!(md, "## Crypto provider (issue 8)\n")?;
+    writeln!(
+        md,
+        "Produced by `bash scripts/dev.sh bench crypto` (criterion, `crypto-bench/benches/providers.rs`):\n\
+         rustls with each provider, in memory, X25519 and ECDSA P-256 for both. Medians.\n"
+    )?;
+    writeln!(
+        md,
+        "| provider | mutual TLS 1.3 handshake, both sides | 1 MiB sealed and opened (AES-256-GCM) |"
+    )?;
+    writeln!(md, "| --- | ---: | ---: |")?;
+    let mut figures = Vec::new();
+    for provider in ["aws-lc-rs", "ring"] {
+        let handshake = criterion_median_ns(&dir, &format!("provider_handshake/{provider}"))?;
+        let bulk = criterion_median_ns(&dir, &format!("provider_bulk_1MiB/{provider}"))?;
+        let gib_s = (1u64 << 20) as f64 / (bulk / 1e9) / (1u64 << 30) as f64;
+        writeln!(
+            md,
+            "| {provider} | {:.0} µs | {:.0} µs ({gib_s:.2} GiB/s) |",
+            handshake / 1e3,
+            bulk / 1e3
+        )?;
+        figures.push((handshake, bulk));
+    }
+    let [(aws_hs, aws_bulk), (ring_hs, ring_bulk)] = figures[..] else {
+        anyhow::bail!("two providers expected");
+    };
+    writeln!(
+        md,
+        "\nring ÷ aws-lc-rs: handshake {:.2}×, bulk {:.2}× (above 1: aws-lc-rs is faster).",
+        ring_hs / aws_hs,
+        ring_bulk / aws_bulk
+    )?;
+    write_section(&crate::workspace_root(), "crypto", &md)?;
+    println!("\n{md}");
+    Ok(())
+}
