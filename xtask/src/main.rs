@@ -62,6 +62,8 @@ enum BenchCmd {
     Micro,
     /// Criterion: rustls with aws-lc-rs against ring (handshake, bulk encryption).
     Crypto,
+    /// perf profiles of zt cross-node: one iperf3 stream, then 1 KiB round trips.
+    Profile,
 }
 
 /// Runs `cargo <args>` from the workspace root and fails if it fails.
@@ -163,6 +165,13 @@ fn main() -> anyhow::Result<()> {
             what: Some(BenchCmd::Crypto),
             ..
         } => bench::crypto(),
+        Cmd::Bench {
+            what: Some(BenchCmd::Profile),
+            ..
+        } => {
+            zt_tests::require_root()?;
+            bench::paths::profile()
+        }
         Cmd::Soak {
             minutes,
             connections,

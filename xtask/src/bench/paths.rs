@@ -243,6 +243,8 @@ fn idle_memory(
         )
     })
     .context("the agents kept the idle connections' descriptors")?;
+    // The agents return freed memory every 5 s: the next baseline starts from a trimmed heap.
+    std::thread::sleep(Duration::from_secs(6));
     Ok(IdleMemory {
         connections,
         baseline_kib,
@@ -250,93 +252,122 @@ fn idle_memory(
     })
 }
 
+/// The bench topology with its agents, HAProxy pair and servers running; dropping it removes
+/// everything.
+struct Topology {
+    bed: Testbed,
+    /// Agents of node 1 and node 2.
+    agents: [u32; 2],
+    /// Direct TCP, zt same-node, zt cross-node, HAProxy pair.
+    routes: [Route; 4],
+}
+
+impl Topology {
+    fn start() -> anyhow::Result<Self> {
+        let mut bed = Testbed::new(3)?;
+        let pod = |n, p| bed.pod(n, p).clone();
+        // n1p1 -> n1p3 (same node) and n1p1 -> n2p1 (cross-node) are meshed; n1p2 -> n2p2 is
+        // direct TCP, and n1p2 -> HAProxy pair -> n2p2 the reference.
+        let (n1p1, n1p2, n1p3, n2p1, n2p2) =
+            (pod(1, 1), pod(1, 2), pod(1, 3), pod(2, 1), pod(2, 2));
+        let ca = bed.dir.join("ca");
+        ca_init(&ca)?;
+        let limits = "[limits]\nmax_connections_per_workload = 25000\n";
+        let config = |n, enrolled: &[&Pod], remote: &[&Pod]| {
+            quiet(&meshed_config(bed.node(n), enrolled, remote, &ca, "strict")) + limits
+        };
+        let (c1, c2) = (
+            config(1, &[&n1p1, &n1p3], &[&n2p1]),
+            config(2, &[&n2p1], &[&n1p1, &n1p3]),
+        );
+        let a1 = Agent::start_with_config(&mut bed, 1, &c1)?;
+        let a2 = Agent::start_with_config(&mut bed, 2, &c2)?;
+        let haproxy =
+            HaproxyPair::start(&mut bed, &ca, &[IPERF_PORT, CHURN_PORT, ECHO_PORT], &n2p2)?;
+        for server in [&n1p3, &n2p1, &n2p2] {
+            Server::start_discarding(
+                &mut bed,
+                server,
+                SocketAddr::from(([0, 0, 0, 0], CHURN_PORT)),
+            )?;
+            let mut echo = bed.pod_command(server, zt_tests::bin_path("zt-probe")?)?;
+            echo.args(["echo", "--listen", &format!("0.0.0.0:{ECHO_PORT}")]);
+            bed.spawn(echo, &format!("echo-{}.log", server.name))?;
+            let mut iperf = bed.pod_command(server, "iperf3")?;
+            iperf.args(["-s", "-p", &IPERF_PORT.to_string()]);
+            bed.spawn(iperf, &format!("iperf3-{}.log", server.name))?;
+        }
+        Tally::start(&mut bed, &n2p1, SocketAddr::from(([0, 0, 0, 0], IDLE_PORT)))?;
+        std::thread::sleep(Duration::from_millis(300));
+        let routes = [
+            Route {
+                name: "direct TCP",
+                from: n1p2.clone(),
+                to: n2p2.ipv4.into(),
+                proxies: vec![],
+            },
+            Route {
+                name: "zt same-node",
+                from: n1p1.clone(),
+                to: n1p3.ipv4.into(),
+                proxies: vec![a1.pid],
+            },
+            Route {
+                name: "zt cross-node",
+                from: n1p1,
+                to: n2p1.ipv4.into(),
+                proxies: vec![a1.pid, a2.pid],
+            },
+            Route {
+                name: "HAProxy mTLS pair",
+                from: n1p2,
+                to: super::haproxy::OUTBOUND_ADDR,
+                proxies: haproxy.pids.to_vec(),
+            },
+        ];
+        Ok(Self {
+            bed,
+            agents: [a1.pid, a2.pid],
+            routes,
+        })
+    }
+
+    fn cross_node(&self) -> &Route {
+        &self.routes[2]
+    }
+}
+
 pub fn run(quick: bool) -> anyhow::Result<()> {
     let budget = if quick { &QUICK } else { &FULL };
     let started = std::time::Instant::now();
     use_release_binaries()?;
+    let mut topology = Topology::start()?;
 
-    let mut bed = Testbed::new(3)?;
-    let pod = |n, p| bed.pod(n, p).clone();
-    // n1p1 -> n1p3 (same node) and n1p1 -> n2p1 (cross-node) are meshed; n1p2 -> n2p2 is
-    // direct TCP, and n1p2 -> HAProxy pair -> n2p2 the reference.
-    let (n1p1, n1p2, n1p3, n2p1, n2p2) = (pod(1, 1), pod(1, 2), pod(1, 3), pod(2, 1), pod(2, 2));
-    let ca = bed.dir.join("ca");
-    ca_init(&ca)?;
-    let limits = "[limits]\nmax_connections_per_workload = 25000\n";
-    let c1 = quiet(&meshed_config(
-        bed.node(1),
-        &[&n1p1, &n1p3],
-        &[&n2p1],
-        &ca,
-        "strict",
-    )) + limits;
-    let c2 = quiet(&meshed_config(
-        bed.node(2),
-        &[&n2p1],
-        &[&n1p1, &n1p3],
-        &ca,
-        "strict",
-    )) + limits;
-    let a1 = Agent::start_with_config(&mut bed, 1, &c1)?;
-    let a2 = Agent::start_with_config(&mut bed, 2, &c2)?;
-    let haproxy = HaproxyPair::start(&mut bed, &ca, &[IPERF_PORT, CHURN_PORT, ECHO_PORT], &n2p2)?;
-    for server in [&n1p3, &n2p1, &n2p2] {
-        Server::start_discarding(
-            &mut bed,
-            server,
-            SocketAddr::from(([0, 0, 0, 0], CHURN_PORT)),
-        )?;
-        let mut echo = bed.pod_command(server, zt_tests::bin_path("zt-probe")?)?;
-        echo.args(["echo", "--listen", &format!("0.0.0.0:{ECHO_PORT}")]);
-        bed.spawn(echo, &format!("echo-{}.log", server.name))?;
-        let mut iperf = bed.pod_command(server, "iperf3")?;
-        iperf.args(["-s", "-p", &IPERF_PORT.to_string()]);
-        bed.spawn(iperf, &format!("iperf3-{}.log", server.name))?;
-    }
-    let _idle_server = Tally::start(&mut bed, &n2p1, SocketAddr::from(([0, 0, 0, 0], IDLE_PORT)))?;
-    std::thread::sleep(Duration::from_millis(300));
-
-    let routes = [
-        Route {
-            name: "direct TCP",
-            from: n1p2.clone(),
-            to: n2p2.ipv4.into(),
-            proxies: vec![],
-        },
-        Route {
-            name: "zt same-node",
-            from: n1p1.clone(),
-            to: n1p3.ipv4.into(),
-            proxies: vec![a1.pid],
-        },
-        Route {
-            name: "zt cross-node",
-            from: n1p1.clone(),
-            to: n2p1.ipv4.into(),
-            proxies: vec![a1.pid, a2.pid],
-        },
-        Route {
-            name: "HAProxy mTLS pair",
-            from: n1p2.clone(),
-            to: super::haproxy::OUTBOUND_ADDR,
-            proxies: haproxy.pids.to_vec(),
-        },
-    ];
     // Interleaved rounds, medians: one round of any path can be off by a factor of two here.
-    let mut rounds: Vec<Vec<Figures>> = vec![Vec::new(); routes.len()];
+    let mut rounds: Vec<Vec<Figures>> = vec![Vec::new(); topology.routes.len()];
     for round in 1..=budget.rounds {
-        for (route, figures) in routes.iter().zip(&mut rounds) {
+        for (route, figures) in topology.routes.iter().zip(&mut rounds) {
             println!("round {round}/{}: {}", budget.rounds, route.name);
-            figures.push(measure(&bed, route, budget)?);
+            figures.push(measure(&topology.bed, route, budget)?);
         }
     }
     let results: Vec<Figures> = rounds.iter().map(|r| median(r)).collect();
     let mut idle = Vec::new();
+    let (from, to) = (
+        topology.cross_node().from.clone(),
+        SocketAddr::new(topology.cross_node().to, IDLE_PORT),
+    );
     for n in budget.idle {
-        println!("idle: {n} connections n1p1 -> n2p1");
-        let to = SocketAddr::new(n2p1.ipv4.into(), IDLE_PORT);
-        idle.push(idle_memory(&mut bed, [a1.pid, a2.pid], &n1p1, to, n)?);
+        println!("idle: {n} connections {} -> {to}", from.name);
+        idle.push(idle_memory(
+            &mut topology.bed,
+            topology.agents,
+            &from,
+            to,
+            n,
+        )?);
     }
+    let Topology { bed, routes, .. } = topology;
     drop(bed);
 
     let md = report(&routes, &results, &idle, budget, started.elapsed())?;
@@ -351,6 +382,71 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
     } else {
         super::write_section(&root, "paths", &md)?;
         println!("\n{md}");
+    }
+    Ok(())
+}
+
+/// `cargo xtask bench profile`: system-wide `perf record` (call graphs) of zt cross-node during
+/// one iperf3 stream and during 1 KiB round trips; prints where the agents' time goes and leaves
+/// the recordings in target/ for `perf report -i`.
+pub fn profile() -> anyhow::Result<()> {
+    use_release_binaries()?;
+    let topology = Topology::start()?;
+    let route = topology.cross_node();
+    let target = crate::workspace_root().join("target");
+    let pids = topology.agents.map(|p| p.to_string()).join(",");
+    type Workload<'a> = Box<dyn Fn() -> anyhow::Result<()> + 'a>;
+    let workloads: [(&str, Workload); 2] = [
+        ("throughput", Box::new(|| iperf(route, 1, 10).map(|_| ()))),
+        (
+            "rr",
+            Box::new(|| round_trips(route, 1024, 50_000).map(|_| ())),
+        ),
+    ];
+    for (name, workload) in workloads {
+        let data = target.join(format!("profile-{name}.data"));
+        let mut perf = std::process::Command::new("perf")
+            .args(["record", "-a", "-g", "-e", "cpu-clock", "-o"])
+            .arg(&data)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("running perf (Debian: linux-perf)")?;
+        std::thread::sleep(Duration::from_millis(500));
+        let outcome = workload();
+        // SIGINT: perf writes the recording and exits.
+        // SAFETY: kill(2) on our own child's PID.
+        unsafe { libc::kill(perf.id() as i32, libc::SIGINT) };
+        perf.wait()?;
+        outcome?;
+        for sort in ["comm,dso", "sym"] {
+            let report = std::process::Command::new("perf")
+                .args([
+                    "report",
+                    "--stdio",
+                    "--no-children",
+                    "--percent-limit",
+                    "1.5",
+                ])
+                .args(["--sort", sort, "-g", "none", "-i"])
+                .arg(&data)
+                .args(if sort == "sym" {
+                    vec!["--pid", &pids]
+                } else {
+                    vec![]
+                })
+                .output()?;
+            println!(
+                "== {name}: by {sort}{} ==\n{}",
+                if sort == "sym" { " (agents only)" } else { "" },
+                String::from_utf8_lossy(&report.stdout)
+                    .lines()
+                    .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+        }
+        println!("(recording: {})\n", data.display());
     }
     Ok(())
 }

@@ -1,29 +1,116 @@
-//! Bidirectional byte copy between two TCP streams.
+//! Bidirectional byte copy between two sides of a relayed connection: TCP streams and HBONE
+//! streams.
 //!
-//! Each direction reads into its own buffer and writes everything before reading again, so a slow
+//! Each direction moves one chunk at a time and writes all of it before reading again, so a slow
 //! reader stalls its writer (backpressure) and no byte is lost or reordered. EOF on one side is
-//! passed on as a half-close (FIN) while the other direction keeps flowing. A reset or error on
-//! either side resets both, so a peer that resets is seen as a reset, not as a clean close.
+//! passed on as a half-close (FIN, END_STREAM) while the other direction keeps flowing. A reset or
+//! error on either side resets both, so a peer that resets is seen as a reset, not as a clean
+//! close. Chunks are reference-counted `Bytes`: what a TCP read fills goes to HTTP/2 as is, and
+//! what HTTP/2 received is written to TCP as is, with no copy in between.
 use std::{
     fmt,
     future::Future,
+    io,
     sync::atomic::{AtomicU64, Ordering},
     time::{Duration, Instant},
 };
 
+use bytes::{Bytes, BytesMut};
 use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
-    net::TcpStream,
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{
+        TcpStream,
+        tcp::{OwnedReadHalf, OwnedWriteHalf},
+    },
 };
 
-/// Per-direction buffer, at first. Most captured connections carry requests and responses and
-/// sit idle most of their life: a small buffer keeps an idle connection cheap (the soak holds
+/// A TCP side's read buffer, at first. Most captured connections carry requests and responses
+/// and sit idle most of their life: a small buffer keeps an idle connection cheap (the soak holds
 /// 10 000 of them).
 const INITIAL_BUFFER: usize = 4 * 1024;
-/// A read that fills the buffer means bulk data: the buffer grows to this, which holds several
-/// TCP segments at loopback/veth MTUs, so one read/write pair moves a whole socket buffer's
-/// worth with few syscalls.
+/// A read that fills the buffer means bulk data: reads grow to this, which holds several TCP
+/// segments at loopback/veth MTUs, so one read/write pair moves a whole socket buffer's worth with
+/// few syscalls.
 const BULK_BUFFER: usize = 64 * 1024;
+
+/// The receiving half of one side.
+pub trait ChunkRead: Send {
+    /// The next bytes received, or None at EOF.
+    fn read_chunk(&mut self) -> impl Future<Output = io::Result<Option<Bytes>>> + Send;
+}
+
+/// The sending half of one side.
+pub trait ChunkWrite: Send {
+    /// Sends all of `data`, waiting while the peer does not take more (backpressure).
+    fn write_chunk(&mut self, data: Bytes) -> impl Future<Output = io::Result<()>> + Send;
+    /// The half-close: FIN, END_STREAM.
+    fn finish(&mut self) -> impl Future<Output = io::Result<()>> + Send;
+}
+
+/// One side of a relay: split into halves that move concurrently, and put back together to be
+/// aborted.
+pub trait RelaySide: Sized {
+    type Read: ChunkRead;
+    type Write: ChunkWrite;
+    fn into_halves(self) -> (Self::Read, Self::Write);
+    /// Aborts the side so that its peer sees a reset.
+    fn abort_halves(read: Self::Read, write: Self::Write);
+}
+
+/// A TCP side's receiving half: reads into spare capacity and hands out what was filled.
+pub struct TcpReader {
+    stream: OwnedReadHalf,
+    buf: BytesMut,
+    /// The next read's size: grows to [`BULK_BUFFER`] after a read that filled it.
+    want: usize,
+}
+
+impl ChunkRead for TcpReader {
+    async fn read_chunk(&mut self) -> io::Result<Option<Bytes>> {
+        // Reclaims the previous chunk's memory in place once its writer dropped it.
+        self.buf.reserve(self.want);
+        let n = self.stream.read_buf(&mut self.buf).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        if n >= self.want {
+            self.want = BULK_BUFFER;
+        }
+        Ok(Some(self.buf.split().freeze()))
+    }
+}
+
+impl ChunkWrite for OwnedWriteHalf {
+    async fn write_chunk(&mut self, data: Bytes) -> io::Result<()> {
+        self.write_all(&data).await
+    }
+
+    async fn finish(&mut self) -> io::Result<()> {
+        self.shutdown().await
+    }
+}
+
+impl RelaySide for TcpStream {
+    type Read = TcpReader;
+    type Write = OwnedWriteHalf;
+
+    fn into_halves(self) -> (TcpReader, OwnedWriteHalf) {
+        let (stream, write) = self.into_split();
+        let reader = TcpReader {
+            stream,
+            // Allocated by the first read, not while the connection waits for one.
+            buf: BytesMut::new(),
+            want: INITIAL_BUFFER,
+        };
+        (reader, write)
+    }
+
+    fn abort_halves(read: TcpReader, write: OwnedWriteHalf) {
+        if let Ok(mut stream) = read.stream.reunite(write) {
+            stream.abort();
+        }
+    }
+}
 
 /// How a relayed connection ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,29 +194,22 @@ impl Activity {
     }
 }
 
-/// Copies `from` into `to` until EOF, then half-closes `to`; notes every transfer in `activity`.
-async fn pump<R, W>(
-    from: &mut R,
-    to: &mut W,
+/// Moves `from` into `to` until EOF, then half-closes `to`; notes every transfer in `activity`.
+async fn pump(
+    from: &mut impl ChunkRead,
+    to: &mut impl ChunkWrite,
     copied: &mut u64,
     activity: &Activity,
-) -> Result<(), Failure>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let mut buf = vec![0u8; INITIAL_BUFFER];
+) -> Result<(), Failure> {
     loop {
-        let n = from.read(&mut buf).await.map_err(|_| Failure::Read)?;
+        let chunk = from.read_chunk().await.map_err(|_| Failure::Read)?;
         activity.touch();
-        if n == 0 {
-            return to.shutdown().await.map_err(|_| Failure::Write);
-        }
-        to.write_all(&buf[..n]).await.map_err(|_| Failure::Write)?;
-        *copied += n as u64;
-        if n == buf.len() && buf.len() < BULK_BUFFER {
-            buf.resize(BULK_BUFFER, 0);
-        }
+        let Some(chunk) = chunk else {
+            return to.finish().await.map_err(|_| Failure::Write);
+        };
+        let n = chunk.len() as u64;
+        to.write_chunk(chunk).await.map_err(|_| Failure::Write)?;
+        *copied += n;
     }
 }
 
@@ -145,12 +225,6 @@ impl Abort for TcpStream {
     }
 }
 
-impl Abort for super::hbone::H2Stream {
-    fn abort(&mut self) {
-        self.reset();
-    }
-}
-
 /// Relays between `downstream` and `upstream` until both directions are done, one side fails,
 /// nothing moved for `idle_timeout`, or `interrupt` resolves (with the reason to close); anything
 /// but a clean end aborts both sides.
@@ -161,12 +235,12 @@ pub async fn relay<D, U>(
     interrupt: impl Future<Output = CloseReason>,
 ) -> RelayOutcome
 where
-    D: AsyncRead + AsyncWrite + Abort + Unpin,
-    U: AsyncRead + AsyncWrite + Abort + Unpin,
+    D: RelaySide,
+    U: RelaySide,
 {
     let (mut sent, mut received) = (0u64, 0u64);
-    let (mut dr, mut dw) = tokio::io::split(downstream);
-    let (mut ur, mut uw) = tokio::io::split(upstream);
+    let (mut dr, mut dw) = downstream.into_halves();
+    let (mut ur, mut uw) = upstream.into_halves();
     let activity = Activity {
         start: Instant::now(),
         last_ms: AtomicU64::new(0),
@@ -201,8 +275,8 @@ where
         }
     };
     if close != CloseReason::Eof {
-        dr.unsplit(dw).abort();
-        ur.unsplit(uw).abort();
+        D::abort_halves(dr, dw);
+        U::abort_halves(ur, uw);
     }
     RelayOutcome {
         sent,

@@ -6,17 +6,12 @@
 //! same copy loop serves plain TCP and tunnelled connections. Flow control: received data is
 //! released as soon as it has been handed to the reader, and writes wait for send capacity, so a
 //! slow peer stalls its writer instead of buffering without bound.
-use std::{
-    io,
-    pin::Pin,
-    task::{Context, Poll, ready},
-};
+use std::io;
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use h2::{RecvStream, SendStream};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::pool::StreamGuard;
+use super::{copy, pool::StreamGuard};
 use crate::{
     config::{WorkloadId, is_dns_label},
     identity::spiffe::SpiffeId,
@@ -76,13 +71,13 @@ impl TunnelError {
     }
 }
 
+/// One HBONE stream: a CONNECT's request and response bodies, relayed as one side of a
+/// connection.
 pub struct H2Stream {
     send: SendStream<Bytes>,
     recv: RecvStream,
-    /// Data received but not yet read.
-    pending: Bytes,
     /// Keeps a pooled connection counted as busy while this stream lives.
-    _busy: Option<StreamGuard>,
+    busy: Option<StreamGuard>,
 }
 
 impl H2Stream {
@@ -90,19 +85,13 @@ impl H2Stream {
         Self {
             send,
             recv,
-            pending: Bytes::new(),
-            _busy: None,
+            busy: None,
         }
     }
 
     pub fn on_pooled(mut self, guard: StreamGuard) -> Self {
-        self._busy = Some(guard);
+        self.busy = Some(guard);
         self
-    }
-
-    /// Aborts the stream (RST_STREAM), the tunnel's equivalent of a TCP reset.
-    pub fn reset(&mut self) {
-        self.send.send_reset(h2::Reason::CANCEL);
     }
 }
 
@@ -114,60 +103,70 @@ fn h2_io(e: h2::Error) -> io::Error {
     }
 }
 
-impl AsyncRead for H2Stream {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        while self.pending.is_empty() {
-            match ready!(self.recv.poll_data(cx)) {
+/// The receiving half: DATA frames as HTTP/2 received them.
+pub struct H2Reader(RecvStream);
+
+impl copy::ChunkRead for H2Reader {
+    async fn read_chunk(&mut self) -> io::Result<Option<Bytes>> {
+        loop {
+            match std::future::poll_fn(|cx| self.0.poll_data(cx)).await {
+                Some(Ok(data)) if data.is_empty() => continue,
                 Some(Ok(data)) => {
-                    let n = data.len();
-                    let _ = self.recv.flow_control().release_capacity(n);
-                    self.pending = data;
+                    // The writer holds this chunk until it is written: backpressure enough.
+                    let _ = self.0.flow_control().release_capacity(data.len());
+                    return Ok(Some(data));
                 }
-                Some(Err(e)) => return Poll::Ready(Err(h2_io(e))),
-                None => return Poll::Ready(Ok(())),
+                Some(Err(e)) => return Err(h2_io(e)),
+                None => return Ok(None),
             }
         }
-        let n = self.pending.len().min(buf.remaining());
-        buf.put_slice(&self.pending[..n]);
-        self.pending.advance(n);
-        Poll::Ready(Ok(()))
     }
 }
 
-impl AsyncWrite for H2Stream {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        if buf.is_empty() {
-            return Poll::Ready(Ok(0));
+/// The sending half: DATA frames within the peer's flow-control window.
+pub struct H2Writer {
+    send: SendStream<Bytes>,
+    _busy: Option<StreamGuard>,
+}
+
+impl copy::ChunkWrite for H2Writer {
+    async fn write_chunk(&mut self, mut data: Bytes) -> io::Result<()> {
+        while !data.is_empty() {
+            self.send.reserve_capacity(data.len());
+            let granted = match std::future::poll_fn(|cx| self.send.poll_capacity(cx)).await {
+                Some(Ok(n)) => n,
+                Some(Err(e)) => return Err(h2_io(e)),
+                None => return Err(io::ErrorKind::BrokenPipe.into()),
+            };
+            let frame = data.split_to(granted.min(data.len()));
+            self.send.send_data(frame, false).map_err(h2_io)?;
         }
-        self.send.reserve_capacity(buf.len());
-        let granted = match ready!(self.send.poll_capacity(cx)) {
-            Some(Ok(n)) => n,
-            Some(Err(e)) => return Poll::Ready(Err(h2_io(e))),
-            None => return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
-        };
-        let n = granted.min(buf.len());
-        self.send
-            .send_data(Bytes::copy_from_slice(&buf[..n]), false)
-            .map_err(h2_io)?;
-        Poll::Ready(Ok(n))
+        Ok(())
     }
 
-    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    async fn finish(&mut self) -> io::Result<()> {
         // END_STREAM: the tunnel's half-close.
-        self.send.send_data(Bytes::new(), true).map_err(h2_io)?;
-        Poll::Ready(Ok(()))
+        self.send.send_data(Bytes::new(), true).map_err(h2_io)
+    }
+}
+
+impl copy::RelaySide for H2Stream {
+    type Read = H2Reader;
+    type Write = H2Writer;
+
+    fn into_halves(self) -> (H2Reader, H2Writer) {
+        (
+            H2Reader(self.recv),
+            H2Writer {
+                send: self.send,
+                _busy: self.busy,
+            },
+        )
+    }
+
+    /// RST_STREAM, the tunnel's equivalent of a TCP reset.
+    fn abort_halves(_read: H2Reader, mut write: H2Writer) {
+        write.send.send_reset(h2::Reason::CANCEL);
     }
 }
 

@@ -79,11 +79,7 @@ impl ProxyContext {
     }
 }
 
-use tokio::{
-    io::{AsyncRead, AsyncWrite},
-    net::TcpListener,
-    task::JoinSet,
-};
+use tokio::{net::TcpListener, task::JoinSet};
 use tracing::{info, warn};
 
 use crate::workload::LocalWorkload;
@@ -281,8 +277,8 @@ pub(crate) async fn relay_and_log<D, U>(
     ctx: &ProxyContext,
     interrupt: impl Future<Output = copy::CloseReason>,
 ) where
-    D: AsyncRead + AsyncWrite + copy::Abort + Unpin,
-    U: AsyncRead + AsyncWrite + copy::Abort + Unpin,
+    D: copy::RelaySide,
+    U: copy::RelaySide,
 {
     record.count(&ctx.metrics, None);
     let outcome = copy::relay(downstream, upstream, ctx.idle_timeout, interrupt).await;
