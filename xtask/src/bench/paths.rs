@@ -387,8 +387,8 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
 }
 
 /// `cargo xtask bench profile`: system-wide `perf record` (call graphs) of zt cross-node during
-/// one iperf3 stream and during 1 KiB round trips; prints where the agents' time goes and leaves
-/// the recordings in target/ for `perf report -i`.
+/// one iperf3 stream, 1 KiB round trips and new connections; prints where the agents' time goes
+/// and leaves the recordings in target/ for `perf report -i`.
 pub fn profile() -> anyhow::Result<()> {
     use_release_binaries()?;
     let topology = Topology::start()?;
@@ -396,11 +396,16 @@ pub fn profile() -> anyhow::Result<()> {
     let target = crate::workspace_root().join("target");
     let pids = topology.agents.map(|p| p.to_string()).join(",");
     type Workload<'a> = Box<dyn Fn() -> anyhow::Result<()> + 'a>;
-    let workloads: [(&str, Workload); 2] = [
+    let bed = &topology.bed;
+    let workloads: [(&str, Workload); 3] = [
         ("throughput", Box::new(|| iperf(route, 1, 10).map(|_| ()))),
         (
             "rr",
             Box::new(|| round_trips(route, 1024, 50_000).map(|_| ())),
+        ),
+        (
+            "connections",
+            Box::new(|| connection_rate(bed, route, 3000).map(|_| ())),
         ),
     ];
     for (name, workload) in workloads {
