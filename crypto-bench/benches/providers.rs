@@ -1,5 +1,6 @@
-//! Which rustls crypto provider zt should use (issue 8): aws-lc-rs against ring on this CPU, in
-//! memory so that only cryptography and rustls are measured. For each provider:
+//! Which rustls crypto provider zt should use (issue 8): aws-lc-rs against ring on this CPU, and
+//! zt's mix of the two (aws-lc-rs handshake, ring records), in memory so that only cryptography
+//! and rustls are measured. For each:
 //! - a mutual TLS 1.3 handshake, both sides (X25519, ECDSA P-256 certificates, chain checks);
 //! - 1 MiB of application data sealed by one side and opened by the other (AES-256-GCM).
 use std::{
@@ -109,7 +110,14 @@ fn connected(pair: &Pair) -> (Connection, Connection) {
     (client, server)
 }
 
-fn providers() -> [(&'static str, Arc<CryptoProvider>); 2] {
+/// zt's choice (zt-daemon/src/identity/tls.rs): aws-lc-rs with ring's record encryption.
+fn mixed() -> CryptoProvider {
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    provider.cipher_suites = rustls::crypto::ring::DEFAULT_CIPHER_SUITES.to_vec();
+    provider
+}
+
+fn providers() -> [(&'static str, Arc<CryptoProvider>); 3] {
     [
         (
             "aws-lc-rs",
@@ -119,6 +127,7 @@ fn providers() -> [(&'static str, Arc<CryptoProvider>); 2] {
             "ring",
             with_x25519(rustls::crypto::ring::default_provider()),
         ),
+        ("aws-lc-rs+ring-aead", with_x25519(mixed())),
     ]
 }
 

@@ -259,6 +259,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 tracing::warn!(error = %e, "could not turn off glibc's per-thread caches; freed memory may stay resident");
             }
             raise_open_file_limit();
+            zt_daemon::identity::tls::install_process_default();
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()

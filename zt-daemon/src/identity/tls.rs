@@ -71,8 +71,19 @@ impl ResolvesClientCert for SvidSlot {
     }
 }
 
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+/// aws-lc-rs for the handshake (key exchange and signatures, 1.1× faster than ring here) with
+/// ring's AES-GCM and ChaCha20 for the records, which move every byte (1.3× faster than
+/// aws-lc-rs's on this CPU): `cargo xtask bench crypto`, BENCHMARKS.md.
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    provider.cipher_suites = rustls::crypto::ring::DEFAULT_CIPHER_SUITES.to_vec();
+    Arc::new(provider)
+}
+
+/// Makes [`provider`] the process default, for libraries that build their own TLS configs (the
+/// Kubernetes client): with two providers compiled in, rustls would not pick one itself.
+pub fn install_process_default() {
+    let _ = Arc::unwrap_or_clone(provider()).install_default();
 }
 
 /// The inbound (15008) side for the workload whose SVID `slot` holds.
