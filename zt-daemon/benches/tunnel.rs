@@ -1,5 +1,5 @@
 //! Micro-benchmarks of the tunnel's parts (issue 8), with the agent's own code and real
-//! cryptography (rustls with aws-lc-rs), in one process:
+//! cryptography (rustls with zt's provider), in one process:
 //! - a mutual TLS 1.3 handshake, both sides, with SPIFFE verification, over loopback TCP;
 //! - one HBONE stream opened on a warm HTTP/2 connection (CONNECT, 200);
 //! - the byte copy loop relaying 4 MiB between two loopback TCP connections.
