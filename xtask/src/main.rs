@@ -62,7 +62,7 @@ enum BenchCmd {
     Micro,
     /// Criterion: rustls with aws-lc-rs against ring (handshake, bulk encryption).
     Crypto,
-    /// perf profiles of zt cross-node: one iperf3 stream, then 1 KiB round trips.
+    /// perf profiles of zt cross-node: one iperf3 stream, 1 KiB round trips, new connections.
     Profile,
 }
 

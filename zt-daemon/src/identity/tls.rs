@@ -72,7 +72,7 @@ impl ResolvesClientCert for SvidSlot {
 }
 
 /// aws-lc-rs for the handshake (key exchange and signatures, 1.1× faster than ring here) with
-/// ring's AES-GCM and ChaCha20 for the records, which move every byte (1.3× faster than
+/// ring's AES-GCM and ChaCha20 for the records, which move every byte (1.5× faster than
 /// aws-lc-rs's on this CPU): `cargo xtask bench crypto`, BENCHMARKS.md.
 pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     let mut provider = rustls::crypto::aws_lc_rs::default_provider();
