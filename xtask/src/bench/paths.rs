@@ -9,7 +9,6 @@ use serde_json::Value;
 use zt_tests::{
     Agent, Pod, Testbed,
     agent::{ca_init, meshed_config},
-    in_cgroup_and_netns,
     probe::{Server, Tally},
     read_json_lines, wait_until,
 };
@@ -74,13 +73,10 @@ struct Route {
     proxies: Vec<u32>,
 }
 
-fn in_pod(pod: &Pod, program: &str) -> anyhow::Result<std::process::Command> {
-    in_cgroup_and_netns(program, Some(&pod.cgroup), &pod.netns)
-}
-
 /// iperf3 from `route.from`; (bits per second received, bytes received).
-fn iperf(route: &Route, streams: usize, seconds: u64) -> anyhow::Result<(f64, f64)> {
-    let out = in_pod(&route.from, "iperf3")?
+fn iperf(bed: &Testbed, route: &Route, streams: usize, seconds: u64) -> anyhow::Result<(f64, f64)> {
+    let out = bed
+        .pod_command(&route.from, "iperf3")?
         .args(["-c", &route.to.to_string(), "-p", &IPERF_PORT.to_string()])
         .args(["-t", &seconds.to_string(), "-P", &streams.to_string()])
         .args(["--connect-timeout", "3000", "-J"])
@@ -100,18 +96,16 @@ fn iperf(route: &Route, streams: usize, seconds: u64) -> anyhow::Result<(f64, f6
     ))
 }
 
-fn round_trips(route: &Route, size: usize, count: usize) -> anyhow::Result<Latency> {
-    let out = in_pod(
-        &route.from,
-        &zt_tests::bin_path("zt-probe")?.to_string_lossy(),
-    )?
-    .args([
-        "rr",
-        "--to",
-        &SocketAddr::new(route.to, ECHO_PORT).to_string(),
-    ])
-    .args(["--size", &size.to_string(), "--count", &count.to_string()])
-    .output()?;
+fn round_trips(bed: &Testbed, route: &Route, size: usize, count: usize) -> anyhow::Result<Latency> {
+    let out = bed
+        .pod_command(&route.from, zt_tests::bin_path("zt-probe")?)?
+        .args([
+            "rr",
+            "--to",
+            &SocketAddr::new(route.to, ECHO_PORT).to_string(),
+        ])
+        .args(["--size", &size.to_string(), "--count", &count.to_string()])
+        .output()?;
     let v: Value = serde_json::from_slice(&out.stdout).with_context(|| {
         format!(
             "{}: zt-probe rr printed no report: {}",
@@ -149,15 +143,15 @@ fn proxies_cpu(pids: &[u32]) -> anyhow::Result<f64> {
 
 fn measure(bed: &Testbed, route: &Route, budget: &Budget) -> anyhow::Result<Figures> {
     let cpu_before = proxies_cpu(&route.proxies)?;
-    let (bps_1, bytes_1) = iperf(route, 1, budget.iperf_seconds)?;
-    let (bps_8, bytes_8) = iperf(route, 8, budget.iperf_seconds)?;
+    let (bps_1, bytes_1) = iperf(bed, route, 1, budget.iperf_seconds)?;
+    let (bps_8, bytes_8) = iperf(bed, route, 8, budget.iperf_seconds)?;
     let cpu = proxies_cpu(&route.proxies)? - cpu_before;
     let gib = (bytes_1 + bytes_8) / (1u64 << 30) as f64;
     Ok(Figures {
         gbit_1: bps_1 / 1e9,
         gbit_8: bps_8 / 1e9,
-        rr_64: round_trips(route, 64, budget.round_trips)?,
-        rr_1k: round_trips(route, 1024, budget.round_trips)?,
+        rr_64: round_trips(bed, route, 64, budget.round_trips)?,
+        rr_1k: round_trips(bed, route, 1024, budget.round_trips)?,
         conns_per_s: connection_rate(bed, route, budget.new_connections)?,
         proxy_cpu_s_per_gib: (!route.proxies.is_empty()).then_some(cpu / gib),
     })
@@ -398,10 +392,13 @@ pub fn profile() -> anyhow::Result<()> {
     type Workload<'a> = Box<dyn Fn() -> anyhow::Result<()> + 'a>;
     let bed = &topology.bed;
     let workloads: [(&str, Workload); 3] = [
-        ("throughput", Box::new(|| iperf(route, 1, 10).map(|_| ()))),
+        (
+            "throughput",
+            Box::new(|| iperf(bed, route, 1, 10).map(|_| ())),
+        ),
         (
             "rr",
-            Box::new(|| round_trips(route, 1024, 50_000).map(|_| ())),
+            Box::new(|| round_trips(bed, route, 1024, 50_000).map(|_| ())),
         ),
         (
             "connections",
