@@ -109,7 +109,14 @@ impl Agent {
         };
         let config = bed.dir.join(format!("{}-{k}.toml", node.name));
         std::fs::write(&config, config_text)?;
-        let mut cmd = in_cgroup_and_netns(bin_path("zt-daemon")?, None, &node.netns)?;
+        // Each agent runs in a cgroup of its own under the node's, where the capture programs
+        // attach, as a DaemonSet pod does: the programs see its sockets and must recognise them.
+        let cgroup = node.cgroup.join(format!("agent-{k}"));
+        if !cgroup.exists() {
+            std::fs::create_dir(&cgroup)
+                .with_context(|| format!("creating cgroup {}", cgroup.display()))?;
+        }
+        let mut cmd = in_cgroup_and_netns(bin_path("zt-daemon")?, Some(&cgroup), &node.netns)?;
         cmd.args(["run", "--config"]).arg(&config);
         cmd.env_remove("RUST_LOG");
         let pid = bed.spawn(cmd, &log_name)?;

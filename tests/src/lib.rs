@@ -8,6 +8,7 @@
 //! Everything a bed creates is named with a unique prefix and removed on drop, also when a test
 //! panics. Processes are stopped by PID.
 pub mod agent;
+pub mod attack;
 pub mod maps;
 pub mod probe;
 

@@ -170,7 +170,7 @@ fn killed_agent_fails_closed_and_restarted_agent_readopts_pins() {
             .count();
         assert_eq!(
             adopted,
-            7,
+            12,
             "all node-wide links re-adopted:\n{}",
             a.log_tail()
         );
@@ -202,13 +202,21 @@ fn enrolled_pod_cannot_bind_agent_ports() {
             );
         }
     }
-    // The guard is specific to enrolled pods.
+    // The ports are reserved in pods that are not (yet) enrolled too: a pod holding one would
+    // make its later enrollment fail.
     let r = try_bind(&t.bed, t.bed.pod(1, 2), 15006).unwrap();
-    assert_eq!(r["v4"], "ok", "{r}");
-    // Each refused attempt (3 ports, 2 families) is counted, and logged with the workload.
+    assert!(
+        r["v4"]
+            .as_str()
+            .unwrap()
+            .contains("Operation not permitted"),
+        "{r}"
+    );
+    // Each refused attempt (3 ports, 2 families in the enrolled pod, 2 in the other) is counted,
+    // and logged with the workload when the pod is one.
     zt_tests::wait_until(Duration::from_secs(5), || {
         Ok(t.agent1.metric_lines("zt_capture_denied_binds_total")?
-            == vec!["zt_capture_denied_binds_total 6".to_owned()])
+            == vec!["zt_capture_denied_binds_total 8".to_owned()])
     })
     .unwrap_or_else(|e| {
         panic!(
@@ -222,7 +230,7 @@ fn enrolled_pod_cannot_bind_agent_ports() {
         .unwrap()
         .iter()
         .filter(|e| {
-            e["message"] == "refused: an enrolled pod tried to bind one of the agent's ports"
+            e["message"] == "refused: a pod tried to bind one of the agent's ports"
                 && e["workload"] == "default/n1p1"
         })
         .filter_map(|e| e["attempts"].as_u64())
@@ -309,11 +317,7 @@ fn unenrollment_leaves_no_trace() {
         .wait_access("inbound before", |r| r["direction"] == "inbound")
         .unwrap();
     assert!(maps::enrolled(&node.pin_dir).unwrap().contains(&gone));
-    assert!(
-        maps::pod_address_owners(&node.pin_dir)
-            .unwrap()
-            .contains(&gone)
-    );
+    assert!(maps::steered_pods(&node.pin_dir).unwrap().contains(&gone));
     let pod_pins = node.pin_dir.join("pods").join(gone.to_string());
     assert!(pod_pins.join("sk_lookup").exists());
 
@@ -324,11 +328,7 @@ fn unenrollment_leaves_no_trace() {
         !enrolled.contains(&gone) && enrolled.contains(&kept),
         "ZT_ENROLLED: {enrolled:?}"
     );
-    assert!(
-        !maps::pod_address_owners(&node.pin_dir)
-            .unwrap()
-            .contains(&gone)
-    );
+    assert!(!maps::steered_pods(&node.pin_dir).unwrap().contains(&gone));
     assert!(
         !maps::connection_owners(&node.pin_dir)
             .unwrap()
@@ -505,8 +505,7 @@ fn capture_drift_is_repaired_and_counted() {
     maps::delete_pod_entries(pins, cookie).unwrap();
     assert!(!maps::enrolled(pins).unwrap().contains(&cookie));
     zt_tests::wait_until(Duration::from_secs(5), || {
-        Ok(maps::enrolled(pins)?.contains(&cookie)
-            && maps::pod_address_owners(pins)?.contains(&cookie))
+        Ok(maps::enrolled(pins)?.contains(&cookie) && maps::steered_pods(pins)?.contains(&cookie))
     })
     .unwrap_or_else(|e| panic!("drift not repaired: {e}\n{}", agent.log_tail()));
     assert!(
@@ -627,11 +626,7 @@ fn a_pod_whose_network_namespace_disappears_is_unenrolled_cleanly() {
         !enrolled.contains(&dead) && enrolled.contains(&alive),
         "{enrolled:?}"
     );
-    assert!(
-        !maps::pod_address_owners(&node.pin_dir)
-            .unwrap()
-            .contains(&dead)
-    );
+    assert!(!maps::steered_pods(&node.pin_dir).unwrap().contains(&dead));
     // Its netns thread is gone (it would have kept the namespace alive), the other pod's stays.
     zt_tests::wait_until(Duration::from_secs(5), || {
         Ok(threads_named(agent.pid, "zt-netns") == 1)

@@ -4,13 +4,15 @@
 //! BPF verifier-checked programs and by user space through the maps.
 #![no_std]
 
-/// SO_MARK carried by every socket the agent creates, so the programs never capture the agent.
-pub const AGENT_MARK: u32 = 0x5a7;
-
-/// In-pod listener ports (DESIGN.md §8).
+/// In-pod listener ports.
 pub const OUTBOUND_PORT: u16 = 15001;
 pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
 pub const HBONE_PORT: u16 = 15008;
+
+/// Whether `port` is one of the agent's in-pod ports, which no pod may hold.
+pub const fn is_agent_port(port: u16) -> bool {
+    port == OUTBOUND_PORT || port == INBOUND_PLAINTEXT_PORT || port == HBONE_PORT
+}
 
 /// Address families as the kernel numbers them.
 pub const AF_INET: u16 = 2;
@@ -21,9 +23,13 @@ pub mod map_names {
     pub const ENROLLED: &str = "ZT_ENROLLED";
     pub const ORIG_DST_BY_COOKIE: &str = "ZT_ORIG_DST_BY_COOKIE";
     pub const ORIG_DST_BY_PORT: &str = "ZT_ORIG_DST_BY_PORT";
-    pub const POD_ADDRS: &str = "ZT_POD_ADDRS";
-    pub const INBOUND_LISTENERS: &str = "ZT_INBOUND_LISTENERS";
-    pub const SETTINGS: &str = "ZT_SETTINGS";
+    /// The agent's inbound plaintext listener of each pod, by netns cookie.
+    pub const POD_LISTENERS: &str = "ZT_POD_LISTENERS";
+    /// Cookies of the sockets the agent created: the programs leave them alone.
+    pub const AGENT_SOCKETS: &str = "ZT_AGENT_SOCKETS";
+    /// Ports let past capture: probe ports per pod, non-TCP ports per pod or node-wide.
+    pub const POD_PORTS: &str = "ZT_POD_PORTS";
+    pub const SETTINGS: &str = "ZT_SETTINGS_V2";
     /// Refused binds of the agent's ports, per pod netns cookie; the agent reads and clears it.
     pub const DENIED_BINDS: &str = "ZT_DENIED_BINDS";
 }
@@ -54,26 +60,55 @@ pub struct ConnKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct EnrolledPod {
-    /// Reserved for per-pod capture flags; zero today.
+    /// `pod_flags::*`.
     pub flags: u64,
 }
 
-/// Key of the INBOUND_LISTENERS sockhash: the pod address the listener serves.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct ListenerKey {
-    pub addr: [u32; 4],
-    pub family: u16,
-    pub _pad: [u8; 2],
+/// Bits of `EnrolledPod::flags`.
+pub mod pod_flags {
+    /// The agent could not enroll the pod (its listeners could not be created): every connect
+    /// from it is refused and every inbound connection to it dropped, until enrollment succeeds.
+    pub const ENROLLMENT_FAILED: u64 = 1;
+    /// Inbound non-TCP traffic (UDP) is dropped except on the allowed ports (the pod is STRICT).
+    pub const DROP_INBOUND_NON_TCP: u64 = 2;
+    /// Outbound non-TCP traffic is refused except to the allowed ports, and the pod may not
+    /// create raw or non-TCP/UDP sockets (egress outside the mesh is refused).
+    pub const REFUSE_OUTBOUND_NON_TCP: u64 = 4;
 }
 
-/// Index of each slot in the SETTINGS array map.
+/// Key of the POD_PORTS map: a port let past capture for one pod (or, with `netns_cookie` 0,
+/// for every pod on the node).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PodPortKey {
+    pub netns_cookie: u64,
+    /// Host byte order.
+    pub port: u16,
+    /// `port_kinds::*`.
+    pub kind: u16,
+    pub _pad: [u8; 4],
+}
+
+/// What a POD_PORTS entry lets through.
+pub mod port_kinds {
+    /// Inbound TCP from the probe source to this port of the pod (kubelet probes).
+    pub const PROBE: u16 = 1;
+    /// Inbound UDP to this port.
+    pub const UDP_INBOUND: u16 = 2;
+    /// Outbound UDP to this port (and the replies from it).
+    pub const UDP_OUTBOUND: u16 = 3;
+}
+
+/// Index of each slot in the SETTINGS array map (u64 values).
 pub mod settings {
     /// 0 = fail closed (default), 1 = fail open.
     pub const FAIL_OPEN: u32 = 0;
-    /// Source IPv4 address (network order) of kubelet probes that bypass inbound capture; 0 = none.
+    /// Source IPv4 address (network order) of kubelet probes; 0 = none.
     pub const PROBE_SOURCE_V4: u32 = 1;
-    pub const LEN: u32 = 2;
+    /// Netns cookie of the node's own (host) network namespace: the one place where the agent's
+    /// ports are not reserved.
+    pub const HOST_NETNS: u32 = 2;
+    pub const LEN: u32 = 3;
 }
 
 #[cfg(feature = "user")]
@@ -82,5 +117,5 @@ mod pod_impls {
     unsafe impl aya::Pod for super::SockAddr {}
     unsafe impl aya::Pod for super::ConnKey {}
     unsafe impl aya::Pod for super::EnrolledPod {}
-    unsafe impl aya::Pod for super::ListenerKey {}
+    unsafe impl aya::Pod for super::PodPortKey {}
 }

@@ -39,6 +39,8 @@ pub struct ReadyInputs {
     /// Kubernetes discovery is configured and has not completed its first list yet: the set of
     /// workloads to enroll is not known.
     pub discovery_pending: bool,
+    /// Why each workload that could not be enrolled failed (it is held fail-closed).
+    pub enrollment_failures: std::collections::BTreeMap<WorkloadId, String>,
 }
 
 #[derive(Default, Clone)]
@@ -72,7 +74,12 @@ impl Readiness {
         let now = SystemTime::now();
         for (id, enrolled) in &inputs.workloads {
             let Some(slot) = enrolled else {
-                return Err(format!("workload {id} is not enrolled"));
+                return Err(match inputs.enrollment_failures.get(id) {
+                    Some(reason) => {
+                        format!("workload {id} is not enrolled (held fail-closed): {reason}")
+                    }
+                    None => format!("workload {id} is not enrolled"),
+                });
             };
             if !inputs.identity_required {
                 continue;

@@ -20,8 +20,16 @@ use crate::{
     identity::{node::NodeIdentity, rotation::WorkloadIdentity, spiffe::SpiffeId},
     policy::{self, PolicySet, PolicyStore},
     proxy::{MeshDirectory, ProxyContext, Tunnel},
-    workload::Enrollment,
+    workload::{EnrollFailure, Enrollment},
 };
+use zt_common::pod_flags;
+
+/// A workload whose enrollment failed: why, and the pod it holds fail-closed (if it got that far).
+struct FailedEnrollment {
+    workload: Workload,
+    reason: String,
+    fail_closed: Option<u64>,
+}
 
 pub struct Agent {
     config_path: PathBuf,
@@ -33,6 +41,8 @@ pub struct Agent {
     /// Reloads policies when their files change; dropped (and replaced) on a config reload.
     _policy_watch: Option<notify::RecommendedWatcher>,
     enrolled: BTreeMap<WorkloadId, Enrollment>,
+    /// Workloads that could not be enrolled; retried on every capture check.
+    failed: BTreeMap<WorkloadId, FailedEnrollment>,
     /// Meshed pods found by Kubernetes discovery: empty without it, `None` until its first list.
     discovered: Option<Vec<Workload>>,
     /// What the readiness, metrics and admin endpoints read.
@@ -111,6 +121,7 @@ impl Agent {
             identity,
             _policy_watch: policy_watch,
             enrolled: BTreeMap::new(),
+            failed: BTreeMap::new(),
             discovered,
             admin,
         })
@@ -179,6 +190,9 @@ impl Agent {
         .inspect_err(|e| warn!(error = %e, "config file not watched; reload with SIGHUP"))
         .ok();
         let mut loaded_text = std::fs::read_to_string(&self.config_path).unwrap_or_default();
+        // PeerAuthentication changes move pods in and out of STRICT, which the kernel's non-TCP
+        // rules follow.
+        let mut policy_changes = self.proxy.policy.subscribe();
         let mut discovery = match &self.config.kubernetes {
             Some(k) => match discovery::start(k, &self.config.node_name).await {
                 Ok(rx) => {
@@ -203,7 +217,13 @@ impl Agent {
                     self.discovered = discovery.as_ref().and_then(|rx| rx.borrow().clone());
                     self.reconcile().await;
                 }
-                _ = drift_check.tick() => self.reconcile_capture().await,
+                _ = drift_check.tick() => {
+                    if !self.failed.is_empty() {
+                        self.reconcile().await;
+                    }
+                    self.reconcile_capture().await
+                }
+                Ok(()) = policy_changes.changed() => self.reconcile_capture().await,
                 _ = hup.recv() => {
                     loaded_text = std::fs::read_to_string(&self.config_path).unwrap_or_default();
                     self.reload().await
@@ -253,7 +273,9 @@ impl Agent {
             warn!(key, "config change needs a restart to take effect");
         }
         let settings_changed = new.capture.fail_mode != self.config.capture.fail_mode
-            || new.capture.probe_source != self.config.capture.probe_source;
+            || new.capture.probe_source != self.config.capture.probe_source
+            || new.capture.udp_inbound_ports != self.config.capture.udp_inbound_ports
+            || new.capture.udp_outbound_ports != self.config.capture.udp_outbound_ports;
         if settings_changed && let Err(e) = self.capture.maps.apply_settings(&new.capture) {
             error!(error = %e, "applying capture settings");
         }
@@ -304,21 +326,84 @@ impl Agent {
                 error!(workload = %id, error = %e, "un-enrollment incomplete");
             }
         }
+        // A failed workload that is no longer wanted as it was releases its pod; one still
+        // wanted is tried again below.
+        let failed = std::mem::take(&mut self.failed);
+        for (id, failure) in failed {
+            let still_wanted = desired.get(&id) == Some(&failure.workload);
+            if !still_wanted
+                && let Some(cookie) = failure.fail_closed
+                && let Err(e) = self.capture.forget_pod(cookie)
+            {
+                error!(workload = %id, error = %e, "releasing a fail-closed pod");
+            }
+        }
         for (id, workload) in desired {
             if self.enrolled.contains_key(&id) {
                 continue;
             }
             let identity = self.issue_identity(&workload);
-            match Enrollment::enroll(&mut self.capture, self.proxy.clone(), workload, identity)
-                .await
+            let flags = self.capture_flags(&workload);
+            match Enrollment::enroll(
+                &mut self.capture,
+                self.proxy.clone(),
+                workload.clone(),
+                identity,
+                flags,
+            )
+            .await
             {
                 Ok(e) => {
                     self.enrolled.insert(id, e);
                 }
-                Err(e) => error!(error = %e, "enrollment failed"),
+                Err(EnrollFailure { error, fail_closed }) => {
+                    // Held fail-closed: its connects are refused and its inbound dropped until
+                    // a retry succeeds.
+                    error!(
+                        error = %error,
+                        fail_closed = fail_closed.is_some(),
+                        "enrollment failed"
+                    );
+                    self.failed.insert(
+                        id,
+                        FailedEnrollment {
+                            workload,
+                            reason: error.to_string(),
+                            fail_closed,
+                        },
+                    );
+                }
             }
         }
+        self.proxy
+            .metrics
+            .enrollment_failed
+            .set(self.failed.len() as i64);
         self.publish_state();
+    }
+
+    /// The kernel-side rules for a workload's non-TCP traffic (`zt_common::pod_flags`): with an
+    /// identity provider, inbound UDP is dropped while the workload's PeerAuthentication is
+    /// STRICT, and outbound UDP, raw and other sockets are refused while `mtls.mode` refuses
+    /// egress outside the mesh, as for TCP.
+    fn capture_flags(&self, workload: &Workload) -> u64 {
+        if self.identity.is_none() {
+            return 0;
+        }
+        let mut flags = 0;
+        let rules = self
+            .proxy
+            .policy
+            .current()
+            .rules_for(&policy::WorkloadRef::from(workload));
+        // Port 0 is no app port: only workload-wide PeerAuthentication applies.
+        if rules.mtls_mode(0) == MtlsMode::Strict {
+            flags |= pod_flags::DROP_INBOUND_NON_TCP;
+        }
+        if self.config.mtls.mode == MtlsMode::Strict {
+            flags |= pod_flags::REFUSE_OUTBOUND_NON_TCP;
+        }
+        flags
     }
 
     /// Tells the proxies, the admin endpoints and readiness what is enrolled now.
@@ -342,6 +427,11 @@ impl Agent {
                 .collect(),
             identity_required: self.identity.is_some(),
             discovery_pending: self.discovered.is_none(),
+            enrollment_failures: self
+                .failed
+                .iter()
+                .map(|(id, f)| (id.clone(), f.reason.clone()))
+                .collect(),
         });
     }
 
@@ -370,9 +460,11 @@ impl Agent {
             self.publish_state();
         }
         let mut drift = 0;
+        let steered = self.capture.maps.steered_pods();
         for enrollment in self.enrolled.values() {
             let id = &enrollment.local.workload.id;
-            match enrollment.repair_capture(&mut self.capture) {
+            let flags = self.capture_flags(&enrollment.local.workload);
+            match enrollment.repair_capture(&mut self.capture, flags, &steered) {
                 Ok(false) => {}
                 Ok(true) => {
                     drift += 1;
@@ -388,6 +480,7 @@ impl Agent {
             .enrolled
             .values()
             .map(|e| e.local.netns_cookie)
+            .chain(self.failed.values().filter_map(|f| f.fail_closed))
             .collect();
         for cookie in self.capture.maps.enrolled_pods() {
             if wanted.contains(&cookie) {
@@ -408,8 +501,9 @@ impl Agent {
         self.report_denied_binds();
     }
 
-    /// Binds of the agent's ports that the kernel refused in enrolled pods: counted and logged
-    /// per workload (a pod trying to take over capture is worth an operator's attention).
+    /// Binds of the agent's ports that the kernel refused in pods: counted and logged per
+    /// workload, when the pod is one (a pod trying to take over capture is worth an operator's
+    /// attention).
     fn report_denied_binds(&mut self) {
         for (cookie, attempts) in self.capture.maps.take_denied_binds() {
             self.proxy.metrics.denied_binds.inc_by(attempts);
@@ -419,7 +513,7 @@ impl Agent {
                 .find(|e| e.local.netns_cookie == cookie)
                 .map(|e| e.local.workload.id.to_string())
                 .unwrap_or_default();
-            warn!(%workload, netns_cookie = cookie, attempts, "refused: an enrolled pod tried to bind one of the agent's ports");
+            warn!(%workload, netns_cookie = cookie, attempts, "refused: a pod tried to bind one of the agent's ports");
         }
     }
 

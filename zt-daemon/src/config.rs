@@ -149,8 +149,13 @@ pub struct CaptureConfig {
     /// bpffs directory holding this agent's pins.
     pub bpffs_dir: PathBuf,
     pub fail_mode: FailMode,
-    /// Source address of kubelet probes, which bypass inbound capture.
+    /// Source address of kubelet probes, let through inbound capture to each pod's probe ports.
     pub probe_source: Option<Ipv4Addr>,
+    /// UDP ports every meshed pod may receive on while its inbound is STRICT.
+    pub udp_inbound_ports: Vec<u16>,
+    /// UDP ports every meshed pod may send to while egress outside the mesh is refused
+    /// (default: 53, DNS), and receive the replies from.
+    pub udp_outbound_ports: Vec<u16>,
     /// How often the kernel's capture state is compared with the enrolled workloads and repaired.
     pub reconcile_interval: Duration,
 }
@@ -201,6 +206,8 @@ pub struct Workload {
     pub labels: BTreeMap<String, String>,
     /// The pod's network namespace, e.g. `/run/netns/x` or `/proc/PID/ns/net`.
     pub netns: PathBuf,
+    /// Ports kubelet probes reach in plaintext from `capture.probe_source`.
+    pub probe_ports: Vec<u16>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -264,6 +271,8 @@ struct RawCapture {
     bpffs_dir: Option<PathBuf>,
     fail_mode: Option<FailMode>,
     probe_source: Option<Ipv4Addr>,
+    udp_inbound_ports: Option<Vec<u16>>,
+    udp_outbound_ports: Option<Vec<u16>>,
     reconcile_interval_ms: Option<u64>,
 }
 
@@ -340,7 +349,11 @@ struct RawWorkload {
     #[serde(default)]
     labels: BTreeMap<String, String>,
     netns: PathBuf,
+    #[serde(default)]
+    probe_ports: Vec<u16>,
 }
+
+const DNS_PORT: u16 = 53;
 
 fn default_service_account() -> String {
     "default".to_owned()
@@ -438,6 +451,7 @@ impl NodeConfig {
                 service_account: w.service_account,
                 labels: w.labels,
                 netns: w.netns,
+                probe_ports: w.probe_ports,
             });
         }
         let bpffs_dir = raw
@@ -521,6 +535,11 @@ impl NodeConfig {
                 bpffs_dir,
                 fail_mode: raw.capture.fail_mode.unwrap_or(FailMode::Closed),
                 probe_source: raw.capture.probe_source,
+                udp_inbound_ports: raw.capture.udp_inbound_ports.unwrap_or_default(),
+                udp_outbound_ports: raw
+                    .capture
+                    .udp_outbound_ports
+                    .unwrap_or_else(|| vec![DNS_PORT]),
                 reconcile_interval: Duration::from_millis(
                     raw.capture
                         .reconcile_interval_ms

@@ -6,7 +6,11 @@
 //!   namespace's label `zt.io/mesh` is `enabled` and the pod does not say `disabled`. Host-network
 //!   pods are never enrolled (they share the node's namespace).
 //! - Network namespace: the one under `netns_dir` (where the container runtime pins pod
-//!   namespaces, `/run/netns` for containerd and CRI-O) whose interfaces hold the pod's IP.
+//!   namespaces, `/run/netns` for containerd and CRI-O) whose interfaces hold the pod's IP. It is
+//!   remembered per pod UID, never per IP: a pod that reuses a dead pod's IP gets a fresh lookup,
+//!   and an IP two namespaces hold at once (a pod still dying) is not guessed at.
+//! - Probe ports: the ports of the pod's liveness, readiness and startup probes (httpGet,
+//!   tcpSocket, grpc; named ports resolved in the container), which kubelet reaches in plaintext.
 //! - The watcher relists after a `410 Gone` and backs off on errors (kube-runtime); a broken
 //!   stream never clears the published set, so enrolled pods stay enrolled until the API says
 //!   they are gone.
@@ -18,7 +22,10 @@ use std::{
 };
 
 use futures_util::{Stream, StreamExt};
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::{
+    api::core::v1::{Container, Namespace, Pod, Probe},
+    apimachinery::pkg::util::intstr::IntOrString,
+};
 use kube::{
     Api, Client,
     runtime::{
@@ -144,7 +151,7 @@ async fn run(
 ) {
     tokio::pin!(pods, namespaces);
     let (mut pod_store, mut ns_store) = (Store::<Pod>::default(), Store::<Namespace>::default());
-    let mut netns_by_ip: HashMap<IpAddr, PathBuf> = HashMap::new();
+    let mut netns_by_uid: HashMap<String, PathBuf> = HashMap::new();
     // Pods whose namespace is not pinned yet (sandbox starting) are looked for again.
     let mut retry = tokio::time::interval(Duration::from_secs(2));
     loop {
@@ -169,24 +176,39 @@ async fn run(
         if !changed || !(pod_store.synced && ns_store.synced) {
             continue;
         }
-        let meshed: Vec<(WorkloadId, &Pod, IpAddr)> = pod_store
+        let meshed: Vec<(WorkloadId, &Pod, String, IpAddr)> = pod_store
             .live
             .values()
             .filter(|p| is_meshed(p, &ns_store.live))
-            .filter_map(|p| Some((workload_id(p)?, p, pod_ip(p)?)))
+            .filter_map(|p| Some((workload_id(p)?, p, p.metadata.uid.clone()?, pod_ip(p)?)))
             .collect();
+        // Forget pods that are gone and namespaces that died; look up only what is unknown.
+        netns_by_uid.retain(|uid, path| path.exists() && meshed.iter().any(|m| &m.2 == uid));
         if meshed
             .iter()
-            .any(|(_, _, ip)| !netns_by_ip.contains_key(ip))
+            .any(|(_, _, uid, _)| !netns_by_uid.contains_key(uid))
         {
             let dir = netns_dir.clone();
             if let Ok(found) = tokio::task::spawn_blocking(move || scan_netns(&dir)).await {
-                netns_by_ip = found;
+                for (id, _, uid, ip) in &meshed {
+                    if netns_by_uid.contains_key(uid) {
+                        continue;
+                    }
+                    match found.get(ip).map(Vec::as_slice) {
+                        Some([path]) => {
+                            netns_by_uid.insert(uid.clone(), path.clone());
+                        }
+                        Some(paths) if paths.len() > 1 => {
+                            warn!(workload = %id, %ip, namespaces = ?paths, "several network namespaces hold the pod's IP (one still dying?); waiting")
+                        }
+                        _ => {}
+                    }
+                }
             }
         }
         let mut workloads = Vec::with_capacity(meshed.len());
-        for (id, pod, ip) in meshed {
-            let Some(netns) = netns_by_ip.get(&ip) else {
+        for (id, pod, uid, ip) in meshed {
+            let Some(netns) = netns_by_uid.get(&uid) else {
                 debug!(workload = %id, %ip, "no network namespace holds the pod's IP yet");
                 continue;
             };
@@ -198,6 +220,7 @@ async fn run(
                     .unwrap_or_else(|| "default".to_owned()),
                 labels: pod.metadata.labels.clone().unwrap_or_default(),
                 netns: netns.clone(),
+                probe_ports: probe_ports(pod),
             });
         }
         tx.send_if_modified(|current| {
@@ -258,9 +281,49 @@ pub fn is_meshed(pod: &Pod, namespaces: &BTreeMap<String, Namespace>) -> bool {
         .is_some_and(|v| v == "enabled")
 }
 
-/// Every pinned network namespace under `dir`, by the addresses it holds.
-fn scan_netns(dir: &Path) -> HashMap<IpAddr, PathBuf> {
-    let mut found = HashMap::new();
+/// The ports kubelet probes the pod on, sorted and without duplicates. A named port that no
+/// container port carries cannot be probed, so it adds nothing.
+pub fn probe_ports(pod: &Pod) -> Vec<u16> {
+    let containers = pod.spec.iter().flat_map(|s| &s.containers);
+    let mut ports: Vec<u16> = containers
+        .flat_map(|c| {
+            [&c.liveness_probe, &c.readiness_probe, &c.startup_probe]
+                .into_iter()
+                .flatten()
+                .flat_map(move |probe| probe_targets(probe).filter_map(move |p| resolve(c, p)))
+        })
+        .collect();
+    ports.sort_unstable();
+    ports.dedup();
+    ports
+}
+
+fn probe_targets(probe: &Probe) -> impl Iterator<Item = IntOrString> + '_ {
+    let http = probe.http_get.as_ref().map(|h| h.port.clone());
+    let tcp = probe.tcp_socket.as_ref().map(|t| t.port.clone());
+    let grpc = probe.grpc.as_ref().map(|g| IntOrString::Int(g.port));
+    [http, tcp, grpc].into_iter().flatten()
+}
+
+fn resolve(container: &Container, port: IntOrString) -> Option<u16> {
+    let number = match port {
+        IntOrString::Int(n) => n,
+        IntOrString::String(name) => {
+            container
+                .ports
+                .iter()
+                .flatten()
+                .find(|p| p.name.as_deref() == Some(name.as_str()))?
+                .container_port
+        }
+    };
+    u16::try_from(number).ok().filter(|p| *p != 0)
+}
+
+/// Every pinned network namespace under `dir`, by the addresses it holds (an address held by
+/// several namespaces lists each).
+fn scan_netns(dir: &Path) -> HashMap<IpAddr, Vec<PathBuf>> {
+    let mut found: HashMap<IpAddr, Vec<PathBuf>> = HashMap::new();
     let Ok(entries) = std::fs::read_dir(dir) else {
         return found;
     };
@@ -268,7 +331,7 @@ fn scan_netns(dir: &Path) -> HashMap<IpAddr, PathBuf> {
         match netns::addresses_in(&path) {
             Ok(addrs) => {
                 for ip in addrs {
-                    found.insert(ip, path.clone());
+                    found.entry(ip).or_default().push(path.clone());
                 }
             }
             Err(e) => {
@@ -313,6 +376,59 @@ mod tests {
                 ..Default::default()
             },
         )
+    }
+
+    #[test]
+    fn probe_ports_come_from_every_probe_and_resolve_names() {
+        use k8s_openapi::api::core::v1::{
+            ContainerPort, GRPCAction, HTTPGetAction, PodSpec, TCPSocketAction,
+        };
+        let probe = |http: Option<IntOrString>, tcp: Option<IntOrString>, grpc: Option<i32>| {
+            Some(Probe {
+                http_get: http.map(|port| HTTPGetAction {
+                    port,
+                    ..Default::default()
+                }),
+                tcp_socket: tcp.map(|port| TCPSocketAction {
+                    port,
+                    ..Default::default()
+                }),
+                grpc: grpc.map(|port| GRPCAction {
+                    port,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+        };
+        let web = Container {
+            name: "web".into(),
+            ports: Some(vec![ContainerPort {
+                name: Some("health".into()),
+                container_port: 8081,
+                ..Default::default()
+            }]),
+            liveness_probe: probe(Some(IntOrString::String("health".into())), None, None),
+            readiness_probe: probe(Some(IntOrString::Int(8080)), None, None),
+            // A name no port of this container carries: nothing to let through.
+            startup_probe: probe(None, Some(IntOrString::String("other".into())), None),
+            ..Default::default()
+        };
+        let sidecar = Container {
+            name: "grpc".into(),
+            liveness_probe: probe(None, Some(IntOrString::Int(9000)), Some(9001)),
+            // Out of range: ignored rather than truncated.
+            readiness_probe: probe(None, Some(IntOrString::Int(70000)), None),
+            ..Default::default()
+        };
+        let pod = Pod {
+            spec: Some(PodSpec {
+                containers: vec![web, sidecar],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert_eq!(probe_ports(&pod), vec![8080, 8081, 9000, 9001]);
+        assert!(probe_ports(&Pod::default()).is_empty());
     }
 
     #[test]

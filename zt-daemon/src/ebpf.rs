@@ -4,27 +4,31 @@
 //!   maps/<MAP>               every map, pinned by name and reused by the next agent
 //!   programs/<program>       the running agent's programs (replaced by the next agent)
 //!   links/<program>          cgroup links (connect, getpeername, bind, sockops)
-//!   pods/<netns cookie>/sk_lookup   one sk_lookup link per enrolled pod
+//!   pods/<netns cookie>/sk_lookup   one sk_lookup link per enrolled pod, running an instance
+//!                            of the program loaded for that pod (it carries the pod's cookie)
 //! Because links and maps are pinned, capture keeps running (fail-closed) while the agent is
 //! down, and a restarted agent re-adopts them instead of opening a window without capture.
 use std::{
+    collections::HashSet,
     fs::File,
     io,
     net::{IpAddr, SocketAddr},
     os::fd::{AsFd, AsRawFd},
     path::{Path, PathBuf},
+    sync::{Arc, Mutex},
 };
 
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, Map, MapData, SockHash},
     programs::{
-        CgroupAttachMode, CgroupSockAddr, ProgramError, ProgramFd, SkLookup, SockOps, links::FdLink,
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, ProgramError, ProgramFd, SkLookup, SockOps,
+        links::FdLink,
     },
 };
 use tracing::{info, warn};
 use zt_common::{
-    AF_INET, AF_INET6, ConnKey, EnrolledPod, ListenerKey, SockAddr, map_names, settings,
+    AF_INET, AF_INET6, ConnKey, EnrolledPod, PodPortKey, SockAddr, map_names, port_kinds, settings,
 };
 
 use crate::config::{CaptureConfig, FailMode};
@@ -34,16 +38,25 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 
 /// Cgroup sock_addr programs, attached once per node at the configured cgroup.
-const SOCK_ADDR_PROGRAMS: [&str; 6] = [
+const SOCK_ADDR_PROGRAMS: [&str; 8] = [
     "zt_connect4",
     "zt_connect6",
+    "zt_sendmsg4",
+    "zt_sendmsg6",
     "zt_getpeername4",
     "zt_getpeername6",
     "zt_bind4",
     "zt_bind6",
 ];
+/// Cgroup sock programs, attached likewise.
+const SOCK_PROGRAMS: [&str; 3] = ["zt_sock_create", "zt_post_bind4", "zt_post_bind6"];
 const SOCKOPS_PROGRAM: &str = "zt_sockops";
 const SK_LOOKUP_PROGRAM: &str = "zt_sk_lookup";
+/// The global each sk_lookup instance reads its pod's netns cookie from.
+const SK_LOOKUP_POD_GLOBAL: &str = "POD_NETNS_COOKIE";
+/// aya-log's ring buffer, created by every load of the object; a per-pod sk_lookup instance
+/// does not log, so its copy is kept to the minimum size.
+const LOG_RING: &str = "AYA_LOGS";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
@@ -85,11 +98,13 @@ fn io_err<'a>(path: &'a Path, action: &'static str) -> impl FnOnce(io::Error) ->
 
 /// The loaded programs and the node-wide links. Dropping it leaves the pins in place.
 pub struct Capture {
-    ebpf: Ebpf,
+    /// Keeps the node-wide programs loaded (and their log ring read).
+    _ebpf: Ebpf,
     dir: PathBuf,
     pub maps: CaptureMaps,
     /// Where the cgroup programs are attached.
     pub cgroup: PathBuf,
+    pub agent_sockets: AgentSockets,
 }
 
 impl Capture {
@@ -134,6 +149,23 @@ impl Capture {
             )?;
             links.push((name, pin, adopted));
         }
+        for name in SOCK_PROGRAMS {
+            let pin = dir.join("links").join(name);
+            let program: &mut CgroupSock = program_mut(&mut ebpf, name)?;
+            program.load().map_err(prog_err(name))?;
+            pin_program(&dir, name, |p| program.pin(p))?;
+            let adopted = adopt_or_attach(
+                program,
+                name,
+                &pin,
+                |p| p.fd(),
+                |p| {
+                    let id = p.attach(cgroup_dir.as_fd(), CgroupAttachMode::Single)?;
+                    Ok(FdLink::try_from(p.take_link(id)?)?)
+                },
+            )?;
+            links.push((name, pin, adopted));
+        }
         let pin = dir.join("links").join(SOCKOPS_PROGRAM);
         let sockops: &mut SockOps = program_mut(&mut ebpf, SOCKOPS_PROGRAM)?;
         sockops.load().map_err(prog_err(SOCKOPS_PROGRAM))?;
@@ -150,20 +182,18 @@ impl Capture {
         )?;
         links.push((SOCKOPS_PROGRAM, pin, adopted));
 
-        let sk_lookup: &mut SkLookup = program_mut(&mut ebpf, SK_LOOKUP_PROGRAM)?;
-        sk_lookup.load().map_err(prog_err(SK_LOOKUP_PROGRAM))?;
-        pin_program(&dir, SK_LOOKUP_PROGRAM, |p| sk_lookup.pin(p))?;
-
         let mut maps = CaptureMaps::open(&dir)?;
         maps.apply_settings(config)?;
         for (program, pin, adopted) in &links {
             info!(program, pin = %pin.display(), adopted, "capture program attached");
         }
+        let agent_sockets = AgentSockets::open(&dir)?;
         Ok(Self {
-            ebpf,
+            _ebpf: ebpf,
             dir,
             maps,
             cgroup,
+            agent_sockets,
         })
     }
 
@@ -178,8 +208,9 @@ impl Capture {
             .join("sk_lookup")
     }
 
-    /// Attaches inbound steering to a pod's netns, or adopts the link a previous agent pinned.
-    /// Returns whether it was adopted.
+    /// Attaches inbound steering to a pod's netns, or adopts the link a previous agent pinned,
+    /// with an instance of the sk_lookup program that knows the pod's netns cookie. Returns
+    /// whether the link was adopted.
     pub fn attach_sk_lookup(
         &mut self,
         netns_cookie: u64,
@@ -188,7 +219,14 @@ impl Capture {
         let pin = self.pod_link_path(netns_cookie);
         let parent = pin.parent().expect("pod link path has a parent");
         std::fs::create_dir_all(parent).map_err(io_err(parent, "creating pin directory"))?;
-        let program: &mut SkLookup = program_mut(&mut self.ebpf, SK_LOOKUP_PROGRAM)?;
+        // The instance lives as long as its link; the loader's other objects go when it drops.
+        let mut instance = EbpfLoader::new()
+            .default_map_pin_directory(self.dir.join("maps"))
+            .override_global(SK_LOOKUP_POD_GLOBAL, &netns_cookie, true)
+            .map_max_entries(LOG_RING, 4096)
+            .load(EBPF_OBJECT)?;
+        let program: &mut SkLookup = program_mut(&mut instance, SK_LOOKUP_PROGRAM)?;
+        program.load().map_err(prog_err(SK_LOOKUP_PROGRAM))?;
         adopt_or_attach(
             program,
             SK_LOOKUP_PROGRAM,
@@ -201,9 +239,8 @@ impl Capture {
         )
     }
 
-    /// Removes every trace of a pod: map entries and its sk_lookup link.
+    /// Removes every trace of a pod: its sk_lookup link, then its map entries.
     pub fn forget_pod(&mut self, netns_cookie: u64) -> Result<(), CaptureError> {
-        self.maps.forget_pod(netns_cookie)?;
         let pin = self.pod_link_path(netns_cookie);
         if pin.exists() {
             // Removing the last reference (the pin) detaches the link.
@@ -214,7 +251,13 @@ impl Capture {
         {
             std::fs::remove_dir(dir).map_err(io_err(dir, "removing pod pin directory"))?;
         }
-        Ok(())
+        self.maps.forget_pod(netns_cookie)
+    }
+
+    /// Whether the pod's sk_lookup link is pinned (it can only be missing if removed behind the
+    /// agent's back).
+    pub fn has_sk_lookup(&self, netns_cookie: u64) -> bool {
+        self.pod_link_path(netns_cookie).exists()
     }
 }
 
@@ -396,25 +439,6 @@ fn map_err(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> CaptureErro
     move |source| CaptureError::Map { map, source }
 }
 
-fn listener_key(ip: IpAddr) -> ListenerKey {
-    match ip {
-        IpAddr::V4(v4) => ListenerKey {
-            addr: [u32::from_ne_bytes(v4.octets()), 0, 0, 0],
-            family: AF_INET,
-            _pad: [0; 2],
-        },
-        IpAddr::V6(v6) => {
-            let o = v6.octets();
-            let word = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
-            ListenerKey {
-                addr: [word(0), word(4), word(8), word(12)],
-                family: AF_INET6,
-                _pad: [0; 2],
-            }
-        }
-    }
-}
-
 /// The address the programs recorded, back as a socket address.
 fn socket_addr(a: &SockAddr) -> Option<SocketAddr> {
     let ip = match a.family {
@@ -436,71 +460,130 @@ fn socket_addr(a: &SockAddr) -> Option<SocketAddr> {
 pub struct CaptureMaps {
     enrolled: HashMap<MapData, u64, EnrolledPod>,
     orig_dst_by_port: HashMap<MapData, ConnKey, SockAddr>,
-    pod_addrs: HashMap<MapData, ListenerKey, u64>,
-    inbound_listeners: SockHash<MapData, ListenerKey>,
-    settings: Array<MapData, u32>,
+    pod_listeners: SockHash<MapData, u64>,
+    pod_ports: HashMap<MapData, PodPortKey, u8>,
+    settings: Array<MapData, u64>,
     denied_binds: HashMap<MapData, u64, u64>,
 }
+
+/// Node-wide port entries carry netns cookie 0.
+const ANY_POD: u64 = 0;
 
 impl CaptureMaps {
     pub fn open(pin_dir: &Path) -> Result<Self, CaptureError> {
         Ok(Self {
             enrolled: open_map(pin_dir, map_names::ENROLLED, Map::HashMap)?,
             orig_dst_by_port: open_map(pin_dir, map_names::ORIG_DST_BY_PORT, Map::LruHashMap)?,
-            pod_addrs: open_map(pin_dir, map_names::POD_ADDRS, Map::HashMap)?,
-            inbound_listeners: open_map(pin_dir, map_names::INBOUND_LISTENERS, Map::SockHash)?,
+            pod_listeners: open_map(pin_dir, map_names::POD_LISTENERS, Map::SockHash)?,
+            pod_ports: open_map(pin_dir, map_names::POD_PORTS, Map::HashMap)?,
             settings: open_map(pin_dir, map_names::SETTINGS, Map::Array)?,
             denied_binds: open_map(pin_dir, map_names::DENIED_BINDS, Map::HashMap)?,
         })
     }
 
+    /// Writes the node-wide settings: fail mode, probe source, the node's own netns (where the
+    /// agent's ports are not reserved: the agent runs there) and the node-wide non-TCP ports.
     pub fn apply_settings(&mut self, config: &CaptureConfig) -> Result<(), CaptureError> {
-        let fail_open = u32::from(config.fail_mode == FailMode::Open);
+        let fail_open = u64::from(config.fail_mode == FailMode::Open);
         let probe = config
             .probe_source
-            .map_or(0, |ip| u32::from_ne_bytes(ip.octets()));
+            .map_or(0, |ip| u64::from(u32::from_ne_bytes(ip.octets())));
+        let host_netns =
+            crate::workload::netns::current_netns_cookie().map_err(|source| CaptureError::Io {
+                path: PathBuf::from("/proc/self/ns/net"),
+                action: "reading the node's netns cookie",
+                source,
+            })?;
         for (index, value) in [
             (settings::FAIL_OPEN, fail_open),
             (settings::PROBE_SOURCE_V4, probe),
+            (settings::HOST_NETNS, host_netns),
         ] {
             self.settings
                 .set(index, &value, 0)
                 .map_err(map_err(map_names::SETTINGS))?;
         }
+        self.replace_ports(ANY_POD, port_kinds::UDP_INBOUND, &config.udp_inbound_ports)?;
+        self.replace_ports(
+            ANY_POD,
+            port_kinds::UDP_OUTBOUND,
+            &config.udp_outbound_ports,
+        )
+    }
+
+    /// Makes the ports of `kind` let through for `netns_cookie` exactly `ports`.
+    pub fn replace_ports(
+        &mut self,
+        netns_cookie: u64,
+        kind: u16,
+        ports: &[u16],
+    ) -> Result<(), CaptureError> {
+        let stale: Vec<PodPortKey> = self
+            .pod_ports
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| {
+                k.netns_cookie == netns_cookie && k.kind == kind && !ports.contains(&k.port)
+            })
+            .collect();
+        for key in stale {
+            ignore_missing(self.pod_ports.remove(&key), map_names::POD_PORTS)?;
+        }
+        for &port in ports {
+            let key = PodPortKey {
+                netns_cookie,
+                port,
+                kind,
+                _pad: [0; 4],
+            };
+            self.pod_ports
+                .insert(&key, &1, 0)
+                .map_err(map_err(map_names::POD_PORTS))?;
+        }
         Ok(())
     }
 
-    /// Marks a pod's netns as captured. Its listeners must exist first (fail-closed ordering).
-    pub fn enroll(&mut self, netns_cookie: u64) -> Result<(), CaptureError> {
+    /// The ports of `kind` let through for `netns_cookie`.
+    pub fn ports(&self, netns_cookie: u64, kind: u16) -> Vec<u16> {
+        let mut ports: Vec<u16> = self
+            .pod_ports
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.netns_cookie == netns_cookie && k.kind == kind)
+            .map(|k| k.port)
+            .collect();
+        ports.sort_unstable();
+        ports
+    }
+
+    /// Marks a pod's netns as captured with `flags` (`zt_common::pod_flags`). Its listeners must
+    /// exist first (fail-closed ordering), unless the flags say its enrollment failed.
+    pub fn enroll(&mut self, netns_cookie: u64, flags: u64) -> Result<(), CaptureError> {
         self.enrolled
-            .insert(&netns_cookie, &EnrolledPod::default(), 0)
+            .insert(&netns_cookie, &EnrolledPod { flags }, 0)
             .map_err(map_err(map_names::ENROLLED))
     }
 
-    /// Steers inbound connections for `ip` to `listener`, the pod's inbound plaintext socket.
+    /// Steers every inbound connection of the pod to `listener`, its inbound plaintext socket.
     pub fn steer_inbound(
         &mut self,
-        ip: IpAddr,
         netns_cookie: u64,
         listener: &impl AsRawFd,
     ) -> Result<(), CaptureError> {
-        let key = listener_key(ip);
-        self.inbound_listeners
-            .insert(&key, listener.as_raw_fd(), 0)
-            .map_err(map_err(map_names::INBOUND_LISTENERS))?;
-        self.pod_addrs
-            .insert(&key, &netns_cookie, 0)
-            .map_err(map_err(map_names::POD_ADDRS))
+        self.pod_listeners
+            .insert(&netns_cookie, listener.as_raw_fd(), 0)
+            .map_err(map_err(map_names::POD_LISTENERS))
     }
 
-    /// Whether the kernel holds what enrolling `netns_cookie` with `addresses` wrote: the
-    /// enrollment and, for each address, its owner. (A listener socket leaves the sockhash by
-    /// itself when it closes; re-steering restores it with the owner.)
-    pub fn pod_in_sync(&self, netns_cookie: u64, addresses: &[IpAddr]) -> bool {
-        self.enrolled.get(&netns_cookie, 0).is_ok()
-            && addresses
-                .iter()
-                .all(|ip| self.pod_addrs.get(&listener_key(*ip), 0).ok() == Some(netns_cookie))
+    /// The capture flags the kernel holds for the pod, if it is enrolled.
+    pub fn enrolled_flags(&self, netns_cookie: u64) -> Option<u64> {
+        self.enrolled.get(&netns_cookie, 0).ok().map(|p| p.flags)
+    }
+
+    /// Pods with a live inbound listener in the sockhash (a listener leaves it by itself when
+    /// its socket closes).
+    pub fn steered_pods(&self) -> HashSet<u64> {
+        self.pod_listeners.keys().filter_map(Result::ok).collect()
     }
 
     /// Netns cookies of every enrolled pod, including ones a previous agent left behind.
@@ -519,34 +602,21 @@ impl CaptureMaps {
 
     /// Removes every map entry that belongs to the pod.
     pub fn forget_pod(&mut self, netns_cookie: u64) -> Result<(), CaptureError> {
-        // An entry may already be gone (a closed socket leaves the sockhash by itself).
-        let ignore_missing = |r: Result<(), aya::maps::MapError>, map| match r {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(aya::maps::MapError::SyscallError(e))
-                if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
-            {
-                Ok(())
-            }
-            Err(source) => Err(CaptureError::Map { map, source }),
-        };
         ignore_missing(self.enrolled.remove(&netns_cookie), map_names::ENROLLED)?;
+        ignore_missing(
+            self.pod_listeners.remove(&netns_cookie),
+            map_names::POD_LISTENERS,
+        )?;
         ignore_missing(
             self.denied_binds.remove(&netns_cookie),
             map_names::DENIED_BINDS,
         )?;
-        let addrs: Vec<ListenerKey> = self
-            .pod_addrs
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, cookie)| *cookie == netns_cookie)
-            .map(|(k, _)| k)
-            .collect();
-        for key in addrs {
-            ignore_missing(
-                self.inbound_listeners.remove(&key),
-                map_names::INBOUND_LISTENERS,
-            )?;
-            ignore_missing(self.pod_addrs.remove(&key), map_names::POD_ADDRS)?;
+        for kind in [
+            port_kinds::PROBE,
+            port_kinds::UDP_INBOUND,
+            port_kinds::UDP_OUTBOUND,
+        ] {
+            self.replace_ports(netns_cookie, kind, &[])?;
         }
         let conns: Vec<ConnKey> = self
             .orig_dst_by_port
@@ -562,6 +632,65 @@ impl CaptureMaps {
         }
         Ok(())
     }
+}
+
+/// A map entry may already be gone (a closed socket leaves the sockhash by itself).
+fn ignore_missing(
+    result: Result<(), aya::maps::MapError>,
+    map: &'static str,
+) -> Result<(), CaptureError> {
+    match result {
+        Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+        {
+            Ok(())
+        }
+        Err(source) => Err(CaptureError::Map { map, source }),
+    }
+}
+
+/// The registry of the agent's own sockets (`ZT_AGENT_SOCKETS`): the programs leave a socket
+/// alone when its cookie is registered, so the agent registers each socket it creates before it
+/// binds or connects it. Cheap to clone; shared by every netns thread.
+#[derive(Clone)]
+pub struct AgentSockets(Arc<Mutex<HashMap<MapData, u64, u8>>>);
+
+impl AgentSockets {
+    pub fn open(pin_dir: &Path) -> Result<Self, CaptureError> {
+        let map = open_map(pin_dir, map_names::AGENT_SOCKETS, Map::LruHashMap)?;
+        Ok(Self(Arc::new(Mutex::new(map))))
+    }
+
+    /// Registers `socket` as the agent's.
+    pub fn register(&self, socket: &impl AsRawFd) -> io::Result<()> {
+        let cookie = socket_cookie(socket)?;
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(&cookie, &1, 0)
+            .map_err(|e| io::Error::other(format!("{}: {e}", map_names::AGENT_SOCKETS)))
+    }
+}
+
+/// SO_COOKIE: the kernel's unique, never reused identifier of a socket.
+fn socket_cookie(socket: &impl AsRawFd) -> io::Result<u64> {
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: valid fd, out-pointer and length for a u64 option.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
 }
 
 /// Read-only view of the original destinations, for the outbound proxy.

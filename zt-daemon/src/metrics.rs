@@ -66,6 +66,8 @@ pub struct Metrics {
     /// Set at scrape time from the enrolled workloads' certificates.
     pub certificate_expiry: IntGaugeVec,
     pub workloads_enrolled: IntGauge,
+    /// Pods whose enrollment failed and that are held fail-closed until it succeeds.
+    pub enrollment_failed: IntGauge,
     pub capture_drift: IntGauge,
     pub identity_issue_failures: IntCounter,
 }
@@ -131,6 +133,10 @@ impl Metrics {
             )
             .expect("static metric definition"),
             workloads_enrolled: gauge("zt_workloads_enrolled", "Workloads enrolled on this node."),
+            enrollment_failed: gauge(
+                "zt_workloads_enrollment_failed",
+                "Pods whose enrollment failed: held fail-closed (connects refused, inbound dropped) until it succeeds.",
+            ),
             capture_drift: gauge(
                 "zt_capture_drift",
                 "Enrolled pods whose capture state in the kernel differs from what the agent wants.",
@@ -159,6 +165,7 @@ impl Metrics {
             Box::new(m.denied_binds.clone()),
             Box::new(m.certificate_expiry.clone()),
             Box::new(m.workloads_enrolled.clone()),
+            Box::new(m.enrollment_failed.clone()),
             Box::new(m.capture_drift.clone()),
             Box::new(m.identity_issue_failures.clone()),
             Box::new(build_info),

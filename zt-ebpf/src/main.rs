@@ -1,14 +1,24 @@
-//! zt's kernel programs (DESIGN.md §3).
+//! zt's kernel programs.
 //!
 //! - `zt_connect4/6` (cgroup): a TCP connect from an enrolled pod is rewritten to the agent's
-//!   in-pod outbound listener; the original destination is kept by socket cookie.
+//!   in-pod outbound listener; the original destination is kept by socket cookie. A UDP connect
+//!   is checked against the pod's non-TCP rules.
+//! - `zt_sendmsg4/6` (cgroup): unconnected UDP from an enrolled pod, checked the same way.
+//! - `zt_sock_create` (cgroup): a pod whose non-TCP egress is refused may not open raw sockets
+//!   or sockets of other protocols (SCTP, ...), which would carry traffic past every other hook.
 //! - `zt_sockops` (cgroup): once the source port is known, re-keys that entry by
 //!   (netns cookie, source port) so the agent finds it after accept(), and forgets it on close.
 //! - `zt_getpeername4/6` (cgroup): the application sees its original peer.
-//! - `zt_bind4/6` (cgroup): only the agent may bind the agent's ports inside an enrolled pod.
-//! - `zt_sk_lookup` (per pod netns): inbound TCP for the pod address goes to the agent.
+//! - `zt_bind4/6`, `zt_post_bind4/6` (cgroup): the agent's ports are reserved in every pod
+//!   network namespace on the node, enrolled or not, including ports the kernel picks for
+//!   `bind(port 0)`.
+//! - `zt_sk_lookup` (one instance per pod netns, which knows its pod's netns cookie): every
+//!   inbound TCP connection arriving in the pod goes to the agent, whatever its destination
+//!   address; inbound UDP follows the pod's non-TCP rules.
 //!
-//! Every program lets the agent's own sockets (SO_MARK = AGENT_MARK) through untouched.
+//! The agent's own sockets are recognised by their socket cookie, which the agent registers in
+//! `ZT_AGENT_SOCKETS` before it binds or connects them: a pod cannot write that map, whereas it
+//! could set any SO_MARK with CAP_NET_RAW.
 #![no_std]
 #![no_main]
 
@@ -21,23 +31,34 @@ use aya_ebpf::{
     helpers::generated::{
         bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_sk_lookup_tcp, bpf_sk_release,
     },
-    macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
+    macros::{cgroup_sock, cgroup_sock_addr, map, sk_lookup, sock_ops},
     maps::{Array, HashMap, LruHashMap, SockHash},
-    programs::{SkLookupContext, SockAddrContext, SockOpsContext},
+    programs::{SkLookupContext, SockAddrContext, SockContext, SockOpsContext},
 };
 use aya_log_ebpf::{debug, warn};
 use zt_common::{
-    AF_INET, AF_INET6, AGENT_MARK, ConnKey, EnrolledPod, HBONE_PORT, INBOUND_PLAINTEXT_PORT,
-    ListenerKey, OUTBOUND_PORT, SockAddr, settings,
+    AF_INET, AF_INET6, ConnKey, EnrolledPod, HBONE_PORT, OUTBOUND_PORT, PodPortKey, SockAddr,
+    is_agent_port, pod_flags, port_kinds, settings,
 };
 
 const SOCK_STREAM: u32 = 1;
+const SOCK_DGRAM: u32 = 2;
+const IPPROTO_ICMP: u32 = 1;
 const IPPROTO_TCP: u32 = 6;
+const IPPROTO_UDP: u32 = 17;
+const IPPROTO_ICMPV6: u32 = 58;
 const LOOPBACK_IFINDEX: u32 = 1;
-/// cgroup sock_addr verdicts.
+const DNS_PORT: u16 = 53;
+/// cgroup program verdicts.
 const ALLOW: i32 = 1;
 const DENY: i32 = 0;
 const ENOENT: i32 = 2;
+
+/// Set per loaded instance of `zt_sk_lookup`: the netns cookie of the pod it is attached to
+/// (an sk_lookup program cannot ask the kernel for its netns). Not zero, so that it lives in
+/// `.rodata`, where the loader can set it.
+#[unsafe(no_mangle)]
+static POD_NETNS_COOKIE: u64 = u64::MAX;
 
 #[map(name = "ZT_ENROLLED")]
 static ENROLLED: HashMap<u64, EnrolledPod> = HashMap::pinned(4096, 0);
@@ -48,40 +69,57 @@ static ORIG_DST_BY_COOKIE: LruHashMap<u64, SockAddr> = LruHashMap::pinned(65536,
 #[map(name = "ZT_ORIG_DST_BY_PORT")]
 static ORIG_DST_BY_PORT: LruHashMap<ConnKey, SockAddr> = LruHashMap::pinned(65536, 0);
 
-/// Pod address -> netns cookie of the pod that owns it.
-#[map(name = "ZT_POD_ADDRS")]
-static POD_ADDRS: HashMap<ListenerKey, u64> = HashMap::pinned(8192, 0);
+/// Pod netns cookie -> the agent's inbound plaintext listener inside that pod.
+#[map(name = "ZT_POD_LISTENERS")]
+static POD_LISTENERS: SockHash<u64> = SockHash::pinned(4096, 0);
 
-/// Pod address -> the agent's inbound plaintext listener inside that pod.
-#[map(name = "ZT_INBOUND_LISTENERS")]
-static INBOUND_LISTENERS: SockHash<ListenerKey> = SockHash::pinned(8192, 0);
+/// Socket cookies of the agent's sockets. Cookies are never reused, so an entry that outlives
+/// its socket is harmless; the LRU bounds the map.
+#[map(name = "ZT_AGENT_SOCKETS")]
+static AGENT_SOCKETS: LruHashMap<u64, u8> = LruHashMap::pinned(65536, 0);
 
-#[map(name = "ZT_SETTINGS")]
-static SETTINGS: Array<u32> = Array::pinned(settings::LEN, 0);
+#[map(name = "ZT_POD_PORTS")]
+static POD_PORTS: HashMap<PodPortKey, u8> = HashMap::pinned(16384, 0);
+
+#[map(name = "ZT_SETTINGS_V2")]
+static SETTINGS: Array<u64> = Array::pinned(settings::LEN, 0);
 
 #[map(name = "ZT_DENIED_BINDS")]
 static DENIED_BINDS: HashMap<u64, u64> = HashMap::pinned(4096, 0);
 
 #[inline(always)]
-fn setting(index: u32) -> u32 {
+fn setting(index: u32) -> u64 {
     SETTINGS.get(index).copied().unwrap_or(0)
 }
 
+/// The pod's capture flags, if the netns is enrolled.
 #[inline(always)]
-fn is_enrolled(netns_cookie: u64) -> bool {
-    ENROLLED.get_ptr(&netns_cookie).is_some()
+fn enrolled_flags(netns_cookie: u64) -> Option<u64> {
+    // SAFETY: pointer from a successful lookup; EnrolledPod is Copy.
+    ENROLLED
+        .get_ptr(&netns_cookie)
+        .map(|p| unsafe { (*p).flags })
 }
 
-/// True when the socket behind a sock_addr hook is the agent's own.
 #[inline(always)]
-fn is_agent_socket(ctx: &SockAddrContext) -> bool {
-    // SAFETY: the kernel hands a valid context; `sk` is always set for these attach types.
-    let sk = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk };
-    if sk.is_null() {
-        return false;
+fn is_agent_cookie(socket_cookie: u64) -> bool {
+    AGENT_SOCKETS.get_ptr(&socket_cookie).is_some()
+}
+
+/// Whether `port` of `kind` is let through for the pod, by a per-pod or a node-wide entry.
+#[inline(always)]
+fn port_allowed(netns_cookie: u64, port: u16, kind: u16) -> bool {
+    let mut key = PodPortKey {
+        netns_cookie,
+        port,
+        kind,
+        _pad: [0; 4],
+    };
+    if POD_PORTS.get_ptr(&key).is_some() {
+        return true;
     }
-    // SAFETY: checked non-null; the verifier rewrites this to a safe read of sk->sk_mark.
-    unsafe { (*sk).mark == AGENT_MARK }
+    key.netns_cookie = 0;
+    POD_PORTS.get_ptr(&key).is_some()
 }
 
 /// Fail-open mode needs to know whether the agent's outbound listener is alive in this netns.
@@ -108,16 +146,40 @@ fn outbound_listener_alive(ctx: &SockAddrContext) -> bool {
     true
 }
 
-/// Common checks of the connect and bind hooks: TCP, from an enrolled pod, not the agent.
+/// What a connect or sendmsg hook does with the socket behind `ctx`.
+enum Verdict {
+    /// Not ours to touch (not an enrolled pod, the agent's own socket, loopback).
+    Pass,
+    /// TCP from an enrolled pod: rewrite to the agent.
+    Capture,
+    Refuse,
+}
+
+/// The common decision of the connect and sendmsg hooks for a non-loopback destination port.
 #[inline(always)]
-fn applies_to(ctx: &SockAddrContext) -> bool {
+fn classify(ctx: &SockAddrContext, port: u16) -> Verdict {
     // SAFETY: valid context pointer from the kernel.
     let sa = unsafe { &*ctx.sock_addr };
-    if sa.type_ != SOCK_STREAM {
-        return false;
-    }
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    is_enrolled(netns) && !is_agent_socket(ctx)
+    let Some(flags) = enrolled_flags(netns) else {
+        return Verdict::Pass;
+    };
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if is_agent_cookie(cookie) {
+        return Verdict::Pass;
+    }
+    if flags & pod_flags::ENROLLMENT_FAILED != 0 {
+        return Verdict::Refuse;
+    }
+    if sa.type_ == SOCK_STREAM {
+        return Verdict::Capture;
+    }
+    if flags & pod_flags::REFUSE_OUTBOUND_NON_TCP != 0
+        && !port_allowed(netns, port, port_kinds::UDP_OUTBOUND)
+    {
+        return Verdict::Refuse;
+    }
+    Verdict::Pass
 }
 
 /// Records `dst` for this socket and decides whether to rewrite; false leaves the connect alone.
@@ -140,73 +202,143 @@ fn is_loopback_v4(addr_be: u32) -> bool {
     u32::from_be(addr_be) >> 24 == 127
 }
 
+/// An IPv6 destination as the programs store it (IPv4-mapped becomes IPv4), and whether it is
+/// loopback.
+#[inline(always)]
+fn ipv6_destination(ip: [u32; 4], port: u16) -> (SockAddr, bool) {
+    let v4_mapped = ip[0] == 0 && ip[1] == 0 && ip[2] == 0xffffu32.to_be();
+    if v4_mapped {
+        let dst = SockAddr {
+            addr: [ip[3], 0, 0, 0],
+            port,
+            family: AF_INET,
+        };
+        (dst, is_loopback_v4(ip[3]))
+    } else {
+        let loopback = ip[0] == 0 && ip[1] == 0 && ip[2] == 0 && ip[3] == 1u32.to_be();
+        let dst = SockAddr {
+            addr: ip,
+            port,
+            family: AF_INET6,
+        };
+        (dst, loopback)
+    }
+}
+
 #[cgroup_sock_addr(connect4)]
 pub fn zt_connect4(ctx: SockAddrContext) -> i32 {
-    if !applies_to(&ctx) {
-        return ALLOW;
-    }
     let sa = unsafe { &mut *ctx.sock_addr };
     if is_loopback_v4(sa.user_ip4) {
         return ALLOW;
     }
-    let dst = SockAddr {
-        addr: [sa.user_ip4, 0, 0, 0],
-        port: u16::from_be(sa.user_port as u16),
-        family: AF_INET,
-    };
-    if capture(&ctx, dst) {
-        debug!(&ctx, "zt: captured connect4 to port {}", dst.port);
-        sa.user_ip4 = u32::from_be_bytes([127, 0, 0, 1]).to_be();
-        sa.user_port = OUTBOUND_PORT.to_be() as u32;
+    let port = u16::from_be(sa.user_port as u16);
+    match classify(&ctx, port) {
+        Verdict::Pass => ALLOW,
+        Verdict::Refuse => DENY,
+        Verdict::Capture => {
+            let dst = SockAddr {
+                addr: [sa.user_ip4, 0, 0, 0],
+                port,
+                family: AF_INET,
+            };
+            if capture(&ctx, dst) {
+                debug!(&ctx, "zt: captured connect4 to port {}", port);
+                sa.user_ip4 = u32::from_be_bytes([127, 0, 0, 1]).to_be();
+                sa.user_port = OUTBOUND_PORT.to_be() as u32;
+            }
+            ALLOW
+        }
     }
-    ALLOW
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn zt_connect6(ctx: SockAddrContext) -> i32 {
-    if !applies_to(&ctx) {
-        return ALLOW;
-    }
     let sa = unsafe { &mut *ctx.sock_addr };
     let ip = sa.user_ip6;
     let port = u16::from_be(sa.user_port as u16);
-    let v4_mapped = ip[0] == 0 && ip[1] == 0 && ip[2] == 0xffffu32.to_be();
-    let loopback = if v4_mapped {
-        is_loopback_v4(ip[3])
-    } else {
-        ip[0] == 0 && ip[1] == 0 && ip[2] == 0 && ip[3] == 1u32.to_be()
-    };
+    let (dst, loopback) = ipv6_destination(ip, port);
     if loopback {
         return ALLOW;
     }
-    let dst = if v4_mapped {
-        SockAddr {
-            addr: [ip[3], 0, 0, 0],
-            port,
-            family: AF_INET,
+    match classify(&ctx, port) {
+        Verdict::Pass => ALLOW,
+        Verdict::Refuse => DENY,
+        Verdict::Capture => {
+            if capture(&ctx, dst) {
+                debug!(&ctx, "zt: captured connect6 to port {}", port);
+                sa.user_ip6 = if dst.family == AF_INET {
+                    [
+                        0,
+                        0,
+                        0xffffu32.to_be(),
+                        u32::from_be_bytes([127, 0, 0, 1]).to_be(),
+                    ]
+                } else {
+                    [0, 0, 0, 1u32.to_be()]
+                };
+                sa.user_port = OUTBOUND_PORT.to_be() as u32;
+            }
+            ALLOW
         }
-    } else {
-        SockAddr {
-            addr: ip,
-            port,
-            family: AF_INET6,
-        }
-    };
-    if capture(&ctx, dst) {
-        debug!(&ctx, "zt: captured connect6 to port {}", port);
-        sa.user_ip6 = if v4_mapped {
-            [
-                0,
-                0,
-                0xffffu32.to_be(),
-                u32::from_be_bytes([127, 0, 0, 1]).to_be(),
-            ]
-        } else {
-            [0, 0, 0, 1u32.to_be()]
-        };
-        sa.user_port = OUTBOUND_PORT.to_be() as u32;
     }
-    ALLOW
+}
+
+/// Unconnected UDP (`sendto`/`sendmsg` with an address): TCP never comes here.
+#[inline(always)]
+fn guard_sendmsg(ctx: &SockAddrContext, loopback: bool, port: u16) -> i32 {
+    if loopback {
+        return ALLOW;
+    }
+    match classify(ctx, port) {
+        Verdict::Refuse => DENY,
+        Verdict::Pass | Verdict::Capture => ALLOW,
+    }
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn zt_sendmsg4(ctx: SockAddrContext) -> i32 {
+    let sa = unsafe { &*ctx.sock_addr };
+    let port = u16::from_be(sa.user_port as u16);
+    guard_sendmsg(&ctx, is_loopback_v4(sa.user_ip4), port)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn zt_sendmsg6(ctx: SockAddrContext) -> i32 {
+    let sa = unsafe { &*ctx.sock_addr };
+    let port = u16::from_be(sa.user_port as u16);
+    let (_, loopback) = ipv6_destination(sa.user_ip6, port);
+    guard_sendmsg(&ctx, loopback, port)
+}
+
+#[cgroup_sock(sock_create)]
+pub fn zt_sock_create(ctx: SockContext) -> i32 {
+    // SAFETY: valid context pointer from the kernel.
+    let sk = unsafe { &*ctx.sock };
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let Some(flags) = enrolled_flags(netns) else {
+        return ALLOW;
+    };
+    if flags & pod_flags::REFUSE_OUTBOUND_NON_TCP == 0 {
+        return ALLOW;
+    }
+    // TCP and UDP are covered by the other hooks; ping sockets carry only ICMP echo. Raw sockets
+    // and other protocols would go around capture.
+    let allowed = match (sk.type_, sk.protocol) {
+        (SOCK_STREAM, 0 | IPPROTO_TCP) => true,
+        (SOCK_DGRAM, 0 | IPPROTO_UDP | IPPROTO_ICMP | IPPROTO_ICMPV6) => true,
+        _ => false,
+    };
+    if allowed {
+        ALLOW
+    } else {
+        warn!(
+            &ctx,
+            "zt: refused a socket of type {} protocol {} in a pod whose non-TCP egress is refused",
+            sk.type_,
+            sk.protocol
+        );
+        DENY
+    }
 }
 
 #[sock_ops]
@@ -278,27 +410,42 @@ pub fn zt_getpeername6(ctx: SockAddrContext) -> i32 {
     ALLOW
 }
 
+/// Whether a TCP socket in `netns` may hold `port`: the agent's ports belong to the agent in
+/// every network namespace but the node's own.
+#[inline(always)]
+fn port_guard(netns: u64, socket_cookie: u64, socket_type: u32, port: u16) -> bool {
+    if socket_type != SOCK_STREAM || !is_agent_port(port) {
+        return true;
+    }
+    if netns == setting(settings::HOST_NETNS) || is_agent_cookie(socket_cookie) {
+        return true;
+    }
+    // Counted per pod for the agent's metric and log; a lost increment under a race only
+    // undercounts, the bind is refused either way.
+    match DENIED_BINDS.get_ptr_mut(&netns) {
+        Some(count) => unsafe { *count += 1 },
+        None => {
+            let _ = DENIED_BINDS.insert(&netns, &1, 0);
+        }
+    }
+    false
+}
+
 #[inline(always)]
 fn guard_bind(ctx: &SockAddrContext) -> i32 {
-    let port = u16::from_be(unsafe { (*ctx.sock_addr).user_port } as u16);
-    let reserved = port == OUTBOUND_PORT || port == INBOUND_PLAINTEXT_PORT || port == HBONE_PORT;
-    if reserved && applies_to(ctx) {
-        warn!(
-            ctx,
-            "zt: refused bind of reserved port {} in an enrolled pod", port
-        );
-        // Counted per pod for the agent's metric and log; a lost increment under a race only
-        // undercounts, the bind is refused either way.
-        let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-        match DENIED_BINDS.get_ptr_mut(&netns) {
-            Some(count) => unsafe { *count += 1 },
-            None => {
-                let _ = DENIED_BINDS.insert(&netns, &1, 0);
-            }
-        }
-        return DENY;
+    // SAFETY: valid context pointer from the kernel.
+    let sa = unsafe { &*ctx.sock_addr };
+    let port = u16::from_be(sa.user_port as u16);
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if port_guard(netns, cookie, sa.type_, port) {
+        return ALLOW;
     }
-    ALLOW
+    warn!(
+        ctx,
+        "zt: refused bind of the agent's port {} in a pod", port
+    );
+    DENY
 }
 
 #[cgroup_sock_addr(bind4)]
@@ -311,52 +458,95 @@ pub fn zt_bind6(ctx: SockAddrContext) -> i32 {
     guard_bind(&ctx)
 }
 
+/// After the kernel picked the port (`bind` to port 0 with a narrowed ip_local_port_range): the
+/// same guard on the port actually taken. Refusing undoes the bind.
+#[inline(always)]
+fn guard_post_bind(ctx: &SockContext) -> i32 {
+    // SAFETY: valid context pointer from the kernel.
+    let sk = unsafe { &*ctx.sock };
+    let port = sk.src_port as u16;
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if port_guard(netns, cookie, sk.type_, port) {
+        return ALLOW;
+    }
+    warn!(
+        ctx,
+        "zt: refused an automatic bind to the agent's port {} in a pod", port
+    );
+    DENY
+}
+
+#[cgroup_sock(post_bind4)]
+pub fn zt_post_bind4(ctx: SockContext) -> i32 {
+    guard_post_bind(&ctx)
+}
+
+#[cgroup_sock(post_bind6)]
+pub fn zt_post_bind6(ctx: SockContext) -> i32 {
+    guard_post_bind(&ctx)
+}
+
+/// Whether the connection's source address is its destination address.
+#[inline(always)]
+fn from_self(ctx: &SkLookupContext) -> bool {
+    // SAFETY: valid context pointer from the kernel.
+    let lk = unsafe { &*ctx.lookup };
+    if lk.family == AF_INET as u32 {
+        return lk.remote_ip4 == lk.local_ip4;
+    }
+    // Field by field: the verifier refuses a copy through an offset context pointer.
+    let local = |i: usize| unsafe { core::ptr::read_volatile(&(*ctx.lookup).local_ip6[i]) };
+    let remote = |i: usize| unsafe { core::ptr::read_volatile(&(*ctx.lookup).remote_ip6[i]) };
+    local(0) == remote(0) && local(1) == remote(1) && local(2) == remote(2) && local(3) == remote(3)
+}
+
 #[sk_lookup]
 pub fn zt_sk_lookup(ctx: SkLookupContext) -> u32 {
     // SAFETY: valid context pointer from the kernel.
     let lk = unsafe { &*ctx.lookup };
-    if lk.protocol != IPPROTO_TCP
-        || lk.local_port == HBONE_PORT as u32
-        || lk.ingress_ifindex == LOOPBACK_IFINDEX
+    // Traffic inside the pod (the agent delivering to the app, the app calling itself) arrives
+    // on loopback, or with the destination address as its source: the kernel drops such a
+    // source arriving from outside as martian.
+    if lk.ingress_ifindex == LOOPBACK_IFINDEX || from_self(&ctx) {
+        return sk_action::SK_PASS;
+    }
+    // SAFETY: a constant the agent set when it loaded this instance.
+    let netns = unsafe { core::ptr::read_volatile(&POD_NETNS_COOKIE) };
+    let Some(flags) = enrolled_flags(netns) else {
+        // Attached but not (or no longer) enrolled: the agent is between steps; fail closed.
+        return sk_action::SK_DROP;
+    };
+    if flags & pod_flags::ENROLLMENT_FAILED != 0 {
+        return sk_action::SK_DROP;
+    }
+    let local_port = lk.local_port as u16;
+    if lk.protocol != IPPROTO_TCP {
+        // UDP (sk_lookup sees only TCP and UDP). A connected socket's replies never come here.
+        if flags & pod_flags::DROP_INBOUND_NON_TCP == 0
+            || port_allowed(netns, local_port, port_kinds::UDP_INBOUND)
+        {
+            return sk_action::SK_PASS;
+        }
+        // Replies to unconnected queries (a resolver that does not connect its socket).
+        let remote_port = u16::from_be(lk.remote_port as u16);
+        if remote_port == DNS_PORT && port_allowed(netns, DNS_PORT, port_kinds::UDP_OUTBOUND) {
+            return sk_action::SK_PASS;
+        }
+        return sk_action::SK_DROP;
+    }
+    if local_port == HBONE_PORT {
+        return sk_action::SK_PASS;
+    }
+    let probe_source = setting(settings::PROBE_SOURCE_V4) as u32;
+    if probe_source != 0
+        && lk.family == AF_INET as u32
+        && lk.remote_ip4 == probe_source
+        && port_allowed(netns, local_port, port_kinds::PROBE)
     {
         return sk_action::SK_PASS;
     }
-    let probe_source = setting(settings::PROBE_SOURCE_V4);
-    if probe_source != 0 && lk.family == AF_INET as u32 && lk.remote_ip4 == probe_source {
-        return sk_action::SK_PASS;
-    }
-    let key = if lk.family == AF_INET as u32 {
-        ListenerKey {
-            addr: [lk.local_ip4, 0, 0, 0],
-            family: AF_INET,
-            _pad: [0; 2],
-        }
-    } else {
-        // Field by field: the verifier refuses a copy through an offset context pointer.
-        let ip6 = |i: usize| unsafe { core::ptr::read_volatile(&(*ctx.lookup).local_ip6[i]) };
-        ListenerKey {
-            addr: [ip6(0), ip6(1), ip6(2), ip6(3)],
-            family: AF_INET6,
-            _pad: [0; 2],
-        }
-    };
-    // Traffic the pod sends to its own address (the agent delivering to the app, or the app
-    // calling itself) arrives with the pod's address as source; the kernel drops such a source
-    // on any other interface as martian, so it cannot be spoofed from outside.
-    let from_self = if lk.family == AF_INET as u32 {
-        lk.remote_ip4 == lk.local_ip4
-    } else {
-        let r6 = |i: usize| unsafe { core::ptr::read_volatile(&(*ctx.lookup).remote_ip6[i]) };
-        r6(0) == key.addr[0] && r6(1) == key.addr[1] && r6(2) == key.addr[2] && r6(3) == key.addr[3]
-    };
-    if from_self {
-        return sk_action::SK_PASS;
-    }
-    if POD_ADDRS.get_ptr(&key).is_none() {
-        // Not a pod address this agent enrolled: not ours to steer.
-        return sk_action::SK_PASS;
-    }
-    match INBOUND_LISTENERS.redirect_sk_lookup(&ctx, &key, 0) {
+    match POD_LISTENERS.redirect_sk_lookup(&ctx, &netns, 0) {
         Ok(()) => sk_action::SK_PASS,
         // No live agent listener: drop unless the operator chose fail-open.
         Err(e) if e == -ENOENT && setting(settings::FAIL_OPEN) != 0 => sk_action::SK_PASS,

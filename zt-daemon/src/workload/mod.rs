@@ -1,19 +1,23 @@
 //! Workloads on this node: enrollment into capture, and un-enrollment that leaves no trace.
 //!
-//! Enrolling a pod creates the agent's listeners inside its netns first, then attaches inbound
-//! steering, and only then marks the netns as captured, so there is never a moment where captured
+//! Enrolling a pod creates the agent's listeners inside its netns first, then marks the netns as
+//! captured, and only then attaches inbound steering, so there is never a moment where captured
 //! traffic has no listener to go to (except while the agent itself is down: fail-closed).
+//!
+//! An enrollment that fails once the pod's netns is known (a pod squatting an agent port, say)
+//! leaves the pod fail-closed: marked `ENROLLMENT_FAILED`, its connects are refused and its
+//! inbound dropped by the programs until a later attempt succeeds.
 pub mod netns;
 
 use std::{fs::File, net::IpAddr, net::SocketAddr, sync::Arc};
 
 use tokio::{net::TcpListener, task::JoinHandle};
 use tracing::{info, warn};
-use zt_common::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
+use zt_common::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, pod_flags, port_kinds};
 
 pub use crate::config::{Workload, WorkloadId};
 use crate::{
-    ebpf::{Capture, CaptureError},
+    ebpf::{AgentSockets, Capture, CaptureError},
     identity::{rotation::WorkloadIdentity, tls::SvidSlot},
     proxy,
     proxy::ProxyContext,
@@ -39,6 +43,16 @@ pub enum EnrollError {
         workload: WorkloadId,
         source: Box<CaptureError>,
     },
+}
+
+/// A failed enrollment, and whether the pod could be left fail-closed.
+#[derive(Debug, thiserror::Error)]
+#[error("{error}")]
+pub struct EnrollFailure {
+    pub error: EnrollError,
+    /// The pod's netns cookie when it is now fail-closed (`ENROLLMENT_FAILED`); `None` when its
+    /// namespace could not even be entered (then there is nothing to capture).
+    pub fail_closed: Option<u64>,
 }
 
 /// What the proxy needs to act for one enrolled workload.
@@ -79,18 +93,25 @@ struct PodListeners {
     hbone: std::net::TcpListener,
 }
 
-fn create_listeners() -> Result<PodListeners, (&'static str, std::io::Error)> {
+fn create_listeners(
+    sockets: &AgentSockets,
+) -> Result<PodListeners, (&'static str, std::io::Error)> {
     use std::net::{Ipv4Addr, Ipv6Addr};
     let v4 = |ip: Ipv4Addr, port| SocketAddr::from((ip, port));
     let v6 = |ip: Ipv6Addr, port| SocketAddr::from((ip, port));
-    let outbound_v4 = netns::agent_listener(v4(Ipv4Addr::LOCALHOST, OUTBOUND_PORT), false)
+    let outbound_v4 = netns::agent_listener(v4(Ipv4Addr::LOCALHOST, OUTBOUND_PORT), false, sockets)
         .map_err(|e| ("listen on 127.0.0.1:15001", e))?;
     // A pod without IPv6 has no ::1; IPv4 capture still works.
-    let outbound_v6 = netns::agent_listener(v6(Ipv6Addr::LOCALHOST, OUTBOUND_PORT), false).ok();
+    let outbound_v6 =
+        netns::agent_listener(v6(Ipv6Addr::LOCALHOST, OUTBOUND_PORT), false, sockets).ok();
     // Dual-stack wildcards: sk_lookup may hand them IPv4 or IPv6 connections.
-    let inbound = netns::agent_listener(v6(Ipv6Addr::UNSPECIFIED, INBOUND_PLAINTEXT_PORT), true)
-        .map_err(|e| ("listen on [::]:15006", e))?;
-    let hbone = netns::agent_listener(v6(Ipv6Addr::UNSPECIFIED, HBONE_PORT), true)
+    let inbound = netns::agent_listener(
+        v6(Ipv6Addr::UNSPECIFIED, INBOUND_PLAINTEXT_PORT),
+        true,
+        sockets,
+    )
+    .map_err(|e| ("listen on [::]:15006", e))?;
+    let hbone = netns::agent_listener(v6(Ipv6Addr::UNSPECIFIED, HBONE_PORT), true, sockets)
         .map_err(|e| ("listen on [::]:15008", e))?;
     Ok(PodListeners {
         outbound_v4,
@@ -101,13 +122,15 @@ fn create_listeners() -> Result<PodListeners, (&'static str, std::io::Error)> {
 }
 
 impl Enrollment {
-    /// Enrolls `workload`: listeners, inbound steering, then capture.
+    /// Enrolls `workload`: listeners, capture (with `flags`, `zt_common::pod_flags`), then
+    /// inbound steering. On failure the pod is left fail-closed when its netns could be entered.
     pub async fn enroll(
         capture: &mut Capture,
         ctx: Arc<ProxyContext>,
         workload: Workload,
         identity: Option<WorkloadIdentity>,
-    ) -> Result<Self, EnrollError> {
+        flags: u64,
+    ) -> Result<Self, EnrollFailure> {
         let id = workload.id.clone();
         let netns_label = workload.netns.display().to_string();
         let socket_err = |what, source| EnrollError::Socket {
@@ -116,54 +139,71 @@ impl Enrollment {
             what,
             source,
         };
-        let worker = NetnsWorker::spawn(&workload.netns).map_err(|source| EnrollError::Netns {
+        let open = |error| EnrollFailure {
+            error,
+            fail_closed: None,
+        };
+        let netns_err = |source| EnrollError::Netns {
             workload: id.clone(),
             source,
-        })?;
-        let inside = worker
-            .run(|| {
-                let cookie = netns::current_netns_cookie().map_err(|e| ("SO_NETNS_COOKIE", e))?;
-                netns::migrate_queued_connections_on_close();
-                let addrs = netns::current_pod_addresses().map_err(|e| ("listing addresses", e))?;
-                let listeners = create_listeners()?;
-                Ok::<_, (&'static str, std::io::Error)>((cookie, addrs, listeners))
-            })
+        };
+        let worker = NetnsWorker::spawn(&workload.netns, capture.agent_sockets.clone())
+            .map_err(|e| open(netns_err(e)))?;
+        let netns_file =
+            File::open(&workload.netns).map_err(|e| open(socket_err("opening netns", e)))?;
+        let cookie = worker
+            .run(netns::current_netns_cookie)
             .await
-            .map_err(|source| EnrollError::Netns {
-                workload: id.clone(),
-                source,
-            })?;
-        let (cookie, addresses, listeners) = inside.map_err(|(what, e)| socket_err(what, e))?;
+            .map_err(|e| open(netns_err(e)))?
+            .map_err(|e| open(socket_err("SO_NETNS_COOKIE", e)))?;
+        // From here on the pod is known: a failure leaves it fail-closed.
+        let fail = |capture: &mut Capture, error: EnrollError| {
+            let fail_closed = match fail_closed(capture, cookie, &netns_file) {
+                Ok(()) => Some(cookie),
+                Err(e) => {
+                    warn!(workload = %id, error = %e, "could not leave the pod fail-closed");
+                    None
+                }
+            };
+            EnrollFailure { error, fail_closed }
+        };
+        let sockets = capture.agent_sockets.clone();
+        let inside = worker
+            .run(move || {
+                netns::migrate_queued_connections_on_close();
+                netns::reserve_agent_ports().map_err(|e| ("reserving the agent's ports", e))?;
+                let addrs = netns::current_pod_addresses().map_err(|e| ("listing addresses", e))?;
+                let listeners = create_listeners(&sockets)?;
+                Ok::<_, (&'static str, std::io::Error)>((addrs, listeners))
+            })
+            .await;
+        let (addresses, listeners) = match inside {
+            Ok(Ok(inside)) => inside,
+            Ok(Err((what, e))) => return Err(fail(capture, socket_err(what, e))),
+            Err(e) => return Err(fail(capture, netns_err(e))),
+        };
 
         let capture_err = |source| EnrollError::Capture {
             workload: id.clone(),
             source: Box::new(source),
         };
-        let netns_file = File::open(&workload.netns).map_err(|e| socket_err("opening netns", e))?;
         let steer = |capture: &mut Capture| -> Result<bool, CaptureError> {
-            let adopted = capture.attach_sk_lookup(cookie, &netns_file)?;
-            for ip in &addresses {
-                capture
-                    .maps
-                    .steer_inbound(*ip, cookie, &listeners.inbound)?;
-            }
-            capture.maps.enroll(cookie)?;
-            Ok(adopted)
+            capture.maps.steer_inbound(cookie, &listeners.inbound)?;
+            capture
+                .maps
+                .replace_ports(cookie, port_kinds::PROBE, &workload.probe_ports)?;
+            capture.maps.enroll(cookie, flags)?;
+            capture.attach_sk_lookup(cookie, &netns_file)
         };
         let adopted = match steer(capture) {
             Ok(adopted) => adopted,
-            Err(e) => {
-                if let Err(undo) = capture.forget_pod(cookie) {
-                    warn!(workload = %id, error = %undo, "cleanup after failed enrollment");
-                }
-                return Err(capture_err(e));
-            }
+            Err(e) => return Err(fail(capture, capture_err(e))),
         };
 
         let inbound_listener = listeners
             .inbound
             .try_clone()
-            .map_err(|e| socket_err("duplicating the inbound listener", e))?;
+            .map_err(|e| fail(capture, socket_err("duplicating the inbound listener", e)))?;
         let local = Arc::new(LocalWorkload {
             workload,
             netns_cookie: cookie,
@@ -176,7 +216,7 @@ impl Enrollment {
             inbound_listener,
         });
         let tokio_listener = |l: std::net::TcpListener, what| {
-            TcpListener::from_std(l).map_err(|e| socket_err(what, e))
+            TcpListener::from_std(l).map_err(|e| open(socket_err(what, e)))
         };
         let mut tasks = Vec::new();
         let mut outbound = vec![tokio_listener(listeners.outbound_v4, "outbound v4")?];
@@ -225,22 +265,39 @@ impl Enrollment {
         }
     }
 
-    /// Makes the kernel hold this workload's capture state again, if it drifted (an entry
-    /// deleted behind the agent's back); returns whether it had.
-    pub fn repair_capture(&self, capture: &mut Capture) -> Result<bool, CaptureError> {
+    /// Makes the kernel hold this workload's capture state again, with `flags`, if it drifted
+    /// (an entry deleted behind the agent's back, or flags that a policy change altered);
+    /// returns whether it had. `steered` are the pods with a listener in the kernel's sockhash.
+    pub fn repair_capture(
+        &self,
+        capture: &mut Capture,
+        flags: u64,
+        steered: &std::collections::HashSet<u64>,
+    ) -> Result<bool, CaptureError> {
         let local = &self.local;
-        if capture
-            .maps
-            .pod_in_sync(local.netns_cookie, &local.addresses)
-        {
+        let cookie = local.netns_cookie;
+        let in_sync = capture.maps.enrolled_flags(cookie) == Some(flags)
+            && steered.contains(&cookie)
+            && capture.has_sk_lookup(cookie)
+            && capture.maps.ports(cookie, port_kinds::PROBE) == local.workload.probe_ports;
+        if in_sync {
             return Ok(false);
         }
-        for ip in &local.addresses {
-            capture
-                .maps
-                .steer_inbound(*ip, local.netns_cookie, &local.inbound_listener)?;
+        capture
+            .maps
+            .steer_inbound(cookie, &local.inbound_listener)?;
+        capture
+            .maps
+            .replace_ports(cookie, port_kinds::PROBE, &local.workload.probe_ports)?;
+        capture.maps.enroll(cookie, flags)?;
+        if !capture.has_sk_lookup(cookie) {
+            let netns = File::open(local.netns.path()).map_err(|source| CaptureError::Io {
+                path: local.netns.path().to_owned(),
+                action: "opening netns",
+                source,
+            })?;
+            capture.attach_sk_lookup(cookie, &netns)?;
         }
-        capture.maps.enroll(local.netns_cookie)?;
         Ok(true)
     }
 
@@ -259,4 +316,12 @@ impl Enrollment {
         info!(workload = %self.local.workload.id, "workload un-enrolled");
         Ok(())
     }
+}
+
+/// Leaves a pod whose enrollment failed closed: no connect leaves it and no connection reaches
+/// it, and it is still known to the kernel as enrolled (so nothing else treats it as stale).
+pub fn fail_closed(capture: &mut Capture, cookie: u64, netns: &File) -> Result<(), CaptureError> {
+    capture.maps.enroll(cookie, pod_flags::ENROLLMENT_FAILED)?;
+    capture.attach_sk_lookup(cookie, netns)?;
+    Ok(())
 }

@@ -1,6 +1,7 @@
 //! Network namespaces of pods: each enrolled pod gets one thread that lives inside its netns and
 //! creates sockets there on request. A socket keeps the netns it was created in, so the tokio
-//! runtime can use it from any thread afterwards.
+//! runtime can use it from any thread afterwards. Every socket the agent creates is registered
+//! as the agent's (`AgentSockets`) before it is bound or connected, so capture leaves it alone.
 use std::{
     fs::File,
     io,
@@ -13,7 +14,9 @@ use std::{
 use nix::sched::{CloneFlags, setns};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use tokio::sync::oneshot;
-use zt_common::AGENT_MARK;
+use zt_common::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
+
+use crate::ebpf::AgentSockets;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetnsError {
@@ -31,11 +34,12 @@ type Job = Box<dyn FnOnce() + Send>;
 pub struct NetnsWorker {
     path: PathBuf,
     jobs: mpsc::Sender<Job>,
+    sockets: AgentSockets,
 }
 
 impl NetnsWorker {
     /// Opens `path` and starts a thread inside that namespace.
-    pub fn spawn(path: &Path) -> Result<Self, NetnsError> {
+    pub fn spawn(path: &Path, sockets: AgentSockets) -> Result<Self, NetnsError> {
         let file = File::open(path).map_err(|source| NetnsError::Open {
             path: path.to_owned(),
             source,
@@ -68,6 +72,7 @@ impl NetnsWorker {
         Ok(Self {
             path: path.to_owned(),
             jobs,
+            sockets,
         })
     }
 
@@ -97,8 +102,9 @@ impl NetnsWorker {
         &self,
         dst: SocketAddr,
     ) -> Result<tokio::net::TcpSocket, io::Error> {
+        let sockets = self.sockets.clone();
         let socket = self
-            .run(move || agent_socket(Domain::for_address(dst)))
+            .run(move || agent_socket(Domain::for_address(dst), &sockets))
             .await
             .map_err(io::Error::other)??;
         let std: std::net::TcpStream = socket.into();
@@ -106,21 +112,25 @@ impl NetnsWorker {
     }
 }
 
-/// A non-blocking TCP socket carrying the agent mark, in the calling thread's namespace.
-pub fn agent_socket(domain: Domain) -> io::Result<Socket> {
+/// A non-blocking TCP socket registered as the agent's, in the calling thread's namespace.
+pub fn agent_socket(domain: Domain, sockets: &AgentSockets) -> io::Result<Socket> {
     let socket = Socket::new(
         domain,
         Type::STREAM.nonblocking().cloexec(),
         Some(Protocol::TCP),
     )?;
-    socket.set_mark(AGENT_MARK)?;
+    sockets.register(&socket)?;
     socket.set_tcp_nodelay(true)?;
     Ok(socket)
 }
 
 /// A listening agent socket on `addr`. `dual_stack` makes an IPv6 wildcard accept IPv4 too.
-pub fn agent_listener(addr: SocketAddr, dual_stack: bool) -> io::Result<std::net::TcpListener> {
-    let socket = agent_socket(Domain::for_address(addr))?;
+pub fn agent_listener(
+    addr: SocketAddr,
+    dual_stack: bool,
+    sockets: &AgentSockets,
+) -> io::Result<std::net::TcpListener> {
+    let socket = agent_socket(Domain::for_address(addr), sockets)?;
     if addr.is_ipv6() {
         socket.set_only_v6(!dual_stack)?;
     }
@@ -141,6 +151,25 @@ pub fn migrate_queued_connections_on_close() {
     if let Err(e) = std::fs::write("/proc/sys/net/ipv4/tcp_migrate_req", "1") {
         tracing::debug!(error = %e, "net.ipv4.tcp_migrate_req not set");
     }
+}
+
+/// Adds the agent's ports to `net.ipv4.ip_local_reserved_ports` of the calling thread's
+/// namespace, so that the kernel never hands one of them to a pod's socket through an automatic
+/// bind (a `connect` or `listen` without `bind`), which the bind programs cannot see. The value
+/// the pod had is kept.
+pub fn reserve_agent_ports() -> io::Result<()> {
+    const PATH: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
+    let current = std::fs::read_to_string(PATH)?;
+    let mut ranges: Vec<String> = current
+        .trim()
+        .split(',')
+        .filter(|r| !r.is_empty())
+        .map(str::to_owned)
+        .collect();
+    for port in [OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, HBONE_PORT] {
+        ranges.push(port.to_string());
+    }
+    std::fs::write(PATH, ranges.join(","))
 }
 
 /// SO_NETNS_COOKIE of the calling thread's namespace.
