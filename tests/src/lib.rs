@@ -281,6 +281,21 @@ impl Testbed {
         &self.nodes[node - 1].pods[pod - 1]
     }
 
+    /// A directory that holds (symlinks to) the network namespaces of node `n`'s pods only, as a
+    /// real node's /run/netns does: the runtime directory this bed shares with others (and
+    /// other beds' pods with the same addresses) is not a node's.
+    pub fn netns_dir(&self, n: usize) -> anyhow::Result<PathBuf> {
+        let dir = self.dir.join(format!("netns-node{n}"));
+        if !dir.exists() {
+            std::fs::create_dir(&dir)?;
+            for pod in &self.node(n).pods {
+                let name = pod.netns.file_name().context("netns path has a name")?;
+                std::os::unix::fs::symlink(&pod.netns, dir.join(name))?;
+            }
+        }
+        Ok(dir)
+    }
+
     /// A command that will run inside `pod`: in its cgroup, then in its netns.
     pub fn pod_command(
         &self,

@@ -257,8 +257,9 @@ fn kubernetes_discovery_follows_list_watch_bookmarks_and_relists() {
     let config = node_config(&node, &[], "").replace(
         "[policy]",
         &format!(
-            "[discovery.kubernetes]\nenabled = true\napi_server = \"http://{}\"\nnetns_dir = \"/run/netns\"\n[policy]",
-            api.addr
+            "[discovery.kubernetes]\nenabled = true\napi_server = \"http://{}\"\nnetns_dir = \"{}\"\n[policy]",
+            api.addr,
+            bed.netns_dir(2).unwrap().display()
         ),
     );
     let agent = Agent::start_with_config(&mut bed, 2, &config).unwrap();
@@ -335,4 +336,82 @@ fn kubernetes_discovery_follows_list_watch_bookmarks_and_relists() {
     api.pod_event("MODIFIED", pod_object(&p22, Some("disabled")));
     wait_unenrolled(&agent, "default/n2p2", 1);
     assert!(!maps::enrolled(&node.pin_dir).unwrap().contains(&p22_cookie));
+}
+
+#[test]
+fn a_pod_that_reuses_a_dead_pods_ip_is_enrolled_in_its_own_namespace() {
+    let mut bed = Testbed::new(2).unwrap();
+    let (p21, p22) = (bed.pod(2, 1).clone(), bed.pod(2, 2).clone());
+    let node = bed.node(2).clone();
+    let api = FakeApiServer::start(&node.netns);
+    let reused_ip = p21.ipv4.to_string();
+    let pod = |name: &str, service_account: &str| {
+        let mut object = pod_object(&p21, Some("enabled"));
+        object["metadata"]["name"] = json!(name);
+        object["metadata"]["uid"] = json!(format!("uid-{name}"));
+        object["spec"]["serviceAccountName"] = json!(service_account);
+        object
+    };
+    {
+        let mut state = api.lock();
+        state.resource_version = 10;
+        state.namespaces = vec![json!({"apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": "default", "resourceVersion": "1"}})];
+        state.pods = vec![pod("old", "sa-old")];
+    }
+    let config = node_config(&node, &[], "").replace(
+        "[policy]",
+        &format!(
+            "[discovery.kubernetes]\nenabled = true\napi_server = \"http://{}\"\nnetns_dir = \"{}\"\n[policy]",
+            api.addr,
+            bed.netns_dir(2).unwrap().display()
+        ),
+    );
+    let agent = Agent::start_with_config(&mut bed, 2, &config).unwrap();
+    wait_enrolled(&agent, "default/old", 1);
+    wait_until(Duration::from_secs(5), || Ok(api.pod_watch_starts() >= 1)).unwrap();
+
+    // The old pod goes; its IP is given to a pod of another service account in another
+    // network namespace (the old namespace lives on without it, as a dying sandbox can).
+    api.pod_event("DELETED", pod("old", "sa-old"));
+    wait_unenrolled(&agent, "default/old", 1);
+    let ns = |p: &Pod| p.netns.file_name().unwrap().to_str().unwrap().to_owned();
+    zt_tests::sh(
+        "ip",
+        &[
+            "-n",
+            &ns(&p21),
+            "addr",
+            "del",
+            &format!("{reused_ip}/24"),
+            "dev",
+            "eth0",
+        ],
+    )
+    .unwrap();
+    zt_tests::sh(
+        "ip",
+        &[
+            "-n",
+            &ns(&p22),
+            "addr",
+            "add",
+            &format!("{reused_ip}/24"),
+            "dev",
+            "eth0",
+        ],
+    )
+    .unwrap();
+    api.pod_event("ADDED", pod("new", "sa-new"));
+    wait_enrolled(&agent, "default/new", 1);
+    let enrolled = agent
+        .events()
+        .unwrap()
+        .into_iter()
+        .find(|e| e["message"] == "workload enrolled" && e["workload"] == "default/new")
+        .unwrap();
+    assert!(
+        enrolled["netns"].as_str().unwrap().ends_with(&ns(&p22)),
+        "the new pod was enrolled in the dead pod's namespace: {enrolled}"
+    );
 }

@@ -446,6 +446,11 @@ impl NodeConfig {
                     w.netns.display()
                 )));
             }
+            if w.probe_ports.contains(&0) {
+                return Err(invalid(format!(
+                    "workload[{i}].probe_ports: 0 is not a port"
+                )));
+            }
             workloads.push(Workload {
                 id,
                 service_account: w.service_account,
@@ -453,6 +458,14 @@ impl NodeConfig {
                 netns: w.netns,
                 probe_ports: w.probe_ports,
             });
+        }
+        for (key, ports) in [
+            ("udp_inbound_ports", &raw.capture.udp_inbound_ports),
+            ("udp_outbound_ports", &raw.capture.udp_outbound_ports),
+        ] {
+            if ports.iter().flatten().any(|p| *p == 0) {
+                return Err(invalid(format!("capture.{key}: 0 is not a port")));
+            }
         }
         let bpffs_dir = raw
             .capture
@@ -765,6 +778,8 @@ cgroup = "/sys/fs/cgroup/kubepods"
 bpffs_dir = "/sys/fs/bpf/zt2"
 fail_mode = "open"
 probe_source = "169.254.1.1"
+udp_inbound_ports = [5353]
+udp_outbound_ports = [53, 123]
 reconcile_interval_ms = 1000
 
 [discovery.kubernetes]
@@ -797,6 +812,7 @@ namespace = "shop"
 service_account = "web-sa"
 labels = { app = "web" }
 netns = "/run/netns/web"
+probe_ports = [8080, 8081]
 "#;
 
     /// The keys EVERY_KEY cannot hold at once (the other identity provider).
@@ -812,6 +828,9 @@ netns = "/run/netns/web"
         assert_eq!(c.policy.default, PolicyDefault::Allow);
         assert_eq!(c.policy.root_namespace, "mesh-root");
         assert_eq!(c.capture.fail_mode, FailMode::Open);
+        assert_eq!(c.capture.udp_inbound_ports, vec![5353]);
+        assert_eq!(c.capture.udp_outbound_ports, vec![53, 123]);
+        assert_eq!(c.workloads[0].probe_ports, vec![8080, 8081]);
         assert_eq!(c.capture.reconcile_interval, Duration::from_secs(1));
         assert_eq!(c.limits.drain, Duration::from_secs(5));
         assert_eq!(c.admin.admin_addr.port(), 25000);
@@ -974,6 +993,34 @@ netns = "/run/netns/p"
             "node_name = \"n1\"\n[[workload]]\nname = \"A_b\"\nnamespace = \"x\"\nnetns = \"/n\"\n";
         let err = parse(text).unwrap_err().to_string();
         assert!(err.contains("workload[0].name"), "{err}");
+    }
+
+    #[test]
+    fn port_zero_is_refused_where_ports_are_listed() {
+        for (text, key) in [
+            (
+                "node_name = \"n1\"\n[capture]\nudp_inbound_ports = [0]\n",
+                "capture.udp_inbound_ports",
+            ),
+            (
+                "node_name = \"n1\"\n[capture]\nudp_outbound_ports = [53, 0]\n",
+                "capture.udp_outbound_ports",
+            ),
+            (
+                "node_name = \"n1\"\n[[workload]]\nname = \"a\"\nnamespace = \"x\"\nnetns = \"/n\"\nprobe_ports = [0]\n",
+                "workload[0].probe_ports",
+            ),
+        ] {
+            let err = parse(text).unwrap_err().to_string();
+            assert!(
+                err.contains(key) && err.contains("0 is not a port"),
+                "{err}"
+            );
+        }
+        let err = parse("node_name = \"n1\"\n[capture]\nudp_inbound_ports = [70000]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("udp_inbound_ports"), "{err}");
     }
 
     #[test]
