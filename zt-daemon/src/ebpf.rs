@@ -57,6 +57,14 @@ const SK_LOOKUP_POD_GLOBAL: &str = "POD_NETNS_COOKIE";
 /// aya-log's ring buffer, created by every load of the object; a per-pod sk_lookup instance
 /// does not log, so its copy is kept to the minimum size.
 const LOG_RING: &str = "AYA_LOGS";
+/// Pins of an earlier layout (address-keyed steering, the agent mark): once our programs are
+/// swapped into the links nothing uses them, and removing the pin frees them.
+const RETIRED_PINS: [&str; 4] = [
+    "maps/ZT_POD_ADDRS",
+    "maps/ZT_INBOUND_LISTENERS",
+    "maps/ZT_SETTINGS",
+    "programs/zt_sk_lookup",
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
@@ -184,6 +192,13 @@ impl Capture {
 
         let mut maps = CaptureMaps::open(&dir)?;
         maps.apply_settings(config)?;
+        for retired in RETIRED_PINS {
+            let pin = dir.join(retired);
+            if pin.exists() {
+                std::fs::remove_file(&pin).map_err(io_err(&pin, "removing a retired pin"))?;
+                info!(pin = %pin.display(), "removed a pin of an earlier version");
+            }
+        }
         for (program, pin, adopted) in &links {
             info!(program, pin = %pin.display(), adopted, "capture program attached");
         }
