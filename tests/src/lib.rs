@@ -305,6 +305,33 @@ impl Testbed {
         in_cgroup_and_netns(program, Some(&pod.cgroup), &pod.netns)
     }
 
+    /// A command that will run inside `pod` as a restricted pod's process runs: user and group
+    /// 65534, no capabilities, no new privileges. `program` is copied into the bed's directory
+    /// first, where that user can run it.
+    pub fn unprivileged_pod_command(&self, pod: &Pod, program: &Path) -> anyhow::Result<Command> {
+        let name = program
+            .file_name()
+            .with_context(|| format!("{} has no file name", program.display()))?;
+        let copy = self
+            .dir
+            .join(format!("unprivileged-{}", name.to_string_lossy()));
+        if !copy.exists() {
+            std::fs::copy(program, &copy).with_context(|| {
+                format!("copying {} for the unprivileged user", program.display())
+            })?;
+        }
+        let mut cmd = self.pod_command(pod, "setpriv")?;
+        cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .args([
+                "--bounding-set=-all",
+                "--inh-caps=-all",
+                "--ambient-caps=-all",
+            ])
+            .arg("--no-new-privs")
+            .arg(copy);
+        Ok(cmd)
+    }
+
     /// Starts a long-running process owned by the bed (killed by PID on drop).
     pub fn spawn(&mut self, mut cmd: Command, log_name: &str) -> anyhow::Result<u32> {
         let log = File::create(self.dir.join(log_name))?;

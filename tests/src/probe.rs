@@ -116,6 +116,47 @@ impl Tally {
     }
 }
 
+/// `zt-probe flood` in a pod, run as an attacker would: unprivileged. `count` connections to
+/// `to` that never send a byte, held for `hold` unless the peer closes them.
+pub struct Flood {
+    pub pid: u32,
+    pub log: PathBuf,
+}
+
+impl Flood {
+    pub fn start(
+        bed: &mut Testbed,
+        pod: &Pod,
+        to: SocketAddr,
+        count: usize,
+        hold: Duration,
+    ) -> anyhow::Result<Self> {
+        let log_name = format!("flood-{}-{}.log", pod.name, to.port());
+        let mut cmd = bed.unprivileged_pod_command(pod, &bin_path("zt-probe")?)?;
+        cmd.args(["flood", "--to", &to.to_string()])
+            .args(["--count", &count.to_string()])
+            .args(["--hold-ms", &hold.as_millis().to_string()]);
+        let pid = bed.spawn(cmd, &log_name)?;
+        Ok(Self {
+            pid,
+            log: bed.log_path(&log_name),
+        })
+    }
+
+    /// Waits for the event `event` (`opened`: every connection is open; `done`: the summary).
+    pub fn wait(&self, event: &str, timeout: Duration) -> anyhow::Result<Value> {
+        let mut found = None;
+        wait_until(timeout, || {
+            found = read_json_lines(&self.log)?
+                .into_iter()
+                .find(|e| e["event"] == event);
+            Ok(found.is_some())
+        })
+        .with_context(|| format!("flood {}: no {event:?} event", self.log.display()))?;
+        Ok(found.expect("found"))
+    }
+}
+
 /// Bytes received by `at_ms`, from tally samples.
 pub fn received_by(samples: &[(u64, u64)], at_ms: u64) -> u64 {
     samples
@@ -255,6 +296,21 @@ pub fn try_bind(bed: &Testbed, pod: &Pod, port: u16) -> anyhow::Result<Value> {
     cmd.args(["bind", "--port", &port.to_string()]);
     let out = cmd.output().context("running zt-probe bind")?;
     serde_json::from_slice(&out.stdout).context("zt-probe bind printed no report")
+}
+
+/// `count` connections from `pod` to `to` opened at the same instant, each sending `bytes`; the
+/// probe's report (`completed`, `error`).
+pub fn burst(bed: &Testbed, pod: &Pod, to: SocketAddr, count: usize) -> anyhow::Result<Value> {
+    let mut cmd = bed.pod_command(pod, bin_path("zt-probe")?)?;
+    cmd.args([
+        "burst",
+        "--to",
+        &to.to_string(),
+        "--count",
+        &count.to_string(),
+    ]);
+    let out = cmd.output().context("running zt-probe burst")?;
+    serde_json::from_slice(&out.stdout).context("zt-probe burst printed no report")
 }
 
 /// `count` sequential connections from `pod` to `to`, each sending `bytes`; how many completed.

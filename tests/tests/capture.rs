@@ -248,18 +248,11 @@ fn an_enrolled_pod_has_no_channel_to_change_its_own_enrollment() {
     // A pod process as a restricted pod runs one: not root, no capabilities. (A pod never sees
     // the node's bpffs; here it shares the node's mount namespace, so file modes are what
     // guard the pins.) The probe is copied where that user can run it.
-    let probe = t.bed.dir.join("zt-probe-unprivileged");
-    std::fs::copy(zt_tests::bin_path("zt-probe").unwrap(), &probe).unwrap();
-    let mut cmd = t.bed.pod_command(p11, "setpriv").unwrap();
-    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-        .args([
-            "--bounding-set=-all",
-            "--inh-caps=-all",
-            "--ambient-caps=-all",
-        ])
-        .arg("--no-new-privs")
-        .arg(&probe)
-        .args(["tamper", "--node", "10.200.1.1", "--pin-dir"])
+    let mut cmd = t
+        .bed
+        .unprivileged_pod_command(p11, &zt_tests::bin_path("zt-probe").unwrap())
+        .unwrap();
+    cmd.args(["tamper", "--node", "10.200.1.1", "--pin-dir"])
         .arg(&node.pin_dir);
     let out = cmd.output().unwrap();
     let r: Value = serde_json::from_slice(&out.stdout)

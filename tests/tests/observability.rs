@@ -11,7 +11,7 @@ use std::{
 use zt_tests::{
     Agent,
     agent::{PolicyMesh, spiffe_id},
-    probe::{churn, connect},
+    probe::{Flood, churn, connect},
 };
 
 mod rogue;
@@ -163,10 +163,13 @@ fn a_scrape_counts_known_traffic_exactly() {
     let scrape2 = m.agent2.metrics().unwrap();
     let s2 = samples(&scrape2);
     let pair = [
-        ("source_principal", "cluster.local/ns/default/sa/sa-n1p1"),
+        (
+            "source_principal",
+            "spiffe://cluster.local/ns/default/sa/sa-n1p1",
+        ),
         (
             "destination_principal",
-            "cluster.local/ns/default/sa/sa-n2p1",
+            "spiffe://cluster.local/ns/default/sa/sa-n2p1",
         ),
         ("source_workload", "n1p1"),
         ("source_workload_namespace", "default"),
@@ -457,4 +460,124 @@ fn admin_api_dumps_config_and_changes_the_log_level() {
         let statuses = scraper.join().unwrap();
         assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
     });
+}
+
+#[test]
+fn idle_connections_to_metrics_and_readiness_are_capped_and_closed() {
+    // Connections a single source may hold on each endpoint (`admin.max_connections_per_source`'s
+    // default), and the count the attacker tries.
+    const PER_SOURCE: u64 = 8;
+    const FLOOD: usize = 200;
+    let mut bed = zt_tests::Testbed::new(2).unwrap();
+    let (p11, p12) = (bed.pod(1, 1).clone(), bed.pod(1, 2).clone());
+    let agent = Agent::start(&mut bed, 1, &[&p11]).unwrap();
+    let open_fds =
+        |agent: &Agent| value(&samples(&agent.metrics().unwrap()), "process_open_fds", &[]);
+    let before = open_fds(&agent);
+
+    // A pod (unprivileged, outside the mesh) opens idle connections to the node's metrics and
+    // readiness ports, and would hold them for 30 s.
+    let node = std::net::IpAddr::from([10, 200, 1, 1]);
+    let floods: Vec<Flood> = [15020, 15021]
+        .into_iter()
+        .map(|port| {
+            Flood::start(
+                &mut bed,
+                &p12,
+                SocketAddr::new(node, port),
+                FLOOD,
+                Duration::from_secs(30),
+            )
+            .unwrap()
+        })
+        .collect();
+    for flood in &floods {
+        let opened = flood.wait("opened", Duration::from_secs(10)).unwrap();
+        assert_eq!(opened["opened"].as_u64(), Some(FLOOD as u64), "{opened}");
+    }
+
+    // While they are open, the agent holds no more than the cap of them, and still answers.
+    let during = open_fds(&agent);
+    assert!(
+        during <= before + (2 * PER_SOURCE) as f64 + 2.0,
+        "the agent holds {} more descriptors during the flood",
+        during - before
+    );
+    assert_eq!(agent.readiness().unwrap().0, 200);
+
+    // Each of them is closed by the agent: beyond the cap at once, within it once the header
+    // read timeout passes.
+    for flood in &floods {
+        let done = flood.wait("done", Duration::from_secs(40)).unwrap();
+        assert_eq!(
+            done["closed_by_peer"].as_u64(),
+            Some(FLOOD as u64),
+            "{done}"
+        );
+    }
+}
+
+#[test]
+fn peer_baggage_cannot_grow_the_series_and_principals_carry_spiffe() {
+    use rogue::{APP_PORT, hbone_target, in_netns, svid, trust_of};
+    // Workload names one identity's baggage may introduce (`metrics`' bound).
+    const NAMES_PER_IDENTITY: usize = 8;
+    let (bed, agent, _server, ca) = hbone_target(|_| String::new());
+    let (p21, p22) = (bed.pod(2, 1).clone(), bed.pod(2, 2).clone());
+    let hbone = SocketAddr::new(p21.ip(false), 15008);
+    let app = SocketAddr::new(p21.ip(false), APP_PORT).to_string();
+    // A peer with a valid SVID of its own, and made-up workload names in its baggage.
+    let rogue_id = "spiffe://cluster.local/ns/default/sa/rogue";
+    let config = zt_daemon::identity::tls::client_config(
+        zt_daemon::identity::tls::SvidSlot::new(svid(&ca, rogue_id)),
+        trust_of(&ca),
+        None,
+    )
+    .unwrap();
+    let streams = |from: usize, to: usize| {
+        let config = config.clone();
+        let app = app.clone();
+        let statuses = in_netns(&p22.netns, async move || {
+            let connection = rogue::open(hbone, config).await.unwrap();
+            let mut statuses = Vec::new();
+            for i in from..to {
+                let baggage = format!("k8s.namespace.name=default,k8s.workload.name=made-up-{i}");
+                statuses.push(
+                    connection
+                        .request(http::Method::CONNECT, &app, Some(&baggage))
+                        .await,
+                );
+            }
+            statuses
+        });
+        assert!(statuses.iter().all(|s| *s == Ok(200)), "{statuses:?}");
+        zt_tests::wait_until(Duration::from_secs(10), || {
+            Ok(agent.access_records()?.len() == to)
+        })
+        .unwrap();
+    };
+    let series = || {
+        agent
+            .metric_lines("zt_tcp_connections_closed_total")
+            .unwrap()
+    };
+    // The allowance, and one name beyond it (counted as `unknown`).
+    streams(0, NAMES_PER_IDENTITY + 1);
+    let bounded = series();
+    streams(NAMES_PER_IDENTITY + 1, NAMES_PER_IDENTITY + 101);
+    let after = series();
+    assert_eq!(
+        after.len(),
+        bounded.len(),
+        "100 more made-up workload names grew the series: {after:#?}"
+    );
+    // Principals are written as Istio writes them.
+    let s = samples(&after.join("\n"));
+    assert!(
+        s.iter().all(|(_, labels, _)| {
+            labels["source_principal"] == rogue_id
+                && labels["destination_principal"] == spiffe_id(&p21)
+        }),
+        "{after:#?}"
+    );
 }

@@ -8,8 +8,10 @@ use zt_tests::{
     Agent, Testbed,
     agent::{meshed_config, spiffe_id},
     in_cgroup_and_netns,
-    probe::{Server, connect, connect_duplex, connect_with_pattern},
+    probe::{Server, burst, connect, connect_duplex, connect_with_pattern},
 };
+
+mod rogue;
 
 const MIB: u64 = 1024 * 1024;
 const PORT: u16 = 9000;
@@ -408,4 +410,256 @@ fn revoking_a_peer_closes_its_live_connections() {
     );
     // And new connections from it are refused.
     assert!(connect(&m.bed, &p11, dst, 1024, TIMEOUT).unwrap().is_err());
+}
+
+/// A pod sends to the policy-protected n2p1 from each of two pods that run under one service
+/// account (replicas of a Deployment); node 2 admits only the second pod's address.
+#[test]
+fn replicas_with_one_service_account_each_leave_from_their_own_address() {
+    let mut bed = Testbed::new(2).unwrap();
+    let ca = bed.dir.join("ca");
+    zt_tests::agent::ca_init(&ca).unwrap();
+    let (p11, p12, p21) = (
+        bed.pod(1, 1).clone(),
+        bed.pod(1, 2).clone(),
+        bed.pod(2, 1).clone(),
+    );
+    let policies = bed.dir.join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    zt_tests::agent::write_policy(
+        &policies,
+        "allow.yaml",
+        &format!(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: second-replica-only\n  namespace: default\nspec:\n  action: ALLOW\n  rules:\n  - from:\n    - source:\n        ipBlocks: [\"{}/32\"]\n",
+            p12.ipv4
+        ),
+    )
+    .unwrap();
+    // Both replicas run as service account "web".
+    let one_account = |config: String| config.replace("sa-n1p1", "web").replace("sa-n1p2", "web");
+    let c1 = one_account(meshed_config(
+        bed.node(1),
+        &[&p11, &p12],
+        &[&p21],
+        &ca,
+        "strict",
+    ));
+    let c2 = one_account(meshed_config(
+        bed.node(2),
+        &[&p21],
+        &[&p11, &p12],
+        &ca,
+        "strict",
+    ))
+    .replace(
+        zt_tests::agent::ALLOW_BY_DEFAULT,
+        &format!(
+            "[policy]\ndefault = \"deny\"\ndir = \"{}\"\n",
+            policies.display()
+        ),
+    );
+    let _agent1 = Agent::start_with_config(&mut bed, 1, &c1).unwrap();
+    let agent2 = Agent::start_with_config(&mut bed, 2, &c2).unwrap();
+    let server = Server::start(&mut bed, &p21, SocketAddr::from(([0u16; 8], PORT))).unwrap();
+    let dst = SocketAddr::new(p21.ip(false), PORT);
+
+    let first = connect(&bed, &p11, dst, 1024, TIMEOUT).unwrap();
+    assert!(first.is_err(), "the first replica was admitted: {first:?}");
+    let second = connect(&bed, &p12, dst, 1024, TIMEOUT)
+        .unwrap()
+        .unwrap_or_else(|e| panic!("the second replica was refused: {e}\n{}", agent2.log_tail()));
+    intact(&second, 1024);
+    let again = connect(&bed, &p11, dst, 1024, TIMEOUT).unwrap();
+    assert!(again.is_err(), "the first replica was admitted: {again:?}");
+    server.expect_connections(1).unwrap();
+    // Where node 2 saw each tunnel come from: each replica's own address.
+    zt_tests::wait_until(Duration::from_secs(10), || {
+        Ok(agent2.access_records()?.len() == 3)
+    })
+    .unwrap();
+    let mut came_from: Vec<(String, std::net::IpAddr)> = agent2
+        .access_records()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let peer: SocketAddr = r["peer"].as_str().unwrap().parse().unwrap();
+            (r["policy_decision"].as_str().unwrap().to_owned(), peer.ip())
+        })
+        .collect();
+    came_from.sort();
+    let (ip11, ip12) = (p11.ipv4.into(), p12.ipv4.into());
+    assert_eq!(
+        came_from,
+        vec![
+            ("ALLOW".to_owned(), ip12),
+            ("DENY".to_owned(), ip11),
+            ("DENY".to_owned(), ip11)
+        ]
+    );
+}
+
+#[test]
+fn concurrent_first_connections_dial_the_destination_once() {
+    const CONCURRENT: usize = 32;
+    let mut m = mesh("strict");
+    let (p11, p21) = (m.bed.pod(1, 1).clone(), m.bed.pod(2, 1).clone());
+    // Count the TCP connections to 15008 on the wire between the nodes: one SYN each.
+    let pcap = m.bed.dir.join("dials.pcap");
+    let mut tcpdump = in_cgroup_and_netns("tcpdump", None, &m.bed.node(1).netns).unwrap();
+    tcpdump
+        .args([
+            "-i",
+            &format!("{}-x1", m.bed.id),
+            "--immediate-mode",
+            "-U",
+            "-w",
+        ])
+        .arg(&pcap)
+        .args(["tcp[tcpflags] & tcp-syn != 0 and tcp[tcpflags] & tcp-ack == 0 and dst port 15008"]);
+    let pid = m.bed.spawn(tcpdump, "dials.log").unwrap();
+    let tcpdump_log = m.bed.log_path("dials.log");
+    zt_tests::wait_until(Duration::from_secs(5), || {
+        Ok(std::fs::read_to_string(&tcpdump_log)?.contains("listening on"))
+    })
+    .unwrap();
+
+    let report = burst(
+        &m.bed,
+        &p11,
+        SocketAddr::new(p21.ip(false), PORT),
+        CONCURRENT,
+    )
+    .unwrap();
+    assert_eq!(
+        report["completed"].as_u64(),
+        Some(CONCURRENT as u64),
+        "{report}"
+    );
+    m.server.expect_connections(CONCURRENT).unwrap();
+    // SIGTERM: tcpdump writes out what it captured before it exits.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    zt_tests::wait_until(Duration::from_secs(5), || Ok(m.bed.exited(pid))).unwrap();
+
+    let read = std::process::Command::new("tcpdump")
+        .args(["-nn", "-r"])
+        .arg(&pcap)
+        .output()
+        .unwrap();
+    let dials = String::from_utf8_lossy(&read.stdout).lines().count();
+    assert_eq!(
+        dials, 1,
+        "{CONCURRENT} concurrent first connections dialled {dials} times"
+    );
+    assert_eq!(m.agent2.count("HBONE connection accepted").unwrap(), 1);
+    // The source's pool holds that one connection, for the source pod.
+    let (_, body) = m.agent1.admin("GET", "/config_dump").unwrap();
+    let dump: Value = serde_json::from_str(&body).unwrap();
+    let pool = dump["pool"].as_array().unwrap();
+    assert_eq!(pool.len(), 1, "{dump}");
+}
+
+/// A destination on node 2 that speaks HBONE itself (no agent there), presenting certificates
+/// the test picks; node 1's pool must stop using a connection to it once its certificate
+/// expires or is revoked.
+#[test]
+fn the_pool_never_reuses_a_connection_to_an_expired_or_revoked_peer() {
+    let mut bed = Testbed::new(2).unwrap();
+    let ca_dir = bed.dir.join("ca");
+    zt_tests::agent::ca_init(&ca_dir).unwrap();
+    let ca = zt_daemon::identity::ca::CertificateAuthority::load(&ca_dir).unwrap();
+    let (p11, p22) = (bed.pod(1, 1).clone(), bed.pod(2, 2).clone());
+    let rogue_id = "spiffe://cluster.local/ns/default/sa/rogue-server";
+    // In a directory of its own: the agent watches the list's directory, and the bed's holds
+    // the agent's log.
+    let revocations = bed.dir.join("revocations").join("revoked.txt");
+    std::fs::create_dir_all(revocations.parent().unwrap()).unwrap();
+    std::fs::write(&revocations, "# nothing revoked\n").unwrap();
+    let config = meshed_config(bed.node(1), &[&p11], &[], &ca_dir, "strict").replace(
+        "[identity]\n",
+        &format!(
+            "[identity]\nrevocation_file = \"{}\"\n",
+            revocations.display()
+        ),
+    ) + &format!(
+        "[[endpoint]]\nip = \"{}\"\nidentity = \"{rogue_id}\"\n",
+        p22.ipv4
+    );
+    let agent1 = Agent::start_with_config(&mut bed, 1, &config).unwrap();
+    let expiring = rogue::forge(&ca, rogue_id, |p| {
+        p.not_after = (std::time::SystemTime::now() + Duration::from_secs(3)).into();
+    });
+    let expiry = zt_daemon::identity::svid::LeafFacts::parse(&expiring.0)
+        .unwrap()
+        .not_after;
+    let rogue = rogue::RogueServer::start(
+        &p22.netns,
+        SocketAddr::from(([0, 0, 0, 0], 15008)),
+        expiring,
+    );
+    let dst = SocketAddr::new(p22.ip(false), PORT);
+    let streams = || -> Vec<usize> { rogue.connections().iter().map(|c| c.streams).collect() };
+
+    // Before expiry: one connection carries the stream.
+    connect(&bed, &p11, dst, 1024, TIMEOUT)
+        .unwrap()
+        .expect("to the destination before its certificate expires");
+    assert_eq!(streams(), vec![1]);
+
+    // After expiry the connection is not used again: a new dial meets the expired certificate
+    // and is refused; the old connection is closed. (Verifiers compare whole seconds, and
+    // notAfter is inclusive: the certificate is refused from the second after it.)
+    zt_tests::wait_until(Duration::from_secs(10), || {
+        Ok(std::time::SystemTime::now() >= expiry + Duration::from_secs(1))
+    })
+    .unwrap();
+    let after_expiry = connect(&bed, &p11, dst, 1024, TIMEOUT).unwrap();
+    assert!(
+        after_expiry.is_err(),
+        "a stream went to a peer whose certificate expired: {after_expiry:?}, streams {:?}",
+        streams()
+    );
+    assert_eq!(streams(), vec![1]);
+    zt_tests::wait_until(
+        Duration::from_secs(10),
+        || Ok(rogue.connections()[0].closed),
+    )
+    .unwrap_or_else(|e| panic!("the expired peer's connection stays open: {e}"));
+
+    // A valid certificate again: a new connection.
+    let valid = rogue::forge(&ca, rogue_id, |_| {});
+    let serial = zt_daemon::identity::svid::LeafFacts::parse(&valid.0)
+        .unwrap()
+        .serial;
+    rogue.present(valid);
+    connect(&bed, &p11, dst, 1024, TIMEOUT)
+        .unwrap()
+        .expect("to the destination with a valid certificate");
+    assert_eq!(streams(), vec![1, 1]);
+
+    // Revoked: the connection is closed and not used again.
+    let reloads = agent1
+        .count("trust bundles and revocation list reloaded")
+        .unwrap();
+    let tmp = revocations.with_extension("tmp");
+    std::fs::write(&tmp, format!("serial:{serial}\n")).unwrap();
+    std::fs::rename(&tmp, &revocations).unwrap();
+    zt_tests::wait_until(Duration::from_secs(10), || {
+        Ok(agent1.count("trust bundles and revocation list reloaded")? > reloads)
+    })
+    .unwrap();
+    let after_revocation = connect(&bed, &p11, dst, 1024, TIMEOUT).unwrap();
+    assert!(
+        after_revocation.is_err(),
+        "a stream went to a revoked peer: {after_revocation:?}"
+    );
+    assert_eq!(streams(), vec![1, 1]);
+    zt_tests::wait_until(
+        Duration::from_secs(10),
+        || Ok(rogue.connections()[1].closed),
+    )
+    .unwrap_or_else(|e| panic!("the revoked peer's connection stays open: {e}"));
 }

@@ -5,6 +5,10 @@
 //! - metrics, `admin.metrics_addr` (0.0.0.0:15020): `GET /metrics`, Prometheus text;
 //! - admin, `admin.admin_addr` (127.0.0.1:15000): `GET /config_dump` (JSON), `GET /logging`
 //!   (the log filter) and `POST /logging?level=FILTER` (change it at runtime).
+//!
+//! Pods reach the first two: each endpoint bounds the connections one source address may hold
+//! and closes a connection that does not send a request's headers in time, so idle connections
+//! cannot pile up in the agent.
 use std::{
     convert::Infallible,
     net::SocketAddr,
@@ -13,18 +17,22 @@ use std::{
         Arc, RwLock,
         atomic::{AtomicU64, Ordering},
     },
-    time::{SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode, body::Bytes, service::service_fn};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
 
 use crate::{
-    config::WorkloadId, identity::tls::SvidSlot, metrics::Metrics, proxy::ProxyContext,
+    config::{AdminConfig, WorkloadId},
+    identity::tls::SvidSlot,
+    metrics::Metrics,
+    proxy::ProxyContext,
+    source_limit::SourceLimit,
     workload::LocalWorkload,
 };
 
@@ -241,12 +249,16 @@ impl AdminState {
                 t.pool
                     .snapshot()
                     .into_iter()
-                    .map(|(key, active)| {
+                    .map(|c| {
                         json!({
-                            "source": key.source.to_string(),
-                            "destination": key.destination,
-                            "expected_identity": key.expected.to_string(),
-                            "active_streams": active,
+                            "source": c.key.source.to_string(),
+                            "source_workload": c.key.source_workload.to_string(),
+                            "source_netns_cookie": c.key.source_netns,
+                            "destination": c.key.destination,
+                            "expected_identity": c.key.expected.to_string(),
+                            "connection": c.connection,
+                            "active_streams": c.active_streams,
+                            "expires": unix_seconds(c.expires),
                         })
                     })
                     .collect()
@@ -304,9 +316,34 @@ fn text(status: StatusCode, body: impl Into<String>) -> Reply {
     (status, TEXT, body.into())
 }
 
+/// What one client may hold of an endpoint.
+#[derive(Clone, Debug)]
+pub struct EndpointLimits {
+    /// A request's headers must arrive within this, counted from the connection's start or the
+    /// previous response.
+    pub header_read_timeout: Duration,
+    /// Connections each source address may have open; one per endpoint, so a flood of one does
+    /// not block the others.
+    pub per_source: SourceLimit,
+}
+
+impl EndpointLimits {
+    pub fn new(config: &AdminConfig) -> Self {
+        Self {
+            header_read_timeout: config.header_read_timeout,
+            per_source: SourceLimit::new(config.max_connections_per_source),
+        }
+    }
+}
+
 /// Serves `route` (method, path, query) over HTTP/1 on `addr` until the task is dropped; `what`
 /// names the endpoint in logs.
-pub async fn serve<R>(addr: SocketAddr, what: &'static str, route: R) -> std::io::Result<()>
+pub async fn serve<R>(
+    addr: SocketAddr,
+    what: &'static str,
+    limits: EndpointLimits,
+    route: R,
+) -> std::io::Result<()>
 where
     R: Fn(&Method, &str, Option<&str>) -> Reply + Clone + Send + Sync + 'static,
 {
@@ -316,11 +353,20 @@ where
             Ok(a) => a,
             Err(e) => {
                 warn!(endpoint = what, error = %e, "accept failed");
+                // EMFILE and friends: back off briefly instead of spinning.
+                tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
+        // Per connection, not logged above debug: a flood must not flood the log too.
+        let Some(slot) = limits.per_source.try_acquire(peer.ip()) else {
+            debug!(endpoint = what, %peer, "connection refused: source at its connection limit");
+            continue;
+        };
         let route = route.clone();
+        let header_read_timeout = limits.header_read_timeout;
         tokio::spawn(async move {
+            let _slot = slot;
             let service = service_fn(move |req: Request<hyper::body::Incoming>| {
                 let (status, content_type, body) =
                     route(req.method(), req.uri().path(), req.uri().query());
@@ -333,6 +379,8 @@ where
                 async move { Ok::<_, Infallible>(response) }
             });
             if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_read_timeout)
                 .serve_connection(TokioIo::new(stream), service)
                 .await
             {

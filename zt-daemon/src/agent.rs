@@ -19,7 +19,8 @@ use crate::{
     ebpf::{Capture, OriginalDsts},
     identity::{node::NodeIdentity, rotation::WorkloadIdentity, spiffe::SpiffeId},
     policy::{self, PolicySet, PolicyStore},
-    proxy::{MeshDirectory, ProxyContext, Tunnel},
+    proxy::{MeshDirectory, ProxyContext, Tunnel, pool::Pool},
+    source_limit::SourceLimit,
     workload::{EnrollFailure, Enrollment},
 };
 use zt_common::pod_flags;
@@ -95,8 +96,10 @@ impl Agent {
                 mode: config.mtls.mode,
                 directory: MeshDirectory::default(),
                 handshake_timeout: config.limits.handshake_timeout,
-                pool: Arc::default(),
-                pool_idle_timeout: config.mtls.pool_idle_timeout,
+                pool: Arc::new(Pool::new(node.trust.clone(), config.mtls.pool_idle_timeout)),
+                handshakes: SourceLimit::new(config.limits.max_handshakes_per_source),
+                max_streams_per_connection: config.limits.max_streams_per_connection,
+                hbone_idle_timeout: config.limits.hbone_idle_timeout,
             }),
         });
         let admin = AdminState {
@@ -139,6 +142,7 @@ impl Agent {
                 tokio::spawn(admin::serve(
                     addrs.readiness_addr,
                     "readiness",
+                    admin::EndpointLimits::new(addrs),
                     admin::readiness_route(self.admin.readiness.clone()),
                 )),
             ),
@@ -148,6 +152,7 @@ impl Agent {
                 tokio::spawn(admin::serve(
                     addrs.metrics_addr,
                     "metrics",
+                    admin::EndpointLimits::new(addrs),
                     admin::metrics_route(self.admin.clone()),
                 )),
             ),
@@ -157,6 +162,7 @@ impl Agent {
                 tokio::spawn(admin::serve(
                     addrs.admin_addr,
                     "admin",
+                    admin::EndpointLimits::new(addrs),
                     admin::admin_route(self.admin.clone()),
                 )),
             ),

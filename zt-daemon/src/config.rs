@@ -22,6 +22,13 @@ const DEFAULT_IDLE_TIMEOUT_SECONDS: u64 = 3600;
 const DEFAULT_MAX_CONNECTIONS: usize = 16384;
 const DEFAULT_RECONCILE_INTERVAL_MS: u64 = 5000;
 const DEFAULT_DRAIN_SECONDS: u64 = 30;
+const DEFAULT_HANDSHAKES_PER_SOURCE: usize = 16;
+/// As ztunnel's pool (`pool_max_streams_per_conn`); the pool opens another connection beyond.
+const DEFAULT_STREAMS_PER_CONNECTION: u32 = 100;
+/// Longer than the client pools' default idle timeout (60 s), so clients close first.
+const DEFAULT_HBONE_IDLE_TIMEOUT_SECONDS: u64 = 300;
+const DEFAULT_HEADER_READ_TIMEOUT_MS: u64 = 5000;
+const DEFAULT_ADMIN_CONNECTIONS_PER_SOURCE: usize = 8;
 const DEFAULT_NETNS_DIR: &str = "/run/netns";
 /// Policies in this namespace apply mesh-wide (Istio's root namespace).
 pub const DEFAULT_ROOT_NAMESPACE: &str = "zt-system";
@@ -115,6 +122,13 @@ pub struct LimitsConfig {
     pub max_connections_per_workload: usize,
     /// On SIGTERM, open connections get this long to finish before they are closed.
     pub drain: Duration,
+    /// TLS handshakes one source address may have pending at once on this node's HBONE
+    /// listeners (unauthenticated work, bounded apart from the workloads' connections).
+    pub max_handshakes_per_source: usize,
+    /// HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS on the HBONE listeners.
+    pub max_streams_per_connection: u32,
+    /// An inbound HBONE connection without streams for this long is sent GOAWAY.
+    pub hbone_idle_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -140,6 +154,11 @@ pub struct AdminConfig {
     pub metrics_addr: SocketAddr,
     /// Where `/config_dump` and `/logging` are served; loopback by default.
     pub admin_addr: SocketAddr,
+    /// A client of these endpoints must send a request's headers within this (also while its
+    /// connection idles between requests).
+    pub header_read_timeout: Duration,
+    /// Connections one source address may hold open on each endpoint.
+    pub max_connections_per_source: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -315,6 +334,9 @@ struct RawLimits {
     idle_timeout_seconds: Option<u64>,
     max_connections_per_workload: Option<usize>,
     drain_seconds: Option<u64>,
+    max_handshakes_per_source: Option<usize>,
+    max_streams_per_connection: Option<u32>,
+    hbone_idle_timeout_seconds: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -330,6 +352,8 @@ struct RawAdmin {
     readiness_addr: Option<SocketAddr>,
     metrics_addr: Option<SocketAddr>,
     admin_addr: Option<SocketAddr>,
+    header_read_timeout_ms: Option<u64>,
+    max_connections_per_source: Option<usize>,
 }
 
 #[derive(Deserialize, Default)]
@@ -516,6 +540,33 @@ impl NodeConfig {
                 dir.display()
             )));
         }
+        // Zero would refuse everything (or, for a timeout, everyone at once).
+        for (key, value) in [
+            (
+                "limits.max_handshakes_per_source",
+                raw.limits.max_handshakes_per_source.map(|v| v as u64),
+            ),
+            (
+                "limits.max_streams_per_connection",
+                raw.limits.max_streams_per_connection.map(u64::from),
+            ),
+            (
+                "limits.hbone_idle_timeout_seconds",
+                raw.limits.hbone_idle_timeout_seconds,
+            ),
+            (
+                "admin.header_read_timeout_ms",
+                raw.admin.header_read_timeout_ms,
+            ),
+            (
+                "admin.max_connections_per_source",
+                raw.admin.max_connections_per_source.map(|v| v as u64),
+            ),
+        ] {
+            if value == Some(0) {
+                return Err(invalid(format!("{key}: must be at least 1")));
+            }
+        }
         let kubernetes = match raw.discovery.kubernetes {
             Some(k) if k.enabled => {
                 let netns_dir = k.netns_dir.unwrap_or_else(|| DEFAULT_NETNS_DIR.into());
@@ -591,6 +642,19 @@ impl NodeConfig {
                 drain: Duration::from_secs(
                     raw.limits.drain_seconds.unwrap_or(DEFAULT_DRAIN_SECONDS),
                 ),
+                max_handshakes_per_source: raw
+                    .limits
+                    .max_handshakes_per_source
+                    .unwrap_or(DEFAULT_HANDSHAKES_PER_SOURCE),
+                max_streams_per_connection: raw
+                    .limits
+                    .max_streams_per_connection
+                    .unwrap_or(DEFAULT_STREAMS_PER_CONNECTION),
+                hbone_idle_timeout: Duration::from_secs(
+                    raw.limits
+                        .hbone_idle_timeout_seconds
+                        .unwrap_or(DEFAULT_HBONE_IDLE_TIMEOUT_SECONDS),
+                ),
             },
             endpoints,
             admin: AdminConfig {
@@ -606,6 +670,15 @@ impl NodeConfig {
                     .admin
                     .admin_addr
                     .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 15000))),
+                header_read_timeout: Duration::from_millis(
+                    raw.admin
+                        .header_read_timeout_ms
+                        .unwrap_or(DEFAULT_HEADER_READ_TIMEOUT_MS),
+                ),
+                max_connections_per_source: raw
+                    .admin
+                    .max_connections_per_source
+                    .unwrap_or(DEFAULT_ADMIN_CONNECTIONS_PER_SOURCE),
             },
             log: LogConfig {
                 format: raw.log.format.unwrap_or(LogFormat::Text),
@@ -792,11 +865,16 @@ handshake_timeout_ms = 1000
 idle_timeout_seconds = 60
 drain_seconds = 5
 max_connections_per_workload = 100
+max_handshakes_per_source = 4
+max_streams_per_connection = 50
+hbone_idle_timeout_seconds = 120
 
 [admin]
 readiness_addr = "0.0.0.0:25021"
 metrics_addr = "0.0.0.0:25020"
 admin_addr = "127.0.0.1:25000"
+header_read_timeout_ms = 2000
+max_connections_per_source = 4
 
 [log]
 format = "json"
@@ -833,6 +911,11 @@ probe_ports = [8080, 8081]
         assert_eq!(c.workloads[0].probe_ports, vec![8080, 8081]);
         assert_eq!(c.capture.reconcile_interval, Duration::from_secs(1));
         assert_eq!(c.limits.drain, Duration::from_secs(5));
+        assert_eq!(c.limits.max_handshakes_per_source, 4);
+        assert_eq!(c.limits.max_streams_per_connection, 50);
+        assert_eq!(c.limits.hbone_idle_timeout, Duration::from_secs(120));
+        assert_eq!(c.admin.header_read_timeout, Duration::from_secs(2));
+        assert_eq!(c.admin.max_connections_per_source, 4);
         assert_eq!(c.admin.admin_addr.port(), 25000);
         assert_eq!(
             c.kubernetes.as_ref().map(|k| k.netns_dir.clone()),
@@ -908,6 +991,31 @@ probe_ports = [8080, 8081]
             ),
             ("[policy]\ndir = \"relative/dir\"\n", 3, "policy.dir"),
             ("[capture]\nbpffs_dir = \"pins\"\n", 3, "capture.bpffs_dir"),
+            (
+                "[limits]\ndrain_seconds = 1\nmax_handshakes_per_source = 0\n",
+                4,
+                "limits.max_handshakes_per_source: must be at least 1",
+            ),
+            (
+                "[limits]\nmax_streams_per_connection = 0\n",
+                3,
+                "limits.max_streams_per_connection",
+            ),
+            (
+                "[limits]\nhbone_idle_timeout_seconds = 0\n",
+                3,
+                "limits.hbone_idle_timeout_seconds",
+            ),
+            (
+                "[admin]\nheader_read_timeout_ms = 0\n",
+                3,
+                "admin.header_read_timeout_ms",
+            ),
+            (
+                "[admin]\nmax_connections_per_source = 0\n",
+                3,
+                "admin.max_connections_per_source",
+            ),
             ("[admin]\nmetrics_addr = \"nowhere\"\n", 3, "metrics_addr"),
             (
                 "[discovery.kubernetes]\nenabled = true\nnetns_dir = \"netns\"\n",

@@ -10,5 +10,6 @@ pub mod memory;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;
+pub mod source_limit;
 pub mod watch;
 pub mod workload;

@@ -1,16 +1,28 @@
 //! The agent's Prometheus metrics (DESIGN.md §8), served as text on `admin.metrics_addr`
 //! (default 0.0.0.0:15020) at `/metrics`. The TCP metrics have Istio's shape (`istio_tcp_*` with
 //! the `zt_` prefix), so dashboards port over. Labels never carry per-connection values (ports,
-//! addresses), so the number of series stays bounded however many connections pass.
+//! addresses), so the number of series stays bounded however many connections pass; and a peer's
+//! word on its workload name (HBONE baggage) adds at most `PEER_WORKLOADS_PER_IDENTITY` names per
+//! verified identity.
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Mutex,
+};
+
 use prometheus::{
     Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
     core::Collector,
 };
 
-use crate::policy::PolicyDecision;
+use crate::{identity::spiffe::SpiffeId, policy::PolicyDecision};
 
 /// Istio's value for a label zt does not know (a plaintext peer's principal, say).
 pub const UNKNOWN: &str = "unknown";
+
+/// Workload names the baggage of one peer identity may put in the TCP labels; beyond, its new
+/// names count as `unknown`. Replicas share a name, and a service account rarely serves more than
+/// a few workloads, so real peers stay well within it.
+pub const PEER_WORKLOADS_PER_IDENTITY: usize = 8;
 
 const TCP_LABELS: [&str; 8] = [
     "reporter",
@@ -70,6 +82,8 @@ pub struct Metrics {
     pub enrollment_failed: IntGauge,
     pub capture_drift: IntGauge,
     pub identity_issue_failures: IntCounter,
+    /// The peer workload names admitted to the labels, per verified peer identity.
+    peer_workloads: Mutex<HashMap<SpiffeId, HashSet<String>>>,
 }
 
 fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -146,6 +160,7 @@ impl Metrics {
                 "Failed attempts to issue or renew a workload certificate.",
             )
             .expect("static metric definition"),
+            peer_workloads: Mutex::default(),
             registry,
         };
         let build_info = IntGauge::with_opts(
@@ -191,6 +206,25 @@ impl Metrics {
         self.tcp_sent.with_label_values(&values).inc_by(response);
     }
 
+    /// Whether `name`, which the peer verified as `identity` says is its workload, may be a label
+    /// value: it already is one, or the identity has named fewer than
+    /// `PEER_WORKLOADS_PER_IDENTITY` workloads.
+    pub fn admit_peer_workload(&self, identity: &SpiffeId, name: &str) -> bool {
+        let mut names = self
+            .peer_workloads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let known = names.entry(identity.clone()).or_default();
+        if known.contains(name) {
+            return true;
+        }
+        if known.len() >= PEER_WORKLOADS_PER_IDENTITY {
+            return false;
+        }
+        known.insert(name.to_owned());
+        true
+    }
+
     pub fn count_decision(&self, decision: &PolicyDecision) {
         let action = if decision.is_allowed() {
             "allow"
@@ -224,5 +258,24 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_peer_identity_names_a_bounded_number_of_workloads() {
+        let metrics = Metrics::new();
+        let a: SpiffeId = "spiffe://td/ns/a/sa/x".parse().unwrap();
+        let b: SpiffeId = "spiffe://td/ns/b/sa/x".parse().unwrap();
+        for i in 0..PEER_WORKLOADS_PER_IDENTITY {
+            assert!(metrics.admit_peer_workload(&a, &format!("w{i}")));
+        }
+        assert!(!metrics.admit_peer_workload(&a, "one-more"));
+        // Names already admitted stay admitted; other identities have their own allowance.
+        assert!(metrics.admit_peer_workload(&a, "w0"));
+        assert!(metrics.admit_peer_workload(&b, "one-more"));
     }
 }

@@ -18,6 +18,8 @@
 //!                                (soak); print a summary
 //!   load --to ADDR ...           workers opening connections and streaming bytes until a
 //!                                deadline; print when each connect succeeded or failed
+//!   burst --to ADDR --count N    N connections opened at the same instant (a barrier), each an
+//!                                exchange as `connect` makes; print how many completed
 use std::{
     io::{Read, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
@@ -95,8 +97,9 @@ enum Cmd {
         #[arg(long, default_value = "GET")]
         method: String,
     },
-    /// Opens `count` connections that send nothing (stalled handshakes), holds them for `hold_ms`
-    /// and reports how many the peer closed, and when the last one was closed.
+    /// Opens `count` connections that send nothing (stalled handshakes), prints
+    /// `{"event":"opened"}`, holds them for `hold_ms` and prints `{"event":"done"}` with how many
+    /// the peer closed, and when the last one was closed.
     Flood {
         #[arg(long)]
         to: SocketAddr,
@@ -147,6 +150,16 @@ enum Cmd {
         /// The agent's bpffs pin directory.
         #[arg(long)]
         pin_dir: std::path::PathBuf,
+    },
+    /// `count` connections started at once (threads released by one barrier), each sending
+    /// `bytes`, half-closing and reading the reply; prints how many completed and the first error.
+    Burst {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        count: usize,
+        #[arg(long, default_value_t = 100)]
+        bytes: u64,
     },
     /// `count` sequential connections, each sending `bytes`, half-closing and reading the reply;
     /// prints how many completed.
@@ -363,6 +376,7 @@ fn round_trips(to: SocketAddr, size: usize, count: usize) -> std::io::Result<ser
 }
 
 fn flood(to: SocketAddr, count: usize, hold: Duration) -> serde_json::Value {
+    raise_fd_limit();
     let started = std::time::Instant::now();
     let mut conns = Vec::with_capacity(count);
     let mut failed = 0;
@@ -373,6 +387,11 @@ fn flood(to: SocketAddr, count: usize, hold: Duration) -> serde_json::Value {
         }
     }
     let opened_ms = started.elapsed().as_millis() as u64;
+    println!(
+        "{}",
+        json!({"event": "opened", "opened": count - failed, "failed": failed, "opened_ms": opened_ms})
+    );
+    let _ = std::io::stdout().flush();
     let (mut closed, mut last_close_ms) = (0, 0);
     for mut conn in conns {
         let left = hold.saturating_sub(started.elapsed());
@@ -388,8 +407,37 @@ fn flood(to: SocketAddr, count: usize, hold: Duration) -> serde_json::Value {
         closed += 1;
         last_close_ms = started.elapsed().as_millis() as u64;
     }
-    json!({"opened": count - failed, "failed": failed, "opened_ms": opened_ms,
+    json!({"event": "done", "opened": count - failed, "failed": failed, "opened_ms": opened_ms,
            "closed_by_peer": closed, "last_close_ms": last_close_ms})
+}
+
+fn burst(to: SocketAddr, count: usize, bytes: u64) -> serde_json::Value {
+    let start = std::sync::Arc::new(std::sync::Barrier::new(count));
+    let exchanges: Vec<_> = (0..count)
+        .map(|_| {
+            let start = start.clone();
+            std::thread::spawn(move || {
+                start.wait();
+                connect(
+                    to,
+                    bytes,
+                    Duration::from_secs(3),
+                    None,
+                    Duration::ZERO,
+                    0,
+                    false,
+                )
+                .map_err(|e| e.to_string())
+            })
+        })
+        .collect();
+    let outcomes: Vec<Result<serde_json::Value, String>> = exchanges
+        .into_iter()
+        .map(|t| t.join().unwrap_or_else(|_| Err("thread panicked".into())))
+        .collect();
+    let completed = outcomes.iter().filter(|o| o.is_ok()).count();
+    let first_error = outcomes.iter().find_map(|o| o.as_ref().err());
+    json!({"count": count, "completed": completed, "error": first_error})
 }
 
 fn churn(to: SocketAddr, count: usize, bytes: usize) -> serde_json::Value {
@@ -725,6 +773,7 @@ fn main() {
         ),
         Cmd::Tamper { node, pin_dir } => println!("{}", tamper(node, &pin_dir)),
         Cmd::Churn { to, count, bytes } => println!("{}", churn(to, count, bytes)),
+        Cmd::Burst { to, count, bytes } => println!("{}", burst(to, count, bytes)),
         Cmd::Flood { to, count, hold_ms } => {
             println!("{}", flood(to, count, Duration::from_millis(hold_ms)))
         }

@@ -6,7 +6,11 @@
 //! same copy loop serves plain TCP and tunnelled connections. Flow control: received data is
 //! released as soon as it has been handed to the reader, and writes wait for send capacity, so a
 //! slow peer stalls its writer instead of buffering without bound.
-use std::io;
+//!
+//! `SessionCertificates` are what a connection was authenticated with, on both sides: it takes new
+//! streams only while both are valid and neither is revoked (each side checks; `inbound` sends
+//! GOAWAY, `pool` stops reusing).
+use std::{io, time::SystemTime};
 
 use bytes::Bytes;
 use h2::{RecvStream, SendStream};
@@ -14,7 +18,11 @@ use h2::{RecvStream, SendStream};
 use super::{copy, pool::StreamGuard};
 use crate::{
     config::{WorkloadId, is_dns_label},
-    identity::spiffe::SpiffeId,
+    identity::{
+        spiffe::SpiffeId,
+        svid::{LeafFacts, Svid},
+        verify::TrustState,
+    },
 };
 
 /// HTTP/2 flow-control windows and frame size for the tunnel. The defaults (64 KiB windows,
@@ -23,12 +31,15 @@ use crate::{
 const STREAM_WINDOW: u32 = 4 << 20;
 const CONNECTION_WINDOW: u32 = 16 << 20;
 const MAX_FRAME: u32 = 256 << 10;
+/// A CONNECT's headers are an authority and a baggage line; anything near this is not HBONE.
+const MAX_HEADER_LIST: u32 = 16 << 10;
 
 pub fn client_builder() -> h2::client::Builder {
     let mut b = h2::client::Builder::new();
     b.initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
-        .max_frame_size(MAX_FRAME);
+        .max_frame_size(MAX_FRAME)
+        .max_header_list_size(MAX_HEADER_LIST);
     b
 }
 
@@ -36,8 +47,101 @@ pub fn server_builder() -> h2::server::Builder {
     let mut b = h2::server::Builder::new();
     b.initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
-        .max_frame_size(MAX_FRAME);
+        .max_frame_size(MAX_FRAME)
+        .max_header_list_size(MAX_HEADER_LIST);
     b
+}
+
+/// One certificate of an established connection.
+#[derive(Debug, Clone)]
+pub struct SessionCertificate {
+    pub id: SpiffeId,
+    pub serial: String,
+    pub not_after: SystemTime,
+}
+
+impl From<&LeafFacts> for SessionCertificate {
+    fn from(leaf: &LeafFacts) -> Self {
+        Self {
+            id: leaf.id.clone(),
+            serial: leaf.serial.clone(),
+            not_after: leaf.not_after,
+        }
+    }
+}
+
+impl From<&Svid> for SessionCertificate {
+    fn from(svid: &Svid) -> Self {
+        Self::from(&svid.leaf)
+    }
+}
+
+/// Why a connection must take no new streams.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Retired {
+    #[error("the {side} certificate ({id}) expired")]
+    Expired { side: &'static str, id: SpiffeId },
+    #[error("the {side} certificate ({id}) is revoked")]
+    Revoked { side: &'static str, id: SpiffeId },
+}
+
+/// Both certificates a connection was authenticated with.
+#[derive(Debug, Clone)]
+pub struct SessionCertificates {
+    /// What this agent presented for its workload (read before the handshake: a rotation during
+    /// it only makes the real one live longer than this says).
+    pub local: SessionCertificate,
+    pub peer: SessionCertificate,
+}
+
+impl SessionCertificates {
+    fn sides(&self) -> [(&'static str, &SessionCertificate); 2] {
+        [("peer", &self.peer), ("local", &self.local)]
+    }
+
+    /// When the first of the two expires.
+    pub fn expiry(&self) -> SystemTime {
+        self.local.not_after.min(self.peer.not_after)
+    }
+
+    /// The expiry of the first of the two to expire.
+    pub fn first_to_expire(&self) -> Retired {
+        let (side, cert) = self
+            .sides()
+            .into_iter()
+            .min_by_key(|(_, c)| c.not_after)
+            .unwrap_or(("peer", &self.peer));
+        Retired::Expired {
+            side,
+            id: cert.id.clone(),
+        }
+    }
+
+    /// Whether the connection may still take new streams at `now` under `trust`.
+    pub fn check(&self, trust: &TrustState, now: SystemTime) -> Result<(), Retired> {
+        for (side, cert) in self.sides() {
+            if trust.revoked(&cert.id, &cert.serial).is_some() {
+                return Err(Retired::Revoked {
+                    side,
+                    id: cert.id.clone(),
+                });
+            }
+        }
+        for (side, cert) in self.sides() {
+            if now >= cert.not_after {
+                return Err(Retired::Expired {
+                    side,
+                    id: cert.id.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A tokio deadline for a wall-clock time (now, if it has passed).
+pub fn deadline(at: SystemTime) -> tokio::time::Instant {
+    tokio::time::Instant::now() + at.duration_since(SystemTime::now()).unwrap_or_default()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +162,14 @@ pub enum TunnelError {
     Http(#[from] http::Error),
     #[error("CONNECT {0} answered {1}")]
     Refused(std::net::SocketAddr, http::StatusCode),
+    #[error("the server at {0} presented no SVID")]
+    NoServerSvid(std::net::SocketAddr),
+    /// Another stream's dial, which this one waited for, failed.
+    #[error("dialling {destination} (for several streams at once) failed: {reason}")]
+    SharedDial {
+        destination: std::net::IpAddr,
+        reason: String,
+    },
 }
 
 impl TunnelError {

@@ -6,7 +6,11 @@
 //!   from inside the pod over loopback, which sk_lookup lets through.
 //! - 15008 (HBONE): mutual TLS presenting the workload's SVID and requiring a client SVID, then
 //!   HTTP/2 CONNECT streams. Each stream may only reach this pod's own addresses: the agent is
-//!   never an open proxy.
+//!   never an open proxy. Until its handshake completes a client has proven nothing, so what it
+//!   holds is bounded per source address (`limits.max_handshakes_per_source`), not by the
+//!   workload's connection limit, which the workload's own traffic needs. An established
+//!   connection is sent GOAWAY when it idles, when either side's certificate expires, and closed
+//!   when either is revoked.
 use std::{
     net::{IpAddr, SocketAddr},
     sync::Arc,
@@ -27,9 +31,9 @@ use crate::{
         tls::{ALPN_H2, handshake_failure_reason, server_config},
     },
     proxy::{
-        Identities, ProxyContext, Tunnel, accept_loop, authorize, connect_in_pod,
+        Admission, Identities, ProxyContext, Tunnel, accept_loop, authorize, connect_in_pod,
         copy::{CloseReason, RelayOutcome},
-        hbone::{self, H2Stream},
+        hbone::{self, H2Stream, Retired, SessionCertificate, SessionCertificates},
         log_access, relay_and_log, reset,
     },
     workload::LocalWorkload,
@@ -45,6 +49,7 @@ pub async fn serve_plaintext(
     accept_loop(
         listener,
         "inbound",
+        Admission::WorkloadPermit,
         workload,
         ctx,
         |stream, peer, w, c| async move { handle_plaintext(stream, peer, &w, &c).await },
@@ -60,6 +65,7 @@ pub async fn serve_hbone(
     accept_loop(
         listener,
         "hbone",
+        Admission::ByHandler,
         workload,
         ctx,
         |stream, peer, w, c| async move {
@@ -122,11 +128,22 @@ async fn handle_hbone(
     ctx: &Arc<ProxyContext>,
 ) {
     let id = &workload.workload.id;
+    // Logged at debug only: a flood must not flood the log too; the counter tells.
+    let Some(unauthenticated) = tunnel.handshakes.try_acquire(peer.ip()) else {
+        ctx.metrics.handshake_failed("too_many_handshakes");
+        debug!(workload = %id, %peer, "HBONE refused: the source has too many handshakes pending");
+        reset(stream);
+        return;
+    };
     let Some(slot) = workload.svid.clone() else {
         warn!(workload = %id, %peer, "HBONE refused: the workload has no identity");
         return;
     };
-    let config = match server_config(slot.clone(), tunnel.trust.clone()) {
+    let Some(local_svid) = slot.get() else {
+        warn!(workload = %id, %peer, "HBONE refused: the workload has no certificate yet");
+        return;
+    };
+    let config = match server_config(slot, tunnel.trust.clone()) {
         Ok(c) => c,
         Err(e) => {
             warn!(workload = %id, error = %e, "HBONE: TLS configuration");
@@ -173,29 +190,69 @@ async fn handle_hbone(
         warn!(workload = %id, %peer, source_identity = %peer_id, address_owner = %owner, "HBONE refused: the source address belongs to another identity");
         return;
     }
-    let local_id = slot.get().map(|s| s.id().clone());
-    info!(workload = %id, %peer, source_identity = %peer_id, "HBONE connection accepted");
-    let mut connection = match hbone::server_builder().handshake(tls).await {
-        Ok(c) => c,
-        Err(e) => {
-            warn!(workload = %id, %peer, error = %e, "HBONE: HTTP/2 handshake failed");
-            return;
-        }
+    // Authenticated: from here the connection counts against the workload's limit, as each of
+    // its streams does.
+    drop(unauthenticated);
+    let Some(_permit) = workload.connection_permit() else {
+        ctx.metrics.hbone_stream_refused("max_connections");
+        warn!(workload = %id, %peer, source_identity = %peer_id, close = "max_connections", "HBONE connection refused: workload at its connection limit");
+        return;
     };
+    let certificates = SessionCertificates {
+        local: SessionCertificate::from(&local_svid),
+        peer: SessionCertificate::from(&peer_leaf),
+    };
+    let local_id = Some(local_svid.id().clone());
+    info!(workload = %id, %peer, source_identity = %peer_id, "HBONE connection accepted");
+    let mut builder = hbone::server_builder();
+    builder.max_concurrent_streams(tunnel.max_streams_per_connection);
+    let mut connection =
+        match tokio::time::timeout(tunnel.handshake_timeout, builder.handshake(tls)).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                warn!(workload = %id, %peer, error = %e, "HBONE: HTTP/2 handshake failed");
+                return;
+            }
+            Err(_) => {
+                warn!(workload = %id, %peer, "HBONE: HTTP/2 handshake timed out");
+                return;
+            }
+        };
     // A revocation that arrives while the connection is open closes it, and with it every
     // stream it carries (dropping an h2 connection fails its streams, which resets both ends).
     let mut trust_changes = tunnel.trust.subscribe();
     let mut watching = true;
-    // Draining: GOAWAY tells the peer to open new streams elsewhere (its pool reconnects, to a
-    // successor agent during an upgrade); streams in flight finish.
+    // GOAWAY tells the peer to open new streams elsewhere (its pool reconnects: to a successor
+    // agent while draining, with fresh certificates after an expiry); streams in flight finish.
     let drain_started = ctx.drain_started();
     tokio::pin!(drain_started);
+    let expired = tokio::time::sleep_until(hbone::deadline(certificates.expiry()));
+    tokio::pin!(expired);
+    let mut idle_check = tokio::time::interval(
+        (tunnel.hbone_idle_timeout / 4).max(std::time::Duration::from_millis(100)),
+    );
+    let mut busy_at = tokio::time::Instant::now();
     let mut going_away = false;
     loop {
         tokio::select! {
             () = &mut drain_started, if !going_away => {
                 going_away = true;
                 connection.graceful_shutdown();
+            }
+            () = &mut expired, if !going_away => {
+                going_away = true;
+                connection.graceful_shutdown();
+                let why = certificates.first_to_expire();
+                warn!(workload = %id, %peer, source_identity = %peer_id, close = "certificate_expired", "HBONE connection sent GOAWAY, no new streams: {why}");
+            }
+            _ = idle_check.tick(), if !going_away => {
+                if connection.has_streams() {
+                    busy_at = tokio::time::Instant::now();
+                } else if busy_at.elapsed() >= tunnel.hbone_idle_timeout {
+                    going_away = true;
+                    connection.graceful_shutdown();
+                    debug!(workload = %id, %peer, source_identity = %peer_id, close = "idle_timeout", "idle HBONE connection sent GOAWAY");
+                }
             }
             next = connection.accept() => {
                 let (request, respond) = match next {
@@ -206,6 +263,7 @@ async fn handle_hbone(
                     }
                     None => break,
                 };
+                busy_at = tokio::time::Instant::now();
                 // Each stream is a captured connection and counts against the workload's limit,
                 // as the TLS connection carrying it does.
                 let Some(permit) = workload.connection_permit() else {
@@ -226,9 +284,9 @@ async fn handle_hbone(
             }
             changed = trust_changes.changed(), if watching => {
                 watching = changed.is_ok();
-                let revoked = trust_changes.borrow_and_update().revoked(&peer_leaf.id, &peer_leaf.serial);
-                if revoked.is_some() {
-                    warn!(workload = %id, %peer, source_identity = %peer_id, close = "revoked", "HBONE connection closed: peer certificate revoked");
+                let trust = trust_changes.borrow_and_update().clone();
+                if let Err(why @ Retired::Revoked { .. }) = certificates.check(&trust, std::time::SystemTime::now()) {
+                    warn!(workload = %id, %peer, source_identity = %peer_id, close = "revoked", reason = %why, "HBONE connection closed: {why}");
                     break;
                 }
             }

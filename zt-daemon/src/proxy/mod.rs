@@ -21,6 +21,7 @@ use crate::{
     identity::{spiffe::SpiffeId, verify::TrustStore},
     metrics::{self, Metrics, TcpLabels},
     policy::{self, Peer, PolicyDecision, PolicyStore, WorkloadRef},
+    source_limit::SourceLimit,
 };
 
 /// Which addresses belong to meshed workloads, and who they are. The agent fills it from its
@@ -49,7 +50,11 @@ pub struct Tunnel {
     pub directory: MeshDirectory,
     pub handshake_timeout: Duration,
     pub pool: Arc<pool::Pool>,
-    pub pool_idle_timeout: Duration,
+    /// TLS handshakes pending on this node's HBONE listeners, per source address.
+    pub handshakes: SourceLimit,
+    pub max_streams_per_connection: u32,
+    /// An inbound HBONE connection without streams this long is sent GOAWAY.
+    pub hbone_idle_timeout: Duration,
 }
 
 /// Shared by every listener of every workload on the node.
@@ -100,14 +105,25 @@ impl Direction {
     }
 }
 
+/// How a listener admits the connections it accepts.
+pub(crate) enum Admission {
+    /// Each holds one of the workload's permits (`limits.max_connections_per_workload`) from
+    /// accept to close; beyond them, refused.
+    WorkloadPermit,
+    /// The handler admits it (HBONE: a client that has not authenticated yet must not take
+    /// what the workload's own traffic needs).
+    ByHandler,
+}
+
 /// Accepts on `listener` until the task is aborted or draining starts; each connection runs
 /// `handle` in a task that is aborted together with this loop (un-enrollment closes the pod's
-/// connections). A connection beyond the workload's `limits.max_connections_per_workload` is
-/// refused. When draining starts, the listener closes (a successor's listener takes the queued
-/// connections) and open connections get `drain_timeout` to finish before they are closed.
+/// connections), once `admission` admits it. When draining starts, the listener closes (a
+/// successor's listener takes the queued connections) and open connections get
+/// `drain_timeout` to finish before they are closed.
 pub(crate) async fn accept_loop<F, Fut>(
     listener: TcpListener,
     what: &'static str,
+    admission: Admission,
     workload: Arc<LocalWorkload>,
     ctx: Arc<ProxyContext>,
     handle: F,
@@ -127,10 +143,16 @@ pub(crate) async fn accept_loop<F, Fut>(
                     // Dual-stack listeners see IPv4 peers as v4-mapped IPv6; logs and policy
                     // want the address the peer has.
                     let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
-                    let Some(permit) = workload.connection_permit() else {
-                        warn!(workload = %workload.workload.id, listener = what, %peer, close = "max_connections", "connection refused: workload at its connection limit");
-                        reset(stream);
-                        continue;
+                    let permit = match admission {
+                        Admission::WorkloadPermit => match workload.connection_permit() {
+                            Some(permit) => Some(permit),
+                            None => {
+                                warn!(workload = %workload.workload.id, listener = what, %peer, close = "max_connections", "connection refused: workload at its connection limit");
+                                reset(stream);
+                                continue;
+                            }
+                        },
+                        Admission::ByHandler => None,
                     };
                     let work = handle(stream, peer, workload.clone(), ctx.clone());
                     connections.spawn(async move {
@@ -228,17 +250,33 @@ impl AccessRecord<'_> {
 
     /// Counts the connection in the TCP metrics: opened, or closed with its bytes.
     fn count(&self, metrics: &Metrics, closed: Option<&copy::RelayOutcome>) {
+        // Principals as Istio's metrics write them: the whole SPIFFE ID.
         let principal = |id: &Option<SpiffeId>| {
             id.as_ref()
-                .map_or_else(|| metrics::UNKNOWN.to_owned(), SpiffeId::principal)
+                .map_or_else(|| metrics::UNKNOWN.to_owned(), SpiffeId::to_string)
         };
         let (source_principal, destination_principal) = (
             principal(&self.identities.source),
             principal(&self.identities.destination),
         );
         let (source, destination) = self.workloads();
-        fn name(w: Option<&WorkloadId>) -> &str {
-            w.map_or(metrics::UNKNOWN, |w| w.name.as_str())
+        // The peer's workload name is its own word (baggage): bounded per verified identity.
+        let peer_is_source = matches!(self.direction, Direction::Inbound);
+        let peer_identity = if peer_is_source {
+            &self.identities.source
+        } else {
+            &self.identities.destination
+        };
+        let peer_admitted = match (peer_identity, &self.peer_workload) {
+            (Some(id), Some(w)) => metrics.admit_peer_workload(id, &w.name),
+            _ => true,
+        };
+        let admitted = |is_peer: bool| !is_peer || peer_admitted;
+        fn name(w: Option<&WorkloadId>, admitted: bool) -> &str {
+            match w {
+                Some(w) if admitted => w.name.as_str(),
+                _ => metrics::UNKNOWN,
+            }
         }
         fn namespace(w: Option<&WorkloadId>) -> &str {
             w.map_or(metrics::UNKNOWN, |w| w.namespace.as_str())
@@ -250,9 +288,9 @@ impl AccessRecord<'_> {
             },
             source_principal: &source_principal,
             destination_principal: &destination_principal,
-            source_workload: name(source),
+            source_workload: name(source, admitted(peer_is_source)),
             source_workload_namespace: namespace(source),
-            destination_workload: name(destination),
+            destination_workload: name(destination, admitted(!peer_is_source)),
             destination_workload_namespace: namespace(destination),
             connection_security_policy: if self.is_mutual_tls() {
                 "mutual_tls"

@@ -13,13 +13,18 @@ use zt_common::HBONE_PORT;
 
 use crate::{
     config::{MtlsMode, WorkloadId},
-    identity::{spiffe::SpiffeId, tls::client_config},
+    identity::{
+        spiffe::SpiffeId,
+        svid::LeafFacts,
+        tls::{SvidSlot, client_config},
+    },
     proxy::{
-        AccessRecord, Direction, Identities, ProxyContext, Tunnel, accept_loop, connect_in_pod,
+        AccessRecord, Admission, Direction, Identities, ProxyContext, Tunnel, accept_loop,
+        connect_in_pod,
         copy::{CloseReason, RelayOutcome},
-        hbone::{self, H2Stream, TunnelError},
+        hbone::{self, H2Stream, SessionCertificate, SessionCertificates, TunnelError},
         log_access,
-        pool::{PoolKey, PooledConnection},
+        pool::{Dialled, Lease, PoolKey},
         relay_and_log, reset,
     },
     workload::LocalWorkload,
@@ -29,6 +34,7 @@ pub async fn serve(listener: TcpListener, workload: Arc<LocalWorkload>, ctx: Arc
     accept_loop(
         listener,
         "outbound",
+        Admission::WorkloadPermit,
         workload,
         ctx,
         |stream, peer, w, c| async move { handle(stream, peer, &w, &c).await },
@@ -116,9 +122,9 @@ fn refuse(record: &AccessRecord<'_>, app: TcpStream, close: CloseReason) {
     log_access(record, &RelayOutcome::refused(close));
 }
 
-/// Opens an HBONE stream to `dst` as `workload`, requiring `expected`: on the pooled connection
-/// for that pair if there is a live one, else on a new one. Returns the stream, the source
-/// identity it speaks for, and the destination workload if its agent said.
+/// Opens an HBONE stream to `dst` as `workload`, requiring `expected`: on a pooled connection of
+/// this pod to that destination if one is usable, else on a new one. Returns the stream, the
+/// source identity it speaks for, and the destination workload if its agent said.
 async fn open_tunnel(
     workload: &LocalWorkload,
     tunnel: &Tunnel,
@@ -131,21 +137,46 @@ async fn open_tunnel(
         .map(|s| s.id().clone())
         .ok_or(TunnelError::NoCertificate)?;
     let key = PoolKey {
+        source_netns: workload.netns_cookie,
+        source_workload: workload.workload.id.clone(),
         source: source.clone(),
         destination: dst.ip(),
         expected: expected.clone(),
     };
-    if let Some(pooled) = tunnel.pool.get(&key) {
-        match open_stream(&pooled, workload, dst, expected).await {
+    // A reused connection may have broken (or been sent GOAWAY) since its last stream: then
+    // once more, on another connection.
+    let mut attempts = 2;
+    loop {
+        attempts -= 1;
+        let lease = tunnel
+            .pool
+            .checkout(&key, || dial(workload, tunnel, slot.clone(), dst, expected))
+            .await?;
+        let (fresh, connection) = (lease.fresh, lease.connection);
+        match open_stream(lease, workload, dst, expected).await {
             Ok((stream, peer)) => return Ok((stream, source, peer)),
             // The peer answered: the connection is fine and asking again would get the same.
             Err(e @ TunnelError::Refused(..)) => return Err(e),
-            Err(e) => {
-                debug!(workload = %workload.workload.id, error = %e, "pooled HBONE connection unusable; replacing it");
-                tunnel.pool.evict(&key, pooled.id);
+            Err(e) if !fresh && attempts > 0 => {
+                debug!(workload = %workload.workload.id, original_dst = %dst, error = %e, "pooled HBONE connection unusable; replacing it");
+                tunnel.pool.evict(&key, connection);
             }
+            Err(e) => return Err(e),
         }
     }
+}
+
+/// A new mutual-TLS HTTP/2 connection from inside the workload's pod to `dst`'s HBONE port,
+/// presenting the workload's SVID and requiring `expected`.
+async fn dial(
+    workload: &LocalWorkload,
+    tunnel: &Tunnel,
+    slot: SvidSlot,
+    dst: SocketAddr,
+    expected: &SpiffeId,
+) -> Result<Dialled, TunnelError> {
+    // Read before the handshake: a rotation during it presents a certificate that lives longer.
+    let local = slot.get().ok_or(TunnelError::NoCertificate)?;
     let config = client_config(slot, tunnel.trust.clone(), Some(expected.clone()))?;
     let hbone = SocketAddr::new(dst.ip(), HBONE_PORT);
     let tcp = connect_in_pod(workload, hbone)
@@ -160,23 +191,34 @@ async fn open_tunnel(
     .await
     .map_err(|_| TunnelError::HandshakeTimeout)?
     .map_err(TunnelError::Handshake)?;
+    let peer = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .and_then(|leaf| LeafFacts::parse(leaf).ok())
+        .ok_or(TunnelError::NoServerSvid(hbone))?;
     let (send, connection) = hbone::client_builder().handshake(tls).await?;
-    let pooled = tunnel
-        .pool
-        .insert(key, send, connection, tunnel.pool_idle_timeout, hbone);
-    let (stream, peer) = open_stream(&pooled, workload, dst, expected).await?;
-    Ok((stream, source, peer))
+    Ok(Dialled {
+        send,
+        connection: Box::pin(connection),
+        certificates: SessionCertificates {
+            local: SessionCertificate::from(&local),
+            peer: SessionCertificate::from(&peer),
+        },
+        peer: hbone,
+    })
 }
 
-/// One CONNECT stream to `dst` on a pooled connection, and the destination workload if its
-/// agent said.
+/// One CONNECT stream to `dst` on a leased pooled connection, and the destination workload if
+/// its agent said.
 async fn open_stream(
-    pooled: &PooledConnection,
+    lease: Lease,
     workload: &LocalWorkload,
     dst: SocketAddr,
     expected: &SpiffeId,
 ) -> Result<(H2Stream, Option<WorkloadId>), TunnelError> {
-    let (mut send_request, busy) = pooled.stream().await?;
+    let mut send_request = lease.send.ready().await?;
     let request = http::Request::builder()
         .method(http::Method::CONNECT)
         .uri(dst.to_string())
@@ -189,7 +231,7 @@ async fn open_stream(
     }
     let peer = hbone::peer_workload(response.headers(), expected);
     Ok((
-        H2Stream::new(send, response.into_body()).on_pooled(busy),
+        H2Stream::new(send, response.into_body()).on_pooled(lease.guard),
         peer,
     ))
 }
