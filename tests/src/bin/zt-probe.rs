@@ -287,7 +287,9 @@ fn connect(
     let mut conn = TcpStream::connect_timeout(&to, timeout)?;
     std::thread::sleep(idle.time);
     if let Some(go) = idle.until {
-        while !go.exists() {
+        // Bounded, so that a test failing before its go-ahead does not hang the suite.
+        let give_up = std::time::Instant::now() + Duration::from_secs(30);
+        while !go.exists() && std::time::Instant::now() < give_up {
             std::thread::sleep(Duration::from_millis(10));
         }
     }
