@@ -239,6 +239,25 @@ pub fn connect_after_idle(
     )
 }
 
+/// As [`connect`], staying silent after connecting until the file `go` exists (the test creates
+/// it once what it waits for has happened), then sending 1024 bytes.
+pub fn connect_idle_until(
+    bed: &Testbed,
+    pod: &Pod,
+    to: SocketAddr,
+    go: &std::path::Path,
+) -> anyhow::Result<Result<Value, Value>> {
+    let go = go.display().to_string();
+    run_connect(
+        bed,
+        pod,
+        to,
+        1024,
+        Duration::from_secs(3),
+        &["--idle-until", &go],
+    )
+}
+
 /// As [`connect`], sending `pattern` repeated instead of random bytes.
 pub fn connect_with_pattern(
     bed: &Testbed,

@@ -423,10 +423,19 @@ fn admin_api_dumps_config_and_changes_the_log_level() {
     assert_eq!(status, 200);
     assert_eq!(m.agent2.admin("GET", "/logging").unwrap().1.trim(), "warn");
     let before = m.agent2.access_records().unwrap().len();
+    let closed = || -> anyhow::Result<u64> {
+        Ok(m.agent2
+            .metric_lines("zt_tcp_connections_closed_total")?
+            .iter()
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum())
+    };
+    let closed_before = closed().unwrap();
     connect(&m.bed, p11, dst, 100, TIMEOUT)
         .unwrap()
         .expect("allowed");
-    std::thread::sleep(Duration::from_millis(500));
+    // The agent counts a close and logs its record in one step: once counted, it is logged or not.
+    zt_tests::wait_until(Duration::from_secs(5), || Ok(closed()? > closed_before)).unwrap();
     assert_eq!(m.agent2.access_records().unwrap().len(), before);
     let (status, _) = m
         .agent2

@@ -384,15 +384,29 @@ fn revoking_a_peer_closes_its_live_connections() {
     );
 
     let bed = &m.bed;
+    let go = bed.dir.join("go");
     let held = std::thread::scope(|s| {
-        let held = s.spawn(|| {
-            zt_tests::probe::connect_after_idle(bed, &p11, dst, Duration::from_millis(2500))
-                .unwrap()
-        });
-        std::thread::sleep(Duration::from_millis(700));
+        // Held open and silent until the revocation has closed it (or failed to).
+        let held = s.spawn(|| zt_tests::probe::connect_idle_until(bed, &p11, dst, &go).unwrap());
+        let open = |name: &str| -> anyhow::Result<u64> {
+            Ok(m.agent2
+                .metric_lines(name)?
+                .iter()
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+                .sum())
+        };
+        zt_tests::wait_until(Duration::from_secs(10), || {
+            Ok(open("zt_tcp_connections_opened_total")? > open("zt_tcp_connections_closed_total")?)
+        })
+        .unwrap();
         let tmp = dir.join("revoked.tmp");
         std::fs::write(&tmp, format!("{}\n", spiffe_id(&p11))).unwrap();
         std::fs::rename(&tmp, &list).unwrap();
+        zt_tests::wait_until(Duration::from_secs(10), || {
+            Ok(m.agent2.events()?.iter().any(|e| e["close"] == "revoked"))
+        })
+        .unwrap();
+        std::fs::write(&go, "").unwrap();
         held.join().unwrap()
     });
     let _ = std::fs::remove_dir_all(&dir);

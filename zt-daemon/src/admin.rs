@@ -56,9 +56,19 @@ pub struct Readiness {
     inputs: Arc<RwLock<ReadyInputs>>,
     /// Set on SIGTERM: a draining agent is never ready again.
     draining: Arc<std::sync::atomic::AtomicBool>,
+    /// Policy files that did not load: what is enforced is not what the operator wrote.
+    policy: crate::policy::LoadStatus,
 }
 
 impl Readiness {
+    /// Readiness that also requires the policy files on disk to be the ones in force.
+    pub fn new(policy: crate::policy::LoadStatus) -> Self {
+        Self {
+            policy,
+            ..Self::default()
+        }
+    }
+
     pub fn set(&self, inputs: ReadyInputs) {
         *self.inputs.write().unwrap_or_else(|p| p.into_inner()) = inputs;
     }
@@ -78,6 +88,9 @@ impl Readiness {
         }
         if inputs.discovery_pending {
             return Err("waiting for the first list of this node's pods from Kubernetes".into());
+        }
+        if let Some(e) = self.policy.failure() {
+            return Err(format!("policy files not in force: {e}"));
         }
         let now = SystemTime::now();
         for (id, enrolled) in &inputs.workloads {

@@ -18,7 +18,7 @@ use crate::{
     discovery,
     ebpf::{Capture, OriginalDsts},
     identity::{node::NodeIdentity, rotation::WorkloadIdentity, spiffe::SpiffeId},
-    policy::{self, PolicySet, PolicyStore},
+    policy::{self, PolicyStore},
     proxy::{MeshDirectory, ProxyContext, Tunnel, pool::Pool},
     source_limit::SourceLimit,
     workload::{EnrollFailure, Enrollment},
@@ -75,18 +75,24 @@ impl Agent {
             "capture started"
         );
         let mtls_default = Self::mtls_default(&config);
-        let (policies, warnings) = PolicySet::load(&config.policy, mtls_default)
-            .context("loading policies (policy.dir)")?;
-        policy::log_warnings(&warnings);
-        info!(policies = policies.len(), default = ?config.policy.default, "policies loaded");
-        let policy = PolicyStore::new(policies);
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        // Policies that do not load never stop the agent (a crash loop helps nobody): it runs,
+        // denies inbound until they load, and reports it (see PolicyStore).
+        let policy = PolicyStore::start(
+            &config.policy,
+            mtls_default,
+            policy::LoadHealth::from_metrics(&metrics),
+        );
         let policy_watch = policy
             .watch(&config.policy, mtls_default)
-            .context("watching policies")?;
+            .inspect_err(|e| error!(error = %e, "policy files not watched; reload with SIGHUP"))
+            .ok()
+            .flatten();
+        let readiness = Readiness::new(policy.status());
         let proxy = Arc::new(ProxyContext {
             dsts,
             policy,
-            metrics: Arc::default(),
+            metrics,
             idle_timeout: config.limits.idle_timeout,
             max_connections_per_workload: config.limits.max_connections_per_workload,
             drain_timeout: config.limits.drain,
@@ -104,7 +110,7 @@ impl Agent {
         });
         let admin = AdminState {
             node_name: config.node_name.clone(),
-            readiness: Readiness::default(),
+            readiness,
             workloads: Arc::default(),
             proxy: proxy.clone(),
             pin_dir: capture.pin_dir().to_owned(),
@@ -181,16 +187,9 @@ impl Agent {
         info!(workloads = self.enrolled.len(), "agent ready");
         let mut drift_check = tokio::time::interval(self.config.capture.reconcile_interval);
         drift_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // The config file is watched too (its directory: kubelet swaps ConfigMap files by
-        // renaming); an event reloads only if the file's content changed.
+        // The config file is watched too; an event reloads only if the file's content changed.
         let (file_changed, mut file_changes) = tokio::sync::mpsc::unbounded_channel();
-        let config_dir = self
-            .config_path
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .unwrap_or(std::path::Path::new("."))
-            .to_owned();
-        let _config_watch = crate::watch::on_change(&[config_dir], move || {
+        let _config_watch = crate::watch::on_change(&[self.config_path.clone()], move || {
             let _ = file_changed.send(());
         })
         .inspect_err(|e| warn!(error = %e, "config file not watched; reload with SIGHUP"))

@@ -520,7 +520,12 @@ impl NodeConfig {
                     .identity
                     .parse()
                     .map_err(|err| invalid(format!("endpoint[{i}].identity: {err}")))?;
-                Ok(MeshEndpoint { ip: e.ip, identity })
+                // Peers' and destinations' addresses are looked up canonical (IPv4 as IPv4): an
+                // endpoint written IPv4-mapped (`::ffff:10.0.0.1`) must be found by them.
+                Ok(MeshEndpoint {
+                    ip: e.ip.to_canonical(),
+                    identity,
+                })
             })
             .collect::<Result<Vec<_>, ConfigError>>()?;
         let root_namespace = raw
@@ -1049,6 +1054,15 @@ probe_ports = [8080, 8081]
             assert!(err.starts_with(&at), "{body:?}: {err} (want line {line})");
             assert!(err.contains(needle), "{body:?}: {err} (want {needle:?})");
         }
+    }
+
+    #[test]
+    fn an_endpoint_written_ipv4_mapped_is_its_ipv4_address() {
+        let c = parse("node_name = \"n1\"\n[[endpoint]]\nip = \"::ffff:10.0.0.1\"\nidentity = \"spiffe://cluster.local/ns/a/sa/b\"\n").unwrap();
+        assert_eq!(
+            c.endpoints[0].ip,
+            "10.0.0.1".parse::<std::net::IpAddr>().unwrap()
+        );
     }
 
     #[test]

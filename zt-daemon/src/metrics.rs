@@ -84,6 +84,10 @@ pub struct Metrics {
     pub identity_issue_failures: IntCounter,
     /// The peer workload names admitted to the labels, per verified peer identity.
     peer_workloads: Mutex<HashMap<SpiffeId, HashSet<String>>>,
+    /// Policy loads (start, file change, SIGHUP) that failed; the previous set stayed in force.
+    pub policy_load_failures: IntCounter,
+    /// 1 when the last policy load succeeded, 0 when the files on disk are not in force.
+    pub policy_last_load_success: IntGauge,
 }
 
 fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -120,7 +124,7 @@ impl Metrics {
             ),
             policy_decisions: counter_vec(
                 "zt_policy_decisions_total",
-                "Authorization decisions, by action (allow, deny) and reason (policy, default, mtls_required).",
+                "Authorization decisions, by action (allow, deny) and reason (policy, default, mtls_required, policy_unavailable).",
                 &["action", "reason"],
             ),
             handshake_failures: counter_vec(
@@ -161,6 +165,15 @@ impl Metrics {
             )
             .expect("static metric definition"),
             peer_workloads: Mutex::default(),
+            policy_load_failures: IntCounter::new(
+                "zt_policy_load_failures_total",
+                "Policy loads that failed (a file did not parse); the policies in force did not change.",
+            )
+            .expect("static metric definition"),
+            policy_last_load_success: gauge(
+                "zt_policy_last_load_success",
+                "1 when the last policy load succeeded; 0 when the policy files on disk are not the ones in force.",
+            ),
             registry,
         };
         let build_info = IntGauge::with_opts(
@@ -183,6 +196,8 @@ impl Metrics {
             Box::new(m.enrollment_failed.clone()),
             Box::new(m.capture_drift.clone()),
             Box::new(m.identity_issue_failures.clone()),
+            Box::new(m.policy_load_failures.clone()),
+            Box::new(m.policy_last_load_success.clone()),
             Box::new(build_info),
             Box::new(prometheus::process_collector::ProcessCollector::for_self()),
         ];

@@ -62,6 +62,9 @@ enum Cmd {
         /// Stay silent this long after connecting (for idle and concurrency limits).
         #[arg(long, default_value_t = 0)]
         idle_ms: u64,
+        /// Then stay silent until this file exists (a test's go-ahead, instead of a guessed time).
+        #[arg(long)]
+        idle_until: Option<std::path::PathBuf>,
         /// Bytes the server sends before its reply (its `--send`), read while sending.
         #[arg(long, default_value_t = 0)]
         expect: u64,
@@ -278,18 +281,31 @@ fn serve(listen: SocketAddr, send: u64, discard: bool) -> std::io::Result<()> {
     Ok(())
 }
 
+/// How long `connect` stays silent after connecting: a time, then until a file exists.
+struct Idle<'a> {
+    time: Duration,
+    until: Option<&'a std::path::Path>,
+}
+
 fn connect(
     to: SocketAddr,
     bytes: u64,
     timeout: Duration,
     pattern: Option<&str>,
-    idle: Duration,
+    idle: Idle<'_>,
     expect: u64,
     reset: bool,
 ) -> Result<serde_json::Value, std::io::Error> {
     let started = std::time::Instant::now();
     let mut conn = TcpStream::connect_timeout(&to, timeout)?;
-    std::thread::sleep(idle);
+    std::thread::sleep(idle.time);
+    if let Some(go) = idle.until {
+        // Bounded, so that a test failing before its go-ahead does not hang the suite.
+        let give_up = std::time::Instant::now() + Duration::from_secs(30);
+        while !go.exists() && std::time::Instant::now() < give_up {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
     conn.set_read_timeout(Some(timeout * 4))?;
     let peer = conn.peer_addr()?.to_string();
     let local = conn.local_addr()?.to_string();
@@ -423,7 +439,10 @@ fn burst(to: SocketAddr, count: usize, bytes: u64) -> serde_json::Value {
                     bytes,
                     Duration::from_secs(3),
                     None,
-                    Duration::ZERO,
+                    Idle {
+                        time: Duration::ZERO,
+                        until: None,
+                    },
                     0,
                     false,
                 )
@@ -703,6 +722,7 @@ fn main() {
             timeout_ms,
             pattern,
             idle_ms,
+            idle_until,
             expect,
             reset,
         } => match connect(
@@ -710,7 +730,10 @@ fn main() {
             bytes,
             Duration::from_millis(timeout_ms),
             pattern.as_deref(),
-            Duration::from_millis(idle_ms),
+            Idle {
+                time: Duration::from_millis(idle_ms),
+                until: idle_until.as_deref(),
+            },
             expect,
             reset,
         ) {

@@ -1,15 +1,11 @@
 //! The node's identity service: where SVIDs come from (built-in CA or files), the trust store
 //! every verifier shares, and the watcher that reloads bundles, revocations and SVID files when
 //! they change on disk. Bad new files are logged with their path; the last good state stays.
-use std::{
-    collections::HashMap,
-    path::{Path, PathBuf},
-    sync::Arc,
-};
+use std::{collections::HashMap, path::PathBuf, sync::Arc};
 
 use notify::RecommendedWatcher;
 use rustls::pki_types::CertificateDer;
-use tracing::{error, info};
+use tracing::{debug, error, info};
 
 use super::{
     ca::{CaError, CertificateAuthority},
@@ -67,8 +63,7 @@ impl TrustSources {
             paths.push(dir.clone());
         }
         if let Some(f) = &self.config.revocation_file {
-            // Watch the directory: editors and kubelet replace files by renaming.
-            paths.push(f.parent().unwrap_or(Path::new("/")).to_owned());
+            paths.push(f.clone());
         }
         paths
     }
@@ -138,8 +133,14 @@ fn watch(
         return Ok(None);
     }
     let (sources, trust, renewal) = (sources.clone(), trust.clone(), renewal.clone());
+    let svids_are_files = matches!(sources.config.provider, IdentityProvider::Files { .. });
     let watcher = crate::watch::on_change(&paths, move || {
         match sources.load() {
+            // The same bundles and revocations: replacing them would only wake every open
+            // connection to re-check its peer.
+            Ok(state) if *trust.current() == state => {
+                debug!("trust bundles and revocation list unchanged");
+            }
             Ok(state) => {
                 trust.replace(state);
                 info!("trust bundles and revocation list reloaded");
@@ -148,8 +149,11 @@ fn watch(
                 error!(error = %e, "identity reload rejected; keeping the previous trust state")
             }
         }
-        // SVID files may have changed too: every workload re-reads its own.
-        renewal.wake.notify_waiters();
+        // SVID files may have changed too: every workload re-reads its own. The built-in CA's
+        // SVIDs are not files, and waking it would mint new certificates for nothing.
+        if svids_are_files {
+            renewal.wake.notify_waiters();
+        }
     })?;
     Ok(Some(watcher))
 }

@@ -76,7 +76,7 @@ impl VerifyError {
 
 /// Trust bundles per trust domain, and the revocation list. Replaced as a whole on reload, so a
 /// handshake always sees one consistent state.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, PartialEq, Eq)]
 pub struct TrustState {
     bundles: HashMap<TrustDomain, Vec<TrustAnchor<'static>>>,
     revoked: RevocationList,

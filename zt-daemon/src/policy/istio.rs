@@ -18,11 +18,14 @@ use serde_yaml::Value;
 
 use super::rules::{
     Action, AuthorizationPolicy, Operation, PeerAuthentication, PolicyName, Rule, Source,
-    StringMatch,
+    StringMatch, canonical_net,
 };
 use crate::{config::MtlsMode, identity::spiffe::SpiffeId};
 
+const ISTIO_SECURITY: &str = "security.istio.io";
 const API_VERSIONS: [&str; 2] = ["security.istio.io/v1", "security.istio.io/v1beta1"];
+/// Kinds of Istio's security group that zt does not enforce (request-level JWT rules).
+const OTHER_SECURITY_KINDS: [&str; 1] = ["RequestAuthentication"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
@@ -40,7 +43,7 @@ pub enum PolicyError {
         line: usize,
         message: String,
     },
-    #[error("{0}: holds no AuthorizationPolicy or PeerAuthentication")]
+    #[error("{0}: holds no document (refused: it may be half-written)")]
     Empty(PathBuf),
 }
 
@@ -57,17 +60,33 @@ impl fmt::Display for Origin {
     }
 }
 
-/// A field zt could not enforce, and what it did instead.
+/// A field zt could not enforce, or a document it skipped, and what it did instead.
 #[derive(Debug, Clone)]
 pub struct LoadWarning {
     pub origin: Origin,
-    pub policy: PolicyName,
+    /// `None` for a skipped document without `metadata.name`.
+    pub policy: Option<PolicyName>,
     pub message: String,
+}
+
+impl LoadWarning {
+    /// `namespace/name`, or `-` when the document had none.
+    pub fn policy_ref(&self) -> String {
+        self.policy
+            .as_ref()
+            .map_or_else(|| "-".to_owned(), ToString::to_string)
+    }
 }
 
 impl fmt::Display for LoadWarning {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} ({}): {}", self.origin, self.policy, self.message)
+        write!(
+            f,
+            "{} ({}): {}",
+            self.origin,
+            self.policy_ref(),
+            self.message
+        )
     }
 }
 
@@ -79,21 +98,32 @@ pub struct Loaded {
     pub warnings: Vec<LoadWarning>,
 }
 
-impl Loaded {
+/// The text of every policy file under a path, read once: compared with the last load's to tell
+/// a real change from a rewrite with the same bytes, and parsed into a `Loaded`.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Sources {
+    pub files: Vec<(PathBuf, String)>,
+}
+
+impl Sources {
     /// Reads `path`: one YAML file, or every `*.yaml`/`*.yml` file in a directory (sorted, not
     /// recursive, hidden files skipped so that kubelet's `..data` links do not count twice).
-    pub fn from_path(path: &Path) -> Result<Self, PolicyError> {
-        let read_err = |error| PolicyError::Read {
+    pub fn read(path: &Path) -> Result<Self, PolicyError> {
+        let read_err = |path: &Path, error| PolicyError::Read {
             path: path.to_owned(),
             error,
         };
-        let mut loaded = Loaded::default();
+        let read = |file: PathBuf| match std::fs::read_to_string(&file) {
+            Ok(text) => Ok((file, text)),
+            Err(e) => Err(read_err(&file, e)),
+        };
         if !path.is_dir() {
-            loaded.read_file(path)?;
-            return Ok(loaded);
+            return Ok(Self {
+                files: vec![read(path.to_owned())?],
+            });
         }
-        let mut files: Vec<PathBuf> = std::fs::read_dir(path)
-            .map_err(read_err)?
+        let mut names: Vec<PathBuf> = std::fs::read_dir(path)
+            .map_err(|e| read_err(path, e))?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| {
                 let name = p.file_name().and_then(|n| n.to_str()).unwrap_or(".");
@@ -102,25 +132,47 @@ impl Loaded {
                     && p.is_file()
             })
             .collect();
-        files.sort();
-        for file in files {
-            loaded.read_file(&file)?;
+        names.sort();
+        Ok(Self {
+            files: names.into_iter().map(read).collect::<Result<_, _>>()?,
+        })
+    }
+
+    /// `name sha256:<first 16 hex digits>` per file, for the log: what was loaded can be compared
+    /// with `sha256sum` of the files on disk.
+    pub fn summary(&self) -> String {
+        use sha2::Digest as _;
+        self.files
+            .iter()
+            .map(|(path, text)| {
+                let digest = sha2::Sha256::digest(text.as_bytes());
+                let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+                let name = path.file_name().unwrap_or(path.as_os_str());
+                format!("{} sha256:{hex}", name.to_string_lossy())
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+impl Loaded {
+    /// Reads and parses `path` (see [`Sources::read`]).
+    pub fn from_path(path: &Path) -> Result<Self, PolicyError> {
+        Self::from_sources(&Sources::read(path)?)
+    }
+
+    pub fn from_sources(sources: &Sources) -> Result<Self, PolicyError> {
+        let mut loaded = Loaded::default();
+        for (file, text) in &sources.files {
+            loaded.read_str(file, text)?;
         }
         Ok(loaded)
     }
 
-    fn read_file(&mut self, file: &Path) -> Result<(), PolicyError> {
-        let text = std::fs::read_to_string(file).map_err(|error| PolicyError::Read {
-            path: file.to_owned(),
-            error,
-        })?;
-        self.read_str(file, &text)
-    }
-
     /// Reads every document of `text`, attributing errors to `file`.
     pub fn read_str(&mut self, file: &Path, text: &str) -> Result<(), PolicyError> {
-        let before = self.authorization.len() + self.peer_authentication.len();
         let starts = document_lines(text);
+        let mut documents = 0;
         for (i, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
             let origin = Origin {
                 file: file.to_owned(),
@@ -136,15 +188,48 @@ impl Loaded {
             if value.is_null() {
                 continue;
             }
+            documents += 1;
             self.read_document(&origin, value).map_err(fail)?;
         }
-        if self.authorization.len() + self.peer_authentication.len() == before {
+        // A file with nothing in it is more likely half-written than meant: it is refused rather
+        // than read as "no policies" (which could drop DENY rules).
+        if documents == 0 {
             return Err(PolicyError::Empty(file.to_owned()));
         }
         Ok(())
     }
 
     fn read_document(&mut self, origin: &Origin, value: Value) -> Result<(), String> {
+        let kind: Kind = serde_path_to_error::deserialize(&value).map_err(path_error)?;
+        let name = |m: Metadata| PolicyName {
+            namespace: m.namespace.unwrap_or_else(|| "default".to_owned()),
+            name: m.name,
+        };
+        let (group, _) = kind.api_version.split_once('/').unwrap_or(("", ""));
+        let ours = ["AuthorizationPolicy", "PeerAuthentication"].contains(&kind.kind.as_str());
+        if group != ISTIO_SECURITY || !ours {
+            // Another kind in the same file (kubectl bundles, Helm output) is not zt's to enforce;
+            // an unknown kind in Istio's security group is most likely a typo, and a typo in a
+            // DENY policy must not pass quietly.
+            if group == ISTIO_SECURITY && !OTHER_SECURITY_KINDS.contains(&kind.kind.as_str()) {
+                return Err(format!(
+                    "kind {:?} is not a kind of {ISTIO_SECURITY} (AuthorizationPolicy, PeerAuthentication, RequestAuthentication)",
+                    kind.kind
+                ));
+            }
+            let policy = serde_path_to_error::deserialize::<_, Header>(&value)
+                .ok()
+                .map(|h| name(h.metadata));
+            self.warnings.push(LoadWarning {
+                origin: origin.clone(),
+                policy,
+                message: format!(
+                    "skipped: kind {} ({}) is not an AuthorizationPolicy or PeerAuthentication of {ISTIO_SECURITY}, which is all zt enforces",
+                    kind.kind, kind.api_version
+                ),
+            });
+            return Ok(());
+        }
         let header: Header = serde_path_to_error::deserialize(&value).map_err(path_error)?;
         if !API_VERSIONS.contains(&header.api_version.as_str()) {
             return Err(format!(
@@ -152,13 +237,7 @@ impl Loaded {
                 header.api_version
             ));
         }
-        let name = PolicyName {
-            namespace: header
-                .metadata
-                .namespace
-                .unwrap_or_else(|| "default".to_owned()),
-            name: header.metadata.name,
-        };
+        let name = name(header.metadata);
         let spec = value
             .get("spec")
             .cloned()
@@ -166,29 +245,21 @@ impl Loaded {
         let mut warn = |message: String| {
             self.warnings.push(LoadWarning {
                 origin: origin.clone(),
-                policy: name.clone(),
+                policy: Some(name.clone()),
                 message,
             })
         };
-        match header.kind.as_str() {
-            "AuthorizationPolicy" => {
-                let raw: RawAuthorization =
-                    serde_path_to_error::deserialize(spec).map_err(|e| spec_error(&e))?;
-                if let Some(policy) = authorization(name.clone(), raw, &mut warn)? {
-                    self.authorization.push(policy);
-                }
+        if header.kind == "AuthorizationPolicy" {
+            let raw: RawAuthorization =
+                serde_path_to_error::deserialize(spec).map_err(|e| spec_error(&e))?;
+            if let Some(policy) = authorization(name.clone(), raw, &mut warn)? {
+                self.authorization.push(policy);
             }
-            "PeerAuthentication" => {
-                let raw: RawPeerAuthentication =
-                    serde_path_to_error::deserialize(spec).map_err(|e| spec_error(&e))?;
-                let policy = peer_authentication(name.clone(), raw, &mut warn)?;
-                self.peer_authentication.push(policy);
-            }
-            other => {
-                return Err(format!(
-                    "kind {other:?} is not AuthorizationPolicy or PeerAuthentication"
-                ));
-            }
+        } else {
+            let raw: RawPeerAuthentication =
+                serde_path_to_error::deserialize(spec).map_err(|e| spec_error(&e))?;
+            let policy = peer_authentication(name.clone(), raw, &mut warn)?;
+            self.peer_authentication.push(policy);
         }
         Ok(())
     }
@@ -227,6 +298,14 @@ fn spec_error(e: &serde_path_to_error::Error<serde_yaml::Error>) -> String {
 }
 
 // ---- file shape ---------------------------------------------------------------------------------
+
+/// What every Kubernetes object has; read first to decide whether the document is zt's.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Kind {
+    api_version: String,
+    kind: String,
+}
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -519,8 +598,8 @@ fn ip_blocks(at: &str, field: &str, values: &[String]) -> Result<Vec<IpNet>, Str
         .map(|(i, value)| {
             value
                 .parse::<IpNet>()
-                .map(|n| n.trunc())
                 .or_else(|_| value.parse::<IpAddr>().map(IpNet::from))
+                .map(canonical_net)
                 .map_err(|_| format!("{at}.{field}[{i}]: {value:?} is not a CIDR or an IP address"))
         })
         .collect()

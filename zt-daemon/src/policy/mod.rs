@@ -11,20 +11,20 @@ pub mod rules;
 use std::{
     collections::{BTreeMap, HashMap},
     fmt,
-    path::PathBuf,
-    sync::{Arc, RwLock},
+    sync::{Arc, Mutex, RwLock},
 };
 
 use notify::RecommendedWatcher;
+use prometheus::{IntCounter, IntGauge};
 use tokio::sync::watch;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use self::{
     istio::Loaded,
     rules::{AuthorizationPolicy, PeerAuthentication, Rule, selects},
 };
 pub use self::{
-    istio::{LoadWarning, PolicyError},
+    istio::{LoadWarning, PolicyError, Sources},
     rules::{Action, Peer, PolicyName},
 };
 use crate::config::{MtlsMode, PolicyConfig, PolicyDefault, WorkloadId};
@@ -39,6 +39,9 @@ pub enum DecisionReason {
     Default,
     /// A plaintext peer, and PeerAuthentication (or `mtls.mode`) is STRICT for the port.
     MtlsRequired,
+    /// The policy files have not loaded since the agent started: with no set to keep, every
+    /// inbound connection is denied (fail closed) until they do.
+    PolicyUnavailable,
 }
 
 impl DecisionReason {
@@ -47,6 +50,7 @@ impl DecisionReason {
             Self::Policy => "policy",
             Self::Default => "default",
             Self::MtlsRequired => "mtls_required",
+            Self::PolicyUnavailable => "policy_unavailable",
         }
     }
 }
@@ -93,6 +97,11 @@ impl fmt::Display for PolicyDecision {
                 "{} by default: no ALLOW policy selects the workload (policy.default)",
                 self.action
             ),
+            DecisionReason::PolicyUnavailable => write!(
+                f,
+                "{}: the policy files have not loaded since the agent started",
+                self.action
+            ),
             DecisionReason::MtlsRequired => match &self.policy {
                 Some(p) => write!(f, "{}: plaintext, and {p} requires mTLS", self.action),
                 None => write!(f, "{}: plaintext, and mtls.mode is strict", self.action),
@@ -121,6 +130,8 @@ pub struct WorkloadRules {
     port_mtls: BTreeMap<u16, MtlsMode>,
     /// The PeerAuthentication that set `mtls`, if any.
     mtls_policy: Option<Arc<PolicyName>>,
+    /// From a set that stands in for policies that did not load: everything is denied.
+    unavailable: bool,
 }
 
 impl WorkloadRules {
@@ -137,6 +148,14 @@ impl WorkloadRules {
             policy: Some(rule.policy.clone()),
             rule: Some(rule.index),
         };
+        if self.unavailable {
+            return PolicyDecision {
+                action: Action::Deny,
+                reason: DecisionReason::PolicyUnavailable,
+                policy: None,
+                rule: None,
+            };
+        }
         if !mtls && self.mtls_mode(port) == MtlsMode::Strict {
             return PolicyDecision {
                 action: Action::Deny,
@@ -199,6 +218,8 @@ pub struct PolicySet {
     mtls_default: MtlsMode,
     compiled: RwLock<HashMap<WorkloadId, CompiledFor>>,
     policy_count: usize,
+    /// Stands in for policies that did not load at start: denies everything.
+    unavailable: bool,
 }
 
 impl PolicySet {
@@ -230,20 +251,40 @@ impl PolicySet {
             mtls_default,
             compiled: RwLock::default(),
             policy_count,
+            unavailable: false,
         }
     }
 
-    /// Loads `config.dir` (no directory: no policies). Warnings are for fields zt cannot enforce.
+    /// The set used when the policy files do not load at start: it denies every decision.
+    pub fn unavailable(config: &PolicyConfig, mtls_default: MtlsMode) -> Self {
+        Self {
+            unavailable: true,
+            ..Self::new(Loaded::default(), config, mtls_default)
+        }
+    }
+
+    /// Loads `config.dir` (no directory: no policies). Warnings are for fields zt cannot enforce
+    /// and documents it skipped.
     pub fn load(
         config: &PolicyConfig,
         mtls_default: MtlsMode,
     ) -> Result<(Self, Vec<LoadWarning>), PolicyError> {
-        let mut loaded = match &config.dir {
-            Some(dir) => Loaded::from_path(dir)?,
-            None => Loaded::default(),
-        };
+        Self::from_sources(&read_sources(config)?, config, mtls_default)
+    }
+
+    pub fn from_sources(
+        sources: &Sources,
+        config: &PolicyConfig,
+        mtls_default: MtlsMode,
+    ) -> Result<(Self, Vec<LoadWarning>), PolicyError> {
+        let mut loaded = Loaded::from_sources(sources)?;
         let warnings = std::mem::take(&mut loaded.warnings);
         Ok((Self::new(loaded, config, mtls_default), warnings))
+    }
+
+    /// Whether this set stands in for policies that did not load (see [`Self::unavailable`]).
+    pub fn is_unavailable(&self) -> bool {
+        self.unavailable
     }
 
     pub fn len(&self) -> usize {
@@ -361,7 +402,16 @@ impl PolicySet {
                 .map(|p| p.port_modes.clone())
                 .unwrap_or_default(),
             mtls_policy,
+            unavailable: self.unavailable,
         }
+    }
+}
+
+/// The policy files `config` names, read (no directory: none).
+fn read_sources(config: &PolicyConfig) -> Result<Sources, PolicyError> {
+    match &config.dir {
+        Some(dir) => Sources::read(dir),
+        None => Ok(Sources::default()),
     }
 }
 
@@ -371,36 +421,143 @@ fn sorted_names<'a>(names: impl Iterator<Item = &'a Arc<PolicyName>>) -> Vec<Str
     out
 }
 
-/// The policy set in force, shared by every listener; connections subscribe to changes.
+/// The metrics a policy load reports to (registered in `metrics.rs`).
 #[derive(Clone)]
-pub struct PolicyStore(Arc<watch::Sender<Arc<PolicySet>>>);
+pub struct LoadHealth {
+    pub failures: IntCounter,
+    pub last_success: IntGauge,
+}
+
+impl LoadHealth {
+    pub fn from_metrics(m: &crate::metrics::Metrics) -> Self {
+        Self {
+            failures: m.policy_load_failures.clone(),
+            last_success: m.policy_last_load_success.clone(),
+        }
+    }
+}
+
+/// Why the policy files on disk are not the policies in force, if they are not (readiness).
+#[derive(Clone, Default)]
+pub struct LoadStatus(Arc<RwLock<Option<String>>>);
+
+impl LoadStatus {
+    pub fn failure(&self) -> Option<String> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set(&self, failure: Option<String>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = failure;
+    }
+}
+
+/// What a set is built from; a reload with the same input would publish the same set.
+#[derive(PartialEq)]
+struct LoadInput {
+    sources: Sources,
+    config: PolicyConfig,
+    mtls_default: MtlsMode,
+}
+
+struct StoreInner {
+    sets: watch::Sender<Arc<PolicySet>>,
+    /// The input of the last load attempted (successful or not); `None` when its files could not
+    /// be read.
+    last: Mutex<Option<LoadInput>>,
+    status: LoadStatus,
+    health: LoadHealth,
+}
+
+/// The policy set in force, shared by every listener; connections subscribe to changes.
+///
+/// A load that fails leaves the set in force as it is: its ALLOW rules stay (no outage from a
+/// typo), and so do its DENY rules, but the new file's DENY rules are not applied. That is made
+/// loud: an error log naming file, document, line and field, `zt_policy_load_failures_total`,
+/// `zt_policy_last_load_success` 0, and readiness 503 until the files load. With no set to keep
+/// (at start), every inbound connection is denied until they load: the agent runs (no crash
+/// loop), fails closed, and says why.
+#[derive(Clone)]
+pub struct PolicyStore(Arc<StoreInner>);
 
 impl PolicyStore {
-    pub fn new(set: PolicySet) -> Self {
-        Self(Arc::new(watch::channel(Arc::new(set)).0))
+    fn with_set(set: PolicySet, health: LoadHealth) -> Self {
+        Self(Arc::new(StoreInner {
+            sets: watch::channel(Arc::new(set)).0,
+            last: Mutex::new(None),
+            status: LoadStatus::default(),
+            health,
+        }))
+    }
+
+    /// Loads `config`'s policies for a starting agent. Never fails: a load that fails puts
+    /// [`PolicySet::unavailable`] in force and reports like a failed reload.
+    pub fn start(config: &PolicyConfig, mtls_default: MtlsMode, health: LoadHealth) -> Self {
+        let store = Self::with_set(PolicySet::unavailable(config, mtls_default), health);
+        store.reload(config, mtls_default);
+        store
     }
 
     pub fn current(&self) -> Arc<PolicySet> {
-        self.0.borrow().clone()
+        self.0.sets.borrow().clone()
     }
 
     pub fn subscribe(&self) -> watch::Receiver<Arc<PolicySet>> {
-        self.0.subscribe()
+        self.0.sets.subscribe()
     }
 
     pub fn replace(&self, set: PolicySet) {
-        self.0.send_replace(Arc::new(set));
+        self.0.sets.send_replace(Arc::new(set));
     }
 
-    /// Reloads from `config`; a set that does not load leaves the current one in force.
+    /// Why the files on disk are not in force, if they are not.
+    pub fn status(&self) -> LoadStatus {
+        self.0.status.clone()
+    }
+
+    /// Reloads from `config`. Files with the same content as the last attempt change nothing
+    /// (so open connections are not woken to be re-checked against the same rules); a set that
+    /// does not load leaves the current one in force.
     pub fn reload(&self, config: &PolicyConfig, mtls_default: MtlsMode) {
-        match PolicySet::load(config, mtls_default) {
+        let mut last = self.0.last.lock().unwrap_or_else(|p| p.into_inner());
+        let sources = match read_sources(config) {
+            Ok(s) => s,
+            Err(e) => {
+                *last = None;
+                return self.failed(&e);
+            }
+        };
+        let input = LoadInput {
+            sources,
+            config: config.clone(),
+            mtls_default,
+        };
+        if last.as_ref() == Some(&input) {
+            debug!("policy files unchanged: nothing to reload");
+            return;
+        }
+        let result = PolicySet::from_sources(&input.sources, config, mtls_default);
+        let files = input.sources.summary();
+        *last = Some(input);
+        match result {
             Ok((set, warnings)) => {
                 log_warnings(&warnings);
-                info!(policies = set.len(), "policies loaded");
+                info!(policies = set.len(), default = ?config.default, %files, "policies loaded");
                 self.replace(set);
+                self.0.status.set(None);
+                self.0.health.last_success.set(1);
             }
-            Err(e) => error!(error = %e, kept = "the previous policies", "policy reload rejected"),
+            Err(e) => self.failed(&e),
+        }
+    }
+
+    fn failed(&self, e: &PolicyError) {
+        self.0.health.failures.inc();
+        self.0.health.last_success.set(0);
+        self.0.status.set(Some(e.to_string()));
+        if self.current().is_unavailable() {
+            error!(error = %e, in_force = "none: every inbound connection is denied until the policy files load", "policies not loaded");
+        } else {
+            error!(error = %e, kept = "the previous policies; DENY rules of the changed files are NOT applied", "policy reload rejected");
         }
     }
 
@@ -413,20 +570,14 @@ impl PolicyStore {
         let Some(dir) = config.dir.clone() else {
             return Ok(None);
         };
-        // Watch the parent of a single file: editors replace files by renaming.
-        let watched: PathBuf = if dir.is_dir() {
-            dir
-        } else {
-            dir.parent().map(PathBuf::from).unwrap_or(dir)
-        };
         let (store, config) = (self.clone(), config.clone());
-        crate::watch::on_change(&[watched], move || store.reload(&config, mtls_default)).map(Some)
+        crate::watch::on_change(&[dir], move || store.reload(&config, mtls_default)).map(Some)
     }
 }
 
 pub fn log_warnings(warnings: &[LoadWarning]) {
     for w in warnings {
-        warn!(file = %w.origin.file.display(), document = w.origin.document, policy = %w.policy, "{}", w.message);
+        warn!(file = %w.origin.file.display(), document = w.origin.document, policy = %w.policy_ref(), "{}", w.message);
     }
 }
 

@@ -2,7 +2,7 @@
 //! Everything here is built by `istio.rs` from YAML; nothing here parses strings at decision time.
 use std::{collections::BTreeMap, fmt, net::IpAddr, sync::Arc};
 
-use ipnet::IpNet;
+use ipnet::{IpNet, Ipv4Net};
 
 use crate::{config::MtlsMode, identity::spiffe::SpiffeId};
 
@@ -86,6 +86,21 @@ impl Source {
             && (self.ip_blocks.is_empty() || in_blocks(&self.ip_blocks))
             && !in_blocks(&self.not_ip_blocks)
     }
+}
+
+/// A block as peers are compared with it: truncated to its network, and an IPv4-mapped IPv6 block
+/// (`::ffff:10.0.0.1/128`, prefix 96 or longer) as the IPv4 block it names, since peers' addresses
+/// are canonical (IPv4) too. Other IPv6 blocks never match an IPv4 peer, as in Envoy.
+pub fn canonical_net(net: IpNet) -> IpNet {
+    let net = net.trunc();
+    if let IpNet::V6(v6) = net
+        && v6.prefix_len() >= 96
+        && let Some(v4) = v6.network().to_ipv4_mapped()
+        && let Ok(v4net) = Ipv4Net::new(v4, v6.prefix_len() - 96)
+    {
+        return IpNet::V4(v4net);
+    }
+    net
 }
 
 /// `rules[].to[].operation`, at L4: the destination port.

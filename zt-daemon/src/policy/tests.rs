@@ -449,25 +449,29 @@ fn bad_input_names_file_document_and_field() {
     let cases: Vec<(String, &str)> = vec![
         (
             "".to_string(),
-            "test.yaml: holds no AuthorizationPolicy or PeerAuthentication",
+            "test.yaml: holds no document (refused: it may be half-written)",
         ),
-        (
-            "# only a comment\n".to_string(),
-            "holds no AuthorizationPolicy",
-        ),
+        ("# only a comment\n".to_string(), "holds no document"),
         (
             "just a string".to_string(),
             "document 1 (line 1): not a Kubernetes object",
         ),
         ("a: [unclosed".to_string(), "document 1 (line 1):"),
         (
-            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: x\n".to_string(),
-            "document 1 (line 1): apiVersion \"v1\" is not one of",
+            // A typo in Istio's security group is an error, not a skipped document.
+            "apiVersion: security.istio.io/v1\nkind: AuthorisationPolicy\nmetadata:\n  name: x\n"
+                .to_string(),
+            "document 1 (line 1): kind \"AuthorisationPolicy\" is not a kind of security.istio.io",
         ),
         (
-            "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata:\n  name: x\n"
+            "apiVersion: security.istio.io/v2\nkind: AuthorizationPolicy\nmetadata:\n  name: x\n"
                 .to_string(),
-            "kind \"RequestAuthentication\" is not AuthorizationPolicy or PeerAuthentication",
+            "apiVersion \"security.istio.io/v2\" is not one of",
+        ),
+        (
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  namespace: x\n"
+                .to_string(),
+            "metadata: missing field `name`",
         ),
         (
             "kind: AuthorizationPolicy\n".to_string(),
@@ -576,4 +580,197 @@ fn decisions_cost_only_the_workloads_rules() {
     assert_eq!(rules.allow.len(), 10);
     assert!(rules.deny.is_empty());
     assert!(decide(&s, "ns7", &[], &web(), 1009).starts_with("ALLOW by ns7/p9 rules[0]"));
+}
+
+#[test]
+fn documents_of_other_kinds_are_skipped_with_a_warning() {
+    let yaml =
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: settings\n  namespace: shop\n---\n"
+            .to_owned()
+            + &authz("db", "allow-all", "  rules:\n  - {}")
+            + "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata:\n  name: jwt\nspec: {}\n---\n"
+            + "apiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata:\n  name: t\n  namespace: db\n---\n"
+            + "apiVersion: policy.linkerd.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata:\n  name: l\n  namespace: db\n---\n"
+            + "apiVersion: v1\nkind: List\nitems: []\n";
+    let loaded = load(&yaml).unwrap();
+    assert_eq!(loaded.authorization.len(), 1);
+    let messages: Vec<String> = loaded.warnings.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        messages,
+        [
+            "test.yaml: document 1 (shop/settings): skipped: kind ConfigMap (v1) is not an AuthorizationPolicy or PeerAuthentication of security.istio.io, which is all zt enforces",
+            "test.yaml: document 3 (default/jwt): skipped: kind RequestAuthentication (security.istio.io/v1) is not an AuthorizationPolicy or PeerAuthentication of security.istio.io, which is all zt enforces",
+            "test.yaml: document 4 (db/t): skipped: kind Telemetry (telemetry.istio.io/v1) is not an AuthorizationPolicy or PeerAuthentication of security.istio.io, which is all zt enforces",
+            "test.yaml: document 5 (db/l): skipped: kind AuthorizationPolicy (policy.linkerd.io/v1alpha1) is not an AuthorizationPolicy or PeerAuthentication of security.istio.io, which is all zt enforces",
+            "test.yaml: document 6 (-): skipped: kind List (v1) is not an AuthorizationPolicy or PeerAuthentication of security.istio.io, which is all zt enforces",
+        ]
+    );
+    // A file of other kinds only, or of ignored policies only, is not an error either.
+    let only_other = load("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: x\n").unwrap();
+    assert_eq!(only_other.warnings.len(), 1);
+    let only_audit = load(&authz("db", "audit", "  action: AUDIT\n  rules:\n  - {}")).unwrap();
+    assert!(only_audit.authorization.is_empty());
+    assert_eq!(only_audit.warnings.len(), 1);
+}
+
+#[test]
+fn ipv4_mapped_blocks_are_read_as_ipv4() {
+    for (written, read) in [
+        ("::ffff:10.200.1.2/128", "10.200.1.2/32"),
+        ("::ffff:10.200.1.2", "10.200.1.2/32"),
+        ("::ffff:10.200.1.77/120", "10.200.1.0/24"),
+        ("::ffff:0.0.0.0/96", "0.0.0.0/0"),
+        ("10.200.1.2/24", "10.200.1.0/24"),
+        // Wider than the mapped range, or outside it: an IPv6 block.
+        ("::ffff:0.0.0.0/95", "::fffe:0:0/95"),
+        ("::/0", "::/0"),
+        ("fd00::10.200.1.2/128", "fd00::ac8:102/128"),
+    ] {
+        let yaml = authz(
+            "db",
+            "p",
+            &format!("  rules:\n  - from:\n    - source:\n        ipBlocks: [\"{written}\"]"),
+        );
+        let loaded = load(&yaml).unwrap_or_else(|e| panic!("{written}: {e}"));
+        let block = loaded.authorization[0].rules[0].1.from[0].ip_blocks[0];
+        assert_eq!(block.to_string(), read, "{written}");
+    }
+    let s = set(
+        &authz(
+            "db",
+            "deny-mapped",
+            "  action: DENY\n  rules:\n  - from:\n    - source:\n        notIpBlocks: [\"::ffff:10.200.9.0/120\"]",
+        ),
+        PolicyDefault::Allow,
+    );
+    // notIpBlocks: everyone but 10.200.9.0/24 is denied, however either side is written.
+    for (ip, allowed) in [
+        ("10.200.9.5", true),
+        ("::ffff:10.200.9.5", true),
+        ("10.200.1.2", false),
+        ("::ffff:10.200.1.2", false),
+    ] {
+        let d = decide(&s, "db", &[], &peer(None, ip), 80);
+        assert_eq!(d.starts_with("ALLOW"), allowed, "{ip}: {d}");
+    }
+}
+
+#[test]
+fn the_stand_in_for_policies_that_did_not_load_denies_everything() {
+    let s = PolicySet::unavailable(&config(PolicyDefault::Allow), MtlsMode::Permissive);
+    let id = WorkloadId {
+        namespace: "db".into(),
+        name: "w".into(),
+    };
+    let labels = BTreeMap::new();
+    let d = s.decide(
+        &WorkloadRef {
+            id: &id,
+            labels: &labels,
+        },
+        &web(),
+        80,
+        true,
+    );
+    assert_eq!(d.reason, DecisionReason::PolicyUnavailable);
+    assert_eq!(
+        d.to_string(),
+        "DENY: the policy files have not loaded since the agent started"
+    );
+}
+
+/// A store over a real directory, with its metrics.
+fn store_in(dir: &Path) -> (PolicyStore, crate::metrics::Metrics, PolicyConfig) {
+    let metrics = crate::metrics::Metrics::new();
+    let config = PolicyConfig {
+        dir: Some(dir.to_owned()),
+        ..config(PolicyDefault::Deny)
+    };
+    let store = PolicyStore::start(
+        &config,
+        MtlsMode::Strict,
+        LoadHealth::from_metrics(&metrics),
+    );
+    (store, metrics, config)
+}
+
+#[test]
+fn the_store_reloads_only_changed_content_and_keeps_its_set_when_a_load_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let allow = authz("db", "allow-all", "  rules:\n  - {}");
+    std::fs::write(dir.path().join("a.yaml"), &allow).unwrap();
+    let (store, metrics, config) = store_in(dir.path());
+    assert_eq!(store.current().authorization_names(), ["db/allow-all"]);
+    assert_eq!(metrics.policy_last_load_success.get(), 1);
+    assert_eq!(store.status().failure(), None);
+    let mut updates = store.subscribe();
+    updates.borrow_and_update();
+
+    // The same bytes (rewritten, or read again on SIGHUP): nothing is published, so open
+    // connections are not woken.
+    std::fs::write(dir.path().join("a.yaml"), &allow).unwrap();
+    store.reload(&config, MtlsMode::Strict);
+    assert!(!updates.has_changed().unwrap());
+
+    // A broken file: the set stays, and the failure is counted and reported.
+    std::fs::write(dir.path().join("b.yaml"), "kind: AuthorizationPolicy\n").unwrap();
+    store.reload(&config, MtlsMode::Strict);
+    store.reload(&config, MtlsMode::Strict);
+    assert!(!updates.has_changed().unwrap());
+    assert_eq!(store.current().authorization_names(), ["db/allow-all"]);
+    assert_eq!(
+        metrics.policy_load_failures.get(),
+        1,
+        "counted once per content"
+    );
+    assert_eq!(metrics.policy_last_load_success.get(), 0);
+    let failure = store.status().failure().unwrap();
+    assert!(failure.contains("b.yaml: document 1 (line 1)"), "{failure}");
+
+    // Fixed: published, and healthy again.
+    std::fs::write(
+        dir.path().join("b.yaml"),
+        authz("db", "other", "  rules:\n  - {}"),
+    )
+    .unwrap();
+    store.reload(&config, MtlsMode::Strict);
+    assert!(updates.has_changed().unwrap());
+    assert_eq!(
+        store.current().authorization_names(),
+        ["db/allow-all", "db/other"]
+    );
+    assert_eq!(metrics.policy_last_load_success.get(), 1);
+    assert_eq!(store.status().failure(), None);
+
+    // The same files under another policy.default are another set.
+    updates.borrow_and_update();
+    let allow_default = PolicyConfig {
+        default: PolicyDefault::Allow,
+        ..config.clone()
+    };
+    store.reload(&allow_default, MtlsMode::Strict);
+    assert!(updates.has_changed().unwrap());
+}
+
+#[test]
+fn a_store_whose_files_do_not_load_at_start_denies_everything_until_they_do() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("a.yaml"), "spec: [").unwrap();
+    let (store, metrics, config) = store_in(dir.path());
+    assert!(store.current().is_unavailable());
+    assert_eq!(metrics.policy_load_failures.get(), 1);
+    assert!(store.status().failure().unwrap().contains("a.yaml"));
+    std::fs::write(
+        dir.path().join("a.yaml"),
+        authz("db", "p", "  rules:\n  - {}"),
+    )
+    .unwrap();
+    store.reload(&config, MtlsMode::Strict);
+    assert!(!store.current().is_unavailable());
+    assert_eq!(store.status().failure(), None);
+
+    // A directory that is missing: the same, naming it.
+    let (missing, _, _) = store_in(&dir.path().join("missing"));
+    assert!(missing.current().is_unavailable());
+    assert!(missing.status().failure().unwrap().contains("missing"));
 }
