@@ -240,6 +240,16 @@ impl Agent {
     }
 
     /// The lines of a scrape whose metric name is `name` (with their labels and value).
+    /// Connections the agent has started to relay, over every series of
+    /// `zt_tcp_connections_opened_total`.
+    pub fn opened_connections(&self) -> anyhow::Result<u64> {
+        Ok(self
+            .metric_lines("zt_tcp_connections_opened_total")?
+            .iter()
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum())
+    }
+
     pub fn metric_lines(&self, name: &str) -> anyhow::Result<Vec<String>> {
         Ok(self
             .metrics()?

@@ -226,8 +226,12 @@ fn wire_between_nodes_carries_only_tls_on_15008() {
         .arg(&pcap)
         .args(["tcp"]);
     let pid = m.bed.spawn(tcpdump, "tcpdump.log").unwrap();
-    zt_tests::wait_until(Duration::from_secs(5), || Ok(pcap.exists())).unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    // tcpdump says so once its capture is open.
+    let tcpdump_log = m.bed.log_path("tcpdump.log");
+    zt_tests::wait_until(Duration::from_secs(10), || {
+        Ok(std::fs::read_to_string(&tcpdump_log).is_ok_and(|l| l.contains("listening on")))
+    })
+    .unwrap();
 
     let dst = SocketAddr::new(p21.ip(false), PORT);
     let report = connect_with_pattern(&m.bed, &p11, dst, MIB, TIMEOUT, Some(marker))
@@ -235,7 +239,11 @@ fn wire_between_nodes_carries_only_tls_on_15008() {
         .expect("transfer");
     // Pattern mode is not hashed by the client; the byte count proves delivery.
     assert_eq!(report["reply"]["bytes"].as_u64(), Some(MIB), "{report}");
-    std::thread::sleep(Duration::from_millis(300));
+    // -U writes each packet as it is captured: once the transfer's volume is in, it is all in.
+    zt_tests::wait_until(Duration::from_secs(10), || {
+        Ok(std::fs::metadata(&pcap)?.len() > MIB)
+    })
+    .unwrap();
     m.bed.kill(pid);
 
     let captured = std::fs::read(&pcap).unwrap();

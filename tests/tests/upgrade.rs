@@ -73,7 +73,11 @@ fn an_agent_hands_over_to_its_successor_without_dropping_a_connection() {
     let long = std::thread::spawn(move || report(long));
     let started = Instant::now();
     let churn = std::thread::spawn(move || (report(churn), started.elapsed()));
-    std::thread::sleep(Duration::from_millis(500));
+    // The handover starts with traffic under way through the old agent.
+    zt_tests::wait_until(Duration::from_secs(10), || {
+        Ok(old.opened_connections()? >= 2)
+    })
+    .unwrap_or_else(|e| panic!("no traffic through the old agent: {e}\n{}", old.log_tail()));
 
     let new = Agent::start_with_config(&mut bed, 2, &successor).unwrap();
     old.signal(nix::sys::signal::Signal::SIGTERM).unwrap();
