@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs what building and testing zt needs on a fresh Debian bookworm machine (DESIGN.md §2).
+# Installs what building and testing zt needs on a fresh Debian bookworm machine (docs/architecture.md, "Toolchain").
 # Idempotent: each step checks first and only acts when something is missing.
 set -euo pipefail
 

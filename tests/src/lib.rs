@@ -1,4 +1,4 @@
-//! Test bed for zt's root end-to-end tests and the demo (DESIGN.md §9).
+//! Test bed for zt's root end-to-end tests and the demo (docs/architecture.md, "Test topology").
 //!
 //! A "node" is a network namespace with a bridge; a "pod" is a network namespace with a veth to
 //! its node's bridge and a cgroup v2 directory under its node's. Two nodes are joined by a veth

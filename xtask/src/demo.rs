@@ -1,4 +1,4 @@
-//! The demo: the DESIGN.md §9 topology with two nodes and two pods each, an agent per node, a few
+//! The demo: the test bed's topology (docs/architecture.md) with two nodes and two pods each, an agent per node, a few
 //! flows, and a summary of what the agents captured. Everything is removed at the end, also on
 //! Ctrl-C.
 use std::{

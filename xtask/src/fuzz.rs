@@ -2,7 +2,7 @@
 //! bounded time and prints executions per target. `--smoke` (30 s each) is part of the test suite.
 //!
 //! The pinned stable toolchain builds the targets: RUSTC_BOOTSTRAP=1 lets it take the -Z flags
-//! cargo fuzz passes (a nightly would bring LLVM 23, DESIGN.md §2). New inputs go to
+//! cargo fuzz passes (a nightly would bring LLVM 23; docs/architecture.md, "Toolchain"). New inputs go to
 //! fuzz/corpus/<target> (not committed); the committed seeds in fuzz/seeds/<target> are read too.
 use std::process::Command;
 

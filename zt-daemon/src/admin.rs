@@ -1,4 +1,4 @@
-//! The agent's HTTP endpoints (DESIGN.md §8), each on its own address:
+//! The agent's HTTP endpoints, each on its own address:
 //! - readiness, `admin.readiness_addr` (0.0.0.0:15021): `GET /healthz/ready`, 200 when the capture
 //!   programs are attached and every configured workload is enrolled and, with an identity
 //!   provider, holds a valid certificate; 503 with the reason otherwise;

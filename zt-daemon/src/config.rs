@@ -1,4 +1,4 @@
-//! The node config file (DESIGN.md §7): parsed and validated once into typed structs, so nothing
+//! The node config file: parsed and validated once into typed structs, so nothing
 //! downstream re-parses strings. Every error names the file, and where it can the line and key.
 use std::{
     collections::{BTreeMap, HashSet},

@@ -1,5 +1,5 @@
 //! zt's per-node agent as a library: the `zt-daemon` binary is a thin CLI over it, and the
-//! integration tests drive the same modules (DESIGN.md §1: one module per concern).
+//! integration tests drive the same modules (one module per concern; docs/architecture.md).
 pub mod admin;
 pub mod agent;
 pub mod config;

@@ -1,4 +1,4 @@
-//! The agent's Prometheus metrics (DESIGN.md §8), served as text on `admin.metrics_addr`
+//! The agent's Prometheus metrics, served as text on `admin.metrics_addr`
 //! (default 0.0.0.0:15020) at `/metrics`. The TCP metrics have Istio's shape (`istio_tcp_*` with
 //! the `zt_` prefix), so dashboards port over. Labels never carry per-connection values (ports,
 //! addresses), so the number of series stays bounded however many connections pass; and a peer's

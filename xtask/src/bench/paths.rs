@@ -1,4 +1,4 @@
-//! `cargo xtask bench`: the data path benchmark. One run on the DESIGN.md §9 topology measures
+//! `cargo xtask bench`: the data path benchmark. One run on the test bed's topology measures
 //! direct TCP, zt same-node, zt cross-node and an HAProxy mutual TLS pair, in interleaved rounds
 //! (medians), then the agents' memory with idle connections, and rewrites BENCHMARKS.md.
 //! The machine is shared and noisy: the ratios, from one run, are what to compare.
@@ -500,7 +500,7 @@ fn report(
     )?;
     writeln!(
         md,
-        "Topology (DESIGN.md §9): two node namespaces joined by a veth pair, pods on bridges.\n\
+        "Topology: two node namespaces joined by a veth pair, pods on bridges.\n\
          - direct TCP: pod n1p2 to pod n2p2, neither enrolled;\n\
          - zt same-node: n1p1 to n1p3, both enrolled on node 1 (one agent);\n\
          - zt cross-node: n1p1 to n2p1, captured by eBPF on both nodes and carried over a pooled \

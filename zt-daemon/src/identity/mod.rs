@@ -1,4 +1,4 @@
-//! Workload identity (DESIGN.md §4): SPIFFE IDs, X.509-SVIDs from the built-in CA, revocation,
+//! Workload identity: SPIFFE IDs, X.509-SVIDs from the built-in CA, revocation,
 //! and the rustls verifiers both ends of the tunnel use.
 pub mod ca;
 pub mod files;

@@ -1,4 +1,4 @@
-//! Identity-based authorization (DESIGN.md §6): Istio AuthorizationPolicy and PeerAuthentication,
+//! Identity-based authorization: Istio AuthorizationPolicy and PeerAuthentication,
 //! enforced by the inbound proxy after the mTLS handshake and before the app is dialled.
 //!
 //! `istio` reads YAML into the typed rules of `rules`; a `PolicySet` indexes them by namespace and
