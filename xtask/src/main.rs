@@ -68,11 +68,16 @@ enum BenchCmd {
 
 /// Runs `cargo <args>` from the workspace root and fails if it fails.
 pub fn cargo(args: &[&str]) -> anyhow::Result<()> {
+    cargo_in(".", args)
+}
+
+/// Runs `cargo <args>` in `dir` (relative to the workspace root) and fails if it fails.
+fn cargo_in(dir: &str, args: &[&str]) -> anyhow::Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    eprintln!("[xtask] cargo {}", args.join(" "));
+    eprintln!("[xtask] ({dir}) cargo {}", args.join(" "));
     let status = Command::new(&cargo)
         .args(args)
-        .current_dir(workspace_root())
+        .current_dir(workspace_root().join(dir))
         .status()
         .with_context(|| format!("running {cargo}"))?;
     if !status.success() {
@@ -92,6 +97,10 @@ fn test() -> anyhow::Result<()> {
     zt_tests::require_root()?;
     cargo(&["fmt", "--all", "--check"])?;
     cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
+    // The fuzz targets and the crypto comparison are workspaces of their own: linted too.
+    for dir in ["fuzz", "crypto-bench"] {
+        cargo_in(dir, &["clippy", "--all-targets", "--", "-D", "warnings"])?;
+    }
     // Builds zt-daemon (and through it the eBPF object) and zt-probe, which the e2e tests run.
     cargo(&["build"])?;
     cargo_test()?;
