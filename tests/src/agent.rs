@@ -239,7 +239,6 @@ impl Agent {
         Ok(body)
     }
 
-    /// The lines of a scrape whose metric name is `name` (with their labels and value).
     /// Connections the agent has started to relay, over every series of
     /// `zt_tcp_connections_opened_total`.
     pub fn opened_connections(&self) -> anyhow::Result<u64> {
@@ -250,6 +249,7 @@ impl Agent {
             .sum())
     }
 
+    /// The lines of a scrape whose metric name is `name` (with their labels and value).
     pub fn metric_lines(&self, name: &str) -> anyhow::Result<Vec<String>> {
         Ok(self
             .metrics()?

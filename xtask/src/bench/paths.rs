@@ -71,6 +71,9 @@ struct Route {
     /// The address the client dials (the server pod, or HAProxy for the reference pair).
     to: IpAddr,
     proxies: Vec<u32>,
+    /// The agents (indices into `Topology::agents`) whose relayed-connection counter must rise
+    /// while the route is measured: a path that was silently not captured cannot pass as zt.
+    agents: Vec<usize>,
 }
 
 /// iperf3 from `route.from`; (bits per second received, bytes received).
@@ -139,6 +142,57 @@ fn connection_rate(bed: &Testbed, route: &Route, count: usize) -> anyhow::Result
 
 fn proxies_cpu(pids: &[u32]) -> anyhow::Result<f64> {
     pids.iter().map(|pid| cpu_seconds(*pid)).sum()
+}
+
+/// Connections relayed so far by each of the route's agents.
+fn relayed(agents: &[Agent; 2], route: &Route) -> anyhow::Result<Vec<u64>> {
+    route
+        .agents
+        .iter()
+        .map(|&a| agents[a].opened_connections())
+        .collect()
+}
+
+/// Measures `route` and checks that what was measured is what the figures claim: every figure
+/// finite and above zero, and every agent of the route relaying the connections.
+fn measure_checked(
+    bed: &Testbed,
+    agents: &[Agent; 2],
+    route: &Route,
+    budget: &Budget,
+) -> anyhow::Result<Figures> {
+    let before = relayed(agents, route)?;
+    let figures = measure(bed, route, budget)?;
+    for (agent, (before, after)) in route
+        .agents
+        .iter()
+        .zip(before.iter().zip(relayed(agents, route)?))
+    {
+        anyhow::ensure!(
+            after > *before,
+            "{}: the agent of node {} relayed no connection while it was measured (not captured?)",
+            route.name,
+            agent + 1
+        );
+    }
+    let latencies = [figures.rr_64, figures.rr_1k];
+    let mut values = vec![
+        ("Gbit/s, 1 stream", figures.gbit_1),
+        ("Gbit/s, 8 streams", figures.gbit_8),
+        ("new connections/s", figures.conns_per_s),
+    ];
+    for (size, l) in ["64 B", "1 KiB"].into_iter().zip(latencies) {
+        values.extend([(size, l.p50), (size, l.p99), (size, l.p999)]);
+    }
+    values.extend(figures.proxy_cpu_s_per_gib.map(|c| ("proxy CPU s/GiB", c)));
+    for (what, value) in values {
+        anyhow::ensure!(
+            value.is_finite() && value > 0.0,
+            "{}: {what} is {value}, not a measurement",
+            route.name
+        );
+    }
+    Ok(figures)
 }
 
 fn measure(bed: &Testbed, route: &Route, budget: &Budget) -> anyhow::Result<Figures> {
@@ -251,7 +305,7 @@ fn idle_memory(
 struct Topology {
     bed: Testbed,
     /// Agents of node 1 and node 2.
-    agents: [u32; 2],
+    agents: [Agent; 2],
     /// Direct TCP, zt same-node, zt cross-node, HAProxy pair.
     routes: [Route; 4],
 }
@@ -299,29 +353,33 @@ impl Topology {
                 from: n1p2.clone(),
                 to: n2p2.ipv4.into(),
                 proxies: vec![],
+                agents: vec![],
             },
             Route {
                 name: "zt same-node",
                 from: n1p1.clone(),
                 to: n1p3.ipv4.into(),
                 proxies: vec![a1.pid],
+                agents: vec![0],
             },
             Route {
                 name: "zt cross-node",
                 from: n1p1,
                 to: n2p1.ipv4.into(),
                 proxies: vec![a1.pid, a2.pid],
+                agents: vec![0, 1],
             },
             Route {
                 name: "HAProxy mTLS pair",
                 from: n1p2,
                 to: super::haproxy::OUTBOUND_ADDR,
                 proxies: haproxy.pids.to_vec(),
+                agents: vec![],
             },
         ];
         Ok(Self {
             bed,
-            agents: [a1.pid, a2.pid],
+            agents: [a1, a2],
             routes,
         })
     }
@@ -342,7 +400,12 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
     for round in 1..=budget.rounds {
         for (route, figures) in topology.routes.iter().zip(&mut rounds) {
             println!("round {round}/{}: {}", budget.rounds, route.name);
-            figures.push(measure(&topology.bed, route, budget)?);
+            figures.push(measure_checked(
+                &topology.bed,
+                &topology.agents,
+                route,
+                budget,
+            )?);
         }
     }
     let results: Vec<Figures> = rounds.iter().map(|r| median(r)).collect();
@@ -355,7 +418,7 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
         println!("idle: {n} connections {} -> {to}", from.name);
         idle.push(idle_memory(
             &mut topology.bed,
-            topology.agents,
+            [topology.agents[0].pid, topology.agents[1].pid],
             &from,
             to,
             n,
@@ -388,7 +451,12 @@ pub fn profile() -> anyhow::Result<()> {
     let topology = Topology::start()?;
     let route = topology.cross_node();
     let target = crate::workspace_root().join("target");
-    let pids = topology.agents.map(|p| p.to_string()).join(",");
+    let pids = topology
+        .agents
+        .iter()
+        .map(|a| a.pid.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
     type Workload<'a> = Box<dyn Fn() -> anyhow::Result<()> + 'a>;
     let bed = &topology.bed;
     let workloads: [(&str, Workload); 3] = [
