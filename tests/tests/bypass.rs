@@ -44,6 +44,17 @@ fn connect_attack(bed: &Testbed, from: &Pod, privilege: Privilege, host: &str, p
     .unwrap()
 }
 
+/// An unprivileged process of `from` connects to `to`'s IPv4 address on `port`.
+fn unprivileged_connect(bed: &Testbed, from: &Pod, to: &Pod, port: u16) -> Value {
+    connect_attack(
+        bed,
+        from,
+        Privilege::Unprivileged,
+        &to.ipv4.to_string(),
+        port,
+    )
+}
+
 /// Inbound connections the agent denied as plaintext under strict.
 fn plaintext_denials(agent: &Agent) -> Vec<Value> {
     agent
@@ -266,13 +277,7 @@ fn the_probe_source_reaches_only_the_pods_probe_ports() {
         "the probe source reached a non-probe port: {other}"
     );
     // Another pod on the probe port: captured too.
-    let neighbour = connect_attack(
-        &bed,
-        &p22,
-        Privilege::Unprivileged,
-        &p21.ipv4.to_string(),
-        PROBE_PORT,
-    );
+    let neighbour = unprivileged_connect(&bed, &p22, &p21, PROBE_PORT);
     assert!(
         !reached_app(&neighbour),
         "a pod used the probe exemption: {neighbour}"
@@ -328,20 +333,17 @@ time.sleep(3600)
         body.contains("default/n1p1") && body.contains("fail-closed"),
         "{body}"
     );
-    assert_eq!(
+    let failed = || {
         agent
             .metric_lines("zt_workloads_enrollment_failed")
-            .unwrap(),
+            .unwrap()
+    };
+    assert_eq!(
+        failed(),
         vec!["zt_workloads_enrollment_failed 1".to_owned()]
     );
     // Fail-closed: its connects are refused, and nothing reaches it.
-    let out = connect_attack(
-        &bed,
-        &p11,
-        Privilege::Unprivileged,
-        &p12.ipv4.to_string(),
-        APP_PORT,
-    );
+    let out = unprivileged_connect(&bed, &p11, &p12, APP_PORT);
     assert!(
         out["connect"]
             .as_str()
@@ -349,13 +351,7 @@ time.sleep(3600)
             .contains("Operation not permitted"),
         "a pod whose enrollment failed connected out: {out}"
     );
-    let inbound = connect_attack(
-        &bed,
-        &p12,
-        Privilege::Unprivileged,
-        &p11.ipv4.to_string(),
-        9001,
-    );
+    let inbound = unprivileged_connect(&bed, &p12, &p11, 9001);
     assert!(
         !reached_app(&inbound),
         "a fail-closed pod was reached: {inbound}"
@@ -366,18 +362,10 @@ time.sleep(3600)
     wait_until(Duration::from_secs(20), || Ok(agent.readiness()?.0 == 200))
         .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_tail()));
     assert_eq!(
-        agent
-            .metric_lines("zt_workloads_enrollment_failed")
-            .unwrap(),
+        failed(),
         vec!["zt_workloads_enrollment_failed 0".to_owned()]
     );
-    let inbound = connect_attack(
-        &bed,
-        &p12,
-        Privilege::Unprivileged,
-        &p11.ipv4.to_string(),
-        9001,
-    );
+    let inbound = unprivileged_connect(&bed, &p12, &p11, 9001);
     assert!(
         !reached_app(&inbound),
         "plaintext reached an enrolled pod: {inbound}"

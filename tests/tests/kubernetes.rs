@@ -211,6 +211,19 @@ fn pod_object(pod: &Pod, annotation: Option<&str>) -> Value {
            "status": {"phase": "Running", "podIP": pod.ip(false).to_string()}})
 }
 
+/// Node 2's config: no static workloads, Kubernetes discovery from `api`, and only node 2's pods
+/// in its netns directory.
+fn discovery_config(bed: &Testbed, api: &FakeApiServer) -> String {
+    node_config(bed.node(2), &[], "").replace(
+        "[policy]",
+        &format!(
+            "[discovery.kubernetes]\nenabled = true\napi_server = \"http://{}\"\nnetns_dir = \"{}\"\n[policy]",
+            api.addr,
+            bed.netns_dir(2).unwrap().display()
+        ),
+    )
+}
+
 fn enrolled_events(agent: &Agent, message: &str, workload: &str) -> usize {
     agent
         .events()
@@ -254,14 +267,7 @@ fn kubernetes_discovery_follows_list_watch_bookmarks_and_relists() {
         state.pods = vec![pod_object(&p21, None), pod_object(&p22, Some("disabled"))];
         state.hold_pod_lists = true;
     }
-    let config = node_config(&node, &[], "").replace(
-        "[policy]",
-        &format!(
-            "[discovery.kubernetes]\nenabled = true\napi_server = \"http://{}\"\nnetns_dir = \"{}\"\n[policy]",
-            api.addr,
-            bed.netns_dir(2).unwrap().display()
-        ),
-    );
+    let config = discovery_config(&bed, &api);
     let agent = Agent::start_with_config(&mut bed, 2, &config).unwrap();
 
     // Until the first list arrives the agent does not know what to enroll: not ready.
@@ -359,14 +365,7 @@ fn a_pod_that_reuses_a_dead_pods_ip_is_enrolled_in_its_own_namespace() {
             "metadata": {"name": "default", "resourceVersion": "1"}})];
         state.pods = vec![pod("old", "sa-old")];
     }
-    let config = node_config(&node, &[], "").replace(
-        "[policy]",
-        &format!(
-            "[discovery.kubernetes]\nenabled = true\napi_server = \"http://{}\"\nnetns_dir = \"{}\"\n[policy]",
-            api.addr,
-            bed.netns_dir(2).unwrap().display()
-        ),
-    );
+    let config = discovery_config(&bed, &api);
     let agent = Agent::start_with_config(&mut bed, 2, &config).unwrap();
     wait_enrolled(&agent, "default/old", 1);
     wait_until(Duration::from_secs(5), || Ok(api.pod_watch_starts() >= 1)).unwrap();

@@ -138,57 +138,36 @@ impl Capture {
             Err(e) => warn!(error = %e, "eBPF log forwarding unavailable"),
         }
 
+        // Loads, pins and attaches (or re-adopts) one node-wide cgroup program of type `$ty`.
         // bpf_link attachments are always multi-program; the kernel rejects attach flags on them.
+        macro_rules! cgroup_program {
+            ($ty:ty, $name:expr) => {{
+                let name: &'static str = $name;
+                let pin = dir.join("links").join(name);
+                let program: &mut $ty = program_mut(&mut ebpf, name)?;
+                program.load().map_err(prog_err(name))?;
+                pin_program(&dir, name, |p| program.pin(p))?;
+                let adopted = adopt_or_attach(
+                    program,
+                    name,
+                    &pin,
+                    |p| p.fd(),
+                    |p| {
+                        let id = p.attach(cgroup_dir.as_fd(), CgroupAttachMode::Single)?;
+                        Ok(FdLink::try_from(p.take_link(id)?)?)
+                    },
+                )?;
+                (name, pin, adopted)
+            }};
+        }
         let mut links = Vec::new();
         for name in SOCK_ADDR_PROGRAMS {
-            let pin = dir.join("links").join(name);
-            let program: &mut CgroupSockAddr = program_mut(&mut ebpf, name)?;
-            program.load().map_err(prog_err(name))?;
-            pin_program(&dir, name, |p| program.pin(p))?;
-            let adopted = adopt_or_attach(
-                program,
-                name,
-                &pin,
-                |p| p.fd(),
-                |p| {
-                    let id = p.attach(cgroup_dir.as_fd(), CgroupAttachMode::Single)?;
-                    Ok(FdLink::try_from(p.take_link(id)?)?)
-                },
-            )?;
-            links.push((name, pin, adopted));
+            links.push(cgroup_program!(CgroupSockAddr, name));
         }
         for name in SOCK_PROGRAMS {
-            let pin = dir.join("links").join(name);
-            let program: &mut CgroupSock = program_mut(&mut ebpf, name)?;
-            program.load().map_err(prog_err(name))?;
-            pin_program(&dir, name, |p| program.pin(p))?;
-            let adopted = adopt_or_attach(
-                program,
-                name,
-                &pin,
-                |p| p.fd(),
-                |p| {
-                    let id = p.attach(cgroup_dir.as_fd(), CgroupAttachMode::Single)?;
-                    Ok(FdLink::try_from(p.take_link(id)?)?)
-                },
-            )?;
-            links.push((name, pin, adopted));
+            links.push(cgroup_program!(CgroupSock, name));
         }
-        let pin = dir.join("links").join(SOCKOPS_PROGRAM);
-        let sockops: &mut SockOps = program_mut(&mut ebpf, SOCKOPS_PROGRAM)?;
-        sockops.load().map_err(prog_err(SOCKOPS_PROGRAM))?;
-        pin_program(&dir, SOCKOPS_PROGRAM, |p| sockops.pin(p))?;
-        let adopted = adopt_or_attach(
-            sockops,
-            SOCKOPS_PROGRAM,
-            &pin,
-            |p| p.fd(),
-            |p| {
-                let id = p.attach(cgroup_dir.as_fd(), CgroupAttachMode::Single)?;
-                Ok(FdLink::try_from(p.take_link(id)?)?)
-            },
-        )?;
-        links.push((SOCKOPS_PROGRAM, pin, adopted));
+        links.push(cgroup_program!(SockOps, SOCKOPS_PROGRAM));
 
         let mut maps = CaptureMaps::open(&dir)?;
         maps.apply_settings(config)?;
@@ -690,22 +669,7 @@ impl AgentSockets {
 
 /// SO_COOKIE: the kernel's unique, never reused identifier of a socket.
 fn socket_cookie(socket: &impl AsRawFd) -> io::Result<u64> {
-    let mut cookie: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: valid fd, out-pointer and length for a u64 option.
-    let rc = unsafe {
-        libc::getsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_COOKIE,
-            (&raw mut cookie).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(cookie)
+    crate::workload::netns::socket_option_u64(socket, libc::SO_COOKIE)
 }
 
 /// Read-only view of the original destinations, for the outbound proxy.

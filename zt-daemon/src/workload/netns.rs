@@ -175,22 +175,30 @@ pub fn reserve_agent_ports() -> io::Result<()> {
 /// SO_NETNS_COOKIE of the calling thread's namespace.
 pub fn current_netns_cookie() -> io::Result<u64> {
     let socket = Socket::new(Domain::IPV4, Type::DGRAM.cloexec(), None)?;
-    let mut cookie: u64 = 0;
+    socket_option_u64(&socket, libc::SO_NETNS_COOKIE)
+}
+
+/// A 64-bit `SOL_SOCKET` option of `socket` (the kernel's cookies).
+pub fn socket_option_u64(
+    socket: &impl std::os::fd::AsRawFd,
+    option: libc::c_int,
+) -> io::Result<u64> {
+    let mut value: u64 = 0;
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
     // SAFETY: valid fd, out-pointer and length for a u64 option.
     let rc = unsafe {
         libc::getsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            socket.as_raw_fd(),
             libc::SOL_SOCKET,
-            libc::SO_NETNS_COOKIE,
-            (&raw mut cookie).cast(),
+            option,
+            (&raw mut value).cast(),
             &mut len,
         )
     };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(cookie)
+    Ok(value)
 }
 
 /// Routable addresses of the calling thread's namespace: no loopback, no IPv6 link-local.
