@@ -171,17 +171,22 @@ impl Enrollment {
         let inside = worker
             .run(move || {
                 netns::migrate_queued_connections_on_close();
-                netns::reserve_agent_ports().map_err(|e| ("reserving the agent's ports", e))?;
+                let reserved = netns::reserve_agent_ports();
                 let addrs = netns::current_pod_addresses().map_err(|e| ("listing addresses", e))?;
                 let listeners = create_listeners(&sockets)?;
-                Ok::<_, (&'static str, std::io::Error)>((addrs, listeners))
+                Ok::<_, (&'static str, std::io::Error)>((addrs, listeners, reserved))
             })
             .await;
-        let (addresses, listeners) = match inside {
+        let (addresses, listeners, reserved) = match inside {
             Ok(Ok(inside)) => inside,
             Ok(Err((what, e))) => return Err(fail(capture, socket_err(what, e))),
             Err(e) => return Err(fail(capture, netns_err(e))),
         };
+        // Defence in depth only: the bind programs refuse the ports, and the agent's listeners
+        // keep automatic binds off them. A container whose /proc/sys is read-only cannot write it.
+        if let Err(e) = reserved {
+            warn!(workload = %id, error = %e, "the agent's ports are not in the pod's ip_local_reserved_ports");
+        }
 
         let capture_err = |source| EnrollError::Capture {
             workload: id.clone(),
