@@ -475,12 +475,16 @@ impl NodeConfig {
                     "workload[{i}].probe_ports: 0 is not a port"
                 )));
             }
+            // One form, as discovery produces it, so the kernel's state compares equal.
+            let mut probe_ports = w.probe_ports;
+            probe_ports.sort_unstable();
+            probe_ports.dedup();
             workloads.push(Workload {
                 id,
                 service_account: w.service_account,
                 labels: w.labels,
                 netns: w.netns,
-                probe_ports: w.probe_ports,
+                probe_ports,
             });
         }
         for (key, ports) in [
@@ -895,7 +899,7 @@ namespace = "shop"
 service_account = "web-sa"
 labels = { app = "web" }
 netns = "/run/netns/web"
-probe_ports = [8080, 8081]
+probe_ports = [8081, 8080, 8081]
 "#;
 
     /// The keys EVERY_KEY cannot hold at once (the other identity provider).
