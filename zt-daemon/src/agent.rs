@@ -465,11 +465,11 @@ impl Agent {
             self.publish_state();
         }
         let mut drift = 0;
-        let steered = self.capture.maps.steered_pods();
+        let kernel = self.capture.maps.snapshot();
         for enrollment in self.enrolled.values() {
             let id = &enrollment.local.workload.id;
             let flags = self.capture_flags(&enrollment.local.workload);
-            match enrollment.repair_capture(&mut self.capture, flags, &steered) {
+            match enrollment.repair_capture(&mut self.capture, flags, &kernel) {
                 Ok(false) => {}
                 Ok(true) => {
                     drift += 1;

@@ -9,7 +9,7 @@
 //! Because links and maps are pinned, capture keeps running (fail-closed) while the agent is
 //! down, and a restarted agent re-adopts them instead of opening a window without capture.
 use std::{
-    collections::HashSet,
+    collections::{HashMap as StdHashMap, HashSet},
     fs::File,
     io,
     net::{IpAddr, SocketAddr},
@@ -460,6 +460,14 @@ pub struct CaptureMaps {
     denied_binds: HashMap<MapData, u64, u64>,
 }
 
+/// The parts of the kernel's capture state that drift checks compare, for every pod.
+pub struct CaptureSnapshot {
+    /// Pods with a live inbound listener in the sockhash.
+    pub steered: HashSet<u64>,
+    /// Each pod's probe ports, sorted.
+    pub probe_ports: StdHashMap<u64, Vec<u16>>,
+}
+
 /// Node-wide port entries carry netns cookie 0.
 const ANY_POD: u64 = 0;
 
@@ -537,19 +545,6 @@ impl CaptureMaps {
         Ok(())
     }
 
-    /// The ports of `kind` let through for `netns_cookie`.
-    pub fn ports(&self, netns_cookie: u64, kind: u16) -> Vec<u16> {
-        let mut ports: Vec<u16> = self
-            .pod_ports
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| k.netns_cookie == netns_cookie && k.kind == kind)
-            .map(|k| k.port)
-            .collect();
-        ports.sort_unstable();
-        ports
-    }
-
     /// Marks a pod's netns as captured with `flags` (`zt_common::pod_flags`). Its listeners must
     /// exist first (fail-closed ordering), unless the flags say its enrollment failed.
     pub fn enroll(&mut self, netns_cookie: u64, flags: u64) -> Result<(), CaptureError> {
@@ -574,10 +569,25 @@ impl CaptureMaps {
         self.enrolled.get(&netns_cookie, 0).ok().map(|p| p.flags)
     }
 
-    /// Pods with a live inbound listener in the sockhash (a listener leaves it by itself when
-    /// its socket closes).
-    pub fn steered_pods(&self) -> HashSet<u64> {
-        self.pod_listeners.keys().filter_map(Result::ok).collect()
+    /// What the kernel holds for every pod, read once per capture check rather than per pod.
+    pub fn snapshot(&self) -> CaptureSnapshot {
+        let mut probe_ports: StdHashMap<u64, Vec<u16>> = StdHashMap::new();
+        for key in self.pod_ports.keys().filter_map(Result::ok) {
+            if key.kind == port_kinds::PROBE {
+                probe_ports
+                    .entry(key.netns_cookie)
+                    .or_default()
+                    .push(key.port);
+            }
+        }
+        for ports in probe_ports.values_mut() {
+            ports.sort_unstable();
+        }
+        CaptureSnapshot {
+            // A listener leaves the sockhash by itself when its socket closes.
+            steered: self.pod_listeners.keys().filter_map(Result::ok).collect(),
+            probe_ports,
+        }
     }
 
     /// Netns cookies of every enrolled pod, including ones a previous agent left behind.

@@ -17,7 +17,7 @@ use zt_common::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, pod_flags, po
 
 pub use crate::config::{Workload, WorkloadId};
 use crate::{
-    ebpf::{AgentSockets, Capture, CaptureError},
+    ebpf::{AgentSockets, Capture, CaptureError, CaptureSnapshot},
     identity::{rotation::WorkloadIdentity, tls::SvidSlot},
     proxy,
     proxy::ProxyContext,
@@ -272,19 +272,23 @@ impl Enrollment {
 
     /// Makes the kernel hold this workload's capture state again, with `flags`, if it drifted
     /// (an entry deleted behind the agent's back, or flags that a policy change altered);
-    /// returns whether it had. `steered` are the pods with a listener in the kernel's sockhash.
+    /// returns whether it had. `kernel` is what the kernel held at the start of the check.
     pub fn repair_capture(
         &self,
         capture: &mut Capture,
         flags: u64,
-        steered: &std::collections::HashSet<u64>,
+        kernel: &CaptureSnapshot,
     ) -> Result<bool, CaptureError> {
         let local = &self.local;
         let cookie = local.netns_cookie;
         let in_sync = capture.maps.enrolled_flags(cookie) == Some(flags)
-            && steered.contains(&cookie)
+            && kernel.steered.contains(&cookie)
             && capture.has_sk_lookup(cookie)
-            && capture.maps.ports(cookie, port_kinds::PROBE) == local.workload.probe_ports;
+            && kernel
+                .probe_ports
+                .get(&cookie)
+                .map_or(&[][..], Vec::as_slice)
+                == local.workload.probe_ports.as_slice();
         if in_sync {
             return Ok(false);
         }
