@@ -58,6 +58,8 @@ pub struct Readiness {
     draining: Arc<std::sync::atomic::AtomicBool>,
     /// Policy files that did not load: what is enforced is not what the operator wrote.
     policy: crate::policy::LoadStatus,
+    /// The Kubernetes API refuses discovery (401/403): why, naming the verb and resource.
+    discovery_refused: Arc<RwLock<Option<String>>>,
 }
 
 impl Readiness {
@@ -73,6 +75,13 @@ impl Readiness {
         *self.inputs.write().unwrap_or_else(|p| p.into_inner()) = inputs;
     }
 
+    pub fn set_discovery_refused(&self, reason: Option<String>) {
+        *self
+            .discovery_refused
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = reason;
+    }
+
     pub fn set_draining(&self) {
         self.draining.store(true, Ordering::Relaxed);
     }
@@ -86,8 +95,18 @@ impl Readiness {
         if !inputs.capture_started {
             return Err("capture programs not attached".into());
         }
+        if let Some(reason) = &*self
+            .discovery_refused
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+        {
+            return Err(format!("Kubernetes discovery: {reason}"));
+        }
         if inputs.discovery_pending {
-            return Err("waiting for the first list of this node's pods from Kubernetes".into());
+            return Err(
+                "waiting for the first list of the cluster's pods and namespaces from Kubernetes"
+                    .into(),
+            );
         }
         if let Some(e) = self.policy.failure() {
             return Err(format!("policy files not in force: {e}"));
