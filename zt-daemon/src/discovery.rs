@@ -412,14 +412,14 @@ fn skipped(metrics: &Metrics, kind: &str, reason: &str, namespace: &str, name: &
     }
 }
 
-enum PodView {
+pub enum PodView {
     Live(PodFacts),
     /// Finished, terminating or host-network: never in the mesh.
     Gone(PodUid),
 }
 
 /// What the directory keeps of `pod`; `None` when it cannot be placed at all (no UID or name).
-fn pod_view(pod: &Pod, metrics: &Metrics) -> Option<PodView> {
+pub fn pod_view(pod: &Pod, metrics: &Metrics) -> Option<PodView> {
     let meta = &pod.metadata;
     let namespace = meta.namespace.as_deref().unwrap_or_default();
     let name = meta.name.as_deref().unwrap_or_default();
@@ -479,7 +479,7 @@ fn pod_view(pod: &Pod, metrics: &Metrics) -> Option<PodView> {
 }
 
 /// A namespace's `zt.io/mesh` label; an unknown value counts as unset, and is reported.
-fn namespace_mesh(ns: &Namespace, metrics: &Metrics) -> MeshOptIn {
+pub fn namespace_mesh(ns: &Namespace, metrics: &Metrics) -> MeshOptIn {
     let name = ns.metadata.name.as_deref().unwrap_or_default();
     match ns.metadata.labels.as_ref().and_then(|l| l.get(MESH_KEY)) {
         None => MeshOptIn::Unset,
