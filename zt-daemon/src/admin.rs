@@ -206,6 +206,7 @@ pub struct AdminState {
     pub workloads: Arc<RwLock<Vec<Arc<LocalWorkload>>>>,
     pub proxy: Arc<ProxyContext>,
     pub pin_dir: PathBuf,
+    pub directory: crate::directory::MeshDirectory,
     /// Issuance failures the identity provider counted (none without a provider).
     pub issue_failures: Option<Arc<AtomicU64>>,
     pub log: LogControl,
@@ -309,6 +310,7 @@ impl AdminState {
                 "pins": pins(&self.pin_dir),
             },
             "pool": pool,
+            "mesh_directory": self.directory.summary(),
             "log_level": self.log.current(),
         })
     }

@@ -118,6 +118,7 @@ impl Agent {
             workloads: Arc::default(),
             proxy: proxy.clone(),
             pin_dir: capture.pin_dir().to_owned(),
+            directory: directory.clone(),
             issue_failures: identity.as_ref().map(|n| n.renewal.failures.clone()),
             log,
         };

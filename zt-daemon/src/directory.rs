@@ -474,6 +474,24 @@ impl MeshDirectory {
         state.cluster.as_ref()?.identity_of(ip)
     }
 
+    /// What `/config_dump` shows: sizes, not the 100 000 entries a large cluster has.
+    pub fn summary(&self) -> serde_json::Value {
+        let state = self.read();
+        let configured: BTreeMap<String, String> = state
+            .configured
+            .iter()
+            .map(|(ip, id)| (ip.to_string(), id.to_string()))
+            .collect();
+        serde_json::json!({
+            "configured": configured,
+            "cluster": state.cluster.as_ref().map(|c| serde_json::json!({
+                "pods": c.pod_count(),
+                "meshed_pods_per_node": c.meshed_per_node(),
+                "contested_addresses": c.contested_addresses(),
+            })),
+        })
+    }
+
     fn read(&self) -> std::sync::RwLockReadGuard<'_, DirectoryState> {
         self.0.read().unwrap_or_else(|p| p.into_inner())
     }
