@@ -58,8 +58,9 @@ pub struct Readiness {
     draining: Arc<std::sync::atomic::AtomicBool>,
     /// Policy files that did not load: what is enforced is not what the operator wrote.
     policy: crate::policy::LoadStatus,
-    /// The Kubernetes API refuses discovery (401/403): why, naming the verb and resource.
-    discovery_refused: Arc<RwLock<Option<String>>>,
+    /// Discovery cannot work: no client configuration, or the API refuses it (401/403), naming
+    /// the verb and resource.
+    discovery_failure: Arc<RwLock<Option<String>>>,
 }
 
 impl Readiness {
@@ -75,9 +76,9 @@ impl Readiness {
         *self.inputs.write().unwrap_or_else(|p| p.into_inner()) = inputs;
     }
 
-    pub fn set_discovery_refused(&self, reason: Option<String>) {
+    pub fn set_discovery_failure(&self, reason: Option<String>) {
         *self
-            .discovery_refused
+            .discovery_failure
             .write()
             .unwrap_or_else(|p| p.into_inner()) = reason;
     }
@@ -96,7 +97,7 @@ impl Readiness {
             return Err("capture programs not attached".into());
         }
         if let Some(reason) = &*self
-            .discovery_refused
+            .discovery_failure
             .read()
             .unwrap_or_else(|p| p.into_inner())
         {

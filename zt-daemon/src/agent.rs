@@ -223,6 +223,9 @@ impl Agent {
                 }
                 Err(e) => {
                     error!(error = %e, "Kubernetes discovery unavailable: static workloads are served, and the agent stays unready");
+                    self.admin
+                        .readiness
+                        .set_discovery_failure(Some(e.to_string()));
                     None
                 }
             },

@@ -331,7 +331,7 @@ impl Watch {
                 .collect::<Vec<_>>()
                 .join("; ")
         });
-        self.report.readiness.set_discovery_refused(reason);
+        self.report.readiness.set_discovery_failure(reason);
     }
 
     /// This node's meshed pods with their network namespaces; those whose namespace is not
