@@ -85,8 +85,10 @@ fn a_root_pod_forging_the_old_agent_mark_is_still_captured() {
         bed.pod(1, 2).clone(),
         bed.pod(2, 2).clone(),
     );
-    let agent = strict_agent(&mut bed, 1, &[&p11], |c| c);
-    // Outside the mesh: under strict, a meshed pod may not reach it.
+    let agent = strict_agent(&mut bed, 1, &[&p11], |c| {
+        format!("{c}\n[egress]\ndefault = \"deny\"\n")
+    });
+    // Outside the mesh: with egress locked down, a meshed pod may not reach it.
     let server = Server::start(&mut bed, &p22, SocketAddr::from(([0u16; 8], APP_PORT))).unwrap();
 
     const FORGE: &str = r#"
@@ -133,7 +135,7 @@ print(json.dumps(out))
     );
     agent
         .wait_access("the forged connect, refused", |r| {
-            r["direction"] == "outbound" && r["close"] == "mtls_required"
+            r["direction"] == "outbound" && r["close"] == "egress_denied"
         })
         .unwrap();
     // A pod outside the mesh reaches the server: its connection is the only one recorded.
@@ -407,11 +409,12 @@ print(json.dumps(out))
 }
 
 #[test]
-fn non_tcp_traffic_is_dropped_inbound_and_refused_outbound_under_strict() {
+fn non_tcp_traffic_is_dropped_inbound_under_strict_and_refused_outbound_under_locked_egress() {
     let mut bed = Testbed::new(2).unwrap();
     let (p21, p22) = (bed.pod(2, 1).clone(), bed.pod(2, 2).clone());
     let _agent = strict_agent(&mut bed, 2, &[&p21], |c| {
-        c.replace("[capture]\n", "[capture]\nudp_inbound_ports = [5354]\n")
+        let c = c.replace("[capture]\n", "[capture]\nudp_inbound_ports = [5354]\n");
+        format!("{c}\n[egress]\ndefault = \"deny\"\n")
     });
     let receiver = |bed: &mut Testbed, pod: &Pod, ports: &[&str], log: &str| {
         let args: Vec<String> = ports.iter().map(|p| p.to_string()).collect();

@@ -1,6 +1,7 @@
 //! The manifests in `deploy/` (issue 6), parsed with the Kubernetes API types: what the DaemonSet
 //! must promise operators (rolling update without a gap, node-critical priority, exactly three
-//! capabilities, the host mounts, readiness, drain), RBAC that only reads pods and namespaces,
+//! capabilities, the host mounts, readiness, drain), RBAC that only reads pods, namespaces,
+//! Services and EndpointSlices,
 //! and a node config that the agent accepts.
 use std::{collections::BTreeSet, path::PathBuf};
 
@@ -35,25 +36,30 @@ fn manifests_parse_as_kubernetes_objects_and_promise_what_operators_need() {
     let sa: Vec<ServiceAccount> = documents("serviceaccount.yaml", "ServiceAccount");
     let sa_name = sa[0].metadata.name.clone().unwrap();
 
-    // RBAC: get, list and watch on pods and namespaces, nothing more.
+    // RBAC: get, list and watch on pods, namespaces, Services and EndpointSlices, nothing more.
     let role: Vec<ClusterRole> = documents("rbac.yaml", "ClusterRole");
     let rules = role[0].rules.clone().unwrap_or_default();
     let mut granted = BTreeSet::new();
     for rule in &rules {
-        assert_eq!(
-            rule.api_groups.as_deref(),
-            Some(&[String::new()][..]),
-            "core group only"
-        );
-        for resource in rule.resources.clone().unwrap_or_default() {
-            for verb in &rule.verbs {
-                granted.insert(format!("{verb} {resource}"));
+        for group in rule.api_groups.clone().unwrap_or_default() {
+            for resource in rule.resources.clone().unwrap_or_default() {
+                for verb in &rule.verbs {
+                    granted.insert(format!("{verb} {group}/{resource}"));
+                }
             }
         }
     }
     let expected: BTreeSet<String> = ["get", "list", "watch"]
         .iter()
-        .flat_map(|v| ["pods", "namespaces"].map(|r| format!("{v} {r}")))
+        .flat_map(|v| {
+            [
+                "/pods",
+                "/namespaces",
+                "/services",
+                "discovery.k8s.io/endpointslices",
+            ]
+            .map(|r| format!("{v} {r}"))
+        })
         .collect();
     assert_eq!(granted, expected);
     let binding: Vec<ClusterRoleBinding> = documents("rbac.yaml", "ClusterRoleBinding");

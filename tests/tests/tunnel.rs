@@ -130,7 +130,7 @@ fn same_node_connection_uses_the_tunnel_too() {
 }
 
 #[test]
-fn strict_refuses_plaintext_both_ways_and_permissive_allows_it() {
+fn strict_refuses_plaintext_inbound_and_egress_follows_its_own_policy() {
     let mut strict = mesh("strict");
     let (p11, p21, p22) = (
         strict.bed.pod(1, 1).clone(),
@@ -143,19 +143,71 @@ fn strict_refuses_plaintext_both_ways_and_permissive_allows_it() {
         SocketAddr::from(([0, 0, 0, 0], PORT)),
     )
     .unwrap();
-    // Outbound to a destination outside the mesh: refused, and logged as such.
+    Server::start(
+        &mut strict.bed,
+        &p22,
+        SocketAddr::from(([0, 0, 0, 0], PORT + 1)),
+    )
+    .unwrap();
+    // Outbound to a destination outside the mesh: `mtls.mode` decides inbound only; egress is
+    // allowed by default, in plaintext, and logged as such.
     let outside = SocketAddr::new(p22.ip(false), PORT);
-    assert!(
-        connect(&strict.bed, &p11, outside, 1024, TIMEOUT)
+    intact(
+        &connect(&strict.bed, &p11, outside, 1024, TIMEOUT)
             .unwrap()
-            .is_err()
+            .unwrap(),
+        1024,
     );
-    let refused = strict
+    let out = strict
         .agent1
-        .wait_access("refused outbound", |r| r["direction"] == "outbound")
+        .wait_access("plaintext egress", |r| r["direction"] == "outbound")
         .unwrap();
-    assert_eq!(refused["close"], "mtls_required", "{refused}");
-    assert_eq!(refused["bytes_sent"], 0, "{refused}");
+    assert_eq!(out["connection_security_policy"], "none", "{out}");
+    assert_eq!(out["close"], "eof", "{out}");
+
+    // Locked down: only the allowed address and port leave.
+    let ca = strict.bed.dir.join("ca");
+    let p12 = strict.bed.pod(1, 2).clone();
+    let locked = format!(
+        "{}\n[egress]\ndefault = \"deny\"\n\n[[egress.allow]]\ncidrs = [\"{}/32\"]\nports = [{PORT}]\n",
+        meshed_config(strict.bed.node(1), &[&p11, &p12], &[&p21], &ca, "strict"),
+        p22.ipv4
+    );
+    strict.agent1.reload(&locked).unwrap();
+    intact(
+        &connect(&strict.bed, &p11, outside, 1024, TIMEOUT)
+            .unwrap()
+            .unwrap(),
+        1024,
+    );
+    let other_port = SocketAddr::new(p22.ip(false), PORT + 1);
+    let other_address = SocketAddr::new(p22.ip(true), PORT);
+    for denied in [other_port, other_address] {
+        assert!(
+            connect(&strict.bed, &p11, denied, 1024, TIMEOUT)
+                .unwrap()
+                .is_err(),
+            "{denied} is not allowed"
+        );
+        let refused = strict
+            .agent1
+            .wait_access("refused egress", |r| {
+                r["direction"] == "outbound" && r["original_dst"] == denied.to_string()
+            })
+            .unwrap();
+        assert_eq!(refused["close"], "egress_denied", "{refused}");
+        assert_eq!(refused["bytes_sent"], 0, "{refused}");
+    }
+    let refusals = strict
+        .agent1
+        .metric_lines("zt_outbound_refusals_total")
+        .unwrap();
+    assert!(
+        refusals
+            .iter()
+            .any(|l| l == "zt_outbound_refusals_total{reason=\"egress_denied\"} 2"),
+        "{refusals:?}"
+    );
     // Plaintext inbound to a meshed pod from outside the mesh.
     let meshed = SocketAddr::new(p21.ip(false), PORT);
     assert!(

@@ -95,6 +95,9 @@ impl Agent {
         let directory = MeshDirectory::default();
         let proxy = Arc::new(ProxyContext {
             dsts,
+            directory: directory.clone(),
+            egress: std::sync::RwLock::new(Arc::new(config.egress.clone())),
+            endpoint_load: Default::default(),
             policy,
             metrics,
             idle_timeout: config.limits.idle_timeout,
@@ -103,8 +106,6 @@ impl Agent {
             draining: tokio::sync::watch::channel(false).0,
             tunnel: identity.as_ref().map(|node| Tunnel {
                 trust: node.trust.clone(),
-                mode: config.mtls.mode,
-                directory: directory.clone(),
                 handshake_timeout: config.limits.handshake_timeout,
                 pool: Arc::new(Pool::new(node.trust.clone(), config.mtls.pool_idle_timeout)),
                 handshakes: SourceLimit::new(config.limits.max_handshakes_per_source),
@@ -313,8 +314,15 @@ impl Agent {
                 Err(e) => error!(error = %e, "watching the new policy.dir"),
             }
         }
+        *self.proxy.egress.write().unwrap_or_else(|p| p.into_inner()) =
+            Arc::new(new.egress.clone());
+        let egress_changed = new.egress != self.config.egress;
         self.config = new;
         self.reconcile().await;
+        if egress_changed {
+            // The kernel's rule for non-TCP egress follows the policy.
+            self.reconcile_capture().await;
+        }
         info!(workloads = self.enrolled.len(), "config reloaded");
     }
 
@@ -409,8 +417,8 @@ impl Agent {
 
     /// The kernel-side rules for a workload's non-TCP traffic (`zt_common::pod_flags`): with an
     /// identity provider, inbound UDP is dropped while the workload's PeerAuthentication is
-    /// STRICT, and outbound UDP, raw and other sockets are refused while `mtls.mode` refuses
-    /// egress outside the mesh, as for TCP.
+    /// STRICT, and outbound UDP, raw and other sockets are refused (but for
+    /// `capture.udp_outbound_ports`) while the egress policy locks the workload's namespace down.
     fn capture_flags(&self, workload: &Workload) -> u64 {
         if self.identity.is_none() {
             return 0;
@@ -425,7 +433,7 @@ impl Agent {
         if rules.mtls_mode(0) == MtlsMode::Strict {
             flags |= pod_flags::DROP_INBOUND_NON_TCP;
         }
-        if self.config.mtls.mode == MtlsMode::Strict {
+        if self.config.egress.is_locked(&workload.id.namespace) {
             flags |= pod_flags::REFUSE_OUTBOUND_NON_TCP;
         }
         flags

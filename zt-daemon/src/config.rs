@@ -3,14 +3,19 @@
 use std::{
     collections::{BTreeMap, HashSet},
     fmt,
-    net::{Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     time::Duration,
 };
 
 use serde::Deserialize;
 
-use crate::identity::spiffe::{SpiffeId, TrustDomain};
+use ipnet::IpNet;
+
+use crate::{
+    egress::{EgressAllow, EgressDefault, EgressPolicy},
+    identity::spiffe::{SpiffeId, TrustDomain},
+};
 
 pub const DEFAULT_PATH: &str = "/etc/zt/node.toml";
 const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/zt";
@@ -75,6 +80,8 @@ pub struct NodeConfig {
     pub workloads: Vec<Workload>,
     /// `None`: no Kubernetes discovery (static workloads only).
     pub kubernetes: Option<KubernetesDiscovery>,
+    /// What meshed pods may reach outside the mesh (`[egress]`); reloadable.
+    pub egress: EgressPolicy,
 }
 
 /// `[discovery.kubernetes]`: watch this node's pods and enroll the meshed ones.
@@ -268,6 +275,28 @@ struct RawConfig {
     workloads: Vec<RawWorkload>,
     #[serde(default)]
     discovery: RawDiscovery,
+    #[serde(default)]
+    egress: RawEgress,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawEgress {
+    default: Option<EgressDefault>,
+    #[serde(default)]
+    deny_namespaces: Vec<String>,
+    #[serde(default)]
+    allow: Vec<RawEgressAllow>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEgressAllow {
+    cidrs: Vec<String>,
+    #[serde(default)]
+    ports: Vec<u16>,
+    #[serde(default)]
+    namespaces: Vec<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -535,6 +564,56 @@ impl NodeConfig {
                 })
             })
             .collect::<Result<Vec<_>, ConfigError>>()?;
+        let egress = EgressPolicy {
+            default: raw.egress.default.unwrap_or(EgressDefault::Allow),
+            deny_namespaces: raw.egress.deny_namespaces.into_iter().collect(),
+            allow: raw
+                .egress
+                .allow
+                .into_iter()
+                .enumerate()
+                .map(|(i, a)| {
+                    if a.cidrs.is_empty() {
+                        return Err(invalid(format!(
+                            "egress.allow[{i}].cidrs: list at least one CIDR (0.0.0.0/0 and ::/0 for any address)"
+                        )));
+                    }
+                    if a.ports.contains(&0) {
+                        return Err(invalid(format!("egress.allow[{i}].ports: 0 is not a port")));
+                    }
+                    let cidrs = a
+                        .cidrs
+                        .iter()
+                        .map(|c| {
+                            c.parse::<IpNet>()
+                                .or_else(|_| c.parse::<IpAddr>().map(IpNet::from))
+                                .map(|n| match n {
+                                    // Destinations are compared canonical (IPv4 as IPv4).
+                                    IpNet::V6(v6) => match v6.addr().to_ipv4_mapped() {
+                                        Some(v4) if v6.prefix_len() >= 96 => IpNet::new(
+                                            IpAddr::V4(v4),
+                                            v6.prefix_len() - 96,
+                                        )
+                                        .unwrap_or(n),
+                                        _ => n,
+                                    },
+                                    n => n,
+                                })
+                                .map_err(|_| {
+                                    invalid(format!(
+                                        "egress.allow[{i}].cidrs: {c:?} is not a CIDR or an address"
+                                    ))
+                                })
+                        })
+                        .collect::<Result<Vec<_>, _>>()?;
+                    Ok(EgressAllow {
+                        cidrs,
+                        ports: a.ports,
+                        namespaces: a.namespaces.into_iter().collect(),
+                    })
+                })
+                .collect::<Result<Vec<_>, ConfigError>>()?,
+        };
         let root_namespace = raw
             .policy
             .root_namespace
@@ -704,6 +783,7 @@ impl NodeConfig {
             },
             workloads,
             kubernetes,
+            egress,
         })
     }
 
@@ -877,6 +957,15 @@ reconcile_interval_ms = 1000
 enabled = true
 kubeconfig = "/etc/zt/kubeconfig"
 netns_dir = "/var/run/netns"
+
+[egress]
+default = "deny"
+deny_namespaces = ["payments"]
+
+[[egress.allow]]
+cidrs = ["10.0.9.0/24", "fd00:9::/64"]
+ports = [5432]
+namespaces = ["shop"]
 
 [limits]
 handshake_timeout_ms = 1000

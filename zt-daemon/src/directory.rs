@@ -27,6 +27,7 @@ use std::{
 use crate::{
     config::WorkloadId,
     identity::spiffe::{SpiffeId, TrustDomain},
+    services::{ServiceTable, ServiceTarget},
 };
 
 /// Pod labels, shared by every pod with the same set.
@@ -379,6 +380,11 @@ impl ClusterPods {
         }
     }
 
+    /// Whether a live pod claims `ip` (meshed or not).
+    pub fn has_pod_at(&self, ip: IpAddr) -> bool {
+        self.by_ip.contains_key(&ip.to_canonical())
+    }
+
     /// The identity of the meshed pod that holds `ip`, if exactly one live pod claims it.
     pub fn identity_of(&self, ip: IpAddr) -> Option<SpiffeId> {
         let Claim::One(uid) = self.by_ip.get(&ip.to_canonical())? else {
@@ -434,6 +440,8 @@ struct DirectoryState {
     configured: HashMap<IpAddr, SpiffeId>,
     /// From Kubernetes discovery, when it runs.
     cluster: Option<ClusterPods>,
+    /// Kubernetes Services (ClusterIP and port to endpoints), from discovery.
+    services: ServiceTable,
 }
 
 /// The shared handle every reader and the two writers (the agent, discovery) hold.
@@ -464,6 +472,16 @@ impl MeshDirectory {
         self.read().cluster.as_ref().map(read)
     }
 
+    /// Runs `update` on the Service table.
+    pub fn update_services<R>(&self, update: impl FnOnce(&mut ServiceTable) -> R) -> R {
+        update(&mut self.write().services)
+    }
+
+    /// The Service whose ClusterIP and port `dst` is, with its ready endpoints.
+    pub fn service(&self, dst: std::net::SocketAddr) -> Option<ServiceTarget> {
+        self.read().services.resolve(dst).cloned()
+    }
+
     /// Who holds `ip` in the mesh: the node config's entry for it, else the cluster's meshed pod.
     pub fn lookup(&self, ip: IpAddr) -> Option<SpiffeId> {
         let ip = ip.to_canonical();
@@ -489,6 +507,7 @@ impl MeshDirectory {
                 "meshed_pods_per_node": c.meshed_per_node(),
                 "contested_addresses": c.contested_addresses(),
             })),
+            "services": state.services.service_count(),
         })
     }
 

@@ -1,7 +1,8 @@
-//! Workload discovery from Kubernetes (`[discovery.kubernetes]`): kube-rs watches every pod of
-//! the cluster and every namespace, feeds them into the mesh directory
-//! ([`crate::directory::ClusterPods`]), and publishes this node's meshed pods as workloads to
-//! enroll. One source for both: the pod a peer is tunneled to is the pod its node enrolled.
+//! Workload discovery from Kubernetes (`[discovery.kubernetes]`): kube-rs watches every pod,
+//! namespace, Service and EndpointSlice of the cluster, feeds them into the mesh directory
+//! ([`crate::directory::ClusterPods`], [`crate::services::ServiceTable`]), and publishes this
+//! node's meshed pods as workloads to enroll. One source for both: the pod a peer is tunneled to
+//! is the pod its node enrolled.
 //!
 //! - Membership: a pod is meshed when its annotation `zt.io/mesh` is `enabled`, or its
 //!   namespace's label `zt.io/mesh` is `enabled` and the pod does not say `disabled`. Host-network
@@ -23,7 +24,7 @@
 //!   value, a pod with no address yet) are logged and counted in
 //!   `zt_discovery_skipped_objects_total{kind,reason}`; they never remove a healthy pod.
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     net::IpAddr,
     path::{Path, PathBuf},
     sync::Arc,
@@ -32,7 +33,10 @@ use std::{
 
 use futures_util::{Stream, StreamExt};
 use k8s_openapi::{
-    api::core::v1::{Container, Namespace, Pod, Probe},
+    api::{
+        core::v1::{Container, Namespace, Pod, Probe, Service},
+        discovery::v1::EndpointSlice,
+    },
     apimachinery::pkg::util::intstr::IntOrString,
 };
 use kube::{
@@ -52,6 +56,7 @@ use crate::{
     directory::{ClusterPods, LocalChange, LocalPod, MeshDirectory, MeshOptIn, PodFacts, PodUid},
     identity::spiffe::TrustDomain,
     metrics::Metrics,
+    services::{ServiceFacts, ServiceName, ServicePort, SliceFacts},
     workload::netns,
 };
 
@@ -120,8 +125,21 @@ pub async fn start(
     // Every pod of the cluster: the directory needs the other nodes' pods too.
     let pods = watcher::watcher(Api::<Pod>::all(client.clone()), watcher::Config::default())
         .default_backoff();
-    let namespaces = watcher::watcher(Api::<Namespace>::all(client), watcher::Config::default())
-        .default_backoff();
+    let namespaces = watcher::watcher(
+        Api::<Namespace>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff();
+    let services = watcher::watcher(
+        Api::<Service>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff();
+    let slices = watcher::watcher(
+        Api::<EndpointSlice>::all(client),
+        watcher::Config::default(),
+    )
+    .default_backoff();
     directory.attach_cluster(ClusterPods::new(trust_domain, node_name));
     let (tx, rx) = watch::channel(None);
     let netns_dir = config.netns_dir.clone();
@@ -134,8 +152,10 @@ pub async fn start(
             refused: BTreeMap::new(),
             pods_synced: false,
             namespaces_synced: false,
+            services_relisted: None,
+            slices_relisted: None,
         }
-        .run(pods, namespaces, tx)
+        .run(pods, namespaces, (services, slices), tx)
         .await;
     });
     Ok(rx)
@@ -150,6 +170,9 @@ struct Watch {
     refused: BTreeMap<&'static str, String>,
     pods_synced: bool,
     namespaces_synced: bool,
+    /// During a relist of Services or EndpointSlices: what it listed so far.
+    services_relisted: Option<HashSet<ServiceName>>,
+    slices_relisted: Option<HashSet<(ServiceName, String)>>,
 }
 
 impl Watch {
@@ -157,9 +180,13 @@ impl Watch {
         mut self,
         pods: impl Stream<Item = Result<Event<Pod>, watcher::Error>>,
         namespaces: impl Stream<Item = Result<Event<Namespace>, watcher::Error>>,
+        (services, slices): (
+            impl Stream<Item = Result<Event<Service>, watcher::Error>>,
+            impl Stream<Item = Result<Event<EndpointSlice>, watcher::Error>>,
+        ),
         tx: watch::Sender<Option<Vec<Workload>>>,
     ) {
-        tokio::pin!(pods, namespaces);
+        tokio::pin!(pods, namespaces, services, slices);
         // Pods whose namespace is not pinned yet (sandbox starting) are looked for again.
         let mut retry = tokio::time::interval(Duration::from_secs(2));
         loop {
@@ -184,6 +211,26 @@ impl Watch {
                         LocalChange(false)
                     }
                 },
+                Some(event) = services.next() => {
+                    match event {
+                        Ok(e) => {
+                            self.accepted("services");
+                            self.on_service(e);
+                        }
+                        Err(e) => self.failed("services", &e),
+                    }
+                    LocalChange(false)
+                }
+                Some(event) = slices.next() => {
+                    match event {
+                        Ok(e) => {
+                            self.accepted("endpointslices");
+                            self.on_slice(e);
+                        }
+                        Err(e) => self.failed("endpointslices", &e),
+                    }
+                    LocalChange(false)
+                }
                 _ = retry.tick() => LocalChange(true),
                 else => break,
             };
@@ -275,6 +322,102 @@ impl Watch {
             self.namespaces_synced = true;
         }
         change.unwrap_or(LocalChange(false))
+    }
+
+    fn on_service(&mut self, event: Event<Service>) {
+        let metrics = self.report.metrics.clone();
+        match event {
+            Event::Init => self.services_relisted = Some(HashSet::new()),
+            Event::InitApply(svc) | Event::Apply(svc) => {
+                let Some(name) = service_name(&svc) else {
+                    skipped(&metrics, "service", "missing_name", "", "");
+                    return;
+                };
+                if let Some(seen) = &mut self.services_relisted {
+                    seen.insert(name.clone());
+                }
+                match service_facts(&svc, name.clone(), &metrics) {
+                    Some(facts) => self.directory.update_services(|t| t.upsert_service(facts)),
+                    // Headless or ExternalName (now): not a ClusterIP.
+                    None => self.directory.update_services(|t| t.remove_service(&name)),
+                }
+                self.report_unresolved(&name);
+            }
+            Event::Delete(svc) => {
+                if let Some(name) = service_name(&svc) {
+                    self.directory.update_services(|t| t.remove_service(&name));
+                }
+            }
+            Event::InitDone => {
+                if let Some(seen) = self.services_relisted.take() {
+                    self.directory
+                        .update_services(|t| t.retain_services(|n| seen.contains(n)));
+                }
+            }
+        }
+    }
+
+    fn on_slice(&mut self, event: Event<EndpointSlice>) {
+        let metrics = self.report.metrics.clone();
+        match event {
+            Event::Init => self.slices_relisted = Some(HashSet::new()),
+            Event::InitApply(slice) | Event::Apply(slice) => {
+                let Some(facts) = slice_facts(&slice, &metrics) else {
+                    return;
+                };
+                if let Some(seen) = &mut self.slices_relisted {
+                    seen.insert((facts.service.clone(), facts.name.clone()));
+                }
+                // Endpoints that are no pod (an address outside the cluster, or a pod not
+                // seen yet) are reached in plaintext, as egress: worth a note.
+                let strangers = self
+                    .directory
+                    .read_cluster(|pods| {
+                        facts
+                            .ready
+                            .iter()
+                            .filter(|ip| !pods.has_pod_at(**ip))
+                            .count()
+                    })
+                    .unwrap_or(0);
+                if strangers > 0 {
+                    skipped(
+                        &metrics,
+                        "endpointslice",
+                        "address_not_a_pod",
+                        &facts.service.namespace,
+                        &facts.name,
+                    );
+                }
+                let service = facts.service.clone();
+                self.directory.update_services(|t| t.upsert_slice(facts));
+                self.report_unresolved(&service);
+            }
+            Event::Delete(slice) => {
+                if let Some(facts) = slice_facts(&slice, &metrics) {
+                    self.directory
+                        .update_services(|t| t.remove_slice(&facts.service, &facts.name));
+                }
+            }
+            Event::InitDone => {
+                if let Some(seen) = self.slices_relisted.take() {
+                    self.directory.update_services(|t| {
+                        t.retain_slices(|s, n| seen.contains(&(s.clone(), n.to_owned())))
+                    });
+                }
+            }
+        }
+    }
+
+    /// A Service port no slice carries (a named `targetPort` no endpoint has) is noted once per
+    /// update of the Service or its slices.
+    fn report_unresolved(&self, service: &ServiceName) {
+        let unresolved = self
+            .directory
+            .update_services(|t| t.unresolved_ports(service));
+        for port in unresolved {
+            debug!(service = %service, port, "no endpoint carries this Service port yet");
+        }
     }
 
     /// A list or watch of `resource` worked: a refusal it had is over.
@@ -386,6 +529,141 @@ impl LocalChange {
     fn or(self, other: LocalChange) -> LocalChange {
         LocalChange(self.0 || other.0)
     }
+}
+
+fn service_name(svc: &Service) -> Option<ServiceName> {
+    Some(ServiceName {
+        namespace: svc.metadata.namespace.clone()?,
+        name: svc.metadata.name.clone()?,
+    })
+}
+
+/// The ClusterIPs and TCP ports of `svc`; `None` for a Service with no ClusterIP (headless,
+/// ExternalName).
+pub fn service_facts(svc: &Service, name: ServiceName, metrics: &Metrics) -> Option<ServiceFacts> {
+    let spec = svc.spec.as_ref()?;
+    if spec.type_.as_deref() == Some("ExternalName") {
+        return None;
+    }
+    let texts = spec
+        .cluster_ips
+        .iter()
+        .flatten()
+        .map(String::as_str)
+        .chain(spec.cluster_ip.as_deref());
+    let mut cluster_ips = Vec::new();
+    for text in texts.filter(|t| !t.is_empty() && *t != "None") {
+        match text.parse::<IpAddr>() {
+            Ok(ip) if !cluster_ips.contains(&ip.to_canonical()) => {
+                cluster_ips.push(ip.to_canonical())
+            }
+            Ok(_) => {}
+            Err(_) => skipped(
+                metrics,
+                "service",
+                "invalid_ip",
+                &name.namespace,
+                &name.name,
+            ),
+        }
+    }
+    if cluster_ips.is_empty() {
+        return None;
+    }
+    let mut ports = Vec::new();
+    for port in spec.ports.iter().flatten() {
+        let tcp = port.protocol.as_deref().is_none_or(|p| p == "TCP");
+        let number = u16::try_from(port.port).ok().filter(|p| *p != 0);
+        match (tcp, number) {
+            (true, Some(number)) => ports.push(ServicePort {
+                port: number,
+                name: port.name.clone().unwrap_or_default(),
+            }),
+            (false, _) => skipped(
+                metrics,
+                "service",
+                "non_tcp_port",
+                &name.namespace,
+                &name.name,
+            ),
+            (true, None) => skipped(
+                metrics,
+                "service",
+                "invalid_port",
+                &name.namespace,
+                &name.name,
+            ),
+        }
+    }
+    Some(ServiceFacts {
+        name,
+        cluster_ips,
+        ports,
+    })
+}
+
+/// The Service, TCP ports and ready endpoints of `slice`; `None` (counted) when it names no
+/// Service or holds FQDNs.
+pub fn slice_facts(slice: &EndpointSlice, metrics: &Metrics) -> Option<SliceFacts> {
+    let namespace = slice.metadata.namespace.clone().unwrap_or_default();
+    let name = slice.metadata.name.clone().unwrap_or_default();
+    let skip = |reason| skipped(metrics, "endpointslice", reason, &namespace, &name);
+    let Some(service) = slice
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get("kubernetes.io/service-name"))
+    else {
+        skip("no_service_label");
+        return None;
+    };
+    let ipv6 = match slice.address_type.as_str() {
+        "IPv4" => false,
+        "IPv6" => true,
+        _ => {
+            skip("unsupported_address_type");
+            return None;
+        }
+    };
+    let ports = slice
+        .ports
+        .iter()
+        .flatten()
+        .filter(|p| p.protocol.as_deref().is_none_or(|p| p == "TCP"))
+        .filter_map(|p| {
+            let number = p
+                .port
+                .and_then(|n| u16::try_from(n).ok())
+                .filter(|n| *n != 0)?;
+            Some((p.name.clone().unwrap_or_default(), number))
+        })
+        .collect();
+    let mut ready = Vec::new();
+    for endpoint in &slice.endpoints {
+        let conditions = endpoint.conditions.as_ref();
+        // Unset means ready; a terminating endpoint is not ready.
+        let is_ready = conditions.and_then(|c| c.ready).unwrap_or(true)
+            && !conditions.and_then(|c| c.terminating).unwrap_or(false);
+        if !is_ready {
+            continue;
+        }
+        for text in &endpoint.addresses {
+            match text.parse::<IpAddr>().map(|ip| ip.to_canonical()) {
+                Ok(ip) if ip.is_ipv6() == ipv6 => ready.push(ip),
+                _ => skip("invalid_ip"),
+            }
+        }
+    }
+    Some(SliceFacts {
+        service: ServiceName {
+            namespace: namespace.clone(),
+            name: service.clone(),
+        },
+        name: name.clone(),
+        ipv6,
+        ports,
+        ready,
+    })
 }
 
 fn api_status(error: &kube::Error) -> Option<&kube::core::ErrorResponse> {
@@ -718,5 +996,72 @@ mod tests {
         no_uid.metadata.uid = None;
         assert!(pod_view(&no_uid, &metrics).is_none());
         assert_eq!(skipped_count(&metrics, "invalid_uid"), 1);
+    }
+
+    #[test]
+    fn services_and_slices_become_what_routing_needs_and_the_rest_is_counted() {
+        let metrics = Metrics::new();
+        let svc: Service = serde_json::from_value(serde_json::json!({
+            "metadata": {"namespace": "shop", "name": "web"},
+            "spec": {"clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10", "fd00:96::10"],
+                     "ports": [{"name": "http", "port": 80, "targetPort": "http"},
+                               {"name": "dns", "port": 53, "protocol": "UDP"}]}
+        }))
+        .unwrap();
+        let name = service_name(&svc).unwrap();
+        let facts = service_facts(&svc, name.clone(), &metrics).unwrap();
+        assert_eq!(facts.cluster_ips.len(), 2);
+        assert_eq!(
+            facts.ports,
+            [ServicePort {
+                port: 80,
+                name: "http".into()
+            }]
+        );
+        let count = |kind: &str, reason: &str| {
+            metrics
+                .discovery_skipped_objects
+                .with_label_values(&[kind, reason])
+                .get()
+        };
+        assert_eq!(count("service", "non_tcp_port"), 1);
+        for headless in [
+            serde_json::json!({"metadata": {"namespace": "a", "name": "h"}, "spec": {"clusterIP": "None"}}),
+            serde_json::json!({"metadata": {"namespace": "a", "name": "x"}, "spec": {"type": "ExternalName", "externalName": "db.example.com"}}),
+        ] {
+            let svc: Service = serde_json::from_value(headless).unwrap();
+            assert!(service_facts(&svc, service_name(&svc).unwrap(), &metrics).is_none());
+        }
+
+        let slice: EndpointSlice = serde_json::from_value(serde_json::json!({
+            "metadata": {"namespace": "shop", "name": "web-abc",
+                         "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080}, {"name": "dns", "port": 53, "protocol": "UDP"}],
+            "endpoints": [
+                {"addresses": ["10.1.0.1"]},
+                {"addresses": ["10.1.0.2"], "conditions": {"ready": false}},
+                {"addresses": ["10.1.0.3"], "conditions": {"ready": true, "terminating": true}},
+                {"addresses": ["10.1.0.4"], "conditions": {"ready": true}},
+                {"addresses": ["fd00::1"], "conditions": {"ready": true}}
+            ]
+        }))
+        .unwrap();
+        let facts = slice_facts(&slice, &metrics).unwrap();
+        assert_eq!(facts.service, name);
+        assert_eq!(facts.ports, [("http".to_owned(), 8080)]);
+        let ready: Vec<String> = facts.ready.iter().map(ToString::to_string).collect();
+        assert_eq!(ready, ["10.1.0.1", "10.1.0.4"]);
+        assert_eq!(
+            count("endpointslice", "invalid_ip"),
+            1,
+            "an IPv6 address in an IPv4 slice"
+        );
+        let orphan: EndpointSlice = serde_json::from_value(serde_json::json!({
+            "metadata": {"namespace": "shop", "name": "orphan"}, "addressType": "FQDN", "endpoints": []
+        }))
+        .unwrap();
+        assert!(slice_facts(&orphan, &metrics).is_none());
+        assert_eq!(count("endpointslice", "no_service_label"), 1);
     }
 }

@@ -24,7 +24,7 @@ pub const UNKNOWN: &str = "unknown";
 /// a few workloads, so real peers stay well within it.
 pub const PEER_WORKLOADS_PER_IDENTITY: usize = 8;
 
-const TCP_LABELS: [&str; 8] = [
+const TCP_LABELS: [&str; 9] = [
     "reporter",
     "source_principal",
     "destination_principal",
@@ -32,6 +32,7 @@ const TCP_LABELS: [&str; 8] = [
     "source_workload_namespace",
     "destination_workload",
     "destination_workload_namespace",
+    "destination_service",
     "connection_security_policy",
 ];
 
@@ -45,12 +46,14 @@ pub struct TcpLabels<'a> {
     pub source_workload_namespace: &'a str,
     pub destination_workload: &'a str,
     pub destination_workload_namespace: &'a str,
+    /// `<name>.<namespace>.svc.cluster.local` when the connection went to a Service's ClusterIP.
+    pub destination_service: &'a str,
     /// `mutual_tls` or `none`.
     pub connection_security_policy: &'static str,
 }
 
 impl TcpLabels<'_> {
-    fn values(&self) -> [&str; 8] {
+    fn values(&self) -> [&str; 9] {
         [
             self.reporter,
             self.source_principal,
@@ -59,6 +62,7 @@ impl TcpLabels<'_> {
             self.source_workload_namespace,
             self.destination_workload,
             self.destination_workload_namespace,
+            self.destination_service,
             self.connection_security_policy,
         ]
     }
@@ -94,6 +98,7 @@ pub struct Metrics {
     pub discovery_api_errors: IntCounterVec,
     /// Pods of the cluster in the mesh directory (meshed or not).
     pub directory_pods: IntGauge,
+    outbound_refusals: IntCounterVec,
 }
 
 fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -194,6 +199,11 @@ impl Metrics {
                 "zt_mesh_directory_pods",
                 "Pods of the cluster the mesh directory holds (from Kubernetes discovery), meshed or not.",
             ),
+            outbound_refusals: counter_vec(
+                "zt_outbound_refusals_total",
+                "Outbound connections refused before any byte was relayed, by close reason (no_endpoints, egress_denied, tunnel_refused, tunnel_failed, connect_failed).",
+                &["reason"],
+            ),
             registry,
         };
         let build_info = IntGauge::with_opts(
@@ -221,6 +231,7 @@ impl Metrics {
             Box::new(m.discovery_skipped_objects.clone()),
             Box::new(m.discovery_api_errors.clone()),
             Box::new(m.directory_pods.clone()),
+            Box::new(m.outbound_refusals.clone()),
             Box::new(build_info),
             Box::new(prometheus::process_collector::ProcessCollector::for_self()),
         ];
@@ -230,6 +241,10 @@ impl Metrics {
                 .expect("each metric is registered once");
         }
         m
+    }
+
+    pub fn outbound_refused(&self, reason: &str) {
+        self.outbound_refusals.with_label_values(&[reason]).inc();
     }
 
     pub fn connection_opened(&self, labels: &TcpLabels<'_>) {

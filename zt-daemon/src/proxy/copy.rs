@@ -129,15 +129,24 @@ pub enum CloseReason {
     TunnelRefused,
     /// Never relayed: the tunnel could not be set up (connect, TLS handshake, HTTP/2).
     TunnelFailed,
-    /// Never relayed: the destination is outside the mesh and `mtls.mode` is strict.
-    MtlsRequired,
+    /// Never relayed: the destination is a Service with no ready endpoint for the port.
+    NoEndpoints,
+    /// Never relayed: the destination is outside the mesh and the egress policy refuses it.
+    EgressDenied,
     /// Never relayed: the destination did not accept the connection.
     ConnectFailed,
 }
 
 impl fmt::Display for CloseReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+        f.write_str(self.as_str())
+    }
+}
+
+impl CloseReason {
+    /// The name in the access log and metrics.
+    pub fn as_str(&self) -> &'static str {
+        match self {
             Self::Eof => "eof",
             Self::DownstreamReset => "downstream_reset",
             Self::UpstreamReset => "upstream_reset",
@@ -145,9 +154,10 @@ impl fmt::Display for CloseReason {
             Self::Policy => "policy",
             Self::TunnelRefused => "tunnel_refused",
             Self::TunnelFailed => "tunnel_failed",
-            Self::MtlsRequired => "mtls_required",
+            Self::NoEndpoints => "no_endpoints",
+            Self::EgressDenied => "egress_denied",
             Self::ConnectFailed => "connect_failed",
-        })
+        }
     }
 }
 

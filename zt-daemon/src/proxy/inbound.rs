@@ -183,7 +183,7 @@ async fn handle_hbone(
     let peer_id = peer_leaf.id.clone();
     // A certificate is only good from its own pod: when the mesh knows the source address, it
     // must belong to the identity presented (a stolen key used from elsewhere is refused).
-    if let Some(owner) = tunnel.directory.lookup(peer.ip())
+    if let Some(owner) = ctx.directory.lookup(peer.ip())
         && owner != peer_id
     {
         ctx.metrics.handshake_failed("source_address_mismatch");

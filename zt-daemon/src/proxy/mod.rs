@@ -6,6 +6,7 @@ pub mod hbone;
 pub mod inbound;
 pub mod outbound;
 pub mod pool;
+pub mod route;
 
 use std::{
     future::Future,
@@ -16,19 +17,19 @@ use std::{
 
 pub use crate::directory::MeshDirectory;
 use crate::{
-    config::{MtlsMode, WorkloadId},
+    config::WorkloadId,
     ebpf::OriginalDsts,
+    egress::EgressPolicy,
     identity::{spiffe::SpiffeId, verify::TrustStore},
     metrics::{self, Metrics, TcpLabels},
     policy::{self, Peer, PolicyDecision, PolicyStore, WorkloadRef},
+    services::{EndpointLoad, ServiceName},
     source_limit::SourceLimit,
 };
 
 /// What the mTLS tunnel needs; absent when the node has no identity provider (capture only).
 pub struct Tunnel {
     pub trust: TrustStore,
-    pub mode: MtlsMode,
-    pub directory: MeshDirectory,
     pub handshake_timeout: Duration,
     pub pool: Arc<pool::Pool>,
     /// TLS handshakes pending on this node's HBONE listeners, per source address.
@@ -41,6 +42,12 @@ pub struct Tunnel {
 /// Shared by every listener of every workload on the node.
 pub struct ProxyContext {
     pub dsts: OriginalDsts,
+    /// Who is where: meshed pods and Services.
+    pub directory: MeshDirectory,
+    /// Replaced on config reload.
+    pub egress: std::sync::RwLock<Arc<EgressPolicy>>,
+    /// Open connections per Service endpoint.
+    pub endpoint_load: EndpointLoad,
     pub tunnel: Option<Tunnel>,
     pub policy: PolicyStore,
     pub metrics: Arc<crate::metrics::Metrics>,
@@ -53,6 +60,13 @@ pub struct ProxyContext {
 }
 
 impl ProxyContext {
+    pub fn egress(&self) -> Arc<EgressPolicy> {
+        self.egress
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// Starts draining every listener of every workload.
     pub fn drain(&self) {
         self.draining.send_replace(true);
@@ -200,6 +214,10 @@ pub(crate) struct AccessRecord<'a> {
     pub workload: &'a LocalWorkload,
     pub peer: SocketAddr,
     pub original_dst: SocketAddr,
+    /// The Service `original_dst` is a ClusterIP of, if it is one.
+    pub service: Option<ServiceName>,
+    /// Where the connection went when that is not `original_dst` alone (a Service's endpoint).
+    pub upstream: Option<SocketAddr>,
     pub identities: Identities,
     /// The workload at the other end, when its agent said (HBONE baggage).
     pub peer_workload: Option<WorkloadId>,
@@ -262,6 +280,7 @@ impl AccessRecord<'_> {
         fn namespace(w: Option<&WorkloadId>) -> &str {
             w.map_or(metrics::UNKNOWN, |w| w.namespace.as_str())
         }
+        let service = self.service.as_ref().map(ToString::to_string);
         let labels = TcpLabels {
             reporter: match self.direction {
                 Direction::Outbound => "source",
@@ -273,6 +292,7 @@ impl AccessRecord<'_> {
             source_workload_namespace: namespace(source),
             destination_workload: name(destination, admitted(!peer_is_source)),
             destination_workload_namespace: namespace(destination),
+            destination_service: service.as_deref().unwrap_or(metrics::UNKNOWN),
             connection_security_policy: if self.is_mutual_tls() {
                 "mutual_tls"
             } else {
@@ -330,6 +350,8 @@ pub(crate) fn log_access(record: &AccessRecord<'_>, outcome: &copy::RelayOutcome
         connection_security_policy = if record.is_mutual_tls() { "mutual_tls" } else { "none" },
         peer = %record.peer,
         original_dst = %record.original_dst,
+        destination_service = %record.service.as_ref().map_or_else(|| "-".to_owned(), ToString::to_string),
+        upstream = %record.upstream.map_or_else(|| "-".to_owned(), |u| u.to_string()),
         policy_decision = %decision,
         policy_rule = %rule,
         bytes_sent = outcome.sent,
@@ -400,6 +422,8 @@ pub(crate) fn authorize<'a>(
         workload,
         peer: peer_addr,
         original_dst,
+        service: None,
+        upstream: None,
         identities,
         peer_workload,
         decision: Some(decision),

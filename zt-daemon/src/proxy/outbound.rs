@@ -1,10 +1,10 @@
 //! Outbound: the pod's 127.0.0.1:15001 and [::1]:15001 listeners receive every TCP connect the
 //! pod's applications make (rewritten by connect4/6). The original destination comes from the
-//! map that sockops keyed by (netns cookie, source port). A meshed destination is reached over an
-//! HBONE stream presenting the workload's SVID and requiring the destination's identity; any
-//! other follows `mtls.mode` (strict: refused, permissive: plain TCP). Without an identity
-//! provider the node only captures, and forwards everything in plain TCP. Upstream sockets are
-//! made inside the pod's netns, so traffic leaves with the pod's address.
+//! map that sockops keyed by (netns cookie, source port); `route::plan` decides where it goes (a
+//! Service's endpoint, the tunnel, plaintext egress or a refusal). A meshed destination is
+//! reached over an HBONE stream presenting the workload's SVID and requiring the destination's
+//! identity. Without an identity provider the node only captures, and forwards in plain TCP.
+//! Upstream sockets are made inside the pod's netns, so traffic leaves with the pod's address.
 use std::{future::pending, net::SocketAddr, sync::Arc, time::Instant};
 
 use tokio::net::{TcpListener, TcpStream};
@@ -12,7 +12,7 @@ use tracing::{debug, warn};
 use zt_common::HBONE_PORT;
 
 use crate::{
-    config::{MtlsMode, WorkloadId},
+    config::WorkloadId,
     identity::{
         spiffe::SpiffeId,
         svid::LeafFacts,
@@ -26,6 +26,7 @@ use crate::{
         log_access,
         pool::{Dialled, Lease, PoolKey},
         relay_and_log, reset,
+        route::{self, Refusal, Route, RouteInputs},
     },
     workload::LocalWorkload,
 };
@@ -50,75 +51,102 @@ async fn handle(app: TcpStream, peer: SocketAddr, workload: &LocalWorkload, ctx:
         return;
     };
     let id = &workload.workload.id;
+    let egress = ctx.egress();
+    let plan = route::plan(
+        dst,
+        &id.namespace,
+        &RouteInputs {
+            directory: &ctx.directory,
+            egress: &egress,
+            tunnel: ctx.tunnel.is_some(),
+            load: &ctx.endpoint_load,
+        },
+    );
+    // Held until the connection ends: the endpoint's count of open connections.
+    let _lease = plan.lease;
     let plain = AccessRecord {
         direction: Direction::Outbound,
         workload,
         peer,
         original_dst: dst,
+        service: plan.service,
+        upstream: None,
         identities: Identities::NONE,
         peer_workload: None,
         decision: None,
         started,
     };
-    let meshed = ctx
-        .tunnel
-        .as_ref()
-        .map(|t| (t, t.directory.lookup(dst.ip())));
-    match meshed {
-        Some((tunnel, Some(expected))) => match open_tunnel(workload, tunnel, dst, &expected).await
-        {
-            Ok((stream, source, peer_workload)) => {
-                let identities = Identities {
-                    source: Some(source),
-                    destination: Some(expected),
-                };
-                let record = AccessRecord {
-                    identities,
-                    peer_workload,
-                    ..plain
-                };
-                relay_and_log(record, app, stream, ctx, pending()).await;
-            }
-            Err(e) => {
-                if let Some(reason) = e.handshake_failure() {
-                    ctx.metrics.handshake_failed(reason);
+    match (plan.route, &ctx.tunnel) {
+        (Route::Tunnel { endpoint, identity }, Some(tunnel)) => {
+            let plain = AccessRecord {
+                upstream: Some(endpoint),
+                ..plain
+            };
+            match open_tunnel(workload, tunnel, endpoint, &identity).await {
+                Ok((stream, source, peer_workload)) => {
+                    let record = AccessRecord {
+                        identities: Identities {
+                            source: Some(source),
+                            destination: Some(identity),
+                        },
+                        peer_workload,
+                        ..plain
+                    };
+                    relay_and_log(record, app, stream, ctx, pending()).await;
                 }
-                warn!(workload = %id, original_dst = %dst, destination_identity = %expected, error = %e, "HBONE connect failed");
-                let close = match e {
-                    TunnelError::Refused(..) => CloseReason::TunnelRefused,
-                    _ => CloseReason::TunnelFailed,
-                };
-                let record = AccessRecord {
-                    identities: Identities {
-                        source: workload
-                            .svid
-                            .as_ref()
-                            .and_then(|s| s.get())
-                            .map(|s| s.id().clone()),
-                        destination: Some(expected),
-                    },
-                    ..plain
-                };
-                refuse(&record, app, close);
+                Err(e) => {
+                    if let Some(reason) = e.handshake_failure() {
+                        ctx.metrics.handshake_failed(reason);
+                    }
+                    warn!(workload = %id, original_dst = %dst, %endpoint, destination_identity = %identity, error = %e, "HBONE connect failed");
+                    let close = match e {
+                        TunnelError::Refused(..) => CloseReason::TunnelRefused,
+                        _ => CloseReason::TunnelFailed,
+                    };
+                    let record = AccessRecord {
+                        identities: Identities {
+                            source: workload
+                                .svid
+                                .as_ref()
+                                .and_then(|s| s.get())
+                                .map(|s| s.id().clone()),
+                            destination: Some(identity),
+                        },
+                        ..plain
+                    };
+                    refuse(&record, app, close, ctx);
+                }
             }
-        },
-        Some((tunnel, None)) if tunnel.mode == MtlsMode::Strict => {
-            warn!(workload = %id, original_dst = %dst, "refused: destination is not meshed and mtls.mode is strict");
-            refuse(&plain, app, CloseReason::MtlsRequired);
         }
-        _ => match connect_in_pod(workload, dst).await {
-            Ok(upstream) => relay_and_log(plain, app, upstream, ctx, pending()).await,
-            Err(e) => {
-                warn!(workload = %id, original_dst = %dst, error = %e, "outbound connect failed");
-                refuse(&plain, app, CloseReason::ConnectFailed);
+        (Route::Refuse(Refusal::NoEndpoints), _) => {
+            warn!(workload = %id, original_dst = %dst, service = ?plain.service.as_ref().map(ToString::to_string), "refused: the Service has no ready endpoint");
+            refuse(&plain, app, CloseReason::NoEndpoints, ctx);
+        }
+        (Route::Refuse(Refusal::EgressDenied), _) => {
+            warn!(workload = %id, original_dst = %dst, "refused: outside the mesh, and the egress policy does not allow it");
+            refuse(&plain, app, CloseReason::EgressDenied, ctx);
+        }
+        (Route::Passthrough { endpoint } | Route::Tunnel { endpoint, .. }, _) => {
+            let plain = AccessRecord {
+                upstream: Some(endpoint),
+                ..plain
+            };
+            match connect_in_pod(workload, endpoint).await {
+                Ok(upstream) => relay_and_log(plain, app, upstream, ctx, pending()).await,
+                Err(e) => {
+                    warn!(workload = %id, original_dst = %dst, %endpoint, error = %e, "outbound connect failed");
+                    refuse(&plain, app, CloseReason::ConnectFailed, ctx);
+                }
             }
-        },
+        }
     }
 }
 
-/// Resets a captured connection that was never relayed, and writes its access-log line.
-fn refuse(record: &AccessRecord<'_>, app: TcpStream, close: CloseReason) {
+/// Resets a captured connection that was never relayed, counts it, and writes its access-log
+/// line.
+fn refuse(record: &AccessRecord<'_>, app: TcpStream, close: CloseReason, ctx: &ProxyContext) {
     reset(app);
+    ctx.metrics.outbound_refused(close.as_str());
     log_access(record, &RelayOutcome::refused(close));
 }
 
