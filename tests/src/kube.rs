@@ -658,6 +658,12 @@ impl Cluster {
         self.rt
             .block_on(api.create(&PostParams::default(), &pod))
             .with_context(|| format!("creating pod {}/{}", spec.namespace, spec.name))?;
+        self.set_pod_status(spec)
+    }
+
+    /// Writes the pod's status from `spec` as a kubelet would: Running with its IPs, or Pending
+    /// without IPs.
+    pub fn set_pod_status(&self, spec: &PodSpec) -> anyhow::Result<()> {
         let status = match spec.ips {
             Some((v4, v6)) => json!({"phase": "Running", "podIP": v4.to_string(),
                 "podIPs": [{"ip": v4.to_string()}, {"ip": v6.to_string()}],
