@@ -27,6 +27,35 @@ fn reachable_from(netns: &std::path::Path, to: SocketAddr) -> bool {
     .unwrap()
 }
 
+/// Lists every pod with the agent's kubeconfig file exactly as an agent reads it (server
+/// https://10.200.0.1:6443, the CA, `tokenFile`), from a runtime whose sockets are made in
+/// `netns` (a current-thread runtime on a thread that entered it).
+fn list_pods_as_agent_from(netns: &std::path::Path, kubeconfig: &std::path::Path) -> usize {
+    let (ns, kubeconfig) = (std::fs::File::open(netns).unwrap(), kubeconfig.to_owned());
+    std::thread::spawn(move || {
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let file = kube::config::Kubeconfig::read_from(&kubeconfig).unwrap();
+            let config = kube::Config::from_custom_kubeconfig(file, &Default::default())
+                .await
+                .unwrap();
+            let client = kube::Client::try_from(config).unwrap();
+            Api::<Pod>::all(client)
+                .list(&ListParams::default())
+                .await
+                .unwrap()
+                .items
+                .len()
+        })
+    })
+    .join()
+    .unwrap()
+}
+
 fn status_code(e: &kube::Error) -> Option<u16> {
     match e {
         kube::Error::Api(s) => Some(s.code),
@@ -93,6 +122,13 @@ fn a_real_api_server_serves_deploy_pods_and_agent_tokens_across_restarts_and_com
         .block_on(Api::<Secret>::namespaced(as_agent, AGENT_NAMESPACE).list(&ListParams::default()))
         .unwrap_err();
     assert_eq!(status_code(&secrets), Some(403), "{secrets}");
+    // The kubeconfig as written works from both agents' nodes, over the link from node 2.
+    for n in [1, 2] {
+        assert_eq!(
+            list_pods_as_agent_from(&bed.node(n).netns, &agent.kubeconfig),
+            1
+        );
+    }
     // A rotated token works too.
     cluster.rotate_token(&agent).unwrap();
     let rotated = cluster.client_as(&agent).unwrap();
