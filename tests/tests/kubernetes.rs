@@ -195,20 +195,20 @@ fn connect_when_known(bed: &Testbed, from: (usize, usize), to: SocketAddr, bytes
     last.unwrap().unwrap()
 }
 
-/// The outbound access record of node `agent` for `to`, and its inbound twin on `server_agent`.
-fn records(agent: &Agent, server_agent: &Agent, to: SocketAddr) -> (Value, Value) {
+/// The outbound access record on `agent` of the exchange that sent `bytes` to `to`, and its
+/// inbound twin on `server_agent` (attempts made before the client's agent knew `to` differ).
+fn records(agent: &Agent, server_agent: &Agent, to: SocketAddr, bytes: u64) -> (Value, Value) {
     let dst = to.to_string();
-    let out = agent
-        .wait_access("outbound", |r| {
-            r["direction"] == "outbound" && r["original_dst"] == dst.as_str()
-        })
-        .unwrap();
-    let inb = server_agent
-        .wait_access("inbound", |r| {
-            r["direction"] == "inbound" && r["original_dst"] == dst.as_str()
-        })
-        .unwrap();
-    (out, inb)
+    let find = |agent: &Agent, direction: &str| {
+        agent
+            .wait_access(direction, |r| {
+                r["direction"] == direction
+                    && r["original_dst"] == dst.as_str()
+                    && r["bytes_sent"].as_u64() == Some(bytes)
+            })
+            .unwrap()
+    };
+    (find(agent, "outbound"), find(server_agent, "inbound"))
 }
 
 fn allow_from(service_account: &str) -> String {
@@ -251,7 +251,7 @@ fn meshed_pods_found_through_the_api_talk_over_mtls_across_nodes_and_policy_sees
         let dst = SocketAddr::new(k.bed.pod(2, 1).ip(v6), PORT);
         let report = connect_when_known(&k.bed, (1, 1), dst, 256 * KIB);
         intact(&report, 256 * KIB);
-        let (out, inb) = records(&agent1, &agent2, dst);
+        let (out, inb) = records(&agent1, &agent2, dst, 256 * KIB);
         for r in [&out, &inb] {
             assert_eq!(r["connection_security_policy"], "mutual_tls", "{r}");
             assert_eq!(r["source_identity"], spiffe("frontend").as_str(), "{r}");
@@ -432,13 +432,14 @@ fn enrolled_pods_survive_an_api_server_restart_and_a_compaction_and_missed_chang
     let to_new = SocketAddr::new(p22.ip(true), PORT);
     let report = connect_when_known(&k.bed, (1, 1), to_new, 16 * KIB);
     intact(&report, 16 * KIB);
-    let (out, _) = records(&agent1, &agent2, to_new);
+    let (out, inb) = records(&agent1, &agent2, to_new, 16 * KIB);
     assert_eq!(
         out["destination_identity"],
         spiffe("backend").as_str(),
         "{out}"
     );
     assert_eq!(out["connection_security_policy"], "mutual_tls", "{out}");
+    assert_eq!(inb["source_identity"], spiffe("frontend").as_str(), "{inb}");
     enrolled_throughout(&agent1, "frontend-0");
     enrolled_throughout(&agent2, "backend-0");
     no_panic(&agent1);
