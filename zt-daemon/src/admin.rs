@@ -58,6 +58,9 @@ pub struct Readiness {
     draining: Arc<std::sync::atomic::AtomicBool>,
     /// Policy files that did not load: what is enforced is not what the operator wrote.
     policy: crate::policy::LoadStatus,
+    /// Discovery cannot work: no client configuration, or the API refuses it (401/403), naming
+    /// the verb and resource.
+    discovery_failure: Arc<RwLock<Option<String>>>,
 }
 
 impl Readiness {
@@ -73,6 +76,13 @@ impl Readiness {
         *self.inputs.write().unwrap_or_else(|p| p.into_inner()) = inputs;
     }
 
+    pub fn set_discovery_failure(&self, reason: Option<String>) {
+        *self
+            .discovery_failure
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = reason;
+    }
+
     pub fn set_draining(&self) {
         self.draining.store(true, Ordering::Relaxed);
     }
@@ -86,8 +96,18 @@ impl Readiness {
         if !inputs.capture_started {
             return Err("capture programs not attached".into());
         }
+        if let Some(reason) = &*self
+            .discovery_failure
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+        {
+            return Err(format!("Kubernetes discovery: {reason}"));
+        }
         if inputs.discovery_pending {
-            return Err("waiting for the first list of this node's pods from Kubernetes".into());
+            return Err(
+                "waiting for the first list of the cluster's pods and namespaces from Kubernetes"
+                    .into(),
+            );
         }
         if let Some(e) = self.policy.failure() {
             return Err(format!("policy files not in force: {e}"));
@@ -187,6 +207,7 @@ pub struct AdminState {
     pub workloads: Arc<RwLock<Vec<Arc<LocalWorkload>>>>,
     pub proxy: Arc<ProxyContext>,
     pub pin_dir: PathBuf,
+    pub directory: crate::directory::MeshDirectory,
     /// Issuance failures the identity provider counted (none without a provider).
     pub issue_failures: Option<Arc<AtomicU64>>,
     pub log: LogControl,
@@ -290,6 +311,7 @@ impl AdminState {
                 "pins": pins(&self.pin_dir),
             },
             "pool": pool,
+            "mesh_directory": self.directory.summary(),
             "log_level": self.log.current(),
         })
     }

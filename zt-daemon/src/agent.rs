@@ -15,11 +15,12 @@ use tracing::{error, info, warn};
 use crate::{
     admin::{self, AdminState, LogControl, Readiness, ReadyInputs},
     config::{MtlsMode, NodeConfig, Workload, WorkloadId},
+    directory::MeshDirectory,
     discovery,
     ebpf::{Capture, OriginalDsts},
     identity::{node::NodeIdentity, rotation::WorkloadIdentity, spiffe::SpiffeId},
     policy::{self, PolicyStore},
-    proxy::{MeshDirectory, ProxyContext, Tunnel, pool::Pool},
+    proxy::{ProxyContext, Tunnel, pool::Pool},
     source_limit::SourceLimit,
     workload::{EnrollFailure, Enrollment},
 };
@@ -48,6 +49,8 @@ pub struct Agent {
     discovered: Option<Vec<Workload>>,
     /// What the readiness, metrics and admin endpoints read.
     admin: AdminState,
+    /// Who is where in the mesh: filled by discovery and by `publish_state`.
+    directory: MeshDirectory,
 }
 
 impl Agent {
@@ -89,6 +92,7 @@ impl Agent {
             .ok()
             .flatten();
         let readiness = Readiness::new(policy.status());
+        let directory = MeshDirectory::default();
         let proxy = Arc::new(ProxyContext {
             dsts,
             policy,
@@ -100,7 +104,7 @@ impl Agent {
             tunnel: identity.as_ref().map(|node| Tunnel {
                 trust: node.trust.clone(),
                 mode: config.mtls.mode,
-                directory: MeshDirectory::default(),
+                directory: directory.clone(),
                 handshake_timeout: config.limits.handshake_timeout,
                 pool: Arc::new(Pool::new(node.trust.clone(), config.mtls.pool_idle_timeout)),
                 handshakes: SourceLimit::new(config.limits.max_handshakes_per_source),
@@ -114,6 +118,7 @@ impl Agent {
             workloads: Arc::default(),
             proxy: proxy.clone(),
             pin_dir: capture.pin_dir().to_owned(),
+            directory: directory.clone(),
             issue_failures: identity.as_ref().map(|n| n.renewal.failures.clone()),
             log,
         };
@@ -133,6 +138,7 @@ impl Agent {
             failed: BTreeMap::new(),
             discovered,
             admin,
+            directory,
         })
     }
 
@@ -199,13 +205,27 @@ impl Agent {
         // rules follow.
         let mut policy_changes = self.proxy.policy.subscribe();
         let mut discovery = match &self.config.kubernetes {
-            Some(k) => match discovery::start(k, &self.config.node_name).await {
+            Some(k) => match discovery::start(
+                k,
+                &self.config.node_name,
+                self.config.trust_domain.clone(),
+                self.directory.clone(),
+                discovery::DiscoveryReport {
+                    readiness: self.admin.readiness.clone(),
+                    metrics: self.proxy.metrics.clone(),
+                },
+            )
+            .await
+            {
                 Ok(rx) => {
-                    info!(node = %self.config.node_name, "watching this node's pods in Kubernetes");
+                    info!(node = %self.config.node_name, "watching the cluster's pods and namespaces in Kubernetes");
                     Some(rx)
                 }
                 Err(e) => {
                     error!(error = %e, "Kubernetes discovery unavailable: static workloads are served, and the agent stays unready");
+                    self.admin
+                        .readiness
+                        .set_discovery_failure(Some(e.to_string()));
                     None
                 }
             },
@@ -532,25 +552,27 @@ impl Agent {
         }
     }
 
-    /// Meshed addresses: this node's enrolled workloads and the configured remote endpoints.
+    /// The node config's part of the mesh directory: the `[[endpoint]]`s and the addresses of
+    /// the enrolled static `[[workload]]`s (discovered pods are in it through discovery).
     fn publish_mesh_directory(&self) {
-        let Some(tunnel) = &self.proxy.tunnel else {
-            return;
-        };
         let mut entries: HashMap<IpAddr, SpiffeId> = self
             .config
             .endpoints
             .iter()
             .map(|e| (e.ip, e.identity.clone()))
             .collect();
-        for enrollment in self.enrolled.values() {
+        let statics = self
+            .enrolled
+            .iter()
+            .filter(|(id, _)| self.config.workloads.iter().any(|w| &w.id == *id));
+        for (_, enrollment) in statics {
             if let Some(identity) = &enrollment.identity {
                 for ip in &enrollment.local.addresses {
                     entries.insert(*ip, identity.id.clone());
                 }
             }
         }
-        tunnel.directory.replace(entries);
+        self.directory.set_configured(entries);
     }
 
     /// The workload's identity, if the node has an identity provider. Until its first SVID is

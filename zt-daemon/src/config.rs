@@ -80,8 +80,9 @@ pub struct NodeConfig {
 /// `[discovery.kubernetes]`: watch this node's pods and enroll the meshed ones.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KubernetesDiscovery {
-    /// API server URL; `None` = in-cluster config, or KUBECONFIG outside a cluster.
-    pub api_server: Option<String>,
+    /// A kubeconfig file (server, CA, credentials); `None` = the in-cluster service account,
+    /// else `KUBECONFIG`.
+    pub kubeconfig: Option<PathBuf>,
     /// Where the pods' network namespaces are pinned by the container runtime.
     pub netns_dir: PathBuf,
 }
@@ -279,6 +280,8 @@ struct RawDiscovery {
 #[serde(deny_unknown_fields)]
 struct RawKubernetes {
     enabled: bool,
+    kubeconfig: Option<PathBuf>,
+    /// Removed: a bare URL carried no CA and no credentials. Named here to say so.
     api_server: Option<String>,
     netns_dir: Option<PathBuf>,
 }
@@ -585,15 +588,21 @@ impl NodeConfig {
                         netns_dir.display()
                     )));
                 }
-                if let Some(url) = &k.api_server
-                    && !(url.starts_with("https://") || url.starts_with("http://"))
+                if k.api_server.is_some() {
+                    return Err(invalid(
+                        "discovery.kubernetes.api_server: no longer supported (a URL alone carries no CA and no credentials); set kubeconfig = \"/path/to/kubeconfig\", or leave it out to use the pod's service account".into(),
+                    ));
+                }
+                if let Some(path) = &k.kubeconfig
+                    && !path.is_absolute()
                 {
                     return Err(invalid(format!(
-                        "discovery.kubernetes.api_server: {url:?} is not an http(s) URL"
+                        "discovery.kubernetes.kubeconfig: {} is not an absolute path",
+                        path.display()
                     )));
                 }
                 Some(KubernetesDiscovery {
-                    api_server: k.api_server,
+                    kubeconfig: k.kubeconfig,
                     netns_dir,
                 })
             }
@@ -866,7 +875,7 @@ reconcile_interval_ms = 1000
 
 [discovery.kubernetes]
 enabled = true
-api_server = "https://10.0.0.1:6443"
+kubeconfig = "/etc/zt/kubeconfig"
 netns_dir = "/var/run/netns"
 
 [limits]
@@ -1032,9 +1041,14 @@ probe_ports = [8081, 8080, 8081]
                 "discovery.kubernetes.netns_dir",
             ),
             (
-                "[discovery.kubernetes]\nenabled = true\napi_server = \"10.0.0.1\"\n",
+                "[discovery.kubernetes]\nenabled = true\napi_server = \"https://10.0.0.1\"\n",
                 4,
                 "discovery.kubernetes.api_server",
+            ),
+            (
+                "[discovery.kubernetes]\nenabled = true\nkubeconfig = \"kubeconfig\"\n",
+                4,
+                "discovery.kubernetes.kubeconfig",
             ),
             (
                 "[[endpoint]]\nip = \"10.0.0.1\"\nidentity = \"not-spiffe\"\n",

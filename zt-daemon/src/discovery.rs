@@ -1,23 +1,32 @@
-//! Workload discovery from Kubernetes (`[discovery.kubernetes]`): kube-rs watches the pods of this
-//! node (`spec.nodeName`) and all namespaces, and publishes the set of meshed pods as workloads;
-//! the agent reconciles its enrollments against it, together with the static `[[workload]]`s.
+//! Workload discovery from Kubernetes (`[discovery.kubernetes]`): kube-rs watches every pod of
+//! the cluster and every namespace, feeds them into the mesh directory
+//! ([`crate::directory::ClusterPods`]), and publishes this node's meshed pods as workloads to
+//! enroll. One source for both: the pod a peer is tunneled to is the pod its node enrolled.
 //!
 //! - Membership: a pod is meshed when its annotation `zt.io/mesh` is `enabled`, or its
 //!   namespace's label `zt.io/mesh` is `enabled` and the pod does not say `disabled`. Host-network
-//!   pods are never enrolled (they share the node's namespace).
-//! - Network namespace: the one under `netns_dir` (where the container runtime pins pod
-//!   namespaces, `/run/netns` for containerd and CRI-O) whose interfaces hold the pod's IP. It is
-//!   remembered per pod UID, never per IP: a pod that reuses a dead pod's IP gets a fresh lookup,
-//!   and an IP two namespaces hold at once (a pod still dying) is not guessed at.
+//!   pods are never meshed (they share the node's namespace), and finished or terminating pods
+//!   leave the directory at once (their addresses are about to be reused).
+//! - The client: the file `kubeconfig` names, else the in-cluster service account (its token is
+//!   re-read every minute, so kubelet's rotation is followed), else `KUBECONFIG`.
+//! - Network namespace of a local pod: the one under `netns_dir` (where the container runtime
+//!   pins pod namespaces, `/run/netns` for containerd and CRI-O) whose interfaces hold the pod's
+//!   IP. It is remembered per pod UID, never per IP: a pod that reuses a dead pod's IP gets a
+//!   fresh lookup, and an IP two namespaces hold at once (a pod still dying) is not guessed at.
 //! - Probe ports: the ports of the pod's liveness, readiness and startup probes (httpGet,
 //!   tcpSocket, grpc; named ports resolved in the container), which kubelet reaches in plaintext.
-//! - The watcher relists after a `410 Gone` and backs off on errors (kube-runtime); a broken
-//!   stream never clears the published set, so enrolled pods stay enrolled until the API says
-//!   they are gone.
+//! - The watchers relist after a `410 Gone` and back off on errors (kube-runtime). A broken
+//!   stream never clears the directory: pods stay until the API says they are gone, and a relist
+//!   removes only what it no longer lists. A refusal (401/403) makes the agent unready, naming
+//!   the verb and resource it was refused, until the API lets it list again.
+//! - Objects the directory cannot use (no UID, an unparsable address, an unknown `zt.io/mesh`
+//!   value, a pod with no address yet) are logged and counted in
+//!   `zt_discovery_skipped_objects_total{kind,reason}`; they never remove a healthy pod.
 use std::{
     collections::{BTreeMap, HashMap},
     net::IpAddr,
     path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
 
@@ -28,6 +37,7 @@ use k8s_openapi::{
 };
 use kube::{
     Api, Client,
+    config::{KubeConfigOptions, Kubeconfig},
     runtime::{
         WatchStreamExt,
         watcher::{self, Event},
@@ -37,7 +47,11 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::{
-    config::{KubernetesDiscovery, Workload, WorkloadId},
+    admin::Readiness,
+    config::{KubernetesDiscovery, Workload},
+    directory::{ClusterPods, LocalChange, LocalPod, MeshDirectory, MeshOptIn, PodFacts, PodUid},
+    identity::spiffe::TrustDomain,
+    metrics::Metrics,
     workload::netns,
 };
 
@@ -46,239 +60,442 @@ pub const MESH_KEY: &str = "zt.io/mesh";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DiscoveryError {
-    #[error("Kubernetes client configuration: {0}")]
-    Config(String),
+    #[error("kubeconfig {path}: {error}")]
+    Kubeconfig { path: PathBuf, error: String },
+    #[error(
+        "no Kubernetes client configuration: not in a pod ({in_cluster}), and KUBECONFIG: {kubeconfig}"
+    )]
+    NoConfig {
+        in_cluster: String,
+        kubeconfig: String,
+    },
+    #[error("Kubernetes client: {0}")]
+    Client(String),
 }
 
-/// Starts watching; the receiver holds the meshed pods of `node_name` as workloads, or `None`
-/// until the first lists of pods and namespaces are complete.
+/// What discovery reports to the rest of the agent.
+pub struct DiscoveryReport {
+    pub readiness: Readiness,
+    pub metrics: Arc<Metrics>,
+}
+
+/// The client `config` describes: its kubeconfig file, else in-cluster, else `KUBECONFIG`.
+pub async fn client(config: &KubernetesDiscovery) -> Result<Client, DiscoveryError> {
+    let options = KubeConfigOptions::default();
+    let kube_config = match &config.kubeconfig {
+        Some(path) => {
+            let named = |error: String| DiscoveryError::Kubeconfig {
+                path: path.clone(),
+                error,
+            };
+            let file = Kubeconfig::read_from(path).map_err(|e| named(e.to_string()))?;
+            kube::Config::from_custom_kubeconfig(file, &options)
+                .await
+                .map_err(|e| named(e.to_string()))?
+        }
+        None => match kube::Config::incluster() {
+            Ok(c) => c,
+            Err(in_cluster) => kube::Config::from_kubeconfig(&options).await.map_err(|e| {
+                DiscoveryError::NoConfig {
+                    in_cluster: in_cluster.to_string(),
+                    kubeconfig: e.to_string(),
+                }
+            })?,
+        },
+    };
+    Client::try_from(kube_config).map_err(|e| DiscoveryError::Client(e.to_string()))
+}
+
+/// Starts watching; every pod of the cluster goes into `directory`, and the receiver holds the
+/// meshed pods of `node_name` as workloads, or `None` until the first lists of pods and
+/// namespaces are complete.
 pub async fn start(
     config: &KubernetesDiscovery,
     node_name: &str,
+    trust_domain: TrustDomain,
+    directory: MeshDirectory,
+    report: DiscoveryReport,
 ) -> Result<watch::Receiver<Option<Vec<Workload>>>, DiscoveryError> {
-    let client = match &config.api_server {
-        Some(url) => {
-            let uri = url
-                .parse()
-                .map_err(|e| DiscoveryError::Config(format!("api_server {url:?}: {e}")))?;
-            Client::try_from(kube::Config::new(uri))
-                .map_err(|e| DiscoveryError::Config(e.to_string()))?
-        }
-        None => Client::try_default()
-            .await
-            .map_err(|e| DiscoveryError::Config(e.to_string()))?,
-    };
-    let pods = watcher::watcher(
-        Api::<Pod>::all(client.clone()),
-        watcher::Config::default().fields(&format!("spec.nodeName={node_name}")),
-    )
-    .default_backoff();
+    let client = client(config).await?;
+    // Every pod of the cluster: the directory needs the other nodes' pods too.
+    let pods = watcher::watcher(Api::<Pod>::all(client.clone()), watcher::Config::default())
+        .default_backoff();
     let namespaces = watcher::watcher(Api::<Namespace>::all(client), watcher::Config::default())
         .default_backoff();
+    directory.attach_cluster(ClusterPods::new(trust_domain, node_name));
     let (tx, rx) = watch::channel(None);
     let netns_dir = config.netns_dir.clone();
     tokio::spawn(async move {
-        run(pods, namespaces, netns_dir, tx).await;
+        Watch {
+            directory,
+            report,
+            netns_dir,
+            netns_by_uid: HashMap::new(),
+            refused: BTreeMap::new(),
+            pods_synced: false,
+            namespaces_synced: false,
+        }
+        .run(pods, namespaces, tx)
+        .await;
     });
     Ok(rx)
 }
 
-/// A watched collection: the live objects by key, and the ones a relist is gathering.
-struct Store<K> {
-    live: BTreeMap<String, K>,
-    relisting: Option<BTreeMap<String, K>>,
-    /// A first complete list has arrived.
-    synced: bool,
-}
-
-impl<K> Default for Store<K> {
-    fn default() -> Self {
-        Self {
-            live: BTreeMap::new(),
-            relisting: None,
-            synced: false,
-        }
-    }
-}
-
-impl<K: kube::Resource> Store<K> {
-    fn key(k: &K) -> String {
-        let meta = k.meta();
-        format!(
-            "{}/{}",
-            meta.namespace.as_deref().unwrap_or_default(),
-            meta.name.as_deref().unwrap_or_default()
-        )
-    }
-
-    /// Applies one watch event; returns whether the live set changed.
-    fn apply(&mut self, event: Event<K>) -> bool {
-        match event {
-            Event::Init => {
-                self.relisting = Some(BTreeMap::new());
-                false
-            }
-            Event::InitApply(k) => {
-                if let Some(buffer) = &mut self.relisting {
-                    buffer.insert(Self::key(&k), k);
-                }
-                false
-            }
-            Event::InitDone => {
-                if let Some(buffer) = self.relisting.take() {
-                    self.live = buffer;
-                }
-                self.synced = true;
-                true
-            }
-            Event::Apply(k) => {
-                self.live.insert(Self::key(&k), k);
-                true
-            }
-            Event::Delete(k) => {
-                self.live.remove(&Self::key(&k));
-                true
-            }
-        }
-    }
-}
-
-async fn run(
-    pods: impl Stream<Item = Result<Event<Pod>, watcher::Error>>,
-    namespaces: impl Stream<Item = Result<Event<Namespace>, watcher::Error>>,
+struct Watch {
+    directory: MeshDirectory,
+    report: DiscoveryReport,
     netns_dir: PathBuf,
-    tx: watch::Sender<Option<Vec<Workload>>>,
-) {
-    tokio::pin!(pods, namespaces);
-    let (mut pod_store, mut ns_store) = (Store::<Pod>::default(), Store::<Namespace>::default());
-    let mut netns_by_uid: HashMap<String, PathBuf> = HashMap::new();
-    // Pods whose namespace is not pinned yet (sandbox starting) are looked for again.
-    let mut retry = tokio::time::interval(Duration::from_secs(2));
-    loop {
-        let changed = tokio::select! {
-            Some(event) = pods.next() => match event {
-                Ok(e) => pod_store.apply(e),
-                Err(e) => {
-                    warn!(error = %e, "pod watch failed; retrying (enrolled pods are kept)");
-                    false
+    netns_by_uid: HashMap<PodUid, PathBuf>,
+    /// Per resource, the API's refusal of the last attempt to list or watch it.
+    refused: BTreeMap<&'static str, String>,
+    pods_synced: bool,
+    namespaces_synced: bool,
+}
+
+impl Watch {
+    async fn run(
+        mut self,
+        pods: impl Stream<Item = Result<Event<Pod>, watcher::Error>>,
+        namespaces: impl Stream<Item = Result<Event<Namespace>, watcher::Error>>,
+        tx: watch::Sender<Option<Vec<Workload>>>,
+    ) {
+        tokio::pin!(pods, namespaces);
+        // Pods whose namespace is not pinned yet (sandbox starting) are looked for again.
+        let mut retry = tokio::time::interval(Duration::from_secs(2));
+        loop {
+            let change = tokio::select! {
+                Some(event) = pods.next() => match event {
+                    Ok(e) => {
+                        self.accepted("pods");
+                        self.on_pod(e)
+                    }
+                    Err(e) => {
+                        self.failed("pods", &e);
+                        LocalChange(false)
+                    }
+                },
+                Some(event) = namespaces.next() => match event {
+                    Ok(e) => {
+                        self.accepted("namespaces");
+                        self.on_namespace(e)
+                    }
+                    Err(e) => {
+                        self.failed("namespaces", &e);
+                        LocalChange(false)
+                    }
+                },
+                _ = retry.tick() => LocalChange(true),
+                else => break,
+            };
+            if !change.0 || !(self.pods_synced && self.namespaces_synced) {
+                continue;
+            }
+            let local = self
+                .directory
+                .read_cluster(ClusterPods::local_pods)
+                .unwrap_or_default();
+            let workloads = self.with_netns(local).await;
+            tx.send_if_modified(|current| {
+                if current.as_ref() == Some(&workloads) {
+                    return false;
                 }
-            },
-            Some(event) = namespaces.next() => match event {
-                Ok(e) => ns_store.apply(e),
-                Err(e) => {
-                    warn!(error = %e, "namespace watch failed; retrying");
-                    false
-                }
-            },
-            _ = retry.tick() => true,
-            else => break,
-        };
-        if !changed || !(pod_store.synced && ns_store.synced) {
-            continue;
+                info!(
+                    workloads = workloads.len(),
+                    "meshed pods on this node changed"
+                );
+                *current = Some(workloads);
+                true
+            });
         }
-        let meshed: Vec<(WorkloadId, &Pod, String, IpAddr)> = pod_store
-            .live
-            .values()
-            .filter(|p| is_meshed(p, &ns_store.live))
-            .filter_map(|p| Some((workload_id(p)?, p, p.metadata.uid.clone()?, pod_ip(p)?)))
-            .collect();
+    }
+
+    fn on_pod(&mut self, event: Event<Pod>) -> LocalChange {
+        let metrics = self.report.metrics.clone();
+        let synced = matches!(event, Event::InitDone);
+        let change = self.directory.update_cluster(|pods| match event {
+            Event::Init => {
+                pods.begin_pod_relist();
+                LocalChange(false)
+            }
+            Event::InitApply(pod) | Event::Apply(pod) => match pod_view(&pod, &metrics) {
+                Some(PodView::Live(facts)) => pods.upsert_pod(facts),
+                Some(PodView::Gone(uid)) => pods.remove_pod(uid),
+                None => LocalChange(false),
+            },
+            Event::Delete(pod) => match pod_view(&pod, &metrics) {
+                Some(PodView::Live(PodFacts { uid, .. }) | PodView::Gone(uid)) => {
+                    pods.remove_pod(uid)
+                }
+                None => LocalChange(false),
+            },
+            Event::InitDone => {
+                let change = pods.end_pod_relist();
+                info!(
+                    pods = pods.pod_count(),
+                    "listed the cluster's pods into the mesh directory"
+                );
+                LocalChange(true).or(change)
+            }
+        });
+        if let Some(pods) = self.directory.read_cluster(ClusterPods::pod_count) {
+            metrics.directory_pods.set(pods as i64);
+        }
+        if synced {
+            self.pods_synced = true;
+        }
+        change.unwrap_or(LocalChange(false))
+    }
+
+    fn on_namespace(&mut self, event: Event<Namespace>) -> LocalChange {
+        let metrics = self.report.metrics.clone();
+        let synced = matches!(event, Event::InitDone);
+        let change = self.directory.update_cluster(|pods| match event {
+            Event::Init => {
+                pods.begin_namespace_relist();
+                LocalChange(false)
+            }
+            Event::InitApply(ns) | Event::Apply(ns) => {
+                let Some(name) = ns.metadata.name.as_deref() else {
+                    skipped(&metrics, "namespace", "missing_name", "", "");
+                    return LocalChange(false);
+                };
+                pods.upsert_namespace(name, namespace_mesh(&ns, &metrics))
+            }
+            Event::Delete(ns) => {
+                let name = ns.metadata.name.as_deref().unwrap_or_default();
+                pods.remove_namespace(name).unwrap_or_else(|_| {
+                    // Without a namespace controller its pods outlive it; they keep its label.
+                    skipped(&metrics, "namespace", "deleted_with_pods", "", name);
+                    LocalChange(false)
+                })
+            }
+            Event::InitDone => LocalChange(true).or(pods.end_namespace_relist()),
+        });
+        if synced {
+            self.namespaces_synced = true;
+        }
+        change.unwrap_or(LocalChange(false))
+    }
+
+    /// A list or watch of `resource` worked: a refusal it had is over.
+    fn accepted(&mut self, resource: &'static str) {
+        if self.refused.remove(resource).is_some() {
+            info!(resource, "the Kubernetes API serves the agent again");
+            self.publish_refusals();
+        }
+    }
+
+    fn failed(&mut self, resource: &'static str, error: &watcher::Error) {
+        let (verb, api_error) = match error {
+            watcher::Error::InitialListFailed(e) => ("list", api_status(e)),
+            watcher::Error::WatchStartFailed(e) | watcher::Error::WatchFailed(e) => {
+                ("watch", api_status(e))
+            }
+            watcher::Error::WatchError(status) => ("watch", Some(status)),
+            watcher::Error::NoResourceVersion => ("watch", None),
+        };
+        self.report
+            .metrics
+            .discovery_api_errors
+            .with_label_values(&[resource, verb])
+            .inc();
+        match api_error {
+            Some(status) if status.code == 401 || status.code == 403 => {
+                warn!(
+                    verb,
+                    resource,
+                    status = status.code,
+                    message = %status.message,
+                    "Kubernetes API refused the agent: it cannot {verb} {resource} cluster-wide (grant get, list and watch on pods and namespaces, deploy/rbac.yaml)"
+                );
+                self.refused.insert(
+                    resource,
+                    format!(
+                        "the Kubernetes API refused to {verb} {resource} (HTTP {}): {}",
+                        status.code, status.message
+                    ),
+                );
+                self.publish_refusals();
+            }
+            _ => {
+                warn!(verb, resource, error = %error, "Kubernetes watch failed; retrying (the mesh directory is kept)")
+            }
+        }
+    }
+
+    fn publish_refusals(&self) {
+        let reason = (!self.refused.is_empty()).then(|| {
+            self.refused
+                .values()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join("; ")
+        });
+        self.report.readiness.set_discovery_failure(reason);
+    }
+
+    /// This node's meshed pods with their network namespaces; those whose namespace is not
+    /// found yet wait for the next look.
+    async fn with_netns(&mut self, local: Vec<LocalPod>) -> Vec<Workload> {
         // Forget pods that are gone and namespaces that died; look up only what is unknown.
-        netns_by_uid.retain(|uid, path| path.exists() && meshed.iter().any(|m| &m.2 == uid));
-        if meshed
+        self.netns_by_uid
+            .retain(|uid, path| path.exists() && local.iter().any(|p| &p.uid == uid));
+        if local
             .iter()
-            .any(|(_, _, uid, _)| !netns_by_uid.contains_key(uid))
+            .any(|p| !self.netns_by_uid.contains_key(&p.uid))
         {
-            let dir = netns_dir.clone();
+            let dir = self.netns_dir.clone();
             if let Ok(found) = tokio::task::spawn_blocking(move || scan_netns(&dir)).await {
-                for (id, _, uid, ip) in &meshed {
-                    if netns_by_uid.contains_key(uid) {
+                for pod in &local {
+                    if self.netns_by_uid.contains_key(&pod.uid) {
                         continue;
                     }
-                    match found.get(ip).map(Vec::as_slice) {
+                    let mut holders = pod.ips.iter().filter_map(|ip| found.get(ip));
+                    match holders.next().map(Vec::as_slice) {
                         Some([path]) => {
-                            netns_by_uid.insert(uid.clone(), path.clone());
+                            self.netns_by_uid.insert(pod.uid, path.clone());
                         }
                         Some(paths) if paths.len() > 1 => {
-                            warn!(workload = %id, %ip, namespaces = ?paths, "several network namespaces hold the pod's IP (one still dying?); waiting")
+                            warn!(workload = %pod.id, ips = ?pod.ips, namespaces = ?paths, "several network namespaces hold the pod's IP (one still dying?); waiting")
                         }
                         _ => {}
                     }
                 }
             }
         }
-        let mut workloads = Vec::with_capacity(meshed.len());
-        for (id, pod, uid, ip) in meshed {
-            let Some(netns) = netns_by_uid.get(&uid) else {
-                debug!(workload = %id, %ip, "no network namespace holds the pod's IP yet");
-                continue;
-            };
-            let spec = pod.spec.as_ref();
-            workloads.push(Workload {
-                id,
-                service_account: spec
-                    .and_then(|s| s.service_account_name.clone())
-                    .unwrap_or_else(|| "default".to_owned()),
-                labels: pod.metadata.labels.clone().unwrap_or_default(),
-                netns: netns.clone(),
-                probe_ports: probe_ports(pod),
-            });
-        }
-        tx.send_if_modified(|current| {
-            if current.as_ref() == Some(&workloads) {
-                return false;
-            }
-            info!(
-                workloads = workloads.len(),
-                "meshed pods on this node changed"
-            );
-            *current = Some(workloads);
-            true
-        });
+        local
+            .into_iter()
+            .filter_map(|pod| {
+                let Some(netns) = self.netns_by_uid.get(&pod.uid) else {
+                    debug!(workload = %pod.id, ips = ?pod.ips, "no network namespace holds the pod's IP yet");
+                    return None;
+                };
+                Some(Workload {
+                    id: pod.id,
+                    service_account: pod.service_account,
+                    labels: pod.labels,
+                    netns: netns.clone(),
+                    probe_ports: pod.probe_ports,
+                })
+            })
+            .collect()
     }
 }
 
-fn workload_id(pod: &Pod) -> Option<WorkloadId> {
-    Some(WorkloadId {
-        namespace: pod.metadata.namespace.clone()?,
-        name: pod.metadata.name.clone()?,
-    })
+impl LocalChange {
+    fn or(self, other: LocalChange) -> LocalChange {
+        LocalChange(self.0 || other.0)
+    }
 }
 
-fn pod_ip(pod: &Pod) -> Option<IpAddr> {
-    pod.status.as_ref()?.pod_ip.as_deref()?.parse().ok()
+fn api_status(error: &kube::Error) -> Option<&kube::core::ErrorResponse> {
+    match error {
+        kube::Error::Api(status) => Some(status),
+        _ => None,
+    }
 }
 
-/// Whether `pod` opts into the mesh, by its own annotation or its namespace's label.
-pub fn is_meshed(pod: &Pod, namespaces: &BTreeMap<String, Namespace>) -> bool {
+/// Logs and counts an object the directory cannot use (or use whole).
+fn skipped(metrics: &Metrics, kind: &str, reason: &str, namespace: &str, name: &str) {
+    metrics
+        .discovery_skipped_objects
+        .with_label_values(&[kind, reason])
+        .inc();
+    if reason == "no_ip" {
+        // Every pod is like this between scheduling and its sandbox starting.
+        debug!(kind, reason, namespace, name, "object not usable yet");
+    } else {
+        warn!(
+            kind,
+            reason, namespace, name, "Kubernetes object skipped (or partly used)"
+        );
+    }
+}
+
+pub enum PodView {
+    Live(PodFacts),
+    /// Finished, terminating or host-network: never in the mesh.
+    Gone(PodUid),
+}
+
+/// What the directory keeps of `pod`; `None` when it cannot be placed at all (no UID or name).
+pub fn pod_view(pod: &Pod, metrics: &Metrics) -> Option<PodView> {
+    let meta = &pod.metadata;
+    let namespace = meta.namespace.as_deref().unwrap_or_default();
+    let name = meta.name.as_deref().unwrap_or_default();
+    let skip = |reason| skipped(metrics, "pod", reason, namespace, name);
+    let Some(uid) = meta.uid.as_deref().and_then(|u| u.parse::<PodUid>().ok()) else {
+        skip("invalid_uid");
+        return None;
+    };
+    if namespace.is_empty() || name.is_empty() {
+        skip("missing_name");
+        return None;
+    }
     let spec = pod.spec.as_ref();
-    if spec.and_then(|s| s.host_network).unwrap_or(false) {
-        return false;
-    }
-    let terminal = pod
-        .status
-        .as_ref()
+    let status = pod.status.as_ref();
+    let host_network = spec.and_then(|s| s.host_network).unwrap_or(false);
+    let finished = status
         .and_then(|s| s.phase.as_deref())
         .is_some_and(|p| p == "Succeeded" || p == "Failed");
-    if terminal || pod.metadata.deletion_timestamp.is_some() {
-        return false;
+    if host_network || finished || meta.deletion_timestamp.is_some() {
+        return Some(PodView::Gone(uid));
     }
-    match pod
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(MESH_KEY))
-        .map(String::as_str)
-    {
-        Some("enabled") => return true,
-        Some("disabled") => return false,
-        _ => {}
+    let texts = status
+        .into_iter()
+        .flat_map(|s| s.pod_ips.iter().flatten().map(|p| p.ip.as_str()))
+        .chain(status.and_then(|s| s.pod_ip.as_deref()));
+    let mut ips = Vec::new();
+    for text in texts {
+        match text.parse::<IpAddr>() {
+            Ok(ip) if !ips.contains(&ip) => ips.push(ip),
+            Ok(_) => {}
+            Err(_) => skip("invalid_ip"),
+        }
     }
-    let namespace = pod.metadata.namespace.as_deref().unwrap_or_default();
-    namespaces
-        .get(&format!("/{namespace}"))
-        .and_then(|ns| ns.metadata.labels.as_ref())
-        .and_then(|l| l.get(MESH_KEY))
-        .is_some_and(|v| v == "enabled")
+    if ips.is_empty() {
+        skip("no_ip");
+    }
+    let opt_in = match meta.annotations.as_ref().and_then(|a| a.get(MESH_KEY)) {
+        None => MeshOptIn::Unset,
+        Some(v) => mesh_value(v).unwrap_or_else(|| {
+            skip("invalid_mesh_value");
+            MeshOptIn::Unset
+        }),
+    };
+    Some(PodView::Live(PodFacts {
+        uid,
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+        service_account: spec
+            .and_then(|s| s.service_account_name.clone())
+            .unwrap_or_else(|| "default".to_owned()),
+        node: spec.and_then(|s| s.node_name.clone()).unwrap_or_default(),
+        labels: meta.labels.clone().unwrap_or_default(),
+        ips,
+        opt_in,
+        probe_ports: probe_ports(pod),
+    }))
+}
+
+/// A namespace's `zt.io/mesh` label; an unknown value counts as unset, and is reported.
+pub fn namespace_mesh(ns: &Namespace, metrics: &Metrics) -> MeshOptIn {
+    let name = ns.metadata.name.as_deref().unwrap_or_default();
+    match ns.metadata.labels.as_ref().and_then(|l| l.get(MESH_KEY)) {
+        None => MeshOptIn::Unset,
+        Some(v) => mesh_value(v).unwrap_or_else(|| {
+            skipped(metrics, "namespace", "invalid_mesh_value", "", name);
+            MeshOptIn::Unset
+        }),
+    }
+}
+
+fn mesh_value(value: &str) -> Option<MeshOptIn> {
+    match value {
+        "enabled" => Some(MeshOptIn::Enabled),
+        "disabled" => Some(MeshOptIn::Disabled),
+        _ => None,
+    }
 }
 
 /// The ports kubelet probes the pod on, sorted and without duplicates. A named port that no
@@ -347,35 +564,42 @@ mod tests {
     use super::*;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
-    fn pod(ns: &str, annotation: Option<&str>, host_network: bool) -> Pod {
+    fn pod(annotation: Option<&str>) -> Pod {
         Pod {
             metadata: ObjectMeta {
                 name: Some("p".into()),
-                namespace: Some(ns.into()),
+                namespace: Some("shop".into()),
+                uid: Some("0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0".into()),
                 annotations: annotation
                     .map(|a| BTreeMap::from([(MESH_KEY.to_owned(), a.to_owned())])),
                 ..Default::default()
             },
             spec: Some(k8s_openapi::api::core::v1::PodSpec {
-                host_network: Some(host_network),
+                node_name: Some("node1".into()),
+                service_account_name: Some("web".into()),
                 ..Default::default()
             }),
-            ..Default::default()
+            status: Some(k8s_openapi::api::core::v1::PodStatus {
+                phase: Some("Running".into()),
+                pod_ip: Some("10.0.0.1".into()),
+                pod_ips: Some(vec![
+                    k8s_openapi::api::core::v1::PodIP {
+                        ip: "10.0.0.1".into(),
+                    },
+                    k8s_openapi::api::core::v1::PodIP {
+                        ip: "fd00::1".into(),
+                    },
+                ]),
+                ..Default::default()
+            }),
         }
     }
 
-    fn namespace(name: &str, label: Option<&str>) -> (String, Namespace) {
-        (
-            format!("/{name}"),
-            Namespace {
-                metadata: ObjectMeta {
-                    name: Some(name.into()),
-                    labels: label.map(|l| BTreeMap::from([(MESH_KEY.to_owned(), l.to_owned())])),
-                    ..Default::default()
-                },
-                ..Default::default()
-            },
-        )
+    fn skipped_count(metrics: &Metrics, reason: &str) -> u64 {
+        metrics
+            .discovery_skipped_objects
+            .with_label_values(&["pod", reason])
+            .get()
     }
 
     #[test]
@@ -432,29 +656,67 @@ mod tests {
     }
 
     #[test]
-    fn membership() {
-        let namespaces: BTreeMap<String, Namespace> = [
-            namespace("meshed", Some("enabled")),
-            namespace("plain", None),
-        ]
-        .into();
-        for (what, p, expected) in [
-            ("namespace label", pod("meshed", None, false), true),
+    fn a_pod_becomes_facts_or_leaves_and_what_is_unusable_is_counted() {
+        let metrics = Metrics::new();
+        let Some(PodView::Live(facts)) = pod_view(&pod(None), &metrics) else {
+            panic!("a running pod is live");
+        };
+        assert_eq!(facts.ips.len(), 2, "podIPs, v4 and v6, once each");
+        assert_eq!(
+            (facts.service_account.as_str(), facts.node.as_str()),
+            ("web", "node1")
+        );
+        assert_eq!(facts.opt_in, MeshOptIn::Unset);
+        let opted = |a| match pod_view(&pod(Some(a)), &metrics) {
+            Some(PodView::Live(f)) => f.opt_in,
+            _ => panic!("live"),
+        };
+        assert_eq!(opted("enabled"), MeshOptIn::Enabled);
+        assert_eq!(opted("disabled"), MeshOptIn::Disabled);
+        assert_eq!(opted("yes"), MeshOptIn::Unset);
+        assert_eq!(skipped_count(&metrics, "invalid_mesh_value"), 1);
+
+        for (what, change) in [
             (
-                "pod opts out",
-                pod("meshed", Some("disabled"), false),
-                false,
+                "host network",
+                &(|p: &mut Pod| p.spec.as_mut().unwrap().host_network = Some(true))
+                    as &dyn Fn(&mut Pod),
             ),
-            ("pod opts in", pod("plain", Some("enabled"), false), true),
-            ("neither", pod("plain", None, false), false),
-            ("unknown namespace", pod("nowhere", None, false), false),
-            (
-                "host network never",
-                pod("meshed", Some("enabled"), true),
-                false,
-            ),
+            ("finished", &|p: &mut Pod| {
+                p.status.as_mut().unwrap().phase = Some("Succeeded".into())
+            }),
+            ("terminating", &|p: &mut Pod| {
+                p.metadata.deletion_timestamp =
+                    serde_json::from_value(serde_json::json!("2026-01-01T00:00:00Z")).ok()
+            }),
         ] {
-            assert_eq!(is_meshed(&p, &namespaces), expected, "{what}");
+            let mut p = pod(Some("enabled"));
+            change(&mut p);
+            assert!(
+                matches!(pod_view(&p, &metrics), Some(PodView::Gone(_))),
+                "{what}"
+            );
         }
+
+        let mut pending = pod(None);
+        pending.status = None;
+        let Some(PodView::Live(facts)) = pod_view(&pending, &metrics) else {
+            panic!("a pending pod is live");
+        };
+        assert!(facts.ips.is_empty());
+        assert_eq!(skipped_count(&metrics, "no_ip"), 1);
+
+        let mut garbled = pod(None);
+        garbled.status.as_mut().unwrap().pod_ip = Some("10.0.0.300".into());
+        assert!(matches!(
+            pod_view(&garbled, &metrics),
+            Some(PodView::Live(_))
+        ));
+        assert_eq!(skipped_count(&metrics, "invalid_ip"), 1);
+
+        let mut no_uid = pod(None);
+        no_uid.metadata.uid = None;
+        assert!(pod_view(&no_uid, &metrics).is_none());
+        assert_eq!(skipped_count(&metrics, "invalid_uid"), 1);
     }
 }

@@ -88,6 +88,12 @@ pub struct Metrics {
     pub policy_load_failures: IntCounter,
     /// 1 when the last policy load succeeded, 0 when the files on disk are not in force.
     pub policy_last_load_success: IntGauge,
+    /// Kubernetes objects discovery could not use, or not whole, by kind and reason.
+    pub discovery_skipped_objects: IntCounterVec,
+    /// Failed lists and watches of the Kubernetes API, by resource and verb.
+    pub discovery_api_errors: IntCounterVec,
+    /// Pods of the cluster in the mesh directory (meshed or not).
+    pub directory_pods: IntGauge,
 }
 
 fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -174,6 +180,20 @@ impl Metrics {
                 "zt_policy_last_load_success",
                 "1 when the last policy load succeeded; 0 when the policy files on disk are not the ones in force.",
             ),
+            discovery_skipped_objects: counter_vec(
+                "zt_discovery_skipped_objects_total",
+                "Kubernetes objects discovery skipped or used in part, by kind (pod, namespace) and reason (no_ip, invalid_ip, invalid_uid, missing_name, invalid_mesh_value, deleted_with_pods).",
+                &["kind", "reason"],
+            ),
+            discovery_api_errors: counter_vec(
+                "zt_discovery_api_errors_total",
+                "Failed lists and watches of the Kubernetes API (retried with backoff), by resource and verb.",
+                &["resource", "verb"],
+            ),
+            directory_pods: gauge(
+                "zt_mesh_directory_pods",
+                "Pods of the cluster the mesh directory holds (from Kubernetes discovery), meshed or not.",
+            ),
             registry,
         };
         let build_info = IntGauge::with_opts(
@@ -198,6 +218,9 @@ impl Metrics {
             Box::new(m.identity_issue_failures.clone()),
             Box::new(m.policy_load_failures.clone()),
             Box::new(m.policy_last_load_success.clone()),
+            Box::new(m.discovery_skipped_objects.clone()),
+            Box::new(m.discovery_api_errors.clone()),
+            Box::new(m.directory_pods.clone()),
             Box::new(build_info),
             Box::new(prometheus::process_collector::ProcessCollector::for_self()),
         ];

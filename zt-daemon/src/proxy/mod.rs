@@ -8,13 +8,13 @@ pub mod outbound;
 pub mod pool;
 
 use std::{
-    collections::HashMap,
     future::Future,
-    net::{IpAddr, SocketAddr},
-    sync::{Arc, RwLock},
+    net::SocketAddr,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
+pub use crate::directory::MeshDirectory;
 use crate::{
     config::{MtlsMode, WorkloadId},
     ebpf::OriginalDsts,
@@ -23,25 +23,6 @@ use crate::{
     policy::{self, Peer, PolicyDecision, PolicyStore, WorkloadRef},
     source_limit::SourceLimit,
 };
-
-/// Which addresses belong to meshed workloads, and who they are. The agent fills it from its
-/// enrolled workloads and the configured endpoints (later: discovery).
-#[derive(Default, Clone)]
-pub struct MeshDirectory(Arc<RwLock<HashMap<IpAddr, SpiffeId>>>);
-
-impl MeshDirectory {
-    pub fn replace(&self, entries: HashMap<IpAddr, SpiffeId>) {
-        *self.0.write().unwrap_or_else(|p| p.into_inner()) = entries;
-    }
-
-    pub fn lookup(&self, ip: IpAddr) -> Option<SpiffeId> {
-        self.0
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&ip.to_canonical())
-            .cloned()
-    }
-}
 
 /// What the mTLS tunnel needs; absent when the node has no identity provider (capture only).
 pub struct Tunnel {
