@@ -58,3 +58,8 @@ if ! command -v cargo-fuzz >/dev/null 2>&1; then
 else
   step "cargo-fuzz present"
 fi
+
+# A real kube-apiserver and etcd for the Kubernetes discovery tests, built from Go modules and
+# cached (about 11 minutes the first time; the script checks the cached versions first).
+step "kube-apiserver and etcd for the Kubernetes tests (scripts/kube-apiserver.sh)"
+bash "$(dirname "$0")/kube-apiserver.sh" >/dev/null

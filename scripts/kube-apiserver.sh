@@ -34,7 +34,9 @@ if kube_ok && etcd_ok; then
   exit 0
 fi
 
-command -v go >/dev/null 2>&1 || die "go not found (install Go >= 1.26 first)"
+# Go's tarball installs to /usr/local/go without touching PATH (sudo and cron drop it too).
+command -v go >/dev/null 2>&1 || PATH=/usr/local/go/bin:$PATH
+command -v go >/dev/null 2>&1 || die "go not found in PATH or /usr/local/go/bin (install Go >= 1.26 first)"
 export GOTOOLCHAIN=${GOTOOLCHAIN:-auto}
 [ "$GOTOOLCHAIN" = local ] && export GOTOOLCHAIN=auto   # the machine's go.env says local
 export GOFLAGS="-trimpath -buildvcs=false"

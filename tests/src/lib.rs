@@ -9,6 +9,7 @@
 //! panics. Processes are stopped by PID.
 pub mod agent;
 pub mod attack;
+pub mod kube;
 pub mod maps;
 pub mod probe;
 

@@ -1,230 +1,126 @@
-//! Root end-to-end test of Kubernetes discovery (issue 6). No API server can run on these
-//! machines, so the agent talks to an in-test HTTP server that speaks the API's real list/watch
-//! wire format (JSON lists with a resourceVersion, then chunked watch streams of ADDED, MODIFIED,
-//! DELETED, BOOKMARK and ERROR events). The pods it describes are the test bed's real pods: the
-//! agent finds their network namespaces by their IPs and enrolls them for real.
-use std::{
-    io::{BufRead, BufReader, Read, Write},
-    net::{SocketAddr, TcpListener, TcpStream},
-    sync::{Arc, Mutex, mpsc},
-    time::Duration,
+//! Root end-to-end tests of Kubernetes discovery (issues 6 and 16) against a real kube-apiserver
+//! and etcd (zt_tests::kube), with real agents on both nodes. The agents authenticate with the
+//! zt-agent service account of deploy/ (a TokenRequest token in a kubeconfig), watch every pod of
+//! the cluster, enroll the meshed pods of their own node and learn the identities of every other
+//! meshed pod from the API: no test here writes a `[[workload]]` or an `[[endpoint]]`.
+//!
+//! No kubelet runs: the test creates each pod bound to its node and writes its status (phase and
+//! IPs, the bed pod's addresses) as a kubelet would; the agents find the bed pod's network
+//! namespace by those IPs. No controller-manager runs either: a deleted namespace stays
+//! Terminating with its pods in it.
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use serde_json::Value;
+use zt_tests::{
+    Agent, Testbed,
+    agent::{ALLOW_BY_DEFAULT, ca_init, node_config, write_policy},
+    kube::{AGENT_NAMESPACE, AGENT_SERVICE_ACCOUNT, AgentCredentials, Cluster, PodSpec},
+    probe::{Server, connect},
+    wait_until,
 };
 
-use serde_json::{Value, json};
-use zt_tests::{Agent, Pod, Testbed, agent::node_config, maps, wait_until};
+const NS: &str = "shop";
+const PORT: u16 = 9000;
+const TIMEOUT: Duration = Duration::from_secs(3);
+const KIB: u64 = 1024;
+/// How long an agent may take to see a change the API server made (watch, or relist).
+const PROPAGATION: Duration = Duration::from_secs(30);
 
-/// What the fake API server serves: the current pods and namespaces, and the open pod watches.
-#[derive(Default)]
-struct ApiState {
-    resource_version: u64,
-    pods: Vec<Value>,
-    namespaces: Vec<Value>,
-    pod_watches: Vec<mpsc::Sender<Option<String>>>,
-    pod_lists: usize,
-    /// Pod watches opened so far (a stale sender can linger in `pod_watches`).
-    pod_watch_starts: usize,
-    /// While set, pod lists are held back (the API is slow to answer).
-    hold_pod_lists: bool,
+fn spiffe(service_account: &str) -> String {
+    format!("spiffe://cluster.local/ns/{NS}/sa/{service_account}")
 }
 
-#[derive(Clone)]
-struct FakeApiServer {
-    state: Arc<Mutex<ApiState>>,
-    addr: SocketAddr,
+fn principal(service_account: &str) -> String {
+    spiffe(service_account)
+        .trim_start_matches("spiffe://")
+        .to_owned()
 }
 
-impl FakeApiServer {
-    /// Listens inside `netns` (the agent's node), on loopback there.
-    fn start(netns: &std::path::Path) -> Self {
-        let ns = std::fs::File::open(netns).unwrap();
-        let listener = std::thread::spawn(move || {
-            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-            TcpListener::bind("127.0.0.1:0").unwrap()
-        })
-        .join()
-        .unwrap();
-        let server = Self {
-            state: Arc::default(),
-            addr: listener.local_addr().unwrap(),
-        };
-        let s = server.clone();
-        std::thread::spawn(move || {
-            for conn in listener.incoming().flatten() {
-                let s = s.clone();
-                std::thread::spawn(move || s.serve(conn));
-            }
-        });
-        server
-    }
+/// A bed with a running cluster: deploy/ applied, the agent's credentials minted, namespace
+/// `shop` opted into the mesh by its label, and a CA for the agents.
+struct KubeBed {
+    bed: Testbed,
+    cluster: Cluster,
+    creds: AgentCredentials,
+    ca: PathBuf,
+    /// The policy directory of node 2's agent.
+    policies: PathBuf,
+}
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, ApiState> {
-        self.state.lock().unwrap()
-    }
-
-    /// Serves requests on one keep-alive connection; a watch takes it over until it ends.
-    fn serve(&self, conn: TcpStream) {
-        let mut reader = BufReader::new(conn.try_clone().unwrap());
-        let mut out = conn;
-        loop {
-            let mut request_line = String::new();
-            if reader.read_line(&mut request_line).unwrap_or(0) == 0 {
-                return;
-            }
-            let mut content_length = 0usize;
-            loop {
-                let mut header = String::new();
-                if reader.read_line(&mut header).unwrap_or(0) == 0 {
-                    return;
-                }
-                if header == "\r\n" {
-                    break;
-                }
-                if let Some(v) = header.to_ascii_lowercase().strip_prefix("content-length:") {
-                    content_length = v.trim().parse().unwrap_or(0);
-                }
-            }
-            let mut body = vec![0u8; content_length];
-            let _ = reader.read_exact(&mut body);
-            let target = request_line
-                .split_whitespace()
-                .nth(1)
-                .unwrap_or("/")
-                .to_owned();
-            let (path, query) = target.split_once('?').unwrap_or((&target, ""));
-            let watching = query
-                .split('&')
-                .any(|kv| kv == "watch=true" || kv == "watch=1");
-            match (path, watching) {
-                ("/api/v1/pods", false) => {
-                    while self.lock().hold_pod_lists {
-                        std::thread::sleep(Duration::from_millis(20));
-                    }
-                    let list = {
-                        let mut state = self.lock();
-                        state.pod_lists += 1;
-                        json!({"apiVersion": "v1", "kind": "PodList",
-                               "metadata": {"resourceVersion": state.resource_version.to_string()},
-                               "items": state.pods})
-                    };
-                    respond_json(&mut out, &list);
-                }
-                ("/api/v1/namespaces", false) => {
-                    let list = {
-                        let state = self.lock();
-                        json!({"apiVersion": "v1", "kind": "NamespaceList",
-                               "metadata": {"resourceVersion": state.resource_version.to_string()},
-                               "items": state.namespaces})
-                    };
-                    respond_json(&mut out, &list);
-                }
-                ("/api/v1/pods", true) => {
-                    let (tx, rx) = mpsc::channel();
-                    {
-                        let mut state = self.lock();
-                        state.pod_watches.push(tx);
-                        state.pod_watch_starts += 1;
-                    }
-                    stream_events(out, rx);
-                    return;
-                }
-                ("/api/v1/namespaces", true) => {
-                    // Namespaces do not change in this test: a quiet watch (the sender lives
-                    // as long as the stream, so it stays open).
-                    let (tx, rx) = mpsc::channel::<Option<String>>();
-                    let _open = tx;
-                    stream_events(out, rx);
-                    return;
-                }
-                _ => {
-                    let _ = write!(out, "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n");
-                }
-            }
+impl KubeBed {
+    fn new(pods_per_node: usize) -> Self {
+        let mut bed = Testbed::new(pods_per_node).unwrap();
+        let ca = bed.dir.join("ca");
+        ca_init(&ca).unwrap();
+        let policies = bed.dir.join("policies");
+        std::fs::create_dir_all(&policies).unwrap();
+        let cluster = Cluster::start(&mut bed).unwrap();
+        cluster.apply_deploy().unwrap();
+        let creds = cluster
+            .agent_kubeconfig(AGENT_NAMESPACE, AGENT_SERVICE_ACCOUNT)
+            .unwrap();
+        cluster
+            .create_namespace(NS, &[("zt.io/mesh", "enabled")])
+            .unwrap();
+        Self {
+            bed,
+            cluster,
+            creds,
+            ca,
+            policies,
         }
     }
 
-    /// Sends `raw` (a watch line, or garbage) to every open pod watch; `None` hangs them up.
-    fn broadcast(&self, raw: Option<String>) {
-        let mut state = self.lock();
-        state.pod_watches.retain(|w| w.send(raw.clone()).is_ok());
+    /// `shop/<name>` on bed pod `pod` of node `node`, running as `service_account`.
+    fn pod(&self, node: usize, pod: usize, name: &str, service_account: &str) -> PodSpec {
+        PodSpec::new(
+            NS,
+            name,
+            self.bed.node(node),
+            self.bed.pod(node, pod),
+            service_account,
+        )
     }
 
-    /// Applies a pod change to the state and sends it as a watch event.
-    fn pod_event(&self, kind: &str, mut pod: Value) {
-        {
-            let mut state = self.lock();
-            state.resource_version += 1;
-            pod["metadata"]["resourceVersion"] = json!(state.resource_version.to_string());
-            let name = pod["metadata"]["name"].clone();
-            state.pods.retain(|p| p["metadata"]["name"] != name);
-            if kind != "DELETED" {
-                state.pods.push(pod.clone());
-            }
+    fn create(&self, spec: &PodSpec) {
+        self.cluster
+            .create_service_account(&spec.namespace, &spec.service_account)
+            .unwrap();
+        self.cluster.create_pod(spec).unwrap();
+    }
+
+    /// Node `n`'s config: builtin CA, mtls strict, Kubernetes discovery with `creds`, no static
+    /// workloads or endpoints. Node 2 enforces the policies of `self.policies` (default deny)
+    /// when `enforce` is set; otherwise everyone is allowed.
+    fn config(&self, n: usize, creds: &AgentCredentials, enforce: bool) -> String {
+        let mut c = node_config(self.bed.node(n), &[], "");
+        if enforce {
+            c = c.replace(
+                ALLOW_BY_DEFAULT,
+                &format!(
+                    "[policy]\ndefault = \"deny\"\ndir = \"{}\"\n",
+                    self.policies.display()
+                ),
+            );
         }
-        self.broadcast(Some(json!({"type": kind, "object": pod}).to_string()));
+        c.push_str(&format!(
+            "[identity]\nprovider = \"builtin\"\nca_dir = \"{}\"\n[mtls]\nmode = \"strict\"\n\
+             [discovery.kubernetes]\nenabled = true\nkubeconfig = \"{}\"\nnetns_dir = \"{}\"\n",
+            self.ca.display(),
+            creds.kubeconfig.display(),
+            self.bed.netns_dir(n).unwrap().display()
+        ));
+        c
     }
 
-    fn pod_watch_starts(&self) -> usize {
-        self.lock().pod_watch_starts
+    /// Starts node `n`'s agent with the zt-agent credentials.
+    fn agent(&mut self, n: usize, enforce: bool) -> Agent {
+        let config = self.config(n, &self.creds.clone(), enforce);
+        Agent::start_with_config(&mut self.bed, n, &config).unwrap()
     }
 }
 
-fn respond_json(out: &mut TcpStream, body: &Value) {
-    let body = body.to_string();
-    let _ = write!(
-        out,
-        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    );
-}
-
-/// A chunked watch response; each message is one line (an event), until `None` or the sender
-/// goes away.
-fn stream_events(mut out: TcpStream, rx: mpsc::Receiver<Option<String>>) {
-    let _ = write!(
-        out,
-        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
-    );
-    let _ = out.flush();
-    while let Ok(Some(line)) = rx.recv() {
-        let chunk = if line.ends_with('}') {
-            format!("{line}\n")
-        } else {
-            line
-        };
-        if write!(out, "{:x}\r\n{chunk}\r\n", chunk.len()).is_err() {
-            return;
-        }
-        let _ = out.flush();
-    }
-    let _ = out.shutdown(std::net::Shutdown::Both);
-}
-
-fn pod_object(pod: &Pod, annotation: Option<&str>) -> Value {
-    let mut meta = json!({"name": pod.name, "namespace": "default", "uid": format!("uid-{}", pod.name),
-                          "labels": {"app": pod.name}});
-    if let Some(a) = annotation {
-        meta["annotations"] = json!({"zt.io/mesh": a});
-    }
-    json!({"apiVersion": "v1", "kind": "Pod", "metadata": meta,
-           "spec": {"nodeName": "node2", "serviceAccountName": format!("sa-{}", pod.name),
-                    "containers": [{"name": "app", "image": "app:1"}]},
-           "status": {"phase": "Running", "podIP": pod.ip(false).to_string()}})
-}
-
-/// Node 2's config: no static workloads, Kubernetes discovery from `api`, and only node 2's pods
-/// in its netns directory.
-fn discovery_config(bed: &Testbed, api: &FakeApiServer) -> String {
-    node_config(bed.node(2), &[], "").replace(
-        "[policy]",
-        &format!(
-            "[discovery.kubernetes]\nenabled = true\napi_server = \"http://{}\"\nnetns_dir = \"{}\"\n[policy]",
-            api.addr,
-            bed.netns_dir(2).unwrap().display()
-        ),
-    )
-}
-
-fn enrolled_events(agent: &Agent, message: &str, workload: &str) -> usize {
+fn count(agent: &Agent, message: &str, workload: &str) -> usize {
     agent
         .events()
         .unwrap()
@@ -233,184 +129,449 @@ fn enrolled_events(agent: &Agent, message: &str, workload: &str) -> usize {
         .count()
 }
 
-fn wait_enrolled(agent: &Agent, workload: &str, times: usize) {
-    wait_until(Duration::from_secs(10), || {
-        Ok(enrolled_events(agent, "workload enrolled", workload) >= times)
+fn wait_enrolled(agent: &Agent, name: &str) {
+    let workload = format!("{NS}/{name}");
+    wait_until(PROPAGATION, || {
+        Ok(count(agent, "workload enrolled", &workload) >= 1)
+    })
+    .unwrap_or_else(|e| panic!("{workload} not enrolled: {e}\n{}", agent.log_tail()));
+}
+
+fn wait_unenrolled(agent: &Agent, name: &str) {
+    let workload = format!("{NS}/{name}");
+    wait_until(PROPAGATION, || {
+        Ok(count(agent, "workload un-enrolled", &workload) >= 1)
+    })
+    .unwrap_or_else(|e| panic!("{workload} not un-enrolled: {e}\n{}", agent.log_tail()));
+}
+
+/// Enrolled once and never un-enrolled.
+fn enrolled_throughout(agent: &Agent, name: &str) {
+    let workload = format!("{NS}/{name}");
+    assert_eq!(
+        (
+            count(agent, "workload enrolled", &workload),
+            count(agent, "workload un-enrolled", &workload)
+        ),
+        (1, 0),
+        "{workload} should have stayed enrolled\n{}",
+        agent.log_tail()
+    );
+}
+
+fn wait_ready(agent: &Agent) {
+    let mut last = (0, String::new());
+    wait_until(PROPAGATION, || {
+        last = agent.readiness()?;
+        Ok(last.0 == 200)
     })
     .unwrap_or_else(|e| {
         panic!(
-            "{workload} not enrolled ({times}): {e}\n{}",
+            "agent on {} not ready: {e}; last {last:?}\n{}",
+            agent.node.name,
             agent.log_tail()
         )
     });
 }
 
-fn wait_unenrolled(agent: &Agent, workload: &str, times: usize) {
-    wait_until(Duration::from_secs(10), || {
-        Ok(enrolled_events(agent, "workload un-enrolled", workload) >= times)
-    })
-    .unwrap_or_else(|e| panic!("{workload} not un-enrolled: {e}\n{}", agent.log_tail()));
+fn intact(report: &Value, bytes: u64) {
+    assert_eq!(report["reply"]["bytes"].as_u64(), Some(bytes), "{report}");
+    assert_eq!(report["reply"]["sha256"], report["sent_sha256"], "{report}");
 }
 
-#[test]
-fn kubernetes_discovery_follows_list_watch_bookmarks_and_relists() {
-    let mut bed = Testbed::new(2).unwrap();
-    let (p21, p22) = (bed.pod(2, 1).clone(), bed.pod(2, 2).clone());
-    let node = bed.node(2).clone();
-    let api = FakeApiServer::start(&node.netns);
-    {
-        let mut state = api.lock();
-        state.resource_version = 10;
-        // The namespace opts in; n2p2 opts out by annotation.
-        state.namespaces = vec![json!({"apiVersion": "v1", "kind": "Namespace",
-            "metadata": {"name": "default", "resourceVersion": "1", "labels": {"zt.io/mesh": "enabled"}}})];
-        state.pods = vec![pod_object(&p21, None), pod_object(&p22, Some("disabled"))];
-        state.hold_pod_lists = true;
-    }
-    let config = discovery_config(&bed, &api);
-    let agent = Agent::start_with_config(&mut bed, 2, &config).unwrap();
-
-    // Until the first list arrives the agent does not know what to enroll: not ready.
-    let (status, body) = agent.readiness().unwrap();
-    assert_eq!(status, 503, "{body}");
-    assert!(body.contains("waiting for the first list"), "{body}");
-    api.lock().hold_pod_lists = false;
-
-    // The list: n2p1 is enrolled (namespace label), n2p2 is not (its annotation).
-    wait_enrolled(&agent, "default/n2p1", 1);
-    wait_until(Duration::from_secs(5), || Ok(api.pod_watch_starts() >= 1)).unwrap();
-    assert_eq!(
-        enrolled_events(&agent, "workload enrolled", "default/n2p2"),
-        0
-    );
-    let cookie = agent.netns_cookie(&p21).unwrap();
-    assert!(maps::enrolled(&node.pin_dir).unwrap().contains(&cookie));
-    wait_until(Duration::from_secs(5), || Ok(agent.readiness()?.0 == 200)).unwrap();
-
-    // MODIFIED: n2p2 opts in.
-    api.pod_event("MODIFIED", pod_object(&p22, Some("enabled")));
-    wait_enrolled(&agent, "default/n2p2", 1);
-
-    // A bookmark changes nothing.
-    api.broadcast(Some(
-        json!({"type": "BOOKMARK", "object": {"apiVersion": "v1", "kind": "Pod",
-                "metadata": {"resourceVersion": "12"}}})
-        .to_string(),
-    ));
-
-    // DELETED: n2p1 leaves, and with it its capture state.
-    api.pod_event("DELETED", pod_object(&p21, None));
-    wait_unenrolled(&agent, "default/n2p1", 1);
-    assert!(!maps::enrolled(&node.pin_dir).unwrap().contains(&cookie));
-
-    // 410 Gone: the watcher relists, and finds n2p1 back (added while the watch was stale).
-    api.lock().pods.push(pod_object(&p21, None));
-    let lists = api.lock().pod_lists;
-    api.broadcast(Some(
-        json!({"type": "ERROR", "object": {"apiVersion": "v1", "kind": "Status", "status": "Failure",
-                "message": "too old resource version", "reason": "Expired", "code": 410}})
-        .to_string(),
-    ));
-    wait_until(Duration::from_secs(10), || Ok(api.lock().pod_lists > lists))
-        .unwrap_or_else(|e| panic!("no relist after 410: {e}\n{}", agent.log_tail()));
-    wait_enrolled(&agent, "default/n2p1", 2);
-
-    // A watch stream that breaks mid-event: logged, retried, and nothing enrolled is lost.
-    // (the watch opened after the relist is the one to break)
-    wait_until(Duration::from_secs(10), || Ok(api.pod_watch_starts() > 1)).unwrap();
-    let watches = api.pod_watch_starts();
-    api.broadcast(Some(
-        "{\"type\": \"MODIFIED\", \"object\": {\"metad".to_owned(),
-    ));
-    api.broadcast(None);
-    wait_until(Duration::from_secs(10), || {
-        Ok(agent.count("pod watch failed; retrying (enrolled pods are kept)")? >= 1)
+/// Connects until one exchange completes (the client's agent may still be learning of the
+/// destination from the API), within [`PROPAGATION`]; returns its report.
+fn connect_when_known(bed: &Testbed, from: (usize, usize), to: SocketAddr, bytes: u64) -> Value {
+    let pod = bed.pod(from.0, from.1);
+    let mut last = None;
+    wait_until(PROPAGATION, || {
+        match connect(bed, pod, to, bytes, TIMEOUT)? {
+            Ok(report) => last = Some(Ok(report)),
+            Err(e) => last = Some(Err(e)),
+        }
+        Ok(matches!(last, Some(Ok(_))))
     })
-    .unwrap_or_else(|e| panic!("broken stream not reported: {e}\n{}", agent.log_tail()));
-    wait_until(Duration::from_secs(10), || {
-        Ok(api.pod_watch_starts() > watches)
-    })
-    .unwrap();
-    assert_eq!(
-        enrolled_events(&agent, "workload un-enrolled", "default/n2p2"),
-        0
-    );
-    let p22_cookie = agent.netns_cookie(&p22).unwrap();
-    assert!(maps::enrolled(&node.pin_dir).unwrap().contains(&p22_cookie));
-
-    // Opting out removes the pod.
-    api.pod_event("MODIFIED", pod_object(&p22, Some("disabled")));
-    wait_unenrolled(&agent, "default/n2p2", 1);
-    assert!(!maps::enrolled(&node.pin_dir).unwrap().contains(&p22_cookie));
+    .unwrap_or_else(|e| panic!("{} never reached {to}: {e}; last {last:?}", pod.name));
+    last.unwrap().unwrap()
 }
 
-#[test]
-fn a_pod_that_reuses_a_dead_pods_ip_is_enrolled_in_its_own_namespace() {
-    let mut bed = Testbed::new(2).unwrap();
-    let (p21, p22) = (bed.pod(2, 1).clone(), bed.pod(2, 2).clone());
-    let node = bed.node(2).clone();
-    let api = FakeApiServer::start(&node.netns);
-    let reused_ip = p21.ipv4.to_string();
-    let pod = |name: &str, service_account: &str| {
-        let mut object = pod_object(&p21, Some("enabled"));
-        object["metadata"]["name"] = json!(name);
-        object["metadata"]["uid"] = json!(format!("uid-{name}"));
-        object["spec"]["serviceAccountName"] = json!(service_account);
-        object
+/// The outbound access record on `agent` of the exchange that sent `bytes` to `to`, and its
+/// inbound twin on `server_agent` (attempts made before the client's agent knew `to` differ).
+fn records(agent: &Agent, server_agent: &Agent, to: SocketAddr, bytes: u64) -> (Value, Value) {
+    let dst = to.to_string();
+    let find = |agent: &Agent, direction: &str| {
+        agent
+            .wait_access(direction, |r| {
+                r["direction"] == direction
+                    && r["original_dst"] == dst.as_str()
+                    && r["bytes_sent"].as_u64() == Some(bytes)
+            })
+            .unwrap()
     };
-    {
-        let mut state = api.lock();
-        state.resource_version = 10;
-        state.namespaces = vec![json!({"apiVersion": "v1", "kind": "Namespace",
-            "metadata": {"name": "default", "resourceVersion": "1"}})];
-        state.pods = vec![pod("old", "sa-old")];
-    }
-    let config = discovery_config(&bed, &api);
-    let agent = Agent::start_with_config(&mut bed, 2, &config).unwrap();
-    wait_enrolled(&agent, "default/old", 1);
-    wait_until(Duration::from_secs(5), || Ok(api.pod_watch_starts() >= 1)).unwrap();
+    (find(agent, "outbound"), find(server_agent, "inbound"))
+}
 
-    // The old pod goes; its IP is given to a pod of another service account in another
-    // network namespace (the old namespace lives on without it, as a dying sandbox can).
-    api.pod_event("DELETED", pod("old", "sa-old"));
-    wait_unenrolled(&agent, "default/old", 1);
-    let ns = |p: &Pod| p.netns.file_name().unwrap().to_str().unwrap().to_owned();
-    zt_tests::sh(
-        "ip",
-        &[
-            "-n",
-            &ns(&p21),
-            "addr",
-            "del",
-            &format!("{reused_ip}/24"),
-            "dev",
-            "eth0",
-        ],
+fn allow_from(service_account: &str) -> String {
+    format!(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: allow-{service_account}\n  namespace: {NS}\nspec:\n  action: ALLOW\n  rules:\n  - from:\n    - source:\n        principals: [\"{}\"]\n    to:\n    - operation:\n        ports: [\"{PORT}\"]\n",
+        principal(service_account)
     )
-    .unwrap();
-    zt_tests::sh(
-        "ip",
-        &[
-            "-n",
-            &ns(&p22),
-            "addr",
-            "add",
-            &format!("{reused_ip}/24"),
-            "dev",
-            "eth0",
-        ],
-    )
-    .unwrap();
-    api.pod_event("ADDED", pod("new", "sa-new"));
-    wait_enrolled(&agent, "default/new", 1);
-    let enrolled = agent
-        .events()
-        .unwrap()
-        .into_iter()
-        .find(|e| e["message"] == "workload enrolled" && e["workload"] == "default/new")
+}
+
+fn no_panic(agent: &Agent) {
+    let log = std::fs::read_to_string(&agent.log).unwrap_or_default();
+    assert!(!log.contains("panicked"), "{}", agent.log_tail());
+}
+
+#[test]
+fn meshed_pods_found_through_the_api_talk_over_mtls_across_nodes_and_policy_sees_their_accounts() {
+    let mut k = KubeBed::new(2);
+    // frontend-0 and frontend-1 share an account; batch-0 and backend-0 have their own.
+    k.create(&k.pod(1, 1, "frontend-0", "frontend"));
+    k.create(&k.pod(1, 2, "batch-0", "batch"));
+    k.create(&k.pod(2, 1, "backend-0", "backend"));
+    k.create(&k.pod(2, 2, "frontend-1", "frontend"));
+    write_policy(&k.policies, "allow.yaml", &allow_from("frontend")).unwrap();
+    let agent1 = k.agent(1, false);
+    let agent2 = k.agent(2, true);
+    for (agent, name) in [
+        (&agent1, "frontend-0"),
+        (&agent1, "batch-0"),
+        (&agent2, "backend-0"),
+        (&agent2, "frontend-1"),
+    ] {
+        wait_enrolled(agent, name);
+    }
+    wait_ready(&agent1);
+    wait_ready(&agent2);
+    let p21 = k.bed.pod(2, 1).clone();
+    let server = Server::start(&mut k.bed, &p21, SocketAddr::from(([0u16; 8], PORT))).unwrap();
+
+    for v6 in [false, true] {
+        let dst = SocketAddr::new(k.bed.pod(2, 1).ip(v6), PORT);
+        let report = connect_when_known(&k.bed, (1, 1), dst, 256 * KIB);
+        intact(&report, 256 * KIB);
+        let (out, inb) = records(&agent1, &agent2, dst, 256 * KIB);
+        for r in [&out, &inb] {
+            assert_eq!(r["connection_security_policy"], "mutual_tls", "{r}");
+            assert_eq!(r["source_identity"], spiffe("frontend").as_str(), "{r}");
+            assert_eq!(r["destination_identity"], spiffe("backend").as_str(), "{r}");
+        }
+        assert_eq!(inb["policy_decision"], "ALLOW", "{inb}");
+    }
+
+    // Another account on the same node is refused; the account's other pod (node 2) is not.
+    let dst = SocketAddr::new(k.bed.pod(2, 1).ip(false), PORT);
+    let refused = connect(&k.bed, k.bed.pod(1, 2), dst, KIB, TIMEOUT).unwrap();
+    assert!(refused.is_err(), "batch got through: {refused:?}");
+    let denial = agent2
+        .wait_access("the batch account", |r| {
+            r["source_identity"] == spiffe("batch").as_str()
+        })
         .unwrap();
-    assert!(
-        enrolled["netns"].as_str().unwrap().ends_with(&ns(&p22)),
-        "the new pod was enrolled in the dead pod's namespace: {enrolled}"
+    assert_eq!(denial["policy_decision"], "DENY", "{denial}");
+    let report = connect_when_known(&k.bed, (2, 2), dst, 64 * KIB);
+    intact(&report, 64 * KIB);
+    let shared = agent2
+        .wait_access("frontend-1", |r| {
+            r["direction"] == "inbound"
+                && r["peer"]
+                    .as_str()
+                    .is_some_and(|p| p.contains(&k.bed.pod(2, 2).ipv4.to_string()))
+        })
+        .unwrap();
+    assert_eq!(
+        shared["source_identity"],
+        spiffe("frontend").as_str(),
+        "{shared}"
     );
+    assert_eq!(shared["policy_decision"], "ALLOW", "{shared}");
+    // The app saw the two frontend connections and the shared-account one, never batch's.
+    server.expect_connections(3).unwrap();
+    no_panic(&agent1);
+    no_panic(&agent2);
+}
+
+#[test]
+fn a_pod_that_reuses_a_deleted_pods_ip_is_reached_and_authorized_as_itself() {
+    let mut k = KubeBed::new(1);
+    k.create(&k.pod(1, 1, "frontend-0", "frontend"));
+    // ledger-0 holds n2p1's addresses first; a policy denies every connection to it.
+    k.create(&k.pod(2, 1, "ledger-0", "ledger"));
+    write_policy(&k.policies, "allow.yaml", &allow_from("frontend")).unwrap();
+    write_policy(
+        &k.policies,
+        "deny-ledger.yaml",
+        &format!(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: deny-ledger\n  namespace: {NS}\nspec:\n  selector:\n    matchLabels:\n      app: ledger-0\n  action: DENY\n  rules:\n  - {{}}\n"
+        ),
+    )
+    .unwrap();
+    let agent1 = k.agent(1, false);
+    let agent2 = k.agent(2, true);
+    wait_enrolled(&agent1, "frontend-0");
+    wait_enrolled(&agent2, "ledger-0");
+    wait_ready(&agent1);
+    wait_ready(&agent2);
+    let p21 = k.bed.pod(2, 1).clone();
+    let server = Server::start(&mut k.bed, &p21, SocketAddr::from(([0u16; 8], PORT))).unwrap();
+    let dst = SocketAddr::new(k.bed.pod(2, 1).ip(false), PORT);
+    let dst_s = dst.to_string();
+
+    // To ledger-0: tunneled to its identity, refused by its policy.
+    let refused = connect(&k.bed, k.bed.pod(1, 1), dst, KIB, TIMEOUT).unwrap();
+    assert!(refused.is_err(), "ledger-0 was reachable: {refused:?}");
+    let denial = agent2
+        .wait_access("the connection to ledger-0", |r| {
+            r["direction"] == "inbound" && r["original_dst"] == dst_s.as_str()
+        })
+        .unwrap();
+    assert_eq!(
+        denial["destination_identity"],
+        spiffe("ledger").as_str(),
+        "{denial}"
+    );
+    assert_eq!(denial["policy_decision"], "DENY", "{denial}");
+
+    // ledger-0 goes; payments-0 (another account, other labels) gets its addresses and netns.
+    k.cluster.delete_pod(NS, "ledger-0").unwrap();
+    wait_unenrolled(&agent2, "ledger-0");
+    k.create(&k.pod(2, 1, "payments-0", "payments"));
+    wait_enrolled(&agent2, "payments-0");
+
+    // The address now means payments-0: the tunnel expects its identity and its policy (allow
+    // frontend) applies, not ledger-0's deny. A stale mapping would be refused, never pass.
+    let report = connect_when_known(&k.bed, (1, 1), dst, 64 * KIB);
+    intact(&report, 64 * KIB);
+    let allowed = |r: &Value| {
+        r["original_dst"] == dst_s.as_str()
+            && r["policy_decision"] != "DENY"
+            && r["close"] != "policy"
+    };
+    let out = agent1
+        .wait_access("outbound to payments-0", |r| {
+            r["direction"] == "outbound" && r["bytes_sent"].as_u64() == Some(64 * KIB) && allowed(r)
+        })
+        .unwrap();
+    assert_eq!(
+        out["destination_identity"],
+        spiffe("payments").as_str(),
+        "{out}"
+    );
+    assert_eq!(out["connection_security_policy"], "mutual_tls", "{out}");
+    let inb = agent2
+        .wait_access("inbound to payments-0", |r| {
+            r["direction"] == "inbound" && r["policy_decision"] == "ALLOW" && allowed(r)
+        })
+        .unwrap();
+    assert_eq!(
+        inb["destination_identity"],
+        spiffe("payments").as_str(),
+        "{inb}"
+    );
+    assert_eq!(inb["source_identity"], spiffe("frontend").as_str(), "{inb}");
+    // Nothing ever reached the app as ledger-0.
+    for r in agent2.access_records().unwrap() {
+        if r["destination_identity"] == spiffe("ledger").as_str() {
+            assert_eq!(r["policy_decision"], "DENY", "{r}");
+        }
+    }
+    server.expect_connections(1).unwrap();
+    no_panic(&agent1);
+    no_panic(&agent2);
+}
+
+#[test]
+fn enrolled_pods_survive_an_api_server_restart_and_a_compaction_and_missed_changes_arrive() {
+    let mut k = KubeBed::new(2);
+    k.create(&k.pod(1, 1, "frontend-0", "frontend"));
+    k.create(&k.pod(1, 2, "batch-0", "batch"));
+    k.create(&k.pod(2, 1, "backend-0", "backend"));
+    let agent1 = k.agent(1, false);
+    let agent2 = k.agent(2, false);
+    for (agent, name) in [
+        (&agent1, "frontend-0"),
+        (&agent1, "batch-0"),
+        (&agent2, "backend-0"),
+    ] {
+        wait_enrolled(agent, name);
+    }
+    wait_ready(&agent1);
+    wait_ready(&agent2);
+    let (p21, p22) = (k.bed.pod(2, 1).clone(), k.bed.pod(2, 2).clone());
+    Server::start(&mut k.bed, &p21, SocketAddr::from(([0u16; 8], PORT))).unwrap();
+    Server::start(&mut k.bed, &p22, SocketAddr::from(([0u16; 8], PORT))).unwrap();
+    let to_backend = SocketAddr::new(p21.ip(false), PORT);
+    let exchange = |bed: &Testbed, what: &str| {
+        let report = connect(bed, bed.pod(1, 1), to_backend, 16 * KIB, TIMEOUT)
+            .unwrap()
+            .unwrap_or_else(|e| panic!("frontend-0 to backend-0 {what}: {e}"));
+        intact(&report, 16 * KIB);
+    };
+    exchange(&k.bed, "before the restart");
+
+    // A plain restart: the agents' watches break and resume.
+    k.cluster.restart_apiserver(&mut k.bed).unwrap();
+    exchange(&k.bed, "after the restart");
+
+    // Down for the agents: the test deletes batch-0 and adds backend-1 through the private
+    // server, then compacts etcd, so no watch can resume where it stopped.
+    k.cluster.stop_apiserver(&mut k.bed);
+    exchange(&k.bed, "while the API server is down");
+    k.cluster.start_apiserver_private(&mut k.bed).unwrap();
+    k.cluster.delete_pod(NS, "batch-0").unwrap();
+    k.create(&k.pod(2, 2, "backend-1", "backend"));
+    k.cluster.compact_etcd().unwrap();
+    exchange(&k.bed, "while the agents cannot reach the API");
+    k.cluster.restart_apiserver(&mut k.bed).unwrap();
+
+    // The missed changes arrive; nothing enrolled before was dropped on the way.
+    wait_unenrolled(&agent1, "batch-0");
+    wait_enrolled(&agent2, "backend-1");
+    exchange(&k.bed, "after the relist");
+    let to_new = SocketAddr::new(p22.ip(true), PORT);
+    let report = connect_when_known(&k.bed, (1, 1), to_new, 16 * KIB);
+    intact(&report, 16 * KIB);
+    let (out, inb) = records(&agent1, &agent2, to_new, 16 * KIB);
+    assert_eq!(
+        out["destination_identity"],
+        spiffe("backend").as_str(),
+        "{out}"
+    );
+    assert_eq!(out["connection_security_policy"], "mutual_tls", "{out}");
+    assert_eq!(inb["source_identity"], spiffe("frontend").as_str(), "{inb}");
+    enrolled_throughout(&agent1, "frontend-0");
+    enrolled_throughout(&agent2, "backend-0");
+    no_panic(&agent1);
+    no_panic(&agent2);
+}
+
+#[test]
+fn an_agent_that_may_not_list_pods_is_not_ready_and_says_which_permission_it_lacks() {
+    let mut k = KubeBed::new(1);
+    k.create(&k.pod(2, 1, "backend-0", "backend"));
+    let restricted = k.cluster.restricted_agent_kubeconfig().unwrap();
+    let config = k.config(2, &restricted, false);
+    let agent = Agent::start_with_config(&mut k.bed, 2, &config).unwrap();
+    let mut last = (0, String::new());
+    let names_it = |body: &str| {
+        let body = body.to_lowercase();
+        ["forbidden", "list", "pods"]
+            .iter()
+            .all(|w| body.contains(w))
+    };
+    wait_until(PROPAGATION, || {
+        last = agent.readiness()?;
+        Ok(last.0 == 503 && names_it(&last.1))
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "readiness should be 503 naming list pods: {e}; last {last:?}\n{}",
+            agent.log_tail()
+        )
+    });
+    wait_until(PROPAGATION, || {
+        Ok(agent.events()?.iter().any(|e| names_it(&e.to_string())))
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "no log event names the permission: {e}\n{}",
+            agent.log_tail()
+        )
+    });
+    assert_eq!(
+        count(&agent, "workload enrolled", &format!("{NS}/backend-0")),
+        0
+    );
+
+    // The same node with deploy/'s account is ready: the difference is the permission.
+    let agent1 = k.agent(1, false);
+    wait_ready(&agent1);
+    no_panic(&agent);
+}
+
+#[test]
+fn pods_without_an_ip_odd_mesh_values_and_a_terminating_namespace_do_not_disturb_healthy_pods() {
+    let mut k = KubeBed::new(3);
+    k.create(&k.pod(1, 1, "frontend-0", "frontend"));
+    k.create(&k.pod(2, 1, "backend-0", "backend"));
+    // Pending without an IP yet; an annotation value the mesh does not know.
+    k.create(&k.pod(2, 3, "pending-0", "backend").without_ip());
+    k.create(
+        &k.pod(2, 2, "odd-0", "odd")
+            .annotation("zt.io/mesh", "sometimes"),
+    );
+    // A meshed namespace that is deleted under its pod (it stays Terminating: no
+    // controller-manager runs to empty it).
+    k.cluster
+        .create_namespace("doomed", &[("zt.io/mesh", "enabled")])
+        .unwrap();
+    let doomed = PodSpec::new(
+        "doomed",
+        "doomed-0",
+        k.bed.node(1),
+        k.bed.pod(1, 2),
+        "doomed",
+    );
+    k.cluster
+        .create_service_account("doomed", "doomed")
+        .unwrap();
+    k.cluster.create_pod(&doomed).unwrap();
+
+    let agent1 = k.agent(1, false);
+    let agent2 = k.agent(2, false);
+    wait_enrolled(&agent1, "frontend-0");
+    wait_enrolled(&agent2, "backend-0");
+    wait_ready(&agent1);
+    wait_ready(&agent2);
+    k.cluster.delete_namespace("doomed").unwrap();
+    // A label value the mesh does not know on a namespace, too.
+    k.cluster
+        .create_namespace("odd-ns", &[("zt.io/mesh", "perhaps")])
+        .unwrap();
+
+    // The skipped objects are counted.
+    let mut lines = Vec::new();
+    wait_until(PROPAGATION, || {
+        lines = agent2.metric_lines("zt_discovery_skipped_objects_total")?;
+        let total: f64 = lines
+            .iter()
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        Ok(total >= 1.0)
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "no skipped object counted: {e}; {lines:?}\n{}",
+            agent2.log_tail()
+        )
+    });
+
+    // The pending pod gets its IPs, as from a kubelet once its sandbox is up: enrolled then.
+    assert_eq!(
+        count(&agent2, "workload enrolled", &format!("{NS}/pending-0")),
+        0
+    );
+    k.cluster
+        .set_pod_status(&k.pod(2, 3, "pending-0", "backend"))
+        .unwrap();
+    wait_enrolled(&agent2, "pending-0");
+
+    // The healthy pods stayed enrolled and reachable.
+    let p21 = k.bed.pod(2, 1).clone();
+    Server::start(&mut k.bed, &p21, SocketAddr::from(([0u16; 8], PORT))).unwrap();
+    let report = connect_when_known(
+        &k.bed,
+        (1, 1),
+        SocketAddr::new(p21.ip(false), PORT),
+        16 * KIB,
+    );
+    intact(&report, 16 * KIB);
+    enrolled_throughout(&agent1, "frontend-0");
+    enrolled_throughout(&agent2, "backend-0");
+    for agent in [&agent1, &agent2] {
+        assert_eq!(agent.readiness().unwrap().0, 200, "{}", agent.log_tail());
+        no_panic(agent);
+    }
+    assert!(!k.bed.exited(agent1.pid) && !k.bed.exited(agent2.pid));
 }

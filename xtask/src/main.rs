@@ -111,14 +111,42 @@ fn test() -> anyhow::Result<()> {
 
 const SMOKE_SECONDS: u64 = 30;
 
+/// The directory with the kube-apiserver and etcd the Kubernetes tests run: what
+/// scripts/kube-apiserver.sh prints (it builds them once, then only checks the cache).
+fn kube_bin_dir() -> anyhow::Result<String> {
+    let script = workspace_root().join("scripts/kube-apiserver.sh");
+    eprintln!("[xtask] {}", script.display());
+    let out = Command::new("bash")
+        .arg(&script)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {}", script.display()))?;
+    if !out.status.success() {
+        bail!(
+            "{} failed ({}): the Kubernetes tests need its kube-apiserver and etcd",
+            script.display(),
+            out.status
+        );
+    }
+    let dir = String::from_utf8(out.stdout)?.trim().to_owned();
+    anyhow::ensure!(
+        std::path::Path::new(&dir).join("kube-apiserver").is_file(),
+        "{} printed {dir:?}, which holds no kube-apiserver",
+        script.display()
+    );
+    Ok(dir)
+}
+
 /// `cargo test` with its output passed through, closing with one summary line over all test
 /// binaries (unit and end-to-end).
 fn cargo_test() -> anyhow::Result<()> {
     use std::io::BufRead as _;
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    eprintln!("[xtask] cargo test --all-targets");
+    let kube_bin_dir = kube_bin_dir()?;
+    eprintln!("[xtask] ZT_KUBE_BIN_DIR={kube_bin_dir} cargo test --all-targets");
     let mut child = Command::new(&cargo)
         .args(["test", "--all-targets"])
+        .env("ZT_KUBE_BIN_DIR", &kube_bin_dir)
         .current_dir(workspace_root())
         .stdout(std::process::Stdio::piped())
         .spawn()
