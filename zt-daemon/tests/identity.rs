@@ -798,3 +798,30 @@ async fn files_provider_hot_reloads_and_keeps_the_last_good_state() {
         .expect_err("revoked client still accepted");
     assert!(!err.is_empty());
 }
+
+#[test]
+fn a_bundle_without_the_issuing_root_no_longer_trusts_a_connected_peer() {
+    let m = mesh();
+    let svid =
+        m.ca.issue(&id("spiffe://cluster.local/ns/a/sa/server"), TTL)
+            .unwrap();
+    let other = CertificateAuthority::generate(td("cluster.local")).unwrap();
+    let chain = svid.chain().to_vec();
+    // The root that issued it is in the bundle (alone, or next to a new one during a rotation).
+    assert!(
+        trust(&[&m.ca], RevocationList::default())
+            .current()
+            .still_trusts(svid.id(), &chain)
+    );
+    assert!(
+        trust(&[&other, &m.ca], RevocationList::default())
+            .current()
+            .still_trusts(svid.id(), &chain)
+    );
+    // The bundle moved on without it: connections made with it must close.
+    assert!(
+        !trust(&[&other], RevocationList::default())
+            .current()
+            .still_trusts(svid.id(), &chain)
+    );
+}

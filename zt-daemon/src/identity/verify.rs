@@ -107,6 +107,54 @@ impl TrustState {
 }
 
 impl TrustState {
+    /// Whether the chain of `id` leads to the bundle of its trust domain.
+    fn chains(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        id: &SpiffeId,
+        now: UnixTime,
+        usage: webpki::KeyUsage,
+    ) -> Result<(), VerifyError> {
+        let td = id.trust_domain();
+        let anchors = self
+            .bundles
+            .get(td)
+            .ok_or_else(|| VerifyError::UnknownTrustDomain(td.clone()))?;
+        let cert = webpki::EndEntityCert::try_from(end_entity)
+            .map_err(|e| VerifyError::Leaf(LeafError::Unparsable(e.to_string())))?;
+        cert.verify_for_usage(
+            algorithms().all,
+            anchors,
+            intermediates,
+            now,
+            usage,
+            None,
+            None,
+        )
+        .map(|_| ())
+        .map_err(|e| VerifyError::UntrustedIssuer {
+            trust_domain: td.clone(),
+            detail: format!("{e:?}"),
+        })
+    }
+
+    /// Whether a peer already connected with `chain` (leaf first) still chains to its trust
+    /// domain's bundle (a bundle update can drop its root; used to close live connections).
+    pub fn still_trusts(&self, id: &SpiffeId, chain: &[CertificateDer<'static>]) -> bool {
+        let Some((leaf, intermediates)) = chain.split_first() else {
+            return true;
+        };
+        let now = UnixTime::now();
+        // Either role: the peer was a client on one side of the tunnel, a server on the other.
+        [
+            webpki::KeyUsage::client_auth(),
+            webpki::KeyUsage::server_auth(),
+        ]
+        .into_iter()
+        .any(|usage| self.chains(leaf, intermediates, id, now, usage).is_ok())
+    }
+
     /// Whether a peer already connected is now revoked (used to close live connections).
     pub fn revoked(&self, id: &SpiffeId, serial: &str) -> Option<Revoked> {
         self.revoked.check(id, serial)
@@ -182,26 +230,7 @@ impl TrustStore {
             return Err(VerifyError::SelfSigned(leaf.id));
         }
         let state = self.current();
-        let td = leaf.id.trust_domain();
-        let anchors = state
-            .bundles
-            .get(td)
-            .ok_or_else(|| VerifyError::UnknownTrustDomain(td.clone()))?;
-        let cert = webpki::EndEntityCert::try_from(end_entity)
-            .map_err(|e| VerifyError::Leaf(LeafError::Unparsable(e.to_string())))?;
-        cert.verify_for_usage(
-            algorithms().all,
-            anchors,
-            intermediates,
-            now,
-            usage,
-            None,
-            None,
-        )
-        .map_err(|e| VerifyError::UntrustedIssuer {
-            trust_domain: td.clone(),
-            detail: format!("{e:?}"),
-        })?;
+        state.chains(end_entity, intermediates, &leaf.id, now, usage)?;
         match state.revoked.check(&leaf.id, &leaf.serial) {
             Some(Revoked::Identity(id)) => Err(VerifyError::RevokedIdentity(id)),
             Some(Revoked::Serial(serial)) => Err(VerifyError::RevokedSerial {

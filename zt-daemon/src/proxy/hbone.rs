@@ -10,6 +10,9 @@
 //! `SessionCertificates` are what a connection was authenticated with, on both sides: it takes new
 //! streams only while both are valid and neither is revoked (each side checks; `inbound` sends
 //! GOAWAY, `pool` stops reusing).
+use std::sync::Arc;
+
+use rustls::pki_types::CertificateDer;
 use std::{io, time::SystemTime};
 
 use bytes::Bytes;
@@ -58,6 +61,9 @@ pub struct SessionCertificate {
     pub id: SpiffeId,
     pub serial: String,
     pub not_after: SystemTime,
+    /// The peer's chain as it presented it (leaf first), re-checked when trust bundles change;
+    /// empty for our own side.
+    pub chain: Arc<[CertificateDer<'static>]>,
 }
 
 impl From<&LeafFacts> for SessionCertificate {
@@ -66,6 +72,17 @@ impl From<&LeafFacts> for SessionCertificate {
             id: leaf.id.clone(),
             serial: leaf.serial.clone(),
             not_after: leaf.not_after,
+            chain: Arc::new([]),
+        }
+    }
+}
+
+impl SessionCertificate {
+    /// The peer's side: its leaf, and the chain it presented.
+    pub fn peer(leaf: &LeafFacts, chain: &[CertificateDer<'_>]) -> Self {
+        Self {
+            chain: chain.iter().map(|c| c.clone().into_owned()).collect(),
+            ..Self::from(leaf)
         }
     }
 }
@@ -83,6 +100,15 @@ pub enum Retired {
     Expired { side: &'static str, id: SpiffeId },
     #[error("the {side} certificate ({id}) is revoked")]
     Revoked { side: &'static str, id: SpiffeId },
+    #[error("the {side} certificate ({id}) no longer chains to its trust bundle")]
+    Untrusted { side: &'static str, id: SpiffeId },
+}
+
+impl Retired {
+    /// Whether the connection must close now (not just take no new streams).
+    pub fn closes_now(&self) -> bool {
+        matches!(self, Self::Revoked { .. } | Self::Untrusted { .. })
+    }
 }
 
 /// Both certificates a connection was authenticated with.
@@ -130,6 +156,14 @@ impl SessionCertificates {
         for (side, cert) in self.sides() {
             if now >= cert.not_after {
                 return Err(Retired::Expired {
+                    side,
+                    id: cert.id.clone(),
+                });
+            }
+        }
+        for (side, cert) in self.sides() {
+            if !trust.still_trusts(&cert.id, &cert.chain) {
+                return Err(Retired::Untrusted {
                     side,
                     id: cert.id.clone(),
                 });

@@ -33,7 +33,7 @@ use crate::{
     proxy::{
         Admission, Identities, ProxyContext, Tunnel, accept_loop, authorize, connect_in_pod,
         copy::{CloseReason, RelayOutcome},
-        hbone::{self, H2Stream, Retired, SessionCertificate, SessionCertificates},
+        hbone::{self, H2Stream, SessionCertificate, SessionCertificates},
         log_access, relay_and_log, reset,
     },
     workload::LocalWorkload,
@@ -170,11 +170,9 @@ async fn handle_hbone(
         warn!(workload = %id, %peer, "HBONE refused: client did not negotiate ALPN h2");
         return;
     }
-    let peer_leaf = tls
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|certs| certs.first())
+    let peer_chain = tls.get_ref().1.peer_certificates().unwrap_or_default();
+    let peer_leaf = peer_chain
+        .first()
         .and_then(|leaf| LeafFacts::parse(leaf).ok());
     let Some(peer_leaf) = peer_leaf else {
         // The verifier already required an SVID; this cannot happen with a completed handshake.
@@ -200,7 +198,7 @@ async fn handle_hbone(
     };
     let certificates = SessionCertificates {
         local: SessionCertificate::from(&local_svid),
-        peer: SessionCertificate::from(&peer_leaf),
+        peer: SessionCertificate::peer(&peer_leaf, peer_chain),
     };
     let local_id = Some(local_svid.id().clone());
     info!(workload = %id, %peer, source_identity = %peer_id, "HBONE connection accepted");
@@ -285,7 +283,7 @@ async fn handle_hbone(
             changed = trust_changes.changed(), if watching => {
                 watching = changed.is_ok();
                 let trust = trust_changes.borrow_and_update().clone();
-                if let Err(why @ Retired::Revoked { .. }) = certificates.check(&trust, std::time::SystemTime::now()) {
+                if let Err(why) = certificates.check(&trust, std::time::SystemTime::now()) && why.closes_now() {
                     warn!(workload = %id, %peer, source_identity = %peer_id, close = "revoked", reason = %why, "HBONE connection closed: {why}");
                     break;
                 }

@@ -219,20 +219,19 @@ async fn dial(
     .await
     .map_err(|_| TunnelError::HandshakeTimeout)?
     .map_err(TunnelError::Handshake)?;
-    let peer = tls
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|chain| chain.first())
+    let peer_chain = tls.get_ref().1.peer_certificates().unwrap_or_default();
+    let peer = peer_chain
+        .first()
         .and_then(|leaf| LeafFacts::parse(leaf).ok())
         .ok_or(TunnelError::NoServerSvid(hbone))?;
+    let peer_certificate = SessionCertificate::peer(&peer, peer_chain);
     let (send, connection) = hbone::client_builder().handshake(tls).await?;
     Ok(Dialled {
         send,
         connection: Box::pin(connection),
         certificates: SessionCertificates {
             local: SessionCertificate::from(&local),
-            peer: SessionCertificate::from(&peer),
+            peer: peer_certificate,
         },
         peer: hbone,
     })

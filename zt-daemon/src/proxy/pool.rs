@@ -312,7 +312,7 @@ impl Pool {
                 changed = trust_changes.changed(), if watching => {
                     watching = changed.is_ok();
                     let trust = trust_changes.borrow_and_update().clone();
-                    if let Err(why @ Retired::Revoked { .. }) = pooled.certificates.check(&trust, SystemTime::now()) {
+                    if let Err(why) = pooled.certificates.check(&trust, SystemTime::now()) && why.closes_now() {
                         warn!(source_workload = %key.source_workload, destination = %key.destination, destination_identity = %key.expected, close = "revoked", "pooled HBONE connection closed: {why}");
                         return why.to_string();
                     }
@@ -394,6 +394,7 @@ mod tests {
             id: id.parse().unwrap(),
             serial: "01".into(),
             not_after: SystemTime::now() + lifetime,
+            chain: Arc::new([]),
         };
         SessionCertificates {
             local: cert("spiffe://td/ns/shop/sa/web"),
