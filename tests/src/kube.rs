@@ -45,6 +45,8 @@ use serde_json::{Value, json};
 
 use crate::{Node, Pod, Testbed, in_cgroup_and_netns, wait_until};
 
+pub mod bed;
+
 /// The API server's address on the link between the nodes (node 1's end), as agents see it.
 pub const API_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 200, 0, 1)), 6443);
 /// Where the API server listens when started private: loopback of node 1's netns only.
@@ -146,6 +148,153 @@ impl PodSpec {
     /// No IP yet: the pod stays Pending, as before its sandbox is up.
     pub fn without_ip(mut self) -> Self {
         self.ips = None;
+        self
+    }
+}
+
+/// A Service as the test declares it: ClusterIPs allocated by the API server.
+#[derive(Debug, Clone)]
+pub struct ServiceSpec {
+    pub namespace: String,
+    pub name: String,
+    /// `RequireDualStack` (an IPv4 and an IPv6 ClusterIP), else IPv4 only.
+    pub dual_stack: bool,
+    pub ports: Vec<ServicePortSpec>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServicePortSpec {
+    pub name: String,
+    pub port: u16,
+    /// A port number, or the name of a container port.
+    pub target_port: String,
+    /// `TCP`, `UDP`, `SCTP`.
+    pub protocol: String,
+}
+
+impl ServiceSpec {
+    pub fn new(namespace: &str, name: &str) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+            dual_stack: false,
+            ports: Vec::new(),
+        }
+    }
+
+    pub fn dual_stack(mut self) -> Self {
+        self.dual_stack = true;
+        self
+    }
+
+    /// A TCP port `name`, `port` to `target_port` (a number or a container port's name).
+    pub fn port(self, name: &str, port: u16, target_port: &str) -> Self {
+        self.port_of(name, port, target_port, "TCP")
+    }
+
+    pub fn port_of(mut self, name: &str, port: u16, target_port: &str, protocol: &str) -> Self {
+        self.ports.push(ServicePortSpec {
+            name: name.into(),
+            port,
+            target_port: target_port.into(),
+            protocol: protocol.into(),
+        });
+        self
+    }
+}
+
+/// An EndpointSlice as the EndpointSlice controller would write it for a Service.
+#[derive(Debug, Clone)]
+pub struct EndpointSliceSpec {
+    pub namespace: String,
+    pub name: String,
+    /// The Service (label `kubernetes.io/service-name`).
+    pub service: String,
+    /// `addressType` IPv6, else IPv4.
+    pub ipv6: bool,
+    /// (Service port name, the number the endpoints listen on, protocol).
+    pub ports: Vec<(String, u16, String)>,
+    pub endpoints: Vec<SliceEndpoint>,
+}
+
+/// One endpoint of a slice: an address, its conditions, and the pod it is (if any).
+#[derive(Debug, Clone)]
+pub struct SliceEndpoint {
+    pub address: IpAddr,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+    /// (node, pod name) for `nodeName` and `targetRef`.
+    pub pod: Option<(String, String)>,
+}
+
+impl SliceEndpoint {
+    /// Ready and serving, not terminating.
+    pub fn ready(address: IpAddr) -> Self {
+        Self {
+            address,
+            ready: true,
+            serving: true,
+            terminating: false,
+            pod: None,
+        }
+    }
+
+    /// Failing its readiness probe: neither ready nor serving.
+    pub fn not_ready(address: IpAddr) -> Self {
+        Self {
+            ready: false,
+            serving: false,
+            ..Self::ready(address)
+        }
+    }
+
+    /// Terminating with `ready` as given (true: as the controller writes it for a Service that
+    /// publishes not-ready addresses).
+    pub fn terminating(address: IpAddr, ready: bool) -> Self {
+        Self {
+            ready,
+            terminating: true,
+            ..Self::ready(address)
+        }
+    }
+
+    pub fn of_pod(mut self, node: &str, pod: &str) -> Self {
+        self.pod = Some((node.into(), pod.into()));
+        self
+    }
+}
+
+impl EndpointSliceSpec {
+    pub fn new(namespace: &str, name: &str, service: &str, ipv6: bool) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+            service: service.into(),
+            ipv6,
+            ports: Vec::new(),
+            endpoints: Vec::new(),
+        }
+    }
+
+    /// A TCP port: the Service port `name` is `number` on this slice's endpoints.
+    pub fn port(self, name: &str, number: u16) -> Self {
+        self.port_of(name, number, "TCP")
+    }
+
+    pub fn port_of(mut self, name: &str, number: u16, protocol: &str) -> Self {
+        self.ports.push((name.into(), number, protocol.into()));
+        self
+    }
+
+    pub fn endpoint(mut self, endpoint: SliceEndpoint) -> Self {
+        self.endpoints.push(endpoint);
+        self
+    }
+
+    /// The same slice with `endpoints` instead.
+    pub fn with_endpoints(mut self, endpoints: Vec<SliceEndpoint>) -> Self {
+        self.endpoints = endpoints;
         self
     }
 }
@@ -313,7 +462,8 @@ impl Cluster {
             .arg("--disable-admission-plugins=ServiceAccount")
             // No Endpoints for the `kubernetes` Service: nothing routes to it here.
             .arg("--endpoint-reconciler-type=none")
-            .arg("--service-cluster-ip-range=10.200.128.0/20")
+            // Dual-stack, so that Services can have a ClusterIP of each family.
+            .arg("--service-cluster-ip-range=10.200.128.0/20,fd00:200:80::/112")
             .arg("--profiling=false");
         let log_name = format!("kube-apiserver-{}.log", self.apiserver_starts);
         self.apiserver_starts += 1;
@@ -484,7 +634,13 @@ impl Cluster {
         Ok(())
     }
 
-    fn apply_object(&self, mut object: Value, namespace: Option<&str>) -> anyhow::Result<()> {
+    fn apply_object(&self, object: Value, namespace: Option<&str>) -> anyhow::Result<()> {
+        self.apply(object, namespace).map(drop)
+    }
+
+    /// Server-side applies `object` (strict field validation); namespaced objects without a
+    /// namespace go to `namespace` (else `default`). Returns the object as the API stored it.
+    pub fn apply(&self, mut object: Value, namespace: Option<&str>) -> anyhow::Result<Value> {
         let api_version = object["apiVersion"]
             .as_str()
             .context("no apiVersion")?
@@ -514,11 +670,86 @@ impl Cluster {
                 Api::all_with(self.client.clone(), &resource)
             };
             let params = PatchParams::apply(FIELD_MANAGER).validation_strict();
-            api.patch(&name, &params, &Patch::Apply(&object))
+            let stored = api
+                .patch(&name, &params, &Patch::Apply(&object))
                 .await
                 .with_context(|| format!("server-side apply of {kind} {name}"))?;
-            anyhow::Ok(())
+            anyhow::Ok(serde_json::to_value(stored)?)
         })
+    }
+
+    /// Creates (or updates) the Service; returns its ClusterIPs, IPv4 first.
+    pub fn apply_service(&self, spec: &ServiceSpec) -> anyhow::Result<Vec<IpAddr>> {
+        let ports: Vec<Value> = spec
+            .ports
+            .iter()
+            .map(|p| {
+                let target = match p.target_port.parse::<u16>() {
+                    Ok(n) => json!(n),
+                    Err(_) => json!(p.target_port),
+                };
+                json!({"name": p.name, "port": p.port, "targetPort": target, "protocol": p.protocol})
+            })
+            .collect();
+        let mut service = json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": spec.name, "namespace": spec.namespace},
+            "spec": {"type": "ClusterIP", "ports": ports}});
+        if spec.dual_stack {
+            service["spec"]["ipFamilyPolicy"] = "RequireDualStack".into();
+            service["spec"]["ipFamilies"] = json!(["IPv4", "IPv6"]);
+        }
+        let stored = self
+            .apply(service, None)
+            .with_context(|| format!("applying Service {}/{}", spec.namespace, spec.name))?;
+        let mut ips: Vec<IpAddr> = stored["spec"]["clusterIPs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|ip| ip.as_str()?.parse().ok())
+            .collect();
+        ips.sort_by_key(IpAddr::is_ipv6);
+        if ips.is_empty() {
+            bail!(
+                "Service {}/{} got no ClusterIP: {stored}",
+                spec.namespace,
+                spec.name
+            );
+        }
+        Ok(ips)
+    }
+
+    /// Creates the EndpointSlice, or replaces its ports and endpoints.
+    pub fn apply_endpoint_slice(&self, spec: &EndpointSliceSpec) -> anyhow::Result<()> {
+        let ports: Vec<Value> = spec
+            .ports
+            .iter()
+            .map(|(name, port, protocol)| json!({"name": name, "port": port, "protocol": protocol}))
+            .collect();
+        let endpoints: Vec<Value> = spec
+            .endpoints
+            .iter()
+            .map(|e| {
+                let mut endpoint = json!({"addresses": [e.address.to_string()],
+                    "conditions": {"ready": e.ready, "serving": e.serving,
+                                   "terminating": e.terminating}});
+                if let Some((node, pod)) = &e.pod {
+                    endpoint["nodeName"] = node.as_str().into();
+                    endpoint["targetRef"] =
+                        json!({"kind": "Pod", "namespace": spec.namespace, "name": pod});
+                }
+                endpoint
+            })
+            .collect();
+        self.apply_object(
+            json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                "metadata": {"name": spec.name, "namespace": spec.namespace,
+                    "labels": {"kubernetes.io/service-name": spec.service,
+                               "endpointslice.kubernetes.io/managed-by": "zt-tests"}},
+                "addressType": if spec.ipv6 { "IPv6" } else { "IPv4" },
+                "ports": ports, "endpoints": endpoints}),
+            None,
+        )
+        .with_context(|| format!("applying EndpointSlice {}/{}", spec.namespace, spec.name))
     }
 
     /// Mints a token for service account `namespace/name` (TokenRequest, valid one hour) and

@@ -8,134 +8,25 @@
 //! IPs, the bed pod's addresses) as a kubelet would; the agents find the bed pod's network
 //! namespace by those IPs. No controller-manager runs either: a deleted namespace stays
 //! Terminating with its pods in it.
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::net::SocketAddr;
 
 use serde_json::Value;
 use zt_tests::{
     Agent, Testbed,
-    agent::{ALLOW_BY_DEFAULT, ca_init, node_config, write_policy},
-    kube::{AGENT_NAMESPACE, AGENT_SERVICE_ACCOUNT, AgentCredentials, Cluster, PodSpec},
+    agent::write_policy,
+    kube::{
+        PodSpec,
+        bed::{
+            KubeBed, NS, PROPAGATION, TIMEOUT, connect_when_known, count, intact, no_panic,
+            principal, spiffe, wait_enrolled, wait_ready,
+        },
+    },
     probe::{Server, connect},
     wait_until,
 };
 
-const NS: &str = "shop";
 const PORT: u16 = 9000;
-const TIMEOUT: Duration = Duration::from_secs(3);
 const KIB: u64 = 1024;
-/// How long an agent may take to see a change the API server made (watch, or relist).
-const PROPAGATION: Duration = Duration::from_secs(30);
-
-fn spiffe(service_account: &str) -> String {
-    format!("spiffe://cluster.local/ns/{NS}/sa/{service_account}")
-}
-
-fn principal(service_account: &str) -> String {
-    spiffe(service_account)
-        .trim_start_matches("spiffe://")
-        .to_owned()
-}
-
-/// A bed with a running cluster: deploy/ applied, the agent's credentials minted, namespace
-/// `shop` opted into the mesh by its label, and a CA for the agents.
-struct KubeBed {
-    bed: Testbed,
-    cluster: Cluster,
-    creds: AgentCredentials,
-    ca: PathBuf,
-    /// The policy directory of node 2's agent.
-    policies: PathBuf,
-}
-
-impl KubeBed {
-    fn new(pods_per_node: usize) -> Self {
-        let mut bed = Testbed::new(pods_per_node).unwrap();
-        let ca = bed.dir.join("ca");
-        ca_init(&ca).unwrap();
-        let policies = bed.dir.join("policies");
-        std::fs::create_dir_all(&policies).unwrap();
-        let cluster = Cluster::start(&mut bed).unwrap();
-        cluster.apply_deploy().unwrap();
-        let creds = cluster
-            .agent_kubeconfig(AGENT_NAMESPACE, AGENT_SERVICE_ACCOUNT)
-            .unwrap();
-        cluster
-            .create_namespace(NS, &[("zt.io/mesh", "enabled")])
-            .unwrap();
-        Self {
-            bed,
-            cluster,
-            creds,
-            ca,
-            policies,
-        }
-    }
-
-    /// `shop/<name>` on bed pod `pod` of node `node`, running as `service_account`.
-    fn pod(&self, node: usize, pod: usize, name: &str, service_account: &str) -> PodSpec {
-        PodSpec::new(
-            NS,
-            name,
-            self.bed.node(node),
-            self.bed.pod(node, pod),
-            service_account,
-        )
-    }
-
-    fn create(&self, spec: &PodSpec) {
-        self.cluster
-            .create_service_account(&spec.namespace, &spec.service_account)
-            .unwrap();
-        self.cluster.create_pod(spec).unwrap();
-    }
-
-    /// Node `n`'s config: builtin CA, mtls strict, Kubernetes discovery with `creds`, no static
-    /// workloads or endpoints. Node 2 enforces the policies of `self.policies` (default deny)
-    /// when `enforce` is set; otherwise everyone is allowed.
-    fn config(&self, n: usize, creds: &AgentCredentials, enforce: bool) -> String {
-        let mut c = node_config(self.bed.node(n), &[], "");
-        if enforce {
-            c = c.replace(
-                ALLOW_BY_DEFAULT,
-                &format!(
-                    "[policy]\ndefault = \"deny\"\ndir = \"{}\"\n",
-                    self.policies.display()
-                ),
-            );
-        }
-        c.push_str(&format!(
-            "[identity]\nprovider = \"builtin\"\nca_dir = \"{}\"\n[mtls]\nmode = \"strict\"\n\
-             [discovery.kubernetes]\nenabled = true\nkubeconfig = \"{}\"\nnetns_dir = \"{}\"\n",
-            self.ca.display(),
-            creds.kubeconfig.display(),
-            self.bed.netns_dir(n).unwrap().display()
-        ));
-        c
-    }
-
-    /// Starts node `n`'s agent with the zt-agent credentials.
-    fn agent(&mut self, n: usize, enforce: bool) -> Agent {
-        let config = self.config(n, &self.creds.clone(), enforce);
-        Agent::start_with_config(&mut self.bed, n, &config).unwrap()
-    }
-}
-
-fn count(agent: &Agent, message: &str, workload: &str) -> usize {
-    agent
-        .events()
-        .unwrap()
-        .iter()
-        .filter(|e| e["message"] == message && e["workload"] == workload)
-        .count()
-}
-
-fn wait_enrolled(agent: &Agent, name: &str) {
-    let workload = format!("{NS}/{name}");
-    wait_until(PROPAGATION, || {
-        Ok(count(agent, "workload enrolled", &workload) >= 1)
-    })
-    .unwrap_or_else(|e| panic!("{workload} not enrolled: {e}\n{}", agent.log_tail()));
-}
 
 fn wait_unenrolled(agent: &Agent, name: &str) {
     let workload = format!("{NS}/{name}");
@@ -159,42 +50,6 @@ fn enrolled_throughout(agent: &Agent, name: &str) {
     );
 }
 
-fn wait_ready(agent: &Agent) {
-    let mut last = (0, String::new());
-    wait_until(PROPAGATION, || {
-        last = agent.readiness()?;
-        Ok(last.0 == 200)
-    })
-    .unwrap_or_else(|e| {
-        panic!(
-            "agent on {} not ready: {e}; last {last:?}\n{}",
-            agent.node.name,
-            agent.log_tail()
-        )
-    });
-}
-
-fn intact(report: &Value, bytes: u64) {
-    assert_eq!(report["reply"]["bytes"].as_u64(), Some(bytes), "{report}");
-    assert_eq!(report["reply"]["sha256"], report["sent_sha256"], "{report}");
-}
-
-/// Connects until one exchange completes (the client's agent may still be learning of the
-/// destination from the API), within [`PROPAGATION`]; returns its report.
-fn connect_when_known(bed: &Testbed, from: (usize, usize), to: SocketAddr, bytes: u64) -> Value {
-    let pod = bed.pod(from.0, from.1);
-    let mut last = None;
-    wait_until(PROPAGATION, || {
-        match connect(bed, pod, to, bytes, TIMEOUT)? {
-            Ok(report) => last = Some(Ok(report)),
-            Err(e) => last = Some(Err(e)),
-        }
-        Ok(matches!(last, Some(Ok(_))))
-    })
-    .unwrap_or_else(|e| panic!("{} never reached {to}: {e}; last {last:?}", pod.name));
-    last.unwrap().unwrap()
-}
-
 /// The outbound access record on `agent` of the exchange that sent `bytes` to `to`, and its
 /// inbound twin on `server_agent` (attempts made before the client's agent knew `to` differ).
 fn records(agent: &Agent, server_agent: &Agent, to: SocketAddr, bytes: u64) -> (Value, Value) {
@@ -216,11 +71,6 @@ fn allow_from(service_account: &str) -> String {
         "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: allow-{service_account}\n  namespace: {NS}\nspec:\n  action: ALLOW\n  rules:\n  - from:\n    - source:\n        principals: [\"{}\"]\n    to:\n    - operation:\n        ports: [\"{PORT}\"]\n",
         principal(service_account)
     )
-}
-
-fn no_panic(agent: &Agent) {
-    let log = std::fs::read_to_string(&agent.log).unwrap_or_default();
-    assert!(!log.contains("panicked"), "{}", agent.log_tail());
 }
 
 #[test]

@@ -301,7 +301,7 @@ fn connect(
     std::thread::sleep(idle.time);
     if let Some(go) = idle.until {
         // Bounded, so that a test failing before its go-ahead does not hang the suite.
-        let give_up = std::time::Instant::now() + Duration::from_secs(30);
+        let give_up = std::time::Instant::now() + Duration::from_secs(120);
         while !go.exists() && std::time::Instant::now() < give_up {
             std::thread::sleep(Duration::from_millis(10));
         }
