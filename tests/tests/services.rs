@@ -564,22 +564,14 @@ fn a_service_without_endpoints_is_refused_at_once_logged_and_counted() {
     healthy(&mut k, &agent1);
 }
 
+/// Also: a refusal of a Service's endpoint by the egress policy names that endpoint as
+/// `upstream` (the address the policy judged), while `no_endpoints` rightly has none.
 #[test]
 fn egress_from_a_discovered_pod_is_plaintext_by_default_and_the_egress_section_locks_it_down() {
-    egress_under_discovery(false);
+    egress_under_discovery();
 }
 
-/// The refusal of a Service's endpoint by the egress policy logs `upstream = "-"`: the endpoint
-/// the policy judged is lost (route::Refusal::EgressDenied carries none, and outbound.rs logs
-/// the refusal without it), while `no_endpoints` rightly has none.
-#[test]
-#[ignore = "daemon bug: an egress_denied refusal through a Service does not log its upstream"]
-fn an_egress_refusal_through_a_service_names_the_endpoint_it_refused() {
-    egress_under_discovery(true);
-}
-
-/// `upstream_of_refusals`: also require that a refusal through the Service names its endpoint.
-fn egress_under_discovery(upstream_of_refusals: bool) {
+fn egress_under_discovery() {
     let mut k = KubeBed::new(2);
     k.create(&k.pod(1, 1, "frontend-0", "frontend"));
     // db-0 lives in a namespace outside the mesh; n2p2 is a bed pod the API does not know.
@@ -659,13 +651,11 @@ fn egress_under_discovery(upstream_of_refusals: bool) {
         through_service["destination_service"], "db.legacy.svc.cluster.local",
         "{through_service}"
     );
-    if upstream_of_refusals {
-        assert_eq!(
-            through_service["upstream"],
-            SocketAddr::new(db.into(), 5433).to_string().as_str(),
-            "{through_service}"
-        );
-    }
+    assert_eq!(
+        through_service["upstream"],
+        SocketAddr::new(db.into(), 5433).to_string().as_str(),
+        "{through_service}"
+    );
     assert_eq!(
         metric(
             &agent1,
@@ -804,12 +794,10 @@ fn odd_services_and_slices_are_counted_and_skipped_and_the_other_services_keep_w
     healthy(&mut k, &agent2);
 }
 
-/// A slice listed at the agent's start, whose every address is a pod, is counted (and warned of)
-/// as `address_not_a_pod` when the slices' first list is handled before the pods' one:
-/// discovery.rs `Watch::on_slice` judges the addresses against the pods seen so far, and never
-/// looks again.
+/// A slice listed at the agent's start, whose every address is a pod, is not counted as
+/// `address_not_a_pod`, whichever of the slices' and the pods' first lists is handled first
+/// (slices are judged once the pods are listed).
 #[test]
-#[ignore = "daemon bug: healthy slices listed at start are counted as address_not_a_pod"]
 fn a_slice_of_pods_listed_at_start_is_not_counted_as_addresses_that_are_no_pods() {
     let mut k = KubeBed::new(1);
     k.create(&k.pod(1, 1, "frontend-0", "frontend"));

@@ -287,8 +287,15 @@ impl Watch {
         if let Some(pods) = self.directory.read_cluster(ClusterPods::pod_count) {
             metrics.directory_pods.set(pods as i64);
         }
-        if synced {
+        if synced && !self.pods_synced {
             self.pods_synced = true;
+            // The slices listed before the pods are checked now.
+            let slices: Vec<SliceFacts> = self
+                .directory
+                .update_services(|t| t.slices().cloned().collect());
+            for slice in &slices {
+                self.note_strangers(slice);
+            }
         }
         change.unwrap_or(LocalChange(false))
     }
@@ -368,26 +375,8 @@ impl Watch {
                 if let Some(seen) = &mut self.slices_relisted {
                     seen.insert((facts.service.clone(), facts.name.clone()));
                 }
-                // Endpoints that are no pod (an address outside the cluster, or a pod not
-                // seen yet) are reached in plaintext, as egress: worth a note.
-                let strangers = self
-                    .directory
-                    .read_cluster(|pods| {
-                        facts
-                            .ready
-                            .iter()
-                            .filter(|ip| !pods.has_pod_at(**ip))
-                            .count()
-                    })
-                    .unwrap_or(0);
-                if strangers > 0 {
-                    skipped(
-                        &metrics,
-                        "endpointslice",
-                        "address_not_a_pod",
-                        &facts.service.namespace,
-                        &facts.name,
-                    );
+                if self.pods_synced {
+                    self.note_strangers(&facts);
                 }
                 let service = facts.service.clone();
                 self.directory.update_services(|t| t.upsert_slice(facts));
@@ -406,6 +395,30 @@ impl Watch {
                     });
                 }
             }
+        }
+    }
+
+    /// Endpoints that are no pod (an address outside the cluster) are reached in plaintext, as
+    /// egress: worth a note. Only once the pods are listed: before, every pod is unknown.
+    fn note_strangers(&self, slice: &SliceFacts) {
+        let strangers = self
+            .directory
+            .read_cluster(|pods| {
+                slice
+                    .ready
+                    .iter()
+                    .filter(|ip| !pods.has_pod_at(**ip))
+                    .count()
+            })
+            .unwrap_or(0);
+        if strangers > 0 {
+            skipped(
+                &self.report.metrics,
+                "endpointslice",
+                "address_not_a_pod",
+                &slice.service.namespace,
+                &slice.name,
+            );
         }
     }
 

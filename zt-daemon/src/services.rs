@@ -131,6 +131,11 @@ impl ServiceTable {
         }
     }
 
+    /// Every slice, for checks over all of them.
+    pub fn slices(&self) -> impl Iterator<Item = &SliceFacts> {
+        self.slices.values().flat_map(BTreeMap::values)
+    }
+
     /// The Service behind `dst`, if it is a ClusterIP and TCP port of one.
     pub fn resolve(&self, dst: SocketAddr) -> Option<&ServiceTarget> {
         self.by_vip

@@ -70,7 +70,8 @@ async fn handle(app: TcpStream, peer: SocketAddr, workload: &LocalWorkload, ctx:
         peer,
         original_dst: dst,
         service: plan.service,
-        upstream: None,
+        // The endpoint, when it is not the original destination (a Service's).
+        upstream: plan.endpoint.filter(|e| *e != dst),
         identities: Identities::NONE,
         peer_workload: None,
         decision: None,
@@ -78,10 +79,6 @@ async fn handle(app: TcpStream, peer: SocketAddr, workload: &LocalWorkload, ctx:
     };
     match (plan.route, &ctx.tunnel) {
         (Route::Tunnel { endpoint, identity }, Some(tunnel)) => {
-            let plain = AccessRecord {
-                upstream: Some(endpoint),
-                ..plain
-            };
             match open_tunnel(workload, tunnel, endpoint, &identity).await {
                 Ok((stream, source, peer_workload)) => {
                     let record = AccessRecord {
@@ -127,10 +124,6 @@ async fn handle(app: TcpStream, peer: SocketAddr, workload: &LocalWorkload, ctx:
             refuse(&plain, app, CloseReason::EgressDenied, ctx);
         }
         (Route::Passthrough { endpoint } | Route::Tunnel { endpoint, .. }, _) => {
-            let plain = AccessRecord {
-                upstream: Some(endpoint),
-                ..plain
-            };
             match connect_in_pod(workload, endpoint).await {
                 Ok(upstream) => relay_and_log(plain, app, upstream, ctx, pending()).await,
                 Err(e) => {

@@ -39,11 +39,13 @@ pub enum Refusal {
     EgressDenied,
 }
 
-/// A routing decision, the Service it went through, and the open-connection count it holds on
-/// the chosen endpoint (released when the plan is dropped with the connection).
+/// A routing decision, the Service it went through, the endpoint it judged (also when it
+/// refused it), and the open-connection count it holds on that endpoint (released when the
+/// plan is dropped with the connection).
 pub struct RoutePlan {
     pub route: Route,
     pub service: Option<ServiceName>,
+    pub endpoint: Option<SocketAddr>,
     pub lease: Option<EndpointLease>,
 }
 
@@ -65,6 +67,7 @@ pub fn plan(dst: SocketAddr, source_namespace: &str, inputs: &RouteInputs<'_>) -
                 return RoutePlan {
                     route: Route::Refuse(Refusal::NoEndpoints),
                     service: Some(target.service),
+                    endpoint: None,
                     lease: None,
                 };
             }
@@ -84,6 +87,7 @@ pub fn plan(dst: SocketAddr, source_namespace: &str, inputs: &RouteInputs<'_>) -
     RoutePlan {
         route,
         service,
+        endpoint: Some(endpoint),
         lease,
     }
 }
@@ -169,6 +173,25 @@ mod tests {
                 namespaces: BTreeSet::new(),
             }],
         }
+    }
+
+    #[test]
+    fn a_refused_service_endpoint_is_named_in_the_plan() {
+        let d = directory();
+        let load = EndpointLoad::default();
+        let closed = locked_down();
+        let inputs = RouteInputs {
+            directory: &d,
+            egress: &closed,
+            tunnel: true,
+            load: &load,
+        };
+        // `web` has one unmeshed endpoint; refused by egress, the plan still says which.
+        let refused = (0..200)
+            .map(|_| plan("10.96.0.10:80".parse().unwrap(), "shop", &inputs))
+            .find(|p| p.route == Route::Refuse(Refusal::EgressDenied))
+            .expect("the unmeshed endpoint is picked once in 200");
+        assert_eq!(refused.endpoint, Some("10.1.0.9:8080".parse().unwrap()));
     }
 
     fn route(d: &MeshDirectory, egress: &EgressPolicy, dst: &str) -> (Route, Option<String>) {
