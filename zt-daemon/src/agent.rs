@@ -592,7 +592,7 @@ impl Agent {
             &workload.id.namespace,
             &workload.service_account,
         ) {
-            Ok(id) => Some(node.issue(id)),
+            Ok(id) => Some(node.issue(id, workload)),
             Err(e) => {
                 error!(workload = %workload.id, error = %e, "workload has no valid SPIFFE ID");
                 None

@@ -209,6 +209,58 @@ pub enum IdentityProvider {
     Builtin { ca_dir: PathBuf },
     /// SVIDs and bundles written by another issuer (layout in identity::files).
     Files { dir: PathBuf },
+    /// The node's spire-agent, through its Delegated Identity API (identity::spire).
+    Spire {
+        admin_socket: PathBuf,
+        /// The selectors each workload is asked for by, with its fields filled in.
+        selectors: Vec<SelectorTemplate>,
+    },
+}
+
+/// One `type:value` selector of `[identity] selectors`, whose value may name the workload's
+/// `{namespace}`, `{service_account}` or `{name}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SelectorTemplate {
+    pub kind: String,
+    pub value: String,
+}
+
+impl SelectorTemplate {
+    const FIELDS: [&str; 3] = ["{namespace}", "{service_account}", "{name}"];
+
+    fn parse(text: &str) -> Result<Self, String> {
+        let (kind, value) = text
+            .split_once(':')
+            .filter(|(k, v)| !k.is_empty() && !v.is_empty())
+            .ok_or_else(|| format!("{text:?} is not type:value"))?;
+        // Every `{...}` must be a known field.
+        let mut rest = value;
+        while let Some(open) = rest.find('{') {
+            let close = rest[open..]
+                .find('}')
+                .ok_or_else(|| format!("{text:?}: unclosed {{"))?;
+            let field = &rest[open..open + close + 1];
+            if !Self::FIELDS.contains(&field) {
+                return Err(format!(
+                    "{text:?}: unknown field {field} (known: {})",
+                    Self::FIELDS.join(", ")
+                ));
+            }
+            rest = &rest[open + close + 1..];
+        }
+        Ok(Self {
+            kind: kind.to_owned(),
+            value: value.to_owned(),
+        })
+    }
+
+    /// The selector value for `workload`.
+    pub fn value_for(&self, workload: &Workload) -> String {
+        self.value
+            .replace("{namespace}", &workload.id.namespace)
+            .replace("{service_account}", &workload.service_account)
+            .replace("{name}", &workload.id.name)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -333,6 +385,8 @@ struct RawIdentity {
     provider: RawProvider,
     ca_dir: Option<PathBuf>,
     files_dir: Option<PathBuf>,
+    admin_socket: Option<PathBuf>,
+    selectors: Option<Vec<String>>,
     svid_ttl_seconds: Option<u64>,
     revocation_file: Option<PathBuf>,
 }
@@ -342,6 +396,7 @@ struct RawIdentity {
 enum RawProvider {
     Builtin,
     Files,
+    Spire,
 }
 
 #[derive(Deserialize, Default)]
@@ -824,6 +879,10 @@ impl NodeConfig {
     }
 }
 
+/// The selectors SPIRE's Kubernetes workload attestor would give a pod: its namespace and
+/// service account.
+const DEFAULT_SPIRE_SELECTORS: [&str; 2] = ["k8s:ns:{namespace}", "k8s:sa:{service_account}"];
+
 fn identity_config(
     raw: RawIdentity,
     invalid: &dyn Fn(String) -> ConfigError,
@@ -834,9 +893,56 @@ fn identity_config(
             "identity.svid_ttl_seconds: {ttl} is too short (at least 2)"
         )));
     }
+    if !matches!(raw.provider, RawProvider::Spire)
+        && (raw.admin_socket.is_some() || raw.selectors.is_some())
+    {
+        return Err(invalid(
+            "identity: admin_socket and selectors belong to provider \"spire\"".into(),
+        ));
+    }
     let provider = match (raw.provider, raw.ca_dir, raw.files_dir) {
         (RawProvider::Builtin, Some(ca_dir), None) => IdentityProvider::Builtin { ca_dir },
         (RawProvider::Files, None, Some(dir)) => IdentityProvider::Files { dir },
+        (RawProvider::Spire, None, None) => {
+            let admin_socket = raw.admin_socket.ok_or_else(|| {
+                invalid("identity: provider \"spire\" takes admin_socket (the spire-agent's admin socket)".into())
+            })?;
+            if !admin_socket.is_absolute() {
+                return Err(invalid(format!(
+                    "identity.admin_socket: {} is not an absolute path",
+                    admin_socket.display()
+                )));
+            }
+            let texts = raw.selectors.unwrap_or_else(|| {
+                DEFAULT_SPIRE_SELECTORS
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect()
+            });
+            if texts.is_empty() {
+                return Err(invalid(
+                    "identity.selectors: empty (every workload would match the same entries)"
+                        .into(),
+                ));
+            }
+            let selectors = texts
+                .iter()
+                .map(|t| {
+                    SelectorTemplate::parse(t)
+                        .map_err(|e| invalid(format!("identity.selectors: {e}")))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            IdentityProvider::Spire {
+                admin_socket,
+                selectors,
+            }
+        }
+        (RawProvider::Spire, _, _) => {
+            return Err(invalid(
+                "identity: provider \"spire\" takes admin_socket (and no ca_dir or files_dir)"
+                    .into(),
+            ));
+        }
         (RawProvider::Builtin, _, _) => {
             return Err(invalid(
                 "identity: provider \"builtin\" takes ca_dir (and no files_dir)".into(),
@@ -1003,6 +1109,64 @@ probe_ports = [8081, 8080, 8081]
     /// The keys EVERY_KEY cannot hold at once (the other identity provider).
     const FILES_PROVIDER: &str =
         "node_name = \"n1\"\n[identity]\nprovider = \"files\"\nfiles_dir = \"/etc/zt/files\"\n";
+    const SPIRE_PROVIDER: &str = "node_name = \"n1\"\n[identity]\nprovider = \"spire\"\nadmin_socket = \"/run/spire/admin/admin.sock\"\nselectors = [\"k8s:ns:{namespace}\", \"k8s:sa:{service_account}\", \"k8s:pod-name:{name}\"]\n";
+
+    #[test]
+    fn spire_provider_takes_an_admin_socket_and_selector_templates() {
+        let c = parse(SPIRE_PROVIDER).unwrap_or_else(|e| panic!("{e}"));
+        let Some(IdentityProvider::Spire {
+            admin_socket,
+            selectors,
+        }) = c.identity.map(|i| i.provider)
+        else {
+            panic!("spire provider");
+        };
+        assert_eq!(admin_socket, PathBuf::from("/run/spire/admin/admin.sock"));
+        let workload = Workload {
+            id: WorkloadId {
+                namespace: "shop".into(),
+                name: "web-0".into(),
+            },
+            service_account: "web".into(),
+            labels: BTreeMap::new(),
+            netns: "/run/netns/x".into(),
+            probe_ports: vec![],
+        };
+        let filled: Vec<String> = selectors
+            .iter()
+            .map(|t| format!("{}:{}", t.kind, t.value_for(&workload)))
+            .collect();
+        assert_eq!(filled, ["k8s:ns:shop", "k8s:sa:web", "k8s:pod-name:web-0"]);
+        // The default: namespace and service account.
+        let c = parse(
+            "node_name = \"n\"\n[identity]\nprovider = \"spire\"\nadmin_socket = \"/a.sock\"\n",
+        )
+        .unwrap();
+        let Some(IdentityProvider::Spire { selectors, .. }) = c.identity.map(|i| i.provider) else {
+            panic!("spire provider");
+        };
+        assert_eq!(selectors.len(), 2);
+        for (body, needle) in [
+            ("admin_socket = \"a.sock\"\n", "not an absolute path"),
+            ("", "takes admin_socket"),
+            ("admin_socket = \"/a\"\nca_dir = \"/ca\"\n", "no ca_dir"),
+            (
+                "admin_socket = \"/a\"\nselectors = [\"k8s\"]\n",
+                "not type:value",
+            ),
+            (
+                "admin_socket = \"/a\"\nselectors = [\"k8s:ns:{nmespace}\"]\n",
+                "unknown field {nmespace}",
+            ),
+            ("admin_socket = \"/a\"\nselectors = []\n", "empty"),
+        ] {
+            let text = format!("node_name = \"n\"\n[identity]\nprovider = \"spire\"\n{body}");
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(err.contains(needle), "{body}: {err}");
+        }
+        let err = parse("node_name = \"n\"\n[identity]\nprovider = \"builtin\"\nca_dir = \"/ca\"\nadmin_socket = \"/a\"\n").unwrap_err();
+        assert!(err.to_string().contains("belong to provider"), "{err}");
+    }
 
     #[test]
     fn every_documented_key_parses() {
@@ -1040,6 +1204,7 @@ probe_ports = [8081, 8080, 8081]
             .expect("README has the node config table");
         let parsed: toml::Table = toml::from_str(EVERY_KEY).unwrap();
         let alternative: toml::Table = toml::from_str(FILES_PROVIDER).unwrap();
+        let spire: toml::Table = toml::from_str(SPIRE_PROVIDER).unwrap();
         let mut checked = 0;
         for row in table.lines().filter(|l| l.starts_with("| `")) {
             let cell = row.split('|').nth(1).unwrap_or_default();
@@ -1066,7 +1231,7 @@ probe_ports = [8081, 8080, 8081]
             };
             for key in keys {
                 assert!(
-                    lookup(&parsed, key) || lookup(&alternative, key),
+                    lookup(&parsed, key) || lookup(&alternative, key) || lookup(&spire, key),
                     "README documents [{section}] {key}, not in EVERY_KEY"
                 );
                 checked += 1;

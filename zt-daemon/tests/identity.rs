@@ -710,9 +710,25 @@ async fn files_provider_hot_reloads_and_keeps_the_last_good_state() {
         },
     )
     .unwrap();
-    let web = node.issue(id("spiffe://cluster.local/ns/default/sa/web"));
+    let workload = |sa: &str| zt_daemon::config::Workload {
+        id: zt_daemon::config::WorkloadId {
+            namespace: "default".into(),
+            name: sa.into(),
+        },
+        service_account: sa.into(),
+        labels: Default::default(),
+        netns: "/proc/self/ns/net".into(),
+        probe_ports: vec![],
+    };
+    let web = node.issue(
+        id("spiffe://cluster.local/ns/default/sa/web"),
+        &workload("web"),
+    );
     assert_eq!(web.slot.serial().unwrap(), first);
-    let client = node.issue(id("spiffe://cluster.local/ns/default/sa/client"));
+    let client = node.issue(
+        id("spiffe://cluster.local/ns/default/sa/client"),
+        &workload("client"),
+    );
     let addr = echo_server(web.slot.clone(), node.trust.clone()).await;
     let dial_client = || {
         dial(

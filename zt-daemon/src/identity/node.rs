@@ -1,6 +1,6 @@
-//! The node's identity service: where SVIDs come from (built-in CA or files), the trust store
-//! every verifier shares, and the watcher that reloads bundles, revocations and SVID files when
-//! they change on disk. Bad new files are logged with their path; the last good state stays.
+//! The node's identity service: where SVIDs come from (built-in CA, files or SPIRE), the trust
+//! store every verifier shares, and the watcher that reloads bundles, revocations and SVID files
+//! when they change on disk. Bad new files are logged with their path; the last good state stays.
 use std::{collections::HashMap, path::PathBuf, sync::Arc};
 
 use notify::RecommendedWatcher;
@@ -13,9 +13,11 @@ use super::{
     revocation::{RevocationError, RevocationList},
     rotation::{BuiltinIssuer, Renewal, SvidSource, WorkloadIdentity},
     spiffe::{SpiffeId, TrustDomain},
+    spire::SpireAgent,
+    tls::SvidSlot,
     verify::{TrustState, TrustStore},
 };
-use crate::config::{IdentityConfig, IdentityProvider};
+use crate::config::{IdentityConfig, IdentityProvider, Workload};
 
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
@@ -37,6 +39,8 @@ struct TrustSources {
     trust_domain: TrustDomain,
     /// Root of the built-in CA; the files provider reads its bundles from disk instead.
     builtin_root: Option<CertificateDer<'static>>,
+    /// The node's spire-agent: its bundles, and the identities it withdrew.
+    spire: Option<Arc<SpireAgent>>,
     config: IdentityConfig,
 }
 
@@ -47,11 +51,18 @@ impl TrustSources {
             (None, IdentityProvider::Files { dir }) => {
                 files::load_bundles(&dir.join(files::BUNDLES_DIR))?
             }
+            (None, IdentityProvider::Spire { .. }) => {
+                self.spire.as_ref().map(|s| s.bundles()).unwrap_or_default()
+            }
             (None, IdentityProvider::Builtin { .. }) => HashMap::new(),
         };
         let revoked = match &self.config.revocation_file {
             Some(path) => RevocationList::load(path)?,
             None => RevocationList::default(),
+        };
+        let revoked = match &self.spire {
+            Some(spire) => revoked.with_identities(spire.withdrawn()),
+            None => revoked,
         };
         TrustState::new(bundles, revoked).map_err(IdentityError::Trust)
     }
@@ -69,17 +80,25 @@ impl TrustSources {
     }
 }
 
+/// Where workloads' SVIDs come from.
+enum Issuer {
+    /// Fetched, and renewed on a timer (built-in CA, files).
+    Renewed(Arc<dyn SvidSource>),
+    /// Pushed by the node's spire-agent.
+    Spire(Arc<SpireAgent>),
+}
+
 pub struct NodeIdentity {
     pub trust: TrustStore,
     pub renewal: Renewal,
-    source: Arc<dyn SvidSource>,
+    issuer: Issuer,
     sources: TrustSources,
     _watcher: Option<RecommendedWatcher>,
 }
 
 impl NodeIdentity {
     pub fn start(trust_domain: TrustDomain, config: IdentityConfig) -> Result<Self, IdentityError> {
-        let (source, builtin_root): (Arc<dyn SvidSource>, _) = match &config.provider {
+        let (issuer, builtin_root) = match &config.provider {
             IdentityProvider::Builtin { ca_dir } => {
                 let ca = CertificateAuthority::load(ca_dir)?;
                 if ca.trust_domain() != &trust_domain {
@@ -91,22 +110,42 @@ impl NodeIdentity {
                 }
                 let root = ca.root().clone();
                 let ttl = config.svid_ttl;
-                (Arc::new(BuiltinIssuer { ca, ttl }), Some(root))
+                (
+                    Issuer::Renewed(Arc::new(BuiltinIssuer { ca, ttl })),
+                    Some(root),
+                )
             }
-            IdentityProvider::Files { dir } => (Arc::new(FilesSource { dir: dir.clone() }), None),
+            IdentityProvider::Files { dir } => (
+                Issuer::Renewed(Arc::new(FilesSource { dir: dir.clone() })),
+                None,
+            ),
+            IdentityProvider::Spire {
+                admin_socket,
+                selectors,
+            } => (
+                Issuer::Spire(SpireAgent::new(admin_socket.clone(), selectors.clone())),
+                None,
+            ),
         };
         let sources = TrustSources {
             trust_domain,
             builtin_root,
+            spire: match &issuer {
+                Issuer::Spire(s) => Some(s.clone()),
+                Issuer::Renewed(_) => None,
+            },
             config,
         };
         let trust = TrustStore::new(sources.load()?);
         let renewal = Renewal::default();
         let watcher = watch(&sources, &trust, &renewal)?;
+        if let Issuer::Spire(spire) = &issuer {
+            tokio::spawn(spire.clone().follow_bundles(reloader(&sources, &trust)));
+        }
         Ok(Self {
             trust,
             renewal,
-            source,
+            issuer,
             sources,
             _watcher: watcher,
         })
@@ -116,9 +155,33 @@ impl NodeIdentity {
         &self.sources.trust_domain
     }
 
-    /// Issues the first SVID of an enrolled workload and keeps it renewed.
-    pub fn issue(&self, id: SpiffeId) -> WorkloadIdentity {
-        WorkloadIdentity::start(id, self.source.clone(), &self.renewal)
+    /// Issues the first SVID of an enrolled workload and keeps it renewed (SPIRE: follows what
+    /// spire-agent pushes for the workload's selectors).
+    pub fn issue(&self, id: SpiffeId, workload: &Workload) -> WorkloadIdentity {
+        match &self.issuer {
+            Issuer::Renewed(source) => WorkloadIdentity::start(id, source.clone(), &self.renewal),
+            Issuer::Spire(spire) => {
+                let slot = SvidSlot::default();
+                let task = tokio::spawn(spire.clone().follow_svid(
+                    id.clone(),
+                    workload.clone(),
+                    slot.clone(),
+                    self.trust.clone(),
+                    reloader(&self.sources, &self.trust),
+                ));
+                WorkloadIdentity::pushed(id, slot, task)
+            }
+        }
+    }
+}
+
+/// Rebuilds the trust state from its sources (after a SPIRE update); a failure keeps the last.
+fn reloader(sources: &TrustSources, trust: &TrustStore) -> impl Fn() + Send + 'static {
+    let (sources, trust) = (sources.clone(), trust.clone());
+    move || match sources.load() {
+        Ok(state) if *trust.current() == state => {}
+        Ok(state) => trust.replace(state),
+        Err(e) => error!(error = %e, "trust state not rebuilt; keeping the previous one"),
     }
 }
 

@@ -37,6 +37,12 @@ pub struct RevocationList {
 }
 
 impl RevocationList {
+    /// This list, with every certificate of `ids` refused too.
+    pub fn with_identities(mut self, ids: impl IntoIterator<Item = SpiffeId>) -> Self {
+        self.ids.extend(ids);
+        self
+    }
+
     pub fn load(path: &Path) -> Result<Self, RevocationError> {
         let text = std::fs::read_to_string(path).map_err(|source| RevocationError::Read {
             path: path.to_owned(),

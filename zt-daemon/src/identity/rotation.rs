@@ -99,6 +99,11 @@ impl WorkloadIdentity {
         Self { id, slot, task }
     }
 
+    /// An identity whose SVIDs an outside issuer pushes into `slot` from `task`.
+    pub fn pushed(id: SpiffeId, slot: SvidSlot, task: JoinHandle<()>) -> Self {
+        Self { id, slot, task }
+    }
+
     /// Whether the workload holds a certificate that is valid now (readiness).
     pub fn is_valid(&self) -> bool {
         let now = SystemTime::now();

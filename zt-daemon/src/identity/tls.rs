@@ -38,6 +38,11 @@ impl SvidSlot {
         self.get().map(|s| s.leaf.serial)
     }
 
+    /// Empties the slot (the issuer withdrew the SVID); returns what it held.
+    pub fn take(&self) -> Option<Svid> {
+        self.0.write().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
     pub fn replace(&self, svid: Svid) {
         *self.0.write().unwrap_or_else(|p| p.into_inner()) = Some(svid);
     }
