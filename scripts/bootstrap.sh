@@ -63,3 +63,8 @@ fi
 # cached (about 11 minutes the first time; the script checks the cached versions first).
 step "kube-apiserver and etcd for the Kubernetes tests (scripts/kube-apiserver.sh)"
 bash "$(dirname "$0")/kube-apiserver.sh" >/dev/null
+
+# A real SPIRE server and agent for the tests of the SPIRE identity provider, built from Go
+# modules and cached the same way (scripts/spire.sh).
+step "spire-server and spire-agent for the SPIRE tests (scripts/spire.sh)"
+bash "$(dirname "$0")/spire.sh" >/dev/null

@@ -68,11 +68,33 @@ pub fn meshed_config(
     ca: &Path,
     mode: &str,
 ) -> String {
-    let mut c = node_config(node, enrolled, "");
-    c.push_str(&format!(
-        "[identity]\nprovider = \"builtin\"\nca_dir = \"{}\"\n[mtls]\nmode = \"{mode}\"\n",
+    meshed_config_with_identity(node, enrolled, remote, &builtin_identity(ca), mode)
+}
+
+/// The `[identity]` section of an agent signing its workloads' SVIDs with the built-in CA in
+/// `ca` (for SPIRE: `zt_tests::spire::Spire::identity_section`).
+pub fn builtin_identity(ca: &Path) -> String {
+    format!(
+        "[identity]\nprovider = \"builtin\"\nca_dir = \"{}\"\n",
         ca.display()
-    ));
+    )
+}
+
+/// As [`meshed_config`], the agent's identities coming from `identity` (a whole `[identity]`
+/// section).
+pub fn meshed_config_with_identity(
+    node: &Node,
+    enrolled: &[&Pod],
+    remote: &[&Pod],
+    identity: &str,
+    mode: &str,
+) -> String {
+    let mut c = node_config(node, enrolled, "");
+    c.push_str(identity);
+    if !identity.ends_with('\n') {
+        c.push('\n');
+    }
+    c.push_str(&format!("[mtls]\nmode = \"{mode}\"\n"));
     for pod in remote {
         for ip in [pod.ip(false), pod.ip(true)] {
             c.push_str(&format!(

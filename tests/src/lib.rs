@@ -12,6 +12,7 @@ pub mod attack;
 pub mod kube;
 pub mod maps;
 pub mod probe;
+pub mod spire;
 
 use std::{
     fs::File,

@@ -207,3 +207,160 @@ fn manifests_parse_as_kubernetes_objects_and_promise_what_operators_need() {
     );
     assert!(dockerfile.contains("COPY --from=build /src/target/release/zt-daemon"));
 }
+
+/// deploy/spire/ rendered as `kustomize build` would (zt_tests::kube::render_kustomization).
+fn spire_variant() -> Vec<serde_json::Value> {
+    zt_tests::kube::render_kustomization(&deploy().join("spire")).unwrap()
+}
+
+fn find<'a>(objects: &'a [serde_json::Value], kind: &str, name: &str) -> &'a serde_json::Value {
+    objects
+        .iter()
+        .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name} in deploy/spire"))
+}
+
+/// The value of `key = "..."` in SPIRE's HCL config text.
+fn hcl_string<'a>(text: &'a str, key: &str) -> &'a str {
+    text.lines()
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix(key)?
+                .trim()
+                .strip_prefix('=')?
+                .trim()
+                .strip_prefix('"')?
+                .strip_suffix('"')
+        })
+        .unwrap_or_else(|| panic!("no {key} in {text}"))
+}
+
+#[test]
+fn spire_variant_gives_zt_the_admin_socket_and_no_ca_key() {
+    let objects = spire_variant();
+    // No CA key reaches any pod: no Secret volume in any workload of the variant.
+    for o in &objects {
+        let template = &o["spec"]["template"]["spec"];
+        for volume in template["volumes"].as_array().into_iter().flatten() {
+            assert!(
+                volume.get("secret").is_none(),
+                "{} {} mounts a Secret: {volume}",
+                o["kind"],
+                o["metadata"]["name"]
+            );
+        }
+    }
+    let ds: DaemonSet =
+        serde_json::from_value(find(&objects, "DaemonSet", "zt-agent").clone()).unwrap();
+    let pod = ds.spec.unwrap().template.spec.unwrap();
+    let agent = &pod.containers[0];
+    let mounts: Vec<(&str, &str)> = agent
+        .volume_mounts
+        .iter()
+        .flatten()
+        .map(|m| (m.name.as_str(), m.mount_path.as_str()))
+        .collect();
+    assert!(
+        !mounts.iter().any(|(n, p)| *n == "ca" || *p == "/etc/zt/ca"),
+        "{mounts:?}"
+    );
+    assert!(
+        mounts.contains(&("spire-admin", "/run/spire/admin")),
+        "{mounts:?}"
+    );
+    // Everything else of the base DaemonSet is kept.
+    for kept in ["config", "policies", "bpffs", "cgroup", "proc", "netns"] {
+        assert!(
+            mounts.iter().any(|(n, _)| *n == kept),
+            "{kept} lost: {mounts:?}"
+        );
+    }
+    let admin_dir = pod
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == "spire-admin")
+        .and_then(|v| v.host_path.as_ref())
+        .map(|h| h.path.clone())
+        .expect("spire-admin is a hostPath");
+    assert!(
+        !pod.volumes.iter().flatten().any(|v| v.name == "ca"),
+        "the ca volume is still declared"
+    );
+
+    // The spire-agent shares that host directory, puts its admin socket there (and its Workload
+    // API socket elsewhere) and authorizes exactly the zt agent's identity.
+    let spire_ds: DaemonSet =
+        serde_json::from_value(find(&objects, "DaemonSet", "spire-agent").clone()).unwrap();
+    let spire_pod = spire_ds.spec.unwrap().template.spec.unwrap();
+    let host_dirs: BTreeSet<String> = spire_pod
+        .volumes
+        .iter()
+        .flatten()
+        .filter_map(|v| v.host_path.as_ref().map(|h| h.path.clone()))
+        .collect();
+    assert!(host_dirs.contains(&admin_dir), "{host_dirs:?}");
+    let agent_conf = find(&objects, "ConfigMap", "spire-agent")["data"]["agent.conf"]
+        .as_str()
+        .unwrap();
+    let admin_socket = hcl_string(agent_conf, "admin_socket_path");
+    let workload_socket = hcl_string(agent_conf, "socket_path");
+    assert_eq!(
+        std::path::Path::new(admin_socket).parent().unwrap(),
+        std::path::Path::new(&admin_dir)
+    );
+    assert_ne!(
+        std::path::Path::new(workload_socket).parent(),
+        std::path::Path::new(admin_socket).parent()
+    );
+    let delegate = format!(
+        "spiffe://cluster.local/ns/{}/sa/{}",
+        ds.metadata.namespace.as_deref().unwrap(),
+        pod.service_account_name.as_deref().unwrap()
+    );
+    assert!(
+        agent_conf.contains(&format!("authorized_delegates = [\"{delegate}\"]")),
+        "{agent_conf}"
+    );
+
+    // zt's node config (the replaced ConfigMap) points at that socket.
+    let node_toml = find(&objects, "ConfigMap", "zt-node-config")["data"]["node.toml"]
+        .as_str()
+        .unwrap();
+    assert_eq!(
+        find(&objects, "ConfigMap", "zt-node-config")["metadata"]["namespace"],
+        "zt-system"
+    );
+    assert!(node_toml.contains("provider = \"spire\""), "{node_toml}");
+    assert!(
+        node_toml.contains(&format!("admin_socket = \"{admin_socket}\"")),
+        "{node_toml}"
+    );
+    assert!(!node_toml.contains("ca_dir"), "{node_toml}");
+    // Node attestation: the server reviews the agents' projected tokens for its audience.
+    let server_conf = find(&objects, "ConfigMap", "spire-server")["data"]["server.conf"]
+        .as_str()
+        .unwrap();
+    assert!(
+        server_conf.contains("NodeAttestor \"k8s_psat\""),
+        "{server_conf}"
+    );
+    assert_eq!(
+        find(&objects, "StatefulSet", "spire-server")["metadata"]["namespace"],
+        "spire"
+    );
+}
+
+#[test]
+fn spire_variant_node_config_is_accepted() {
+    let objects = spire_variant();
+    let node_toml = find(&objects, "ConfigMap", "zt-node-config")["data"]["node.toml"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let path = deploy().join("spire/node.toml");
+    let config =
+        zt_daemon::config::NodeConfig::parse(&path, &format!("node_name = \"n\"\n{node_toml}"))
+            .unwrap();
+    assert!(config.kubernetes.is_some(), "the DaemonSet discovers pods");
+}

@@ -190,3 +190,78 @@ fn a_real_api_server_serves_deploy_pods_and_agent_tokens_across_restarts_and_com
     cluster.delete_namespace("shop").unwrap();
     eprintln!("whole check took {:?}", started.elapsed());
 }
+
+/// deploy/spire/ (zt with SPIRE) applies to a real API server with strict validation, and what
+/// the API then holds gives the zt agent the spire-agent's admin socket and no CA Secret.
+#[test]
+fn the_spire_variant_applies_strictly_and_mounts_no_ca_secret() {
+    use k8s_openapi::api::{
+        apps::v1::{DaemonSet, StatefulSet},
+        core::v1::ConfigMap,
+    };
+    let mut bed = Testbed::new(0).unwrap();
+    let cluster = Cluster::start(&mut bed).unwrap();
+    let variant = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/spire");
+    cluster.apply_kustomization(&variant).unwrap();
+
+    let client = cluster.client();
+    let zt: DaemonSet = cluster
+        .block_on(Api::namespaced(client.clone(), AGENT_NAMESPACE).get("zt-agent"))
+        .unwrap();
+    let pod = zt.spec.unwrap().template.spec.unwrap();
+    let secrets: Vec<String> = pod
+        .volumes
+        .iter()
+        .flatten()
+        .filter_map(|v| v.secret.as_ref().map(|s| format!("{s:?}")))
+        .collect();
+    assert!(
+        secrets.is_empty(),
+        "the zt agent mounts Secrets: {secrets:?}"
+    );
+    let admin = pod
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == "spire-admin")
+        .and_then(|v| v.host_path.clone())
+        .expect("the admin socket directory");
+    assert_eq!(admin.path, "/run/spire/admin");
+    let config: ConfigMap = cluster
+        .block_on(Api::namespaced(client.clone(), AGENT_NAMESPACE).get("zt-node-config"))
+        .unwrap();
+    let node_toml = &config.data.unwrap()["node.toml"];
+    assert!(node_toml.contains("provider = \"spire\""), "{node_toml}");
+    // No CA key Secret exists for anyone to mount.
+    let secrets: Api<Secret> = Api::all(client.clone());
+    let names: Vec<String> = cluster
+        .block_on(secrets.list(&ListParams::default()))
+        .unwrap()
+        .items
+        .into_iter()
+        .filter_map(|s| s.metadata.name)
+        .collect();
+    assert!(!names.iter().any(|n| n == "zt-mesh-ca"), "{names:?}");
+    let server: StatefulSet = cluster
+        .block_on(Api::namespaced(client.clone(), "spire").get("spire-server"))
+        .unwrap();
+    for (what, spec) in [
+        ("spire-server", server.spec.unwrap().template.spec.unwrap()),
+        (
+            "spire-agent",
+            cluster
+                .block_on(Api::<DaemonSet>::namespaced(client, "spire").get("spire-agent"))
+                .unwrap()
+                .spec
+                .unwrap()
+                .template
+                .spec
+                .unwrap(),
+        ),
+    ] {
+        assert!(
+            !spec.volumes.iter().flatten().any(|v| v.secret.is_some()),
+            "{what} mounts a Secret"
+        );
+    }
+}

@@ -114,7 +114,26 @@ const SMOKE_SECONDS: u64 = 30;
 /// The directory with the kube-apiserver and etcd the Kubernetes tests run: what
 /// scripts/kube-apiserver.sh prints (it builds them once, then only checks the cache).
 fn kube_bin_dir() -> anyhow::Result<String> {
-    let script = workspace_root().join("scripts/kube-apiserver.sh");
+    script_bin_dir(
+        "kube-apiserver.sh",
+        "kube-apiserver",
+        "the Kubernetes tests need its kube-apiserver and etcd",
+    )
+}
+
+/// The directory with the spire-server and spire-agent the SPIRE tests run: what
+/// scripts/spire.sh prints (it builds them once, then only checks the cache).
+fn spire_bin_dir() -> anyhow::Result<String> {
+    script_bin_dir(
+        "spire.sh",
+        "spire-server",
+        "the SPIRE tests need its spire-server and spire-agent",
+    )
+}
+
+/// Runs scripts/`script`, which prints a directory holding `bin` (among others).
+fn script_bin_dir(script: &str, bin: &str, why: &str) -> anyhow::Result<String> {
+    let script = workspace_root().join("scripts").join(script);
     eprintln!("[xtask] {}", script.display());
     let out = Command::new("bash")
         .arg(&script)
@@ -122,16 +141,12 @@ fn kube_bin_dir() -> anyhow::Result<String> {
         .output()
         .with_context(|| format!("running {}", script.display()))?;
     if !out.status.success() {
-        bail!(
-            "{} failed ({}): the Kubernetes tests need its kube-apiserver and etcd",
-            script.display(),
-            out.status
-        );
+        bail!("{} failed ({}): {why}", script.display(), out.status);
     }
     let dir = String::from_utf8(out.stdout)?.trim().to_owned();
     anyhow::ensure!(
-        std::path::Path::new(&dir).join("kube-apiserver").is_file(),
-        "{} printed {dir:?}, which holds no kube-apiserver",
+        std::path::Path::new(&dir).join(bin).is_file(),
+        "{} printed {dir:?}, which holds no {bin}",
         script.display()
     );
     Ok(dir)
@@ -143,10 +158,14 @@ fn cargo_test() -> anyhow::Result<()> {
     use std::io::BufRead as _;
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let kube_bin_dir = kube_bin_dir()?;
-    eprintln!("[xtask] ZT_KUBE_BIN_DIR={kube_bin_dir} cargo test --all-targets");
+    let spire_bin_dir = spire_bin_dir()?;
+    eprintln!(
+        "[xtask] ZT_KUBE_BIN_DIR={kube_bin_dir} ZT_SPIRE_BIN_DIR={spire_bin_dir} cargo test --all-targets"
+    );
     let mut child = Command::new(&cargo)
         .args(["test", "--all-targets"])
         .env("ZT_KUBE_BIN_DIR", &kube_bin_dir)
+        .env("ZT_SPIRE_BIN_DIR", &spire_bin_dir)
         .current_dir(workspace_root())
         .stdout(std::process::Stdio::piped())
         .spawn()

@@ -1,0 +1,509 @@
+//! Root end-to-end tests of `[identity] provider = "spire"` (issue 18) against a real SPIRE:
+//! spire-server and one spire-agent per node (zt_tests::spire), each zt agent getting its
+//! workloads' SVIDs from its node's spire-agent over the Delegated Identity API, with no CA
+//! anywhere in zt's configuration.
+//!
+//! The first test checks the harness itself with SPIRE's own CLI (no zt agent involved).
+use std::{collections::BTreeMap, net::SocketAddr, path::Path, process::Command, time::Duration};
+
+use serde_json::Value;
+use zt_tests::{
+    Agent, Pod, Testbed,
+    agent::{meshed_config_with_identity, spiffe_id},
+    in_cgroup_and_netns,
+    probe::{Server, connect, connect_idle_until},
+    spire::{EntryId, Spire},
+    wait_until,
+};
+
+const MIB: u64 = 1024 * 1024;
+const PORT: u16 = 9000;
+const TIMEOUT: Duration = Duration::from_secs(3);
+const TRUST_DOMAIN: &str = "cluster.local";
+
+#[test]
+fn spire_harness_serves_entries_to_both_nodes_rotates_and_survives_an_agent_restart() {
+    let mut bed = Testbed::new(0).unwrap();
+    let mut spire = Spire::start(&mut bed, TRUST_DOMAIN).unwrap();
+    // The delegate (root, unix:uid:0) gets its SVID on both nodes' Workload API: what makes
+    // zt's agent an authorized delegate on the admin socket.
+    for n in [1, 2] {
+        assert_eq!(spire.fetch_x509(n).unwrap(), vec![spire.delegate_id()]);
+        let admin = spire.admin_socket(n);
+        assert!(
+            std::os::unix::fs::FileTypeExt::is_socket(
+                &std::fs::metadata(&admin).unwrap().file_type()
+            ),
+            "{} is not a socket",
+            admin.display()
+        );
+        assert_ne!(admin.parent(), spire.workload_socket(n).parent());
+    }
+
+    // A workload entry as zt's agents subscribe to it, on both nodes (create waits for both).
+    let id = spire
+        .create_workload_entry("default", "sa-web", 30)
+        .unwrap();
+    let entry = spire
+        .entries()
+        .unwrap()
+        .into_iter()
+        .find(|e| e["id"] == id.0.as_str())
+        .expect("the entry is listed");
+    assert_eq!(entry["x509_svid_ttl"], 30, "{entry}");
+    assert_eq!(
+        entry["spiffe_id"]["path"], "/ns/default/sa/sa-web",
+        "{entry}"
+    );
+    assert_eq!(entry["parent_id"]["path"], "/zt-node", "{entry}");
+    let mut selectors: Vec<String> = entry["selectors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            format!(
+                "{}:{}",
+                s["type"].as_str().unwrap(),
+                s["value"].as_str().unwrap()
+            )
+        })
+        .collect();
+    selectors.sort();
+    assert_eq!(selectors, ["k8s:ns:default", "k8s:sa:sa-web"]);
+    assert!(
+        spire
+            .bundle_pem()
+            .unwrap()
+            .contains("-----BEGIN CERTIFICATE-----")
+    );
+
+    // A 30 s SVID is renewed by the spire-agent on its own (at about half its life).
+    let rotated = wait_until(Duration::from_secs(60), || {
+        Ok(spire.svids_signed(1, &id)? >= 2)
+    });
+    assert!(
+        rotated.is_ok(),
+        "no second SVID for a 30 s entry\n{}",
+        std::fs::read_to_string(spire.agent_log(1)).unwrap_or_default()
+    );
+
+    // Stopped, the agent answers nothing; started again, it keeps its node identity (no new
+    // join token) and gets its entries back.
+    spire.stop_agent(&mut bed, 1);
+    assert!(spire.fetch_x509(1).is_err());
+    spire.start_agent(&mut bed, 1).unwrap();
+    let restarted = std::fs::read_to_string(spire.agent_log(1)).unwrap();
+    assert!(restarted.contains("SVID loaded"), "{restarted}");
+    spire.wait_agent_has(1, &id).unwrap();
+
+    // Deleted, the entry leaves both agents (delete waits for both).
+    spire.delete_entry(&id).unwrap();
+    assert!(
+        !spire
+            .entries()
+            .unwrap()
+            .iter()
+            .any(|e| e["id"] == id.0.as_str())
+    );
+}
+
+/// n1p1 and n1p2 meshed on node 1, n2p1 on node 2 (a server on `PORT`), n2p2 outside the mesh;
+/// both zt agents take their SVIDs from their node's spire-agent.
+struct SpireMesh {
+    bed: Testbed,
+    spire: Spire,
+    agent1: Agent,
+    agent2: Agent,
+    server: Server,
+    /// The workload entry of each meshed pod, by pod name.
+    entries: BTreeMap<String, EntryId>,
+}
+
+fn spire_mesh(ttl_seconds: u32) -> SpireMesh {
+    let mut bed = Testbed::new(2).unwrap();
+    let spire = Spire::start(&mut bed, TRUST_DOMAIN).unwrap();
+    let (p11, p12, p21) = (
+        bed.pod(1, 1).clone(),
+        bed.pod(1, 2).clone(),
+        bed.pod(2, 1).clone(),
+    );
+    let mut entries = BTreeMap::new();
+    for pod in [&p11, &p12, &p21] {
+        let id = spire
+            .create_workload_entry("default", &format!("sa-{}", pod.name), ttl_seconds)
+            .unwrap();
+        entries.insert(pod.name.clone(), id);
+    }
+    let c1 = meshed_config_with_identity(
+        bed.node(1),
+        &[&p11, &p12],
+        &[&p21],
+        &spire.identity_section(1),
+        "strict",
+    );
+    let c2 = meshed_config_with_identity(
+        bed.node(2),
+        &[&p21],
+        &[&p11, &p12],
+        &spire.identity_section(2),
+        "strict",
+    );
+    for c in [&c1, &c2] {
+        assert!(!c.contains("ca_dir"), "no CA in a SPIRE mesh:\n{c}");
+    }
+    let agent1 = Agent::start_with_config(&mut bed, 1, &c1).unwrap();
+    let agent2 = Agent::start_with_config(&mut bed, 2, &c2).unwrap();
+    for (agent, pods) in [(&agent1, vec![&p11, &p12]), (&agent2, vec![&p21])] {
+        for pod in pods {
+            wait_identity(agent, pod, |i| i.is_some());
+        }
+    }
+    let server = Server::start(&mut bed, &p21, SocketAddr::from(([0u16; 8], PORT))).unwrap();
+    SpireMesh {
+        bed,
+        spire,
+        agent1,
+        agent2,
+        server,
+        entries,
+    }
+}
+
+/// The `identity` of `pod` in the agent's `/config_dump` (None: the workload holds no SVID).
+fn identity(agent: &Agent, pod: &Pod) -> anyhow::Result<Option<Value>> {
+    let (status, body) = agent.admin("GET", "/config_dump")?;
+    anyhow::ensure!(status == 200, "/config_dump answered {status}: {body}");
+    let dump: Value = serde_json::from_str(&body)?;
+    let workload = format!("default/{}", pod.name);
+    let w = dump["workloads"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|w| w["workload"] == workload.as_str())
+        .ok_or_else(|| anyhow::anyhow!("{workload} is not in /config_dump: {dump}"))?;
+    Ok(Some(w["identity"].clone()).filter(|i| !i.is_null()))
+}
+
+/// Waits until `pod`'s identity in the agent's `/config_dump` satisfies `pred`; returns it.
+fn wait_identity(agent: &Agent, pod: &Pod, pred: impl Fn(&Option<Value>) -> bool) -> Option<Value> {
+    let mut last = None;
+    wait_until(Duration::from_secs(60), || {
+        last = identity(agent, pod)?;
+        Ok(pred(&last))
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "{}'s identity on {}: {e}; last {last:?}\n--- log ---\n{}",
+            pod.name,
+            agent.node.name,
+            agent.log_tail()
+        )
+    });
+    last
+}
+
+fn serial(identity: &Option<Value>) -> String {
+    identity.as_ref().expect("an identity")["serial"]
+        .as_str()
+        .expect("a serial")
+        .to_owned()
+}
+
+fn intact(report: &Value, bytes: u64) {
+    assert_eq!(report["reply"]["bytes"].as_u64(), Some(bytes), "{report}");
+    assert_eq!(report["reply"]["sha256"], report["sent_sha256"], "{report}");
+}
+
+/// The certificate `pod`'s HBONE listener presents (`openssl s_client` from `from`, a pod outside
+/// the mesh): verified against SPIRE's bundle with `openssl verify`; returns (serial as the agent
+/// writes it: lower-case hex without leading zeros, subjectAltName).
+fn presented_by(m: &SpireMesh, from: &Pod, pod: &Pod) -> (String, String) {
+    let dir = &m.bed.dir;
+    let mut s_client = in_cgroup_and_netns("openssl", None, &from.netns).unwrap();
+    s_client
+        .args(["s_client", "-connect", &format!("{}:15008", pod.ipv4)])
+        .args(["-alpn", "h2", "-showcerts"])
+        .stdin(std::process::Stdio::null());
+    let out = s_client.output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let begin = text
+        .find("-----BEGIN CERTIFICATE-----")
+        .unwrap_or_else(|| panic!("no certificate from {}:15008: {text}", pod.ipv4));
+    let end = text[begin..].find("-----END CERTIFICATE-----").unwrap() + begin + 25;
+    let leaf = dir.join(format!("presented-{}.pem", pod.name));
+    std::fs::write(&leaf, format!("{}\n", &text[begin..end])).unwrap();
+    let bundle = dir.join("spire-bundle.pem");
+    std::fs::write(&bundle, m.spire.bundle_pem().unwrap()).unwrap();
+    let verify = openssl(&["verify", "-CAfile", path(&bundle), path(&leaf)]);
+    assert!(verify.trim_end().ends_with(": OK"), "{verify}");
+    let facts = openssl(&[
+        "x509",
+        "-in",
+        path(&leaf),
+        "-noout",
+        "-serial",
+        "-ext",
+        "subjectAltName",
+    ]);
+    let serial = facts
+        .lines()
+        .find_map(|l| l.strip_prefix("serial="))
+        .expect("a serial")
+        .to_ascii_lowercase();
+    let serial = serial.trim_start_matches('0');
+    let serial = if serial.is_empty() { "0" } else { serial };
+    (serial.to_owned(), facts)
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn openssl(args: &[&str]) -> String {
+    let out = Command::new("openssl").args(args).output().unwrap();
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[test]
+fn spire_issued_svids_carry_a_cross_node_connection_over_mutual_tls() {
+    let m = spire_mesh(3600);
+    let (p11, p21, p22) = (m.bed.pod(1, 1), m.bed.pod(2, 1), m.bed.pod(2, 2));
+    assert!(!m.bed.dir.join("ca").exists(), "no CA directory");
+    for v6 in [false, true] {
+        let dst = SocketAddr::new(p21.ip(v6), PORT);
+        let report = connect(&m.bed, p11, dst, 16 * MIB, TIMEOUT)
+            .unwrap()
+            .expect("transfer");
+        intact(&report, 16 * MIB);
+        let dst_s = dst.to_string();
+        let out = m
+            .agent1
+            .wait_access("outbound over HBONE", |r| {
+                r["direction"] == "outbound" && r["original_dst"] == dst_s.as_str()
+            })
+            .unwrap();
+        assert_eq!(out["connection_security_policy"], "mutual_tls", "{out}");
+        assert_eq!(out["source_identity"], spiffe_id(p11).as_str(), "{out}");
+        assert_eq!(
+            out["destination_identity"],
+            spiffe_id(p21).as_str(),
+            "{out}"
+        );
+        let inb = m
+            .agent2
+            .wait_access("inbound over HBONE", |r| {
+                r["direction"] == "inbound" && r["original_dst"] == dst_s.as_str()
+            })
+            .unwrap();
+        assert_eq!(inb["connection_security_policy"], "mutual_tls", "{inb}");
+        assert_eq!(inb["source_identity"], spiffe_id(p11).as_str(), "{inb}");
+        assert_eq!(
+            inb["destination_identity"],
+            spiffe_id(p21).as_str(),
+            "{inb}"
+        );
+    }
+    m.server.expect_connections(2).unwrap();
+
+    // What n2p1's listener presents is the SVID SPIRE signed for its entry: it chains to the
+    // SPIRE bundle, names the workload, and is the one /config_dump shows.
+    let (presented, facts) = presented_by(&m, p22, p21);
+    assert!(
+        facts.contains(&format!("URI:{}", spiffe_id(p21))),
+        "{facts}"
+    );
+    let id = identity(&m.agent2, p21).unwrap().expect("n2p1 has an SVID");
+    assert_eq!(id["spiffe_id"], spiffe_id(p21).as_str(), "{id}");
+    assert_eq!(id["serial"], presented.as_str(), "{id} vs {facts}");
+    // Its lifetime is the entry's (3600 s), not the built-in provider's.
+    let life = id["not_after"].as_u64().unwrap() - id["not_before"].as_u64().unwrap();
+    assert!((3600..3700).contains(&life), "{id}");
+}
+
+#[test]
+fn spire_rotates_svids_and_new_connections_use_the_new_ones() {
+    let m = spire_mesh(30);
+    let (p11, p21, p22) = (m.bed.pod(1, 1), m.bed.pod(2, 1), m.bed.pod(2, 2));
+    let before = (
+        serial(&identity(&m.agent1, p11).unwrap()),
+        serial(&identity(&m.agent2, p21).unwrap()),
+    );
+    // No action: the spire-agents renew at about half the 30 s life and push the new SVIDs.
+    let after1 = wait_identity(&m.agent1, p11, |i| {
+        i.as_ref().is_some_and(|i| i["serial"] != before.0.as_str())
+    });
+    let after2 = wait_identity(&m.agent2, p21, |i| {
+        i.as_ref().is_some_and(|i| i["serial"] != before.1.as_str())
+    });
+    assert_eq!(
+        after1.as_ref().unwrap()["spiffe_id"],
+        spiffe_id(p11).as_str()
+    );
+    assert!(m.spire.svids_signed(2, &m.entries["n2p1"]).unwrap() >= 2);
+
+    let dst = SocketAddr::new(p21.ip(false), PORT);
+    let report = connect(&m.bed, p11, dst, MIB, TIMEOUT)
+        .unwrap()
+        .expect("a connection after the rotation");
+    intact(&report, MIB);
+    // The listener presents the SVID (at least) as new as the one seen rotated.
+    let now = serial(&identity(&m.agent2, p21).unwrap());
+    let (presented, facts) = presented_by(&m, p22, p21);
+    assert_ne!(presented, before.1, "{facts}");
+    assert!(
+        presented == now || presented == serial(&identity(&m.agent2, p21).unwrap()),
+        "presented {presented}, /config_dump {now} (was {:?})",
+        after2
+    );
+}
+
+#[test]
+fn deleting_an_entry_withdraws_the_svid_and_closes_its_connections() {
+    let mut m = spire_mesh(3600);
+    let (p11, p12, p21) = (
+        m.bed.pod(1, 1).clone(),
+        m.bed.pod(1, 2).clone(),
+        m.bed.pod(2, 1).clone(),
+    );
+    Server::start(&mut m.bed, &p11, SocketAddr::from(([0u16; 8], PORT))).unwrap();
+    let dst = SocketAddr::new(p21.ip(false), PORT);
+    intact(
+        &connect(&m.bed, &p11, dst, MIB, TIMEOUT).unwrap().unwrap(),
+        MIB,
+    );
+    let to_p11 = SocketAddr::new(p11.ip(false), PORT);
+    intact(
+        &connect(&m.bed, &p21, to_p11, 1024, TIMEOUT)
+            .unwrap()
+            .unwrap(),
+        1024,
+    );
+    assert_eq!(m.agent1.readiness().unwrap().0, 200);
+
+    let bed = &m.bed;
+    let go = bed.dir.join("go");
+    let held = std::thread::scope(|s| {
+        // An HBONE connection from n1p1, open and silent until the withdrawal closed it (or
+        // failed to), then sending.
+        let held = s.spawn(|| connect_idle_until(bed, &p11, dst, &go).unwrap());
+        let open = |name: &str| -> anyhow::Result<u64> {
+            Ok(m.agent2
+                .metric_lines(name)?
+                .iter()
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+                .sum())
+        };
+        wait_until(Duration::from_secs(10), || {
+            Ok(open("zt_tcp_connections_opened_total")? > open("zt_tcp_connections_closed_total")?)
+        })
+        .unwrap();
+        m.spire.delete_entry(&m.entries["n1p1"]).unwrap();
+        wait_identity(&m.agent1, &p11, Option::is_none);
+        wait_until(Duration::from_secs(10), || {
+            Ok(
+                open("zt_tcp_connections_opened_total")?
+                    == open("zt_tcp_connections_closed_total")?,
+            )
+        })
+        .unwrap_or_else(|e| {
+            panic!(
+                "n1p1's open connection stays open on node 2: {e}\n--- node 1 ---\n{}",
+                m.agent1.log_tail()
+            )
+        });
+        std::fs::write(&go, "").unwrap();
+        held.join().unwrap()
+    });
+    assert!(
+        held.is_err(),
+        "n1p1's open connection survived the withdrawal of its SVID: {held:?}"
+    );
+    // Unready, naming the workload without an SVID.
+    let (status, body) = m.agent1.readiness().unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("default/n1p1"), "{body}");
+    // New connections from and to it fail; its neighbour's still work.
+    assert!(
+        connect(&m.bed, &p11, dst, 1024, TIMEOUT).unwrap().is_err(),
+        "n1p1 connected without an SVID"
+    );
+    assert!(
+        connect(&m.bed, &p21, to_p11, 1024, TIMEOUT)
+            .unwrap()
+            .is_err(),
+        "n2p1 reached n1p1, which has no SVID"
+    );
+    intact(
+        &connect(&m.bed, &p12, dst, 1024, TIMEOUT).unwrap().unwrap(),
+        1024,
+    );
+    assert!(identity(&m.agent1, &p12).unwrap().is_some());
+}
+
+#[test]
+fn svids_keep_serving_while_the_spire_agent_is_down_and_updates_resume_after() {
+    let mut m = spire_mesh(3600);
+    let (p11, p21) = (m.bed.pod(1, 1).clone(), m.bed.pod(2, 1).clone());
+    let dst = SocketAddr::new(p21.ip(false), PORT);
+    let before = serial(&identity(&m.agent2, &p21).unwrap());
+    let socket = m.spire.admin_socket(2).display().to_string();
+    let warnings = |agent: &Agent| -> usize {
+        // However the agent words it, losing its spire-agent is a warning or an error that
+        // names SPIRE or the socket.
+        agent
+            .events()
+            .unwrap()
+            .iter()
+            .filter(|e| matches!(e["level"].as_str(), Some("WARN" | "ERROR")))
+            .filter(|e| {
+                let text = e.to_string();
+                text.to_ascii_lowercase().contains("spire") || text.contains(&socket)
+            })
+            .count()
+    };
+    let seen = warnings(&m.agent2);
+
+    m.spire.stop_agent(&mut m.bed, 2);
+    wait_until(Duration::from_secs(30), || Ok(warnings(&m.agent2) > seen)).unwrap_or_else(|e| {
+        panic!(
+            "node 2's agent never noticed its spire-agent went away: {e}\n{}",
+            m.agent2.log_tail()
+        )
+    });
+    // Down: the SVIDs it holds keep serving, and the agent stays ready.
+    intact(
+        &connect(&m.bed, &p11, dst, MIB, TIMEOUT).unwrap().unwrap(),
+        MIB,
+    );
+    let (status, body) = m.agent2.readiness().unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(serial(&identity(&m.agent2, &p21).unwrap()), before);
+
+    // Up again: the agent reconnects on its own. The restarted spire-agent signs new SVIDs
+    // (it kept only its own identity), which reach the zt agent ...
+    m.spire.start_agent(&mut m.bed, 2).unwrap();
+    let renewed = wait_identity(&m.agent2, &p21, |i| {
+        i.as_ref().is_some_and(|i| i["serial"] != before.as_str())
+    });
+    // ... and so do entry changes: deleted, the SVID is withdrawn; created again, it returns.
+    m.spire.delete_entry(&m.entries["n2p1"]).unwrap();
+    wait_identity(&m.agent2, &p21, Option::is_none);
+    assert!(connect(&m.bed, &p11, dst, 1024, TIMEOUT).unwrap().is_err());
+    m.spire
+        .create_workload_entry("default", "sa-n2p1", 3600)
+        .unwrap();
+    let back = wait_identity(&m.agent2, &p21, Option::is_some);
+    assert_ne!(back.as_ref().unwrap()["serial"], renewed.unwrap()["serial"]);
+    wait_until(Duration::from_secs(10), || {
+        Ok(m.agent2.readiness()?.0 == 200)
+    })
+    .unwrap();
+    intact(
+        &connect(&m.bed, &p11, dst, 1024, TIMEOUT).unwrap().unwrap(),
+        1024,
+    );
+}
