@@ -383,3 +383,26 @@ pub fn write_policy(dir: &Path, name: &str, yaml: &str) -> anyhow::Result<()> {
     std::fs::rename(&tmp, dir.join(name))?;
     Ok(())
 }
+
+/// The access records `client`'s and `server`'s agents wrote for the connection to `dst`,
+/// asserted to be mutual TLS from `source` to `destination` (SPIFFE IDs) on both sides:
+/// (outbound, inbound).
+pub fn mutual_tls_records(
+    client: &Agent,
+    server: &Agent,
+    dst: std::net::SocketAddr,
+    source: &str,
+    destination: &str,
+) -> anyhow::Result<(Value, Value)> {
+    let dst = dst.to_string();
+    let record = |agent: &Agent, direction: &str| -> anyhow::Result<Value> {
+        let r = agent.wait_access(&format!("{direction} over HBONE"), |r| {
+            r["direction"] == direction && r["original_dst"] == dst.as_str()
+        })?;
+        assert_eq!(r["connection_security_policy"], "mutual_tls", "{r}");
+        assert_eq!(r["source_identity"], source, "{r}");
+        assert_eq!(r["destination_identity"], destination, "{r}");
+        Ok(r)
+    };
+    Ok((record(client, "outbound")?, record(server, "inbound")?))
+}

@@ -355,3 +355,10 @@ pub fn churn(
         serde_json::from_slice(&out.stdout).context("zt-probe churn printed no report")?;
     report["completed"].as_u64().context("no completed count")
 }
+
+/// Asserts that the echo of a `connect` report came back whole: `bytes` bytes with the digest
+/// of what was sent.
+pub fn intact(report: &Value, bytes: u64) {
+    assert_eq!(report["reply"]["bytes"].as_u64(), Some(bytes), "{report}");
+    assert_eq!(report["reply"]["sha256"], report["sent_sha256"], "{report}");
+}

@@ -9,9 +9,9 @@ use std::{collections::BTreeMap, net::SocketAddr, path::Path, process::Command, 
 use serde_json::Value;
 use zt_tests::{
     Agent, Pod, Testbed,
-    agent::{meshed_config_with_identity, spiffe_id},
+    agent::{meshed_config_with_identity, mutual_tls_records, spiffe_id},
     in_cgroup_and_netns,
-    probe::{Server, connect, connect_idle_until},
+    probe::{Server, connect, connect_idle_until, intact},
     spire::{EntryId, Spire},
     wait_until,
 };
@@ -209,11 +209,6 @@ fn serial(identity: &Option<Value>) -> String {
         .to_owned()
 }
 
-fn intact(report: &Value, bytes: u64) {
-    assert_eq!(report["reply"]["bytes"].as_u64(), Some(bytes), "{report}");
-    assert_eq!(report["reply"]["sha256"], report["sent_sha256"], "{report}");
-}
-
 /// The certificate `pod`'s HBONE listener presents (`openssl s_client` from `from`, a pod outside
 /// the mesh): verified against SPIRE's bundle with `openssl verify`; returns (serial as the agent
 /// writes it: lower-case hex without leading zeros, subjectAltName).
@@ -279,33 +274,7 @@ fn spire_issued_svids_carry_a_cross_node_connection_over_mutual_tls() {
             .unwrap()
             .expect("transfer");
         intact(&report, 16 * MIB);
-        let dst_s = dst.to_string();
-        let out = m
-            .agent1
-            .wait_access("outbound over HBONE", |r| {
-                r["direction"] == "outbound" && r["original_dst"] == dst_s.as_str()
-            })
-            .unwrap();
-        assert_eq!(out["connection_security_policy"], "mutual_tls", "{out}");
-        assert_eq!(out["source_identity"], spiffe_id(p11).as_str(), "{out}");
-        assert_eq!(
-            out["destination_identity"],
-            spiffe_id(p21).as_str(),
-            "{out}"
-        );
-        let inb = m
-            .agent2
-            .wait_access("inbound over HBONE", |r| {
-                r["direction"] == "inbound" && r["original_dst"] == dst_s.as_str()
-            })
-            .unwrap();
-        assert_eq!(inb["connection_security_policy"], "mutual_tls", "{inb}");
-        assert_eq!(inb["source_identity"], spiffe_id(p11).as_str(), "{inb}");
-        assert_eq!(
-            inb["destination_identity"],
-            spiffe_id(p21).as_str(),
-            "{inb}"
-        );
+        mutual_tls_records(&m.agent1, &m.agent2, dst, &spiffe_id(p11), &spiffe_id(p21)).unwrap();
     }
     m.server.expect_connections(2).unwrap();
 

@@ -6,9 +6,9 @@ use std::{net::SocketAddr, time::Duration};
 use serde_json::Value;
 use zt_tests::{
     Agent, Testbed,
-    agent::{meshed_config, spiffe_id},
+    agent::{meshed_config, mutual_tls_records, spiffe_id},
     in_cgroup_and_netns,
-    probe::{Server, burst, connect, connect_duplex, connect_with_pattern},
+    probe::{Server, burst, connect, connect_duplex, connect_with_pattern, intact},
 };
 
 mod rogue;
@@ -58,11 +58,6 @@ fn mesh_with(mode: &str, revocations: Option<&std::path::Path>) -> Mesh {
     }
 }
 
-fn intact(report: &Value, bytes: u64) {
-    assert_eq!(report["reply"]["bytes"].as_u64(), Some(bytes), "{report}");
-    assert_eq!(report["reply"]["sha256"], report["sent_sha256"], "{report}");
-}
-
 #[test]
 fn cross_node_connection_travels_over_mutual_tls_with_both_identities() {
     let m = mesh("strict");
@@ -74,34 +69,10 @@ fn cross_node_connection_travels_over_mutual_tls_with_both_identities() {
             .expect("transfer");
         intact(&report, 16 * MIB);
         assert_eq!(report["peer"], dst.to_string());
-        let dst_s = dst.to_string();
-        let out = m
-            .agent1
-            .wait_access("outbound over HBONE", |r| {
-                r["direction"] == "outbound" && r["original_dst"] == dst_s.as_str()
-            })
-            .unwrap();
-        assert_eq!(out["connection_security_policy"], "mutual_tls", "{out}");
-        assert_eq!(out["source_identity"], spiffe_id(p11).as_str(), "{out}");
-        assert_eq!(
-            out["destination_identity"],
-            spiffe_id(p21).as_str(),
-            "{out}"
-        );
+        let (out, _) =
+            mutual_tls_records(&m.agent1, &m.agent2, dst, &spiffe_id(p11), &spiffe_id(p21))
+                .unwrap();
         assert_eq!(out["bytes_sent"].as_u64(), Some(16 * MIB), "{out}");
-        let inb = m
-            .agent2
-            .wait_access("inbound over HBONE", |r| {
-                r["direction"] == "inbound" && r["original_dst"] == dst_s.as_str()
-            })
-            .unwrap();
-        assert_eq!(inb["connection_security_policy"], "mutual_tls", "{inb}");
-        assert_eq!(inb["source_identity"], spiffe_id(p11).as_str(), "{inb}");
-        assert_eq!(
-            inb["destination_identity"],
-            spiffe_id(p21).as_str(),
-            "{inb}"
-        );
     }
     m.server.expect_connections(2).unwrap();
 }

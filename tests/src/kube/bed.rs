@@ -5,6 +5,8 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use serde_json::Value;
 
+pub use crate::probe::intact;
+
 use super::{AGENT_NAMESPACE, AGENT_SERVICE_ACCOUNT, AgentCredentials, Cluster, PodSpec};
 use crate::{
     Agent, Testbed,
@@ -146,12 +148,6 @@ pub fn wait_ready(agent: &Agent) {
             agent.log_tail()
         )
     });
-}
-
-/// The server received the `bytes` the client sent, unaltered.
-pub fn intact(report: &Value, bytes: u64) {
-    assert_eq!(report["reply"]["bytes"].as_u64(), Some(bytes), "{report}");
-    assert_eq!(report["reply"]["sha256"], report["sent_sha256"], "{report}");
 }
 
 /// Connects until one exchange completes (the client's agent may still be learning of the
