@@ -279,7 +279,7 @@ pub fn pod_json(pod: usize, generation: usize, resource_version: u64) -> Value {
         "terminationMessagePath": "/dev/termination-log",
         "terminationMessagePolicy": "File"
     })];
-    if pod % 3 == 0 {
+    if pod.is_multiple_of(3) {
         containers.push(json!({
             "name": "log-shipper",
             "image": "registry.example.com/platform/log-shipper:3.1.4",
