@@ -9,7 +9,8 @@
 //!   (from its bytes, and from the decoded `Pod` to split the cost), and an ADDED followed by the
 //!   DELETED of the same new pod (per pair).
 //! - `directory_lookup/*`: `MeshDirectory::lookup` of a meshed pod's address and of an address
-//!   nobody holds, IPv4 and IPv6, cycling over 4 096 addresses.
+//!   nobody holds, IPv4 and IPv6, cycling over 4 096 addresses; and `SpiffeId::workload`
+//!   alone, which every hit runs.
 //!
 //! Memory and the event-to-enforcement latency are in `directory_scale.rs` (they need a
 //! counting allocator and a paced run, not criterion).
@@ -22,7 +23,11 @@ use std::{hint::black_box, net::IpAddr, time::Duration};
 use criterion::{BatchSize, Criterion, SamplingMode, criterion_group, criterion_main};
 use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::watcher::Event;
-use zt_daemon::{directory::MeshDirectory, metrics::Metrics};
+use zt_daemon::{
+    directory::MeshDirectory,
+    identity::spiffe::{SpiffeId, TrustDomain},
+    metrics::Metrics,
+};
 
 use cluster::{PODS, pod_json, watch_event};
 
@@ -150,6 +155,18 @@ fn benches(c: &mut Criterion) {
             })
         });
     }
+    // What a hit adds to a miss: the identity is built from the pod's namespace and service
+    // account on every lookup.
+    let trust_domain: TrustDomain = "cluster.local".parse().unwrap();
+    group.bench_function("spiffe_id_workload", |b| {
+        b.iter(|| {
+            black_box(SpiffeId::workload(
+                &trust_domain,
+                black_box("team-0042"),
+                black_box("svc-1"),
+            ))
+        })
+    });
     group.finish();
 }
 
