@@ -161,9 +161,10 @@ pub fn run() -> anyhow::Result<()> {
     )?;
     writeln!(
         md,
-        "\nA hit costs many misses: the pod's identity is formatted and parsed again on every\n\
+        "\nA hit costs many misses: besides the address it looks up the pod's record and its\n\
+         namespace, and it formats and parses the pod's identity again ({spiffe_id:.0} ns) on every\n\
          lookup. Keeping one shared `SpiffeId` per namespace and service account in `ClusterPods`\n\
-         would bring a hit near a miss plus a clone{}.\n",
+         would leave a clone of it instead{}.\n",
         if worst_lookup <= 1000.0 {
             "; not done, as the target holds"
         } else {
