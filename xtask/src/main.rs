@@ -62,6 +62,9 @@ enum BenchCmd {
     Micro,
     /// Criterion: rustls with aws-lc-rs against ring (handshake, bulk encryption).
     Crypto,
+    /// Criterion and a counting allocator: the mesh directory at 100 000 pods (initial list,
+    /// watch events, lookups, memory per pod, event-to-lookup latency).
+    Directory,
     /// perf profiles of zt cross-node: one iperf3 stream, 1 KiB round trips, new connections.
     Profile,
 }
@@ -221,6 +224,10 @@ fn main() -> anyhow::Result<()> {
             what: Some(BenchCmd::Crypto),
             ..
         } => bench::crypto(),
+        Cmd::Bench {
+            what: Some(BenchCmd::Directory),
+            ..
+        } => bench::directory::run(),
         Cmd::Bench {
             what: Some(BenchCmd::Profile),
             ..

@@ -1,7 +1,8 @@
-//! Benchmarks, run as `cargo xtask bench [micro|policy|crypto]` with release builds; each writes
-//! its own section of BENCHMARKS.md. `paths` is the data path benchmark (the default), `haproxy`
-//! its reference proxy; micro and policy run criterion benchmarks in zt-daemon/benches, crypto
-//! the provider comparison in crypto-bench/.
+//! Benchmarks, run as `cargo xtask bench [micro|policy|crypto|directory]` with release builds;
+//! each writes its own section of BENCHMARKS.md. `paths` is the data path benchmark (the
+//! default), `haproxy` its reference proxy; micro, policy and directory run benchmarks in
+//! zt-daemon/benches, crypto the provider comparison in crypto-bench/.
+pub mod directory;
 mod haproxy;
 pub mod paths;
 
@@ -116,10 +117,19 @@ pub fn policy() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Where cargo builds for `workspace`: `CARGO_TARGET_DIR` when set (relative to the workspace),
+/// else its `target`.
+fn target_dir(workspace: &std::path::Path) -> std::path::PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => workspace.join(dir),
+        None => workspace.join("target"),
+    }
+}
+
 /// The median time criterion measured for benchmark `id` (`group/name` or `name`), in ns.
 /// `workspace` is the root of the workspace criterion ran in.
 fn criterion_median_ns(workspace: &std::path::Path, id: &str) -> anyhow::Result<f64> {
-    let path = workspace.join(format!("target/criterion/{id}/new/estimates.json"));
+    let path = target_dir(workspace).join(format!("criterion/{id}/new/estimates.json"));
     let v: Value = serde_json::from_str(&std::fs::read_to_string(&path)?)
         .with_context(|| format!("{}", path.display()))?;
     v["median"]["point_estimate"]

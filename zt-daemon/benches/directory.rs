@@ -1,0 +1,174 @@
+//! The mesh directory at cluster scale (issue 16): 100 000 pods in 2 000 namespaces on 150
+//! nodes (`support/cluster.rs` says what they look like). What is timed is what the agent does
+//! with the API server's bytes: JSON → `Pod` (serde, as kube) → `pod_view` → the directory under
+//! its write lock, and the lookup on the connect path.
+//!
+//! - `directory_list/100000_pods`: the initial list (200 pages of 500 pods) into a fresh
+//!   directory that knows the namespaces; one iteration is the whole list.
+//! - `directory_event/*`: one watch event on the full directory: a MODIFIED of a pod it holds
+//!   (from its bytes, and from the decoded `Pod` to split the cost), and an ADDED followed by the
+//!   DELETED of the same new pod (per pair).
+//! - `directory_lookup/*`: `MeshDirectory::lookup` of a meshed pod's address and of an address
+//!   nobody holds, IPv4 and IPv6, cycling over 4 096 addresses; and `SpiffeId::workload`
+//!   alone, which every hit runs.
+//!
+//! Memory and the event-to-enforcement latency are in `directory_scale.rs` (they need a
+//! counting allocator and a paced run, not criterion).
+#[allow(dead_code)]
+#[path = "support/cluster.rs"]
+mod cluster;
+
+use std::{hint::black_box, net::IpAddr, time::Duration};
+
+use criterion::{BatchSize, Criterion, SamplingMode, criterion_group, criterion_main};
+use k8s_openapi::api::core::v1::Pod;
+use kube::runtime::watcher::Event;
+use zt_daemon::{
+    directory::MeshDirectory,
+    identity::spiffe::{SpiffeId, TrustDomain},
+    metrics::Metrics,
+};
+
+use cluster::{PODS, pod_json, watch_event};
+
+/// The cluster's pods applied, as after the agent's first list.
+fn full_directory(metrics: &Metrics, pages: &[Vec<u8>]) -> MeshDirectory {
+    let directory = cluster::empty_directory(metrics);
+    cluster::apply_list(&directory, metrics, pages.iter().map(Vec::as_slice));
+    directory
+}
+
+fn benches(c: &mut Criterion) {
+    let metrics = Metrics::new();
+    let pages = cluster::list_pages(PODS);
+    let bytes: usize = pages.iter().map(Vec::len).sum();
+    eprintln!(
+        "initial list: {} pages, {} MiB of JSON, {} bytes per pod",
+        pages.len(),
+        bytes >> 20,
+        bytes / PODS
+    );
+
+    let mut group = c.benchmark_group("directory_list");
+    group
+        .sampling_mode(SamplingMode::Flat)
+        .sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(30));
+    group.bench_function("100000_pods", |b| {
+        b.iter_batched(
+            || cluster::empty_directory(&metrics),
+            |directory| {
+                cluster::apply_list(&directory, &metrics, pages.iter().map(Vec::as_slice));
+                // Dropped after the timing.
+                directory
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    group.finish();
+
+    let directory = full_directory(&metrics, &pages);
+    drop(pages);
+    let pods_held = directory.read_cluster(|c| c.pod_count()).unwrap();
+    eprintln!("full directory: {pods_held} pods");
+
+    // Existing pods, spread over the cluster, each MODIFIED with a new resourceVersion.
+    let spread: Vec<usize> = (0..1024).map(|i| (i * 7919 + 13) % PODS).collect();
+    let modified: Vec<Vec<u8>> = spread
+        .iter()
+        .map(|&p| watch_event("MODIFIED", pod_json(p, 0, 500_000 + p as u64)))
+        .collect();
+    let decoded: Vec<Pod> = spread
+        .iter()
+        .map(|&p| serde_json::from_value(pod_json(p, 0, 500_000 + p as u64)).unwrap())
+        .collect();
+    // New pods (addresses no pod holds), added then deleted: the directory keeps its size.
+    let added_deleted: Vec<(Vec<u8>, Vec<u8>)> = spread
+        .iter()
+        .map(|&p| {
+            (
+                watch_event("ADDED", pod_json(p, 2, 600_000)),
+                watch_event("DELETED", pod_json(p, 2, 600_001)),
+            )
+        })
+        .collect();
+
+    let mut group = c.benchmark_group("directory_event");
+    let mut i = 0;
+    group.bench_function("modified", |b| {
+        b.iter(|| {
+            i = (i + 1) % modified.len();
+            black_box(cluster::apply_watch_line(
+                &directory,
+                &metrics,
+                &modified[i],
+            ))
+        })
+    });
+    group.bench_function("modified_decoded", |b| {
+        b.iter_batched(
+            || {
+                i = (i + 1) % decoded.len();
+                decoded[i].clone()
+            },
+            |pod| black_box(cluster::apply(&directory, &metrics, Event::Apply(pod))),
+            BatchSize::SmallInput,
+        )
+    });
+    group.bench_function("added_then_deleted", |b| {
+        b.iter(|| {
+            i = (i + 1) % added_deleted.len();
+            let (added, deleted) = &added_deleted[i];
+            let _ = cluster::apply_watch_line(&directory, &metrics, added);
+            black_box(cluster::apply_watch_line(&directory, &metrics, deleted))
+        })
+    });
+    group.finish();
+    assert_eq!(
+        directory.read_cluster(|c| c.pod_count()),
+        Some(pods_held),
+        "the events left the directory as it was"
+    );
+
+    let (hit_v4, hit_v6) = cluster::meshed_addresses(4096);
+    let (miss_v4, miss_v6) = cluster::unknown_addresses(4096);
+    for ip in hit_v4.iter().chain(&hit_v6) {
+        assert!(directory.lookup(*ip).is_some(), "{ip} is a meshed pod's");
+    }
+    for ip in miss_v4.iter().chain(&miss_v6) {
+        assert!(directory.lookup(*ip).is_none(), "{ip} is nobody's");
+    }
+    let mut group = c.benchmark_group("directory_lookup");
+    for (name, addresses) in [
+        ("hit_v4", &hit_v4),
+        ("hit_v6", &hit_v6),
+        ("miss_v4", &miss_v4),
+        ("miss_v6", &miss_v6),
+    ] {
+        let addresses: &[IpAddr] = addresses;
+        let mut i = 0;
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                i = (i + 1) % addresses.len();
+                black_box(directory.lookup(black_box(addresses[i])))
+            })
+        });
+    }
+    // What a hit adds to a miss: the identity is built from the pod's namespace and service
+    // account on every lookup.
+    let trust_domain: TrustDomain = "cluster.local".parse().unwrap();
+    group.bench_function("spiffe_id_workload", |b| {
+        b.iter(|| {
+            black_box(SpiffeId::workload(
+                &trust_domain,
+                black_box("team-0042"),
+                black_box("svc-1"),
+            ))
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(directory, benches);
+criterion_main!(directory);
