@@ -124,6 +124,9 @@ struct PodRecord {
     service_account: Arc<str>,
     node: Arc<str>,
     labels: Arc<Labels>,
+    /// `spiffe://<td>/ns/<namespace>/sa/<service account>`, shared by the pods that have it
+    /// (built once, not at every lookup); `None` when the names make no valid SPIFFE ID.
+    identity: Option<Arc<SpiffeId>>,
     ips: Box<[IpAddr]>,
     opt_in: MeshOptIn,
     probe_ports: Box<[u16]>,
@@ -160,6 +163,7 @@ pub struct ClusterPods {
     local: BTreeSet<PodUid>,
     strings: Interner<str>,
     label_sets: Interner<Labels>,
+    identities: Interner<SpiffeId>,
     pod_epoch: u32,
     namespace_epoch: u32,
 }
@@ -175,6 +179,7 @@ impl ClusterPods {
             local: BTreeSet::new(),
             strings: Interner::default(),
             label_sets: Interner::default(),
+            identities: Interner::default(),
             pod_epoch: 0,
             namespace_epoch: 0,
         }
@@ -214,6 +219,9 @@ impl ClusterPods {
             .strings
             .get(service_account.as_str(), || service_account.as_str().into());
         let labels = self.label_sets.get(&labels, || Arc::new(labels.clone()));
+        let identity = SpiffeId::workload(&self.trust_domain, &namespace, &service_account)
+            .ok()
+            .map(|id| self.identities.get(&id, || Arc::new(id.clone())));
         for ip in &ips {
             self.claim(ip.to_canonical(), uid);
         }
@@ -229,6 +237,7 @@ impl ClusterPods {
                 service_account,
                 node,
                 labels,
+                identity,
                 ips: ips.iter().map(IpAddr::to_canonical).collect(),
                 opt_in,
                 probe_ports: probe_ports.into(),
@@ -252,12 +261,16 @@ impl ClusterPods {
             service_account,
             node,
             labels,
+            identity,
             ..
         } = record;
         for s in [namespace, service_account, node] {
             self.strings.release(s);
         }
         self.label_sets.release(labels);
+        if let Some(identity) = identity {
+            self.identities.release(identity);
+        }
         LocalChange(local)
     }
 
@@ -394,7 +407,7 @@ impl ClusterPods {
         if !self.is_meshed(pod) {
             return None;
         }
-        SpiffeId::workload(&self.trust_domain, &pod.namespace, &pod.service_account).ok()
+        pod.identity.as_deref().cloned()
     }
 
     /// This node's meshed pods that have an address, by name.
@@ -678,11 +691,13 @@ mod tests {
         // shop, legacy (namespaces), web, node2.
         assert_eq!(c.strings.0.len(), 4);
         assert_eq!(c.label_sets.0.len(), 1);
+        assert_eq!(c.identities.0.len(), 1, "one SPIFFE ID for the 50 pods");
         for n in 1..=50 {
             let _ = c.remove_pod(uid(n));
         }
         assert_eq!(c.strings.0.len(), 2);
         assert!(c.label_sets.0.is_empty());
+        assert!(c.identities.0.is_empty());
         assert!(c.by_ip.is_empty());
     }
 

@@ -259,34 +259,7 @@ impl Watch {
     fn on_pod(&mut self, event: Event<Pod>) -> LocalChange {
         let metrics = self.report.metrics.clone();
         let synced = matches!(event, Event::InitDone);
-        let change = self.directory.update_cluster(|pods| match event {
-            Event::Init => {
-                pods.begin_pod_relist();
-                LocalChange(false)
-            }
-            Event::InitApply(pod) | Event::Apply(pod) => match pod_view(&pod, &metrics) {
-                Some(PodView::Live(facts)) => pods.upsert_pod(facts),
-                Some(PodView::Gone(uid)) => pods.remove_pod(uid),
-                None => LocalChange(false),
-            },
-            Event::Delete(pod) => match pod_view(&pod, &metrics) {
-                Some(PodView::Live(PodFacts { uid, .. }) | PodView::Gone(uid)) => {
-                    pods.remove_pod(uid)
-                }
-                None => LocalChange(false),
-            },
-            Event::InitDone => {
-                let change = pods.end_pod_relist();
-                info!(
-                    pods = pods.pod_count(),
-                    "listed the cluster's pods into the mesh directory"
-                );
-                LocalChange(true).or(change)
-            }
-        });
-        if let Some(pods) = self.directory.read_cluster(ClusterPods::pod_count) {
-            metrics.directory_pods.set(pods as i64);
-        }
+        let change = apply_pod_event(&self.directory, &metrics, event);
         if synced && !self.pods_synced {
             self.pods_synced = true;
             // The slices listed before the pods are checked now.
@@ -297,7 +270,7 @@ impl Watch {
                 self.note_strangers(slice);
             }
         }
-        change.unwrap_or(LocalChange(false))
+        change
     }
 
     fn on_namespace(&mut self, event: Event<Namespace>) -> LocalChange {
@@ -536,6 +509,42 @@ impl Watch {
             })
             .collect()
     }
+}
+
+/// What one pod event does to the directory (under its write lock), and the pod count after.
+pub fn apply_pod_event(
+    directory: &MeshDirectory,
+    metrics: &Metrics,
+    event: Event<Pod>,
+) -> LocalChange {
+    let change = directory.update_cluster(|pods| match event {
+        Event::Init => {
+            pods.begin_pod_relist();
+            LocalChange(false)
+        }
+        Event::InitApply(pod) | Event::Apply(pod) => match pod_view(&pod, metrics) {
+            Some(PodView::Live(facts)) => pods.upsert_pod(facts),
+            Some(PodView::Gone(uid)) => pods.remove_pod(uid),
+            None => LocalChange(false),
+        },
+        Event::Delete(pod) => match pod_view(&pod, metrics) {
+            Some(PodView::Live(PodFacts { uid, .. }) | PodView::Gone(uid)) => pods.remove_pod(uid),
+            None => LocalChange(false),
+        },
+        Event::InitDone => {
+            let change = pods.end_pod_relist();
+            info!(
+                pods = pods.pod_count(),
+                "listed the cluster's pods into the mesh directory"
+            );
+            // Whether or not a local pod changed, the first list is news.
+            LocalChange(true).or(change)
+        }
+    });
+    if let Some(pods) = directory.read_cluster(ClusterPods::pod_count) {
+        metrics.directory_pods.set(pods as i64);
+    }
+    change.unwrap_or(LocalChange(false))
 }
 
 impl LocalChange {

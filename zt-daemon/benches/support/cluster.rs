@@ -19,8 +19,8 @@ use kube::{
 };
 use serde_json::{Value, json};
 use zt_daemon::{
-    directory::{ClusterPods, LocalChange, MeshDirectory, PodFacts},
-    discovery::{PodView, namespace_mesh, pod_view},
+    directory::{ClusterPods, LocalChange, MeshDirectory},
+    discovery::namespace_mesh,
     metrics::Metrics,
 };
 
@@ -489,29 +489,9 @@ pub fn empty_directory(metrics: &Metrics) -> MeshDirectory {
     directory
 }
 
-/// What discovery does with one pod event: the directory changes under its write lock, then
-/// the pod count is read for the metric (as `discovery`'s `on_pod`).
+/// What discovery does with one pod event (its own function, not a copy).
 pub fn apply(directory: &MeshDirectory, metrics: &Metrics, event: Event<Pod>) -> LocalChange {
-    let change = directory.update_cluster(|pods| match event {
-        Event::Init => {
-            pods.begin_pod_relist();
-            LocalChange(false)
-        }
-        Event::InitApply(pod) | Event::Apply(pod) => match pod_view(&pod, metrics) {
-            Some(PodView::Live(facts)) => pods.upsert_pod(facts),
-            Some(PodView::Gone(uid)) => pods.remove_pod(uid),
-            None => LocalChange(false),
-        },
-        Event::Delete(pod) => match pod_view(&pod, metrics) {
-            Some(PodView::Live(PodFacts { uid, .. }) | PodView::Gone(uid)) => pods.remove_pod(uid),
-            None => LocalChange(false),
-        },
-        Event::InitDone => pods.end_pod_relist(),
-    });
-    if let Some(pods) = directory.read_cluster(ClusterPods::pod_count) {
-        metrics.directory_pods.set(pods as i64);
-    }
-    change.unwrap_or(LocalChange(false))
+    zt_daemon::discovery::apply_pod_event(directory, metrics, event)
 }
 
 /// Applies pages of the initial list, each pod an event of its own, as the watcher hands them.
