@@ -425,3 +425,92 @@ fn pods_without_an_ip_odd_mesh_values_and_a_terminating_namespace_do_not_disturb
     }
     assert!(!k.bed.exited(agent1.pid) && !k.bed.exited(agent2.pid));
 }
+
+/// A namespace that joins the mesh by its label, and leaves it: its pods are enrolled and reached
+/// over mTLS from the other node, then un-enrolled and reached in plaintext (default egress),
+/// each as soon as the agents have the label change.
+#[test]
+fn a_namespace_label_change_moves_its_pods_in_and_out_of_the_mesh() {
+    let mut k = KubeBed::new(1);
+    k.create(&k.pod(1, 1, "frontend-0", "frontend"));
+    k.cluster.create_namespace("team", &[]).unwrap();
+    k.cluster.create_service_account("team", "api").unwrap();
+    k.cluster
+        .create_pod(&PodSpec::new(
+            "team",
+            "api-0",
+            k.bed.node(2),
+            k.bed.pod(2, 1),
+            "api",
+        ))
+        .unwrap();
+    let p21 = k.bed.pod(2, 1).clone();
+    let server = Server::start(&mut k.bed, &p21, SocketAddr::from(([0u16; 8], PORT))).unwrap();
+    let agent1 = k.agent(1, false);
+    let agent2 = k.agent(2, false);
+    wait_enrolled(&agent1, "frontend-0");
+    wait_ready(&agent2);
+    let dst = SocketAddr::new(p21.ip(false), PORT);
+    // Security of the latest outbound record to `dst` once a connection carried its bytes.
+    let security_after_exchange = |seen: usize| -> String {
+        let report = connect_when_known(&k.bed, (1, 1), dst, 4 * KIB);
+        intact(&report, 4 * KIB);
+        let mut records = Vec::new();
+        wait_until(PROPAGATION, || {
+            records = agent1
+                .access_records()?
+                .into_iter()
+                .filter(|r| r["direction"] == "outbound" && r["original_dst"] == dst.to_string())
+                .collect::<Vec<Value>>();
+            Ok(records.len() > seen)
+        })
+        .unwrap();
+        records.last().unwrap()["connection_security_policy"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let enrolled = |what: &str| count(&agent2, what, "team/api-0");
+
+    // Not meshed: plaintext egress, and nothing enrolled on node 2.
+    assert_eq!(security_after_exchange(0), "none");
+    assert_eq!(enrolled("workload enrolled"), 0);
+
+    k.cluster
+        .set_namespace_labels("team", &[("zt.io/mesh", Some("enabled"))])
+        .unwrap();
+    wait_until(PROPAGATION, || Ok(enrolled("workload enrolled") == 1)).unwrap();
+    // Node 1's agent learns it too: the next connections go over mTLS to api's identity.
+    let mut seen = 1;
+    wait_until(PROPAGATION, || {
+        let security = security_after_exchange(seen);
+        seen += 1;
+        Ok(security == "mutual_tls")
+    })
+    .unwrap();
+    let last = agent1
+        .access_records()
+        .unwrap()
+        .into_iter()
+        .rfind(|r| r["direction"] == "outbound" && r["original_dst"] == dst.to_string())
+        .unwrap();
+    assert_eq!(
+        last["destination_identity"], "spiffe://cluster.local/ns/team/sa/api",
+        "{last}"
+    );
+
+    // The label goes: un-enrolled, and plaintext again.
+    k.cluster
+        .set_namespace_labels("team", &[("zt.io/mesh", None)])
+        .unwrap();
+    wait_until(PROPAGATION, || Ok(enrolled("workload un-enrolled") == 1)).unwrap();
+    wait_until(PROPAGATION, || {
+        let security = security_after_exchange(seen);
+        seen += 1;
+        Ok(security == "none")
+    })
+    .unwrap();
+    assert!(server.connections().unwrap().len() >= 3);
+    no_panic(&agent1);
+    no_panic(&agent2);
+}
