@@ -28,32 +28,14 @@ use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
 
 use crate::{
-    config::{AdminConfig, WorkloadId},
-    identity::tls::SvidSlot,
-    metrics::Metrics,
-    proxy::ProxyContext,
-    source_limit::SourceLimit,
-    workload::LocalWorkload,
+    config::AdminConfig, directory::MeshDirectory, identity::tls::SvidSlot, metrics::Metrics,
+    proxy::ProxyContext, source_limit::SourceLimit, workload::LocalWorkload,
 };
-
-/// What readiness is decided from; the agent replaces it after every reconcile.
-#[derive(Default)]
-pub struct ReadyInputs {
-    pub capture_started: bool,
-    /// Every configured workload, with its SVID slot when it is enrolled (`None` = not enrolled),
-    /// and whether the node issues identities at all.
-    pub workloads: Vec<(WorkloadId, Option<Option<SvidSlot>>)>,
-    pub identity_required: bool,
-    /// Kubernetes discovery is configured and has not completed its first list yet: the set of
-    /// workloads to enroll is not known.
-    pub discovery_pending: bool,
-    /// Why each workload that could not be enrolled failed (it is held fail-closed).
-    pub enrollment_failures: std::collections::BTreeMap<WorkloadId, String>,
-}
 
 #[derive(Default, Clone)]
 pub struct Readiness {
-    inputs: Arc<RwLock<ReadyInputs>>,
+    /// This node's workloads, as the agent last published them.
+    directory: MeshDirectory,
     /// Set on SIGTERM: a draining agent is never ready again.
     draining: Arc<std::sync::atomic::AtomicBool>,
     /// Policy files that did not load: what is enforced is not what the operator wrote.
@@ -64,16 +46,14 @@ pub struct Readiness {
 }
 
 impl Readiness {
-    /// Readiness that also requires the policy files on disk to be the ones in force.
-    pub fn new(policy: crate::policy::LoadStatus) -> Self {
+    /// Readiness of the workloads `directory` says this node has, that also requires the policy
+    /// files on disk to be the ones in force.
+    pub fn new(policy: crate::policy::LoadStatus, directory: MeshDirectory) -> Self {
         Self {
             policy,
+            directory,
             ..Self::default()
         }
-    }
-
-    pub fn set(&self, inputs: ReadyInputs) {
-        *self.inputs.write().unwrap_or_else(|p| p.into_inner()) = inputs;
     }
 
     pub fn set_discovery_failure(&self, reason: Option<String>) {
@@ -92,7 +72,7 @@ impl Readiness {
         if self.draining.load(Ordering::Relaxed) {
             return Err("draining (shutting down)".into());
         }
-        let inputs = self.inputs.read().unwrap_or_else(|p| p.into_inner());
+        let inputs = self.directory.node();
         if !inputs.capture_started {
             return Err("capture programs not attached".into());
         }
@@ -113,9 +93,9 @@ impl Readiness {
             return Err(format!("policy files not in force: {e}"));
         }
         let now = SystemTime::now();
-        for (id, enrolled) in &inputs.workloads {
+        for (id, enrolled) in &inputs.wanted {
             let Some(slot) = enrolled else {
-                return Err(match inputs.enrollment_failures.get(id) {
+                return Err(match inputs.failures.get(id) {
                     Some(reason) => {
                         format!("workload {id} is not enrolled (held fail-closed): {reason}")
                     }
@@ -204,10 +184,10 @@ impl LogControl {
 pub struct AdminState {
     pub node_name: String,
     pub readiness: Readiness,
-    pub workloads: Arc<RwLock<Vec<Arc<LocalWorkload>>>>,
     pub proxy: Arc<ProxyContext>,
     pub pin_dir: PathBuf,
-    pub directory: crate::directory::MeshDirectory,
+    /// Who is where, this node's workloads included.
+    pub directory: MeshDirectory,
     /// Issuance failures the identity provider counted (none without a provider).
     pub issue_failures: Option<Arc<AtomicU64>>,
     pub log: LogControl,
@@ -215,10 +195,7 @@ pub struct AdminState {
 
 impl AdminState {
     fn workloads(&self) -> Vec<Arc<LocalWorkload>> {
-        self.workloads
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.directory.node().enrolled.clone()
     }
 
     /// Sets the gauges that are read off live state rather than counted as things happen.

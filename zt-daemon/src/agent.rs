@@ -13,9 +13,9 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
 use crate::{
-    admin::{self, AdminState, LogControl, Readiness, ReadyInputs},
+    admin::{self, AdminState, LogControl, Readiness},
     config::{MtlsMode, NodeConfig, Workload, WorkloadId},
-    directory::MeshDirectory,
+    directory::{MeshDirectory, NodeWorkloads},
     discovery,
     ebpf::{Capture, OriginalDsts},
     identity::{node::NodeIdentity, rotation::WorkloadIdentity, spiffe::SpiffeId},
@@ -91,8 +91,8 @@ impl Agent {
             .inspect_err(|e| error!(error = %e, "policy files not watched; reload with SIGHUP"))
             .ok()
             .flatten();
-        let readiness = Readiness::new(policy.status());
         let directory = MeshDirectory::default();
+        let readiness = Readiness::new(policy.status(), directory.clone());
         let proxy = Arc::new(ProxyContext {
             dsts,
             directory: directory.clone(),
@@ -116,7 +116,6 @@ impl Agent {
         let admin = AdminState {
             node_name: config.node_name.clone(),
             readiness,
-            workloads: Arc::default(),
             proxy: proxy.clone(),
             pin_dir: capture.pin_dir().to_owned(),
             directory: directory.clone(),
@@ -439,18 +438,12 @@ impl Agent {
         flags
     }
 
-    /// Tells the proxies, the admin endpoints and readiness what is enrolled now.
+    /// Tells the proxies, the admin endpoints and readiness what is enrolled now: one write to
+    /// the directory, which they all read.
     fn publish_state(&self) {
-        self.publish_mesh_directory();
-        *self
-            .admin
-            .workloads
-            .write()
-            .unwrap_or_else(|p| p.into_inner()) =
-            self.enrolled.values().map(|e| e.local.clone()).collect();
-        self.admin.readiness.set(ReadyInputs {
-            capture_started: true,
-            workloads: self
+        let node = NodeWorkloads {
+            enrolled: self.enrolled.values().map(|e| e.local.clone()).collect(),
+            wanted: self
                 .desired()
                 .keys()
                 .map(|id| {
@@ -458,14 +451,17 @@ impl Agent {
                     (id.clone(), enrolled)
                 })
                 .collect(),
-            identity_required: self.identity.is_some(),
-            discovery_pending: self.discovered.is_none(),
-            enrollment_failures: self
+            failures: self
                 .failed
                 .iter()
                 .map(|(id, f)| (id.clone(), f.reason.clone()))
                 .collect(),
-        });
+            identity_required: self.identity.is_some(),
+            discovery_pending: self.discovered.is_none(),
+            capture_started: true,
+        };
+        self.directory
+            .publish_node(self.configured_addresses(), node);
     }
 
     /// Compares the kernel's capture state with the enrolled workloads, repairs what differs
@@ -562,7 +558,7 @@ impl Agent {
 
     /// The node config's part of the mesh directory: the `[[endpoint]]`s and the addresses of
     /// the enrolled static `[[workload]]`s (discovered pods are in it through discovery).
-    fn publish_mesh_directory(&self) {
+    fn configured_addresses(&self) -> HashMap<IpAddr, SpiffeId> {
         let mut entries: HashMap<IpAddr, SpiffeId> = self
             .config
             .endpoints
@@ -580,7 +576,7 @@ impl Agent {
                 }
             }
         }
-        self.directory.set_configured(entries);
+        entries
     }
 
     /// The workload's identity, if the node has an identity provider. Until its first SVID is

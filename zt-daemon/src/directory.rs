@@ -27,7 +27,9 @@ use std::{
 use crate::{
     config::WorkloadId,
     identity::spiffe::{SpiffeId, TrustDomain},
+    identity::tls::SvidSlot,
     services::{ServiceTable, ServiceTarget},
+    workload::LocalWorkload,
 };
 
 /// Pod labels, shared by every pod with the same set.
@@ -447,10 +449,29 @@ impl ClusterPods {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NamespaceInUse;
 
+/// This node's side: what is wanted and enrolled here and how it went. The agent replaces it
+/// after every reconcile; readiness, `/config_dump` and the metrics read it.
+#[derive(Default)]
+pub struct NodeWorkloads {
+    /// The workloads enrolled on this node.
+    pub enrolled: Vec<Arc<LocalWorkload>>,
+    /// Every wanted workload, with its SVID slot when it is enrolled (`None` = not enrolled).
+    pub wanted: Vec<(WorkloadId, Option<Option<SvidSlot>>)>,
+    /// Why each workload that could not be enrolled failed (it is held fail-closed).
+    pub failures: BTreeMap<WorkloadId, String>,
+    /// The node issues identities: an enrolled workload needs a valid SVID to be ready.
+    pub identity_required: bool,
+    /// Kubernetes discovery has not completed its first lists: what to enroll is not known.
+    pub discovery_pending: bool,
+    /// Set once the agent published (capture runs).
+    pub capture_started: bool,
+}
+
 #[derive(Default)]
 struct DirectoryState {
     /// From the node config: `[[endpoint]]`s and the enrolled static workloads' addresses.
     configured: HashMap<IpAddr, SpiffeId>,
+    node: Arc<NodeWorkloads>,
     /// From Kubernetes discovery, when it runs.
     cluster: Option<ClusterPods>,
     /// Kubernetes Services (ClusterIP and port to endpoints), from discovery.
@@ -462,12 +483,21 @@ struct DirectoryState {
 pub struct MeshDirectory(Arc<RwLock<DirectoryState>>);
 
 impl MeshDirectory {
-    /// Replaces what the node config says (the agent, after each reconcile).
-    pub fn set_configured(&self, entries: HashMap<IpAddr, SpiffeId>) {
-        self.write().configured = entries
+    /// Replaces what the node config says and this node's workloads (the agent, after each
+    /// reconcile): one write, so no reader sees one without the other.
+    pub fn publish_node(&self, entries: HashMap<IpAddr, SpiffeId>, node: NodeWorkloads) {
+        let configured = entries
             .into_iter()
             .map(|(ip, id)| (ip.to_canonical(), id))
             .collect();
+        let mut state = self.write();
+        state.configured = configured;
+        state.node = Arc::new(node);
+    }
+
+    /// This node's workloads, as last published.
+    pub fn node(&self) -> Arc<NodeWorkloads> {
+        self.read().node.clone()
     }
 
     /// Starts holding the cluster's pods (discovery, once).
@@ -708,12 +738,12 @@ mod tests {
         let _ = c.upsert_pod(pod(1, "shop", "web", "node2", &["10.0.0.1"]));
         d.attach_cluster(c);
         let configured: SpiffeId = "spiffe://cluster.local/ns/static/sa/x".parse().unwrap();
-        d.set_configured(HashMap::from([(
-            "10.0.0.1".parse().unwrap(),
-            configured.clone(),
-        )]));
+        d.publish_node(
+            HashMap::from([("10.0.0.1".parse().unwrap(), configured.clone())]),
+            NodeWorkloads::default(),
+        );
         assert_eq!(d.lookup("10.0.0.1".parse().unwrap()), Some(configured));
-        d.set_configured(HashMap::new());
+        d.publish_node(HashMap::new(), NodeWorkloads::default());
         assert_eq!(
             d.lookup("10.0.0.1".parse().unwrap()).map(|i| i.to_string()),
             Some("spiffe://cluster.local/ns/shop/sa/web".to_owned())
