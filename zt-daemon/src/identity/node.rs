@@ -176,7 +176,7 @@ impl NodeIdentity {
 }
 
 /// Rebuilds the trust state from its sources (after a SPIRE update); a failure keeps the last.
-fn reloader(sources: &TrustSources, trust: &TrustStore) -> impl Fn() + Send + 'static {
+fn reloader(sources: &TrustSources, trust: &TrustStore) -> impl Fn() + Send + Sync + 'static {
     let (sources, trust) = (sources.clone(), trust.clone());
     move || match sources.load() {
         Ok(state) if *trust.current() == state => {}

@@ -169,13 +169,20 @@ impl SpireAgent {
         workload: Workload,
         slot: SvidSlot,
         trust: TrustStore,
-        reload: impl Fn() + Send + 'static,
+        reload: impl Fn() + Send + Sync + 'static,
     ) {
         let selectors = self.selectors_of(&workload);
+        // Un-enrolled (this task aborted): what it withdrew is no longer this node's to refuse.
+        let _forget = Forget {
+            spire: self.clone(),
+            id: id.clone(),
+            reload: Box::new(reload),
+        };
+        let reload = &*_forget.reload;
         let mut backoff = FIRST_BACKOFF;
         loop {
             let result = self
-                .svid_stream(&id, &selectors, &slot, &trust, &reload, &mut backoff)
+                .svid_stream(&id, &selectors, &slot, &trust, reload, &mut backoff)
                 .await;
             match result {
                 Ok(()) => warn!(identity = %id, "spire-agent ended the SVID stream; reconnecting"),
@@ -194,7 +201,7 @@ impl SpireAgent {
         selectors: &[Selector],
         slot: &SvidSlot,
         trust: &TrustStore,
-        reload: &impl Fn(),
+        reload: &(dyn Fn() + Sync),
         backoff: &mut Duration,
     ) -> Result<(), SpireError> {
         let request = SubscribeToX509sviDsRequest {
@@ -243,6 +250,21 @@ impl SpireAgent {
             first = false;
         }
         Ok(())
+    }
+}
+
+/// Lifts a withdrawal when the workload's task ends.
+struct Forget {
+    spire: Arc<SpireAgent>,
+    id: SpiffeId,
+    reload: Box<dyn Fn() + Send + Sync>,
+}
+
+impl Drop for Forget {
+    fn drop(&mut self) {
+        if write(&self.spire.withdrawn).remove(&self.id) {
+            (self.reload)();
+        }
     }
 }
 
