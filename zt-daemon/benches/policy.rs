@@ -5,8 +5,9 @@ use std::{collections::BTreeMap, hint::black_box, path::Path};
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use zt_daemon::{
-    config::{MtlsMode, PolicyConfig, PolicyDefault, WorkloadId},
+    config::{MtlsMode, PolicyConfig, PolicyDefault},
     policy::{Peer, PolicySet, WorkloadRef, istio::Loaded},
+    workload::WorkloadId,
 };
 
 /// `namespaces` × 10 ALLOW policies, each admitting one service account on one port.

@@ -14,7 +14,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     admin::{self, AdminState, LogControl, Readiness},
-    config::{MtlsMode, NodeConfig, Workload, WorkloadId},
+    config::{MtlsMode, NodeConfig},
     directory::{MeshDirectory, NodeWorkloads},
     discovery,
     ebpf::{Capture, OriginalDsts},
@@ -22,7 +22,7 @@ use crate::{
     policy::{self, PolicyStore},
     proxy::{ProxyContext, Tunnel, pool::Pool},
     source_limit::SourceLimit,
-    workload::{EnrollFailure, Enrollment},
+    workload::{EnrollFailure, Enrollment, Workload, WorkloadId},
 };
 use zt_common::pod_flags;
 

@@ -2,7 +2,6 @@
 //! downstream re-parses strings. Every error names the file, and where it can the line and key.
 use std::{
     collections::{BTreeMap, HashSet},
-    fmt,
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     time::Duration,
@@ -12,9 +11,11 @@ use serde::Deserialize;
 
 use ipnet::IpNet;
 
+pub use crate::workload::spec::is_dns_label;
 use crate::{
     egress::{EgressAllow, EgressDefault, EgressPolicy},
     identity::spiffe::{SpiffeId, TrustDomain},
+    workload::{Workload, WorkloadId},
 };
 
 pub const DEFAULT_PATH: &str = "/etc/zt/node.toml";
@@ -275,30 +276,6 @@ pub struct LogConfig {
 pub enum LogFormat {
     Text,
     Json,
-}
-
-/// A workload (pod) this node runs, identified by namespace and name.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Workload {
-    pub id: WorkloadId,
-    pub service_account: String,
-    pub labels: BTreeMap<String, String>,
-    /// The pod's network namespace, e.g. `/run/netns/x` or `/proc/PID/ns/net`.
-    pub netns: PathBuf,
-    /// Ports kubelet probes reach in plaintext from `capture.probe_source`.
-    pub probe_ports: Vec<u16>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct WorkloadId {
-    pub namespace: String,
-    pub name: String,
-}
-
-impl fmt::Display for WorkloadId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.namespace, self.name)
-    }
 }
 
 // ---- file shape, as written by operators -------------------------------------------------------
@@ -1002,16 +979,6 @@ fn line_of_key(text: &str, key: &str) -> Option<usize> {
         }
     }
     None
-}
-
-/// RFC 1123 label: what Kubernetes allows for namespaces and most names.
-pub fn is_dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
 }
 
 /// 1-based line and column of a byte offset.

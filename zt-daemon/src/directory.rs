@@ -25,11 +25,10 @@ use std::{
 };
 
 use crate::{
-    config::WorkloadId,
     identity::spiffe::{SpiffeId, TrustDomain},
     identity::tls::SvidSlot,
     services::{ServiceTable, ServiceTarget},
-    workload::LocalWorkload,
+    workload::{LocalWorkload, WorkloadId},
 };
 
 /// Pod labels, shared by every pod with the same set.

@@ -52,12 +52,12 @@ use tracing::{debug, info, warn};
 
 use crate::{
     admin::Readiness,
-    config::{KubernetesDiscovery, Workload},
+    config::KubernetesDiscovery,
     directory::{ClusterPods, LocalChange, LocalPod, MeshDirectory, MeshOptIn, PodFacts, PodUid},
     identity::spiffe::TrustDomain,
     metrics::Metrics,
     services::{ServiceFacts, ServiceName, ServicePort, SliceFacts},
-    workload::netns,
+    workload::{Workload, netns},
 };
 
 /// The label (namespace) or annotation (pod) that opts into the mesh.

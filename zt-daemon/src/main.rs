@@ -9,14 +9,13 @@ use tracing_subscriber::{EnvFilter, prelude::*};
 use zt_daemon::{
     admin::LogControl,
     agent,
-    config::{
-        self, LogConfig, LogFormat, MtlsMode, NodeConfig, PolicyConfig, PolicyDefault, WorkloadId,
-    },
+    config::{self, LogConfig, LogFormat, MtlsMode, NodeConfig, PolicyConfig, PolicyDefault},
     identity::{
         ca::{self, CertificateAuthority},
         spiffe::{SpiffeId, TrustDomain},
     },
     policy::{Peer, PolicySet, WorkloadRef},
+    workload::WorkloadId,
 };
 
 #[derive(Parser)]

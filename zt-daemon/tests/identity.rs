@@ -710,8 +710,8 @@ async fn files_provider_hot_reloads_and_keeps_the_last_good_state() {
         },
     )
     .unwrap();
-    let workload = |sa: &str| zt_daemon::config::Workload {
-        id: zt_daemon::config::WorkloadId {
+    let workload = |sa: &str| zt_daemon::workload::Workload {
+        id: zt_daemon::workload::WorkloadId {
             namespace: "default".into(),
             name: sa.into(),
         },

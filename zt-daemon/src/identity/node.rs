@@ -17,7 +17,10 @@ use super::{
     tls::SvidSlot,
     verify::{TrustState, TrustStore},
 };
-use crate::config::{IdentityConfig, IdentityProvider, Workload};
+use crate::{
+    config::{IdentityConfig, IdentityProvider},
+    workload::Workload,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {

@@ -39,7 +39,7 @@ use super::{
     tls::SvidSlot,
     verify::TrustStore,
 };
-use crate::config::{SelectorTemplate, Workload};
+use crate::{config::SelectorTemplate, workload::Workload};
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);

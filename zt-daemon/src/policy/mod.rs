@@ -27,7 +27,10 @@ pub use self::{
     istio::{LoadWarning, PolicyError, Sources},
     rules::{Action, Peer, PolicyName},
 };
-use crate::config::{MtlsMode, PolicyConfig, PolicyDefault, WorkloadId};
+use crate::{
+    config::{MtlsMode, PolicyConfig, PolicyDefault},
+    workload::WorkloadId,
+};
 
 /// Why a decision came out as it did; the `reason` label of `zt_policy_decisions_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -196,8 +199,8 @@ pub struct WorkloadRef<'a> {
     pub labels: &'a BTreeMap<String, String>,
 }
 
-impl<'a> From<&'a crate::config::Workload> for WorkloadRef<'a> {
-    fn from(w: &'a crate::config::Workload) -> Self {
+impl<'a> From<&'a crate::workload::Workload> for WorkloadRef<'a> {
+    fn from(w: &'a crate::workload::Workload) -> Self {
         Self {
             id: &w.id,
             labels: &w.labels,

@@ -3,7 +3,10 @@
 use std::{collections::BTreeMap, path::Path};
 
 use super::{istio::Loaded, *};
-use crate::config::{MtlsMode, PolicyConfig, PolicyDefault, WorkloadId};
+use crate::{
+    config::{MtlsMode, PolicyConfig, PolicyDefault},
+    workload::WorkloadId,
+};
 
 fn config(default: PolicyDefault) -> PolicyConfig {
     PolicyConfig {

@@ -20,12 +20,12 @@ use h2::{RecvStream, SendStream};
 
 use super::{copy, pool::StreamGuard};
 use crate::{
-    config::{WorkloadId, is_dns_label},
     identity::{
         spiffe::SpiffeId,
         svid::{LeafFacts, Svid},
         verify::TrustState,
     },
+    workload::{WorkloadId, spec::is_dns_label},
 };
 
 /// HTTP/2 flow-control windows and frame size for the tunnel. The defaults (64 KiB windows,

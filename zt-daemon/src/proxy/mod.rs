@@ -17,7 +17,6 @@ use std::{
 
 pub use crate::directory::MeshDirectory;
 use crate::{
-    config::WorkloadId,
     ebpf::OriginalDsts,
     egress::EgressPolicy,
     identity::{spiffe::SpiffeId, verify::TrustStore},
@@ -82,7 +81,7 @@ impl ProxyContext {
 use tokio::{net::TcpListener, task::JoinSet};
 use tracing::{info, warn};
 
-use crate::workload::LocalWorkload;
+use crate::workload::{LocalWorkload, WorkloadId};
 
 /// Which side of the agent a connection was captured on.
 #[derive(Debug, Clone, Copy)]

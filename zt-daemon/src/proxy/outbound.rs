@@ -12,7 +12,6 @@ use tracing::{debug, warn};
 use zt_common::HBONE_PORT;
 
 use crate::{
-    config::WorkloadId,
     identity::{
         spiffe::SpiffeId,
         svid::LeafFacts,
@@ -28,7 +27,7 @@ use crate::{
         relay_and_log, reset,
         route::{self, Refusal, Route, RouteInputs},
     },
-    workload::LocalWorkload,
+    workload::{LocalWorkload, WorkloadId},
 };
 
 pub async fn serve(listener: TcpListener, workload: Arc<LocalWorkload>, ctx: Arc<ProxyContext>) {

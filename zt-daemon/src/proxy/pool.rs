@@ -30,7 +30,7 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use super::hbone::{self, Retired, SessionCertificates, TunnelError};
-use crate::{config::WorkloadId, identity::spiffe::SpiffeId, identity::verify::TrustStore};
+use crate::{identity::spiffe::SpiffeId, identity::verify::TrustStore, workload::WorkloadId};
 
 #[derive(Clone, PartialEq, Eq, Hash, Debug)]
 pub struct PoolKey {

@@ -8,6 +8,7 @@
 //! leaves the pod fail-closed: marked `ENROLLMENT_FAILED`, its connects are refused and its
 //! inbound dropped by the programs until a later attempt succeeds.
 pub mod netns;
+pub mod spec;
 
 use std::{fs::File, net::IpAddr, net::SocketAddr, sync::Arc};
 
@@ -15,7 +16,6 @@ use tokio::{net::TcpListener, task::JoinHandle};
 use tracing::{info, warn};
 use zt_common::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, pod_flags, port_kinds};
 
-pub use crate::config::{Workload, WorkloadId};
 use crate::{
     ebpf::{AgentSockets, Capture, CaptureError, CaptureSnapshot},
     identity::{rotation::WorkloadIdentity, tls::SvidSlot},
@@ -23,6 +23,7 @@ use crate::{
     proxy::ProxyContext,
     workload::netns::{NetnsError, NetnsWorker},
 };
+pub use spec::{Workload, WorkloadId};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EnrollError {
