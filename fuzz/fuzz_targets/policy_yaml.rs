@@ -5,8 +5,9 @@ use std::{collections::BTreeMap, path::Path};
 
 use libfuzzer_sys::fuzz_target;
 use zt_daemon::{
-    config::{MtlsMode, PolicyConfig, PolicyDefault, WorkloadId},
+    config::{MtlsMode, PolicyConfig, PolicyDefault},
     policy::{PolicySet, WorkloadRef, istio::Loaded, rules::Peer},
+    workload::WorkloadId,
 };
 
 fuzz_target!(|data: &[u8]| {
