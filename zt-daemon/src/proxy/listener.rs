@@ -1,0 +1,101 @@
+//! The accept loop every in-pod listener runs: admission, a task per connection, and draining.
+use std::{future::Future, net::SocketAddr, sync::Arc};
+
+use tokio::{net::TcpListener, task::JoinSet};
+use tracing::{info, warn};
+
+use super::{ProxyContext, reset};
+use crate::workload::LocalWorkload;
+
+/// Which side of the agent a connection was captured on.
+#[derive(Debug, Clone, Copy)]
+pub enum Direction {
+    Outbound,
+    Inbound,
+}
+
+impl Direction {
+    pub(super) fn as_str(self) -> &'static str {
+        match self {
+            Self::Outbound => "outbound",
+            Self::Inbound => "inbound",
+        }
+    }
+}
+
+/// How a listener admits the connections it accepts.
+pub(crate) enum Admission {
+    /// Each holds one of the workload's permits (`limits.max_connections_per_workload`) from
+    /// accept to close; beyond them, refused.
+    WorkloadPermit,
+    /// The handler admits it (HBONE: a client that has not authenticated yet must not take
+    /// what the workload's own traffic needs).
+    ByHandler,
+}
+
+/// Accepts on `listener` until the task is aborted or draining starts; each connection runs
+/// `handle` in a task that is aborted together with this loop (un-enrollment closes the pod's
+/// connections), once `admission` admits it. When draining starts, the listener closes (a
+/// successor's listener takes the queued connections) and open connections get
+/// `drain_timeout` to finish before they are closed.
+pub(crate) async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    what: &'static str,
+    admission: Admission,
+    workload: Arc<LocalWorkload>,
+    ctx: Arc<ProxyContext>,
+    handle: F,
+) where
+    F: Fn(tokio::net::TcpStream, SocketAddr, Arc<LocalWorkload>, Arc<ProxyContext>) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let mut connections = JoinSet::new();
+    let drain_started = ctx.drain_started();
+    tokio::pin!(drain_started);
+    loop {
+        tokio::select! {
+            () = &mut drain_started => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    // Dual-stack listeners see IPv4 peers as v4-mapped IPv6; logs and policy
+                    // want the address the peer has.
+                    let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
+                    let permit = match admission {
+                        Admission::WorkloadPermit => match workload.connection_permit() {
+                            Some(permit) => Some(permit),
+                            None => {
+                                warn!(workload = %workload.workload.id, listener = what, %peer, close = "max_connections", "connection refused: workload at its connection limit");
+                                reset(stream);
+                                continue;
+                            }
+                        },
+                        Admission::ByHandler => None,
+                    };
+                    let work = handle(stream, peer, workload.clone(), ctx.clone());
+                    connections.spawn(async move {
+                        work.await;
+                        drop(permit);
+                    });
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off briefly instead of spinning.
+                    warn!(listener = what, error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            },
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+    drop(listener);
+    let open = connections.len();
+    let finished = tokio::time::timeout(ctx.drain_timeout, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if finished.is_err() {
+        warn!(workload = %workload.workload.id, listener = what, open = connections.len(), close = "drain_timeout", "drain time over; closing open connections");
+    } else if open > 0 {
+        info!(workload = %workload.workload.id, listener = what, connections = open, "listener drained");
+    }
+}
