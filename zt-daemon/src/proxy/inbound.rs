@@ -31,10 +31,13 @@ use crate::{
         tls::{ALPN_H2, handshake_failure_reason, server_config},
     },
     proxy::{
-        Admission, Identities, ProxyContext, Tunnel, accept_loop, authorize, connect_in_pod,
+        Admission, Identities, ProxyContext, accept_loop, authorize, connect_in_pod,
         copy::{CloseReason, RelayOutcome},
-        hbone::{self, H2Stream, SessionCertificate, SessionCertificates},
         log_access, relay_and_log, reset,
+    },
+    tunnel::{
+        Tunnel,
+        hbone::{self, H2Stream, SessionCertificate, SessionCertificates},
     },
     workload::LocalWorkload,
 };

@@ -1,16 +1,14 @@
 //! The data path: accept captured connections in the pod, find where they were going, and carry
 //! the bytes. `listener` runs the accept loops, `outbound` serves the pod's 15001 listener and
 //! `route` decides where its connections go, `inbound` serves 15006 and 15008 and `authorize`
-//! asks policy, `hbone` and `pool` hold the tunnel's protocol and connections, `copy` moves
-//! bytes, and `access` records each connection (access log and TCP metrics).
+//! asks policy, `copy` moves bytes, and `access` records each connection (access log and TCP
+//! metrics). The tunnel's protocol, client and pool are `crate::tunnel`'s.
 mod access;
 mod authorize;
 pub mod copy;
-pub mod hbone;
 pub mod inbound;
 mod listener;
 pub mod outbound;
-pub mod pool;
 pub mod route;
 
 pub(crate) use access::{AccessRecord, Identities, log_access, relay_and_log};
@@ -21,22 +19,11 @@ pub(crate) use listener::{Admission, accept_loop};
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 pub use crate::directory::MeshDirectory;
+pub use crate::tunnel::Tunnel;
 use crate::{
-    ebpf::OriginalDsts, egress::EgressPolicy, identity::verify::TrustStore, policy::PolicyStore,
-    services::EndpointLoad, source_limit::SourceLimit, workload::LocalWorkload,
+    ebpf::OriginalDsts, egress::EgressPolicy, policy::PolicyStore, services::EndpointLoad,
+    workload::LocalWorkload,
 };
-
-/// What the mTLS tunnel needs; absent when the node has no identity provider (capture only).
-pub struct Tunnel {
-    pub trust: TrustStore,
-    pub handshake_timeout: Duration,
-    pub pool: Arc<pool::Pool>,
-    /// TLS handshakes pending on this node's HBONE listeners, per source address.
-    pub handshakes: SourceLimit,
-    pub max_streams_per_connection: u32,
-    /// An inbound HBONE connection without streams this long is sent GOAWAY.
-    pub hbone_idle_timeout: Duration,
-}
 
 /// Shared by every listener of every workload on the node.
 pub struct ProxyContext {

@@ -8,26 +8,17 @@
 use std::{future::pending, net::SocketAddr, sync::Arc, time::Instant};
 
 use tokio::net::{TcpListener, TcpStream};
-use tracing::{debug, warn};
-use zt_common::HBONE_PORT;
+use tracing::warn;
 
 use crate::{
-    identity::{
-        spiffe::SpiffeId,
-        svid::LeafFacts,
-        tls::{SvidSlot, client_config},
-    },
     proxy::{
-        AccessRecord, Admission, Direction, Identities, ProxyContext, Tunnel, accept_loop,
-        connect_in_pod,
+        AccessRecord, Admission, Direction, Identities, ProxyContext, accept_loop, connect_in_pod,
         copy::{CloseReason, RelayOutcome},
-        hbone::{self, H2Stream, SessionCertificate, SessionCertificates, TunnelError},
-        log_access,
-        pool::{Dialled, Lease, PoolKey},
-        relay_and_log, reset,
+        log_access, relay_and_log, reset,
         route::{self, Refusal, Route, RouteInputs},
     },
-    workload::{LocalWorkload, WorkloadId},
+    tunnel::{client::open_tunnel, hbone::TunnelError},
+    workload::LocalWorkload,
 };
 
 pub async fn serve(listener: TcpListener, workload: Arc<LocalWorkload>, ctx: Arc<ProxyContext>) {
@@ -140,117 +131,4 @@ fn refuse(record: &AccessRecord<'_>, app: TcpStream, close: CloseReason, ctx: &P
     reset(app);
     ctx.metrics.outbound_refused(close.as_str());
     log_access(record, &RelayOutcome::refused(close));
-}
-
-/// Opens an HBONE stream to `dst` as `workload`, requiring `expected`: on a pooled connection of
-/// this pod to that destination if one is usable, else on a new one. Returns the stream, the
-/// source identity it speaks for, and the destination workload if its agent said.
-async fn open_tunnel(
-    workload: &LocalWorkload,
-    tunnel: &Tunnel,
-    dst: SocketAddr,
-    expected: &SpiffeId,
-) -> Result<(H2Stream, SpiffeId, Option<WorkloadId>), TunnelError> {
-    let slot = workload.svid.clone().ok_or(TunnelError::NoCertificate)?;
-    let source = slot
-        .get()
-        .map(|s| s.id().clone())
-        .ok_or(TunnelError::NoCertificate)?;
-    let key = PoolKey {
-        source_netns: workload.netns_cookie,
-        source_workload: workload.workload.id.clone(),
-        source: source.clone(),
-        destination: dst.ip(),
-        expected: expected.clone(),
-    };
-    // A reused connection may have broken (or been sent GOAWAY) since its last stream: then
-    // once more, on another connection.
-    let mut attempts = 2;
-    loop {
-        attempts -= 1;
-        let lease = tunnel
-            .pool
-            .checkout(&key, || dial(workload, tunnel, slot.clone(), dst, expected))
-            .await?;
-        let (fresh, connection) = (lease.fresh, lease.connection);
-        match open_stream(lease, workload, dst, expected).await {
-            Ok((stream, peer)) => return Ok((stream, source, peer)),
-            // The peer answered: the connection is fine and asking again would get the same.
-            Err(e @ TunnelError::Refused(..)) => return Err(e),
-            Err(e) if !fresh && attempts > 0 => {
-                debug!(workload = %workload.workload.id, original_dst = %dst, error = %e, "pooled HBONE connection unusable; replacing it");
-                tunnel.pool.evict(&key, connection);
-            }
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-/// A new mutual-TLS HTTP/2 connection from inside the workload's pod to `dst`'s HBONE port,
-/// presenting the workload's SVID and requiring `expected`.
-async fn dial(
-    workload: &LocalWorkload,
-    tunnel: &Tunnel,
-    slot: SvidSlot,
-    dst: SocketAddr,
-    expected: &SpiffeId,
-) -> Result<Dialled, TunnelError> {
-    // Read before the handshake: a rotation during it presents a certificate that lives longer.
-    let local = slot.get().ok_or(TunnelError::NoCertificate)?;
-    let config = client_config(slot, tunnel.trust.clone(), Some(expected.clone()))?;
-    let hbone = SocketAddr::new(dst.ip(), HBONE_PORT);
-    let tcp = connect_in_pod(workload, hbone)
-        .await
-        .map_err(|e| TunnelError::Connect(hbone, e))?;
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let server_name = rustls::pki_types::ServerName::IpAddress(dst.ip().into());
-    let tls = tokio::time::timeout(
-        tunnel.handshake_timeout,
-        connector.connect(server_name, tcp),
-    )
-    .await
-    .map_err(|_| TunnelError::HandshakeTimeout)?
-    .map_err(TunnelError::Handshake)?;
-    let peer_chain = tls.get_ref().1.peer_certificates().unwrap_or_default();
-    let peer = peer_chain
-        .first()
-        .and_then(|leaf| LeafFacts::parse(leaf).ok())
-        .ok_or(TunnelError::NoServerSvid(hbone))?;
-    let peer_certificate = SessionCertificate::peer(&peer, peer_chain);
-    let (send, connection) = hbone::client_builder().handshake(tls).await?;
-    Ok(Dialled {
-        send,
-        connection: Box::pin(connection),
-        certificates: SessionCertificates {
-            local: SessionCertificate::from(&local),
-            peer: peer_certificate,
-        },
-        peer: hbone,
-    })
-}
-
-/// One CONNECT stream to `dst` on a leased pooled connection, and the destination workload if
-/// its agent said.
-async fn open_stream(
-    lease: Lease,
-    workload: &LocalWorkload,
-    dst: SocketAddr,
-    expected: &SpiffeId,
-) -> Result<(H2Stream, Option<WorkloadId>), TunnelError> {
-    let mut send_request = lease.send.ready().await?;
-    let request = http::Request::builder()
-        .method(http::Method::CONNECT)
-        .uri(dst.to_string())
-        .header("baggage", hbone::baggage(&workload.workload.id))
-        .body(())?;
-    let (response, send) = send_request.send_request(request, false)?;
-    let response = response.await?;
-    if response.status() != http::StatusCode::OK {
-        return Err(TunnelError::Refused(dst, response.status()));
-    }
-    let peer = hbone::peer_workload(response.headers(), expected);
-    Ok((
-        H2Stream::new(send, response.into_body()).on_pooled(lease.guard),
-        peer,
-    ))
 }

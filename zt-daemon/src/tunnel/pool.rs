@@ -373,7 +373,7 @@ mod tests {
             revocation::RevocationList,
             verify::{TrustState, TrustStore},
         },
-        proxy::hbone::SessionCertificate,
+        tunnel::hbone::SessionCertificate,
     };
 
     fn key(netns: u64) -> PoolKey {

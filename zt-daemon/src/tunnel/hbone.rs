@@ -18,7 +18,8 @@ use std::{io, time::SystemTime};
 use bytes::Bytes;
 use h2::{RecvStream, SendStream};
 
-use super::{copy, pool::StreamGuard};
+use super::pool::StreamGuard;
+use crate::proxy::copy;
 use crate::{
     identity::{
         spiffe::SpiffeId,
