@@ -13,10 +13,7 @@ use std::{
     convert::Infallible,
     net::SocketAddr,
     path::{Path, PathBuf},
-    sync::{
-        Arc, RwLock,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::{Arc, RwLock, atomic::Ordering},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -189,7 +186,7 @@ pub struct AdminState {
     /// Who is where, this node's workloads included.
     pub directory: MeshDirectory,
     /// Issuance failures the identity provider counted (none without a provider).
-    pub issue_failures: Option<Arc<AtomicU64>>,
+    pub issuance: Option<crate::identity::rotation::Renewal>,
     pub log: LogControl,
 }
 
@@ -210,12 +207,14 @@ impl AdminState {
                 .with_label_values(&[&svid.id().to_string()])
                 .set(unix_seconds(svid.leaf.not_after) as i64);
         }
-        if let Some(failures) = &self.issue_failures {
-            let total = failures.load(Ordering::Relaxed);
-            let seen = metrics.identity_issue_failures.get();
-            metrics
-                .identity_issue_failures
-                .inc_by(total.saturating_sub(seen));
+        if let Some(issuance) = &self.issuance {
+            for (total, counter) in [
+                (&issuance.failures, &metrics.identity_issue_failures),
+                (&issuance.withdrawals, &metrics.identity_withdrawals),
+            ] {
+                let total = total.load(Ordering::Relaxed);
+                counter.inc_by(total.saturating_sub(counter.get()));
+            }
         }
     }
 

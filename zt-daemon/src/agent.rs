@@ -120,7 +120,7 @@ impl Agent {
             proxy: proxy.clone(),
             pin_dir: capture.pin_dir().to_owned(),
             directory: directory.clone(),
-            issue_failures: identity.as_ref().map(|n| n.renewal.failures.clone()),
+            issuance: identity.as_ref().map(|n| n.renewal.clone()),
             log,
         };
         // With Kubernetes discovery, what to enroll is unknown until its first list.

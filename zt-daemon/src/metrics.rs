@@ -86,6 +86,8 @@ pub struct Metrics {
     pub enrollment_failed: IntGauge,
     pub capture_drift: IntGauge,
     pub identity_issue_failures: IntCounter,
+    /// SVIDs the issuer took back (SPIRE: an entry deleted, selectors no longer matching).
+    pub identity_withdrawals: IntCounter,
     /// The peer workload names admitted to the labels, per verified peer identity.
     peer_workloads: Mutex<HashMap<SpiffeId, HashSet<String>>>,
     /// Policy loads (start, file change, SIGHUP) that failed; the previous set stayed in force.
@@ -175,6 +177,11 @@ impl Metrics {
                 "Failed attempts to issue or renew a workload certificate.",
             )
             .expect("static metric definition"),
+            identity_withdrawals: IntCounter::new(
+                "zt_identity_withdrawals_total",
+                "SVIDs the issuer took back (SPIRE: entry deleted or selectors no longer matching); the identity's connections were closed.",
+            )
+            .expect("static metric definition"),
             peer_workloads: Mutex::default(),
             policy_load_failures: IntCounter::new(
                 "zt_policy_load_failures_total",
@@ -226,6 +233,7 @@ impl Metrics {
             Box::new(m.enrollment_failed.clone()),
             Box::new(m.capture_drift.clone()),
             Box::new(m.identity_issue_failures.clone()),
+            Box::new(m.identity_withdrawals.clone()),
             Box::new(m.policy_load_failures.clone()),
             Box::new(m.policy_last_load_success.clone()),
             Box::new(m.discovery_skipped_objects.clone()),

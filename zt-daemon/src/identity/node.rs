@@ -101,6 +101,7 @@ pub struct NodeIdentity {
 
 impl NodeIdentity {
     pub fn start(trust_domain: TrustDomain, config: IdentityConfig) -> Result<Self, IdentityError> {
+        let renewal = Renewal::default();
         let (issuer, builtin_root) = match &config.provider {
             IdentityProvider::Builtin { ca_dir } => {
                 let ca = CertificateAuthority::load(ca_dir)?;
@@ -126,7 +127,11 @@ impl NodeIdentity {
                 admin_socket,
                 selectors,
             } => (
-                Issuer::Spire(SpireAgent::new(admin_socket.clone(), selectors.clone())),
+                Issuer::Spire(SpireAgent::new(
+                    admin_socket.clone(),
+                    selectors.clone(),
+                    renewal.clone(),
+                )),
                 None,
             ),
         };
@@ -140,7 +145,6 @@ impl NodeIdentity {
             config,
         };
         let trust = TrustStore::new(sources.load()?);
-        let renewal = Renewal::default();
         let watcher = watch(&sources, &trust, &renewal)?;
         if let Issuer::Spire(spire) = &issuer {
             tokio::spawn(spire.clone().follow_bundles(reloader(&sources, &trust)));

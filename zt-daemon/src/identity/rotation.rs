@@ -59,6 +59,8 @@ pub struct Renewal {
     pub wake: Arc<Notify>,
     /// Issuance failures so far (`zt_identity_issue_failures_total`).
     pub failures: Arc<AtomicU64>,
+    /// SVIDs the issuer took back so far (`zt_identity_withdrawals_total`; SPIRE).
+    pub withdrawals: Arc<AtomicU64>,
 }
 
 /// A workload's identity while it is enrolled: its current SVID and the task renewing it.

@@ -18,7 +18,7 @@
 use std::{
     collections::{HashMap, HashSet},
     path::PathBuf,
-    sync::{Arc, RwLock},
+    sync::{Arc, RwLock, atomic::Ordering},
     time::Duration,
 };
 
@@ -34,8 +34,9 @@ use tokio_stream::StreamExt;
 use tracing::{info, warn};
 
 use super::{
+    rotation::Renewal,
     spiffe::{SpiffeId, TrustDomain},
-    svid::Svid,
+    svid::{LeafFacts, Svid},
     tls::SvidSlot,
     verify::TrustStore,
 };
@@ -65,16 +66,28 @@ pub struct SpireAgent {
     bundles: RwLock<Option<HashMap<TrustDomain, Vec<CertificateDer<'static>>>>>,
     /// Identities whose SVID SPIRE took back; refused as revoked while they stay withdrawn.
     withdrawn: RwLock<HashSet<SpiffeId>>,
+    /// Counts withdrawals and rejected updates for the metrics.
+    renewal: Renewal,
 }
 
 impl SpireAgent {
-    pub fn new(admin_socket: PathBuf, selectors: Vec<SelectorTemplate>) -> Arc<Self> {
+    pub fn new(
+        admin_socket: PathBuf,
+        selectors: Vec<SelectorTemplate>,
+        renewal: Renewal,
+    ) -> Arc<Self> {
         Arc::new(Self {
             admin_socket,
             selectors,
             bundles: RwLock::new(None),
             withdrawn: RwLock::new(HashSet::new()),
+            renewal,
         })
+    }
+
+    /// A failed or rejected update (`zt_identity_issue_failures_total`).
+    fn failed(&self) {
+        self.renewal.failures.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn bundles(&self) -> HashMap<TrustDomain, Vec<CertificateDer<'static>>> {
@@ -223,6 +236,7 @@ impl SpireAgent {
             match svid_of(&update, id) {
                 Ok(Some(svid)) => {
                     if let Err(e) = chains(trust, &svid).await {
+                        self.failed();
                         warn!(identity = %id, error = %e, "SVID from spire-agent does not chain to its trust bundle; not used");
                         continue;
                     }
@@ -238,6 +252,7 @@ impl SpireAgent {
                 Ok(None) if first && slot.get().is_none() => {}
                 Ok(None) => {
                     if slot.take().is_some() || !read(&self.withdrawn).contains(id) {
+                        self.renewal.withdrawals.fetch_add(1, Ordering::Relaxed);
                         warn!(identity = %id, "spire-agent withdrew the workload's SVID (entry deleted or selectors no longer match): handshakes for it fail and its connections close");
                         write(&self.withdrawn).insert(id.clone());
                         reload();
@@ -297,23 +312,38 @@ fn svid_of(
         id: id.clone(),
         message,
     };
+    // Another entry's SVID (the selectors matched several) is not this workload's business,
+    // even a broken one; an unparsable leaf might have been this one's, so it is an error.
+    let mut unreadable = None;
     for with_key in &update.x509_svids {
         let Some(x509) = &with_key.x509_svid else {
             continue;
         };
+        let Some(first) = x509.cert_chain.first() else {
+            continue;
+        };
+        match LeafFacts::parse(first) {
+            Ok(leaf) if &leaf.id == id => {}
+            Ok(_) => continue,
+            Err(e) => {
+                unreadable = Some(e.to_string());
+                continue;
+            }
+        }
         let chain: Vec<CertificateDer<'static>> = x509
             .cert_chain
             .iter()
             .map(|c| CertificateDer::from(c.to_vec()))
             .collect();
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(with_key.x509_svid_key.to_vec()));
-        let svid = Svid::from_der(chain, key, &origin).map_err(|e| bad(e.to_string()))?;
-        // Another entry's SVID (the selectors matched several): not this workload's identity.
-        if svid.id() == id {
-            return Ok(Some(svid));
-        }
+        return Svid::from_der(chain, key, &origin)
+            .map(Some)
+            .map_err(|e| bad(e.to_string()));
     }
-    Ok(None)
+    match unreadable {
+        Some(message) => Err(bad(message)),
+        None => Ok(None),
+    }
 }
 
 /// Bundles keyed by trust domain (`spiffe://td` or `td`), each a run of DER certificates.
@@ -389,5 +419,68 @@ mod tests {
             err.contains("cluster.local") && err.contains("certificate 1"),
             "{err}"
         );
+    }
+
+    /// A leaf for `id` and its PKCS#8 key, signed by a throwaway CA.
+    fn leaf(id: &str) -> (Vec<u8>, Vec<u8>) {
+        use rcgen::{CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType};
+        let mut ca = CertificateParams::default();
+        ca.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let issuer = Issuer::new(ca, KeyPair::generate().unwrap());
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = vec![SanType::URI(id.try_into().unwrap())];
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        (cert.der().to_vec(), key.serialize_der())
+    }
+
+    fn update(svids: &[(Vec<u8>, Vec<u8>)]) -> SubscribeToX509sviDsResponse {
+        use spire_api::pb::spire::api::{
+            agent::delegatedidentity::v1::X509svidWithKey, types::X509svid,
+        };
+        SubscribeToX509sviDsResponse {
+            x509_svids: svids
+                .iter()
+                .map(|(cert, key)| X509svidWithKey {
+                    x509_svid: Some(X509svid {
+                        cert_chain: vec![prost::bytes::Bytes::from(cert.clone())],
+                        ..Default::default()
+                    }),
+                    x509_svid_key: prost::bytes::Bytes::from(key.clone()),
+                })
+                .collect(),
+            federates_with: vec![],
+        }
+    }
+
+    #[test]
+    fn an_update_yields_the_workloads_own_svid_or_none_and_rejects_bad_ones() {
+        let web: SpiffeId = "spiffe://cluster.local/ns/shop/sa/web".parse().unwrap();
+        let (web_cert, web_key) = leaf("spiffe://cluster.local/ns/shop/sa/web");
+        let (db_cert, db_key) = leaf("spiffe://cluster.local/ns/shop/sa/db");
+        // The selectors matched two entries: the workload's own SVID is the one taken (the
+        // other's, broken here, is not this workload's concern).
+        let both = update(&[
+            (db_cert.clone(), db_key.clone()),
+            (web_cert.clone(), web_key.clone()),
+        ]);
+        let svid = svid_of(&both, &web).unwrap().expect("web's SVID");
+        assert_eq!(svid.id(), &web);
+        // Only another identity's, or none at all: nothing for this workload (a withdrawal).
+        assert!(
+            svid_of(&update(&[(db_cert, db_key.clone())]), &web)
+                .unwrap()
+                .is_none()
+        );
+        assert!(svid_of(&update(&[]), &web).unwrap().is_none());
+        // A key that is not the certificate's, or a certificate that does not parse: refused,
+        // naming the identity.
+        let mismatched = update(&[(web_cert.clone(), db_key)]);
+        let err = svid_of(&mismatched, &web).unwrap_err().to_string();
+        assert!(err.contains("ns/shop/sa/web"), "{err}");
+        let garbled = update(&[(web_cert[..web_cert.len() / 2].to_vec(), web_key)]);
+        assert!(svid_of(&garbled, &web).is_err());
     }
 }
