@@ -191,8 +191,26 @@ fn service_rate_checked(
             .map(|&a| agents[a].opened_connections())
             .collect()
     };
-    let before = counters()?;
+    // The client's agent labels what it resolved with the Service: proof the connections went
+    // through the Service, not around it.
+    let through_service = || -> anyhow::Result<u64> {
+        let label =
+            format!("destination_service=\"{SERVICE_NAME}.{SERVICE_NAMESPACE}.svc.cluster.local\"");
+        Ok(agents[route.agents[0]]
+            .metric_lines("zt_tcp_connections_opened_total")?
+            .iter()
+            .filter(|l| l.contains(&label))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum())
+    };
+    let (before, resolved_before) = (counters()?, through_service()?);
     let rate = churn_rate(bed, route.name, &route.from, route.to, count)?;
+    let resolved = through_service()? - resolved_before;
+    anyhow::ensure!(
+        resolved >= count as u64,
+        "{}: the client's agent resolved {resolved} of {count} connections to the Service",
+        route.name
+    );
     for (agent, (before, after)) in route.agents.iter().zip(before.iter().zip(counters()?)) {
         anyhow::ensure!(
             after >= before + count as u64,
