@@ -627,7 +627,7 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
     )?;
     let root = crate::workspace_root();
     if quick {
-        let out = root.join("target/bench-quick.md");
+        let out = super::target_dir(&root).join("bench-quick.md");
         std::fs::write(&out, &md)?;
         println!(
             "\n{md}\n(--quick: written to {}, not BENCHMARKS.md)",
