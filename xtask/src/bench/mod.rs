@@ -42,7 +42,7 @@ pub fn use_release_binaries() -> anyhow::Result<()> {
     let root = crate::workspace_root();
     crate::cargo(&["build", "--release", "-p", "zt-daemon", "-p", "zt-tests"])?;
     // SAFETY: single-threaded at this point; the test bed reads it to find release binaries.
-    unsafe { std::env::set_var("ZT_BIN_DIR", root.join("target/release")) };
+    unsafe { std::env::set_var("ZT_BIN_DIR", target_dir(&root).join("release")) };
     Ok(())
 }
 

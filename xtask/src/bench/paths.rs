@@ -1,6 +1,9 @@
 //! `cargo xtask bench`: the data path benchmark. One run on the test bed's topology measures
 //! direct TCP, zt same-node, zt cross-node and an HAProxy mutual TLS pair, in interleaved rounds
 //! (medians), then the agents' memory with idle connections, and rewrites BENCHMARKS.md.
+//! Beside zt cross-node, the same new-connections measurement to a Service ClusterIP whose one
+//! endpoint is that path's server: the agents resolve it themselves, from a real API server
+//! (etcd and kube-apiserver of the test harness) their Kubernetes discovery watches.
 //! The machine is shared and noisy: the ratios, from one run, are what to compare.
 use std::{fmt::Write as _, net::IpAddr, net::SocketAddr, time::Duration};
 
@@ -9,6 +12,10 @@ use serde_json::Value;
 use zt_tests::{
     Agent, Pod, Testbed,
     agent::{ca_init, meshed_config},
+    kube::{
+        AGENT_NAMESPACE, AGENT_SERVICE_ACCOUNT, Cluster, EndpointSliceSpec, ServiceSpec,
+        SliceEndpoint,
+    },
     probe::{Server, Tally},
     read_json_lines, wait_until,
 };
@@ -76,6 +83,22 @@ struct Route {
     agents: Vec<usize>,
 }
 
+/// New connections to a Service: `to` is its ClusterIP and port, and its one endpoint is the
+/// server of the route it is compared with.
+struct ServiceRoute {
+    name: &'static str,
+    from: Pod,
+    to: SocketAddr,
+    /// As [`Route::agents`].
+    agents: Vec<usize>,
+}
+
+/// The Service's namespace and name, and its port's name.
+const SERVICE_NAMESPACE: &str = "bench";
+const SERVICE_NAME: &str = "churn";
+const SERVICE_PORT_NAME: &str = "churn";
+const SERVICE_PORT: u16 = 80;
+
 /// iperf3 from `route.from`; (bits per second received, bytes received).
 fn iperf(bed: &Testbed, route: &Route, streams: usize, seconds: u64) -> anyhow::Result<(f64, f64)> {
     let out = bed
@@ -129,15 +152,80 @@ fn round_trips(bed: &Testbed, route: &Route, size: usize, count: usize) -> anyho
 
 /// New connections per second, each one sending 100 bytes and reading the reply.
 fn connection_rate(bed: &Testbed, route: &Route, count: usize) -> anyhow::Result<f64> {
+    churn_rate(
+        bed,
+        route.name,
+        &route.from,
+        SocketAddr::new(route.to, CHURN_PORT),
+        count,
+    )
+}
+
+fn churn_rate(
+    bed: &Testbed,
+    name: &str,
+    from: &Pod,
+    to: SocketAddr,
+    count: usize,
+) -> anyhow::Result<f64> {
     let started = std::time::Instant::now();
-    let to = SocketAddr::new(route.to, CHURN_PORT);
-    let done = zt_tests::probe::churn(bed, &route.from, to, count, 100)?;
+    let done = zt_tests::probe::churn(bed, from, to, count, 100)?;
     anyhow::ensure!(
         done == count as u64,
-        "{}: {done} of {count} connections completed",
-        route.name
+        "{name}: {done} of {count} connections completed"
     );
     Ok(count as f64 / started.elapsed().as_secs_f64())
+}
+
+/// New connections per second through the Service, every agent of the route relaying them.
+fn service_rate_checked(
+    bed: &Testbed,
+    agents: &[Agent; 2],
+    route: &ServiceRoute,
+    count: usize,
+) -> anyhow::Result<f64> {
+    let counters = || -> anyhow::Result<Vec<u64>> {
+        route
+            .agents
+            .iter()
+            .map(|&a| agents[a].opened_connections())
+            .collect()
+    };
+    // The client's agent labels what it resolved with the Service: proof the connections went
+    // through the Service, not around it.
+    let through_service = || -> anyhow::Result<u64> {
+        let label =
+            format!("destination_service=\"{SERVICE_NAME}.{SERVICE_NAMESPACE}.svc.cluster.local\"");
+        Ok(agents[route.agents[0]]
+            .metric_lines("zt_tcp_connections_opened_total")?
+            .iter()
+            .filter(|l| l.contains(&label))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum())
+    };
+    let (before, resolved_before) = (counters()?, through_service()?);
+    let rate = churn_rate(bed, route.name, &route.from, route.to, count)?;
+    let resolved = through_service()? - resolved_before;
+    anyhow::ensure!(
+        resolved >= count as u64,
+        "{}: the client's agent resolved {resolved} of {count} connections to the Service",
+        route.name
+    );
+    for (agent, (before, after)) in route.agents.iter().zip(before.iter().zip(counters()?)) {
+        anyhow::ensure!(
+            after >= before + count as u64,
+            "{}: the agent of node {} relayed {} of {count} connections while it was measured",
+            route.name,
+            agent + 1,
+            after - before
+        );
+    }
+    anyhow::ensure!(
+        rate.is_finite() && rate > 0.0,
+        "{}: new connections/s is {rate}",
+        route.name
+    );
+    Ok(rate)
 }
 
 fn proxies_cpu(pids: &[u32]) -> anyhow::Result<f64> {
@@ -308,6 +396,10 @@ struct Topology {
     agents: [Agent; 2],
     /// Direct TCP, zt same-node, zt cross-node, HAProxy pair.
     routes: [Route; 4],
+    /// zt cross-node's server behind a Service ClusterIP.
+    service: ServiceRoute,
+    /// etcd and kube-apiserver, the Service's source (the agents watch it).
+    _cluster: Cluster,
 }
 
 impl Topology {
@@ -320,9 +412,19 @@ impl Topology {
             (pod(1, 1), pod(1, 2), pod(1, 3), pod(2, 1), pod(2, 2));
         let ca = bed.dir.join("ca");
         ca_init(&ca)?;
-        let limits = "[limits]\nmax_connections_per_workload = 25000\n";
+        let (cluster, service_vip) = start_cluster(&mut bed, &n2p1)?;
+        let creds = cluster.agent_kubeconfig(AGENT_NAMESPACE, AGENT_SERVICE_ACCOUNT)?;
+        // Discovery finds no pod to enroll there: the static entries stay the mesh.
+        let no_netns = bed.dir.join("netns-none");
+        std::fs::create_dir_all(&no_netns)?;
+        let limits = format!(
+            "[limits]\nmax_connections_per_workload = 25000\n\
+             [discovery.kubernetes]\nenabled = true\nkubeconfig = \"{}\"\nnetns_dir = \"{}\"\n",
+            creds.kubeconfig.display(),
+            no_netns.display()
+        );
         let config = |n, enrolled: &[&Pod], remote: &[&Pod]| {
-            quiet(&meshed_config(bed.node(n), enrolled, remote, &ca, "strict")) + limits
+            quiet(&meshed_config(bed.node(n), enrolled, remote, &ca, "strict")) + &limits
         };
         let (c1, c2) = (
             config(1, &[&n1p1, &n1p3], &[&n2p1]),
@@ -347,6 +449,13 @@ impl Topology {
         }
         Tally::start(&mut bed, &n2p1, SocketAddr::from(([0, 0, 0, 0], IDLE_PORT)))?;
         std::thread::sleep(Duration::from_millis(300));
+        let service = ServiceRoute {
+            name: "zt cross-node via Service ClusterIP",
+            from: n1p1.clone(),
+            to: service_vip,
+            agents: vec![0, 1],
+        };
+        wait_resolved(&bed, &a1, &service)?;
         let routes = [
             Route {
                 name: "direct TCP",
@@ -381,12 +490,72 @@ impl Topology {
             bed,
             agents: [a1, a2],
             routes,
+            service,
+            _cluster: cluster,
         })
     }
 
     fn cross_node(&self) -> &Route {
         &self.routes[2]
     }
+}
+
+/// Starts etcd and kube-apiserver with deploy/ applied (the agents' RBAC), and a Service
+/// (ClusterIP from the API server's range) whose EndpointSlice holds `server`'s churn port, as
+/// the EndpointSlice controller would write it. Returns the cluster and the ClusterIP and port.
+fn start_cluster(bed: &mut Testbed, server: &Pod) -> anyhow::Result<(Cluster, SocketAddr)> {
+    let started = std::time::Instant::now();
+    let cluster = Cluster::start(bed)?;
+    cluster.apply_deploy()?;
+    cluster.create_namespace(SERVICE_NAMESPACE, &[])?;
+    let vip = cluster.apply_service(&ServiceSpec::new(SERVICE_NAMESPACE, SERVICE_NAME).port(
+        SERVICE_PORT_NAME,
+        SERVICE_PORT,
+        &CHURN_PORT.to_string(),
+    ))?[0];
+    cluster.apply_endpoint_slice(
+        &EndpointSliceSpec::new(
+            SERVICE_NAMESPACE,
+            &format!("{SERVICE_NAME}-x7k2p"),
+            SERVICE_NAME,
+            false,
+        )
+        .port(SERVICE_PORT_NAME, CHURN_PORT)
+        .endpoint(SliceEndpoint::ready(server.ipv4.into())),
+    )?;
+    println!(
+        "API server up, Service {SERVICE_NAMESPACE}/{SERVICE_NAME} at {vip}:{SERVICE_PORT} -> {}:{CHURN_PORT} ({:.1} s)",
+        server.ipv4,
+        started.elapsed().as_secs_f64()
+    );
+    Ok((cluster, SocketAddr::new(vip, SERVICE_PORT)))
+}
+
+/// Waits until the client's agent knows the Service and a connection to it goes through.
+fn wait_resolved(bed: &Testbed, client_agent: &Agent, route: &ServiceRoute) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    wait_until(Duration::from_secs(60), || {
+        let (status, body) = client_agent.admin("GET", "/config_dump")?;
+        let dump: Value = serde_json::from_str(&body).unwrap_or_default();
+        Ok(status == 200 && dump["mesh_directory"]["services"].as_u64() >= Some(1))
+    })
+    .with_context(|| {
+        format!(
+            "the agent never learned of the Service\n{}",
+            client_agent.log_tail()
+        )
+    })?;
+    // Its EndpointSlice may come a moment later.
+    wait_until(Duration::from_secs(60), || {
+        Ok(zt_tests::probe::churn(bed, &route.from, route.to, 1, 100).unwrap_or(0) == 1)
+    })
+    .with_context(|| format!("{}: no connection went through", route.name))?;
+    println!(
+        "{} resolved by the agent ({:.1} s)",
+        route.name,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 pub fn run(quick: bool) -> anyhow::Result<()> {
@@ -397,8 +566,9 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
 
     // Interleaved rounds, medians: one round of any path can be off by a factor of two here.
     let mut rounds: Vec<Vec<Figures>> = vec![Vec::new(); topology.routes.len()];
+    let mut service_rounds = Vec::new();
     for round in 1..=budget.rounds {
-        for (route, figures) in topology.routes.iter().zip(&mut rounds) {
+        for (i, (route, figures)) in topology.routes.iter().zip(&mut rounds).enumerate() {
             println!("round {round}/{}: {}", budget.rounds, route.name);
             figures.push(measure_checked(
                 &topology.bed,
@@ -406,9 +576,22 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
                 route,
                 budget,
             )?);
+            // Right after zt cross-node, whose last figure is its own new connections.
+            if i == 2 {
+                let service = &topology.service;
+                println!("round {round}/{}: {}", budget.rounds, service.name);
+                service_rounds.push(service_rate_checked(
+                    &topology.bed,
+                    &topology.agents,
+                    service,
+                    budget.new_connections,
+                )?);
+            }
         }
     }
     let results: Vec<Figures> = rounds.iter().map(|r| median(r)).collect();
+    service_rounds.sort_by(|a, b| a.total_cmp(b));
+    let service_rate = service_rounds[service_rounds.len() / 2];
     let mut idle = Vec::new();
     let (from, to) = (
         topology.cross_node().from.clone(),
@@ -424,13 +607,27 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
             n,
         )?);
     }
-    let Topology { bed, routes, .. } = topology;
+    let Topology {
+        bed,
+        routes,
+        service,
+        _cluster,
+        ..
+    } = topology;
+    drop(_cluster);
     drop(bed);
 
-    let md = report(&routes, &results, &idle, budget, started.elapsed())?;
+    let md = report(
+        &routes,
+        &results,
+        (&service, service_rate),
+        &idle,
+        budget,
+        started.elapsed(),
+    )?;
     let root = crate::workspace_root();
     if quick {
-        let out = root.join("target/bench-quick.md");
+        let out = super::target_dir(&root).join("bench-quick.md");
         std::fs::write(&out, &md)?;
         println!(
             "\n{md}\n(--quick: written to {}, not BENCHMARKS.md)",
@@ -548,6 +745,7 @@ fn holds(ok: bool) -> &'static str {
 fn report(
     routes: &[Route],
     results: &[Figures],
+    (service, service_rate): (&ServiceRoute, f64),
     idle: &[IdleMemory],
     budget: &Budget,
     took: Duration,
@@ -627,6 +825,24 @@ fn report(
     }
     writeln!(
         md,
+        "\nThrough a Service: {} (n1p1 dials {}, a ClusterIP whose EndpointSlice holds n2p1; \
+         the agents resolve it from the API server they watch), the same {} sequential new \
+         connections, measured right after zt cross-node's in each round:\n",
+        service.name, service.to, budget.new_connections
+    )?;
+    writeln!(
+        md,
+        "| path | new connections/s | ÷ zt cross-node to the pod IP |"
+    )?;
+    writeln!(md, "| --- | ---: | ---: |")?;
+    writeln!(
+        md,
+        "| {} | {service_rate:.0} | {:.2}× |",
+        service.name,
+        service_rate / cross.conns_per_s
+    )?;
+    writeln!(
+        md,
         "\nAgent memory with idle captured connections (n1p1 to n2p1, each connection sent 16 \
          bytes and stays open; RSS from /proc, growth over the agent's RSS just before):\n"
     )?;
@@ -654,6 +870,7 @@ fn report(
     let added_p50 = cross.rr_1k.p50 - direct.rr_1k.p50;
     let added_p99 = cross.rr_1k.p99 - direct.rr_1k.p99;
     let conns = cross.conns_per_s / direct.conns_per_s;
+    let via_service = service_rate / cross.conns_per_s;
     writeln!(
         md,
         "\n| target (issue 8, zt cross-node, same run) | value | holds |"
@@ -683,6 +900,11 @@ fn report(
         md,
         "| new connections/s ≥ 0.5× direct | {conns:.2}× | {} |",
         holds(conns >= 0.5)
+    )?;
+    writeln!(
+        md,
+        "| new connections/s through a Service ≥ 0.95× to the pod IP (issue 17) | {via_service:.2}× | {} |",
+        holds(via_service >= 0.95)
     )?;
     writeln!(
         md,
