@@ -41,7 +41,7 @@ use zt_daemon::{
     identity::spiffe::{SpiffeId, TrustDomain},
     metrics::Metrics,
     proxy::route::{self, Route, RouteInputs},
-    services::{EndpointLoad, ServiceFacts, ServiceName, ServicePort, SliceFacts},
+    services::{ServiceFacts, ServiceName, ServicePort, SliceFacts},
 };
 
 use cluster::{PODS, pod_json, watch_event};
@@ -240,12 +240,10 @@ fn benches(c: &mut Criterion) {
         meshed_v4.len()
     );
     let egress = EgressPolicy::default();
-    let load = EndpointLoad::default();
     let inputs = RouteInputs {
         directory: &directory,
         egress: &egress,
         tunnel: true,
-        load: &load,
     };
     let vips: Vec<SocketAddr> = (0..4096)
         .map(|i| SocketAddr::new(cluster_ip(i * 7919 % SERVICES), SERVICE_PORT))

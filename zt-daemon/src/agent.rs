@@ -98,7 +98,6 @@ impl Agent {
             dsts,
             directory: directory.clone(),
             egress: std::sync::RwLock::new(Arc::new(config.egress.clone())),
-            endpoint_load: Default::default(),
             policy,
             metrics,
             idle_timeout: config.limits.idle_timeout,

@@ -14,7 +14,10 @@ use std::{
     collections::{BTreeMap, HashMap},
     fmt,
     net::{IpAddr, SocketAddr},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc,
+        atomic::{AtomicU32, Ordering},
+    },
 };
 
 /// A Service, as Istio's `destination_service` names it: `<name>.<namespace>.svc.cluster.local`.
@@ -59,12 +62,73 @@ pub struct SliceFacts {
     pub ready: Vec<IpAddr>,
 }
 
+/// One ready endpoint (address, target port) and the connections this agent has open to it.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    /// Shared by every ClusterIP and port that leads here, and kept across updates of the
+    /// Service's slices while connections are open.
+    open: Arc<AtomicU32>,
+}
+
 /// What a connect to a ClusterIP and port resolves to.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct ServiceTarget {
-    pub service: ServiceName,
-    /// Ready endpoints (address, target port); empty when the Service has none.
-    pub endpoints: Arc<[SocketAddr]>,
+    pub service: Arc<ServiceName>,
+    /// Empty when the Service has no ready endpoint for the port.
+    pub endpoints: Arc<[Endpoint]>,
+}
+
+impl ServiceTarget {
+    /// Picks an endpoint for a new connection, and counts it open until the lease is dropped.
+    ///
+    /// Power of two choices: two endpoints drawn at random, the one with fewer open connections
+    /// taken. Every agent decides alone, with no view of the others' connections; random draws
+    /// keep agents from herding onto one endpoint, and comparing two keeps a slow endpoint
+    /// (whose connections pile up) from getting its full share, at a cost that does not grow
+    /// with the number of endpoints. Two racing picks may both see the same counts; the
+    /// spread stays even all the same.
+    pub fn pick(&self) -> Option<(SocketAddr, EndpointLease)> {
+        let endpoints = &self.endpoints;
+        let chosen = match endpoints.len() {
+            0 => return None,
+            1 => &endpoints[0],
+            n => {
+                let a = fastrand::usize(..n);
+                // A second draw among the others.
+                let b = (a + 1 + fastrand::usize(..n - 1)) % n;
+                let open = |i: usize| endpoints[i].open.load(Ordering::Relaxed);
+                if open(b) < open(a) {
+                    &endpoints[b]
+                } else {
+                    &endpoints[a]
+                }
+            }
+        };
+        chosen.open.fetch_add(1, Ordering::Relaxed);
+        Some((
+            chosen.addr,
+            EndpointLease {
+                open: chosen.open.clone(),
+            },
+        ))
+    }
+
+    /// The endpoints' addresses.
+    pub fn addrs(&self) -> impl Iterator<Item = SocketAddr> + '_ {
+        self.endpoints.iter().map(|e| e.addr)
+    }
+}
+
+/// An open connection to an endpoint; dropping it releases its count.
+pub struct EndpointLease {
+    open: Arc<AtomicU32>,
+}
+
+impl Drop for EndpointLease {
+    fn drop(&mut self) {
+        self.open.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 #[derive(Default)]
@@ -72,6 +136,9 @@ pub struct ServiceTable {
     services: HashMap<ServiceName, ServiceFacts>,
     slices: HashMap<ServiceName, BTreeMap<String, SliceFacts>>,
     by_vip: HashMap<SocketAddr, ServiceTarget>,
+    /// Each endpoint's open-connection counter, by address (the same pod can back several
+    /// Services; its connections count once).
+    open: HashMap<SocketAddr, Arc<AtomicU32>>,
 }
 
 impl ServiceTable {
@@ -166,11 +233,24 @@ impl ServiceTable {
     }
 
     fn unindex(&mut self, name: &ServiceName) {
+        let mut dropped = Vec::new();
         if let Some(s) = self.services.get(name) {
             for ip in &s.cluster_ips {
                 for p in &s.ports {
-                    self.by_vip.remove(&SocketAddr::new(*ip, p.port));
+                    if let Some(target) = self.by_vip.remove(&SocketAddr::new(*ip, p.port)) {
+                        dropped.extend(target.addrs());
+                    }
                 }
+            }
+        }
+        // A counter nothing refers to any more (no target, no open connection) goes.
+        for addr in dropped {
+            if self
+                .open
+                .get(&addr)
+                .is_some_and(|c| Arc::strong_count(c) == 1)
+            {
+                self.open.remove(&addr);
             }
         }
     }
@@ -180,6 +260,7 @@ impl ServiceTable {
             return;
         };
         let slices = self.slices.get(name);
+        let service = Arc::new(name.clone());
         for ip in &s.cluster_ips {
             for port in &s.ports {
                 let mut endpoints: Vec<SocketAddr> = slices
@@ -194,77 +275,20 @@ impl ServiceTable {
                     .collect();
                 endpoints.sort_unstable();
                 endpoints.dedup();
+                let endpoints: Arc<[Endpoint]> = endpoints
+                    .into_iter()
+                    .map(|addr| Endpoint {
+                        addr,
+                        open: self.open.entry(addr).or_default().clone(),
+                    })
+                    .collect();
                 self.by_vip.insert(
                     SocketAddr::new(*ip, port.port),
                     ServiceTarget {
-                        service: name.clone(),
-                        endpoints: endpoints.into(),
+                        service: service.clone(),
+                        endpoints,
                     },
                 );
-            }
-        }
-    }
-}
-
-/// Open connections per endpoint, for spreading new ones.
-///
-/// Power of two choices: two endpoints drawn at random, the one with fewer open connections
-/// taken. Every agent decides alone, with no view of the others' connections; random draws keep
-/// agents from herding onto one endpoint, and comparing two keeps a slow endpoint (whose
-/// connections pile up) from getting its full share, with a cost that does not grow with the
-/// number of endpoints.
-#[derive(Default)]
-pub struct EndpointLoad(Arc<Mutex<HashMap<SocketAddr, u32>>>);
-
-/// An open connection to an endpoint; dropping it releases its count.
-pub struct EndpointLease {
-    load: Arc<Mutex<HashMap<SocketAddr, u32>>>,
-    endpoint: SocketAddr,
-}
-
-impl EndpointLoad {
-    /// Picks one of `endpoints` (not empty) and counts a connection to it.
-    pub fn pick(&self, endpoints: &[SocketAddr]) -> Option<(SocketAddr, EndpointLease)> {
-        let mut load = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let chosen = match endpoints.len() {
-            0 => return None,
-            1 => endpoints[0],
-            n => {
-                let a = fastrand::usize(..n);
-                // A second draw among the others.
-                let b = (a + 1 + fastrand::usize(..n - 1)) % n;
-                let open = |i: usize| load.get(&endpoints[i]).copied().unwrap_or(0);
-                if open(b) < open(a) {
-                    endpoints[b]
-                } else {
-                    endpoints[a]
-                }
-            }
-        };
-        *load.entry(chosen).or_default() += 1;
-        Some((
-            chosen,
-            EndpointLease {
-                load: self.0.clone(),
-                endpoint: chosen,
-            },
-        ))
-    }
-
-    #[cfg(test)]
-    fn open(&self, endpoint: SocketAddr) -> u32 {
-        let load = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        load.get(&endpoint).copied().unwrap_or(0)
-    }
-}
-
-impl Drop for EndpointLease {
-    fn drop(&mut self) {
-        let mut load = self.load.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(open) = load.get_mut(&self.endpoint) {
-            *open -= 1;
-            if *open == 0 {
-                load.remove(&self.endpoint);
             }
         }
     }
@@ -313,7 +337,7 @@ mod tests {
 
     fn endpoints(t: &ServiceTable, dst: &str) -> Option<Vec<String>> {
         t.resolve(dst.parse().unwrap())
-            .map(|r| r.endpoints.iter().map(ToString::to_string).collect())
+            .map(|r| r.addrs().map(|a| a.to_string()).collect())
     }
 
     #[test]
@@ -382,24 +406,50 @@ mod tests {
 
     #[test]
     fn two_choices_spread_connections_and_prefer_the_less_loaded() {
-        let load = EndpointLoad::default();
-        let eps: Vec<SocketAddr> = (1..=4)
-            .map(|i| format!("10.1.0.{i}:80").parse().unwrap())
-            .collect();
-        let leases: Vec<_> = (0..400).map(|_| load.pick(&eps).unwrap()).collect();
-        for ep in &eps {
+        let mut t = ServiceTable::default();
+        t.upsert_service(web());
+        let ready = ["10.1.0.1", "10.1.0.2", "10.1.0.3", "10.1.0.4"];
+        t.upsert_slice(slice("web-a", false, &[("http", 8080)], &ready));
+        let target = t.resolve("10.96.0.10:80".parse().unwrap()).unwrap().clone();
+        let open = |t: &ServiceTable, addr: &str| {
+            let addr: SocketAddr = format!("{addr}:8080").parse().unwrap();
+            t.open.get(&addr).map_or(0, |c| c.load(Ordering::Relaxed))
+        };
+        let leases: Vec<_> = (0..400).map(|_| target.pick().unwrap()).collect();
+        for ep in ready {
             // Open connections stay even: two choices never let one run far ahead.
-            let open = load.open(*ep);
-            assert!((90..=110).contains(&open), "{ep}: {open}");
+            let n = open(&t, ep);
+            assert!((90..=110).contains(&n), "{ep}: {n}");
         }
+        // A slice update keeps the counts of the endpoints that stay.
+        t.upsert_slice(slice("web-a", false, &[("http", 8080)], &ready[1..]));
+        assert!(open(&t, "10.1.0.2") >= 90);
         drop(leases);
-        assert!(eps.iter().all(|e| load.open(*e) == 0));
-        assert!(load.pick(&[]).is_none());
+        drop(target);
+        assert!(ready.iter().all(|e| open(&t, e) == 0));
+        // The endpoint that left, with no connection open any more, is forgotten at the next
+        // update of its Service.
+        t.upsert_slice(slice("web-a", false, &[("http", 8080)], &ready[1..]));
+        assert!(!t.open.contains_key(&"10.1.0.1:8080".parse().unwrap()));
+
         // With two endpoints, the busier one is never chosen.
-        let (_held, _) = (load.pick(&eps[..1]).unwrap(), ());
+        t.upsert_slice(slice("web-a", false, &[("http", 8080)], &ready[..2]));
+        let target = t.resolve("10.96.0.10:80".parse().unwrap()).unwrap().clone();
+        let held = loop {
+            let (addr, lease) = target.pick().unwrap();
+            if addr.ip().to_string() == "10.1.0.1" {
+                break lease;
+            }
+        };
         for _ in 0..20 {
-            let (chosen, _lease) = load.pick(&eps[..2]).unwrap();
-            assert_eq!(chosen, eps[1]);
+            let (chosen, _lease) = target.pick().unwrap();
+            assert_eq!(chosen.ip().to_string(), "10.1.0.2");
         }
+        drop(held);
+        let empty = ServiceTarget {
+            service: target.service.clone(),
+            endpoints: Arc::new([]),
+        };
+        assert!(empty.pick().is_none());
     }
 }

@@ -33,7 +33,7 @@ pub(crate) struct AccessRecord<'a> {
     pub peer: SocketAddr,
     pub original_dst: SocketAddr,
     /// The Service `original_dst` is a ClusterIP of, if it is one.
-    pub service: Option<ServiceName>,
+    pub service: Option<std::sync::Arc<ServiceName>>,
     /// Where the connection went when that is not `original_dst` alone (a Service's endpoint).
     pub upstream: Option<SocketAddr>,
     pub identities: Identities,

@@ -21,8 +21,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 pub use crate::directory::MeshDirectory;
 pub use crate::tunnel::Tunnel;
 use crate::{
-    ebpf::OriginalDsts, egress::EgressPolicy, policy::PolicyStore, services::EndpointLoad,
-    workload::LocalWorkload,
+    ebpf::OriginalDsts, egress::EgressPolicy, policy::PolicyStore, workload::LocalWorkload,
 };
 
 /// Shared by every listener of every workload on the node.
@@ -32,8 +31,6 @@ pub struct ProxyContext {
     pub directory: MeshDirectory,
     /// Replaced on config reload.
     pub egress: std::sync::RwLock<Arc<EgressPolicy>>,
-    /// Open connections per Service endpoint.
-    pub endpoint_load: EndpointLoad,
     pub tunnel: Option<Tunnel>,
     pub policy: PolicyStore,
     pub metrics: Arc<crate::metrics::Metrics>,

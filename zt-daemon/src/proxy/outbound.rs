@@ -49,7 +49,6 @@ async fn handle(app: TcpStream, peer: SocketAddr, workload: &LocalWorkload, ctx:
             directory: &ctx.directory,
             egress: &egress,
             tunnel: ctx.tunnel.is_some(),
-            load: &ctx.endpoint_load,
         },
     );
     // Held until the connection ends: the endpoint's count of open connections.

@@ -3,18 +3,18 @@
 //! `dst` goes. No I/O, so every case is unit-tested without root.
 //!
 //! 1. A ClusterIP and port of a Service resolves to one of its ready endpoints (power of two
-//!    choices on open connections, `services::EndpointLoad`), or is refused at once when it has
+//!    choices on open connections, `services::ServiceTarget::pick`), or is refused at once when it has
 //!    none (`no_endpoints`). Any other destination is its own endpoint.
 //! 2. An endpoint that is a meshed pod is reached over HBONE, requiring that pod's identity.
 //! 3. Anything else is outside the mesh: passed through in plaintext where the egress policy
 //!    allows it for the source's namespace, refused (`egress_denied`) where it does not.
-use std::net::SocketAddr;
+use std::{net::SocketAddr, sync::Arc};
 
 use crate::{
     directory::MeshDirectory,
     egress::EgressPolicy,
     identity::spiffe::SpiffeId,
-    services::{EndpointLease, EndpointLoad, ServiceName},
+    services::{EndpointLease, ServiceName},
 };
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -44,7 +44,7 @@ pub enum Refusal {
 /// plan is dropped with the connection).
 pub struct RoutePlan {
     pub route: Route,
-    pub service: Option<ServiceName>,
+    pub service: Option<Arc<ServiceName>>,
     pub endpoint: Option<SocketAddr>,
     pub lease: Option<EndpointLease>,
 }
@@ -55,13 +55,12 @@ pub struct RouteInputs<'a> {
     pub egress: &'a EgressPolicy,
     /// The node has an identity provider (else it only captures: nothing is tunneled).
     pub tunnel: bool,
-    pub load: &'a EndpointLoad,
 }
 
 /// Where a connection from a pod of `source_namespace` to `dst` goes.
 pub fn plan(dst: SocketAddr, source_namespace: &str, inputs: &RouteInputs<'_>) -> RoutePlan {
     let (endpoint, service, lease) = match inputs.directory.service(dst) {
-        Some(target) => match inputs.load.pick(&target.endpoints) {
+        Some(target) => match target.pick() {
             Some((endpoint, lease)) => (endpoint, Some(target.service), Some(lease)),
             None => {
                 return RoutePlan {
@@ -178,13 +177,11 @@ mod tests {
     #[test]
     fn a_refused_service_endpoint_is_named_in_the_plan() {
         let d = directory();
-        let load = EndpointLoad::default();
         let closed = locked_down();
         let inputs = RouteInputs {
             directory: &d,
             egress: &closed,
             tunnel: true,
-            load: &load,
         };
         // `web` has one unmeshed endpoint; refused by egress, the plan still says which.
         let refused = (0..200)
@@ -195,12 +192,10 @@ mod tests {
     }
 
     fn route(d: &MeshDirectory, egress: &EgressPolicy, dst: &str) -> (Route, Option<String>) {
-        let load = EndpointLoad::default();
         let inputs = RouteInputs {
             directory: d,
             egress,
             tunnel: true,
-            load: &load,
         };
         let p = plan(dst.parse().unwrap(), "shop", &inputs);
         (p.route, p.service.map(|s| s.to_string()))
@@ -302,13 +297,11 @@ mod tests {
     #[test]
     fn without_identities_nothing_is_tunneled() {
         let d = directory();
-        let load = EndpointLoad::default();
         let open = EgressPolicy::default();
         let inputs = RouteInputs {
             directory: &d,
             egress: &open,
             tunnel: false,
-            load: &load,
         };
         let p = plan("10.1.0.1:8080".parse().unwrap(), "shop", &inputs);
         assert_eq!(
