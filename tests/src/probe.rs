@@ -95,6 +95,70 @@ fn spawn_listening(
     Ok((pid, log))
 }
 
+/// Starts `zt-probe echo` in `pod` (every byte received is sent back); waits until it listens.
+pub fn start_echo(bed: &mut Testbed, pod: &Pod, listen: SocketAddr) -> anyhow::Result<u32> {
+    Ok(spawn_listening(bed, pod, "echo", listen, &[])?.0)
+}
+
+/// `zt-probe steady` in a pod: one long-lived connection to an echo server carrying a checked
+/// echo every 200 ms until the file `until` exists.
+pub struct Steady {
+    pub log: PathBuf,
+}
+
+impl Steady {
+    pub fn start(
+        bed: &mut Testbed,
+        pod: &Pod,
+        to: SocketAddr,
+        until: &std::path::Path,
+    ) -> anyhow::Result<Self> {
+        let log_name = format!("steady-{}-{}.log", pod.name, to.port());
+        let mut cmd = bed.pod_command(pod, bin_path("zt-probe")?)?;
+        cmd.args(["steady", "--to", &to.to_string(), "--until"])
+            .arg(until);
+        bed.spawn(cmd, &log_name)?;
+        Ok(Steady {
+            log: bed.log_path(&log_name),
+        })
+    }
+
+    /// Echoes checked so far (0 before the first), or the `done` event's error.
+    pub fn round_trips(&self) -> anyhow::Result<u64> {
+        let events = read_json_lines(&self.log)?;
+        if let Some(done) = events.iter().find(|e| e["event"] == "done") {
+            anyhow::ensure!(done["ok"] == true, "the steady connection failed: {done}");
+        }
+        Ok(events
+            .iter()
+            .filter(|e| e["event"] == "round_trip")
+            .filter_map(|e| e["n"].as_u64())
+            .max()
+            .unwrap_or(0))
+    }
+
+    /// The local addresses of its connection, one per echo (a single one: it never reconnected).
+    pub fn locals(&self) -> anyhow::Result<std::collections::BTreeSet<String>> {
+        Ok(read_json_lines(&self.log)?
+            .iter()
+            .filter_map(|e| e["local"].as_str().map(str::to_owned))
+            .collect())
+    }
+
+    /// Waits for its `done` event (after `until` was created).
+    pub fn wait_done(&self) -> anyhow::Result<Value> {
+        let mut done = None;
+        wait_until(Duration::from_secs(30), || {
+            done = read_json_lines(&self.log)?
+                .into_iter()
+                .find(|e| e["event"] == "done");
+            Ok(done.is_some())
+        })
+        .context("zt-probe steady never finished")?;
+        Ok(done.unwrap_or_default())
+    }
+}
+
 /// `zt-probe tally` in a pod: every byte received, counted as it arrives, with timestamps.
 pub struct Tally {
     pub log: PathBuf,

@@ -11,13 +11,14 @@ use zt_tests::{
     Agent, Pod, Testbed,
     agent::{meshed_config_with_identity, mutual_tls_records, spiffe_id},
     in_cgroup_and_netns,
-    probe::{Server, connect, connect_idle_until, intact},
+    probe::{Server, Steady, connect, connect_idle_until, intact, start_echo},
     spire::{EntryId, Spire},
     wait_until,
 };
 
 const MIB: u64 = 1024 * 1024;
 const PORT: u16 = 9000;
+const ECHO_PORT: u16 = 9001;
 const TIMEOUT: Duration = Duration::from_secs(3);
 const TRUST_DOMAIN: &str = "cluster.local";
 
@@ -117,9 +118,17 @@ struct SpireMesh {
     server: Server,
     /// The workload entry of each meshed pod, by pod name.
     entries: BTreeMap<String, EntryId>,
+    /// Both zt agents' configuration files, as written.
+    configs: [String; 2],
 }
 
 fn spire_mesh(ttl_seconds: u32) -> SpireMesh {
+    spire_mesh_unregistered(ttl_seconds, &[])
+}
+
+/// As [`spire_mesh`], without a registration entry for the pods named in `unregistered`
+/// (enrolled all the same).
+fn spire_mesh_unregistered(ttl_seconds: u32, unregistered: &[&str]) -> SpireMesh {
     let mut bed = Testbed::new(2).unwrap();
     let spire = Spire::start(&mut bed, TRUST_DOMAIN).unwrap();
     let (p11, p12, p21) = (
@@ -129,6 +138,9 @@ fn spire_mesh(ttl_seconds: u32) -> SpireMesh {
     );
     let mut entries = BTreeMap::new();
     for pod in [&p11, &p12, &p21] {
+        if unregistered.contains(&pod.name.as_str()) {
+            continue;
+        }
         let id = spire
             .create_workload_entry("default", &format!("sa-{}", pod.name), ttl_seconds)
             .unwrap();
@@ -155,6 +167,9 @@ fn spire_mesh(ttl_seconds: u32) -> SpireMesh {
     let agent2 = Agent::start_with_config(&mut bed, 2, &c2).unwrap();
     for (agent, pods) in [(&agent1, vec![&p11, &p12]), (&agent2, vec![&p21])] {
         for pod in pods {
+            if unregistered.contains(&pod.name.as_str()) {
+                continue;
+            }
             wait_identity(agent, pod, |i| i.is_some());
         }
     }
@@ -166,6 +181,7 @@ fn spire_mesh(ttl_seconds: u32) -> SpireMesh {
         agent2,
         server,
         entries,
+        configs: [c1, c2],
     }
 }
 
@@ -200,6 +216,33 @@ fn wait_identity(agent: &Agent, pod: &Pod, pred: impl Fn(&Option<Value>) -> bool
         )
     });
     last
+}
+
+/// `zt_certificate_expiry_timestamp_seconds` for `pod`'s SPIFFE ID on `agent`, if exported.
+fn expiry_metric(agent: &Agent, pod: &Pod) -> anyhow::Result<Option<f64>> {
+    let label = format!("identity=\"{}\"", spiffe_id(pod));
+    Ok(agent
+        .metric_lines("zt_certificate_expiry_timestamp_seconds")?
+        .iter()
+        .filter(|l| l.contains(&label))
+        .find_map(|l| l.rsplit(' ').next()?.parse().ok()))
+}
+
+/// `zt_identity_withdrawals_total` on `agent` (0 before the first).
+fn withdrawals_total(agent: &Agent) -> u64 {
+    agent
+        .metric_lines("zt_identity_withdrawals_total")
+        .unwrap()
+        .iter()
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
 }
 
 fn serial(identity: &Option<Value>) -> String {
@@ -295,38 +338,97 @@ fn spire_issued_svids_carry_a_cross_node_connection_over_mutual_tls() {
 
 #[test]
 fn spire_rotates_svids_and_new_connections_use_the_new_ones() {
-    let m = spire_mesh(30);
-    let (p11, p21, p22) = (m.bed.pod(1, 1), m.bed.pod(2, 1), m.bed.pod(2, 2));
-    let before = (
-        serial(&identity(&m.agent1, p11).unwrap()),
-        serial(&identity(&m.agent2, p21).unwrap()),
+    // 30 s: SPIRE's entries accept it (the harness test reads it back), and the spire-agents
+    // renew at about half of it, so two rotations of both sides take about 30 s.
+    let mut m = spire_mesh(30);
+    let (p11, p21, p22) = (
+        m.bed.pod(1, 1).clone(),
+        m.bed.pod(2, 1).clone(),
+        m.bed.pod(2, 2).clone(),
     );
-    // No action: the spire-agents renew at about half the 30 s life and push the new SVIDs.
-    let after1 = wait_identity(&m.agent1, p11, |i| {
-        i.as_ref().is_some_and(|i| i["serial"] != before.0.as_str())
-    });
-    let after2 = wait_identity(&m.agent2, p21, |i| {
-        i.as_ref().is_some_and(|i| i["serial"] != before.1.as_str())
-    });
-    assert_eq!(
-        after1.as_ref().unwrap()["spiffe_id"],
-        spiffe_id(p11).as_str()
+    // One long-lived cross-node connection, an echo checked byte for byte every 200 ms, open
+    // across every rotation below.
+    start_echo(&mut m.bed, &p21, SocketAddr::from(([0u16; 8], ECHO_PORT))).unwrap();
+    let go = m.bed.dir.join("steady-go");
+    let steady = Steady::start(
+        &mut m.bed,
+        &p11,
+        SocketAddr::new(p21.ip(false), ECHO_PORT),
+        &go,
+    )
+    .unwrap();
+    let carried_more_than = |n: u64| {
+        wait_until(Duration::from_secs(30), || Ok(steady.round_trips()? > n)).unwrap_or_else(|e| {
+            panic!(
+                "the long-lived connection stopped carrying bytes after {n} echoes: {e}\n\
+                 --- node 1 ---\n{}\n--- node 2 ---\n{}",
+                m.agent1.log_tail(),
+                m.agent2.log_tail()
+            )
+        });
+        steady.round_trips().unwrap()
+    };
+    let mut carried = carried_more_than(0);
+
+    let first = (
+        serial(&identity(&m.agent1, &p11).unwrap()),
+        serial(&identity(&m.agent2, &p21).unwrap()),
     );
-    assert!(m.spire.svids_signed(2, &m.entries["n2p1"]).unwrap() >= 2);
+    let mut last = first.clone();
+    let mut expiry = (
+        expiry_metric(&m.agent1, &p11)
+            .unwrap()
+            .expect("n1p1's expiry"),
+        expiry_metric(&m.agent2, &p21)
+            .unwrap()
+            .expect("n2p1's expiry"),
+    );
+    for rotation in 1..=2 {
+        // No action: the spire-agents renew at about half the 30 s life and push the new SVIDs.
+        let on1 = wait_identity(&m.agent1, &p11, |i| {
+            i.as_ref().is_some_and(|i| i["serial"] != last.0.as_str())
+        });
+        let on2 = wait_identity(&m.agent2, &p21, |i| {
+            i.as_ref().is_some_and(|i| i["serial"] != last.1.as_str())
+        });
+        assert_eq!(on1.as_ref().unwrap()["spiffe_id"], spiffe_id(&p11).as_str());
+        assert_eq!(on2.as_ref().unwrap()["spiffe_id"], spiffe_id(&p21).as_str());
+        last = (serial(&on1), serial(&on2));
+        // The expiry gauge follows each new SVID forward.
+        let mut now = (0.0, 0.0);
+        wait_until(Duration::from_secs(10), || {
+            now = (
+                expiry_metric(&m.agent1, &p11)?.unwrap_or(0.0),
+                expiry_metric(&m.agent2, &p21)?.unwrap_or(0.0),
+            );
+            Ok(now.0 > expiry.0 && now.1 > expiry.1)
+        })
+        .unwrap_or_else(|e| {
+            panic!("rotation {rotation}: the expiry gauge stayed at {expiry:?} (now {now:?}): {e}")
+        });
+        expiry = now;
+        // The connection opened before it still carries bytes, intact, after it.
+        carried = carried_more_than(carried);
+    }
+    assert!(m.spire.svids_signed(2, &m.entries["n2p1"]).unwrap() >= 3);
+    std::fs::write(&go, "").unwrap();
+    let done = steady.wait_done().unwrap();
+    assert_eq!(done["ok"], true, "{done}");
+    let locals = steady.locals().unwrap();
+    assert_eq!(locals.len(), 1, "one connection throughout: {locals:?}");
 
     let dst = SocketAddr::new(p21.ip(false), PORT);
-    let report = connect(&m.bed, p11, dst, MIB, TIMEOUT)
+    let report = connect(&m.bed, &p11, dst, MIB, TIMEOUT)
         .unwrap()
         .expect("a connection after the rotation");
     intact(&report, MIB);
     // The listener presents the SVID (at least) as new as the one seen rotated.
-    let now = serial(&identity(&m.agent2, p21).unwrap());
-    let (presented, facts) = presented_by(&m, p22, p21);
-    assert_ne!(presented, before.1, "{facts}");
+    let now = serial(&identity(&m.agent2, &p21).unwrap());
+    let (presented, facts) = presented_by(&m, &p22, &p21);
+    assert_ne!(presented, first.1, "{facts}");
     assert!(
-        presented == now || presented == serial(&identity(&m.agent2, p21).unwrap()),
-        "presented {presented}, /config_dump {now} (was {:?})",
-        after2
+        presented == now || presented == serial(&identity(&m.agent2, &p21).unwrap()),
+        "presented {presented}, /config_dump {now} (was {last:?})",
     );
 }
 
@@ -370,8 +472,21 @@ fn deleting_an_entry_withdraws_the_svid_and_closes_its_connections() {
             Ok(open("zt_tcp_connections_opened_total")? > open("zt_tcp_connections_closed_total")?)
         })
         .unwrap();
+        let withdrawals = open("zt_identity_withdrawals_total");
+        let withdrawn_before = withdrawals_total(&m.agent1);
         m.spire.delete_entry(&m.entries["n1p1"]).unwrap();
         wait_identity(&m.agent1, &p11, Option::is_none);
+        // Counted on node 1, where SPIRE took the SVID back; not on node 2.
+        wait_until(Duration::from_secs(10), || {
+            Ok(withdrawals_total(&m.agent1) > withdrawn_before)
+        })
+        .unwrap_or_else(|e| {
+            panic!("zt_identity_withdrawals_total stayed at {withdrawn_before}: {e}")
+        });
+        assert_eq!(
+            open("zt_identity_withdrawals_total").unwrap(),
+            withdrawals.unwrap()
+        );
         wait_until(Duration::from_secs(10), || {
             Ok(
                 open("zt_tcp_connections_opened_total")?
@@ -395,11 +510,34 @@ fn deleting_an_entry_withdraws_the_svid_and_closes_its_connections() {
     let (status, body) = m.agent1.readiness().unwrap();
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("default/n1p1"), "{body}");
-    // New connections from and to it fail; its neighbour's still work.
+    // New connections from and to it fail; its neighbour's still work. The refused one is
+    // logged: an access record for n1p1's connection, closed as a tunnel failure, not relayed.
+    let outbound_failures = |agent: &Agent| -> usize {
+        agent
+            .access_records()
+            .unwrap()
+            .iter()
+            .filter(|r| {
+                r["direction"] == "outbound"
+                    && r["workload"] == "default/n1p1"
+                    && r["original_dst"] == dst.to_string().as_str()
+                    && matches!(
+                        r["close"].as_str(),
+                        Some("tunnel_failed" | "tunnel_refused")
+                    )
+            })
+            .count()
+    };
+    let failures_before = outbound_failures(&m.agent1);
     assert!(
         connect(&m.bed, &p11, dst, 1024, TIMEOUT).unwrap().is_err(),
         "n1p1 connected without an SVID"
     );
+    m.agent1
+        .wait_access("n1p1's refused connection", |_| {
+            outbound_failures(&m.agent1) > failures_before
+        })
+        .unwrap();
     assert!(
         connect(&m.bed, &p21, to_p11, 1024, TIMEOUT)
             .unwrap()
@@ -474,5 +612,177 @@ fn svids_keep_serving_while_the_spire_agent_is_down_and_updates_resume_after() {
     intact(
         &connect(&m.bed, &p11, dst, 1024, TIMEOUT).unwrap().unwrap(),
         1024,
+    );
+}
+
+#[test]
+fn with_the_spire_agent_down_an_svid_serves_until_it_expires_then_the_node_is_unready() {
+    let mut m = spire_mesh(30);
+    let (p11, p21) = (m.bed.pod(1, 1).clone(), m.bed.pod(2, 1).clone());
+    let dst = SocketAddr::new(p21.ip(false), PORT);
+    // Killed just after a renewal, the spire-agent leaves behind an SVID with most of its 30 s
+    // ahead.
+    let first = serial(&identity(&m.agent2, &p21).unwrap());
+    wait_identity(&m.agent2, &p21, |i| {
+        i.as_ref().is_some_and(|i| i["serial"] != first.as_str())
+    });
+    m.spire.stop_agent(&mut m.bed, 2);
+    let held = identity(&m.agent2, &p21)
+        .unwrap()
+        .expect("n2p1 holds an SVID");
+    let not_after = held["not_after"].as_u64().expect("a not_after");
+    assert!(not_after > unix_now(), "{held}");
+
+    // Valid: traffic flows, and the node stays ready until the SVID's not_after.
+    intact(
+        &connect(&m.bed, &p11, dst, MIB, TIMEOUT).unwrap().unwrap(),
+        MIB,
+    );
+    let mut checks = 0;
+    while unix_now() < not_after {
+        let (status, body) = m.agent2.readiness().unwrap();
+        // A 503 counts only when answered before not_after (it may be behind by a second).
+        if status != 200 && unix_now() + 1 < not_after {
+            panic!("unready while n2p1's SVID is valid (not_after {not_after}): {status} {body}");
+        }
+        checks += 1;
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        checks > 0,
+        "the SVID expired before the first readiness check"
+    );
+    assert_eq!(
+        serial(&identity(&m.agent2, &p21).unwrap()),
+        serial(&Some(held))
+    );
+
+    // Expired: unready, naming the workload.
+    let mut last = (0, String::new());
+    wait_until(Duration::from_secs(30), || {
+        last = m.agent2.readiness()?;
+        Ok(last.0 == 503)
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "still {last:?} after n2p1's SVID expired at {not_after}: {e}\n{}",
+            m.agent2.log_tail()
+        )
+    });
+    assert!(last.1.contains("default/n2p1"), "{last:?}");
+
+    // The spire-agent back: a fresh SVID, ready again, traffic flows.
+    m.spire.start_agent(&mut m.bed, 2).unwrap();
+    wait_identity(&m.agent2, &p21, |i| {
+        i.as_ref()
+            .is_some_and(|i| i["not_after"].as_u64().is_some_and(|t| t > unix_now()))
+    });
+    wait_until(Duration::from_secs(30), || {
+        last = m.agent2.readiness()?;
+        Ok(last.0 == 200)
+    })
+    .unwrap_or_else(|e| panic!("not ready again: {last:?}: {e}"));
+    intact(
+        &connect(&m.bed, &p11, dst, MIB, TIMEOUT).unwrap().unwrap(),
+        MIB,
+    );
+}
+
+#[test]
+fn a_workload_without_a_registration_entry_gets_no_identity_and_no_connection() {
+    // n1p2 is enrolled on node 1, but SPIRE has no entry for its service account.
+    let mut m = spire_mesh_unregistered(3600, &["n1p2"]);
+    let (p11, p12, p21) = (
+        m.bed.pod(1, 1).clone(),
+        m.bed.pod(1, 2).clone(),
+        m.bed.pod(2, 1).clone(),
+    );
+    assert!(!m.entries.contains_key("n1p2"));
+    // Its neighbour has its SVID (the subscriptions are up): n1p2 has none, and the node says so.
+    assert!(identity(&m.agent1, &p11).unwrap().is_some());
+    assert_eq!(identity(&m.agent1, &p12).unwrap(), None);
+    let (status, body) = m.agent1.readiness().unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("default/n1p2"), "{body}");
+    assert!(!body.contains("default/n1p1"), "{body}");
+
+    // No connection from or to it over the mesh; its neighbour's work.
+    let dst = SocketAddr::new(p21.ip(false), PORT);
+    assert!(
+        connect(&m.bed, &p12, dst, 1024, TIMEOUT).unwrap().is_err(),
+        "n1p2 connected without an SVID"
+    );
+    Server::start(&mut m.bed, &p12, SocketAddr::from(([0u16; 8], PORT))).unwrap();
+    assert!(
+        connect(
+            &m.bed,
+            &p21,
+            SocketAddr::new(p12.ip(false), PORT),
+            1024,
+            TIMEOUT
+        )
+        .unwrap()
+        .is_err(),
+        "n2p1 reached n1p2, which has no SVID"
+    );
+    intact(
+        &connect(&m.bed, &p11, dst, 1024, TIMEOUT).unwrap().unwrap(),
+        1024,
+    );
+    // Still nothing for it: only a registration entry could have given it an identity.
+    assert_eq!(identity(&m.agent1, &p12).unwrap(), None);
+
+    // No CA anywhere: the agents' configs name no CA directory or key, the only path they name
+    // is the spire-agent's admin socket, and no private key lies in the bed outside SPIRE's
+    // own directories.
+    for (n, config) in m.configs.iter().enumerate() {
+        let lower = config.to_ascii_lowercase();
+        for word in ["ca_dir", "ca_cert", "ca_key", "key_file", "private_key"] {
+            assert!(
+                !lower.contains(word),
+                "{word} in node {}'s config:\n{config}",
+                n + 1
+            );
+        }
+        let admin = m.spire.admin_socket(n + 1).display().to_string();
+        for quoted in config.split('"').skip(1).step_by(2) {
+            if quoted.starts_with('/') && quoted != admin {
+                let p = Path::new(quoted);
+                assert!(
+                    !p.is_dir() || !p.join("ca.key").exists(),
+                    "node {}'s config points to {quoted}, which holds a CA",
+                    n + 1
+                );
+                if p.is_file() {
+                    let text = std::fs::read_to_string(p).unwrap_or_default();
+                    assert!(!text.contains("PRIVATE KEY"), "a key file: {quoted}");
+                }
+            }
+        }
+    }
+    assert!(!m.bed.dir.join("ca").exists(), "a CA directory in the bed");
+    let mut keys = Vec::new();
+    let mut dirs = vec![m.bed.dir.clone()];
+    while let Some(dir) = dirs.pop() {
+        if dir == m.spire.dir {
+            continue;
+        }
+        for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+            let (path, kind) = (entry.path(), entry.file_type().unwrap());
+            if kind.is_dir() {
+                dirs.push(path);
+            } else if kind.is_file()
+                && std::fs::read(&path)
+                    .unwrap_or_default()
+                    .windows(11)
+                    .any(|w| w == b"PRIVATE KEY")
+            {
+                keys.push(path);
+            }
+        }
+    }
+    assert!(
+        keys.is_empty(),
+        "private keys in the bed outside SPIRE: {keys:?}"
     );
 }

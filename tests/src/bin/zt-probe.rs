@@ -8,6 +8,8 @@
 //!   bind --port P                try to bind P on IPv4 and IPv6; print the outcome
 //!   get --to ADDR --path P       HTTP GET; print status and body
 //!   echo --listen ADDR           echo server (benchmarks)
+//!   steady --to ADDR --until F   one long-lived connection to an echo server, a checked echo
+//!                                every interval until the file F exists (rotation tests)
 //!   rr --to ADDR --size N        request/response round trips; print p50/p99/p99.9 (benchmarks)
 //!   tally --listen ADDR          accept forever, count every byte received; print the running
 //!                                total with a timestamp whenever it changes (fault tests)
@@ -75,6 +77,19 @@ enum Cmd {
     Bind {
         #[arg(long)]
         port: u16,
+    },
+    /// One connection to an echo server, kept open: a `size`-byte chunk every `interval_ms`,
+    /// each echo checked byte for byte; prints a `round_trip` event per echo, then (once the file
+    /// `until` exists, or on the first error or mismatch) a `done` event.
+    Steady {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        until: std::path::PathBuf,
+        #[arg(long, default_value_t = 200)]
+        interval_ms: u64,
+        #[arg(long, default_value_t = 4096)]
+        size: usize,
     },
     /// Echo server: every byte received is sent back.
     Echo {
@@ -363,6 +378,47 @@ fn echo(listen: SocketAddr) -> std::io::Result<()> {
         });
     }
     Ok(())
+}
+
+fn steady(
+    to: SocketAddr,
+    until: &std::path::Path,
+    interval: Duration,
+    size: usize,
+) -> (u64, std::io::Result<()>) {
+    let mut n = 0u64;
+    let run = |n: &mut u64| -> std::io::Result<()> {
+        let mut conn = TcpStream::connect_timeout(&to, Duration::from_secs(3))?;
+        conn.set_nodelay(true)?;
+        conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let local = conn.local_addr()?.to_string();
+        let mut back = vec![0u8; size];
+        // Bounded, so that a test failing before its go-ahead does not hang the suite.
+        let give_up = std::time::Instant::now() + Duration::from_secs(300);
+        while !until.exists() && std::time::Instant::now() < give_up {
+            // Every chunk differs (its index in every byte's high bits, mixed with the position).
+            let chunk: Vec<u8> = (0..size)
+                .map(|i| (i as u64 ^ n.wrapping_mul(0x9e37_79b9)) as u8)
+                .collect();
+            conn.write_all(&chunk)?;
+            conn.read_exact(&mut back)?;
+            if back != chunk {
+                return Err(std::io::Error::other(format!(
+                    "echo {n} differs from what was sent"
+                )));
+            }
+            *n += 1;
+            println!(
+                "{}",
+                json!({"event": "round_trip", "n": *n, "local": local,
+                       "at_ms": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis() as u64})
+            );
+            std::thread::sleep(interval);
+        }
+        Ok(())
+    };
+    let outcome = run(&mut n);
+    (n, outcome)
 }
 
 fn round_trips(to: SocketAddr, size: usize, count: usize) -> std::io::Result<serde_json::Value> {
@@ -751,6 +807,24 @@ fn main() {
             if let Err(e) = echo(listen) {
                 eprintln!("zt-probe echo {listen}: {e}");
                 std::process::exit(1);
+            }
+        }
+        Cmd::Steady {
+            to,
+            until,
+            interval_ms,
+            size,
+        } => {
+            let (n, outcome) = steady(to, &until, Duration::from_millis(interval_ms), size);
+            match outcome {
+                Ok(()) => println!("{}", json!({"event": "done", "ok": true, "round_trips": n})),
+                Err(e) => {
+                    println!(
+                        "{}",
+                        json!({"event": "done", "ok": false, "round_trips": n, "error": e.to_string()})
+                    );
+                    std::process::exit(1);
+                }
             }
         }
         Cmd::Rr { to, size, count } => match round_trips(to, size, count) {
