@@ -427,10 +427,9 @@ mod tests {
         drop(leases);
         drop(target);
         assert!(ready.iter().all(|e| open(&t, e) == 0));
-        // The endpoint that left, with no connection open any more, is forgotten at the next
-        // update of its Service.
-        t.upsert_slice(slice("web-a", false, &[("http", 8080)], &ready[1..]));
-        assert!(!t.open.contains_key(&"10.1.0.1:8080".parse().unwrap()));
+        // An endpoint that leaves with no connection open is forgotten with it.
+        t.upsert_slice(slice("web-a", false, &[("http", 8080)], &ready[1..3]));
+        assert!(!t.open.contains_key(&"10.1.0.4:8080".parse().unwrap()));
 
         // With two endpoints, the busier one is never chosen.
         t.upsert_slice(slice("web-a", false, &[("http", 8080)], &ready[..2]));
