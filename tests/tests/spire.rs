@@ -264,6 +264,8 @@ fn presented_by(m: &SpireMesh, from: &Pod, pod: &Pod) -> (String, String) {
         .stdin(std::process::Stdio::null());
     let out = s_client.output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
+    // On the wire: TLS 1.3, whatever the SVID's issuer.
+    assert!(text.contains("TLSv1.3"), "not TLS 1.3: {text}");
     let begin = text
         .find("-----BEGIN CERTIFICATE-----")
         .unwrap_or_else(|| panic!("no certificate from {}:15008: {text}", pod.ipv4));
