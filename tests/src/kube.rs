@@ -64,46 +64,17 @@ const FIELD_MANAGER: &str = "zt-tests";
 /// How long the API server may take to become ready on a busy machine.
 const READY_TIMEOUT: Duration = Duration::from_secs(90);
 
-/// The directory holding `kube-apiserver` and `etcd`: `ZT_KUBE_BIN_DIR` (set by `cargo xtask
-/// test`), else the cache scripts/kube-apiserver.sh fills for its pinned version. Fails, never
-/// skips, when they are missing.
+/// The directory holding `kube-apiserver` and `etcd` (see [`crate::GoComponent`]).
 pub fn bin_dir() -> anyhow::Result<PathBuf> {
-    let dir = match std::env::var_os("ZT_KUBE_BIN_DIR") {
-        Some(d) => PathBuf::from(d),
-        None => default_bin_dir()?,
-    };
-    for bin in ["kube-apiserver", "etcd"] {
-        if !dir.join(bin).is_file() {
-            bail!(
-                "{bin} not found in {}: the Kubernetes tests need a real kube-apiserver and etcd. \
-                 Run `scripts/dev.sh test` (it builds them), or `scripts/kube-apiserver.sh` and \
-                 set ZT_KUBE_BIN_DIR to the directory it prints",
-                dir.display()
-            );
-        }
+    crate::GoComponent {
+        dir_env: "ZT_KUBE_BIN_DIR",
+        script: "kube-apiserver.sh",
+        pin: "K8S_VERSION",
+        cache_dir: "k8s",
+        binaries: ["kube-apiserver", "etcd"],
+        needed_by: "the Kubernetes tests need a real kube-apiserver and etcd",
     }
-    Ok(dir)
-}
-
-/// `${ZT_CACHE:-$HOME/.cache/zt}/k8s/<version>`, the version read from the script's pin.
-fn default_bin_dir() -> anyhow::Result<PathBuf> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/kube-apiserver.sh");
-    let text = std::fs::read_to_string(&script)
-        .with_context(|| format!("reading {}", script.display()))?;
-    let version = std::env::var("ZT_K8S_VERSION").ok().or_else(|| {
-        text.lines()
-            .find_map(|l| l.strip_prefix("K8S_VERSION=${ZT_K8S_VERSION:-"))
-            .and_then(|rest| rest.strip_suffix('}'))
-            .map(str::to_owned)
-    });
-    let version = version.context("no K8S_VERSION pin in scripts/kube-apiserver.sh")?;
-    let cache = match std::env::var_os("ZT_CACHE") {
-        Some(c) => PathBuf::from(c),
-        None => {
-            PathBuf::from(std::env::var_os("HOME").context("HOME is not set")?).join(".cache/zt")
-        }
-    };
-    Ok(cache.join("k8s").join(version))
+    .dir()
 }
 
 /// A pod as the test declares it to the API server.

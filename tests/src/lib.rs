@@ -458,3 +458,66 @@ pub fn in_cgroup_and_netns(
     }
     Ok(cmd)
 }
+
+/// A third-party component the tests run, built from Go modules by `scripts/<script>` and
+/// cached by the version the script pins.
+pub struct GoComponent {
+    /// Names the binaries' directory (`cargo xtask test` sets it).
+    pub dir_env: &'static str,
+    pub script: &'static str,
+    /// The script's version variable (`<pin>=${ZT_<pin>:-vX}`).
+    pub pin: &'static str,
+    /// Under the cache: `${ZT_CACHE:-$HOME/.cache/zt}/<cache_dir>/<version>`.
+    pub cache_dir: &'static str,
+    pub binaries: [&'static str; 2],
+    /// Why a test cannot go on without them.
+    pub needed_by: &'static str,
+}
+
+impl GoComponent {
+    /// The binaries' directory: `dir_env`, else the script's cache for its pinned version.
+    /// Fails, never skips, when a binary is missing.
+    pub fn dir(&self) -> anyhow::Result<PathBuf> {
+        let dir = match std::env::var_os(self.dir_env) {
+            Some(d) => PathBuf::from(d),
+            None => self.cached()?,
+        };
+        for bin in self.binaries {
+            if !dir.join(bin).is_file() {
+                anyhow::bail!(
+                    "{bin} not found in {}: {}. Run `scripts/dev.sh test` (it builds them), or \
+                     `scripts/{}` and set {} to the directory it prints",
+                    dir.display(),
+                    self.needed_by,
+                    self.script,
+                    self.dir_env
+                );
+            }
+        }
+        Ok(dir)
+    }
+
+    fn cached(&self) -> anyhow::Result<PathBuf> {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../scripts")
+            .join(self.script);
+        let text = std::fs::read_to_string(&script)
+            .with_context(|| format!("reading {}", script.display()))?;
+        let prefix = format!("{}=${{ZT_{}:-", self.pin, self.pin);
+        let version = std::env::var(format!("ZT_{}", self.pin))
+            .ok()
+            .or_else(|| {
+                text.lines()
+                    .find_map(|l| l.strip_prefix(prefix.as_str()))
+                    .and_then(|rest| rest.strip_suffix('}'))
+                    .map(str::to_owned)
+            })
+            .with_context(|| format!("no {} pin in scripts/{}", self.pin, self.script))?;
+        let cache = match std::env::var_os("ZT_CACHE") {
+            Some(c) => PathBuf::from(c),
+            None => PathBuf::from(std::env::var_os("HOME").context("HOME is not set")?)
+                .join(".cache/zt"),
+        };
+        Ok(cache.join(self.cache_dir).join(version))
+    }
+}

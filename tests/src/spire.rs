@@ -32,46 +32,17 @@ use crate::{Testbed, read_json_lines, wait_until};
 /// busy machine.
 const TIMEOUT: Duration = Duration::from_secs(60);
 
-/// The directory holding `spire-server` and `spire-agent`: `ZT_SPIRE_BIN_DIR` (set by `cargo
-/// xtask test`), else the cache scripts/spire.sh fills for its pinned version. Fails, never
-/// skips, when they are missing.
+/// The directory holding `spire-server` and `spire-agent` (see [`crate::GoComponent`]).
 pub fn bin_dir() -> anyhow::Result<PathBuf> {
-    let dir = match std::env::var_os("ZT_SPIRE_BIN_DIR") {
-        Some(d) => PathBuf::from(d),
-        None => default_bin_dir()?,
-    };
-    for bin in ["spire-server", "spire-agent"] {
-        if !dir.join(bin).is_file() {
-            bail!(
-                "{bin} not found in {}: the SPIRE tests need a real spire-server and spire-agent. \
-                 Run `scripts/dev.sh test` (it builds them), or `scripts/spire.sh` and set \
-                 ZT_SPIRE_BIN_DIR to the directory it prints",
-                dir.display()
-            );
-        }
+    crate::GoComponent {
+        dir_env: "ZT_SPIRE_BIN_DIR",
+        script: "spire.sh",
+        pin: "SPIRE_VERSION",
+        cache_dir: "spire",
+        binaries: ["spire-server", "spire-agent"],
+        needed_by: "the SPIRE tests need a real spire-server and spire-agent",
     }
-    Ok(dir)
-}
-
-/// `${ZT_CACHE:-$HOME/.cache/zt}/spire/<version>`, the version read from the script's pin.
-fn default_bin_dir() -> anyhow::Result<PathBuf> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/spire.sh");
-    let text = std::fs::read_to_string(&script)
-        .with_context(|| format!("reading {}", script.display()))?;
-    let version = std::env::var("ZT_SPIRE_VERSION").ok().or_else(|| {
-        text.lines()
-            .find_map(|l| l.strip_prefix("SPIRE_VERSION=${ZT_SPIRE_VERSION:-"))
-            .and_then(|rest| rest.strip_suffix('}'))
-            .map(str::to_owned)
-    });
-    let version = version.context("no SPIRE_VERSION pin in scripts/spire.sh")?;
-    let cache = match std::env::var_os("ZT_CACHE") {
-        Some(c) => PathBuf::from(c),
-        None => {
-            PathBuf::from(std::env::var_os("HOME").context("HOME is not set")?).join(".cache/zt")
-        }
-    };
-    Ok(cache.join("spire").join(version))
+    .dir()
 }
 
 /// A registration entry's ID, as the server named it.
