@@ -519,9 +519,14 @@ impl MeshDirectory {
         update(&mut self.write().services)
     }
 
+    /// Reads the Service table (the read lock: connects go on meanwhile).
+    pub fn read_services<R>(&self, read: impl FnOnce(&ServiceTable) -> R) -> R {
+        read(&self.read().services)
+    }
+
     /// The Service whose ClusterIP and port `dst` is, with its ready endpoints.
     pub fn service(&self, dst: std::net::SocketAddr) -> Option<ServiceTarget> {
-        self.read().services.resolve(dst).cloned()
+        self.read_services(|t| t.resolve(dst).cloned())
     }
 
     /// Who holds `ip` in the mesh: the node config's entry for it, else the cluster's meshed pod.

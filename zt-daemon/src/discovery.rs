@@ -265,7 +265,7 @@ impl Watch {
             // The slices listed before the pods are checked now.
             let slices: Vec<SliceFacts> = self
                 .directory
-                .update_services(|t| t.slices().cloned().collect());
+                .read_services(|t| t.slices().cloned().collect());
             for slice in &slices {
                 self.note_strangers(slice);
             }
@@ -400,7 +400,7 @@ impl Watch {
     fn report_unresolved(&self, service: &ServiceName) {
         let unresolved = self
             .directory
-            .update_services(|t| t.unresolved_ports(service));
+            .read_services(|t| t.unresolved_ports(service));
         for port in unresolved {
             debug!(service = %service, port, "no endpoint carries this Service port yet");
         }
