@@ -95,7 +95,7 @@ impl Agent {
         let directory = MeshDirectory::default();
         let readiness = Readiness::new(policy.status(), directory.clone());
         let proxy = Arc::new(ProxyContext {
-            dsts,
+            dsts: Box::new(dsts),
             directory: directory.clone(),
             egress: std::sync::RwLock::new(Arc::new(config.egress.clone())),
             policy,

@@ -3,6 +3,7 @@
 pub mod admin;
 pub mod agent;
 pub mod config;
+pub mod copy;
 pub mod directory;
 pub mod discovery;
 pub mod ebpf;

@@ -4,7 +4,8 @@ use std::{future::Future, net::SocketAddr, time::Instant};
 
 use tracing::info;
 
-use super::{Direction, ProxyContext, copy};
+use super::{Direction, ProxyContext};
+use crate::copy;
 use crate::{
     identity::spiffe::SpiffeId,
     metrics::{self, Metrics, TcpLabels},

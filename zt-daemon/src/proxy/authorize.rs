@@ -4,7 +4,8 @@ use std::{future::Future, net::SocketAddr, time::Instant};
 
 use tracing::warn;
 
-use super::{AccessRecord, Direction, Identities, ProxyContext, access::id_or_dash, copy};
+use super::{AccessRecord, Direction, Identities, ProxyContext, access::id_or_dash};
+use crate::copy;
 use crate::{
     policy::{self, Peer, WorkloadRef},
     workload::{LocalWorkload, WorkloadId},

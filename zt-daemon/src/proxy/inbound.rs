@@ -25,19 +25,21 @@ use tracing::{debug, info, warn};
 use zt_common::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 
 use crate::{
+    copy::{CloseReason, RelayOutcome},
     identity::{
         spiffe::SpiffeId,
         svid::LeafFacts,
         tls::{ALPN_H2, handshake_failure_reason, server_config},
     },
     proxy::{
-        Admission, Identities, ProxyContext, accept_loop, authorize, connect_in_pod,
-        copy::{CloseReason, RelayOutcome},
-        log_access, relay_and_log, reset,
+        Admission, Identities, ProxyContext, accept_loop, authorize, log_access, relay_and_log,
+        reset,
     },
     tunnel::{
-        Tunnel,
-        hbone::{self, H2Stream, SessionCertificate, SessionCertificates},
+        Tunnel, hbone,
+        server::{self, ServedConnection, ServerLimits},
+        session::{SessionCertificate, SessionCertificates},
+        stream::H2Stream,
     },
     workload::LocalWorkload,
 };
@@ -112,7 +114,7 @@ async fn handle_plaintext(
         reset(client);
         return;
     }
-    let app = match connect_in_pod(workload, dst).await {
+    let app = match workload.connect(dst).await {
         Ok(s) => s,
         Err(e) => {
             warn!(workload = %id, %peer, original_dst = %dst, error = %e, "inbound: application unreachable");
@@ -205,94 +207,44 @@ async fn handle_hbone(
     };
     let local_id = Some(local_svid.id().clone());
     info!(workload = %id, %peer, source_identity = %peer_id, "HBONE connection accepted");
-    let mut builder = hbone::server_builder();
-    builder.max_concurrent_streams(tunnel.max_streams_per_connection);
-    let mut connection =
-        match tokio::time::timeout(tunnel.handshake_timeout, builder.handshake(tls)).await {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => {
-                warn!(workload = %id, %peer, error = %e, "HBONE: HTTP/2 handshake failed");
+    let limits = ServerLimits {
+        handshake_timeout: tunnel.handshake_timeout,
+        max_streams: tunnel.max_streams_per_connection,
+        idle_timeout: tunnel.hbone_idle_timeout,
+    };
+    let who = ServedConnection {
+        workload: id,
+        peer,
+        source: &peer_id,
+    };
+    server::serve(
+        tls,
+        limits,
+        &certificates,
+        &tunnel.trust,
+        ctx.drain_started(),
+        who,
+        |request, respond| {
+            // Each stream is a captured connection and counts against the workload's limit, as
+            // the TLS connection carrying it does.
+            let Some(permit) = workload.connection_permit() else {
+                ctx.metrics.hbone_stream_refused("max_connections");
+                warn!(workload = %id, %peer, source_identity = %peer_id, close = "max_connections", "HBONE stream refused: workload at its connection limit");
+                refuse(respond, StatusCode::SERVICE_UNAVAILABLE);
                 return;
-            }
-            Err(_) => {
-                warn!(workload = %id, %peer, "HBONE: HTTP/2 handshake timed out");
-                return;
-            }
-        };
-    // A revocation that arrives while the connection is open closes it, and with it every
-    // stream it carries (dropping an h2 connection fails its streams, which resets both ends).
-    let mut trust_changes = tunnel.trust.subscribe();
-    let mut watching = true;
-    // GOAWAY tells the peer to open new streams elsewhere (its pool reconnects: to a successor
-    // agent while draining, with fresh certificates after an expiry); streams in flight finish.
-    let drain_started = ctx.drain_started();
-    tokio::pin!(drain_started);
-    let expired = tokio::time::sleep_until(hbone::deadline(certificates.expiry()));
-    tokio::pin!(expired);
-    let mut idle_check = tokio::time::interval(
-        (tunnel.hbone_idle_timeout / 4).max(std::time::Duration::from_millis(100)),
-    );
-    let mut busy_at = tokio::time::Instant::now();
-    let mut going_away = false;
-    loop {
-        tokio::select! {
-            () = &mut drain_started, if !going_away => {
-                going_away = true;
-                connection.graceful_shutdown();
-            }
-            () = &mut expired, if !going_away => {
-                going_away = true;
-                connection.graceful_shutdown();
-                let why = certificates.first_to_expire();
-                warn!(workload = %id, %peer, source_identity = %peer_id, close = "certificate_expired", "HBONE connection sent GOAWAY, no new streams: {why}");
-            }
-            _ = idle_check.tick(), if !going_away => {
-                if connection.has_streams() {
-                    busy_at = tokio::time::Instant::now();
-                } else if busy_at.elapsed() >= tunnel.hbone_idle_timeout {
-                    going_away = true;
-                    connection.graceful_shutdown();
-                    debug!(workload = %id, %peer, source_identity = %peer_id, close = "idle_timeout", "idle HBONE connection sent GOAWAY");
-                }
-            }
-            next = connection.accept() => {
-                let (request, respond) = match next {
-                    Some(Ok(r)) => r,
-                    Some(Err(e)) => {
-                        debug!(workload = %id, %peer, error = %e, "HBONE connection ended");
-                        break;
-                    }
-                    None => break,
-                };
-                busy_at = tokio::time::Instant::now();
-                // Each stream is a captured connection and counts against the workload's limit,
-                // as the TLS connection carrying it does.
-                let Some(permit) = workload.connection_permit() else {
-                    ctx.metrics.hbone_stream_refused("max_connections");
-                    warn!(workload = %id, %peer, source_identity = %peer_id, close = "max_connections", "HBONE stream refused: workload at its connection limit");
-                    refuse(respond, StatusCode::SERVICE_UNAVAILABLE);
-                    continue;
-                };
-                let (workload, ctx) = (workload.clone(), ctx.clone());
-                let identities = Identities {
-                    source: Some(peer_id.clone()),
-                    destination: local_id.clone(),
-                };
-                tokio::spawn(async move {
-                    handle_connect(request, respond, peer, &workload, identities, &ctx).await;
-                    drop(permit);
-                });
-            }
-            changed = trust_changes.changed(), if watching => {
-                watching = changed.is_ok();
-                let trust = trust_changes.borrow_and_update().clone();
-                if let Err(why) = certificates.check(&trust, std::time::SystemTime::now()) && why.closes_now() {
-                    warn!(workload = %id, %peer, source_identity = %peer_id, close = "revoked", reason = %why, "HBONE connection closed: {why}");
-                    break;
-                }
-            }
-        }
-    }
+            };
+            let (workload, ctx) = (workload.clone(), ctx.clone());
+            let identities = Identities {
+                source: Some(peer_id.clone()),
+                destination: local_id.clone(),
+            };
+            tokio::spawn(async move {
+                handle_connect(request, respond, peer, &workload, identities, &ctx).await;
+                drop(permit);
+            });
+        },
+    )
+    .await;
 }
 
 fn refuse(mut respond: SendResponse<Bytes>, status: StatusCode) {
@@ -386,7 +338,7 @@ async fn handle_connect(
         log_access(&record, &RelayOutcome::refused(CloseReason::Policy));
         return refuse(respond, StatusCode::FORBIDDEN);
     }
-    let app = match connect_in_pod(workload, dst).await {
+    let app = match workload.connect(dst).await {
         Ok(s) => s,
         Err(e) => {
             ctx.metrics.hbone_stream_refused("application_unreachable");

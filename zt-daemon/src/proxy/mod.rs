@@ -5,7 +5,6 @@
 //! metrics). The tunnel's protocol, client and pool are `crate::tunnel`'s.
 mod access;
 mod authorize;
-pub mod copy;
 pub mod inbound;
 mod listener;
 pub mod outbound;
@@ -20,13 +19,11 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 pub use crate::directory::MeshDirectory;
 pub use crate::tunnel::Tunnel;
-use crate::{
-    ebpf::OriginalDsts, egress::EgressPolicy, policy::PolicyStore, workload::LocalWorkload,
-};
+use crate::{ebpf::OriginalDsts, egress::EgressPolicy, policy::PolicyStore};
 
 /// Shared by every listener of every workload on the node.
 pub struct ProxyContext {
-    pub dsts: OriginalDsts,
+    pub dsts: Box<dyn OriginalDstLookup>,
     /// Who is where: meshed pods and Services.
     pub directory: MeshDirectory,
     /// Replaced on config reload.
@@ -62,20 +59,21 @@ impl ProxyContext {
     }
 }
 
-/// Connects to `dst` from inside the workload's netns, with the agent's mark.
-pub(crate) async fn connect_in_pod(
-    workload: &LocalWorkload,
-    dst: SocketAddr,
-) -> std::io::Result<tokio::net::TcpStream> {
-    workload
-        .netns
-        .upstream_socket(dst)
-        .await?
-        .connect(dst)
-        .await
+/// Where a captured outbound connection was going, as the kernel recorded it: the capture maps
+/// (`ebpf::OriginalDsts`); the proxy's unit tests use a table of their own.
+pub trait OriginalDstLookup: Send + Sync {
+    /// The destination the application in pod `netns_cookie` asked for on its socket with
+    /// source port `source_port`.
+    fn original_dst(&self, netns_cookie: u64, source_port: u16) -> Option<SocketAddr>;
+}
+
+impl OriginalDstLookup for OriginalDsts {
+    fn original_dst(&self, netns_cookie: u64, source_port: u16) -> Option<SocketAddr> {
+        self.get(netns_cookie, source_port)
+    }
 }
 
 /// Closes `stream` with a RST, so the peer sees a failure rather than an empty success.
 pub(crate) fn reset(mut stream: tokio::net::TcpStream) {
-    copy::Abort::abort(&mut stream);
+    crate::copy::Abort::abort(&mut stream);
 }

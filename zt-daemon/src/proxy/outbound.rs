@@ -11,13 +11,13 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::warn;
 
 use crate::{
+    copy::{CloseReason, RelayOutcome},
     proxy::{
-        AccessRecord, Admission, Direction, Identities, ProxyContext, accept_loop, connect_in_pod,
-        copy::{CloseReason, RelayOutcome},
-        log_access, relay_and_log, reset,
+        AccessRecord, Admission, Direction, Identities, ProxyContext, accept_loop, log_access,
+        relay_and_log, reset,
         route::{self, Refusal, Route, RouteInputs},
     },
-    tunnel::{client::open_tunnel, hbone::TunnelError},
+    tunnel::{client::open_tunnel, error::TunnelError},
     workload::LocalWorkload,
 };
 
@@ -35,7 +35,7 @@ pub async fn serve(listener: TcpListener, workload: Arc<LocalWorkload>, ctx: Arc
 
 async fn handle(app: TcpStream, peer: SocketAddr, workload: &LocalWorkload, ctx: &ProxyContext) {
     let started = Instant::now();
-    let Some(dst) = ctx.dsts.get(workload.netns_cookie, peer.port()) else {
+    let Some(dst) = ctx.dsts.original_dst(workload.netns_cookie, peer.port()) else {
         // Not captured by us (e.g. something connected to 15001 directly): refuse.
         warn!(workload = %workload.workload.id, %peer, "outbound connection without an original destination; closing");
         return;
@@ -113,7 +113,7 @@ async fn handle(app: TcpStream, peer: SocketAddr, workload: &LocalWorkload, ctx:
             refuse(&plain, app, CloseReason::EgressDenied, ctx);
         }
         (Route::Passthrough { endpoint } | Route::Tunnel { endpoint, .. }, _) => {
-            match connect_in_pod(workload, endpoint).await {
+            match workload.connect(endpoint).await {
                 Ok(upstream) => relay_and_log(plain, app, upstream, ctx, pending()).await,
                 Err(e) => {
                     warn!(workload = %id, original_dst = %dst, %endpoint, error = %e, "outbound connect failed");

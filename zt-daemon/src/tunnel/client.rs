@@ -8,8 +8,11 @@ use zt_common::HBONE_PORT;
 
 use super::{
     Tunnel,
-    hbone::{self, H2Stream, SessionCertificate, SessionCertificates, TunnelError},
+    error::TunnelError,
+    hbone,
     pool::{Dialled, Lease, PoolKey},
+    session::{SessionCertificate, SessionCertificates},
+    stream::H2Stream,
 };
 use crate::{
     identity::{
@@ -17,7 +20,6 @@ use crate::{
         svid::LeafFacts,
         tls::{SvidSlot, client_config},
     },
-    proxy::connect_in_pod,
     workload::{LocalWorkload, WorkloadId},
 };
 
@@ -78,7 +80,8 @@ async fn dial(
     let local = slot.get().ok_or(TunnelError::NoCertificate)?;
     let config = client_config(slot, tunnel.trust.clone(), Some(expected.clone()))?;
     let hbone = SocketAddr::new(dst.ip(), HBONE_PORT);
-    let tcp = connect_in_pod(workload, hbone)
+    let tcp = workload
+        .connect(hbone)
         .await
         .map_err(|e| TunnelError::Connect(hbone, e))?;
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));

@@ -1,10 +1,15 @@
 //! The mTLS tunnel between agents (HBONE: HTTP/2 CONNECT over mutual TLS 1.3 to a pod's port
-//! 15008): `hbone` holds the protocol (HTTP/2 settings, streams, the certificates a connection
-//! was made with), `client` opens streams, `pool` keeps client connections per source pod and
-//! destination with one dial per key. The server side is `proxy::inbound`'s 15008 listener.
+//! 15008). `hbone` holds the protocol's settings and headers, `session` the certificates a
+//! connection was authenticated with, `stream` one CONNECT stream as a relay side; `client` opens
+//! streams on connections that `pool` keeps per source pod and destination (one dial per key), and
+//! `server` serves one accepted connection. What a stream may reach is `proxy::inbound`'s call.
 pub mod client;
+pub mod error;
 pub mod hbone;
 pub mod pool;
+pub mod server;
+pub mod session;
+pub mod stream;
 
 use std::{sync::Arc, time::Duration};
 

@@ -29,7 +29,10 @@ use h2::client::SendRequest;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use super::hbone::{self, Retired, SessionCertificates, TunnelError};
+use super::{
+    error::TunnelError,
+    session::{self, Retired, SessionCertificates},
+};
 use crate::{identity::spiffe::SpiffeId, identity::verify::TrustStore, workload::WorkloadId};
 
 #[derive(Clone, PartialEq, Eq, Hash, Debug)]
@@ -291,7 +294,7 @@ impl Pool {
         mut connection: Pin<Box<dyn Future<Output = Result<(), h2::Error>> + Send>>,
     ) -> String {
         let tick = (self.idle_timeout / 4).max(Duration::from_millis(100));
-        let expired = tokio::time::sleep_until(hbone::deadline(pooled.certificates.expiry()));
+        let expired = tokio::time::sleep_until(session::deadline(pooled.certificates.expiry()));
         tokio::pin!(expired);
         let mut trust_changes = self.trust.subscribe();
         let mut watching = true;
@@ -373,7 +376,7 @@ mod tests {
             revocation::RevocationList,
             verify::{TrustState, TrustStore},
         },
-        tunnel::hbone::SessionCertificate,
+        tunnel::session::SessionCertificate,
     };
 
     fn key(netns: u64) -> PoolKey {

@@ -10,9 +10,19 @@
 pub mod netns;
 pub mod spec;
 
-use std::{fs::File, net::IpAddr, net::SocketAddr, sync::Arc};
+use std::{
+    fs::File,
+    future::Future,
+    io,
+    net::{IpAddr, SocketAddr},
+    pin::Pin,
+    sync::Arc,
+};
 
-use tokio::{net::TcpListener, task::JoinHandle};
+use tokio::{
+    net::{TcpListener, TcpSocket, TcpStream},
+    task::JoinHandle,
+};
 use tracing::{info, warn};
 use zt_common::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, pod_flags, port_kinds};
 
@@ -56,12 +66,32 @@ pub struct EnrollFailure {
     pub fail_closed: Option<u64>,
 }
 
+/// Where the agent makes a workload's upstream sockets: inside the pod's network namespace
+/// (`NetnsWorker`), so its traffic leaves with the pod's address. The proxy's unit tests make
+/// them on loopback instead, without root.
+pub trait UpstreamSockets: Send + Sync {
+    /// A TCP socket, registered as the agent's, ready to connect to `dst`.
+    fn upstream_socket(
+        &self,
+        dst: SocketAddr,
+    ) -> Pin<Box<dyn Future<Output = io::Result<TcpSocket>> + Send + '_>>;
+}
+
+impl UpstreamSockets for NetnsWorker {
+    fn upstream_socket(
+        &self,
+        dst: SocketAddr,
+    ) -> Pin<Box<dyn Future<Output = io::Result<TcpSocket>> + Send + '_>> {
+        Box::pin(NetnsWorker::upstream_socket(self, dst))
+    }
+}
+
 /// What the proxy needs to act for one enrolled workload.
 pub struct LocalWorkload {
     pub workload: Workload,
     pub netns_cookie: u64,
     pub addresses: Vec<IpAddr>,
-    pub netns: NetnsWorker,
+    sockets: Box<dyn UpstreamSockets>,
     /// The workload's current SVID, when the node has an identity provider.
     pub svid: Option<SvidSlot>,
     /// One permit per open captured connection (`limits.max_connections_per_workload`).
@@ -72,6 +102,32 @@ pub struct LocalWorkload {
 }
 
 impl LocalWorkload {
+    /// `inbound_listener` is a second handle on the workload's inbound plaintext listener.
+    pub fn new(
+        workload: Workload,
+        netns_cookie: u64,
+        addresses: Vec<IpAddr>,
+        sockets: Box<dyn UpstreamSockets>,
+        svid: Option<SvidSlot>,
+        max_connections: usize,
+        inbound_listener: std::net::TcpListener,
+    ) -> Self {
+        Self {
+            workload,
+            netns_cookie,
+            addresses,
+            sockets,
+            svid,
+            connection_permits: Arc::new(tokio::sync::Semaphore::new(max_connections)),
+            inbound_listener,
+        }
+    }
+
+    /// Connects to `dst` from inside the workload's pod, as the agent.
+    pub async fn connect(&self, dst: SocketAddr) -> io::Result<TcpStream> {
+        self.sockets.upstream_socket(dst).await?.connect(dst).await
+    }
+
     /// A permit for one more connection, or `None` at the limit.
     pub fn connection_permit(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
         self.connection_permits.clone().try_acquire_owned().ok()
@@ -210,17 +266,15 @@ impl Enrollment {
             .inbound
             .try_clone()
             .map_err(|e| fail(capture, socket_err("duplicating the inbound listener", e)))?;
-        let local = Arc::new(LocalWorkload {
+        let local = Arc::new(LocalWorkload::new(
             workload,
-            netns_cookie: cookie,
+            cookie,
             addresses,
-            netns: worker,
-            svid: identity.as_ref().map(|i| i.slot.clone()),
-            connection_permits: Arc::new(tokio::sync::Semaphore::new(
-                ctx.max_connections_per_workload,
-            )),
+            Box::new(worker),
+            identity.as_ref().map(|i| i.slot.clone()),
+            ctx.max_connections_per_workload,
             inbound_listener,
-        });
+        ));
         let tokio_listener = |l: std::net::TcpListener, what| {
             TcpListener::from_std(l).map_err(|e| open(socket_err(what, e)))
         };
@@ -251,7 +305,7 @@ impl Enrollment {
 
         info!(
             workload = %local.workload.id,
-            netns = %local.netns.path().display(),
+            netns = %local.workload.netns.display(),
             netns_cookie = cookie,
             addresses = ?local.addresses,
             adopted,
@@ -301,8 +355,8 @@ impl Enrollment {
             .replace_ports(cookie, port_kinds::PROBE, &local.workload.probe_ports)?;
         capture.maps.enroll(cookie, flags)?;
         if !capture.has_sk_lookup(cookie) {
-            let netns = File::open(local.netns.path()).map_err(|source| CaptureError::Io {
-                path: local.netns.path().to_owned(),
+            let netns = File::open(&local.workload.netns).map_err(|source| CaptureError::Io {
+                path: local.workload.netns.clone(),
                 action: "opening netns",
                 source,
             })?;

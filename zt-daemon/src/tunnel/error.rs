@@ -1,0 +1,41 @@
+//! Why opening a tunnel stream failed.
+use std::io;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    #[error("the workload has no certificate")]
+    NoCertificate,
+    #[error("connecting to {0}: {1}")]
+    Connect(std::net::SocketAddr, io::Error),
+    #[error("TLS handshake timed out")]
+    HandshakeTimeout,
+    #[error("TLS handshake: {0}")]
+    Handshake(io::Error),
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("HTTP/2: {0}")]
+    H2(#[from] h2::Error),
+    #[error("building the CONNECT request: {0}")]
+    Http(#[from] http::Error),
+    #[error("CONNECT {0} answered {1}")]
+    Refused(std::net::SocketAddr, http::StatusCode),
+    #[error("the server at {0} presented no SVID")]
+    NoServerSvid(std::net::SocketAddr),
+    /// Another stream's dial, which this one waited for, failed.
+    #[error("dialling {destination} (for several streams at once) failed: {reason}")]
+    SharedDial {
+        destination: std::net::IpAddr,
+        reason: String,
+    },
+}
+
+impl TunnelError {
+    /// The `zt_tls_handshake_failures_total` reason, when this is a failed handshake.
+    pub fn handshake_failure(&self) -> Option<&'static str> {
+        match self {
+            Self::HandshakeTimeout => Some("timeout"),
+            Self::Handshake(e) => Some(crate::identity::tls::handshake_failure_reason(e)),
+            _ => None,
+        }
+    }
+}
