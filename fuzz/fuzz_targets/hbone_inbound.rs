@@ -1,17 +1,27 @@
 //! The inbound HBONE listener after TLS: arbitrary bytes from a verified peer go into the agent's
-//! HTTP/2 server (its settings) and each request through the same checks the agent applies
-//! (CONNECT only, an ip:port authority of this pod, never an agent port; baggage parsing).
-//! The input follows the client connection preface, which the target sends itself.
+//! own server loop (`tunnel::server::serve`, with its HTTP/2 settings, GOAWAY and idle handling)
+//! and each request through the checks the agent applies (CONNECT only, an ip:port authority of
+//! this pod, never an agent port; baggage parsing). The input follows the client connection
+//! preface, which the target sends itself.
 #![no_main]
-use std::{net::IpAddr, sync::OnceLock, time::Duration};
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, OnceLock},
+    time::{Duration, SystemTime},
+};
 
 use http::{Response, StatusCode};
 use libfuzzer_sys::fuzz_target;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use zt_daemon::{
-    identity::spiffe::SpiffeId,
+    identity::{spiffe::SpiffeId, verify::TrustStore},
     proxy::inbound::connect_target,
-    tunnel::hbone,
+    tunnel::{
+        hbone,
+        server::{self, ServedConnection, ServerLimits},
+        session::{SessionCertificate, SessionCertificates},
+    },
+    workload::WorkloadId,
 };
 
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -19,6 +29,14 @@ const POD: [IpAddr; 2] = [
     IpAddr::V4(std::net::Ipv4Addr::new(10, 200, 2, 11)),
     IpAddr::V6(std::net::Ipv6Addr::new(0xfd00, 0x200, 0, 2, 0, 0, 0, 0x11)),
 ];
+
+const PEER: SocketAddr =
+    SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::new(10, 200, 1, 11)), 40000);
+const LIMITS: ServerLimits = ServerLimits {
+    handshake_timeout: Duration::from_millis(200),
+    max_streams: 100,
+    idle_timeout: Duration::from_secs(60),
+};
 
 fn runtime() -> &'static tokio::runtime::Runtime {
     static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
@@ -35,6 +53,25 @@ fuzz_target!(|data: &[u8]| {
         .parse()
         .unwrap();
     let input = [PREFACE, data].concat();
+    let workload = WorkloadId {
+        namespace: "default".into(),
+        name: "server".into(),
+    };
+    let certificate = |id: &SpiffeId| SessionCertificate {
+        id: id.clone(),
+        serial: "01".into(),
+        not_after: SystemTime::now() + Duration::from_secs(3600),
+        chain: Arc::new([]),
+    };
+    let certificates = SessionCertificates {
+        local: certificate(
+            &"spiffe://cluster.local/ns/default/sa/server"
+                .parse()
+                .unwrap(),
+        ),
+        peer: certificate(&peer),
+    };
+    let trust = TrustStore::default();
     runtime().block_on(async move {
         let (client, server) = tokio::io::duplex(64 * 1024);
         let (mut from_agent, mut to_agent) = tokio::io::split(client);
@@ -47,14 +84,18 @@ fuzz_target!(|data: &[u8]| {
             let mut sink = vec![0u8; 16 * 1024];
             while matches!(from_agent.read(&mut sink).await, Ok(n) if n > 0) {}
         };
-        let serve = async {
-            let Ok(mut connection) = hbone::server_builder()
-                .handshake::<_, bytes::Bytes>(server)
-                .await
-            else {
-                return;
-            };
-            while let Some(Ok((request, mut respond))) = connection.accept().await {
+        let serve = server::serve(
+            server,
+            LIMITS,
+            &certificates,
+            &trust,
+            std::future::pending(),
+            ServedConnection {
+                workload: &workload,
+                peer: PEER,
+                source: &peer,
+            },
+            |request, mut respond| {
                 let status = match connect_target(&request, &POD) {
                     Ok(_) => {
                         let _ = hbone::peer_workload(request.headers(), &peer);
@@ -65,8 +106,8 @@ fuzz_target!(|data: &[u8]| {
                 let mut response = Response::new(());
                 *response.status_mut() = status;
                 let _ = respond.send_response(response, true);
-            }
-        };
+            },
+        );
         // Nothing outlives the input (no spawned task), and a stalled exchange is bounded: it is
         // not a finding.
         let _ = tokio::time::timeout(Duration::from_secs(1), async {

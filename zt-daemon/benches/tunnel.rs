@@ -14,6 +14,7 @@ use tokio::{
     runtime::Runtime,
 };
 use zt_daemon::{
+    copy,
     identity::{
         ca::CertificateAuthority,
         revocation::RevocationList,
@@ -21,7 +22,6 @@ use zt_daemon::{
         tls::{SvidSlot, client_config, server_config},
         verify::{TrustState, TrustStore},
     },
-    proxy::copy,
     tunnel::hbone,
 };
 

@@ -9,6 +9,8 @@ pub mod inbound;
 mod listener;
 pub mod outbound;
 pub mod route;
+#[cfg(test)]
+mod tests;
 
 pub(crate) use access::{AccessRecord, Identities, log_access, relay_and_log};
 pub(crate) use authorize::authorize;

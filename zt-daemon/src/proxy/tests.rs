@@ -1,0 +1,569 @@
+//! The data path in one process, without root: the real outbound, tunnel, inbound and copy code
+//! over real sockets, real mutual TLS 1.3 (a test CA) and real HTTP/2. What the kernel does in a
+//! cluster is stood in for at the two seams the proxy has: original destinations come from a
+//! table the test fills (`OriginalDstLookup`), and a workload's upstream sockets are bound to its
+//! own loopback address (`UpstreamSockets`). Each test bed has its own 127.77.<bed>.0/24, so pods
+//! can listen on the real HBONE port side by side; the root suite covers capture itself.
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    pin::Pin,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU8, Ordering},
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpSocket, TcpStream},
+    task::JoinHandle,
+};
+use zt_common::HBONE_PORT;
+
+use super::*;
+use crate::{
+    config::{MtlsMode, PolicyConfig, PolicyDefault},
+    directory::NodeWorkloads,
+    egress::EgressDefault,
+    identity::{
+        ca::CertificateAuthority,
+        revocation::RevocationList,
+        spiffe::SpiffeId,
+        tls::{SvidSlot, client_config},
+        verify::{TrustState, TrustStore},
+    },
+    policy::LoadHealth,
+    services::{ServiceFacts, ServiceName, ServicePort, SliceFacts},
+    source_limit::SourceLimit,
+    tunnel::{hbone, pool::Pool},
+    workload::{LocalWorkload, UpstreamSockets, Workload, WorkloadId},
+};
+
+const TRUST_DOMAIN: &str = "cluster.local";
+const APP_PORT: u16 = 8080;
+const WAIT: Duration = Duration::from_secs(10);
+
+/// Sockets of a pod: bound to the pod's address, so its peers see where it connects from.
+struct PodAddress(IpAddr);
+
+impl UpstreamSockets for PodAddress {
+    fn upstream_socket(
+        &self,
+        dst: SocketAddr,
+    ) -> Pin<Box<dyn Future<Output = std::io::Result<TcpSocket>> + Send + '_>> {
+        let source = self.0;
+        Box::pin(async move {
+            let socket = if dst.is_ipv4() {
+                TcpSocket::new_v4()?
+            } else {
+                TcpSocket::new_v6()?
+            };
+            socket.bind(SocketAddr::new(source, 0))?;
+            Ok(socket)
+        })
+    }
+}
+
+/// What the kernel's sockops program records: (pod, source port) to original destination.
+type DstTable = Arc<Mutex<HashMap<(u64, u16), SocketAddr>>>;
+
+struct RecordedDsts(DstTable);
+
+impl OriginalDstLookup for RecordedDsts {
+    fn original_dst(&self, netns_cookie: u64, source_port: u16) -> Option<SocketAddr> {
+        self.0
+            .lock()
+            .unwrap()
+            .get(&(netns_cookie, source_port))
+            .copied()
+    }
+}
+
+struct Pod {
+    local: Arc<LocalWorkload>,
+    ip: IpAddr,
+    /// Its 15001: where capture would send its connects.
+    outbound: SocketAddr,
+}
+
+struct Bed {
+    net: u8,
+    ca: CertificateAuthority,
+    ctx: Arc<ProxyContext>,
+    dsts: DstTable,
+    mesh: Mutex<HashMap<IpAddr, SpiffeId>>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+    _policy_dir: tempfile::TempDir,
+}
+
+impl Drop for Bed {
+    fn drop(&mut self) {
+        for task in self.tasks.lock().unwrap().iter() {
+            task.abort();
+        }
+    }
+}
+
+fn spiffe_id(namespace: &str, service_account: &str) -> SpiffeId {
+    format!("spiffe://{TRUST_DOMAIN}/ns/{namespace}/sa/{service_account}")
+        .parse()
+        .unwrap()
+}
+
+impl Bed {
+    /// A node with the given Istio policies (YAML, default allow), `mtls.mode` and egress.
+    fn new(policies: &str, mtls: MtlsMode, egress: EgressPolicy) -> Self {
+        static BEDS: AtomicU8 = AtomicU8::new(1);
+        let net = BEDS.fetch_add(1, Ordering::Relaxed);
+        let ca = CertificateAuthority::generate(TRUST_DOMAIN.parse().unwrap()).unwrap();
+        let trust = TrustStore::new(
+            TrustState::new(
+                HashMap::from([(TRUST_DOMAIN.parse().unwrap(), vec![ca.root().clone()])]),
+                RevocationList::default(),
+            )
+            .unwrap(),
+        );
+        let policy_dir = tempfile::tempdir().unwrap();
+        let policy_file = policy_dir.path().join("policies.yaml");
+        std::fs::write(&policy_file, policies).unwrap();
+        // An empty file is refused as half-written: no policies is no file.
+        let policy_file = (!policies.is_empty()).then_some(policy_file);
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let policy = PolicyStore::start(
+            &PolicyConfig {
+                dir: policy_file,
+                default: PolicyDefault::Allow,
+                root_namespace: "zt-system".into(),
+            },
+            mtls,
+            LoadHealth::from_metrics(&metrics),
+        );
+        if let Some(failure) = policy.status().failure() {
+            panic!("the test's policies do not load: {failure}");
+        }
+        let dsts = DstTable::default();
+        let ctx = Arc::new(ProxyContext {
+            dsts: Box::new(RecordedDsts(dsts.clone())),
+            directory: MeshDirectory::default(),
+            egress: std::sync::RwLock::new(Arc::new(egress)),
+            tunnel: Some(Tunnel {
+                trust: trust.clone(),
+                handshake_timeout: WAIT,
+                pool: Arc::new(Pool::new(trust, Duration::from_secs(60))),
+                handshakes: SourceLimit::new(16),
+                max_streams_per_connection: 100,
+                hbone_idle_timeout: Duration::from_secs(60),
+            }),
+            policy,
+            metrics,
+            idle_timeout: Duration::from_secs(60),
+            max_connections_per_workload: 100,
+            drain_timeout: Duration::from_secs(1),
+            draining: tokio::sync::watch::channel(false).0,
+        });
+        Self {
+            net,
+            ca,
+            ctx,
+            dsts,
+            mesh: Mutex::default(),
+            tasks: Mutex::default(),
+            _policy_dir: policy_dir,
+        }
+    }
+
+    fn ip(&self, host: u8) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::new(127, 77, self.net, host))
+    }
+
+    fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) {
+        self.tasks.lock().unwrap().push(tokio::spawn(task));
+    }
+
+    /// Enrolls pod `name` of `namespace` (service account `service_account`) at 127.77.<bed>.<host>,
+    /// with a fresh SVID, its 15001 and 15008 listeners served, and publishes it in the mesh.
+    async fn pod(&self, host: u8, namespace: &str, name: &str, service_account: &str) -> Pod {
+        let ip = self.ip(host);
+        let id = spiffe_id(namespace, service_account);
+        let svid = self.ca.issue(&id, Duration::from_secs(3600)).unwrap();
+        let workload = Workload {
+            id: WorkloadId {
+                namespace: namespace.into(),
+                name: name.into(),
+            },
+            service_account: service_account.into(),
+            labels: Default::default(),
+            netns: PathBuf::from(format!("/test/{name}")),
+            probe_ports: vec![],
+        };
+        let plaintext = std::net::TcpListener::bind((ip, 0)).unwrap();
+        let local = Arc::new(LocalWorkload::new(
+            workload,
+            u64::from(host),
+            vec![ip],
+            Box::new(PodAddress(ip)),
+            Some(SvidSlot::new(svid)),
+            self.ctx.max_connections_per_workload,
+            plaintext,
+        ));
+        let outbound = TcpListener::bind((ip, 0)).await.unwrap();
+        let outbound_addr = outbound.local_addr().unwrap();
+        let hbone = TcpListener::bind((ip, HBONE_PORT)).await.unwrap();
+        self.spawn(outbound::serve(outbound, local.clone(), self.ctx.clone()));
+        self.spawn(inbound::serve_hbone(hbone, local.clone(), self.ctx.clone()));
+        let mut mesh = self.mesh.lock().unwrap();
+        mesh.insert(ip, id);
+        self.ctx
+            .directory
+            .publish_node(mesh.clone(), NodeWorkloads::default());
+        Pod {
+            local,
+            ip,
+            outbound: outbound_addr,
+        }
+    }
+
+    /// An application at `addr` that echoes what it reads.
+    async fn echo(&self, addr: SocketAddr) {
+        let listener = TcpListener::bind(addr).await.unwrap();
+        self.spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let (mut r, mut w) = stream.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        });
+    }
+
+    /// What an application in `pod` gets from `connect(dst)`: a connection to its 15001, with
+    /// `dst` recorded as its original destination.
+    async fn connect(&self, pod: &Pod, dst: SocketAddr) -> TcpStream {
+        let socket = TcpSocket::new_v4().unwrap();
+        socket.bind(SocketAddr::new(pod.ip, 0)).unwrap();
+        let port = socket.local_addr().unwrap().port();
+        self.dsts
+            .lock()
+            .unwrap()
+            .insert((pod.local.netns_cookie, port), dst);
+        socket.connect(pod.outbound).await.unwrap()
+    }
+
+    /// The sum of the samples of `name` whose labels contain every one of `labels`.
+    fn metric(&self, name: &str, labels: &[&str]) -> u64 {
+        self.ctx
+            .metrics
+            .encode()
+            .lines()
+            .filter(|l| l.starts_with(name) && labels.iter().all(|m| l.contains(m)))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    }
+
+    /// Waits until `metric` reaches `at_least`.
+    async fn wait_metric(&self, name: &str, labels: &[&str], at_least: u64) {
+        let waited = tokio::time::timeout(WAIT, async {
+            while self.metric(name, labels) < at_least {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        assert!(
+            waited.is_ok(),
+            "{name}{labels:?} stayed below {at_least}:\n{}",
+            self.ctx.metrics.encode()
+        );
+    }
+}
+
+/// Writes `payload`, half-closes, and returns everything read back until EOF.
+async fn round_trip(mut stream: TcpStream, payload: &[u8]) -> std::io::Result<Vec<u8>> {
+    stream.write_all(payload).await?;
+    stream.shutdown().await?;
+    let mut back = Vec::new();
+    tokio::time::timeout(WAIT, stream.read_to_end(&mut back))
+        .await
+        .map_err(|_| std::io::ErrorKind::TimedOut)??;
+    Ok(back)
+}
+
+fn payload(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 7 % 251) as u8).collect()
+}
+
+#[tokio::test]
+async fn a_connection_to_a_meshed_pod_crosses_the_tunnel_intact_as_both_identities() {
+    let bed = Bed::new("", MtlsMode::Strict, EgressPolicy::default());
+    let web = bed.pod(1, "shop", "web-1", "web").await;
+    let db = bed.pod(2, "shop", "db-1", "db").await;
+    let app = SocketAddr::new(db.ip, APP_PORT);
+    bed.echo(app).await;
+
+    let data = payload(1 << 20);
+    let back = round_trip(bed.connect(&web, app).await, &data)
+        .await
+        .unwrap();
+    assert!(
+        back == data,
+        "{} bytes came back, not the 1 MiB sent",
+        back.len()
+    );
+
+    // Both sides saw the other's verified identity, and the destination counted what arrived.
+    let both = [
+        "source_principal=\"spiffe://cluster.local/ns/shop/sa/web\"",
+        "destination_principal=\"spiffe://cluster.local/ns/shop/sa/db\"",
+        "connection_security_policy=\"mutual_tls\"",
+    ];
+    for reporter in ["reporter=\"source\"", "reporter=\"destination\""] {
+        let labels = [&both[..], &[reporter]].concat();
+        bed.wait_metric("zt_tcp_connections_closed_total", &labels, 1)
+            .await;
+    }
+    bed.wait_metric(
+        "zt_tcp_received_bytes_total",
+        &["reporter=\"destination\""],
+        data.len() as u64,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn replicas_sharing_a_service_account_each_get_their_own_pooled_connection() {
+    let bed = Bed::new("", MtlsMode::Strict, EgressPolicy::default());
+    let web1 = bed.pod(1, "shop", "web-1", "web").await;
+    let web2 = bed.pod(2, "shop", "web-2", "web").await;
+    let db = bed.pod(3, "shop", "db-1", "db").await;
+    let app = SocketAddr::new(db.ip, APP_PORT);
+    bed.echo(app).await;
+    for pod in [&web1, &web1, &web2, &web2, &web1] {
+        let back = round_trip(bed.connect(pod, app).await, b"ping")
+            .await
+            .unwrap();
+        assert_eq!(back, b"ping");
+    }
+    let pool = bed.ctx.tunnel.as_ref().unwrap().pool.snapshot();
+    assert_eq!(
+        pool.len(),
+        2,
+        "five connections from two pods of one service account: one pooled connection per pod"
+    );
+}
+
+#[tokio::test]
+async fn a_policy_denial_and_an_unreachable_app_are_refused_and_counted() {
+    let deny_batch = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-batch, namespace: shop}
+spec:
+  action: DENY
+  rules:
+  - from:
+    - source: {principals: [cluster.local/ns/jobs/sa/batch]}
+";
+    let bed = Bed::new(deny_batch, MtlsMode::Strict, EgressPolicy::default());
+    let batch = bed.pod(1, "jobs", "batch-1", "batch").await;
+    let web = bed.pod(2, "shop", "web-1", "web").await;
+    let db = bed.pod(3, "shop", "db-1", "db").await;
+    let app = SocketAddr::new(db.ip, APP_PORT);
+    bed.echo(app).await;
+
+    // Denied: the application sees its connection reset, with nothing relayed.
+    assert!(
+        round_trip(bed.connect(&batch, app).await, b"x")
+            .await
+            .is_err()
+    );
+    bed.wait_metric(
+        "zt_policy_decisions_total",
+        &["action=\"deny\"", "reason=\"policy\""],
+        1,
+    )
+    .await;
+    // Allowed, but nothing listens on the port: the destination answers 503.
+    let closed = SocketAddr::new(db.ip, APP_PORT + 1);
+    assert!(
+        round_trip(bed.connect(&web, closed).await, b"x")
+            .await
+            .is_err()
+    );
+    bed.wait_metric(
+        "zt_hbone_streams_refused_total",
+        &["reason=\"application_unreachable\""],
+        1,
+    )
+    .await;
+    // And the allowed peer still gets through.
+    let back = round_trip(bed.connect(&web, app).await, b"ok")
+        .await
+        .unwrap();
+    assert_eq!(back, b"ok");
+}
+
+#[tokio::test]
+async fn outbound_refusals_reset_the_application_and_are_counted_by_reason() {
+    let locked = EgressPolicy {
+        default: EgressDefault::Deny,
+        ..EgressPolicy::default()
+    };
+    let bed = Bed::new("", MtlsMode::Strict, locked);
+    let web = bed.pod(1, "shop", "web-1", "web").await;
+    // Outside the mesh, with egress locked down.
+    let outside = SocketAddr::new(bed.ip(200), APP_PORT);
+    bed.echo(outside).await;
+    assert!(
+        round_trip(bed.connect(&web, outside).await, b"x")
+            .await
+            .is_err()
+    );
+    bed.wait_metric(
+        "zt_outbound_refusals_total",
+        &["reason=\"egress_denied\""],
+        1,
+    )
+    .await;
+
+    // A Service whose endpoints are all gone.
+    let service = ServiceName {
+        namespace: "shop".into(),
+        name: "empty".into(),
+    };
+    let cluster_ip = bed.ip(100);
+    bed.ctx.directory.update_services(|table| {
+        table.upsert_service(ServiceFacts {
+            name: service.clone(),
+            cluster_ips: vec![cluster_ip],
+            ports: vec![ServicePort {
+                port: 80,
+                name: String::new(),
+            }],
+        });
+        table.upsert_slice(SliceFacts {
+            service,
+            name: "empty-1".into(),
+            ipv6: false,
+            ports: vec![(String::new(), APP_PORT)],
+            ready: vec![],
+        });
+    });
+    let to_service = bed.connect(&web, SocketAddr::new(cluster_ip, 80)).await;
+    assert!(round_trip(to_service, b"x").await.is_err());
+    bed.wait_metric(
+        "zt_outbound_refusals_total",
+        &["reason=\"no_endpoints\""],
+        1,
+    )
+    .await;
+
+    // A connection the kernel did not capture (no original destination) is closed unserved.
+    let mut uncaptured = TcpStream::connect(web.outbound).await.unwrap();
+    let mut buf = [0u8; 1];
+    let read = tokio::time::timeout(WAIT, uncaptured.read(&mut buf)).await;
+    assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "{read:?}");
+}
+
+/// A client of the destination's 15008 that holds a valid SVID of the mesh, connects from
+/// `from` and sends whatever request it likes: the adversary of the CONNECT checks. Returns the
+/// status, or where the exchange broke.
+async fn raw_stream(
+    bed: &Bed,
+    from: IpAddr,
+    to: &Pod,
+    id: &SpiffeId,
+    request: http::Request<()>,
+) -> Result<http::StatusCode, String> {
+    let slot = SvidSlot::new(bed.ca.issue(id, Duration::from_secs(600)).unwrap());
+    let trust = bed.ctx.tunnel.as_ref().unwrap().trust.clone();
+    let config = client_config(slot, trust, None).unwrap();
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::new(from, 0)).unwrap();
+    let tcp = socket
+        .connect(SocketAddr::new(to.ip, HBONE_PORT))
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(to.ip.into(), tcp)
+        .await
+        .map_err(|e| format!("TLS: {e}"))?;
+    let (send, connection) = hbone::client_builder()
+        .handshake::<_, Bytes>(tls)
+        .await
+        .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
+    tokio::spawn(connection);
+    let exchange = async {
+        let mut send = send.ready().await?;
+        let (response, _) = send.send_request(request, true)?;
+        Ok::<_, h2::Error>(response.await?.status())
+    };
+    tokio::time::timeout(WAIT, exchange)
+        .await
+        .map_err(|_| "no answer".to_string())?
+        .map_err(|e| format!("stream: {e}"))
+}
+
+#[tokio::test]
+async fn connect_streams_that_are_not_for_this_pod_are_refused_with_their_status() {
+    let bed = Bed::new("", MtlsMode::Strict, EgressPolicy::default());
+    let web = bed.pod(1, "shop", "web-1", "web").await;
+    let db = bed.pod(2, "shop", "db-1", "db").await;
+    let web_id = spiffe_id("shop", "web");
+    let connect = |authority: &str| {
+        http::Request::builder()
+            .method(http::Method::CONNECT)
+            .uri(authority)
+            .body(())
+            .unwrap()
+    };
+    let cases = [
+        // Another pod's address: the agent is not an open proxy.
+        (connect(&format!("{}:80", web.ip)), 403, "not_this_pod"),
+        // One of the agent's own ports: would loop.
+        (connect(&format!("{}:15001", db.ip)), 403, "not_this_pod"),
+        (
+            http::Request::get(format!("http://{}:80/", db.ip))
+                .body(())
+                .unwrap(),
+            405,
+            "not_connect",
+        ),
+    ];
+    for (request, status, reason) in cases {
+        let label = format!("reason=\"{reason}\"");
+        let before = bed.metric("zt_hbone_streams_refused_total", &[&label]);
+        let got = raw_stream(&bed, web.ip, &db, &web_id, request).await;
+        assert_eq!(got.map(|s| s.as_u16()), Ok(status), "{reason}");
+        bed.wait_metric("zt_hbone_streams_refused_total", &[&label], before + 1)
+            .await;
+    }
+}
+
+#[tokio::test]
+async fn a_certificate_presented_from_another_pods_address_is_refused() {
+    let bed = Bed::new("", MtlsMode::Strict, EgressPolicy::default());
+    let web = bed.pod(1, "shop", "web-1", "web").await;
+    let db = bed.pod(2, "shop", "db-1", "db").await;
+    let request = |dst: IpAddr| {
+        http::Request::builder()
+            .method(http::Method::CONNECT)
+            .uri(format!("{dst}:{APP_PORT}"))
+            .body(())
+            .unwrap()
+    };
+    // `batch`'s key, used from web-1's address: the connection is closed before any stream.
+    let stolen = spiffe_id("jobs", "batch");
+    let refused = raw_stream(&bed, web.ip, &db, &stolen, request(db.ip)).await;
+    assert!(refused.is_err(), "answered {refused:?}");
+    bed.wait_metric(
+        "zt_tls_handshake_failures_total",
+        &["reason=\"source_address_mismatch\""],
+        1,
+    )
+    .await;
+    // The same request with web's own identity is served (the app is not there: 503).
+    let own = raw_stream(&bed, web.ip, &db, &spiffe_id("shop", "web"), request(db.ip)).await;
+    assert_eq!(own, Ok(http::StatusCode::SERVICE_UNAVAILABLE));
+}
