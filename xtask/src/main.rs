@@ -5,6 +5,7 @@ mod bench;
 mod demo;
 mod fuzz;
 mod soak;
+mod unprivileged;
 
 use std::process::Command;
 
@@ -22,6 +23,9 @@ enum Cmd {
     /// Format and lint checks, unit tests, the root end-to-end tests, the fuzz smoke and the
     /// benchmark smoke.
     Test,
+    /// zt-daemon's unit tests as `nobody` without capabilities (part of `test`; needs root to
+    /// drop to nobody).
+    Unprivileged,
     /// Two nodes, four pods, two agents: run a few flows and show what was captured.
     Demo,
     /// Benchmarks; without a subcommand, the data path: direct TCP, zt same-node and
@@ -107,6 +111,7 @@ fn test() -> anyhow::Result<()> {
     // Builds zt-daemon (and through it the eBPF object) and zt-probe, which the e2e tests run.
     cargo(&["build"])?;
     cargo_test()?;
+    unprivileged::run()?;
     fuzz::run(SMOKE_SECONDS, &[])?;
     // Proves the data path benchmark still runs and produces every figure; measures nothing.
     bench::paths::run(true)
@@ -208,6 +213,7 @@ fn cargo_test() -> anyhow::Result<()> {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Cmd::Test => test(),
+        Cmd::Unprivileged => unprivileged::run(),
         Cmd::Bench { quick, what: None } => {
             zt_tests::require_root()?;
             bench::paths::run(quick)
