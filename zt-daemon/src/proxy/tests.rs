@@ -567,3 +567,26 @@ async fn a_certificate_presented_from_another_pods_address_is_refused() {
     let own = raw_stream(&bed, web.ip, &db, &spiffe_id("shop", "web"), request(db.ip)).await;
     assert_eq!(own, Ok(http::StatusCode::SERVICE_UNAVAILABLE));
 }
+
+#[tokio::test]
+async fn plaintext_into_a_strict_pod_is_refused_and_counted() {
+    let bed = Bed::new("", MtlsMode::Strict, EgressPolicy::default());
+    let db = bed.pod(1, "shop", "db-1", "db").await;
+    // What sk_lookup hands the pod's 15006 listener: a connection whose local address is the
+    // one the client dialled (here the listener's own, as nothing steers on loopback).
+    let plaintext = TcpListener::bind((db.ip, APP_PORT)).await.unwrap();
+    let addr = plaintext.local_addr().unwrap();
+    bed.spawn(inbound::serve_plaintext(
+        plaintext,
+        db.local.clone(),
+        bed.ctx.clone(),
+    ));
+    let client = TcpStream::connect(addr).await.unwrap();
+    assert!(round_trip(client, b"x").await.is_err());
+    bed.wait_metric(
+        "zt_policy_decisions_total",
+        &["action=\"deny\"", "reason=\"mtls_required\""],
+        1,
+    )
+    .await;
+}
