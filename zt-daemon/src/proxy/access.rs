@@ -42,6 +42,9 @@ pub(crate) struct AccessRecord<'a> {
     pub peer_workload: Option<WorkloadId>,
     /// The authorization decision; inbound only (policy is enforced at the destination).
     pub decision: Option<PolicyDecision>,
+    /// What the source had sent when its tunnel stream was opened, which went with the CONNECT
+    /// rather than through the relay.
+    pub sent_with_connect: u64,
     pub started: Instant,
 }
 
@@ -139,7 +142,8 @@ pub(crate) async fn relay_and_log<D, U>(
     U: copy::RelaySide,
 {
     record.count(&ctx.metrics, None);
-    let outcome = copy::relay(downstream, upstream, ctx.idle_timeout, interrupt).await;
+    let mut outcome = copy::relay(downstream, upstream, ctx.idle_timeout, interrupt).await;
+    outcome.sent += record.sent_with_connect;
     record.count(&ctx.metrics, Some(&outcome));
     log_access(&record, &outcome);
 }

@@ -76,6 +76,7 @@ pub(crate) fn authorize<'a>(
         identities,
         peer_workload,
         decision: Some(decision),
+        sent_with_connect: 0,
         started,
     };
     (record, revoked)

@@ -7,6 +7,7 @@
 //! Upstream sockets are made inside the pod's netns, so traffic leaves with the pod's address.
 use std::{future::pending, net::SocketAddr, sync::Arc, time::Instant};
 
+use bytes::{Bytes, BytesMut};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::warn;
 
@@ -64,11 +65,13 @@ async fn handle(app: TcpStream, peer: SocketAddr, workload: &LocalWorkload, ctx:
         identities: Identities::NONE,
         peer_workload: None,
         decision: None,
+        sent_with_connect: 0,
         started,
     };
     match (plan.route, &ctx.tunnel) {
         (Route::Tunnel { endpoint, identity }, Some(tunnel)) => {
-            match open_tunnel(workload, tunnel, endpoint, &identity).await {
+            let first = sent_already(&app);
+            match open_tunnel(workload, tunnel, endpoint, &identity, first.as_ref()).await {
                 Ok((stream, source, peer_workload)) => {
                     let record = AccessRecord {
                         identities: Identities {
@@ -76,6 +79,7 @@ async fn handle(app: TcpStream, peer: SocketAddr, workload: &LocalWorkload, ctx:
                             destination: Some(identity),
                         },
                         peer_workload,
+                        sent_with_connect: first.map_or(0, |b| b.len() as u64),
                         ..plain
                     };
                     relay_and_log(record, app, stream, ctx, pending()).await;
@@ -123,6 +127,22 @@ async fn handle(app: TcpStream, peer: SocketAddr, workload: &LocalWorkload, ctx:
         }
     }
 }
+
+/// What the application has sent already (a client that speaks first usually has, by the time
+/// its connection is accepted), without waiting: it goes with the CONNECT, so the destination's
+/// agent has it as soon as it accepts the stream, and the request saves a round trip. It is
+/// delivered only once the destination has authorized the stream, like every byte after it.
+fn sent_already(app: &TcpStream) -> Option<Bytes> {
+    let mut buf = BytesMut::with_capacity(FIRST_BYTES);
+    match app.try_read_buf(&mut buf) {
+        Ok(n) if n > 0 => Some(buf.freeze()),
+        // Nothing yet (WouldBlock), or EOF or an error, which the relay sees again.
+        _ => None,
+    }
+}
+
+/// At most this much goes with the CONNECT; the rest flows through the relay.
+const FIRST_BYTES: usize = 16 << 10;
 
 /// Resets a captured connection that was never relayed, counts it, and writes its access-log
 /// line.

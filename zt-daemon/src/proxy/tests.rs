@@ -11,7 +11,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU8, Ordering},
+        atomic::{AtomicU8, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -227,17 +227,21 @@ impl Bed {
         }
     }
 
-    /// An application at `addr` that echoes what it reads.
-    async fn echo(&self, addr: SocketAddr) {
+    /// An application at `addr` that echoes what it reads; counts the connections it accepted.
+    async fn echo(&self, addr: SocketAddr) -> Arc<AtomicUsize> {
         let listener = TcpListener::bind(addr).await.unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
         self.spawn(async move {
             while let Ok((mut stream, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
                 tokio::spawn(async move {
                     let (mut r, mut w) = stream.split();
                     let _ = tokio::io::copy(&mut r, &mut w).await;
                 });
             }
         });
+        accepted
     }
 
     /// What an application in `pod` gets from `connect(dst)`: a connection to its 15001, with
@@ -324,12 +328,51 @@ async fn a_connection_to_a_meshed_pod_crosses_the_tunnel_intact_as_both_identiti
         bed.wait_metric("zt_tcp_connections_closed_total", &labels, 1)
             .await;
     }
-    bed.wait_metric(
-        "zt_tcp_received_bytes_total",
-        &["reporter=\"destination\""],
-        data.len() as u64,
-    )
-    .await;
+    // Each byte counted once on each side, whether it went with the CONNECT or after it.
+    for reporter in ["reporter=\"source\"", "reporter=\"destination\""] {
+        for metric in ["zt_tcp_received_bytes_total", "zt_tcp_sent_bytes_total"] {
+            assert_eq!(
+                bed.metric(metric, &[reporter]),
+                data.len() as u64,
+                "{metric}{{{reporter}}}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn bytes_sent_before_the_tunnel_opened_reach_an_allowed_peer_once_and_a_denied_one_never() {
+    let deny_batch = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-batch, namespace: shop}
+spec:
+  action: DENY
+  rules:
+  - from:
+    - source: {principals: [cluster.local/ns/jobs/sa/batch]}
+";
+    let bed = Bed::new(deny_batch, MtlsMode::Strict, EgressPolicy::default());
+    let web = bed.pod(1, "shop", "web-1", "web").await;
+    let batch = bed.pod(2, "jobs", "batch-1", "batch").await;
+    let db = bed.pod(3, "shop", "db-1", "db").await;
+    let app = SocketAddr::new(db.ip, APP_PORT);
+    let accepted = bed.echo(app).await;
+    // A client that speaks first: on this single-threaded runtime its request is in the socket
+    // before the agent's accept runs, so it goes with the CONNECT.
+    let request = b"GET / HTTP/1.1\r\n\r\n";
+    for (pod, allowed) in [(&web, true), (&batch, false), (&web, true)] {
+        let before = accepted.load(Ordering::SeqCst);
+        let mut stream = bed.connect(pod, app).await;
+        stream.write_all(request).await.unwrap();
+        let back = round_trip(stream, b"").await;
+        if allowed {
+            assert_eq!(back.unwrap(), request);
+        } else {
+            assert!(back.is_err(), "denied, yet answered {back:?}");
+            // Refused before anything was dialled: the application never saw the bytes.
+            assert_eq!(accepted.load(Ordering::SeqCst), before);
+        }
+    }
 }
 
 #[tokio::test]

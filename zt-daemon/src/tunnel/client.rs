@@ -3,6 +3,7 @@
 //! HTTP/2 connection dialled from inside the pod (one dial per pool key, `pool`).
 use std::{net::SocketAddr, sync::Arc};
 
+use bytes::Bytes;
 use tracing::debug;
 use zt_common::HBONE_PORT;
 
@@ -24,13 +25,15 @@ use crate::{
 };
 
 /// Opens an HBONE stream to `dst` as `workload`, requiring `expected`: on a pooled connection of
-/// this pod to that destination if one is usable, else on a new one. Returns the stream, the
-/// source identity it speaks for, and the destination workload if its agent said.
+/// this pod to that destination if one is usable, else on a new one. `first` is sent right after
+/// the CONNECT's headers, without waiting for the answer. Returns the stream, the source identity
+/// it speaks for, and the destination workload if its agent said.
 pub async fn open_tunnel(
     workload: &LocalWorkload,
     tunnel: &Tunnel,
     dst: SocketAddr,
     expected: &SpiffeId,
+    first: Option<&Bytes>,
 ) -> Result<(H2Stream, SpiffeId, Option<WorkloadId>), TunnelError> {
     let slot = workload.svid.clone().ok_or(TunnelError::NoCertificate)?;
     let source = slot
@@ -54,11 +57,13 @@ pub async fn open_tunnel(
             .checkout(&key, || dial(workload, tunnel, slot.clone(), dst, expected))
             .await?;
         let (fresh, connection) = (lease.fresh, lease.connection);
-        match open_stream(lease, workload, dst, expected).await {
+        match open_stream(lease, workload, dst, expected, first).await {
             Ok((stream, peer)) => return Ok((stream, source, peer)),
             // The peer answered: the connection is fine and asking again would get the same.
             Err(e @ TunnelError::Refused(..)) => return Err(e),
-            Err(e) if !fresh && attempts > 0 => {
+            // Once `first` has gone out, only a stream the peer cannot have processed is tried
+            // again: the application's bytes must not arrive twice.
+            Err(e) if !fresh && attempts > 0 && (first.is_none() || e.unprocessed()) => {
                 debug!(workload = %workload.workload.id, original_dst = %dst, error = %e, "pooled HBONE connection unusable; replacing it");
                 tunnel.pool.evict(&key, connection);
             }
@@ -111,13 +116,14 @@ async fn dial(
     })
 }
 
-/// One CONNECT stream to `dst` on a leased pooled connection, and the destination workload if
-/// its agent said.
+/// One CONNECT stream to `dst` on a leased pooled connection, with `first` right behind its
+/// headers, and the destination workload if its agent said.
 async fn open_stream(
     lease: Lease,
     workload: &LocalWorkload,
     dst: SocketAddr,
     expected: &SpiffeId,
+    first: Option<&Bytes>,
 ) -> Result<(H2Stream, Option<WorkloadId>), TunnelError> {
     let mut send_request = lease.send.ready().await?;
     let request = http::Request::builder()
@@ -125,7 +131,12 @@ async fn open_stream(
         .uri(dst.to_string())
         .header("baggage", hbone::baggage(&workload.workload.id))
         .body(())?;
-    let (response, send) = send_request.send_request(request, false)?;
+    let (response, mut send) = send_request.send_request(request, false)?;
+    if let Some(first) = first {
+        // Within the stream's initial window (megabytes), so it goes out with the headers.
+        send.reserve_capacity(first.len());
+        send.send_data(first.clone(), false)?;
+    }
     let response = response.await?;
     if response.status() != http::StatusCode::OK {
         return Err(TunnelError::Refused(dst, response.status()));

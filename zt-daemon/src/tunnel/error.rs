@@ -30,6 +30,12 @@ pub enum TunnelError {
 }
 
 impl TunnelError {
+    /// Whether the peer said it did not process the stream (GOAWAY before it, REFUSED_STREAM),
+    /// so it may be opened again elsewhere without anything arriving twice.
+    pub fn unprocessed(&self) -> bool {
+        matches!(self, Self::H2(e) if e.is_go_away() || e.reason() == Some(h2::Reason::REFUSED_STREAM))
+    }
+
     /// The `zt_tls_handshake_failures_total` reason, when this is a failed handshake.
     pub fn handshake_failure(&self) -> Option<&'static str> {
         match self {
