@@ -11,14 +11,9 @@ const NOBODY: &str = "65534";
 
 pub fn run() -> anyhow::Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let args = [
-        "test",
-        "-p",
-        "zt-daemon",
-        "--lib",
-        "--no-run",
-        "--message-format=json",
-    ];
+    // Exactly what `cargo test --all-targets` builds (the same features), so after it nothing
+    // is built again.
+    let args = ["test", "--all-targets", "--no-run", "--message-format=json"];
     eprintln!("[xtask] cargo {}", args.join(" "));
     let out = Command::new(&cargo)
         .args(args)
@@ -32,7 +27,12 @@ pub fn run() -> anyhow::Result<()> {
     let binary = String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|m| m["reason"] == "compiler-artifact" && m["profile"]["test"] == true)
+        .find(|m| {
+            m["reason"] == "compiler-artifact"
+                && m["profile"]["test"] == true
+                && m["target"]["name"] == "zt_daemon"
+                && m["target"]["kind"][0] == "lib"
+        })
         .and_then(|m| m["executable"].as_str().map(std::path::PathBuf::from))
         .context("cargo named no unit-test executable for zt-daemon")?;
     // The workspace may sit where nobody cannot read (e.g. under /root).
