@@ -25,6 +25,7 @@ use tracing::{debug, info, warn};
 use zt_common::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 
 use crate::{
+    enrollment::LocalWorkload,
     identity::{
         spiffe::SpiffeId,
         svid::LeafFacts,
@@ -39,7 +40,6 @@ use crate::{
         Tunnel,
         hbone::{self, H2Stream, SessionCertificate, SessionCertificates},
     },
-    workload::LocalWorkload,
 };
 
 const AGENT_PORTS: [u16; 3] = [OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, HBONE_PORT];

@@ -14,6 +14,7 @@ pub mod route;
 pub(crate) use access::{AccessRecord, Identities, log_access, relay_and_log};
 pub(crate) use authorize::authorize;
 pub use listener::Direction;
+pub use listener::serve_workload;
 pub(crate) use listener::{Admission, accept_loop};
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
@@ -21,7 +22,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 pub use crate::directory::MeshDirectory;
 pub use crate::tunnel::Tunnel;
 use crate::{
-    ebpf::OriginalDsts, egress::EgressPolicy, policy::PolicyStore, workload::LocalWorkload,
+    capture::OriginalDsts, egress::EgressPolicy, enrollment::LocalWorkload, policy::PolicyStore,
 };
 
 /// Shared by every listener of every workload on the node.

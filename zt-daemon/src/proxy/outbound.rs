@@ -11,6 +11,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::warn;
 
 use crate::{
+    enrollment::LocalWorkload,
     proxy::{
         AccessRecord, Admission, Direction, Identities, ProxyContext, accept_loop, connect_in_pod,
         copy::{CloseReason, RelayOutcome},
@@ -18,7 +19,6 @@ use crate::{
         route::{self, Refusal, Route, RouteInputs},
     },
     tunnel::{client::open_tunnel, hbone::TunnelError},
-    workload::LocalWorkload,
 };
 
 pub async fn serve(listener: TcpListener, workload: Arc<LocalWorkload>, ctx: Arc<ProxyContext>) {

@@ -12,13 +12,14 @@ use super::{
     pool::{Dialled, Lease, PoolKey},
 };
 use crate::{
+    enrollment::LocalWorkload,
     identity::{
         spiffe::SpiffeId,
         svid::LeafFacts,
         tls::{SvidSlot, client_config},
     },
     proxy::connect_in_pod,
-    workload::{LocalWorkload, WorkloadId},
+    workload::WorkloadId,
 };
 
 /// Opens an HBONE stream to `dst` as `workload`, requiring `expected`: on a pooled connection of

@@ -26,7 +26,7 @@ use crate::{
         svid::{LeafFacts, Svid},
         verify::TrustState,
     },
-    workload::{WorkloadId, spec::is_dns_label},
+    workload::{WorkloadId, is_dns_label},
 };
 
 /// HTTP/2 flow-control windows and frame size for the tunnel. The defaults (64 KiB windows,
