@@ -25,8 +25,8 @@ use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
 
 use crate::{
-    config::AdminConfig, directory::MeshDirectory, identity::tls::SvidSlot, metrics::Metrics,
-    proxy::ProxyContext, source_limit::SourceLimit, workload::LocalWorkload,
+    config::AdminConfig, directory::MeshDirectory, enrollment::LocalWorkload,
+    identity::tls::SvidSlot, metrics::Metrics, proxy::ProxyContext, source_limit::SourceLimit,
 };
 
 #[derive(Default, Clone)]

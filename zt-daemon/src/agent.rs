@@ -14,16 +14,17 @@ use tracing::{error, info, warn};
 
 use crate::{
     admin::{self, AdminState, LogControl, Readiness},
+    capture::{Capture, OriginalDsts, WantedPod},
     config::{MtlsMode, NodeConfig},
     directory::{MeshDirectory, NodeWorkloads},
     discovery,
-    ebpf::{Capture, OriginalDsts},
+    enrollment::{EnrollFailure, Enrollment},
     identity::{node::NodeIdentity, rotation::WorkloadIdentity, spiffe::SpiffeId},
     policy::{self, PolicyStore},
-    proxy::ProxyContext,
+    proxy::{self, ProxyContext},
     source_limit::SourceLimit,
     tunnel::{Tunnel, pool::Pool},
-    workload::{EnrollFailure, Enrollment, Workload, WorkloadId},
+    workload::{Workload, WorkloadId},
 };
 use zt_common::pod_flags;
 
@@ -82,11 +83,7 @@ impl Agent {
         let metrics = Arc::new(crate::metrics::Metrics::new());
         // Policies that do not load never stop the agent (a crash loop helps nobody): it runs,
         // denies inbound until they load, and reports it (see PolicyStore).
-        let policy = PolicyStore::start(
-            &config.policy,
-            mtls_default,
-            policy::LoadHealth::from_metrics(&metrics),
-        );
+        let policy = PolicyStore::start(&config.policy, mtls_default, metrics.policy_load_health());
         let policy_watch = policy
             .watch(&config.policy, mtls_default)
             .inspect_err(|e| error!(error = %e, "policy files not watched; reload with SIGHUP"))
@@ -376,12 +373,14 @@ impl Agent {
             }
             let identity = self.issue_identity(&workload);
             let flags = self.capture_flags(&workload);
+            let ctx = &self.proxy;
             match Enrollment::enroll(
                 &mut self.capture,
-                self.proxy.clone(),
                 workload.clone(),
                 identity,
                 flags,
+                ctx.max_connections_per_workload,
+                |local, listeners| proxy::serve_workload(ctx, &local, listeners),
             )
             .await
             {
@@ -488,45 +487,18 @@ impl Agent {
         if any_dead {
             self.publish_state();
         }
-        let mut drift = 0;
-        let kernel = self.capture.maps.snapshot();
-        for enrollment in self.enrolled.values() {
-            let id = &enrollment.local.workload.id;
-            let flags = self.capture_flags(&enrollment.local.workload);
-            match enrollment.repair_capture(&mut self.capture, flags, &kernel) {
-                Ok(false) => {}
-                Ok(true) => {
-                    drift += 1;
-                    warn!(workload = %id, netns_cookie = enrollment.local.netns_cookie, "capture drift repaired: the pod's map entries were restored");
-                }
-                Err(e) => {
-                    drift += 1;
-                    error!(workload = %id, error = %e, "capture drift: repair failed; retrying");
-                }
-            }
-        }
-        let wanted: HashSet<u64> = self
+        let wanted: Vec<WantedPod> = self
             .enrolled
             .values()
-            .map(|e| e.local.netns_cookie)
-            .chain(self.failed.values().filter_map(|f| f.fail_closed))
+            .map(|e| WantedPod {
+                workload: &e.local.workload.id,
+                pod: &e.captured,
+                flags: self.capture_flags(&e.local.workload),
+            })
             .collect();
-        for cookie in self.capture.maps.enrolled_pods() {
-            if wanted.contains(&cookie) {
-                continue;
-            }
-            drift += 1;
-            match self.capture.forget_pod(cookie) {
-                Ok(()) => warn!(
-                    netns_cookie = cookie,
-                    "capture drift repaired: removed a pod no configured workload owns"
-                ),
-                Err(e) => {
-                    error!(netns_cookie = cookie, error = %e, "capture drift: removing a stale pod failed; retrying")
-                }
-            }
-        }
-        self.proxy.metrics.capture_drift.set(drift);
+        let held: HashSet<u64> = self.failed.values().filter_map(|f| f.fail_closed).collect();
+        let drift = self.capture.repair_drift(&wanted, &held);
+        self.proxy.metrics.capture_drift.set(drift as i64);
         self.report_denied_binds();
     }
 

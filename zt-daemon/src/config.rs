@@ -11,7 +11,7 @@ use serde::Deserialize;
 
 use ipnet::IpNet;
 
-pub use crate::workload::spec::is_dns_label;
+pub use crate::workload::is_dns_label;
 use crate::{
     egress::{EgressAllow, EgressDefault, EgressPolicy},
     identity::spiffe::{SpiffeId, TrustDomain},

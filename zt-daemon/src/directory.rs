@@ -25,10 +25,11 @@ use std::{
 };
 
 use crate::{
+    enrollment::LocalWorkload,
     identity::spiffe::{SpiffeId, TrustDomain},
     identity::tls::SvidSlot,
     services::{ServiceTable, ServiceTarget},
-    workload::{LocalWorkload, WorkloadId},
+    workload::WorkloadId,
 };
 
 /// Pod labels, shared by every pod with the same set.

@@ -2,12 +2,13 @@
 //! integration tests drive the same modules (one module per concern; docs/architecture.md).
 pub mod admin;
 pub mod agent;
+pub mod capture;
 pub mod config;
 pub mod copy;
 pub mod directory;
 pub mod discovery;
-pub mod ebpf;
 pub mod egress;
+pub mod enrollment;
 pub mod identity;
 pub mod memory;
 pub mod metrics;

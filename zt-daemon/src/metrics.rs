@@ -14,7 +14,10 @@ use prometheus::{
     core::Collector,
 };
 
-use crate::{identity::spiffe::SpiffeId, policy::PolicyDecision};
+use crate::{
+    identity::spiffe::SpiffeId,
+    policy::{LoadHealth, PolicyDecision},
+};
 
 /// Istio's value for a label zt does not know (a plaintext peer's principal, say).
 pub const UNKNOWN: &str = "unknown";
@@ -284,6 +287,14 @@ impl Metrics {
         }
         known.insert(name.to_owned());
         true
+    }
+
+    /// The metrics a policy load reports to.
+    pub fn policy_load_health(&self) -> LoadHealth {
+        LoadHealth {
+            failures: self.policy_load_failures.clone(),
+            last_success: self.policy_last_load_success.clone(),
+        }
     }
 
     pub fn count_decision(&self, decision: &PolicyDecision) {

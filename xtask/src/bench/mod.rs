@@ -51,7 +51,7 @@ pub fn use_release_binaries() -> anyhow::Result<()> {
 pub fn quiet(config: &str) -> String {
     config.replace(
         "level = \"info,zt=debug\"",
-        "level = \"warn,zt_daemon::agent=info,zt_daemon::workload=info\"",
+        "level = \"warn,zt_daemon::agent=info,zt_daemon::enrollment=info\"",
     )
 }
 

@@ -4,13 +4,14 @@
 //! `istio` reads YAML into the typed rules of `rules`; a `PolicySet` indexes them by namespace and
 //! compiles, once per workload, the few rules that select it, so that a decision costs work
 //! proportional to those rules and not to every policy loaded. The `PolicyStore` publishes the
-//! current set; open connections subscribe and are closed when a new set denies them.
+//! current set; open connections subscribe and are closed when a new set denies them. A
+//! `decision` says allow or deny, and why.
+mod decision;
 pub mod istio;
 pub mod rules;
 
 use std::{
     collections::{BTreeMap, HashMap},
-    fmt,
     sync::{Arc, Mutex, RwLock},
 };
 
@@ -19,99 +20,19 @@ use prometheus::{IntCounter, IntGauge};
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
+pub use self::{
+    decision::{DecisionReason, PolicyDecision},
+    istio::{LoadWarning, PolicyError, Sources},
+    rules::{Action, Peer, PolicyName},
+};
 use self::{
     istio::Loaded,
     rules::{AuthorizationPolicy, PeerAuthentication, Rule, selects},
-};
-pub use self::{
-    istio::{LoadWarning, PolicyError, Sources},
-    rules::{Action, Peer, PolicyName},
 };
 use crate::{
     config::{MtlsMode, PolicyConfig, PolicyDefault},
     workload::WorkloadId,
 };
-
-/// Why a decision came out as it did; the `reason` label of `zt_policy_decisions_total`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DecisionReason {
-    /// A DENY rule matched, an ALLOW rule matched, or ALLOW policies select the workload and none
-    /// of their rules matched.
-    Policy,
-    /// No ALLOW policy selects the workload: `policy.default` decided.
-    Default,
-    /// A plaintext peer, and PeerAuthentication (or `mtls.mode`) is STRICT for the port.
-    MtlsRequired,
-    /// The policy files have not loaded since the agent started: with no set to keep, every
-    /// inbound connection is denied (fail closed) until they do.
-    PolicyUnavailable,
-}
-
-impl DecisionReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Policy => "policy",
-            Self::Default => "default",
-            Self::MtlsRequired => "mtls_required",
-            Self::PolicyUnavailable => "policy_unavailable",
-        }
-    }
-}
-
-/// The outcome of authorizing one connection, with what decided it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PolicyDecision {
-    pub action: Action,
-    pub reason: DecisionReason,
-    /// The policy whose rule matched (or the PeerAuthentication that required mTLS).
-    pub policy: Option<Arc<PolicyName>>,
-    /// Index of the matching rule in the policy's `rules` list.
-    pub rule: Option<usize>,
-}
-
-impl PolicyDecision {
-    pub fn is_allowed(&self) -> bool {
-        self.action == Action::Allow
-    }
-
-    /// `ns/name rules[i]`, or `-` when no rule decided.
-    pub fn rule_ref(&self) -> String {
-        match (&self.policy, self.rule) {
-            (Some(p), Some(r)) => format!("{p} rules[{r}]"),
-            (Some(p), None) => p.to_string(),
-            _ => "-".to_owned(),
-        }
-    }
-}
-
-impl fmt::Display for PolicyDecision {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.reason {
-            DecisionReason::Policy if self.rule.is_some() => {
-                write!(f, "{} by {}", self.action, self.rule_ref())
-            }
-            DecisionReason::Policy => write!(
-                f,
-                "{}: ALLOW policies select the workload and none of their rules matched",
-                self.action
-            ),
-            DecisionReason::Default => write!(
-                f,
-                "{} by default: no ALLOW policy selects the workload (policy.default)",
-                self.action
-            ),
-            DecisionReason::PolicyUnavailable => write!(
-                f,
-                "{}: the policy files have not loaded since the agent started",
-                self.action
-            ),
-            DecisionReason::MtlsRequired => match &self.policy {
-                Some(p) => write!(f, "{}: plaintext, and {p} requires mTLS", self.action),
-                None => write!(f, "{}: plaintext, and mtls.mode is strict", self.action),
-            },
-        }
-    }
-}
 
 /// A rule that selects a workload, with where it came from.
 #[derive(Debug)]
@@ -429,15 +350,6 @@ fn sorted_names<'a>(names: impl Iterator<Item = &'a Arc<PolicyName>>) -> Vec<Str
 pub struct LoadHealth {
     pub failures: IntCounter,
     pub last_success: IntGauge,
-}
-
-impl LoadHealth {
-    pub fn from_metrics(m: &crate::metrics::Metrics) -> Self {
-        Self {
-            failures: m.policy_load_failures.clone(),
-            last_success: m.policy_last_load_success.clone(),
-        }
-    }
 }
 
 /// Why the policy files on disk are not the policies in force, if they are not (readiness).

@@ -1,5 +1,5 @@
 //! The typed, validated form of the L4 policy language, and how one rule matches a connection.
-//! Everything here is built by `istio.rs` from YAML; nothing here parses strings at decision time.
+//! Everything here is built by `istio` from YAML; nothing here parses strings at decision time.
 use std::{collections::BTreeMap, fmt, net::IpAddr, sync::Arc};
 
 use ipnet::{IpNet, Ipv4Net};

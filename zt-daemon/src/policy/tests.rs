@@ -689,11 +689,7 @@ fn store_in(dir: &Path) -> (PolicyStore, crate::metrics::Metrics, PolicyConfig) 
         dir: Some(dir.to_owned()),
         ..config(PolicyDefault::Deny)
     };
-    let store = PolicyStore::start(
-        &config,
-        MtlsMode::Strict,
-        LoadHealth::from_metrics(&metrics),
-    );
+    let store = PolicyStore::start(&config, MtlsMode::Strict, metrics.policy_load_health());
     (store, metrics, config)
 }
 

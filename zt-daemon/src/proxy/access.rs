@@ -7,11 +7,12 @@ use tracing::info;
 use super::{Direction, ProxyContext};
 use crate::copy;
 use crate::{
+    enrollment::LocalWorkload,
     identity::spiffe::SpiffeId,
     metrics::{self, Metrics, TcpLabels},
     policy::PolicyDecision,
     services::ServiceName,
-    workload::{LocalWorkload, WorkloadId},
+    workload::WorkloadId,
 };
 
 /// The identities on both ends of a connection, when it went through the tunnel.

@@ -7,8 +7,9 @@ use tracing::warn;
 use super::{AccessRecord, Direction, Identities, ProxyContext, access::id_or_dash};
 use crate::copy;
 use crate::{
+    enrollment::LocalWorkload,
     policy::{self, Peer, WorkloadRef},
-    workload::{LocalWorkload, WorkloadId},
+    workload::WorkloadId,
 };
 
 /// Authorizes an inbound connection from `peer` (with `identities.source` when it came through

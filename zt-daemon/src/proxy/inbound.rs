@@ -26,6 +26,7 @@ use zt_common::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 
 use crate::{
     copy::{CloseReason, RelayOutcome},
+    enrollment::LocalWorkload,
     identity::{
         spiffe::SpiffeId,
         svid::LeafFacts,
@@ -41,7 +42,6 @@ use crate::{
         session::{SessionCertificate, SessionCertificates},
         stream::H2Stream,
     },
-    workload::LocalWorkload,
 };
 
 const AGENT_PORTS: [u16; 3] = [OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, HBONE_PORT];

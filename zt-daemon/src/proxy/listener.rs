@@ -1,11 +1,14 @@
 //! The accept loop every in-pod listener runs: admission, a task per connection, and draining.
 use std::{future::Future, net::SocketAddr, sync::Arc};
 
-use tokio::{net::TcpListener, task::JoinSet};
+use tokio::{
+    net::TcpListener,
+    task::{JoinHandle, JoinSet},
+};
 use tracing::{info, warn};
 
 use super::{ProxyContext, reset};
-use crate::workload::LocalWorkload;
+use crate::enrollment::{LocalWorkload, PodListeners};
 
 /// Which side of the agent a connection was captured on.
 #[derive(Debug, Clone, Copy)]
@@ -21,6 +24,32 @@ impl Direction {
             Self::Inbound => "inbound",
         }
     }
+}
+
+/// Serves an enrolled workload's in-pod listeners, one task each: 15001 outbound, 15006 inbound
+/// plaintext, 15008 HBONE. The tasks end when draining closes the listeners or un-enrollment
+/// aborts them.
+pub fn serve_workload(
+    ctx: &Arc<ProxyContext>,
+    workload: &Arc<LocalWorkload>,
+    listeners: PodListeners,
+) -> Vec<JoinHandle<()>> {
+    let mut tasks: Vec<JoinHandle<()>> = listeners
+        .outbound
+        .into_iter()
+        .map(|l| tokio::spawn(super::outbound::serve(l, workload.clone(), ctx.clone())))
+        .collect();
+    tasks.push(tokio::spawn(super::inbound::serve_plaintext(
+        listeners.inbound,
+        workload.clone(),
+        ctx.clone(),
+    )));
+    tasks.push(tokio::spawn(super::inbound::serve_hbone(
+        listeners.hbone,
+        workload.clone(),
+        ctx.clone(),
+    )));
+    tasks
 }
 
 /// How a listener admits the connections it accepts.

@@ -15,13 +15,14 @@ mod tests;
 pub(crate) use access::{AccessRecord, Identities, log_access, relay_and_log};
 pub(crate) use authorize::authorize;
 pub use listener::Direction;
+pub use listener::serve_workload;
 pub(crate) use listener::{Admission, accept_loop};
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 pub use crate::directory::MeshDirectory;
 pub use crate::tunnel::Tunnel;
-use crate::{ebpf::OriginalDsts, egress::EgressPolicy, policy::PolicyStore};
+use crate::{capture::OriginalDsts, egress::EgressPolicy, policy::PolicyStore};
 
 /// Shared by every listener of every workload on the node.
 pub struct ProxyContext {
@@ -62,7 +63,7 @@ impl ProxyContext {
 }
 
 /// Where a captured outbound connection was going, as the kernel recorded it: the capture maps
-/// (`ebpf::OriginalDsts`); the proxy's unit tests use a table of their own.
+/// (`capture::OriginalDsts`); the proxy's unit tests use a table of their own.
 pub trait OriginalDstLookup: Send + Sync {
     /// The destination the application in pod `netns_cookie` asked for on its socket with
     /// source port `source_port`.

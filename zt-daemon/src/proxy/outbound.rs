@@ -13,13 +13,13 @@ use tracing::warn;
 
 use crate::{
     copy::{CloseReason, RelayOutcome},
+    enrollment::LocalWorkload,
     proxy::{
         AccessRecord, Admission, Direction, Identities, ProxyContext, accept_loop, log_access,
         relay_and_log, reset,
         route::{self, Refusal, Route, RouteInputs},
     },
     tunnel::{client::open_tunnel, error::TunnelError},
-    workload::LocalWorkload,
 };
 
 pub async fn serve(listener: TcpListener, workload: Arc<LocalWorkload>, ctx: Arc<ProxyContext>) {

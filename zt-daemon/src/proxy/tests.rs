@@ -29,6 +29,7 @@ use crate::{
     config::{MtlsMode, PolicyConfig, PolicyDefault},
     directory::NodeWorkloads,
     egress::EgressDefault,
+    enrollment::{LocalWorkload, UpstreamSockets},
     identity::{
         ca::CertificateAuthority,
         revocation::RevocationList,
@@ -36,11 +37,10 @@ use crate::{
         tls::{SvidSlot, client_config},
         verify::{TrustState, TrustStore},
     },
-    policy::LoadHealth,
     services::{ServiceFacts, ServiceName, ServicePort, SliceFacts},
     source_limit::SourceLimit,
     tunnel::{hbone, pool::Pool},
-    workload::{LocalWorkload, UpstreamSockets, Workload, WorkloadId},
+    workload::{Workload, WorkloadId},
 };
 
 const TRUST_DOMAIN: &str = "cluster.local";
@@ -140,7 +140,7 @@ impl Bed {
                 root_namespace: "zt-system".into(),
             },
             mtls,
-            LoadHealth::from_metrics(&metrics),
+            metrics.policy_load_health(),
         );
         if let Some(failure) = policy.status().failure() {
             panic!("the test's policies do not load: {failure}");
@@ -200,7 +200,6 @@ impl Bed {
             netns: PathBuf::from(format!("/test/{name}")),
             probe_ports: vec![],
         };
-        let plaintext = std::net::TcpListener::bind((ip, 0)).unwrap();
         let local = Arc::new(LocalWorkload::new(
             workload,
             u64::from(host),
@@ -208,7 +207,6 @@ impl Bed {
             Box::new(PodAddress(ip)),
             Some(SvidSlot::new(svid)),
             self.ctx.max_connections_per_workload,
-            plaintext,
         ));
         let outbound = TcpListener::bind((ip, 0)).await.unwrap();
         let outbound_addr = outbound.local_addr().unwrap();

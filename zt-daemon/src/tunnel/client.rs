@@ -16,12 +16,13 @@ use super::{
     stream::H2Stream,
 };
 use crate::{
+    enrollment::LocalWorkload,
     identity::{
         spiffe::SpiffeId,
         svid::LeafFacts,
         tls::{SvidSlot, client_config},
     },
-    workload::{LocalWorkload, WorkloadId},
+    workload::WorkloadId,
 };
 
 /// Opens an HBONE stream to `dst` as `workload`, requiring `expected`: on a pooled connection of

@@ -4,7 +4,7 @@
 //! `stream`, `client`, `server` and `pool` build on it.
 use crate::{
     identity::spiffe::SpiffeId,
-    workload::{WorkloadId, spec::is_dns_label},
+    workload::{WorkloadId, is_dns_label},
 };
 
 /// HTTP/2 flow-control windows and frame size for the tunnel. The defaults (64 KiB windows,

@@ -1,4 +1,6 @@
 //! Workloads on this node: enrollment into capture, and un-enrollment that leaves no trace.
+//! Enrollment makes the in-pod listeners and the pod's capture state; who serves the listeners
+//! is the caller's choice (the agent hands them to the proxy).
 //!
 //! Enrolling a pod creates the agent's listeners inside its netns first, then marks the netns as
 //! captured, and only then attaches inbound steering, so there is never a moment where captured
@@ -8,7 +10,6 @@
 //! leaves the pod fail-closed: marked `ENROLLMENT_FAILED`, its connects are refused and its
 //! inbound dropped by the programs until a later attempt succeeds.
 pub mod netns;
-pub mod spec;
 
 use std::{
     fs::File,
@@ -24,16 +25,14 @@ use tokio::{
     task::JoinHandle,
 };
 use tracing::{info, warn};
-use zt_common::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, pod_flags, port_kinds};
+use zt_common::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 
 use crate::{
-    ebpf::{AgentSockets, Capture, CaptureError, CaptureSnapshot},
+    capture::{AgentSockets, Capture, CaptureError, CapturedPod, current_netns_cookie},
+    enrollment::netns::{NetnsError, NetnsWorker},
     identity::{rotation::WorkloadIdentity, tls::SvidSlot},
-    proxy,
-    proxy::ProxyContext,
-    workload::netns::{NetnsError, NetnsWorker},
+    workload::{Workload, WorkloadId},
 };
-pub use spec::{Workload, WorkloadId};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EnrollError {
@@ -96,13 +95,9 @@ pub struct LocalWorkload {
     pub svid: Option<SvidSlot>,
     /// One permit per open captured connection (`limits.max_connections_per_workload`).
     connection_permits: Arc<tokio::sync::Semaphore>,
-    /// A second handle on the inbound plaintext listener, to re-steer inbound capture to it
-    /// when the kernel's maps drift.
-    inbound_listener: std::net::TcpListener,
 }
 
 impl LocalWorkload {
-    /// `inbound_listener` is a second handle on the workload's inbound plaintext listener.
     pub fn new(
         workload: Workload,
         netns_cookie: u64,
@@ -110,7 +105,6 @@ impl LocalWorkload {
         sockets: Box<dyn UpstreamSockets>,
         svid: Option<SvidSlot>,
         max_connections: usize,
-        inbound_listener: std::net::TcpListener,
     ) -> Self {
         Self {
             workload,
@@ -119,7 +113,6 @@ impl LocalWorkload {
             sockets,
             svid,
             connection_permits: Arc::new(tokio::sync::Semaphore::new(max_connections)),
-            inbound_listener,
         }
     }
 
@@ -139,11 +132,23 @@ impl LocalWorkload {
 pub struct Enrollment {
     pub local: Arc<LocalWorkload>,
     pub identity: Option<WorkloadIdentity>,
+    /// What the kernel holds for the pod, checked for drift.
+    pub captured: CapturedPod,
     tasks: Vec<JoinHandle<()>>,
 }
 
-/// The in-pod listeners, created on the pod's netns thread.
-struct PodListeners {
+/// A workload's in-pod listeners, listening, for the proxy to serve.
+pub struct PodListeners {
+    /// 127.0.0.1:15001, and [::1]:15001 when the pod has IPv6.
+    pub outbound: Vec<TcpListener>,
+    /// [::]:15006, where inbound capture steers plaintext connections.
+    pub inbound: TcpListener,
+    /// [::]:15008, HBONE.
+    pub hbone: TcpListener,
+}
+
+/// The in-pod listeners as created on the pod's netns thread.
+struct BoundListeners {
     outbound_v4: std::net::TcpListener,
     outbound_v6: Option<std::net::TcpListener>,
     inbound: std::net::TcpListener,
@@ -152,7 +157,7 @@ struct PodListeners {
 
 fn create_listeners(
     sockets: &AgentSockets,
-) -> Result<PodListeners, (&'static str, std::io::Error)> {
+) -> Result<BoundListeners, (&'static str, std::io::Error)> {
     use std::net::{Ipv4Addr, Ipv6Addr};
     let v4 = |ip: Ipv4Addr, port| SocketAddr::from((ip, port));
     let v6 = |ip: Ipv6Addr, port| SocketAddr::from((ip, port));
@@ -170,7 +175,7 @@ fn create_listeners(
     .map_err(|e| ("listen on [::]:15006", e))?;
     let hbone = netns::agent_listener(v6(Ipv6Addr::UNSPECIFIED, HBONE_PORT), true, sockets)
         .map_err(|e| ("listen on [::]:15008", e))?;
-    Ok(PodListeners {
+    Ok(BoundListeners {
         outbound_v4,
         outbound_v6,
         inbound,
@@ -180,13 +185,15 @@ fn create_listeners(
 
 impl Enrollment {
     /// Enrolls `workload`: listeners, capture (with `flags`, `zt_common::pod_flags`), then
-    /// inbound steering. On failure the pod is left fail-closed when its netns could be entered.
+    /// inbound steering; `serve` then gets the listeners and returns the tasks serving them.
+    /// On failure the pod is left fail-closed when its netns could be entered.
     pub async fn enroll(
         capture: &mut Capture,
-        ctx: Arc<ProxyContext>,
         workload: Workload,
         identity: Option<WorkloadIdentity>,
         flags: u64,
+        max_connections: usize,
+        serve: impl FnOnce(Arc<LocalWorkload>, PodListeners) -> Vec<JoinHandle<()>>,
     ) -> Result<Self, EnrollFailure> {
         let id = workload.id.clone();
         let netns_label = workload.netns.display().to_string();
@@ -209,13 +216,13 @@ impl Enrollment {
         let netns_file =
             File::open(&workload.netns).map_err(|e| open(socket_err("opening netns", e)))?;
         let cookie = worker
-            .run(netns::current_netns_cookie)
+            .run(current_netns_cookie)
             .await
             .map_err(|e| open(netns_err(e)))?
             .map_err(|e| open(socket_err("SO_NETNS_COOKIE", e)))?;
         // From here on the pod is known: a failure leaves it fail-closed.
         let fail = |capture: &mut Capture, error: EnrollError| {
-            let fail_closed = match fail_closed(capture, cookie, &netns_file) {
+            let fail_closed = match capture.fail_closed(cookie, &netns_file) {
                 Ok(()) => Some(cookie),
                 Err(e) => {
                     warn!(workload = %id, error = %e, "could not leave the pod fail-closed");
@@ -245,63 +252,48 @@ impl Enrollment {
             warn!(workload = %id, error = %e, "the agent's ports are not in the pod's ip_local_reserved_ports");
         }
 
-        let capture_err = |source| EnrollError::Capture {
-            workload: id.clone(),
-            source: Box::new(source),
-        };
-        let steer = |capture: &mut Capture| -> Result<bool, CaptureError> {
-            capture.maps.steer_inbound(cookie, &listeners.inbound)?;
-            capture
-                .maps
-                .replace_ports(cookie, port_kinds::PROBE, &workload.probe_ports)?;
-            capture.maps.enroll(cookie, flags)?;
-            capture.attach_sk_lookup(cookie, &netns_file)
-        };
-        let adopted = match steer(capture) {
-            Ok(adopted) => adopted,
-            Err(e) => return Err(fail(capture, capture_err(e))),
-        };
-
         let inbound_listener = listeners
             .inbound
             .try_clone()
             .map_err(|e| fail(capture, socket_err("duplicating the inbound listener", e)))?;
+        let captured = CapturedPod {
+            netns_cookie: cookie,
+            netns: workload.netns.clone(),
+            inbound_listener,
+            probe_ports: workload.probe_ports.clone(),
+        };
+        let adopted = match capture.enroll_pod(&captured, flags, &netns_file) {
+            Ok(adopted) => adopted,
+            Err(e) => {
+                let error = EnrollError::Capture {
+                    workload: id.clone(),
+                    source: Box::new(e),
+                };
+                return Err(fail(capture, error));
+            }
+        };
+
         let local = Arc::new(LocalWorkload::new(
             workload,
             cookie,
             addresses,
             Box::new(worker),
             identity.as_ref().map(|i| i.slot.clone()),
-            ctx.max_connections_per_workload,
-            inbound_listener,
+            max_connections,
         ));
         let tokio_listener = |l: std::net::TcpListener, what| {
             TcpListener::from_std(l).map_err(|e| open(socket_err(what, e)))
         };
-        let mut tasks = Vec::new();
         let mut outbound = vec![tokio_listener(listeners.outbound_v4, "outbound v4")?];
         if let Some(l) = listeners.outbound_v6 {
             outbound.push(tokio_listener(l, "outbound v6")?);
         }
-        for l in outbound {
-            tasks.push(tokio::spawn(proxy::outbound::serve(
-                l,
-                local.clone(),
-                ctx.clone(),
-            )));
-        }
-        let inbound = tokio_listener(listeners.inbound, "inbound")?;
-        tasks.push(tokio::spawn(proxy::inbound::serve_plaintext(
-            inbound,
-            local.clone(),
-            ctx.clone(),
-        )));
-        let hbone = tokio_listener(listeners.hbone, "hbone")?;
-        tasks.push(tokio::spawn(proxy::inbound::serve_hbone(
-            hbone,
-            local.clone(),
-            ctx,
-        )));
+        let listeners = PodListeners {
+            outbound,
+            inbound: tokio_listener(listeners.inbound, "inbound")?,
+            hbone: tokio_listener(listeners.hbone, "hbone")?,
+        };
+        let tasks = serve(local.clone(), listeners);
 
         info!(
             workload = %local.workload.id,
@@ -314,6 +306,7 @@ impl Enrollment {
         Ok(Self {
             local,
             identity,
+            captured,
             tasks,
         })
     }
@@ -323,46 +316,6 @@ impl Enrollment {
         for task in &mut self.tasks {
             let _ = task.await;
         }
-    }
-
-    /// Makes the kernel hold this workload's capture state again, with `flags`, if it drifted
-    /// (an entry deleted behind the agent's back, or flags that a policy change altered);
-    /// returns whether it had. `kernel` is what the kernel held at the start of the check.
-    pub fn repair_capture(
-        &self,
-        capture: &mut Capture,
-        flags: u64,
-        kernel: &CaptureSnapshot,
-    ) -> Result<bool, CaptureError> {
-        let local = &self.local;
-        let cookie = local.netns_cookie;
-        let in_sync = capture.maps.enrolled_flags(cookie) == Some(flags)
-            && kernel.steered.contains(&cookie)
-            && capture.has_sk_lookup(cookie)
-            && kernel
-                .probe_ports
-                .get(&cookie)
-                .map_or(&[][..], Vec::as_slice)
-                == local.workload.probe_ports.as_slice();
-        if in_sync {
-            return Ok(false);
-        }
-        capture
-            .maps
-            .steer_inbound(cookie, &local.inbound_listener)?;
-        capture
-            .maps
-            .replace_ports(cookie, port_kinds::PROBE, &local.workload.probe_ports)?;
-        capture.maps.enroll(cookie, flags)?;
-        if !capture.has_sk_lookup(cookie) {
-            let netns = File::open(&local.workload.netns).map_err(|source| CaptureError::Io {
-                path: local.workload.netns.clone(),
-                action: "opening netns",
-                source,
-            })?;
-            capture.attach_sk_lookup(cookie, &netns)?;
-        }
-        Ok(true)
     }
 
     /// Closes the workload's listeners and connections and removes every trace from the kernel.
@@ -380,12 +333,4 @@ impl Enrollment {
         info!(workload = %self.local.workload.id, "workload un-enrolled");
         Ok(())
     }
-}
-
-/// Leaves a pod whose enrollment failed closed: no connect leaves it and no connection reaches
-/// it, and it is still known to the kernel as enrolled (so nothing else treats it as stale).
-pub fn fail_closed(capture: &mut Capture, cookie: u64, netns: &File) -> Result<(), CaptureError> {
-    capture.maps.enroll(cookie, pod_flags::ENROLLMENT_FAILED)?;
-    capture.attach_sk_lookup(cookie, netns)?;
-    Ok(())
 }

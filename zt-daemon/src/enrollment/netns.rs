@@ -16,7 +16,7 @@ use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use tokio::sync::oneshot;
 use zt_common::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 
-use crate::ebpf::AgentSockets;
+use crate::capture::AgentSockets;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetnsError {
@@ -172,36 +172,6 @@ pub fn reserve_agent_ports() -> io::Result<()> {
     std::fs::write(PATH, ranges.join(","))
 }
 
-/// SO_NETNS_COOKIE of the calling thread's namespace.
-pub fn current_netns_cookie() -> io::Result<u64> {
-    let socket = Socket::new(Domain::IPV4, Type::DGRAM.cloexec(), None)?;
-    socket_option_u64(&socket, libc::SO_NETNS_COOKIE)
-}
-
-/// A 64-bit `SOL_SOCKET` option of `socket` (the kernel's cookies).
-pub fn socket_option_u64(
-    socket: &impl std::os::fd::AsRawFd,
-    option: libc::c_int,
-) -> io::Result<u64> {
-    let mut value: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: valid fd, out-pointer and length for a u64 option.
-    let rc = unsafe {
-        libc::getsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            option,
-            (&raw mut value).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(value)
-}
-
-/// Routable addresses of the calling thread's namespace: no loopback, no IPv6 link-local.
 /// The addresses of the network namespace at `path` (blocking: enters it on a short-lived thread).
 pub fn addresses_in(path: &Path) -> io::Result<Vec<IpAddr>> {
     let file = File::open(path)?;
