@@ -13,21 +13,8 @@ use zt_common::{
     AF_INET, AF_INET6, ConnKey, EnrolledPod, PodPortKey, SockAddr, map_names, port_kinds, settings,
 };
 
-use super::CaptureError;
+use super::{CaptureError, open_map};
 use crate::config::{CaptureConfig, FailMode};
-
-pub(super) fn open_map<T>(
-    pin_dir: &Path,
-    name: &'static str,
-    kind: fn(MapData) -> Map,
-) -> Result<T, CaptureError>
-where
-    T: TryFrom<Map, Error = aya::maps::MapError>,
-{
-    let data = MapData::from_pin(pin_dir.join("maps").join(name))
-        .map_err(|source| CaptureError::Map { map: name, source })?;
-    T::try_from(kind(data)).map_err(|source| CaptureError::Map { map: name, source })
-}
 
 fn map_err(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> CaptureError {
     move |source| CaptureError::Map { map, source }

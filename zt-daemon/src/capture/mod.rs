@@ -22,7 +22,10 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aya::Ebpf;
+use aya::{
+    Ebpf,
+    maps::{Map, MapData},
+};
 use zt_common::{pod_flags, port_kinds};
 
 pub use loader::cgroup2_root;
@@ -150,4 +153,18 @@ pub struct CapturedPod {
     pub inbound_listener: std::net::TcpListener,
     /// Ports kubelet probes reach in plaintext.
     pub probe_ports: Vec<u16>,
+}
+
+/// Opens the pinned map `name` of `pin_dir` as a `T`.
+fn open_map<T>(
+    pin_dir: &Path,
+    name: &'static str,
+    kind: fn(MapData) -> Map,
+) -> Result<T, CaptureError>
+where
+    T: TryFrom<Map, Error = aya::maps::MapError>,
+{
+    let data = MapData::from_pin(pin_dir.join("maps").join(name))
+        .map_err(|source| CaptureError::Map { map: name, source })?;
+    T::try_from(kind(data)).map_err(|source| CaptureError::Map { map: name, source })
 }

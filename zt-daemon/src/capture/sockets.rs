@@ -12,7 +12,7 @@ use aya::maps::{HashMap, Map, MapData};
 use socket2::{Domain, Socket, Type};
 use zt_common::map_names;
 
-use super::{CaptureError, maps::open_map};
+use super::{CaptureError, open_map};
 
 /// The registry of the agent's own sockets (`ZT_AGENT_SOCKETS`): the programs leave a socket
 /// alone when its cookie is registered, so the agent registers each socket it creates before it
