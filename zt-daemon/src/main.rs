@@ -18,8 +18,8 @@ use zt_daemon::{
     workload::WorkloadId,
 };
 
-/// jemalloc: its background threads return freed pages by themselves (BENCHMARKS.md, "Allocator",
-/// measured it against glibc's malloc).
+/// jemalloc, with the `jemalloc` feature: its background threads return freed pages by
+/// themselves. Without it, glibc's malloc with memory.rs's settings (BENCHMARKS.md, "Allocator").
 #[cfg(feature = "jemalloc")]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;

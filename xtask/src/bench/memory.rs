@@ -1,5 +1,5 @@
-//! `cargo xtask bench memory`: the agent's allocator. Builds zt-daemon twice, with jemalloc (the
-//! default build) and with glibc's malloc (`--no-default-features`), and measures both in one
+//! `cargo xtask bench memory`: the agent's allocator. Builds zt-daemon twice, with glibc's malloc
+//! (the default build) and with jemalloc (`--features jemalloc`), and measures both in one
 //! run, in interleaved rounds (medians), on zt cross-node between two nodes: the agents' RSS at
 //! start, one stream's throughput and the agents' CPU per GiB, new connections per second, RSS
 //! per idle connection with 10 000 open, and how much of that RSS the agents still hold a few
@@ -46,6 +46,9 @@ const QUICK: Budget = Budget {
     return_seconds: 6,
 };
 
+/// How long the agents rest before the idle connections' baseline.
+const SETTLE: Duration = Duration::from_secs(6);
+
 /// RSS is also reported this long after the idle connections closed.
 const EARLY_RETURN: Duration = Duration::from_secs(5);
 
@@ -72,30 +75,31 @@ struct Figures {
     kept_late_kib: [i64; 2],
 }
 
-/// Builds both allocators' agents, glibc's first so that target/release keeps the default.
+/// Builds both allocators' agents, each into a directory of its own.
 fn build(target: &Path) -> anyhow::Result<[Allocator; 2]> {
     let bench_dir = target.join("bench-memory");
     let allocators = [
         Allocator {
             name: "glibc malloc",
-            // Alone: zt-tests asks for zt-daemon's default features, jemalloc among them.
+            cargo_build: &["build", "--release", "-p", "zt-daemon", "-p", "zt-tests"],
+            bin_dir: bench_dir.join("glibc"),
+        },
+        Allocator {
+            name: "jemalloc",
             cargo_build: &[
                 "build",
                 "--release",
                 "-p",
                 "zt-daemon",
-                "--no-default-features",
+                "--features",
+                "jemalloc",
             ],
-            bin_dir: bench_dir.join("glibc"),
-        },
-        Allocator {
-            name: "jemalloc",
-            cargo_build: &["build", "--release", "-p", "zt-daemon", "-p", "zt-tests"],
             bin_dir: bench_dir.join("jemalloc"),
         },
     ];
     let release = target.join("release");
-    for allocator in &allocators {
+    // jemalloc's first, so that target/release is left with the default build.
+    for allocator in allocators.iter().rev() {
         crate::cargo(allocator.cargo_build)?;
         std::fs::create_dir_all(&allocator.bin_dir)?;
         copy(&release, &allocator.bin_dir, "zt-daemon")?;
@@ -163,6 +167,9 @@ fn measure_agents(
     let cpu_s_per_gib = (route.proxies_cpu()? - cpu_before) / (bytes / (1u64 << 30) as f64);
     let conns_per_s = connection_rate(bed, &route, budget.new_connections)?;
     route.ensure_relayed(agents, &before, budget.new_connections as u64)?;
+    // What the new connections freed goes back first: the idle connections' baseline is the
+    // agents at rest (glibc trims every 5 s, jemalloc returns pages unused for 5 s).
+    std::thread::sleep(SETTLE);
 
     let idle: IdleMemory = idle_memory(
         bed,
@@ -243,6 +250,8 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
     let load_before = load_average();
     let mut bed = Testbed::new(1)?;
     let (client, server) = (bed.pod(1, 1).clone(), bed.pod(2, 1).clone());
+    // The CA and the servers: either build's binaries do.
+    use_binaries(&allocators[1]);
     let ca = bed.dir.join("ca");
     ca_init(&ca)?;
     let configs = [
@@ -314,9 +323,10 @@ fn report(
     writeln!(
         md,
         "Produced by `bash scripts/dev.sh bench memory` (that is, `cargo xtask bench memory`, as \
-         root), which builds zt-daemon twice (release): with jemalloc (`tikv-jemallocator`, the \
-         default: background threads, unused pages returned after 5 s) and with glibc's malloc \
-         (`--no-default-features`). Took {:.1} minutes; load average (1, 5, 15 min) {load_before} \
+         root), which builds zt-daemon twice (release): with glibc's malloc (the default: \
+         per-thread caches off through a re-exec, `malloc_trim` every 5 s; zt-daemon/src/memory.rs) \
+         and with jemalloc (`--features jemalloc`: `tikv-jemallocator`, background threads, pages \
+         unused for 5 s returned). Took {:.1} minutes; load average (1, 5, 15 min) {load_before} \
          before, {load_after} after.  \nMachine: {}; {} interleaved rounds, medians. Placement: \
          {}.\n",
         took.as_secs_f64() / 60.0,
@@ -328,12 +338,13 @@ fn report(
         md,
         "Each round starts both agents with one build, then on zt cross-node (n1p1 to n2p1): \
          iperf3, one stream for {} s (the agents' CPU from /proc/PID/stat); {} sequential new \
-         connections; {} idle connections opened and held (each sent 16 bytes; RSS growth over \
+         connections; {} s at rest; {} idle connections opened and held (each sent 16 bytes; RSS growth over \
          the agent's RSS just before, divided by the count), then closed, and the RSS the agents \
          still hold above that baseline {} s and {} s later. Node 1 is the client's agent, node \
          2 the server's.\n",
         budget.iperf_seconds,
         budget.new_connections,
+        SETTLE.as_secs(),
         budget.idle_connections,
         EARLY_RETURN.as_secs(),
         budget.return_seconds
