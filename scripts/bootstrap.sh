@@ -14,9 +14,10 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 need_pkgs=()
-# g++: libFuzzer (cargo fuzz) is C++. iperf3 and haproxy: `cargo xtask bench` (its --quick
+# g++: libFuzzer (cargo fuzz) is C++; make: jemalloc's C sources (the agent's allocator) build
+# with it. iperf3 and haproxy: `cargo xtask bench` (its --quick
 # smoke is part of the test suite). python3: the adversaries of the bypass tests.
-for p in llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev iproute2 openssl tcpdump g++ iperf3 haproxy python3; do
+for p in llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev iproute2 openssl tcpdump g++ make iperf3 haproxy python3; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need_pkgs+=("$p")
 done
 if [ ${#need_pkgs[@]} -gt 0 ]; then

@@ -31,8 +31,9 @@ enum Cmd {
     /// Benchmarks; without a subcommand, the data path: direct TCP, zt same-node and
     /// cross-node, an HAProxy mTLS pair. Writes BENCHMARKS.md.
     Bench {
-        /// A short run proving the data path bench works (writes target/bench-quick.md).
-        #[arg(long)]
+        /// A short run proving the bench works (writes target/bench-quick.md, or
+        /// target/bench-memory-quick.md for `bench memory`).
+        #[arg(long, global = true)]
         quick: bool,
         #[command(subcommand)]
         what: Option<BenchCmd>,
@@ -71,6 +72,9 @@ enum BenchCmd {
     Directory,
     /// perf profiles of zt cross-node: one iperf3 stream, 1 KiB round trips, new connections.
     Profile,
+    /// The agent's allocator, jemalloc against glibc's malloc: idle RSS per connection, RSS
+    /// returned after they close, throughput, new connections (builds zt-daemon both ways).
+    Memory,
 }
 
 /// Runs `cargo <args>` from the workspace root and fails if it fails.
@@ -239,7 +243,14 @@ fn main() -> anyhow::Result<()> {
             ..
         } => {
             zt_tests::require_root()?;
-            bench::paths::profile()
+            bench::profile()
+        }
+        Cmd::Bench {
+            quick,
+            what: Some(BenchCmd::Memory),
+        } => {
+            zt_tests::require_root()?;
+            bench::memory::run(quick)
         }
         Cmd::Soak {
             minutes,

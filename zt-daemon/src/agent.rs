@@ -183,6 +183,7 @@ impl Agent {
                 }
             });
         }
+        #[cfg(not(feature = "jemalloc"))]
         tokio::spawn(crate::memory::return_freed_memory());
         self.reconcile().await;
         // Pods a previous agent enrolled that are no longer configured go now.

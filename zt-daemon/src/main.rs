@@ -18,6 +18,23 @@ use zt_daemon::{
     workload::WorkloadId,
 };
 
+/// jemalloc, with the `jemalloc` feature: its background threads return freed pages by
+/// themselves. Without it, glibc's malloc with memory.rs's settings (BENCHMARKS.md, "Allocator").
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc's settings, read once at its start (`MALLOC_CONF` in the environment still applies
+/// over them). Background threads purge freed pages without an allocation to trigger it; pages
+/// unused for 5 s go back with `MADV_DONTNEED` straight away (a muzzy, `MADV_FREE`, stage would
+/// keep counting in RSS and the cgroup until the kernel is short of memory).
+#[cfg(feature = "jemalloc")]
+#[unsafe(export_name = "_rjem_malloc_conf")]
+static JEMALLOC_CONF: Option<&'static std::ffi::c_char> = Some(
+    // SAFETY: a pointer to the first byte of a static, NUL-terminated string.
+    unsafe { &*c"background_thread:true,dirty_decay_ms:5000,muzzy_decay_ms:0".as_ptr() },
+);
+
 #[derive(Parser)]
 #[command(name = "zt-daemon", version, about = "zt node agent")]
 struct Cli {
@@ -251,7 +268,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Run { config: path } => {
             // Before anything else: a re-executed agent starts over from here.
+            #[cfg(not(feature = "jemalloc"))]
             let reexec_failed = zt_daemon::memory::reexec_without_thread_caches();
+            #[cfg(feature = "jemalloc")]
+            let reexec_failed: Option<std::io::Error> = None;
             let config = NodeConfig::load(&path)?;
             let log = init_logging(&config.log);
             if let Some(e) = reexec_failed {

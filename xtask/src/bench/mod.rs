@@ -4,7 +4,15 @@
 //! zt-daemon/benches, crypto the provider comparison in crypto-bench/.
 pub mod directory;
 mod haproxy;
+mod load;
+pub mod memory;
 pub mod paths;
+mod placement;
+mod profile;
+mod report;
+mod topology;
+
+pub use profile::profile;
 
 use std::fmt::Write as _;
 
@@ -37,6 +45,32 @@ pub fn open_fds(pid: u32) -> anyhow::Result<u64> {
     Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))?.count() as u64)
 }
 
+/// The machine the figures come from, for the reports.
+pub fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    format!(
+        "{} vCPUs ({cpu}), kernel {}",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+    )
+}
+
+/// A target's verdict in the reports.
+pub fn holds(ok: bool) -> &'static str {
+    if ok { "yes" } else { "**no**" }
+}
+
 /// Builds zt-daemon and zt-probe in release mode and points the test bed at them.
 pub fn use_release_binaries() -> anyhow::Result<()> {
     let root = crate::workspace_root();
@@ -44,6 +78,31 @@ pub fn use_release_binaries() -> anyhow::Result<()> {
     // SAFETY: single-threaded at this point; the test bed reads it to find release binaries.
     unsafe { std::env::set_var("ZT_BIN_DIR", target_dir(&root).join("release")) };
     Ok(())
+}
+
+/// Fails unless `value`, the figure `what` of `path`, is a measurement: finite and above zero.
+pub fn ensure_measured(path: &str, what: &str, value: f64) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        value.is_finite() && value > 0.0,
+        "{path}: {what} is {value}, not a measurement"
+    );
+    Ok(())
+}
+
+/// The config of node `n`'s agent in the benchmarks: `enrolled` pods meshed with `remote` ones
+/// (strict mTLS, the built-in CA in `ca`), quiet logs, and room for 10 000 idle connections.
+pub fn mesh_config(
+    bed: &zt_tests::Testbed,
+    n: usize,
+    enrolled: &[&zt_tests::Pod],
+    remote: &[&zt_tests::Pod],
+    ca: &std::path::Path,
+) -> String {
+    let config = zt_tests::agent::meshed_config(bed.node(n), enrolled, remote, ca, "strict")
+        // 10 000 idle connections fill 100 pooled HBONE connections: they close 5 s after the
+        // burst rather than 60 s, so descriptors and memory come back within the bench's wait.
+        .replace("[mtls]\n", "[mtls]\npool_idle_seconds = 5\n");
+    quiet(&config) + "[limits]\nmax_connections_per_workload = 25000\n"
 }
 
 /// A test config logging only warnings and lifecycle events (no access log): the agent's
