@@ -11,6 +11,7 @@ use zt_tests::{
     Agent, Testbed,
     agent::{ca_init, meshed_config},
     maps,
+    node_config::{Limits, MtlsMode},
     probe::Tally,
     read_json_lines,
 };
@@ -64,21 +65,14 @@ pub fn run(minutes: u64, connections: usize) -> anyhow::Result<()> {
     let (p11, p21) = (bed.pod(1, 1).clone(), bed.pod(2, 1).clone());
     let ca = bed.dir.join("ca");
     ca_init(&ca)?;
-    let limits = format!(
-        "[limits]\nmax_connections_per_workload = {}\n",
-        connections * 2
-    );
-    let pool = format!("pool_idle_seconds = {}\n", POOL_IDLE.as_secs());
     let config = |n: usize, enrolled, remote| {
-        quiet(&meshed_config(
-            bed.node(n),
-            &[enrolled],
-            &[remote],
-            &ca,
-            "strict",
-        ))
-        .replace("[mtls]\n", &format!("[mtls]\n{pool}"))
-            + &limits
+        let config = meshed_config(bed.node(n), &[enrolled], &[remote], &ca, MtlsMode::Strict)
+            .pool_idle_seconds(POOL_IDLE.as_secs())
+            .limits(Limits {
+                max_connections_per_workload: Some(connections * 2),
+                ..Limits::default()
+            });
+        quiet(&config.to_string())
     };
     let (c1, c2) = (config(1, &p11, &p21), config(2, &p21, &p11));
     let a1 = Agent::start_with_config(&mut bed, 1, &c1)?;

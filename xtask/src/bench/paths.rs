@@ -16,6 +16,7 @@ use zt_tests::{
         AGENT_NAMESPACE, AGENT_SERVICE_ACCOUNT, Cluster, EndpointSliceSpec, ServiceSpec,
         SliceEndpoint,
     },
+    node_config::MtlsMode,
     probe::{Server, Tally},
     read_json_lines, wait_until,
 };
@@ -424,7 +425,8 @@ impl Topology {
             no_netns.display()
         );
         let config = |n, enrolled: &[&Pod], remote: &[&Pod]| {
-            quiet(&meshed_config(bed.node(n), enrolled, remote, &ca, "strict")) + &limits
+            let config = meshed_config(bed.node(n), enrolled, remote, &ca, MtlsMode::Strict);
+            quiet(&config.to_string()) + &limits
         };
         let (c1, c2) = (
             config(1, &[&n1p1, &n1p3], &[&n2p1]),
