@@ -1,5 +1,6 @@
 //! Running zt-daemon on a test node: config file, process, and its JSON log.
 use std::{
+    fmt::Display,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -7,7 +8,11 @@ use std::{
 use anyhow::{Context as _, bail};
 use serde_json::Value;
 
-use crate::{Node, Pod, Testbed, bin_path, in_cgroup_and_netns, read_json_lines, wait_until};
+use crate::{
+    Node, Pod, Testbed, bin_path, in_cgroup_and_netns,
+    node_config::{Identity, MtlsMode, NodeConfigBuilder, PolicyDefault},
+    read_json_lines, wait_until,
+};
 
 pub struct Agent {
     pub pid: u32,
@@ -16,27 +21,10 @@ pub struct Agent {
     pub log: PathBuf,
 }
 
-/// The `[policy]` section of `node_config`: tests that are not about policy admit everyone.
-/// Policy tests replace it with their own.
-pub const ALLOW_BY_DEFAULT: &str = "[policy]\ndefault = \"allow\"\n";
-
-/// The node config for `node`'s agent enrolling `workloads` (name = pod name, namespace "default").
-pub fn node_config(node: &Node, workloads: &[&Pod], extra_capture: &str) -> String {
-    let mut c = format!(
-        "node_name = \"{}\"\n[capture]\ncgroup = \"{}\"\nbpffs_dir = \"{}\"\n{extra_capture}\n[log]\nformat = \"json\"\nlevel = \"info,zt=debug\"\n{ALLOW_BY_DEFAULT}",
-        node.name,
-        node.cgroup.display(),
-        node.pin_dir.display()
-    );
-    for pod in workloads {
-        c.push_str(&format!(
-            "[[workload]]\nname = \"{}\"\nnamespace = \"default\"\nservice_account = \"sa-{}\"\nnetns = \"{}\"\n",
-            pod.name,
-            pod.name,
-            pod.netns.display()
-        ));
-    }
-    c
+/// The node config for `node`'s agent enrolling `workloads` (name = pod name, namespace
+/// "default"): no identities, everyone allowed.
+pub fn node_config(node: &Node, workloads: &[&Pod]) -> NodeConfigBuilder {
+    NodeConfigBuilder::new(node).workloads(workloads)
 }
 
 /// The SPIFFE ID the agents give a test pod (service account `sa-<pod>`).
@@ -66,57 +54,24 @@ pub fn meshed_config(
     enrolled: &[&Pod],
     remote: &[&Pod],
     ca: &Path,
-    mode: &str,
-) -> String {
-    meshed_config_with_identity(node, enrolled, remote, &builtin_identity(ca), mode)
-}
-
-/// The `[identity]` section of an agent signing its workloads' SVIDs with the built-in CA in
-/// `ca` (for SPIRE: `zt_tests::spire::Spire::identity_section`).
-pub fn builtin_identity(ca: &Path) -> String {
-    format!(
-        "[identity]\nprovider = \"builtin\"\nca_dir = \"{}\"\n",
-        ca.display()
-    )
-}
-
-/// As [`meshed_config`], the agent's identities coming from `identity` (a whole `[identity]`
-/// section).
-pub fn meshed_config_with_identity(
-    node: &Node,
-    enrolled: &[&Pod],
-    remote: &[&Pod],
-    identity: &str,
-    mode: &str,
-) -> String {
-    let mut c = node_config(node, enrolled, "");
-    c.push_str(identity);
-    if !identity.ends_with('\n') {
-        c.push('\n');
-    }
-    c.push_str(&format!("[mtls]\nmode = \"{mode}\"\n"));
-    for pod in remote {
-        for ip in [pod.ip(false), pod.ip(true)] {
-            c.push_str(&format!(
-                "[[endpoint]]\nip = \"{ip}\"\nidentity = \"{}\"\n",
-                spiffe_id(pod)
-            ));
-        }
-    }
-    c
+    mode: MtlsMode,
+) -> NodeConfigBuilder {
+    node_config(node, enrolled)
+        .identity(Identity::builtin(ca))
+        .mtls(mode)
+        .endpoints(remote)
 }
 
 impl Agent {
     /// Starts the agent of node `n` enrolling `workloads`, and waits until it is ready.
     pub fn start(bed: &mut Testbed, n: usize, workloads: &[&Pod]) -> anyhow::Result<Self> {
-        let text = node_config(bed.node(n), workloads, "");
-        Self::start_with_config(bed, n, &text)
+        Self::start_with_config(bed, n, node_config(bed.node(n), workloads))
     }
 
     pub fn start_with_config(
         bed: &mut Testbed,
         n: usize,
-        config_text: &str,
+        config_text: impl Display,
     ) -> anyhow::Result<Self> {
         let node = bed.node(n).clone();
         // A fresh log and config file per start, so that each run's events can be told apart
@@ -130,7 +85,7 @@ impl Agent {
             k += 1;
         };
         let config = bed.dir.join(format!("{}-{k}.toml", node.name));
-        std::fs::write(&config, config_text)?;
+        std::fs::write(&config, config_text.to_string())?;
         // Each agent runs in a cgroup of its own under the node's, where the capture programs
         // attach, as a DaemonSet pod does: the programs see its sockets and must recognise them.
         let cgroup = node.cgroup.join(format!("agent-{k}"));
@@ -208,9 +163,9 @@ impl Agent {
     }
 
     /// Rewrites the config file and sends SIGHUP; waits until the agent logs the reload.
-    pub fn reload(&self, config_text: &str) -> anyhow::Result<()> {
+    pub fn reload(&self, config: impl Display) -> anyhow::Result<()> {
         let before = self.count("config reloaded")?;
-        self.write_config(config_text)?;
+        self.write_config(config)?;
         self.signal(nix::sys::signal::Signal::SIGHUP)?;
         wait_until(Duration::from_secs(10), || {
             Ok(self.count("config reloaded")? > before)
@@ -242,9 +197,9 @@ impl Agent {
 
     /// Replaces the config file as kubelet and editors do (write, then rename), so that the
     /// agent's file watcher never reads half of it. The agent reloads on its own.
-    pub fn write_config(&self, config_text: &str) -> anyhow::Result<()> {
+    pub fn write_config(&self, config: impl Display) -> anyhow::Result<()> {
         let tmp = self.config.with_extension("toml.tmp");
-        std::fs::write(&tmp, config_text)?;
+        std::fs::write(&tmp, config.to_string())?;
         std::fs::rename(&tmp, &self.config)?;
         Ok(())
     }
@@ -333,7 +288,7 @@ impl PolicyMesh {
     /// Starts it; `initial` writes the first policies (name, YAML), and node 2 runs with
     /// `mtls.mode = mtls_mode`.
     pub fn start(
-        mtls_mode: &str,
+        mtls_mode: MtlsMode,
         port: u16,
         initial: impl FnOnce(&Testbed) -> Vec<(&'static str, String)>,
     ) -> anyhow::Result<Self> {
@@ -350,14 +305,9 @@ impl PolicyMesh {
             bed.pod(1, 2).clone(),
             bed.pod(2, 1).clone(),
         );
-        let c1 = meshed_config(bed.node(1), &[&p11, &p12], &[&p21], &ca, "strict");
-        let c2 = meshed_config(bed.node(2), &[&p21], &[&p11, &p12], &ca, mtls_mode).replace(
-            ALLOW_BY_DEFAULT,
-            &format!(
-                "[policy]\ndefault = \"deny\"\ndir = \"{}\"\n",
-                policies.display()
-            ),
-        );
+        let c1 = meshed_config(bed.node(1), &[&p11, &p12], &[&p21], &ca, MtlsMode::Strict);
+        let c2 = meshed_config(bed.node(2), &[&p21], &[&p11, &p12], &ca, mtls_mode)
+            .policies(PolicyDefault::Deny, Some(&policies));
         let agent1 = Agent::start_with_config(&mut bed, 1, &c1)?;
         let agent2 = Agent::start_with_config(&mut bed, 2, &c2)?;
         let server = crate::probe::Server::start(

@@ -11,6 +11,7 @@ pub mod agent;
 pub mod attack;
 pub mod kube;
 pub mod maps;
+pub mod node_config;
 pub mod probe;
 pub mod spire;
 

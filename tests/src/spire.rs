@@ -202,13 +202,9 @@ impl Spire {
         self.agents[n - 1].workload_socket.clone()
     }
 
-    /// The `[identity]` section of a zt node config using node `n`'s spire-agent.
-    pub fn identity_section(&self, n: usize) -> String {
-        format!(
-            "[identity]\nprovider = \"spire\"\nadmin_socket = \"{}\"\n\
-             selectors = [\"k8s:ns:{{namespace}}\", \"k8s:sa:{{service_account}}\"]\n",
-            self.admin_socket(n).display()
-        )
+    /// The `[identity]` of a zt node config using node `n`'s spire-agent.
+    pub fn identity(&self, n: usize) -> crate::node_config::Identity {
+        crate::node_config::Identity::spire(&self.admin_socket(n))
     }
 
     /// Node `n`'s spire-agent log (of its current or last run).

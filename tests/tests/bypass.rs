@@ -10,6 +10,7 @@ use zt_tests::{
     Agent, Pod, Testbed,
     agent::{ca_init, meshed_config},
     attack::{CONNECT_AND_SEND, Privilege, UDP_RECEIVER, attack, python_command},
+    node_config::{Egress, MtlsMode, NodeConfigBuilder},
     probe::{Server, connect},
     read_json_lines, sh, wait_until,
 };
@@ -18,19 +19,25 @@ const APP_PORT: u16 = 9000;
 const TIMEOUT: Duration = Duration::from_secs(3);
 
 /// A bed of two nodes with two pods each, and the agent of node `n` enrolling `enrolled` with
-/// the built-in CA, strict; `edit` adjusts the config text.
+/// the built-in CA, strict; `edit` adjusts the config.
 fn strict_agent(
     bed: &mut Testbed,
     n: usize,
     enrolled: &[&Pod],
-    edit: impl FnOnce(String) -> String,
+    edit: impl FnOnce(NodeConfigBuilder) -> NodeConfigBuilder,
 ) -> Agent {
     let ca = bed.dir.join("ca");
     if !ca.exists() {
         ca_init(&ca).unwrap();
     }
-    let config = edit(meshed_config(bed.node(n), enrolled, &[], &ca, "strict"));
-    Agent::start_with_config(bed, n, &config).unwrap()
+    let config = edit(meshed_config(
+        bed.node(n),
+        enrolled,
+        &[],
+        &ca,
+        MtlsMode::Strict,
+    ));
+    Agent::start_with_config(bed, n, config).unwrap()
 }
 
 fn connect_attack(bed: &Testbed, from: &Pod, privilege: Privilege, host: &str, port: u16) -> Value {
@@ -85,9 +92,7 @@ fn a_root_pod_forging_the_old_agent_mark_is_still_captured() {
         bed.pod(1, 2).clone(),
         bed.pod(2, 2).clone(),
     );
-    let agent = strict_agent(&mut bed, 1, &[&p11], |c| {
-        format!("{c}\n[egress]\ndefault = \"deny\"\n")
-    });
+    let agent = strict_agent(&mut bed, 1, &[&p11], |c| c.egress(Egress::deny()));
     // Outside the mesh: with egress locked down, a meshed pod may not reach it.
     let server = Server::start(&mut bed, &p22, SocketAddr::from(([0u16; 8], APP_PORT))).unwrap();
 
@@ -239,13 +244,10 @@ fn the_probe_source_reaches_only_the_pods_probe_ports() {
     let (p21, p22) = (bed.pod(2, 1).clone(), bed.pod(2, 2).clone());
     let node2 = bed.node(2).clone();
     const PROBE_PORT: u16 = 8080;
-    let netns_line = format!("netns = \"{}\"\n", p21.netns.display());
     let agent = strict_agent(&mut bed, 2, &[&p21], |c| {
-        c.replace("[capture]\n", "[capture]\nprobe_source = \"10.200.2.1\"\n")
-            .replace(
-                &netns_line,
-                &format!("{netns_line}probe_ports = [{PROBE_PORT}]\n"),
-            )
+        let mut c = c.probe_source(std::net::Ipv4Addr::new(10, 200, 2, 1));
+        c.workload(&p21).probe_ports = vec![PROBE_PORT];
+        c
     });
     let app = Server::start(&mut bed, &p21, SocketAddr::from(([0u16; 8], APP_PORT))).unwrap();
     let health = Server::start(&mut bed, &p21, SocketAddr::from(([0u16; 8], PROBE_PORT))).unwrap();
@@ -325,9 +327,7 @@ time.sleep(3600)
     })
     .unwrap();
 
-    let agent = strict_agent(&mut bed, 1, &[&p11], |c| {
-        c.replace("[capture]\n", "[capture]\nreconcile_interval_ms = 200\n")
-    });
+    let agent = strict_agent(&mut bed, 1, &[&p11], |c| c.reconcile_interval_ms(200));
     // Visible: unready, naming the pod; counted.
     let (status, body) = agent.readiness().unwrap();
     assert_eq!(status, 503, "{body}");
@@ -413,8 +413,7 @@ fn non_tcp_traffic_is_dropped_inbound_under_strict_and_refused_outbound_under_lo
     let mut bed = Testbed::new(2).unwrap();
     let (p21, p22) = (bed.pod(2, 1).clone(), bed.pod(2, 2).clone());
     let _agent = strict_agent(&mut bed, 2, &[&p21], |c| {
-        let c = c.replace("[capture]\n", "[capture]\nudp_inbound_ports = [5354]\n");
-        format!("{c}\n[egress]\ndefault = \"deny\"\n")
+        c.udp_inbound_ports(&[5354]).egress(Egress::deny())
     });
     let receiver = |bed: &mut Testbed, pod: &Pod, ports: &[&str], log: &str| {
         let args: Vec<String> = ports.iter().map(|p| p.to_string()).collect();

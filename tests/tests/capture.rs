@@ -8,6 +8,7 @@ use zt_tests::{
     Agent, Testbed,
     agent::node_config,
     maps,
+    node_config::{Limits, Workload},
     probe::{Server, connect, try_bind},
 };
 
@@ -321,7 +322,7 @@ fn unenrollment_leaves_no_trace() {
     let pod_pins = node.pin_dir.join("pods").join(gone.to_string());
     assert!(pod_pins.join("sk_lookup").exists());
 
-    agent.reload(&node_config(&node, &[&p12], "")).unwrap();
+    agent.reload(node_config(&node, &[&p12])).unwrap();
 
     let enrolled = maps::enrolled(&node.pin_dir).unwrap();
     assert!(
@@ -363,10 +364,13 @@ fn bad_workload_and_bad_reload_keep_the_agent_running() {
     let mut bed = Testbed::new(1).unwrap();
     let (p11, node) = (bed.pod(1, 1).clone(), bed.node(1).clone());
     let missing = "/run/netns/zt-does-not-exist";
-    let mut config = node_config(&node, &[&p11], "");
-    config.push_str(&format!(
-        "[[workload]]\nname = \"ghost\"\nnamespace = \"default\"\nnetns = \"{missing}\"\n"
-    ));
+    let mut config = node_config(&node, &[&p11]);
+    config.workloads.push(Workload {
+        name: "ghost".into(),
+        service_account: "default".into(),
+        netns: missing.into(),
+        ..Workload::of(&p11)
+    });
     let agent = Agent::start_with_config(&mut bed, 1, &config).unwrap();
     let failure = agent
         .events()
@@ -430,9 +434,16 @@ fn idle_and_connection_limits_close_with_their_reasons() {
         bed.pod(1, 2).clone(),
         bed.node(1).clone(),
     );
-    let limits = |limits: &str| format!("{}[limits]\n{limits}", node_config(&node, &[&p11], ""));
-    let agent =
-        Agent::start_with_config(&mut bed, 1, &limits("idle_timeout_seconds = 1\n")).unwrap();
+    let limits = |limits: Limits| node_config(&node, &[&p11]).limits(limits);
+    let agent = Agent::start_with_config(
+        &mut bed,
+        1,
+        limits(Limits {
+            idle_timeout_seconds: Some(1),
+            ..Limits::default()
+        }),
+    )
+    .unwrap();
     Server::start(&mut bed, &p12, SocketAddr::from(([0, 0, 0, 0], APP_PORT))).unwrap();
     let dst = addr(p12.ipv4.into(), APP_PORT);
 
@@ -452,9 +463,15 @@ fn idle_and_connection_limits_close_with_their_reasons() {
     // Two connections held open fill the workload's quota; a third is refused meanwhile. (The
     // limits need a restart; the successor re-adopts capture.)
     bed.kill(agent.pid);
-    let agent =
-        Agent::start_with_config(&mut bed, 1, &limits("max_connections_per_workload = 2\n"))
-            .unwrap();
+    let agent = Agent::start_with_config(
+        &mut bed,
+        1,
+        limits(Limits {
+            max_connections_per_workload: Some(2),
+            ..Limits::default()
+        }),
+    )
+    .unwrap();
     let bed = &bed;
     let release = bed.dir.join("held-go");
     let outcomes: Vec<bool> = std::thread::scope(|s| {
@@ -491,7 +508,7 @@ fn idle_and_connection_limits_close_with_their_reasons() {
 fn capture_drift_is_repaired_and_counted() {
     let mut bed = Testbed::new(2).unwrap();
     let (p11, p12) = (bed.pod(1, 1).clone(), bed.pod(1, 2).clone());
-    let config = node_config(bed.node(1), &[&p11], "reconcile_interval_ms = 200\n");
+    let config = node_config(bed.node(1), &[&p11]).reconcile_interval_ms(200);
     let agent = Agent::start_with_config(&mut bed, 1, &config).unwrap();
     Server::start(&mut bed, &p12, SocketAddr::from(([0u16; 8], APP_PORT))).unwrap();
     let dst = SocketAddr::new(p12.ip(false), APP_PORT);
@@ -565,7 +582,7 @@ fn config_file_changes_apply_bad_ones_are_refused_and_no_connection_drops() {
 
         // A valid change, by editing the file only (no signal): p12 is enrolled.
         agent
-            .write_config(&node_config(&node, &[&p11, &p12], ""))
+            .write_config(node_config(&node, &[&p11, &p12]))
             .unwrap();
         zt_tests::wait_until(Duration::from_secs(5), || {
             Ok(agent.netns_cookie(&p12).is_ok())
@@ -576,7 +593,11 @@ fn config_file_changes_apply_bad_ones_are_refused_and_no_connection_drops() {
 
         // An invalid file, then SIGHUP: rejected with the key named, the old config stays.
         agent
-            .write_config(&node_config(&node, &[&p11], "").replace("[log]", "[log]\nlevle = 1"))
+            .write_config(
+                node_config(&node, &[&p11])
+                    .to_string()
+                    .replace("[log]", "[log]\nlevle = 1"),
+            )
             .unwrap();
         let rejected = agent.expect_rejected_reload().unwrap();
         assert!(
@@ -620,7 +641,7 @@ fn a_pod_whose_network_namespace_disappears_is_unenrolled_cleanly() {
         bed.pod(1, 2).clone(),
         bed.node(1).clone(),
     );
-    let config = node_config(&node, &[&p11, &p12], "reconcile_interval_ms = 200\n");
+    let config = node_config(&node, &[&p11, &p12]).reconcile_interval_ms(200);
     let agent = Agent::start_with_config(&mut bed, 1, &config).unwrap();
     let (dead, alive) = (
         agent.netns_cookie(&p11).unwrap(),

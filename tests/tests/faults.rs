@@ -11,6 +11,7 @@ use zt_daemon::identity::{ca::CertificateAuthority, svid::pem};
 use zt_tests::{
     Agent, Testbed,
     agent::{meshed_config, node_config, spiffe_id},
+    node_config::{Identity, MtlsMode},
     probe::{Server, Tally, churn, received_by, start_load},
     read_json_lines, wait_until,
 };
@@ -160,11 +161,7 @@ fn an_issuer_outage_keeps_the_certificate_until_it_expires_and_a_half_written_on
     let lifetime = Duration::from_secs(10);
     let (_, first_expiry) = issue_to_files(&ca, &id, lifetime, &svid_dir);
 
-    let config = format!(
-        "{}[identity]\nprovider = \"files\"\nfiles_dir = \"{}\"\n",
-        node_config(bed.node(2), &[&p21], ""),
-        files.display()
-    );
+    let config = node_config(bed.node(2), &[&p21]).identity(Identity::files(&files));
     let agent = Agent::start_with_config(&mut bed, 2, &config).unwrap();
     let started = std::time::Instant::now();
     Server::start(&mut bed, &p21, SocketAddr::from(([0, 0, 0, 0], PORT))).unwrap();
@@ -255,8 +252,8 @@ fn sighup_with_an_invalid_config_under_load_drops_no_connection() {
     let (p11, p21) = (bed.pod(1, 1).clone(), bed.pod(2, 1).clone());
     let ca = bed.dir.join("ca");
     zt_tests::agent::ca_init(&ca).unwrap();
-    let config1 = meshed_config(bed.node(1), &[&p11], &[&p21], &ca, "strict");
-    let config2 = meshed_config(bed.node(2), &[&p21], &[&p11], &ca, "strict");
+    let config1 = meshed_config(bed.node(1), &[&p11], &[&p21], &ca, MtlsMode::Strict);
+    let config2 = meshed_config(bed.node(2), &[&p21], &[&p11], &ca, MtlsMode::Strict);
     let agent1 = Agent::start_with_config(&mut bed, 1, &config1).unwrap();
     Agent::start_with_config(&mut bed, 2, &config2).unwrap();
     Server::start(&mut bed, &p21, SocketAddr::from(([0, 0, 0, 0], PORT))).unwrap();
@@ -275,7 +272,11 @@ fn sighup_with_an_invalid_config_under_load_drops_no_connection() {
         })
         .unwrap();
         agent1
-            .write_config(&config1.replace("[identity]", "[identity]\nprovder = \"x\""))
+            .write_config(
+                config1
+                    .to_string()
+                    .replace("[identity]", "[identity]\nprovder = \"x\""),
+            )
             .unwrap();
         let mut during = 0;
         while !load.is_finished() {

@@ -16,6 +16,7 @@ use zt_daemon::identity::{
 };
 use zt_tests::{
     Agent, Testbed,
+    node_config::{Endpoint, Limits, MtlsMode},
     probe::{Flood, Server},
 };
 
@@ -29,8 +30,11 @@ const TIMEOUT: Duration = Duration::from_secs(3);
 
 #[test]
 fn hbone_listener_refuses_what_it_must() {
-    let (mut bed, agent, server, ca) = hbone_target(|_| {
-        "[mtls]\nmode = \"strict\"\n[limits]\nhandshake_timeout_ms = 1000\n".to_owned()
+    let (mut bed, agent, server, ca) = hbone_target(|_, c| {
+        c.mtls(MtlsMode::Strict).limits(Limits {
+            handshake_timeout_ms: Some(1000),
+            ..Limits::default()
+        })
     });
     let (p21, p22) = (bed.pod(2, 1).clone(), bed.pod(2, 2).clone());
     Server::start(&mut bed, &p22, SocketAddr::from(([0, 0, 0, 0], PORT))).unwrap();
@@ -201,8 +205,12 @@ fn hbone_listener_refuses_what_it_must() {
 #[test]
 fn hbone_streams_count_against_the_workload_connection_limit() {
     // The TLS connection takes one permit, each stream one more: room for two streams.
-    let (bed, agent, _server, ca) =
-        hbone_target(|_| "[limits]\nmax_connections_per_workload = 3\n".to_owned());
+    let (bed, agent, _server, ca) = hbone_target(|_, c| {
+        c.limits(Limits {
+            max_connections_per_workload: Some(3),
+            ..Limits::default()
+        })
+    });
     let (p21, p22) = (bed.pod(2, 1).clone(), bed.pod(2, 2).clone());
     let client = svid(&ca, "spiffe://cluster.local/ns/default/sa/client");
     let config = client_config(SvidSlot::new(client), trust_of(&ca), None).unwrap();
@@ -250,13 +258,13 @@ fn hbone_streams_count_against_the_workload_connection_limit() {
 #[test]
 fn a_certificate_is_refused_from_an_address_of_another_identity() {
     // The mesh knows p22's address as sa-n2p2's.
-    let (bed, agent, server, ca) = hbone_target(|bed| {
+    let (bed, agent, server, ca) = hbone_target(|bed, mut c| {
         let p22 = bed.pod(2, 2);
-        format!(
-            "[[endpoint]]\nip = \"{}\"\nidentity = \"{}\"\n",
-            p22.ip(false),
-            zt_tests::agent::spiffe_id(p22)
-        )
+        c.endpoints.push(Endpoint {
+            ip: p22.ip(false),
+            identity: zt_tests::agent::spiffe_id(p22),
+        });
+        c
     });
     let (p21, p22) = (bed.pod(2, 1).clone(), bed.pod(2, 2).clone());
     let owner = zt_tests::agent::spiffe_id(&p22);
@@ -309,15 +317,14 @@ const HANDSHAKES_PER_SOURCE: u64 = 16;
 
 /// n1p1 on node 1 and n2p1 on node 2, meshed, each serving `PORT`; node 2's agent gets
 /// `limits2` in its `[limits]`. n2p2 stays outside the mesh: the attacker's pod.
-fn two_meshed_servers(limits2: &str) -> (Testbed, Agent, Agent) {
+fn two_meshed_servers(limits2: Limits) -> (Testbed, Agent, Agent) {
     let mut bed = Testbed::new(2).unwrap();
     let ca = bed.dir.join("ca");
     zt_tests::agent::ca_init(&ca).unwrap();
     let (p11, p21) = (bed.pod(1, 1).clone(), bed.pod(2, 1).clone());
-    let c1 = zt_tests::agent::meshed_config(bed.node(1), &[&p11], &[&p21], &ca, "strict");
-    let c2 = zt_tests::agent::meshed_config(bed.node(2), &[&p21], &[&p11], &ca, "strict")
-        + "[limits]\n"
-        + limits2;
+    let c1 = zt_tests::agent::meshed_config(bed.node(1), &[&p11], &[&p21], &ca, MtlsMode::Strict);
+    let c2 = zt_tests::agent::meshed_config(bed.node(2), &[&p21], &[&p11], &ca, MtlsMode::Strict)
+        .limits(limits2);
     let agent1 = Agent::start_with_config(&mut bed, 1, &c1).unwrap();
     let agent2 = Agent::start_with_config(&mut bed, 2, &c2).unwrap();
     for pod in [&p11, &p21] {
@@ -329,7 +336,10 @@ fn two_meshed_servers(limits2: &str) -> (Testbed, Agent, Agent) {
 #[test]
 fn a_handshake_flood_is_bounded_and_legitimate_traffic_still_flows() {
     const FLOOD: u64 = 2000;
-    let (mut bed, _agent1, agent2) = two_meshed_servers("handshake_timeout_ms = 1000\n");
+    let (mut bed, _agent1, agent2) = two_meshed_servers(Limits {
+        handshake_timeout_ms: Some(1000),
+        ..Limits::default()
+    });
     let (p11, p21, p22) = (
         bed.pod(1, 1).clone(),
         bed.pod(2, 1).clone(),
@@ -403,9 +413,11 @@ fn stalled_handshakes_from_one_pod_leave_the_target_pods_own_traffic_flowing() {
     // else of that pod would get through.
     const LIMIT: u64 = 100;
     const FLOOD: u64 = 3 * LIMIT;
-    let (mut bed, _agent1, agent2) = two_meshed_servers(&format!(
-        "max_connections_per_workload = {LIMIT}\nhandshake_timeout_ms = 60000\n"
-    ));
+    let (mut bed, _agent1, agent2) = two_meshed_servers(Limits {
+        max_connections_per_workload: Some(LIMIT as usize),
+        handshake_timeout_ms: Some(60000),
+        ..Limits::default()
+    });
     let (p11, p21, p22) = (
         bed.pod(1, 1).clone(),
         bed.pod(2, 1).clone(),
@@ -469,10 +481,10 @@ fn stalled_handshakes_from_one_pod_leave_the_target_pods_own_traffic_flowing() {
 
 #[test]
 fn forged_stale_and_revoked_certificates_are_refused_counted_and_logged() {
-    let (bed, agent, server, ca) = hbone_target(|bed| {
+    let (bed, agent, server, ca) = hbone_target(|bed, c| {
         let list = bed.dir.join("revoked.txt");
         std::fs::write(&list, "spiffe://cluster.local/ns/default/sa/revoked\n").unwrap();
-        format!("revocation_file = \"{}\"\n", list.display())
+        c.revocation_file(&list)
     });
     let p22 = bed.pod(2, 2).clone();
     let hbone = SocketAddr::new(bed.pod(2, 1).ip(false), 15008);
@@ -601,7 +613,7 @@ fn forged_stale_and_revoked_certificates_are_refused_counted_and_logged() {
 fn an_open_tunnel_takes_no_new_streams_once_either_certificate_expires() {
     // The agent's own SVIDs live 6 s; one client's certificate expires before that, the
     // other's long after.
-    let (bed, agent, _server, ca) = hbone_target(|_| "svid_ttl_seconds = 6\n".to_owned());
+    let (bed, agent, _server, ca) = hbone_target(|_, c| c.svid_ttl_seconds(6));
     let (p21, p22) = (bed.pod(2, 1).clone(), bed.pod(2, 2).clone());
     let hbone = SocketAddr::new(p21.ip(false), 15008);
     let app = SocketAddr::new(p21.ip(false), PORT).to_string();

@@ -1,19 +1,12 @@
 //! Root end-to-end test of the agent's identity issuance (issue 3): the agent holds SVIDs for the
 //! workloads enrolled on its node, and only for them, for as long as they stay enrolled.
-use zt_tests::{Agent, Testbed, agent::node_config};
+use zt_tests::{Agent, Testbed, agent::node_config, node_config::Identity};
 
 /// `zt-daemon ca init` into the bed's directory; returns the CA directory.
 fn ca_init(bed: &Testbed, name: &str) -> std::path::PathBuf {
     let ca_dir = bed.dir.join(name);
     zt_tests::agent::ca_init(&ca_dir).unwrap();
     ca_dir
-}
-
-fn with_builtin_ca(config: String, ca_dir: &std::path::Path) -> String {
-    format!(
-        "{config}[identity]\nprovider = \"builtin\"\nca_dir = \"{}\"\n",
-        ca_dir.display()
-    )
 }
 
 #[test]
@@ -23,7 +16,7 @@ fn agent_issues_svids_for_enrolled_workloads_only() {
     let ca_dir = bed.dir.join("ca");
     zt_tests::agent::ca_init(&ca_dir).unwrap();
 
-    let config = with_builtin_ca(node_config(&node, &[&p11], ""), &ca_dir);
+    let config = node_config(&node, &[&p11]).identity(Identity::builtin(&ca_dir));
     let agent = Agent::start_with_config(&mut bed, 1, &config).unwrap();
     let issued: Vec<_> = agent
         .events()
@@ -43,7 +36,7 @@ fn agent_issues_svids_for_enrolled_workloads_only() {
 
     // Un-enrolling the workload releases its identity.
     agent
-        .reload(&with_builtin_ca(node_config(&node, &[], ""), &ca_dir))
+        .reload(node_config(&node, &[]).identity(Identity::builtin(&ca_dir)))
         .unwrap();
     let released = agent
         .events()
@@ -136,11 +129,7 @@ fn readiness_waits_for_a_valid_certificate_from_the_files_provider() {
     )
     .unwrap();
 
-    let config = format!(
-        "{}[identity]\nprovider = \"files\"\nfiles_dir = \"{}\"\n",
-        node_config(&node, &[&p11], ""),
-        files.display()
-    );
+    let config = node_config(&node, &[&p11]).identity(Identity::files(&files));
     let agent = Agent::start_with_config(&mut bed, 1, &config).unwrap();
     let (status, body) = agent.readiness().unwrap();
     assert_eq!(status, 503, "{body}");

@@ -11,6 +11,7 @@ use std::{
 use zt_tests::{
     Agent,
     agent::{PolicyMesh, spiffe_id},
+    node_config::MtlsMode,
     probe::{Flood, churn, connect},
 };
 
@@ -66,7 +67,7 @@ fn value(samples: &[Sample], name: &str, want: &[(&str, &str)]) -> f64 {
 
 /// n1p1 and n1p2 meshed on node 1, n2p1 (the server) on node 2, whose policy admits n1p1 only.
 fn mesh() -> PolicyMesh {
-    PolicyMesh::start("strict", PORT, |bed| {
+    PolicyMesh::start(MtlsMode::Strict, PORT, |bed| {
         let allow = format!(
             "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: allow-n1p1\n  namespace: default\nspec:\n  rules:\n  - from:\n    - source:\n        principals: [\"{}\"]\n",
             spiffe_id(bed.pod(1, 1)).trim_start_matches("spiffe://")
@@ -531,7 +532,7 @@ fn peer_baggage_cannot_grow_the_series_and_principals_carry_spiffe() {
     use rogue::{APP_PORT, hbone_target, in_netns, svid, trust_of};
     // Workload names one identity's baggage may introduce (`metrics`' bound).
     const NAMES_PER_IDENTITY: usize = 8;
-    let (bed, agent, _server, ca) = hbone_target(|_| String::new());
+    let (bed, agent, _server, ca) = hbone_target(|_, c| c);
     let (p21, p22) = (bed.pod(2, 1).clone(), bed.pod(2, 2).clone());
     let hbone = SocketAddr::new(p21.ip(false), 15008);
     let app = SocketAddr::new(p21.ip(false), APP_PORT).to_string();

@@ -2,7 +2,7 @@
 //! PeerAuthentication files on the destination node decide who reaches a pod, with real mTLS
 //! between pods on two nodes, and a policy change closes open connections it now denies.
 use std::{
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     path::Path,
     time::{Duration, Instant},
 };
@@ -10,6 +10,7 @@ use std::{
 use zt_tests::{
     Testbed,
     agent::{Agent, PolicyMesh, meshed_config, spiffe_id},
+    node_config::{MtlsMode, PolicyDefault},
     probe::{connect, connect_idle_until},
 };
 
@@ -30,7 +31,7 @@ fn allow_from(principals: &[String]) -> String {
 
 /// n1p1 and n1p2 meshed on node 1, n2p1 (the server) on node 2; n2p2 is outside the mesh.
 fn mesh(
-    mtls_mode: &str,
+    mtls_mode: MtlsMode,
     initial: impl FnOnce(&Testbed) -> Vec<(&'static str, String)>,
 ) -> PolicyMesh {
     PolicyMesh::start(mtls_mode, PORT, initial).unwrap()
@@ -42,7 +43,7 @@ fn write_policy(dir: &Path, name: &str, yaml: &str) {
 
 #[test]
 fn allowed_identity_connects_and_denied_identity_never_reaches_the_app() {
-    let m = mesh("strict", |bed| {
+    let m = mesh(MtlsMode::Strict, |bed| {
         vec![("allow.yaml", allow_from(&[principal(bed.pod(1, 1))]))]
     });
     let (p11, p12, p22) = (m.bed.pod(1, 1), m.bed.pod(1, 2), m.bed.pod(2, 2));
@@ -125,7 +126,7 @@ fn allowed_identity_connects_and_denied_identity_never_reaches_the_app() {
 fn permissive_admits_plaintext_only_where_an_ip_block_allows_it_and_strict_refuses_it() {
     let permissive = "apiVersion: security.istio.io/v1beta1\nkind: PeerAuthentication\nmetadata:\n  name: default\n  namespace: default\nspec:\n  mtls:\n    mode: PERMISSIVE\n";
     // The node's mtls.mode is strict; the namespace's PeerAuthentication relaxes it.
-    let m = mesh("strict", |bed| {
+    let m = mesh(MtlsMode::Strict, |bed| {
         let ip_rule = format!(
             "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: plaintext-from-n2p2\n  namespace: default\nspec:\n  rules:\n  - from:\n    - source:\n        ipBlocks: [\"{}/32\"]\n",
             bed.pod(2, 2).ip(false)
@@ -148,7 +149,7 @@ fn permissive_admits_plaintext_only_where_an_ip_block_allows_it_and_strict_refus
         &[p11],
         &[p21],
         &m.bed.dir.join("ca"),
-        "permissive",
+        MtlsMode::Permissive,
     );
     m.agent1.reload(&c1).unwrap();
     let outside_pod = m.bed.pod(1, 2);
@@ -171,7 +172,7 @@ fn permissive_admits_plaintext_only_where_an_ip_block_allows_it_and_strict_refus
 
 #[test]
 fn a_policy_update_closes_denied_live_connections() {
-    let m = mesh("strict", |bed| {
+    let m = mesh(MtlsMode::Strict, |bed| {
         let both = [principal(bed.pod(1, 1)), principal(bed.pod(1, 2))];
         vec![("allow.yaml", allow_from(&both))]
     });
@@ -303,7 +304,7 @@ fn metric(agent: &Agent, name: &str) -> String {
 #[test]
 fn documents_of_other_kinds_are_skipped_and_a_policy_that_does_not_load_is_loud() {
     // kubectl bundles and Helm output put several kinds in one file; the agent must start.
-    let m = mesh("strict", |bed| {
+    let m = mesh(MtlsMode::Strict, |bed| {
         let bundle = format!(
             "{}---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: settings\n  namespace: default\ndata:\n  a: b\n---\napiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata:\n  name: jwt\n  namespace: default\nspec:\n  jwtRules:\n  - issuer: x\n",
             allow_from(&[principal(bed.pod(1, 1)), principal(bed.pod(1, 2))])
@@ -388,7 +389,7 @@ fn documents_of_other_kinds_are_skipped_and_a_policy_that_does_not_load_is_loud(
 #[test]
 fn an_agent_whose_policies_do_not_load_at_start_runs_denies_inbound_and_is_unready() {
     let broken = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: x\n  namespace: default\nspec:\n  action: PERMIT\n".to_owned();
-    let m = mesh("strict", |bed| {
+    let m = mesh(MtlsMode::Strict, |bed| {
         vec![
             ("allow.yaml", allow_from(&[principal(bed.pod(1, 1))])),
             ("broken.yaml", broken),
@@ -428,7 +429,7 @@ fn an_agent_whose_policies_do_not_load_at_start_runs_denies_inbound_and_is_unrea
 #[test]
 fn ip_blocks_and_endpoints_written_ipv4_mapped_match_ipv4_peers() {
     let permissive = "apiVersion: security.istio.io/v1beta1\nkind: PeerAuthentication\nmetadata:\n  name: default\n  namespace: default\nspec:\n  mtls:\n    mode: PERMISSIVE\n";
-    let m = mesh("strict", |bed| {
+    let m = mesh(MtlsMode::Strict, |bed| {
         let outsider = bed.pod(2, 2).ip(false);
         let allow_ip = format!(
             "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: allow-n2p2\n  namespace: default\nspec:\n  rules:\n  - from:\n    - source:\n        ipBlocks: [\"{outsider}/32\"]\n"
@@ -464,16 +465,19 @@ fn ip_blocks_and_endpoints_written_ipv4_mapped_match_ipv4_peers() {
     // Node 1 knows n2p1 only by its IPv4-mapped address: its traffic must still be tunnelled
     // (mtls.mode strict refuses a destination it does not know as meshed).
     let (p11, p12, p21) = (m.bed.pod(1, 1), m.bed.pod(1, 2), m.bed.pod(2, 1));
-    let v4 = p21.ip(false).to_string();
-    let c1 = meshed_config(
+    let mut c1 = meshed_config(
         m.bed.node(1),
         &[p11, p12],
         &[p21],
         &m.bed.dir.join("ca"),
-        "strict",
-    )
-    .replace(&format!("ip = \"{v4}\""), &format!("ip = \"::ffff:{v4}\""));
-    assert!(c1.contains("::ffff:"), "{c1}");
+        MtlsMode::Strict,
+    );
+    for endpoint in &mut c1.endpoints {
+        if let IpAddr::V4(v4) = endpoint.ip {
+            endpoint.ip = IpAddr::V6(v4.to_ipv6_mapped());
+        }
+    }
+    assert!(c1.to_string().contains("::ffff:"), "{c1}");
     m.agent1.reload(&c1).unwrap();
     let tunnelled = connect(&m.bed, p11, dst, 1024, TIMEOUT).unwrap();
     assert!(
@@ -504,15 +508,9 @@ fn an_idle_agent_reloads_nothing_and_each_real_change_reloads_once() {
     let revoked = bed.dir.join("revoked.txt");
     std::fs::write(&revoked, "# nothing revoked\n").unwrap();
     let p11 = bed.pod(1, 1).clone();
-    let config = meshed_config(bed.node(1), &[&p11], &[], &ca, "strict")
-        .replace(
-            zt_tests::agent::ALLOW_BY_DEFAULT,
-            &format!("[policy]\ndir = \"{}\"\n", policies.display()),
-        )
-        .replace(
-            "[mtls]\n",
-            &format!("revocation_file = \"{}\"\n[mtls]\n", revoked.display()),
-        );
+    let config = meshed_config(bed.node(1), &[&p11], &[], &ca, MtlsMode::Strict)
+        .policies(PolicyDefault::Deny, Some(&policies))
+        .revocation_file(&revoked);
     let agent = Agent::start_with_config(&mut bed, 1, &config).unwrap();
     let counts = || {
         [
@@ -544,7 +542,7 @@ fn an_idle_agent_reloads_nothing_and_each_real_change_reloads_once() {
     // Then one real change to each. Each watcher handles its events in order, so the reload a
     // change causes comes after anything the reads above could have caused: the counts are final.
     // (Through the watcher alone: with a SIGHUP too, the agent could reload twice.)
-    agent.write_config(&format!("{config}# changed\n")).unwrap();
+    agent.write_config(format!("{config}# changed\n")).unwrap();
     zt_tests::wait_until(Duration::from_secs(10), || {
         Ok(agent.count("config reloaded")? >= 1)
     })

@@ -21,6 +21,7 @@ use zt_tests::{
             spiffe, wait_enrolled, wait_ready,
         },
     },
+    node_config::Egress,
     probe::{Server, connect, connect_idle_until},
     wait_until,
 };
@@ -620,10 +621,9 @@ fn egress_under_discovery() {
     assert_eq!(out["close"], "eof", "{out}");
 
     // Locked down, one address and port allowed.
-    let locked = format!(
-        "{}[egress]\ndefault = \"deny\"\n\n[[egress.allow]]\ncidrs = [\"{db}/32\"]\nports = [5432]\n",
-        k.config(1, &k.creds, false)
-    );
+    let locked = k
+        .config(1, &k.creds, false)
+        .egress(Egress::deny().allow(format!("{db}/32"), &[5432]));
     agent1.reload(&locked).unwrap();
     exchange(&k, (1, 1), pg, 2 * KIB);
     // Through the Service too: the endpoint is what the entry allows, not the ClusterIP.

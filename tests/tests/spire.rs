@@ -9,8 +9,9 @@ use std::{collections::BTreeMap, net::SocketAddr, path::Path, process::Command, 
 use serde_json::Value;
 use zt_tests::{
     Agent, Pod, Testbed,
-    agent::{meshed_config_with_identity, mutual_tls_records, spiffe_id},
+    agent::{mutual_tls_records, node_config, spiffe_id},
     in_cgroup_and_netns,
+    node_config::MtlsMode,
     probe::{Server, Steady, connect, connect_idle_until, intact, start_echo},
     spire::{EntryId, Spire},
     wait_until,
@@ -146,21 +147,16 @@ fn spire_mesh_unregistered(ttl_seconds: u32, unregistered: &[&str]) -> SpireMesh
             .unwrap();
         entries.insert(pod.name.clone(), id);
     }
-    let c1 = meshed_config_with_identity(
-        bed.node(1),
-        &[&p11, &p12],
-        &[&p21],
-        &spire.identity_section(1),
-        "strict",
-    );
-    let c2 = meshed_config_with_identity(
-        bed.node(2),
-        &[&p21],
-        &[&p11, &p12],
-        &spire.identity_section(2),
-        "strict",
-    );
+    let c1 = node_config(bed.node(1), &[&p11, &p12])
+        .identity(spire.identity(1))
+        .mtls(MtlsMode::Strict)
+        .endpoints(&[&p21]);
+    let c2 = node_config(bed.node(2), &[&p21])
+        .identity(spire.identity(2))
+        .mtls(MtlsMode::Strict)
+        .endpoints(&[&p11, &p12]);
     for c in [&c1, &c2] {
+        let c = c.to_string();
         assert!(!c.contains("ca_dir"), "no CA in a SPIRE mesh:\n{c}");
     }
     let agent1 = Agent::start_with_config(&mut bed, 1, &c1).unwrap();
@@ -181,7 +177,7 @@ fn spire_mesh_unregistered(ttl_seconds: u32, unregistered: &[&str]) -> SpireMesh
         agent2,
         server,
         entries,
-        configs: [c1, c2],
+        configs: [c1.to_string(), c2.to_string()],
     }
 }
 

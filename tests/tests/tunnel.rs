@@ -8,6 +8,7 @@ use zt_tests::{
     Agent, Testbed,
     agent::{meshed_config, mutual_tls_records, spiffe_id},
     in_cgroup_and_netns,
+    node_config::{Egress, Endpoint, MtlsMode, PolicyDefault},
     probe::{Server, burst, connect, connect_duplex, connect_with_pattern, intact},
 };
 
@@ -25,12 +26,12 @@ struct Mesh {
 }
 
 /// n1p1 and n2p1 are meshed (one per node), n1p2 is meshed on node 1 too, n2p2 is outside.
-fn mesh(mode: &str) -> Mesh {
+fn mesh(mode: MtlsMode) -> Mesh {
     mesh_with(mode, None)
 }
 
 /// As [`mesh`], node 2's agent watching `revocations` as its revocation list.
-fn mesh_with(mode: &str, revocations: Option<&std::path::Path>) -> Mesh {
+fn mesh_with(mode: MtlsMode, revocations: Option<&std::path::Path>) -> Mesh {
     let mut bed = Testbed::new(2).unwrap();
     let ca = bed.dir.join("ca");
     zt_tests::agent::ca_init(&ca).unwrap();
@@ -42,10 +43,7 @@ fn mesh_with(mode: &str, revocations: Option<&std::path::Path>) -> Mesh {
     let c1 = meshed_config(bed.node(1), &[&p11, &p12], &[&p21], &ca, mode);
     let mut c2 = meshed_config(bed.node(2), &[&p21], &[&p11, &p12], &ca, mode);
     if let Some(path) = revocations {
-        c2 = c2.replace(
-            "[identity]\n",
-            &format!("[identity]\nrevocation_file = \"{}\"\n", path.display()),
-        );
+        c2 = c2.revocation_file(path);
     }
     let agent1 = Agent::start_with_config(&mut bed, 1, &c1).unwrap();
     let agent2 = Agent::start_with_config(&mut bed, 2, &c2).unwrap();
@@ -60,7 +58,7 @@ fn mesh_with(mode: &str, revocations: Option<&std::path::Path>) -> Mesh {
 
 #[test]
 fn cross_node_connection_travels_over_mutual_tls_with_both_identities() {
-    let m = mesh("strict");
+    let m = mesh(MtlsMode::Strict);
     let (p11, p21) = (m.bed.pod(1, 1), m.bed.pod(2, 1));
     for v6 in [false, true] {
         let dst = SocketAddr::new(p21.ip(v6), PORT);
@@ -79,7 +77,7 @@ fn cross_node_connection_travels_over_mutual_tls_with_both_identities() {
 
 #[test]
 fn same_node_connection_uses_the_tunnel_too() {
-    let mut m = mesh("strict");
+    let mut m = mesh(MtlsMode::Strict);
     let (p11, p12) = (m.bed.pod(1, 1).clone(), m.bed.pod(1, 2).clone());
     Server::start(&mut m.bed, &p12, SocketAddr::from(([0, 0, 0, 0], PORT))).unwrap();
     let dst = SocketAddr::new(p12.ip(false), PORT);
@@ -102,7 +100,7 @@ fn same_node_connection_uses_the_tunnel_too() {
 
 #[test]
 fn strict_refuses_plaintext_inbound_and_egress_follows_its_own_policy() {
-    let mut strict = mesh("strict");
+    let mut strict = mesh(MtlsMode::Strict);
     let (p11, p21, p22) = (
         strict.bed.pod(1, 1).clone(),
         strict.bed.pod(2, 1).clone(),
@@ -139,11 +137,14 @@ fn strict_refuses_plaintext_inbound_and_egress_follows_its_own_policy() {
     // Locked down: only the allowed address and port leave.
     let ca = strict.bed.dir.join("ca");
     let p12 = strict.bed.pod(1, 2).clone();
-    let locked = format!(
-        "{}\n[egress]\ndefault = \"deny\"\n\n[[egress.allow]]\ncidrs = [\"{}/32\"]\nports = [{PORT}]\n",
-        meshed_config(strict.bed.node(1), &[&p11, &p12], &[&p21], &ca, "strict"),
-        p22.ipv4
-    );
+    let locked = meshed_config(
+        strict.bed.node(1),
+        &[&p11, &p12],
+        &[&p21],
+        &ca,
+        MtlsMode::Strict,
+    )
+    .egress(Egress::deny().allow(format!("{}/32", p22.ipv4), &[PORT]));
     strict.agent1.reload(&locked).unwrap();
     intact(
         &connect(&strict.bed, &p11, outside, 1024, TIMEOUT)
@@ -192,7 +193,7 @@ fn strict_refuses_plaintext_inbound_and_egress_follows_its_own_policy() {
     );
     drop(strict);
 
-    let mut permissive = mesh("permissive");
+    let mut permissive = mesh(MtlsMode::Permissive);
     let (p11, p21, p22) = (
         permissive.bed.pod(1, 1).clone(),
         permissive.bed.pod(2, 1).clone(),
@@ -237,7 +238,7 @@ fn strict_refuses_plaintext_inbound_and_egress_follows_its_own_policy() {
 
 #[test]
 fn wire_between_nodes_carries_only_tls_on_15008() {
-    let mut m = mesh("strict");
+    let mut m = mesh(MtlsMode::Strict);
     let marker = "ZT-WIRE-MARKER-a1b2c3d4e5";
     let (p11, p21) = (m.bed.pod(1, 1).clone(), m.bed.pod(2, 1).clone());
     let node1 = m.bed.node(1).clone();
@@ -298,7 +299,7 @@ fn wire_between_nodes_carries_only_tls_on_15008() {
 
 #[test]
 fn sequential_connections_share_one_pooled_tls_session() {
-    let m = mesh("strict");
+    let m = mesh(MtlsMode::Strict);
     let (p11, p21) = (m.bed.pod(1, 1), m.bed.pod(2, 1));
     let dst = SocketAddr::new(p21.ip(false), PORT);
     for _ in 0..100 {
@@ -319,7 +320,7 @@ fn sequential_connections_share_one_pooled_tls_session() {
 
 /// 256 MiB each way at once through the tunnel; both ends compare checksums.
 fn duplex(cross_node: bool) {
-    let mut m = mesh("strict");
+    let mut m = mesh(MtlsMode::Strict);
     let client = m.bed.pod(1, 1).clone();
     let target = if cross_node {
         m.bed.pod(2, 1).clone()
@@ -375,7 +376,7 @@ fn same_node_256_mib_both_ways_at_once() {
 
 #[test]
 fn a_reset_on_one_side_is_a_reset_on_the_other() {
-    let m = mesh("strict");
+    let m = mesh(MtlsMode::Strict);
     let (p11, p21) = (m.bed.pod(1, 1), m.bed.pod(2, 1));
     let dst = SocketAddr::new(p21.ip(false), PORT);
     zt_tests::probe::connect_and_reset(&m.bed, p11, dst, 64 * 1024)
@@ -405,7 +406,7 @@ fn revoking_a_peer_closes_its_live_connections() {
     std::fs::create_dir_all(&dir).unwrap();
     let list = dir.join("revoked.txt");
     std::fs::write(&list, "# nothing revoked\n").unwrap();
-    let m = mesh_with("strict", Some(&list));
+    let m = mesh_with(MtlsMode::Strict, Some(&list));
     let (p11, p21) = (m.bed.pod(1, 1).clone(), m.bed.pod(2, 1).clone());
     let dst = SocketAddr::new(p21.ip(false), PORT);
     // Before: the identity is fine.
@@ -481,28 +482,15 @@ fn replicas_with_one_service_account_each_leave_from_their_own_address() {
     )
     .unwrap();
     // Both replicas run as service account "web".
-    let one_account = |config: String| config.replace("sa-n1p1", "web").replace("sa-n1p2", "web");
-    let c1 = one_account(meshed_config(
-        bed.node(1),
-        &[&p11, &p12],
-        &[&p21],
-        &ca,
-        "strict",
-    ));
-    let c2 = one_account(meshed_config(
-        bed.node(2),
-        &[&p21],
-        &[&p11, &p12],
-        &ca,
-        "strict",
-    ))
-    .replace(
-        zt_tests::agent::ALLOW_BY_DEFAULT,
-        &format!(
-            "[policy]\ndefault = \"deny\"\ndir = \"{}\"\n",
-            policies.display()
-        ),
-    );
+    let mut c1 = meshed_config(bed.node(1), &[&p11, &p12], &[&p21], &ca, MtlsMode::Strict);
+    for pod in [&p11, &p12] {
+        c1.workload(pod).service_account = "web".into();
+    }
+    let mut c2 = meshed_config(bed.node(2), &[&p21], &[&p11, &p12], &ca, MtlsMode::Strict)
+        .policies(PolicyDefault::Deny, Some(&policies));
+    for endpoint in &mut c2.endpoints {
+        endpoint.identity = "spiffe://cluster.local/ns/default/sa/web".into();
+    }
     let _agent1 = Agent::start_with_config(&mut bed, 1, &c1).unwrap();
     let agent2 = Agent::start_with_config(&mut bed, 2, &c2).unwrap();
     let server = Server::start(&mut bed, &p21, SocketAddr::from(([0u16; 8], PORT))).unwrap();
@@ -546,7 +534,7 @@ fn replicas_with_one_service_account_each_leave_from_their_own_address() {
 #[test]
 fn concurrent_first_connections_dial_the_destination_once() {
     const CONCURRENT: usize = 32;
-    let mut m = mesh("strict");
+    let mut m = mesh(MtlsMode::Strict);
     let (p11, p21) = (m.bed.pod(1, 1).clone(), m.bed.pod(2, 1).clone());
     // Count the TCP connections to 15008 on the wire between the nodes: one SYN each.
     let pcap = m.bed.dir.join("dials.pcap");
@@ -623,16 +611,12 @@ fn the_pool_never_reuses_a_connection_to_an_expired_or_revoked_peer() {
     let revocations = bed.dir.join("revocations").join("revoked.txt");
     std::fs::create_dir_all(revocations.parent().unwrap()).unwrap();
     std::fs::write(&revocations, "# nothing revoked\n").unwrap();
-    let config = meshed_config(bed.node(1), &[&p11], &[], &ca_dir, "strict").replace(
-        "[identity]\n",
-        &format!(
-            "[identity]\nrevocation_file = \"{}\"\n",
-            revocations.display()
-        ),
-    ) + &format!(
-        "[[endpoint]]\nip = \"{}\"\nidentity = \"{rogue_id}\"\n",
-        p22.ipv4
-    );
+    let mut config = meshed_config(bed.node(1), &[&p11], &[], &ca_dir, MtlsMode::Strict)
+        .revocation_file(&revocations);
+    config.endpoints.push(Endpoint {
+        ip: p22.ipv4.into(),
+        identity: rogue_id.into(),
+    });
     let agent1 = Agent::start_with_config(&mut bed, 1, &config).unwrap();
     let expiring = rogue::forge(&ca, rogue_id, |p| {
         p.not_after = (std::time::SystemTime::now() + Duration::from_secs(3)).into();

@@ -13,6 +13,7 @@ use zt_tests::{
     Agent, Testbed,
     agent::{ca_init, meshed_config},
     bin_path,
+    node_config::{Admin, Limits, MtlsMode},
     probe::Server,
 };
 
@@ -32,12 +33,17 @@ fn an_agent_hands_over_to_its_successor_without_dropping_a_connection() {
     let ca = bed.dir.join("ca");
     ca_init(&ca).unwrap();
     let (p11, p21) = (bed.pod(1, 1).clone(), bed.pod(2, 1).clone());
-    let c1 = meshed_config(bed.node(1), &[&p11], &[&p21], &ca, "strict");
-    let c2 = meshed_config(bed.node(2), &[&p21], &[&p11], &ca, "strict")
-        + "[limits]\ndrain_seconds = 20\n";
+    let c1 = meshed_config(bed.node(1), &[&p11], &[&p21], &ca, MtlsMode::Strict);
+    let c2 = meshed_config(bed.node(2), &[&p21], &[&p11], &ca, MtlsMode::Strict).limits(Limits {
+        drain_seconds: Some(20),
+        ..Limits::default()
+    });
     // The successor runs beside the old agent in the same node namespace: other admin ports.
-    let successor = c2.clone()
-        + "[admin]\nreadiness_addr = \"127.0.0.1:15121\"\nmetrics_addr = \"127.0.0.1:15120\"\nadmin_addr = \"127.0.0.1:15100\"\n";
+    let successor = c2.clone().admin(Admin {
+        readiness_addr: SocketAddr::from(([127, 0, 0, 1], 15121)),
+        metrics_addr: SocketAddr::from(([127, 0, 0, 1], 15120)),
+        admin_addr: SocketAddr::from(([127, 0, 0, 1], 15100)),
+    });
     let _agent1 = Agent::start_with_config(&mut bed, 1, &c1).unwrap();
     let old = Agent::start_with_config(&mut bed, 2, &c2).unwrap();
     let server = Server::start(&mut bed, &p21, SocketAddr::from(([0u16; 8], PORT))).unwrap();

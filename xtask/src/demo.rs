@@ -12,6 +12,7 @@ use serde_json::Value;
 use zt_tests::{
     Agent, Testbed,
     agent::{ca_init, meshed_config},
+    node_config::MtlsMode,
     probe::{Server, connect},
 };
 
@@ -50,8 +51,20 @@ fn scenario(shared: &Mutex<Option<Testbed>>) -> anyhow::Result<()> {
         "starting agents: node1 enrolls n1p1 n1p2; node2 enrolls n2p1 (n2p2 stays outside the mesh)"
     );
     println!("mtls.mode = permissive, so the mesh still talks to n2p2 in plain TCP");
-    let c1 = meshed_config(bed.node(1), &[&n1p1, &n1p2], &[&n2p1], &ca, "permissive");
-    let c2 = meshed_config(bed.node(2), &[&n2p1], &[&n1p1, &n1p2], &ca, "permissive");
+    let c1 = meshed_config(
+        bed.node(1),
+        &[&n1p1, &n1p2],
+        &[&n2p1],
+        &ca,
+        MtlsMode::Permissive,
+    );
+    let c2 = meshed_config(
+        bed.node(2),
+        &[&n2p1],
+        &[&n1p1, &n1p2],
+        &ca,
+        MtlsMode::Permissive,
+    );
     let agent1 = Agent::start_with_config(bed, 1, &c1)?;
     let agent2 = Agent::start_with_config(bed, 2, &c2)?;
     for pod in [&n1p2, &n2p1, &n2p2] {

@@ -11,11 +11,12 @@ use zt_tests::{
     Agent, Testbed,
     agent::{ca_init, meshed_config},
     maps,
+    node_config::{Limits, MtlsMode},
     probe::Tally,
     read_json_lines,
 };
 
-use crate::bench::{open_fds, quiet, rss_kib, use_release_binaries};
+use crate::bench::{QUIET_LOG, open_fds, rss_kib, use_release_binaries};
 
 const PORT: u16 = 9300;
 const SAMPLE_EVERY: Duration = Duration::from_secs(10);
@@ -64,21 +65,15 @@ pub fn run(minutes: u64, connections: usize) -> anyhow::Result<()> {
     let (p11, p21) = (bed.pod(1, 1).clone(), bed.pod(2, 1).clone());
     let ca = bed.dir.join("ca");
     ca_init(&ca)?;
-    let limits = format!(
-        "[limits]\nmax_connections_per_workload = {}\n",
-        connections * 2
-    );
-    let pool = format!("pool_idle_seconds = {}\n", POOL_IDLE.as_secs());
     let config = |n: usize, enrolled, remote| {
-        quiet(&meshed_config(
-            bed.node(n),
-            &[enrolled],
-            &[remote],
-            &ca,
-            "strict",
-        ))
-        .replace("[mtls]\n", &format!("[mtls]\n{pool}"))
-            + &limits
+        let config = meshed_config(bed.node(n), &[enrolled], &[remote], &ca, MtlsMode::Strict)
+            .pool_idle_seconds(POOL_IDLE.as_secs())
+            .limits(Limits {
+                max_connections_per_workload: Some(connections * 2),
+                ..Limits::default()
+            })
+            .log_level(QUIET_LOG);
+        config.to_string()
     };
     let (c1, c2) = (config(1, &p11, &p21), config(2, &p21, &p11));
     let a1 = Agent::start_with_config(&mut bed, 1, &c1)?;

@@ -10,7 +10,8 @@ pub use crate::probe::intact;
 use super::{AGENT_NAMESPACE, AGENT_SERVICE_ACCOUNT, AgentCredentials, Cluster, PodSpec};
 use crate::{
     Agent, Testbed,
-    agent::{ALLOW_BY_DEFAULT, ca_init, node_config},
+    agent::{ca_init, node_config},
+    node_config::{Identity, MtlsMode, NodeConfigBuilder, PolicyDefault},
     probe::connect,
     wait_until,
 };
@@ -89,25 +90,16 @@ impl KubeBed {
     /// Node `n`'s config: builtin CA, mtls strict, Kubernetes discovery with `creds`, no static
     /// workloads or endpoints. The agent enforces the policies of `self.policies` (default deny)
     /// when `enforce` is set; otherwise everyone is allowed.
-    pub fn config(&self, n: usize, creds: &AgentCredentials, enforce: bool) -> String {
-        let mut c = node_config(self.bed.node(n), &[], "");
+    pub fn config(&self, n: usize, creds: &AgentCredentials, enforce: bool) -> NodeConfigBuilder {
+        let c = node_config(self.bed.node(n), &[])
+            .identity(Identity::builtin(&self.ca))
+            .mtls(MtlsMode::Strict)
+            .kubernetes(&creds.kubeconfig, &self.bed.netns_dir(n).unwrap());
         if enforce {
-            c = c.replace(
-                ALLOW_BY_DEFAULT,
-                &format!(
-                    "[policy]\ndefault = \"deny\"\ndir = \"{}\"\n",
-                    self.policies.display()
-                ),
-            );
+            c.policies(PolicyDefault::Deny, Some(&self.policies))
+        } else {
+            c
         }
-        c.push_str(&format!(
-            "[identity]\nprovider = \"builtin\"\nca_dir = \"{}\"\n[mtls]\nmode = \"strict\"\n\
-             [discovery.kubernetes]\nenabled = true\nkubeconfig = \"{}\"\nnetns_dir = \"{}\"\n",
-            self.ca.display(),
-            creds.kubeconfig.display(),
-            self.bed.netns_dir(n).unwrap().display()
-        ));
-        c
     }
 
     /// Starts node `n`'s agent with the zt-agent credentials.

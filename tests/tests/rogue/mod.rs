@@ -23,26 +23,28 @@ use zt_daemon::identity::{
     verify::SpiffeServerVerifier,
     verify::{TrustState, TrustStore},
 };
-use zt_tests::{Agent, Testbed, agent::node_config, probe::Server};
+use zt_tests::{
+    Agent, Testbed,
+    agent::node_config,
+    node_config::{Identity, NodeConfigBuilder},
+    probe::Server,
+};
 
 /// The application port of the pods `hbone_target` serves.
 pub const APP_PORT: u16 = 9000;
 
-/// Node 2 with n2p1 enrolled (builtin CA, `extra` appended to its config, which ends in its
-/// `[identity]` section) and a server on it on `APP_PORT`; the tests talk to its 15008 from
-/// n2p2, outside the mesh.
+/// Node 2 with n2p1 enrolled (builtin CA, its config adjusted by `edit`) and a server on it on
+/// `APP_PORT`; the tests talk to its 15008 from n2p2, outside the mesh.
 pub fn hbone_target(
-    extra: impl FnOnce(&Testbed) -> String,
+    edit: impl FnOnce(&Testbed, NodeConfigBuilder) -> NodeConfigBuilder,
 ) -> (Testbed, Agent, Server, CertificateAuthority) {
     let mut bed = Testbed::new(2).unwrap();
     let ca_dir = bed.dir.join("ca");
     zt_tests::agent::ca_init(&ca_dir).unwrap();
     let p21 = bed.pod(2, 1).clone();
-    let config = format!(
-        "{}[identity]\nprovider = \"builtin\"\nca_dir = \"{}\"\n{}",
-        node_config(bed.node(2), &[&p21], ""),
-        ca_dir.display(),
-        extra(&bed)
+    let config = edit(
+        &bed,
+        node_config(bed.node(2), &[&p21]).identity(Identity::builtin(&ca_dir)),
     );
     let agent = Agent::start_with_config(&mut bed, 2, &config).unwrap();
     let server = Server::start(&mut bed, &p21, SocketAddr::from(([0, 0, 0, 0], APP_PORT))).unwrap();

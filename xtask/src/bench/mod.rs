@@ -18,6 +18,7 @@ use std::fmt::Write as _;
 
 use anyhow::Context as _;
 use serde_json::Value;
+use zt_tests::node_config::{Limits, MtlsMode};
 
 /// CPU seconds (user + system) a process has used so far, from /proc/PID/stat.
 fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
@@ -98,21 +99,21 @@ pub fn mesh_config(
     remote: &[&zt_tests::Pod],
     ca: &std::path::Path,
 ) -> String {
-    let config = zt_tests::agent::meshed_config(bed.node(n), enrolled, remote, ca, "strict")
+    zt_tests::agent::meshed_config(bed.node(n), enrolled, remote, ca, MtlsMode::Strict)
         // 10 000 idle connections fill 100 pooled HBONE connections: they close 5 s after the
         // burst rather than 60 s, so descriptors and memory come back within the bench's wait.
-        .replace("[mtls]\n", "[mtls]\npool_idle_seconds = 5\n");
-    quiet(&config) + "[limits]\nmax_connections_per_workload = 25000\n"
+        .pool_idle_seconds(5)
+        .limits(Limits {
+            max_connections_per_workload: Some(25_000),
+            ..Limits::default()
+        })
+        .log_level(QUIET_LOG)
+        .to_string()
 }
 
-/// A test config logging only warnings and lifecycle events (no access log): the agent's
-/// logging must not be what is measured.
-pub fn quiet(config: &str) -> String {
-    config.replace(
-        "level = \"info,zt=debug\"",
-        "level = \"warn,zt_daemon::agent=info,zt_daemon::enrollment=info\"",
-    )
-}
+/// Only warnings and lifecycle events (no access log): the agent's logging must not be what is
+/// measured.
+pub const QUIET_LOG: &str = "warn,zt_daemon::agent=info,zt_daemon::enrollment=info";
 
 /// Replaces the section `name` of BENCHMARKS.md (between `<!-- name -->` and `<!-- /name -->`),
 /// or appends it, so that each benchmark command rewrites only its own figures.
