@@ -1,7 +1,7 @@
 //! Validation of the file's shape (`file`) into the typed config: defaults filled in, values
 //! checked and put in one canonical form. An error names the file and the line of the value it
 //! is about, from the span toml recorded for it.
-use std::{net::SocketAddr, ops::Range, path::Path, time::Duration};
+use std::{net::SocketAddr, path::Path, time::Duration};
 
 use toml::Spanned;
 
@@ -11,6 +11,7 @@ use super::{
     PolicyDefault,
     file::RawConfig,
     sections::{egress, identity, kubernetes, workloads},
+    source::{Source, line_column},
 };
 use crate::{
     identity::spiffe::{SpiffeId, TrustDomain},
@@ -33,28 +34,6 @@ const DEFAULT_HBONE_IDLE_TIMEOUT_SECONDS: u64 = 300;
 const DEFAULT_HEADER_READ_TIMEOUT_MS: u64 = 5000;
 const DEFAULT_ADMIN_CONNECTIONS_PER_SOURCE: usize = 8;
 const DNS_PORT: u16 = 53;
-
-/// The file being validated, for errors that name it and a line in it.
-pub(super) struct Source<'a> {
-    path: &'a Path,
-    text: &'a str,
-}
-
-impl Source<'_> {
-    /// `message` (which starts with the key) about the value at `span`; `None` for a key the
-    /// file leaves out, reported at line 1.
-    pub(super) fn invalid(&self, span: Option<Range<usize>>, message: String) -> ConfigError {
-        ConfigError::Invalid {
-            path: self.path.to_owned(),
-            line: span.map_or(1, |span| line_column(self.text, span.start).0),
-            message,
-        }
-    }
-
-    pub(super) fn invalid_at<T>(&self, value: &Spanned<T>, message: String) -> ConfigError {
-        self.invalid(Some(value.span()), message)
-    }
-}
 
 impl NodeConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
@@ -327,14 +306,6 @@ impl NodeConfig {
             egress,
         })
     }
-}
-
-/// 1-based line and column of a byte offset.
-fn line_column(text: &str, offset: usize) -> (usize, usize) {
-    let before = &text[..offset.min(text.len())];
-    let line = before.matches('\n').count() + 1;
-    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
-    (line, column)
 }
 
 #[cfg(test)]
@@ -659,11 +630,5 @@ netns = "/run/netns/p"
         assert!(err.to_string().contains("takes files_dir"), "{err}");
         let err = parse("node_name = \"n\"\ntrust_domain = \"a:b\"\n").unwrap_err();
         assert!(err.to_string().contains("trust_domain"), "{err}");
-    }
-
-    #[test]
-    fn line_column_is_one_based() {
-        assert_eq!(line_column("ab\ncd", 0), (1, 1));
-        assert_eq!(line_column("ab\ncd", 4), (2, 2));
     }
 }

@@ -13,7 +13,7 @@ use toml::Spanned;
 use super::{
     ConfigError, IdentityConfig, IdentityProvider, KubernetesDiscovery, SelectorTemplate,
     file::{RawEgress, RawIdentity, RawKubernetes, RawProvider, RawWorkload},
-    parse::Source,
+    source::Source,
 };
 use crate::{
     egress::{EgressAllow, EgressDefault, EgressPolicy},

@@ -5,6 +5,7 @@ pub mod files;
 pub mod node;
 pub mod revocation;
 pub mod rotation;
+pub mod settings;
 pub mod spiffe;
 pub mod spire;
 pub mod svid;

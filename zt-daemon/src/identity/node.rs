@@ -7,6 +7,7 @@ use notify::RecommendedWatcher;
 use rustls::pki_types::CertificateDer;
 use tracing::{debug, error, info};
 
+use super::settings::{IdentityConfig, IdentityProvider};
 use super::{
     ca::{CaError, CertificateAuthority},
     files::{self, BundleError, FilesSource},
@@ -17,10 +18,7 @@ use super::{
     tls::SvidSlot,
     verify::{TrustState, TrustStore},
 };
-use crate::{
-    config::{IdentityConfig, IdentityProvider},
-    workload::Workload,
-};
+use crate::workload::Workload;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {

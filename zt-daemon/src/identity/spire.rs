@@ -33,6 +33,7 @@ use spire_api::pb::spire::api::{
 use tokio_stream::StreamExt;
 use tracing::{info, warn};
 
+use super::settings::SelectorTemplate;
 use super::{
     rotation::Renewal,
     spiffe::{SpiffeId, TrustDomain},
@@ -40,7 +41,7 @@ use super::{
     tls::SvidSlot,
     verify::TrustStore,
 };
-use crate::{config::SelectorTemplate, workload::Workload};
+use crate::workload::Workload;
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
