@@ -46,6 +46,16 @@ use crate::{
 const TRUST_DOMAIN: &str = "cluster.local";
 const APP_PORT: u16 = 8080;
 const WAIT: Duration = Duration::from_secs(10);
+/// Namespace `shop` refuses the `batch` service account of namespace `jobs`.
+const DENY_BATCH: &str = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-batch, namespace: shop}
+spec:
+  action: DENY
+  rules:
+  - from:
+    - source: {principals: [cluster.local/ns/jobs/sa/batch]}
+";
 
 /// Sockets of a pod: bound to the pod's address, so its peers see where it connects from.
 struct PodAddress(IpAddr);
@@ -340,16 +350,7 @@ async fn a_connection_to_a_meshed_pod_crosses_the_tunnel_intact_as_both_identiti
 
 #[tokio::test]
 async fn bytes_sent_before_the_tunnel_opened_reach_an_allowed_peer_once_and_a_denied_one_never() {
-    let deny_batch = "apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: no-batch, namespace: shop}
-spec:
-  action: DENY
-  rules:
-  - from:
-    - source: {principals: [cluster.local/ns/jobs/sa/batch]}
-";
-    let bed = Bed::new(deny_batch, MtlsMode::Strict, EgressPolicy::default());
+    let bed = Bed::new(DENY_BATCH, MtlsMode::Strict, EgressPolicy::default());
     let web = bed.pod(1, "shop", "web-1", "web").await;
     let batch = bed.pod(2, "jobs", "batch-1", "batch").await;
     let db = bed.pod(3, "shop", "db-1", "db").await;
@@ -397,16 +398,7 @@ async fn replicas_sharing_a_service_account_each_get_their_own_pooled_connection
 
 #[tokio::test]
 async fn a_policy_denial_and_an_unreachable_app_are_refused_and_counted() {
-    let deny_batch = "apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: no-batch, namespace: shop}
-spec:
-  action: DENY
-  rules:
-  - from:
-    - source: {principals: [cluster.local/ns/jobs/sa/batch]}
-";
-    let bed = Bed::new(deny_batch, MtlsMode::Strict, EgressPolicy::default());
+    let bed = Bed::new(DENY_BATCH, MtlsMode::Strict, EgressPolicy::default());
     let batch = bed.pod(1, "jobs", "batch-1", "batch").await;
     let web = bed.pod(2, "shop", "web-1", "web").await;
     let db = bed.pod(3, "shop", "db-1", "db").await;
