@@ -295,18 +295,7 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
         (&load_before, &load_average()),
         started.elapsed(),
     )?;
-    if quick {
-        let out = target.join("bench-memory-quick.md");
-        std::fs::write(&out, &md)?;
-        println!(
-            "\n{md}\n(--quick: written to {}, not BENCHMARKS.md)",
-            out.display()
-        );
-    } else {
-        super::write_section(&root, "memory", &md)?;
-        println!("\n{md}");
-    }
-    Ok(())
+    super::publish(&root, "memory", "bench-memory-quick.md", quick, &md)
 }
 
 fn report(

@@ -115,6 +115,29 @@ pub fn mesh_config(
 /// measured.
 pub const QUIET_LOG: &str = "warn,zt_daemon::agent=info,zt_daemon::enrollment=info";
 
+/// A report's destination: its `name` section of BENCHMARKS.md, or with `quick` (a smoke run,
+/// not a measurement) `quick_file` in the target directory.
+fn publish(
+    root: &std::path::Path,
+    name: &str,
+    quick_file: &str,
+    quick: bool,
+    md: &str,
+) -> anyhow::Result<()> {
+    if quick {
+        let out = target_dir(root).join(quick_file);
+        std::fs::write(&out, md)?;
+        println!(
+            "\n{md}\n(--quick: written to {}, not BENCHMARKS.md)",
+            out.display()
+        );
+    } else {
+        write_section(root, name, md)?;
+        println!("\n{md}");
+    }
+    Ok(())
+}
+
 /// Replaces the section `name` of BENCHMARKS.md (between `<!-- name -->` and `<!-- /name -->`),
 /// or appends it, so that each benchmark command rewrites only its own figures.
 fn write_section(root: &std::path::Path, name: &str, content: &str) -> anyhow::Result<()> {

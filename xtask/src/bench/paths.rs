@@ -246,16 +246,5 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
         started.elapsed(),
     )?;
     let root = crate::workspace_root();
-    if quick {
-        let out = super::target_dir(&root).join("bench-quick.md");
-        std::fs::write(&out, &md)?;
-        println!(
-            "\n{md}\n(--quick: written to {}, not BENCHMARKS.md)",
-            out.display()
-        );
-    } else {
-        super::write_section(&root, "paths", &md)?;
-        println!("\n{md}");
-    }
-    Ok(())
+    super::publish(&root, "paths", "bench-quick.md", quick, &md)
 }
