@@ -142,6 +142,9 @@ pub struct Mtls {
     pub mode: MtlsMode,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pool_idle_seconds: Option<u64>,
+    /// `"tunnel"` or `"splice"`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub same_node: Option<&'static str>,
 }
 
 /// `[limits]`: only the keys a test sets are written.
@@ -342,7 +345,14 @@ impl NodeConfigBuilder {
         self.mtls = Some(Mtls {
             mode,
             pool_idle_seconds: None,
+            same_node: None,
         });
+        self
+    }
+
+    /// `[mtls] same_node`: how connections between this node's meshed pods travel.
+    pub fn same_node(mut self, how: &'static str) -> Self {
+        self.mtls.as_mut().expect("[mtls] is set first").same_node = Some(how);
         self
     }
 

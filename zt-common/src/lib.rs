@@ -32,6 +32,23 @@ pub mod map_names {
     pub const SETTINGS: &str = "ZT_SETTINGS_V2";
     /// Refused binds of the agent's ports, per pod netns cookie; the agent reads and clears it.
     pub const DENIED_BINDS: &str = "ZT_DENIED_BINDS";
+    /// Same-node splicing (not pinned: spliced connections belong to the agent that made
+    /// them). The sockets whose received bytes `zt_splice` redirects, by socket cookie.
+    pub const SPLICE_SOURCES: &str = "ZT_SPLICE_SOURCES";
+    /// The same sockets as redirect targets (no program attached; see `zt_splice`).
+    pub const SPLICE_TARGETS: &str = "ZT_SPLICE_TARGETS";
+    /// `SpliceLink` of each spliced socket, by socket cookie.
+    pub const SPLICE_LINKS: &str = "ZT_SPLICE_LINKS";
+}
+
+/// Value of the SPLICE_LINKS map: where a spliced socket's received bytes go, and how many went.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SpliceLink {
+    /// Socket cookie of the other socket of the connection.
+    pub peer: u64,
+    /// Bytes redirected to `peer` so far (written by the program only).
+    pub bytes: u64,
 }
 
 /// A TCP endpoint as the programs store it. Addresses are in network byte order exactly as the
@@ -118,4 +135,5 @@ mod pod_impls {
     unsafe impl aya::Pod for super::ConnKey {}
     unsafe impl aya::Pod for super::EnrolledPod {}
     unsafe impl aya::Pod for super::PodPortKey {}
+    unsafe impl aya::Pod for super::SpliceLink {}
 }

@@ -15,7 +15,7 @@ use tracing::{error, info, warn};
 use crate::{
     admin::{self, AdminState, LogControl, Readiness},
     capture::{Capture, OriginalDsts, WantedPod},
-    config::{MtlsMode, NodeConfig},
+    config::{MtlsMode, NodeConfig, SameNode},
     directory::{MeshDirectory, NodeWorkloads},
     discovery,
     enrollment::{EnrollFailure, Enrollment},
@@ -91,8 +91,11 @@ impl Agent {
             .flatten();
         let directory = MeshDirectory::default();
         let readiness = Readiness::new(policy.status(), directory.clone());
+        let splicer = (identity.is_some() && config.mtls.same_node == SameNode::Splice)
+            .then(|| capture.splicer.clone());
         let proxy = Arc::new(ProxyContext {
             dsts: Box::new(dsts),
+            splicer,
             directory: directory.clone(),
             egress: std::sync::RwLock::new(Arc::new(config.egress.clone())),
             policy,

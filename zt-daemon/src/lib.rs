@@ -16,6 +16,7 @@ pub mod policy;
 pub mod proxy;
 pub mod services;
 pub mod source_limit;
+pub mod splice;
 pub mod tunnel;
 pub mod watch;
 pub mod workload;

@@ -16,6 +16,11 @@
 //!   inbound TCP connection arriving in the pod goes to the agent, whatever its destination
 //!   address; inbound UDP follows the pod's non-TCP rules.
 //!
+//! - `zt_splice` (stream verdict on `ZT_SPLICE_SOURCES`): the same-node fast path. When both
+//!   ends of a connection are enrolled on this node and policy allows it, the agent puts its two
+//!   sockets of the connection in the map, and what each receives is sent out of the other by the
+//!   kernel, without entering user space.
+//!
 //! The agent's own sockets are recognised by their socket cookie, which the agent registers in
 //! `ZT_AGENT_SOCKETS` before it binds or connects them: a pod cannot write that map, whereas it
 //! could set any SO_MARK with CAP_NET_RAW.
@@ -31,14 +36,14 @@ use aya_ebpf::{
     helpers::generated::{
         bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_sk_lookup_tcp, bpf_sk_release,
     },
-    macros::{cgroup_sock, cgroup_sock_addr, map, sk_lookup, sock_ops},
+    macros::{cgroup_sock, cgroup_sock_addr, map, sk_lookup, sock_ops, stream_verdict},
     maps::{Array, HashMap, LruHashMap, SockHash},
-    programs::{SkLookupContext, SockAddrContext, SockContext, SockOpsContext},
+    programs::{SkBuffContext, SkLookupContext, SockAddrContext, SockContext, SockOpsContext},
 };
 use aya_log_ebpf::{debug, warn};
 use zt_common::{
     AF_INET, AF_INET6, ConnKey, EnrolledPod, HBONE_PORT, OUTBOUND_PORT, PodPortKey, SockAddr,
-    is_agent_port, pod_flags, port_kinds, settings,
+    SpliceLink, is_agent_port, pod_flags, port_kinds, settings,
 };
 
 const SOCK_STREAM: u32 = 1;
@@ -86,6 +91,18 @@ static SETTINGS: Array<u64> = Array::pinned(settings::LEN, 0);
 
 #[map(name = "ZT_DENIED_BINDS")]
 static DENIED_BINDS: HashMap<u64, u64> = HashMap::pinned(4096, 0);
+
+/// Spliced sockets (same-node fast path). Two maps because a socket must be a redirect target
+/// before its peer's program may run, yet must not have its own program attached before the
+/// agent can order what it already received: the agent inserts both sockets into TARGETS (no
+/// program, data still queues normally), then into SOURCES (the verdict takes over, queued bytes
+/// first). Not pinned: they belong to the agent process that spliced the connections.
+#[map(name = "ZT_SPLICE_SOURCES")]
+static SPLICE_SOURCES: SockHash<u64> = SockHash::with_max_entries(65536, 0);
+#[map(name = "ZT_SPLICE_TARGETS")]
+static SPLICE_TARGETS: SockHash<u64> = SockHash::with_max_entries(65536, 0);
+#[map(name = "ZT_SPLICE_LINKS")]
+static SPLICE_LINKS: HashMap<u64, SpliceLink> = HashMap::with_max_entries(65536, 0);
 
 #[inline(always)]
 fn setting(index: u32) -> u64 {
@@ -552,6 +569,24 @@ pub fn zt_sk_lookup(ctx: SkLookupContext) -> u32 {
         Err(e) if e == -ENOENT && setting(settings::FAIL_OPEN) != 0 => sk_action::SK_PASS,
         Err(_) => sk_action::SK_DROP,
     }
+}
+
+/// Sends what a spliced socket received out of its peer socket, and counts it. A socket without
+/// a link (the agent is tearing the connection down) keeps its bytes for the agent to read.
+#[stream_verdict]
+pub fn zt_splice(ctx: SkBuffContext) -> u32 {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let Some(link) = SPLICE_LINKS.get_ptr_mut(&cookie) else {
+        return sk_action::SK_PASS;
+    };
+    // SAFETY: pointer from a successful lookup. One socket's verdicts run one at a time (under
+    // the socket's lock), and only they write its link's count.
+    let mut peer = unsafe {
+        (*link).bytes += u64::from(ctx.len());
+        (*link).peer
+    };
+    // Egress of the peer socket; SK_DROP if the peer is gone (the connection is closing).
+    SPLICE_TARGETS.redirect_skb(&ctx, &mut peer, 0) as u32
 }
 
 #[cfg(not(test))]

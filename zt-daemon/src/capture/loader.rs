@@ -17,8 +17,9 @@ use aya::{
 };
 use tracing::{info, warn};
 
-use super::{AgentSockets, Capture, CaptureError, CaptureMaps, io_err};
+use super::{AgentSockets, Capture, CaptureError, CaptureMaps, Splicer, io_err};
 use crate::config::CaptureConfig;
+use zt_common::map_names;
 
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/zt"));
 
@@ -120,12 +121,14 @@ impl Capture {
             info!(program, pin = %pin.display(), adopted, "capture program attached");
         }
         let agent_sockets = AgentSockets::open(&dir)?;
+        let splicer = Splicer::attach(&mut ebpf)?;
         Ok(Self {
             _ebpf: ebpf,
             dir,
             maps,
             cgroup,
             agent_sockets,
+            splicer,
         })
     }
 
@@ -145,6 +148,10 @@ impl Capture {
             .default_map_pin_directory(self.dir.join("maps"))
             .override_global(SK_LOOKUP_POD_GLOBAL, &netns_cookie, true)
             .map_max_entries(LOG_RING, 4096)
+            // The splice maps are the node-wide object's; this instance's copies go unused.
+            .map_max_entries(map_names::SPLICE_SOURCES, 1)
+            .map_max_entries(map_names::SPLICE_TARGETS, 1)
+            .map_max_entries(map_names::SPLICE_LINKS, 1)
             .load(EBPF_OBJECT)?;
         let program: &mut SkLookup = program_mut(&mut instance, SK_LOOKUP_PROGRAM)?;
         program.load().map_err(prog_err(SK_LOOKUP_PROGRAM))?;
@@ -236,7 +243,10 @@ fn pin_err(program: &'static str, path: &Path, e: impl std::fmt::Display) -> Cap
     }
 }
 
-fn program_mut<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, CaptureError>
+pub(super) fn program_mut<'a, T>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut T, CaptureError>
 where
     &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
 {

@@ -1,7 +1,8 @@
 //! Capture: zt's kernel programs and their maps, and each enrolled pod's state in them.
 //! `loader` loads and attaches (or re-adopts) the programs, `maps` holds typed handles on the
-//! pinned maps, `sockets` registers the agent's own sockets, and `reconcile` compares the
-//! kernel's state with the enrolled pods and repairs drift.
+//! pinned maps, `sockets` registers the agent's own sockets, `splice` joins two of the agent's
+//! sockets in the kernel (the same-node fast path), and `reconcile` compares the kernel's state
+//! with the enrolled pods and repairs drift.
 //!
 //! Layout under the agent's bpffs directory (`capture.bpffs_dir`, default /sys/fs/bpf/zt):
 //!   maps/<MAP>               every map, pinned by name and reused by the next agent
@@ -15,6 +16,7 @@ mod loader;
 mod maps;
 mod reconcile;
 mod sockets;
+mod splice;
 
 use std::{
     fs::File,
@@ -32,6 +34,7 @@ pub use loader::cgroup2_root;
 pub use maps::{CaptureMaps, OriginalDsts};
 pub use reconcile::{KernelState, WantedPod};
 pub use sockets::{AgentSockets, current_netns_cookie};
+pub use splice::{Splice, Splicer};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
@@ -80,6 +83,7 @@ pub struct Capture {
     /// Where the cgroup programs are attached.
     pub cgroup: PathBuf,
     pub agent_sockets: AgentSockets,
+    pub splicer: Splicer,
 }
 
 impl Capture {

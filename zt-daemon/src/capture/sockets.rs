@@ -38,7 +38,7 @@ impl AgentSockets {
 }
 
 /// SO_COOKIE: the kernel's unique, never reused identifier of a socket.
-fn socket_cookie(socket: &impl AsRawFd) -> io::Result<u64> {
+pub(super) fn socket_cookie(socket: &impl AsRawFd) -> io::Result<u64> {
     socket_option_u64(socket, libc::SO_COOKIE)
 }
 

@@ -22,6 +22,7 @@ revocation_file = "/etc/zt/revoked"
 [mtls]
 mode = "permissive"
 pool_idle_seconds = 30
+same_node = "splice"
 
 [policy]
 dir = "/etc/zt/policies"

@@ -10,7 +10,7 @@ use std::{
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::{FailMode, LogFormat, MtlsMode, PolicyDefault};
+use super::{FailMode, LogFormat, MtlsMode, PolicyDefault, SameNode};
 use crate::egress::EgressDefault;
 
 #[derive(Deserialize)]
@@ -113,6 +113,7 @@ pub(super) enum RawProvider {
 pub(super) struct RawMtls {
     pub(super) mode: Option<MtlsMode>,
     pub(super) pool_idle_seconds: Option<u64>,
+    pub(super) same_node: Option<SameNode>,
 }
 
 #[derive(Deserialize, Default)]

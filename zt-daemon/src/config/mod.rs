@@ -105,6 +105,7 @@ pub struct MtlsConfig {
     pub mode: MtlsMode,
     /// A pooled HBONE connection without streams closes after this long.
     pub pool_idle_timeout: Duration,
+    pub same_node: SameNode,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -148,10 +149,21 @@ pub struct LimitsConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum MtlsMode {
-    /// A captured connection to a destination outside the mesh is refused.
+    /// Inbound plaintext (from outside the mesh) is refused; PeerAuthentication may override it.
     Strict,
-    /// ... or sent in plain TCP.
+    /// ... or accepted.
     Permissive,
+}
+
+/// How a connection between two meshed pods of this node travels, once policy allows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SameNode {
+    /// Over HBONE with mutual TLS, like a connection to another node.
+    Tunnel,
+    /// The agent's two sockets spliced in the kernel: no TLS, no copy through user space. Both
+    /// ends, their identities and the kernel are this node's; see docs/architecture.md.
+    Splice,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

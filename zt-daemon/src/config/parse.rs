@@ -8,7 +8,7 @@ use toml::Spanned;
 use super::{
     AdminConfig, CaptureConfig, ConfigError, DEFAULT_ROOT_NAMESPACE, FailMode, LimitsConfig,
     LogConfig, LogFormat, MeshEndpoint, MtlsConfig, MtlsMode, NodeConfig, PolicyConfig,
-    PolicyDefault,
+    PolicyDefault, SameNode,
     file::RawConfig,
     sections::{egress, identity, kubernetes, workloads},
     source::{Source, line_column},
@@ -230,6 +230,7 @@ impl NodeConfig {
                         .pool_idle_seconds
                         .unwrap_or(DEFAULT_POOL_IDLE_SECONDS),
                 ),
+                same_node: raw.mtls.same_node.unwrap_or(SameNode::Tunnel),
             },
             policy: PolicyConfig {
                 dir: raw.policy.dir.map(Spanned::into_inner),
@@ -381,6 +382,7 @@ mod tests {
         let c = parse(EVERY_KEY).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(c.trust_domain.as_str(), "example.org");
         assert_eq!(c.mtls.mode, MtlsMode::Permissive);
+        assert_eq!(c.mtls.same_node, SameNode::Splice);
         assert_eq!(c.policy.default, PolicyDefault::Allow);
         assert_eq!(c.policy.root_namespace, "mesh-root");
         assert_eq!(c.capture.fail_mode, FailMode::Open);

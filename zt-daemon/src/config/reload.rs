@@ -71,6 +71,7 @@ mod tests {
             ("deny", "allow"),
             ("open", "closed"),
             ("json", "text"),
+            ("splice", "tunnel"),
         ];
         if let Some((_, other)) = enums.iter().find(|(v, _)| *v == text) {
             return (*other).to_owned();

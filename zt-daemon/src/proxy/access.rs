@@ -46,6 +46,8 @@ pub(crate) struct AccessRecord<'a> {
     /// What the source had sent when its tunnel stream was opened, which went with the CONNECT
     /// rather than through the relay.
     pub sent_with_connect: u64,
+    /// Spliced in the kernel (same node): identities known, no TLS.
+    pub spliced: bool,
     pub started: Instant,
 }
 
@@ -66,12 +68,19 @@ impl AccessRecord<'_> {
         }
     }
 
-    fn is_mutual_tls(&self) -> bool {
-        self.identities.source.is_some() && self.identities.destination.is_some()
+    /// Istio's `connection_security_policy`, plus `node_local` for a connection spliced in the
+    /// kernel: both identities are known, but no TLS was spoken.
+    fn security_policy(&self) -> &'static str {
+        let both = self.identities.source.is_some() && self.identities.destination.is_some();
+        match (both, self.spliced) {
+            (true, true) => "node_local",
+            (true, false) => "mutual_tls",
+            (false, _) => "none",
+        }
     }
 
     /// Counts the connection in the TCP metrics: opened, or closed with its bytes.
-    fn count(&self, metrics: &Metrics, closed: Option<&copy::RelayOutcome>) {
+    pub(super) fn count(&self, metrics: &Metrics, closed: Option<&copy::RelayOutcome>) {
         // Principals as Istio's metrics write them: the whole SPIFFE ID.
         let principal = |id: &Option<SpiffeId>| {
             id.as_ref()
@@ -116,11 +125,7 @@ impl AccessRecord<'_> {
             destination_workload: name(destination, admitted(!peer_is_source)),
             destination_workload_namespace: namespace(destination),
             destination_service: service.as_deref().unwrap_or(metrics::UNKNOWN),
-            connection_security_policy: if self.is_mutual_tls() {
-                "mutual_tls"
-            } else {
-                "none"
-            },
+            connection_security_policy: self.security_policy(),
         };
         match closed {
             None => metrics.connection_opened(&labels),
@@ -171,7 +176,7 @@ pub(crate) fn log_access(record: &AccessRecord<'_>, outcome: &copy::RelayOutcome
         destination_identity = %id_or_dash(ids.destination.as_ref()),
         source_workload = %workload_name(source_workload),
         destination_workload = %workload_name(destination_workload),
-        connection_security_policy = if record.is_mutual_tls() { "mutual_tls" } else { "none" },
+        connection_security_policy = record.security_policy(),
         peer = %record.peer,
         original_dst = %record.original_dst,
         destination_service = %record.service.as_ref().map_or_else(|| "-".to_owned(), ToString::to_string),
@@ -184,4 +189,17 @@ pub(crate) fn log_access(record: &AccessRecord<'_>, outcome: &copy::RelayOutcome
         close = %outcome.close,
         "connection closed"
     );
+}
+
+/// Resets a captured connection that was never relayed, counts it, and writes its access-log
+/// line.
+pub(super) fn refuse(
+    record: &AccessRecord<'_>,
+    app: tokio::net::TcpStream,
+    close: copy::CloseReason,
+    ctx: &ProxyContext,
+) {
+    super::reset(app);
+    ctx.metrics.outbound_refused(close.as_str());
+    log_access(record, &copy::RelayOutcome::refused(close));
 }

@@ -1,7 +1,7 @@
 //! The data path: accept captured connections in the pod, find where they were going, and carry
 //! the bytes. `listener` runs the accept loops, `outbound` serves the pod's 15001 listener and
 //! `route` decides where its connections go, `inbound` serves 15006 and 15008 and `authorize`
-//! asks policy, `copy` moves bytes, and `access` records each connection (access log and TCP
+//! asks policy, `same_node` splices connections between this node's pods, `copy` moves bytes, and `access` records each connection (access log and TCP
 //! metrics). The tunnel's protocol, client and pool are `crate::tunnel`'s.
 mod access;
 mod authorize;
@@ -9,6 +9,7 @@ pub mod inbound;
 mod listener;
 pub mod outbound;
 pub mod route;
+mod same_node;
 #[cfg(test)]
 mod tests;
 
@@ -32,6 +33,8 @@ pub struct ProxyContext {
     /// Replaced on config reload.
     pub egress: std::sync::RwLock<Arc<EgressPolicy>>,
     pub tunnel: Option<Tunnel>,
+    /// With `mtls.same_node = "splice"` (and a tunnel): joins same-node connections in the kernel.
+    pub splicer: Option<crate::capture::Splicer>,
     pub policy: PolicyStore,
     pub metrics: Arc<crate::metrics::Metrics>,
     pub idle_timeout: Duration,

@@ -12,12 +12,15 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::warn;
 
 use crate::{
-    copy::{CloseReason, RelayOutcome},
+    capture::Splicer,
+    copy::CloseReason,
     enrollment::LocalWorkload,
+    identity::spiffe::SpiffeId,
     proxy::{
-        AccessRecord, Admission, Direction, Identities, ProxyContext, accept_loop, log_access,
-        relay_and_log, reset,
+        AccessRecord, Admission, Direction, Identities, ProxyContext, accept_loop, access,
+        relay_and_log,
         route::{self, Refusal, Route, RouteInputs},
+        same_node,
     },
     tunnel::{client::open_tunnel, error::TunnelError},
 };
@@ -66,10 +69,14 @@ async fn handle(app: TcpStream, peer: SocketAddr, workload: &LocalWorkload, ctx:
         peer_workload: None,
         decision: None,
         sent_with_connect: 0,
+        spliced: false,
         started,
     };
     match (plan.route, &ctx.tunnel) {
         (Route::Tunnel { endpoint, identity }, Some(tunnel)) => {
+            if let Some((splicer, ends)) = same_node(workload, endpoint, &identity, ctx) {
+                return same_node::serve(app, ends, plain, splicer, ctx).await;
+            }
             let first = sent_already(&app);
             match open_tunnel(workload, tunnel, endpoint, &identity, first.as_ref()).await {
                 Ok((stream, source, peer_workload)) => {
@@ -104,28 +111,58 @@ async fn handle(app: TcpStream, peer: SocketAddr, workload: &LocalWorkload, ctx:
                         },
                         ..plain
                     };
-                    refuse(&record, app, close, ctx);
+                    access::refuse(&record, app, close, ctx);
                 }
             }
         }
         (Route::Refuse(Refusal::NoEndpoints), _) => {
             warn!(workload = %id, original_dst = %dst, service = ?plain.service.as_ref().map(ToString::to_string), "refused: the Service has no ready endpoint");
-            refuse(&plain, app, CloseReason::NoEndpoints, ctx);
+            access::refuse(&plain, app, CloseReason::NoEndpoints, ctx);
         }
         (Route::Refuse(Refusal::EgressDenied), _) => {
             warn!(workload = %id, original_dst = %dst, "refused: outside the mesh, and the egress policy does not allow it");
-            refuse(&plain, app, CloseReason::EgressDenied, ctx);
+            access::refuse(&plain, app, CloseReason::EgressDenied, ctx);
         }
         (Route::Passthrough { endpoint } | Route::Tunnel { endpoint, .. }, _) => {
             match workload.connect(endpoint).await {
                 Ok(upstream) => relay_and_log(plain, app, upstream, ctx, pending()).await,
                 Err(e) => {
                     warn!(workload = %id, original_dst = %dst, %endpoint, error = %e, "outbound connect failed");
-                    refuse(&plain, app, CloseReason::ConnectFailed, ctx);
+                    access::refuse(&plain, app, CloseReason::ConnectFailed, ctx);
                 }
             }
         }
     }
+}
+
+/// The splicer and both ends, when `endpoint` is a workload enrolled on this node with the
+/// identity the directory gives it, and same-node connections are spliced.
+fn same_node<'a>(
+    source: &'a LocalWorkload,
+    endpoint: SocketAddr,
+    identity: &SpiffeId,
+    ctx: &'a ProxyContext,
+) -> Option<(&'a Splicer, same_node::Ends<'a>)> {
+    let splicer = ctx.splicer.as_ref()?;
+    let destination = ctx
+        .directory
+        .node()
+        .enrolled
+        .iter()
+        .find(|w| w.addresses.contains(&endpoint.ip().to_canonical()))?
+        .clone();
+    let destination_id = destination.svid.as_ref()?.get()?.id().clone();
+    let source_id = source.svid.as_ref()?.get()?.id().clone();
+    (destination_id == *identity).then_some((
+        splicer,
+        same_node::Ends {
+            source,
+            source_id,
+            destination,
+            destination_id,
+            endpoint,
+        },
+    ))
 }
 
 /// What the application has sent already (a client that speaks first usually has, by the time
@@ -143,11 +180,3 @@ fn sent_already(app: &TcpStream) -> Option<Bytes> {
 
 /// At most this much goes with the CONNECT; the rest flows through the relay.
 const FIRST_BYTES: usize = 16 << 10;
-
-/// Resets a captured connection that was never relayed, counts it, and writes its access-log
-/// line.
-fn refuse(record: &AccessRecord<'_>, app: TcpStream, close: CloseReason, ctx: &ProxyContext) {
-    reset(app);
-    ctx.metrics.outbound_refused(close.as_str());
-    log_access(record, &RelayOutcome::refused(close));
-}

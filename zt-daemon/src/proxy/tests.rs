@@ -160,6 +160,7 @@ impl Bed {
             dsts: Box::new(RecordedDsts(dsts.clone())),
             directory: MeshDirectory::default(),
             egress: std::sync::RwLock::new(Arc::new(egress)),
+            splicer: None,
             tunnel: Some(Tunnel {
                 trust: trust.clone(),
                 handshake_timeout: WAIT,
