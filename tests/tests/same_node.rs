@@ -87,7 +87,12 @@ fn spliced_connection_carries_both_directions_intact_without_the_agent_copying()
             Duration::from_secs(30),
         )
         .unwrap()
-        .unwrap_or_else(|e| panic!("duplex transfer over {dst} failed: {e}"));
+        .unwrap_or_else(|e| {
+            panic!(
+                "duplex transfer over {dst} failed: {e}\n{}",
+                n.agent.log_tail()
+            )
+        });
         intact(&r, 128 * MIB);
         assert_eq!(r["received"].as_u64(), Some(128 * MIB), "{r}");
         assert_eq!(
@@ -227,4 +232,98 @@ fn policy_refuses_and_closes_spliced_connections() {
         closed.is_err(),
         "the closed connection still got a reply: {closed:?}"
     );
+}
+
+#[test]
+fn connections_that_half_close_before_the_splice_are_copied_intact() {
+    let n = node(false);
+    let (p11, p12) = (n.bed.pod(1, 1), n.bed.pod(1, 2));
+    let dst = SocketAddr::new(p12.ip(false), PORT);
+    // Each sends 100 bytes and half-closes at once: usually before the agent splices, when the
+    // kernel no longer takes the socket. Each still gets the server's reply.
+    let count = 50;
+    let completed = zt_tests::probe::churn(&n.bed, p11, dst, count, 100).unwrap();
+    assert_eq!(completed, count as u64);
+    n.server.expect_connections(count).unwrap();
+    let records = n.agent.access_records().unwrap();
+    let inbound: Vec<_> = records
+        .iter()
+        .filter(|r| r["direction"] == "inbound")
+        .collect();
+    assert_eq!(inbound.len(), count, "{inbound:?}");
+    for r in inbound {
+        assert_eq!(r["bytes_sent"].as_u64(), Some(100), "{r}");
+        assert_eq!(r["close"], "eof", "{r}");
+        assert_eq!(r["connection_security_policy"], "node_local", "{r}");
+    }
+}
+
+/// `(Send-Q, bytes_acked)` of `pod`'s connection to its agent's outbound listener, from `ss`.
+fn client_send_state(bed: &Testbed, pod: &zt_tests::Pod) -> anyhow::Result<Option<(u64, u64)>> {
+    let out = bed
+        .pod_command(pod, "ss")?
+        .args(["-tniH", "state", "established", "dport", "= :15001"])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut lines = text.lines();
+    let Some(socket) = lines.next() else {
+        return Ok(None);
+    };
+    let send_q = socket
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok());
+    let acked = lines
+        .next()
+        .into_iter()
+        .flat_map(str::split_whitespace)
+        .find_map(|f| f.strip_prefix("bytes_acked:"))
+        .and_then(|v| v.parse().ok());
+    Ok(send_q.zip(acked.or(Some(0))))
+}
+
+#[test]
+fn a_destination_that_does_not_read_holds_its_source_back() {
+    let mut n = node(false);
+    let (p11, p12) = (n.bed.pod(1, 1).clone(), n.bed.pod(1, 2).clone());
+    let port = PORT + 2;
+    let mut stall = n
+        .bed
+        .pod_command(&p12, zt_tests::bin_path("zt-probe").unwrap())
+        .unwrap();
+    stall.args(["stall", "--listen", &format!("0.0.0.0:{port}")]);
+    n.bed.spawn(stall, "stall.log").unwrap();
+    n.server.expect_connections(0).unwrap();
+    // 1 GiB at a server that never reads: without a bound the kernel's redirect queue would take
+    // it all. The client runs until the test bed stops it.
+    let mut client = n
+        .bed
+        .pod_command(&p11, zt_tests::bin_path("zt-probe").unwrap())
+        .unwrap();
+    let dst = SocketAddr::new(p12.ip(false), port);
+    client.args([
+        "connect",
+        "--to",
+        &dst.to_string(),
+        "--bytes",
+        &(1024 * MIB).to_string(),
+    ]);
+    n.bed.spawn(client, "client.log").unwrap();
+    // The client's sends back up (its send queue holds bytes) and what the agent's socket took
+    // stops growing.
+    let mut last = None;
+    zt_tests::wait_until(Duration::from_secs(30), || {
+        let state = client_send_state(&n.bed, &p11)?;
+        let still = matches!((last, state), (Some((_, a)), Some((q, b))) if q > 0 && a == b);
+        last = state;
+        Ok(still)
+    })
+    .unwrap_or_else(|e| panic!("the client never stalled ({last:?}): {e}"));
+    let (_, acked) = last.unwrap();
+    assert!(
+        acked < 96 * MIB,
+        "the splice absorbed {acked} bytes for a destination that reads nothing"
+    );
+    let read = agent_read_bytes(&n.agent);
+    assert!(read < 16 * MIB, "the agent copied ({read} bytes read)");
 }

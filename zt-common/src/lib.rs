@@ -39,7 +39,13 @@ pub mod map_names {
     pub const SPLICE_TARGETS: &str = "ZT_SPLICE_TARGETS";
     /// `SpliceLink` of each spliced socket, by socket cookie.
     pub const SPLICE_LINKS: &str = "ZT_SPLICE_LINKS";
+    /// Ring buffer of socket cookies (u64): a spliced socket forwarded another
+    /// `SPLICE_PRESSURE_STEP` bytes, time for the agent to check how far its peer lags.
+    pub const SPLICE_PRESSURE: &str = "ZT_SPLICE_PRESSURE";
 }
+
+/// See `map_names::SPLICE_PRESSURE`: a power of two.
+pub const SPLICE_PRESSURE_STEP: u64 = 1 << 20;
 
 /// Value of the SPLICE_LINKS map: where a spliced socket's received bytes go, and how many went.
 #[repr(C)]
@@ -49,6 +55,8 @@ pub struct SpliceLink {
     pub peer: u64,
     /// Bytes redirected to `peer` so far (written by the program only).
     pub bytes: u64,
+    /// Bytes the program could not redirect (the peer left the map): the connection is broken.
+    pub dropped: u64,
 }
 
 /// A TCP endpoint as the programs store it. Addresses are in network byte order exactly as the

@@ -188,6 +188,9 @@ impl Agent {
         }
         #[cfg(not(feature = "jemalloc"))]
         tokio::spawn(crate::memory::return_freed_memory());
+        if let Some(splicer) = &self.proxy.splicer {
+            tokio::spawn(splicer.clone().watch_pressure());
+        }
         self.reconcile().await;
         // Pods a previous agent enrolled that are no longer configured go now.
         self.reconcile_capture().await;

@@ -37,13 +37,13 @@ use aya_ebpf::{
         bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_sk_lookup_tcp, bpf_sk_release,
     },
     macros::{cgroup_sock, cgroup_sock_addr, map, sk_lookup, sock_ops, stream_verdict},
-    maps::{Array, HashMap, LruHashMap, SockHash},
+    maps::{Array, HashMap, LruHashMap, RingBuf, SockHash},
     programs::{SkBuffContext, SkLookupContext, SockAddrContext, SockContext, SockOpsContext},
 };
 use aya_log_ebpf::{debug, warn};
 use zt_common::{
-    AF_INET, AF_INET6, ConnKey, EnrolledPod, HBONE_PORT, OUTBOUND_PORT, PodPortKey, SockAddr,
-    SpliceLink, is_agent_port, pod_flags, port_kinds, settings,
+    AF_INET, AF_INET6, ConnKey, EnrolledPod, HBONE_PORT, OUTBOUND_PORT, PodPortKey,
+    SPLICE_PRESSURE_STEP, SockAddr, SpliceLink, is_agent_port, pod_flags, port_kinds, settings,
 };
 
 const SOCK_STREAM: u32 = 1;
@@ -103,6 +103,10 @@ static SPLICE_SOURCES: SockHash<u64> = SockHash::with_max_entries(65536, 0);
 static SPLICE_TARGETS: SockHash<u64> = SockHash::with_max_entries(65536, 0);
 #[map(name = "ZT_SPLICE_LINKS")]
 static SPLICE_LINKS: HashMap<u64, SpliceLink> = HashMap::with_max_entries(65536, 0);
+/// Socket cookies, each time one forwarded another `SPLICE_PRESSURE_STEP` bytes: the redirect
+/// queue has no bound of its own, so the agent checks the peer keeps up (`capture::splice`).
+#[map(name = "ZT_SPLICE_PRESSURE")]
+static SPLICE_PRESSURE: RingBuf = RingBuf::with_byte_size(64 * 1024, 0);
 
 #[inline(always)]
 fn setting(index: u32) -> u64 {
@@ -580,13 +584,28 @@ pub fn zt_splice(ctx: SkBuffContext) -> u32 {
         return sk_action::SK_PASS;
     };
     // SAFETY: pointer from a successful lookup. One socket's verdicts run one at a time (under
-    // the socket's lock), and only they write its link's count.
-    let mut peer = unsafe {
-        (*link).bytes += u64::from(ctx.len());
-        (*link).peer
-    };
-    // Egress of the peer socket; SK_DROP if the peer is gone (the connection is closing).
-    SPLICE_TARGETS.redirect_skb(&ctx, &mut peer, 0) as u32
+    // the socket's lock), and only they write its link.
+    let link = unsafe { &mut *link };
+    let len = u64::from(ctx.len());
+    if len == 0 {
+        // A bare FIN stays with its socket, where the agent reads the end. Sent out of the peer
+        // as an empty segment it would be an error that breaks the peer's redirect queue.
+        return sk_action::SK_PASS;
+    }
+    let mut peer = link.peer;
+    // Egress of the peer socket; SK_DROP if the peer left the map (it closed).
+    let verdict = SPLICE_TARGETS.redirect_skb(&ctx, &mut peer, 0) as u32;
+    if verdict != sk_action::SK_PASS {
+        link.dropped += len;
+        return verdict;
+    }
+    let before = link.bytes;
+    link.bytes = before + len;
+    if before / SPLICE_PRESSURE_STEP != link.bytes / SPLICE_PRESSURE_STEP {
+        // A full ring only delays the check to the next step.
+        let _ = SPLICE_PRESSURE.output(&cookie, 0);
+    }
+    verdict
 }
 
 #[cfg(not(test))]

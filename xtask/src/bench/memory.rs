@@ -255,8 +255,8 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
     let ca = bed.dir.join("ca");
     ca_init(&ca)?;
     let configs = [
-        mesh_config(&bed, 1, &[&client], &[&server], &ca),
-        mesh_config(&bed, 2, &[&server], &[&client], &ca),
+        mesh_config(&bed, 1, &[&client], &[&server], &ca, "tunnel"),
+        mesh_config(&bed, 2, &[&server], &[&client], &ca, "tunnel"),
     ];
     start_servers(&mut bed, &server)?;
     placement::as_server(|| {

@@ -91,15 +91,18 @@ pub fn ensure_measured(path: &str, what: &str, value: f64) -> anyhow::Result<()>
 }
 
 /// The config of node `n`'s agent in the benchmarks: `enrolled` pods meshed with `remote` ones
-/// (strict mTLS, the built-in CA in `ca`), quiet logs, and room for 10 000 idle connections.
+/// (strict mTLS, the built-in CA in `ca`, same-node connections as `same_node` says), quiet logs,
+/// and room for 10 000 idle connections.
 pub fn mesh_config(
     bed: &zt_tests::Testbed,
     n: usize,
     enrolled: &[&zt_tests::Pod],
     remote: &[&zt_tests::Pod],
     ca: &std::path::Path,
+    same_node: &'static str,
 ) -> String {
     zt_tests::agent::meshed_config(bed.node(n), enrolled, remote, ca, MtlsMode::Strict)
+        .same_node(same_node)
         // 10 000 idle connections fill 100 pooled HBONE connections: they close 5 s after the
         // burst rather than 60 s, so descriptors and memory come back within the bench's wait.
         .pool_idle_seconds(5)

@@ -13,7 +13,7 @@ use super::{
     ensure_measured,
     load::{IDLE_PORT, Latency, Route, connection_rate, idle_memory, iperf, round_trips},
     report::report,
-    topology::{SERVICE_NAME, SERVICE_NAMESPACE, ServiceRoute, Topology},
+    topology::{CROSS_NODE_ROUTE, SERVICE_NAME, SERVICE_NAMESPACE, ServiceRoute, Topology},
     use_release_binaries,
 };
 
@@ -187,7 +187,7 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
                 budget,
             )?);
             // Right after zt cross-node, whose last figure is its own new connections.
-            if i == 2 {
+            if i == CROSS_NODE_ROUTE {
                 let service = &topology.service;
                 println!("round {round}/{}: {}", budget.rounds, service.name);
                 service_rounds.push(service_rate_checked(

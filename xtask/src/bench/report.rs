@@ -22,8 +22,8 @@ pub fn report(
     budget: &Budget,
     took: Duration,
 ) -> anyhow::Result<String> {
-    let [direct, _same_node, cross, haproxy] = results else {
-        bail!("four paths expected");
+    let [direct, direct_same, _tunnel_same, spliced, cross, haproxy] = results else {
+        bail!("six paths expected");
     };
     let mut md = String::new();
     writeln!(md, "## Data path (issue 8)\n")?;
@@ -40,7 +40,12 @@ pub fn report(
         md,
         "Topology: two node namespaces joined by a veth pair, pods on bridges.\n\
          - direct TCP: pod n1p2 to pod n2p2, neither enrolled;\n\
-         - zt same-node: n1p1 to n1p3, both enrolled on node 1 (one agent);\n\
+         - direct TCP same-node: n2p2 to n2p4, both on node 2, neither enrolled;\n\
+         - zt same-node, HBONE: n1p1 to n1p3, both enrolled on node 1, whose agent keeps TLS for \
+         same-node connections (`mtls.same_node = \"tunnel\"`);\n\
+         - zt same-node, spliced: n2p3 to n2p1, both enrolled on node 2, whose agent splices them \
+         in the kernel (`mtls.same_node = \"splice\"`); the kernel moves the bytes, so there is no \
+         proxy process to take CPU from;\n\
          - zt cross-node: n1p1 to n2p1, captured by eBPF on both nodes and carried over a pooled \
          HBONE connection (HTTP/2 CONNECT over mutual TLS 1.3, rustls with aws-lc-rs, P-256);\n\
          - HAProxy mTLS pair: n1p2 dials node 1's HAProxy (TCP mode), which opens mutual TLS 1.3 \
@@ -188,5 +193,65 @@ pub fn report(
         largest.connections,
         holds(per_conn <= 20.0)
     )?;
+    issue_20_targets(
+        &mut md,
+        [direct, direct_same, spliced, cross, haproxy],
+        per_conn,
+    )?;
     Ok(md)
+}
+
+/// The targets of issue 20 (data path II), from the same run.
+fn issue_20_targets(
+    md: &mut String,
+    [direct, direct_same, spliced, cross, haproxy]: [&Figures; 5],
+    idle_kib: f64,
+) -> anyhow::Result<()> {
+    let cpu = match (cross.proxy_cpu_s_per_gib, haproxy.proxy_cpu_s_per_gib) {
+        (Some(zt), Some(h)) => zt / h,
+        _ => bail!("proxy CPU missing for zt cross-node or HAProxy"),
+    };
+    let rows = [
+        (
+            "proxy CPU per GiB, cross-node ≤ 0.6× the HAProxy pair's".to_owned(),
+            format!("{cpu:.2}×"),
+            cpu <= 0.6,
+        ),
+        (
+            "cross-node single stream ≥ 0.40× direct".to_owned(),
+            format!("{:.2}×", cross.gbit_1 / direct.gbit_1),
+            cross.gbit_1 / direct.gbit_1 >= 0.40,
+        ),
+        (
+            "cross-node single stream ≥ 2× the HAProxy pair".to_owned(),
+            format!("{:.2}×", cross.gbit_1 / haproxy.gbit_1),
+            cross.gbit_1 / haproxy.gbit_1 >= 2.0,
+        ),
+        (
+            "same-node spliced single stream ≥ 0.8× direct same-node".to_owned(),
+            format!("{:.2}×", spliced.gbit_1 / direct_same.gbit_1),
+            spliced.gbit_1 / direct_same.gbit_1 >= 0.8,
+        ),
+        (
+            "same-node spliced added 1 KiB p50 ≤ 20 µs (to direct same-node)".to_owned(),
+            format!("{:+.0} µs", spliced.rr_1k.p50 - direct_same.rr_1k.p50),
+            spliced.rr_1k.p50 - direct_same.rr_1k.p50 <= 20.0,
+        ),
+        (
+            "new connections/s cross-node ≥ 0.6× direct".to_owned(),
+            format!("{:.2}×", cross.conns_per_s / direct.conns_per_s),
+            cross.conns_per_s / direct.conns_per_s >= 0.6,
+        ),
+        (
+            "idle connection ≤ 10 KiB at 10 000".to_owned(),
+            format!("{idle_kib:.1} KiB"),
+            idle_kib <= 10.0,
+        ),
+    ];
+    writeln!(md, "\n| target (issue 20, same run) | value | holds |")?;
+    writeln!(md, "| --- | ---: | --- |")?;
+    for (target, value, ok) in rows {
+        writeln!(md, "| {target} | {value} | {} |", holds(ok))?;
+    }
+    Ok(())
 }

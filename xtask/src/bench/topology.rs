@@ -46,22 +46,36 @@ pub struct Topology {
     pub bed: Testbed,
     /// Agents of node 1 and node 2.
     pub agents: [Agent; 2],
-    /// Direct TCP, zt same-node, zt cross-node, HAProxy pair.
-    pub routes: [Route; 4],
+    /// In the order [`CROSS_NODE_ROUTE`] names.
+    pub routes: [Route; 6],
     /// zt cross-node's server behind a Service ClusterIP.
     pub service: ServiceRoute,
     /// etcd and kube-apiserver, the Service's source (the agents watch it).
     pub cluster: Cluster,
 }
 
+/// Where zt cross-node is in `Topology::routes`, whose order (measured and reported) is: direct
+/// TCP, direct TCP same-node, zt same-node over HBONE, zt same-node spliced, zt cross-node,
+/// HAProxy pair.
+pub const CROSS_NODE_ROUTE: usize = 4;
+
 impl Topology {
     pub fn start() -> anyhow::Result<Self> {
-        let mut bed = Testbed::new(3)?;
+        let mut bed = Testbed::new(4)?;
         let pod = |n, p| bed.pod(n, p).clone();
-        // n1p1 -> n1p3 (same node) and n1p1 -> n2p1 (cross-node) are meshed; n1p2 -> n2p2 is
-        // direct TCP, and n1p2 -> HAProxy pair -> n2p2 the reference.
-        let (n1p1, n1p2, n1p3, n2p1, n2p2) =
-            (pod(1, 1), pod(1, 2), pod(1, 3), pod(2, 1), pod(2, 2));
+        // n1p1 -> n1p3 (same node, HBONE: node 1 keeps TLS for same-node connections),
+        // n2p3 -> n2p1 (same node, spliced: node 2 splices them) and n1p1 -> n2p1 (cross-node)
+        // are meshed; n1p2 -> n2p2 and n2p2 -> n2p4 are direct TCP across and within a node, and
+        // n1p2 -> HAProxy pair -> n2p2 the reference.
+        let (n1p1, n1p2, n1p3, n2p1, n2p2, n2p3, n2p4) = (
+            pod(1, 1),
+            pod(1, 2),
+            pod(1, 3),
+            pod(2, 1),
+            pod(2, 2),
+            pod(2, 3),
+            pod(2, 4),
+        );
         let ca = bed.dir.join("ca");
         ca_init(&ca)?;
         let (cluster, service_vip) = start_cluster(&mut bed, &n2p1)?;
@@ -74,18 +88,18 @@ impl Topology {
             creds.kubeconfig.display(),
             no_netns.display()
         );
-        let config = |n, enrolled: &[&Pod], remote: &[&Pod]| {
-            mesh_config(&bed, n, enrolled, remote, &ca) + &discovery
+        let config = |n, enrolled: &[&Pod], remote: &[&Pod], same_node| {
+            mesh_config(&bed, n, enrolled, remote, &ca, same_node) + &discovery
         };
         let (c1, c2) = (
-            config(1, &[&n1p1, &n1p3], &[&n2p1]),
-            config(2, &[&n2p1], &[&n1p1, &n1p3]),
+            config(1, &[&n1p1, &n1p3], &[&n2p1, &n2p3], "tunnel"),
+            config(2, &[&n2p1, &n2p3], &[&n1p1, &n1p3], "splice"),
         );
         let a1 = Agent::start_with_config(&mut bed, 1, &c1)?;
         let a2 = Agent::start_with_config(&mut bed, 2, &c2)?;
         let haproxy =
             HaproxyPair::start(&mut bed, &ca, &[IPERF_PORT, CHURN_PORT, ECHO_PORT], &n2p2)?;
-        for server in [&n1p3, &n2p1, &n2p2] {
+        for server in [&n1p3, &n2p1, &n2p2, &n2p4] {
             start_servers(&mut bed, server)?;
         }
         placement::as_server(|| {
@@ -108,11 +122,27 @@ impl Topology {
                 agents: vec![],
             },
             Route {
-                name: "zt same-node",
+                name: "direct TCP same-node",
+                from: n2p2.clone(),
+                to: n2p4.ipv4.into(),
+                proxies: vec![],
+                agents: vec![],
+            },
+            Route {
+                name: "zt same-node, HBONE",
                 from: n1p1.clone(),
                 to: n1p3.ipv4.into(),
                 proxies: vec![a1.pid],
                 agents: vec![0],
+            },
+            // The kernel moves the bytes (softirq and the socket map's worker), not a proxy
+            // process: no proxy CPU figure.
+            Route {
+                name: "zt same-node, spliced",
+                from: n2p3,
+                to: n2p1.ipv4.into(),
+                proxies: vec![],
+                agents: vec![1],
             },
             Route {
                 name: "zt cross-node",
@@ -139,7 +169,7 @@ impl Topology {
     }
 
     pub fn cross_node(&self) -> &Route {
-        &self.routes[2]
+        &self.routes[CROSS_NODE_ROUTE]
     }
 }
 

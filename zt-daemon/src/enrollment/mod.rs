@@ -95,6 +95,9 @@ pub struct LocalWorkload {
     pub svid: Option<SvidSlot>,
     /// One permit per open captured connection (`limits.max_connections_per_workload`).
     connection_permits: Arc<tokio::sync::Semaphore>,
+    /// Set when the workload is removed: connections served outside its own tasks (spliced
+    /// same-node connections, which the source's task serves) close.
+    removed: tokio::sync::watch::Sender<bool>,
 }
 
 impl LocalWorkload {
@@ -113,7 +116,14 @@ impl LocalWorkload {
             sockets,
             svid,
             connection_permits: Arc::new(tokio::sync::Semaphore::new(max_connections)),
+            removed: tokio::sync::watch::channel(false).0,
         }
+    }
+
+    /// Resolves once the workload is removed.
+    pub async fn removed(&self) {
+        let mut removed = self.removed.subscribe();
+        let _ = removed.wait_for(|r| *r).await;
     }
 
     /// Connects to `dst` from inside the workload's pod, as the agent.
@@ -320,6 +330,7 @@ impl Enrollment {
 
     /// Closes the workload's listeners and connections and removes every trace from the kernel.
     pub async fn remove(self, capture: &mut Capture) -> Result<(), CaptureError> {
+        self.local.removed.send_replace(true);
         for task in &self.tasks {
             task.abort();
         }

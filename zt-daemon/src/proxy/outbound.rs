@@ -12,10 +12,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::warn;
 
 use crate::{
-    capture::Splicer,
     copy::CloseReason,
     enrollment::LocalWorkload,
-    identity::spiffe::SpiffeId,
     proxy::{
         AccessRecord, Admission, Direction, Identities, ProxyContext, accept_loop, access,
         relay_and_log,
@@ -74,8 +72,10 @@ async fn handle(app: TcpStream, peer: SocketAddr, workload: &LocalWorkload, ctx:
     };
     match (plan.route, &ctx.tunnel) {
         (Route::Tunnel { endpoint, identity }, Some(tunnel)) => {
-            if let Some((splicer, ends)) = same_node(workload, endpoint, &identity, ctx) {
-                return same_node::serve(app, ends, plain, splicer, ctx).await;
+            if let Some(splicer) = &ctx.splicer
+                && let Some(ends) = same_node::Ends::find(workload, endpoint, &identity, ctx)
+            {
+                return same_node::serve(app, ends, plain, splicer, tunnel, ctx).await;
             }
             let first = sent_already(&app);
             match open_tunnel(workload, tunnel, endpoint, &identity, first.as_ref()).await {
@@ -133,36 +133,6 @@ async fn handle(app: TcpStream, peer: SocketAddr, workload: &LocalWorkload, ctx:
             }
         }
     }
-}
-
-/// The splicer and both ends, when `endpoint` is a workload enrolled on this node with the
-/// identity the directory gives it, and same-node connections are spliced.
-fn same_node<'a>(
-    source: &'a LocalWorkload,
-    endpoint: SocketAddr,
-    identity: &SpiffeId,
-    ctx: &'a ProxyContext,
-) -> Option<(&'a Splicer, same_node::Ends<'a>)> {
-    let splicer = ctx.splicer.as_ref()?;
-    let destination = ctx
-        .directory
-        .node()
-        .enrolled
-        .iter()
-        .find(|w| w.addresses.contains(&endpoint.ip().to_canonical()))?
-        .clone();
-    let destination_id = destination.svid.as_ref()?.get()?.id().clone();
-    let source_id = source.svid.as_ref()?.get()?.id().clone();
-    (destination_id == *identity).then_some((
-        splicer,
-        same_node::Ends {
-            source,
-            source_id,
-            destination,
-            destination_id,
-            endpoint,
-        },
-    ))
 }
 
 /// What the application has sent already (a client that speaks first usually has, by the time

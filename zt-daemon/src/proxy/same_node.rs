@@ -1,31 +1,85 @@
 //! Same-node connections under `mtls.same_node = "splice"`: the destination is a meshed pod
-//! enrolled on this node, so this agent is both ends' agent. It authorizes the connection as the
-//! destination's inbound side would, with the source's identity (the one it issued to the pod it
-//! accepted the connection from), connects to the application from inside the destination pod,
-//! and splices its two sockets in the kernel (`capture::Splicer`, `crate::splice`). Both sides
-//! get their access record and metrics, as for a tunnelled connection, with
-//! `connection_security_policy = node_local`.
-use std::{net::SocketAddr, sync::Arc, time::Instant};
+//! enrolled on this node, so this agent is both ends' agent. It checks both workloads'
+//! certificates as a TLS handshake would (unexpired, not revoked), authorizes the connection as
+//! the destination's inbound side would with the source's identity (the one it issued to the pod
+//! it accepted the connection from), connects to the application from inside the destination
+//! pod, and splices its two sockets in the kernel (`capture::Splicer`, `crate::splice`). A
+//! connection the kernel cannot splice (one that already half-closed) is copied like any other.
+//! It closes when a policy update denies it, either certificate is revoked, or the destination
+//! is removed. Both sides get their access record and metrics, as for a tunnelled connection,
+//! with `connection_security_policy = node_local`.
+use std::{future::pending, net::SocketAddr, sync::Arc, time::Instant};
 
 use tokio::net::TcpStream;
-use tracing::warn;
+use tracing::{debug, warn};
+use zt_common::is_agent_port;
 
-use super::{AccessRecord, Identities, ProxyContext, access, authorize, log_access, reset};
+use super::{AccessRecord, Identities, ProxyContext, access, authorize, log_access};
 use crate::{
     capture::Splicer,
-    copy::{CloseReason, RelayOutcome},
+    copy::{self, CloseReason, RelayOutcome},
     enrollment::LocalWorkload,
-    identity::spiffe::SpiffeId,
+    identity::{spiffe::SpiffeId, svid::Svid},
+    tunnel::{Tunnel, session::SessionCertificates},
 };
 
 /// The two ends of a same-node connection, as the outbound side found them.
 pub(super) struct Ends<'a> {
-    pub source: &'a LocalWorkload,
-    pub source_id: SpiffeId,
-    pub destination: Arc<LocalWorkload>,
-    pub destination_id: SpiffeId,
+    source: &'a LocalWorkload,
+    source_svid: Svid,
+    destination: Arc<LocalWorkload>,
+    destination_svid: Svid,
     /// The destination address (the application's), after Service resolution.
-    pub endpoint: SocketAddr,
+    endpoint: SocketAddr,
+}
+
+impl<'a> Ends<'a> {
+    /// Both ends, when `endpoint` is a workload enrolled on this node with the identity the
+    /// directory gives it (`identity`), both have certificates, and the port is the
+    /// application's (a connection to an agent port takes the tunnel, which refuses it).
+    pub fn find(
+        source: &'a LocalWorkload,
+        endpoint: SocketAddr,
+        identity: &SpiffeId,
+        ctx: &ProxyContext,
+    ) -> Option<Self> {
+        if is_agent_port(endpoint.port()) {
+            return None;
+        }
+        let ip = endpoint.ip().to_canonical();
+        let destination = ctx
+            .directory
+            .node()
+            .enrolled
+            .iter()
+            .find(|w| w.addresses.contains(&ip))?
+            .clone();
+        let destination_svid = destination.svid.as_ref()?.get()?;
+        let source_svid = source.svid.as_ref()?.get()?;
+        (destination_svid.id() == identity).then_some(Self {
+            source,
+            source_svid,
+            destination,
+            destination_svid,
+            endpoint,
+        })
+    }
+
+    fn identities(&self) -> Identities {
+        Identities {
+            source: Some(self.source_svid.id().clone()),
+            destination: Some(self.destination_svid.id().clone()),
+        }
+    }
+
+    /// The certificates the connection stands on, as a tunnel session's (the destination's
+    /// is the local side).
+    fn certificates(&self) -> SessionCertificates {
+        SessionCertificates {
+            local: (&self.destination_svid).into(),
+            peer: (&self.source_svid).into(),
+        }
+    }
 }
 
 /// Serves one same-node connection accepted from `app`; `outbound` is its source-side record.
@@ -34,19 +88,24 @@ pub(super) async fn serve(
     ends: Ends<'_>,
     outbound: AccessRecord<'_>,
     splicer: &Splicer,
+    tunnel: &Tunnel,
     ctx: &ProxyContext,
 ) {
     let started = Instant::now();
-    let identities = || Identities {
-        source: Some(ends.source_id.clone()),
-        destination: Some(ends.destination_id.clone()),
-    };
     let outbound = AccessRecord {
-        identities: identities(),
+        identities: ends.identities(),
         peer_workload: Some(ends.destination.workload.id.clone()),
         spliced: true,
         ..outbound
     };
+    // What a TLS handshake between the two would have refused.
+    let certificates = ends.certificates();
+    if let Err(why) = certificates.check(&tunnel.trust.current(), std::time::SystemTime::now()) {
+        ctx.metrics.handshake_failed(why.reason());
+        warn!(workload = %ends.source.workload.id, original_dst = %ends.endpoint, reason = %why, "same-node connection refused: {why}");
+        access::refuse(&outbound, app, CloseReason::TunnelFailed, ctx);
+        return;
+    }
     // The destination sees the source pod's address, as the tunnel's inbound side would.
     let source_ip = ends
         .source
@@ -61,7 +120,7 @@ pub(super) async fn serve(
         &ends.destination,
         SocketAddr::new(source_ip, outbound.peer.port()),
         ends.endpoint,
-        identities(),
+        ends.identities(),
         Some(ends.source.workload.id.clone()),
         started,
     );
@@ -76,7 +135,7 @@ pub(super) async fn serve(
     }
     // The connection counts against the destination's limit, as its tunnel stream would.
     let Some(_permit) = ends.destination.connection_permit() else {
-        warn!(workload = %ends.destination.workload.id, source_identity = %ends.source_id, "same-node connection refused: the destination is at max_connections_per_workload");
+        warn!(workload = %ends.destination.workload.id, source_identity = %ends.source_svid.id(), "same-node connection refused: the destination is at max_connections_per_workload");
         access::refuse(&outbound, app, CloseReason::TunnelRefused, ctx);
         return;
     };
@@ -89,21 +148,44 @@ pub(super) async fn serve(
             return;
         }
     };
-    let splice = match splicer.splice(&app, &upstream) {
-        Ok(s) => s,
-        Err(e) => {
-            // A failed splice has removed what it inserted; the sockets close here.
-            warn!(workload = %ends.source.workload.id, original_dst = %ends.endpoint, error = %e, "same-node: splicing failed");
-            reset(upstream);
-            access::refuse(&outbound, app, CloseReason::TunnelFailed, ctx);
-            return;
+    let interrupt = async {
+        tokio::select! {
+            reason = denied_later => reason,
+            reason = revoked(&certificates, tunnel) => reason,
+            () = ends.destination.removed() => CloseReason::UpstreamReset,
         }
     };
     outbound.count(&ctx.metrics, None);
     inbound.count(&ctx.metrics, None);
-    let outcome = crate::splice::relay(app, upstream, splice, ctx.idle_timeout, denied_later).await;
+    let outcome = match splicer.splice(&app, &upstream) {
+        Ok(splice) => {
+            crate::splice::relay(app, upstream, splice, ctx.idle_timeout, interrupt).await
+        }
+        Err(e) => {
+            // Most often the application already half-closed (the kernel splices only
+            // established sockets): copy it instead. A failed splice removed what it inserted.
+            debug!(workload = %ends.source.workload.id, original_dst = %ends.endpoint, error = %e, "same-node: not spliced, copied");
+            copy::relay(app, upstream, ctx.idle_timeout, interrupt).await
+        }
+    };
     for record in [&outbound, &inbound] {
         record.count(&ctx.metrics, Some(&outcome));
         log_access(record, &outcome);
     }
+}
+
+/// Resolves when a trust update revokes either certificate (or they no longer chain to their
+/// bundle), as it would close a tunnel connection.
+async fn revoked(certificates: &SessionCertificates, tunnel: &Tunnel) -> CloseReason {
+    let mut changes = tunnel.trust.subscribe();
+    while changes.changed().await.is_ok() {
+        let trust = changes.borrow_and_update().clone();
+        if let Err(why) = certificates.check(&trust, std::time::SystemTime::now())
+            && why.closes_now()
+        {
+            warn!(close = "policy", reason = %why, "same-node connection closed: {why}");
+            return CloseReason::Policy;
+        }
+    }
+    pending().await
 }

@@ -61,6 +61,15 @@ pub enum Retired {
 }
 
 impl Retired {
+    /// The `zt_tls_handshake_failures_total` reason a handshake refused for this gets.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Expired { .. } => "expired",
+            Self::Revoked { .. } => "revoked",
+            Self::Untrusted { .. } => "untrusted_issuer",
+        }
+    }
+
     /// Whether the connection must close now (not just take no new streams).
     pub fn closes_now(&self) -> bool {
         matches!(self, Self::Revoked { .. } | Self::Untrusted { .. })

@@ -135,6 +135,11 @@ enum Cmd {
         #[arg(long)]
         listen: SocketAddr,
     },
+    /// Accepts connections and never reads from them (a destination that does not keep up).
+    Stall {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
     /// `workers` threads, each until `duration_ms` has passed: connect, stream 4 KiB writes for
     /// `hold_ms`, close; after a failure wait 10 ms. Prints one summary with the Unix times (ms)
     /// of every successful and failed connect.
@@ -268,6 +273,18 @@ fn main() {
                 std::process::exit(1);
             }
         },
+        Cmd::Stall { listen } => {
+            let held = std::net::TcpListener::bind(listen).map(|listener| {
+                listener
+                    .incoming()
+                    .filter_map(Result::ok)
+                    .collect::<Vec<_>>()
+            });
+            if let Err(e) = held {
+                eprintln!("zt-probe stall {listen}: {e}");
+                std::process::exit(1);
+            }
+        }
         Cmd::Tally { listen } => {
             if let Err(e) = tally(listen) {
                 eprintln!("zt-probe tally {listen}: {e}");
