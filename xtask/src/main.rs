@@ -70,6 +70,17 @@ enum BenchCmd {
     /// Criterion and a counting allocator: the mesh directory at 100 000 pods (initial list,
     /// watch events, lookups, memory per pod, event-to-lookup latency).
     Directory,
+    /// Proxy CPU per GiB and syscalls per MiB, zt cross-node against the HAProxy pair only.
+    Cpu {
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// iperf3 seconds per run.
+        #[arg(long, default_value_t = 3)]
+        seconds: u64,
+        /// Other builds' zt-daemon and zt-probe (directories), measured in the same run.
+        #[arg(long)]
+        compare: Vec<std::path::PathBuf>,
+    },
     /// perf profiles of zt cross-node: one iperf3 stream, 1 KiB round trips, new connections.
     Profile,
     /// The agent's allocator, jemalloc against glibc's malloc: idle RSS per connection, RSS
@@ -238,6 +249,22 @@ fn main() -> anyhow::Result<()> {
             what: Some(BenchCmd::Directory),
             ..
         } => bench::directory::run(),
+        Cmd::Bench {
+            what:
+                Some(BenchCmd::Cpu {
+                    rounds,
+                    seconds,
+                    compare,
+                }),
+            ..
+        } => {
+            zt_tests::require_root()?;
+            bench::cpu::run(&bench::cpu::Options {
+                rounds,
+                seconds,
+                compare,
+            })
+        }
         Cmd::Bench {
             what: Some(BenchCmd::Profile),
             ..

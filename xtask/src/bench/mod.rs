@@ -1,7 +1,9 @@
-//! Benchmarks, run as `cargo xtask bench [micro|policy|crypto|directory]` with release builds;
-//! each writes its own section of BENCHMARKS.md. `paths` is the data path benchmark (the
-//! default), `haproxy` its reference proxy; micro, policy and directory run benchmarks in
+//! Benchmarks, run as `cargo xtask bench [micro|policy|crypto|directory|cpu]` with release
+//! builds; each writes its own section of BENCHMARKS.md (`cpu` only prints). `paths` is the data
+//! path benchmark (the default), `haproxy` its reference proxy, `cpu` the proxies' per-byte cost
+//! on two of its paths; micro, policy and directory run benchmarks in
 //! zt-daemon/benches, crypto the provider comparison in crypto-bench/.
+pub mod cpu;
 pub mod directory;
 mod haproxy;
 mod load;

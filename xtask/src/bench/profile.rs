@@ -17,7 +17,7 @@ pub fn profile() -> anyhow::Result<()> {
     use_release_binaries()?;
     let topology = Topology::start()?;
     let route = topology.cross_node();
-    let target = crate::workspace_root().join("target");
+    let target = super::target_dir(&crate::workspace_root());
     let pids = topology
         .agents
         .iter()
