@@ -29,6 +29,9 @@ use crate::{
 /// again, at first and at most.
 const RECHECK_FIRST: Duration = Duration::from_millis(1);
 const RECHECK_MAX: Duration = Duration::from_millis(50);
+/// A paused direction is looked at again at most this far apart: it resumes within that of its
+/// peer catching up.
+const PAUSED_RECHECK_MAX: Duration = Duration::from_millis(8);
 /// How often a direction whose opposite ended looks for its own end without a wake-up.
 const HALF_CLOSED_RECHECK: Duration = Duration::from_millis(100);
 
@@ -82,7 +85,7 @@ pub async fn relay(
                     }
                 }
                 () = tokio::time::sleep(recheck), if splice.any_paused() => {
-                    recheck = (recheck * 2).min(RECHECK_MAX);
+                    recheck = (recheck * 2).min(PAUSED_RECHECK_MAX);
                     if let Some(close) = regulate(&splice) {
                         break close;
                     }

@@ -238,9 +238,9 @@ pub struct Splice {
 
 impl Splice {
     /// A direction whose peer lags by more than this is paused...
-    pub const HIGH: u64 = 4 << 20;
+    pub const HIGH: u64 = 16 << 20;
     /// ... until it lags by less than this.
-    pub const LOW: u64 = 1 << 20;
+    pub const LOW: u64 = 4 << 20;
 
     fn mode(&self, i: usize) -> Mode {
         match self.modes[i].load(Ordering::Relaxed) {
