@@ -7,16 +7,11 @@
 //! freed chunks of every small size, and after a burst those few hundred chunks sit on as many
 //! different pages (about 2 MB more RSS per agent after 10 000 connections, for good). The cache
 //! is a start-up tunable, so the agent re-executes itself once with it turned off.
-//!
-//! The same re-execution keeps glibc from handing freed heap back to the kernel after every
-//! burst (trim and mmap thresholds): otherwise each new HTTP/2 frame buffer of a bulk transfer
-//! lands on fresh pages, and page faults cost the receiving agent 10–15% of its CPU per GiB
-//! (BENCHMARKS.md, "Per-byte CPU"). The trim every few seconds still returns idle memory.
+
 use std::time::Duration;
 
-/// The glibc tunables: no per-thread caches; heap kept (up to 32 MiB free at the top before a
-/// trim, allocations below 4 MiB from the heap) between the periodic trims.
-const NO_TCACHE: &str = "glibc.malloc.tcache_count=0:glibc.malloc.trim_threshold=33554432:glibc.malloc.mmap_threshold=4194304";
+/// The glibc tunable that turns off the per-thread caches.
+const NO_TCACHE: &str = "glibc.malloc.tcache_count=0";
 
 /// Re-executes the agent with [`NO_TCACHE`] added to `GLIBC_TUNABLES`, unless it is already set
 /// (an operator's own `tcache_count` wins). Returns only when no re-execution was needed (None)
