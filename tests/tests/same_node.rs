@@ -293,7 +293,16 @@ fn a_destination_that_does_not_read_holds_its_source_back() {
         .unwrap();
     stall.args(["stall", "--listen", &format!("0.0.0.0:{port}")]);
     n.bed.spawn(stall, "stall.log").unwrap();
-    n.server.expect_connections(0).unwrap();
+    // Listening before the client dials (a refused connect would leave nothing to stall).
+    zt_tests::wait_until(Duration::from_secs(10), || {
+        let out = n
+            .bed
+            .pod_command(&p12, "ss")?
+            .args(["-tlnH", "sport", &format!("= :{port}")])
+            .output()?;
+        Ok(!out.stdout.is_empty())
+    })
+    .unwrap();
     // 1 GiB at a server that never reads: without a bound the kernel's redirect queue would take
     // it all. The client runs until the test bed stops it.
     let mut client = n
@@ -318,7 +327,13 @@ fn a_destination_that_does_not_read_holds_its_source_back() {
         last = state;
         Ok(still)
     })
-    .unwrap_or_else(|e| panic!("the client never stalled ({last:?}): {e}"));
+    .unwrap_or_else(|e| {
+        let client = std::fs::read_to_string(n.bed.dir.join("client.log")).unwrap_or_default();
+        panic!(
+            "the client never stalled ({last:?}): {e}\nclient: {client}\n{}",
+            n.agent.log_tail()
+        )
+    });
     let (_, acked) = last.unwrap();
     assert!(
         acked < 96 * MIB,
