@@ -619,14 +619,21 @@ fn config_file_changes_apply_bad_ones_are_refused_and_no_connection_drops() {
     });
 }
 
-/// Threads of `pid` named `name`.
-fn threads_named(pid: u32, name: &str) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .map(|tasks| {
-            tasks
-                .flatten()
-                .filter(|t| {
-                    std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == name)
+/// A network namespace file's identity: its device and inode.
+fn netns_inode(netns: &std::path::Path) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(netns).unwrap();
+    (meta.dev(), meta.ino())
+}
+
+/// Descriptors of `pid` open on the network namespace `netns` (each keeps it alive).
+fn descriptors_on(pid: u32, netns: (u64, u64)) -> usize {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|fds| {
+            fds.flatten()
+                .filter(|fd| {
+                    std::fs::metadata(fd.path()).is_ok_and(|m| (m.dev(), m.ino()) == netns)
                 })
                 .count()
         })
@@ -647,8 +654,10 @@ fn a_pod_whose_network_namespace_disappears_is_unenrolled_cleanly() {
         agent.netns_cookie(&p11).unwrap(),
         agent.netns_cookie(&p12).unwrap(),
     );
-    let threads = threads_named(agent.pid, "zt-netns");
-    assert_eq!(threads, 2, "one netns thread per pod");
+    // The agent holds each pod's namespace open (to make its upstream sockets there).
+    let (dead_netns, alive_netns) = (netns_inode(&p11.netns), netns_inode(&p12.netns));
+    assert!(descriptors_on(agent.pid, dead_netns) >= 1);
+    assert!(descriptors_on(agent.pid, alive_netns) >= 1);
 
     // The pod dies: its namespace is deleted behind the agent's back.
     let name = p11.netns.file_name().unwrap().to_str().unwrap();
@@ -666,10 +675,12 @@ fn a_pod_whose_network_namespace_disappears_is_unenrolled_cleanly() {
         "{enrolled:?}"
     );
     assert!(!maps::steered_pods(&node.pin_dir).unwrap().contains(&dead));
-    // Its netns thread is gone (it would have kept the namespace alive), the other pod's stays.
+    // The agent let go of its namespace (a descriptor would have kept it alive); the other
+    // pod's stays open.
     zt_tests::wait_until(Duration::from_secs(5), || {
-        Ok(threads_named(agent.pid, "zt-netns") == 1)
+        Ok(descriptors_on(agent.pid, dead_netns) == 0)
     })
     .unwrap();
+    assert!(descriptors_on(agent.pid, alive_netns) >= 1);
     assert!(!bed.exited(agent.pid));
 }

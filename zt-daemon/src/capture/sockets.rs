@@ -16,7 +16,7 @@ use super::{CaptureError, open_map};
 
 /// The registry of the agent's own sockets (`ZT_AGENT_SOCKETS`): the programs leave a socket
 /// alone when its cookie is registered, so the agent registers each socket it creates before it
-/// binds or connects it. Cheap to clone; shared by every netns thread.
+/// binds or connects it. Cheap to clone; shared by every pod's netns.
 #[derive(Clone)]
 pub struct AgentSockets(Arc<Mutex<HashMap<MapData, u64, u8>>>);
 

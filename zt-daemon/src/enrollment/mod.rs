@@ -13,10 +13,8 @@ pub mod netns;
 
 use std::{
     fs::File,
-    future::Future,
     io,
     net::{IpAddr, SocketAddr},
-    pin::Pin,
     sync::Arc,
 };
 
@@ -29,7 +27,7 @@ use zt_common::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 
 use crate::{
     capture::{AgentSockets, Capture, CaptureError, CapturedPod, current_netns_cookie},
-    enrollment::netns::{NetnsError, NetnsWorker},
+    enrollment::netns::{NetnsError, PodNetns},
     identity::{rotation::WorkloadIdentity, tls::SvidSlot},
     workload::{Workload, WorkloadId},
 };
@@ -66,22 +64,16 @@ pub struct EnrollFailure {
 }
 
 /// Where the agent makes a workload's upstream sockets: inside the pod's network namespace
-/// (`NetnsWorker`), so its traffic leaves with the pod's address. The proxy's unit tests make
+/// (`PodNetns`), so its traffic leaves with the pod's address. The proxy's unit tests make
 /// them on loopback instead, without root.
 pub trait UpstreamSockets: Send + Sync {
     /// A TCP socket, registered as the agent's, ready to connect to `dst`.
-    fn upstream_socket(
-        &self,
-        dst: SocketAddr,
-    ) -> Pin<Box<dyn Future<Output = io::Result<TcpSocket>> + Send + '_>>;
+    fn upstream_socket(&self, dst: SocketAddr) -> io::Result<TcpSocket>;
 }
 
-impl UpstreamSockets for NetnsWorker {
-    fn upstream_socket(
-        &self,
-        dst: SocketAddr,
-    ) -> Pin<Box<dyn Future<Output = io::Result<TcpSocket>> + Send + '_>> {
-        Box::pin(NetnsWorker::upstream_socket(self, dst))
+impl UpstreamSockets for PodNetns {
+    fn upstream_socket(&self, dst: SocketAddr) -> io::Result<TcpSocket> {
+        PodNetns::upstream_socket(self, dst)
     }
 }
 
@@ -128,7 +120,7 @@ impl LocalWorkload {
 
     /// Connects to `dst` from inside the workload's pod, as the agent.
     pub async fn connect(&self, dst: SocketAddr) -> io::Result<TcpStream> {
-        self.sockets.upstream_socket(dst).await?.connect(dst).await
+        self.sockets.upstream_socket(dst)?.connect(dst).await
     }
 
     /// A permit for one more connection, or `None` at the limit.
@@ -157,7 +149,7 @@ pub struct PodListeners {
     pub hbone: TcpListener,
 }
 
-/// The in-pod listeners as created on the pod's netns thread.
+/// The in-pod listeners as created inside the pod's netns.
 struct BoundListeners {
     outbound_v4: std::net::TcpListener,
     outbound_v6: Option<std::net::TcpListener>,
@@ -221,11 +213,11 @@ impl Enrollment {
             workload: id.clone(),
             source,
         };
-        let worker = NetnsWorker::spawn(&workload.netns, capture.agent_sockets.clone())
+        let pod_netns = PodNetns::open(&workload.netns, capture.agent_sockets.clone())
             .map_err(|e| open(netns_err(e)))?;
         let netns_file =
             File::open(&workload.netns).map_err(|e| open(socket_err("opening netns", e)))?;
-        let cookie = worker
+        let cookie = pod_netns
             .run(current_netns_cookie)
             .await
             .map_err(|e| open(netns_err(e)))?
@@ -242,7 +234,7 @@ impl Enrollment {
             EnrollFailure { error, fail_closed }
         };
         let sockets = capture.agent_sockets.clone();
-        let inside = worker
+        let inside = pod_netns
             .run(move || {
                 netns::migrate_queued_connections_on_close();
                 let reserved = netns::reserve_agent_ports();
@@ -287,7 +279,7 @@ impl Enrollment {
             workload,
             cookie,
             addresses,
-            Box::new(worker),
+            Box::new(pod_netns),
             identity.as_ref().map(|i| i.slot.clone()),
             max_connections,
         ));

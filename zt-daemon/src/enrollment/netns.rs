@@ -1,19 +1,20 @@
-//! Network namespaces of pods: each enrolled pod gets one thread that lives inside its netns and
-//! creates sockets there on request. A socket keeps the netns it was created in, so the tokio
-//! runtime can use it from any thread afterwards. Every socket the agent creates is registered
-//! as the agent's (`AgentSockets`) before it is bound or connected, so capture leaves it alone.
+//! Network namespaces of pods. A socket keeps the netns it was created in, so the agent makes a
+//! pod's sockets by entering the pod's netns on the calling thread (setns affects that thread
+//! only), creating them, and returning to its own netns at once; the tokio runtime then uses
+//! them from any thread. An upstream connect thus costs two setns calls on the thread that asks,
+//! not a hand-off to another thread and back. Every socket the agent creates is registered as the
+//! agent's (`AgentSockets`) before it is bound or connected, so capture leaves it alone.
 use std::{
     fs::File,
     io,
     net::{IpAddr, SocketAddr},
     os::fd::AsFd,
     path::{Path, PathBuf},
-    sync::mpsc,
+    sync::{Arc, OnceLock},
 };
 
 use nix::sched::{CloneFlags, setns};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
-use tokio::sync::oneshot;
 use zt_common::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 
 use crate::capture::AgentSockets;
@@ -24,92 +25,114 @@ pub enum NetnsError {
     Open { path: PathBuf, source: io::Error },
     #[error("netns {path}: cannot enter: {source}")]
     Enter { path: PathBuf, source: io::Error },
-    #[error("netns {path}: worker thread has stopped")]
-    WorkerGone { path: PathBuf },
+    #[error("netns {path}: the blocking task stopped: {source}")]
+    TaskGone {
+        path: PathBuf,
+        source: tokio::task::JoinError,
+    },
 }
 
-type Job = Box<dyn FnOnce() + Send>;
-
-/// A thread inside one pod's network namespace.
-pub struct NetnsWorker {
+/// One pod's network namespace, held open.
+pub struct PodNetns {
     path: PathBuf,
-    jobs: mpsc::Sender<Job>,
+    file: Arc<File>,
     sockets: AgentSockets,
 }
 
-impl NetnsWorker {
-    /// Opens `path` and starts a thread inside that namespace.
-    pub fn spawn(path: &Path, sockets: AgentSockets) -> Result<Self, NetnsError> {
+impl PodNetns {
+    /// Opens `path` and checks that the agent can enter it.
+    pub fn open(path: &Path, sockets: AgentSockets) -> Result<Self, NetnsError> {
         let file = File::open(path).map_err(|source| NetnsError::Open {
             path: path.to_owned(),
             source,
         })?;
-        let (jobs, rx) = mpsc::channel::<Job>();
-        let (entered_tx, entered_rx) = mpsc::sync_channel(1);
-        std::thread::Builder::new()
-            .name("zt-netns".into())
-            .spawn(move || {
-                let entered = setns(file.as_fd(), CloneFlags::CLONE_NEWNET);
-                let ok = entered.is_ok();
-                let _ = entered_tx.send(entered.map_err(io::Error::from));
-                if ok {
-                    while let Ok(job) = rx.recv() {
-                        job();
-                    }
-                }
-            })
-            .map_err(|source| NetnsError::Enter {
-                path: path.to_owned(),
-                source,
-            })?;
-        let entered = entered_rx
-            .recv()
-            .unwrap_or_else(|_| Err(io::Error::other("netns thread exited before entering")));
-        entered.map_err(|source| NetnsError::Enter {
+        let netns = Self {
             path: path.to_owned(),
-            source,
-        })?;
-        Ok(Self {
-            path: path.to_owned(),
-            jobs,
+            file: Arc::new(file),
             sockets,
-        })
+        };
+        drop(netns.enter()?);
+        Ok(netns)
     }
 
     pub fn path(&self) -> &Path {
         &self.path
     }
 
-    /// Runs `f` on the thread inside the namespace.
+    /// Puts the calling thread into the pod's namespace until the guard drops. Only for short,
+    /// non-blocking work with no `.await` inside: the thread is a runtime worker.
+    fn enter(&self) -> Result<Inside, NetnsError> {
+        enter(&self.file).map_err(|source| NetnsError::Enter {
+            path: self.path.clone(),
+            source,
+        })
+    }
+
+    /// Runs `f` inside the namespace on a blocking-pool thread: for work that may block
+    /// (sysctls, netlink), which a runtime worker must not do.
     pub async fn run<R: Send + 'static>(
         &self,
         f: impl FnOnce() -> R + Send + 'static,
     ) -> Result<R, NetnsError> {
-        let (tx, rx) = oneshot::channel();
-        let gone = || NetnsError::WorkerGone {
+        let (file, path) = (self.file.clone(), self.path.clone());
+        tokio::task::spawn_blocking(move || {
+            let inside = enter(&file).map_err(|source| NetnsError::Enter {
+                path: path.clone(),
+                source,
+            })?;
+            let out = f();
+            drop(inside);
+            Ok(out)
+        })
+        .await
+        .map_err(|source| NetnsError::TaskGone {
             path: self.path.clone(),
-        };
-        self.jobs
-            .send(Box::new(move || {
-                let _ = tx.send(f());
-            }))
-            .map_err(|_| gone())?;
-        rx.await.map_err(|_| gone())
+            source,
+        })?
     }
 
     /// A TCP socket in the pod's namespace, marked as the agent's, ready to connect to `dst`.
-    pub async fn upstream_socket(
-        &self,
-        dst: SocketAddr,
-    ) -> Result<tokio::net::TcpSocket, io::Error> {
-        let sockets = self.sockets.clone();
-        let socket = self
-            .run(move || agent_socket(Domain::for_address(dst), &sockets))
-            .await
-            .map_err(io::Error::other)??;
+    pub fn upstream_socket(&self, dst: SocketAddr) -> io::Result<tokio::net::TcpSocket> {
+        let socket = {
+            let _inside = self.enter().map_err(io::Error::other)?;
+            agent_socket(Domain::for_address(dst), &self.sockets)?
+        };
         let std: std::net::TcpStream = socket.into();
         Ok(tokio::net::TcpSocket::from_std_stream(std))
     }
+}
+
+/// The calling thread is inside another network namespace while this lives; dropping it
+/// returns the thread to the agent's own.
+struct Inside(());
+
+fn enter(netns: &File) -> io::Result<Inside> {
+    // Opened before the first entry, while the thread is still at home.
+    home_netns()?;
+    setns(netns.as_fd(), CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
+    Ok(Inside(()))
+}
+
+impl Drop for Inside {
+    fn drop(&mut self) {
+        let home = home_netns().expect("opened before entering");
+        if let Err(e) = setns(home.as_fd(), CloneFlags::CLONE_NEWNET) {
+            // A runtime thread stranded in a pod's namespace would make every later socket of
+            // any pod there: stopping is the only safe outcome (the DaemonSet restarts us).
+            tracing::error!(error = %e, "cannot return to the agent's network namespace; aborting");
+            std::process::abort();
+        }
+    }
+}
+
+/// The agent's own network namespace, opened once from a thread that is in it.
+fn home_netns() -> io::Result<&'static File> {
+    static HOME: OnceLock<File> = OnceLock::new();
+    if let Some(home) = HOME.get() {
+        return Ok(home);
+    }
+    let file = File::open("/proc/thread-self/ns/net")?;
+    Ok(HOME.get_or_init(|| file))
 }
 
 /// A non-blocking TCP socket registered as the agent's, in the calling thread's namespace.
@@ -172,17 +195,12 @@ pub fn reserve_agent_ports() -> io::Result<()> {
     std::fs::write(PATH, ranges.join(","))
 }
 
-/// The addresses of the network namespace at `path` (blocking: enters it on a short-lived thread).
+/// The addresses of the network namespace at `path` (blocking: it enters the namespace on the
+/// calling thread for the netlink dump).
 pub fn addresses_in(path: &Path) -> io::Result<Vec<IpAddr>> {
     let file = File::open(path)?;
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            setns(file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
-            current_pod_addresses()
-        })
-        .join()
-        .unwrap_or_else(|_| Err(io::Error::other("netns thread panicked")))
-    })
+    let _inside = enter(&file)?;
+    current_pod_addresses()
 }
 
 /// The pod's own addresses in the calling thread's namespace (no loopback, no IPv6 link-local),

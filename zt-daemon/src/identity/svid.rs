@@ -78,7 +78,6 @@ impl LeafFacts {
         {
             return Err(LeafError::LeafCanSign);
         }
-        let to_time = |t: ASN1Time| UNIX_EPOCH + Duration::from_secs(t.timestamp().max(0) as u64);
         Ok(Self {
             id,
             serial: normalize_serial(&cert.raw_serial_as_string()),
@@ -87,6 +86,17 @@ impl LeafFacts {
             self_issued: cert.issuer() == cert.subject(),
         })
     }
+}
+
+/// When any certificate (a chain's intermediate, say) stops being valid; `None` if unreadable.
+pub fn not_after(der: &[u8]) -> Option<SystemTime> {
+    X509Certificate::from_der(der)
+        .ok()
+        .map(|(_, cert)| to_time(cert.validity().not_after))
+}
+
+fn to_time(t: ASN1Time) -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(t.timestamp().max(0) as u64)
 }
 
 /// Serial numbers compare as lowercase hex without separators or leading zeros.

@@ -8,7 +8,6 @@ use std::{
     collections::HashMap,
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::PathBuf,
-    pin::Pin,
     sync::{
         Arc, Mutex,
         atomic::{AtomicU8, AtomicUsize, Ordering},
@@ -61,20 +60,14 @@ spec:
 struct PodAddress(IpAddr);
 
 impl UpstreamSockets for PodAddress {
-    fn upstream_socket(
-        &self,
-        dst: SocketAddr,
-    ) -> Pin<Box<dyn Future<Output = std::io::Result<TcpSocket>> + Send + '_>> {
-        let source = self.0;
-        Box::pin(async move {
-            let socket = if dst.is_ipv4() {
-                TcpSocket::new_v4()?
-            } else {
-                TcpSocket::new_v6()?
-            };
-            socket.bind(SocketAddr::new(source, 0))?;
-            Ok(socket)
-        })
+    fn upstream_socket(&self, dst: SocketAddr) -> std::io::Result<TcpSocket> {
+        let socket = if dst.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        socket.bind(SocketAddr::new(self.0, 0))?;
+        Ok(socket)
     }
 }
 

@@ -374,6 +374,7 @@ mod tests {
     use crate::{
         identity::{
             revocation::RevocationList,
+            svid::LeafFacts,
             verify::{TrustState, TrustStore},
         },
         tunnel::session::SessionCertificate,
@@ -393,11 +394,14 @@ mod tests {
     }
 
     fn certificates(lifetime: Duration) -> SessionCertificates {
-        let cert = |id: &str| SessionCertificate {
-            id: id.parse().unwrap(),
-            serial: "01".into(),
-            not_after: SystemTime::now() + lifetime,
-            chain: Arc::new([]),
+        let cert = |id: &str| {
+            SessionCertificate::from(&LeafFacts {
+                id: id.parse().unwrap(),
+                serial: "01".into(),
+                not_before: SystemTime::now(),
+                not_after: SystemTime::now() + lifetime,
+                self_issued: false,
+            })
         };
         SessionCertificates {
             local: cert("spiffe://td/ns/shop/sa/web"),

@@ -1,13 +1,16 @@
 //! What an established tunnel connection was authenticated with, on both sides. A connection
 //! takes new streams only while both certificates are valid, unexpired and not revoked: each side
 //! checks (`server` sends GOAWAY, `pool` stops reusing) and closes at once on a revocation.
-use std::{sync::Arc, time::SystemTime};
+use std::{
+    sync::{Arc, Mutex, Weak},
+    time::SystemTime,
+};
 
 use rustls::pki_types::CertificateDer;
 
 use crate::identity::{
     spiffe::SpiffeId,
-    svid::{LeafFacts, Svid},
+    svid::{self, LeafFacts, Svid},
     verify::TrustState,
 };
 
@@ -20,6 +23,12 @@ pub struct SessionCertificate {
     /// The peer's chain as it presented it (leaf first), re-checked when trust bundles change;
     /// empty for our own side.
     pub chain: Arc<[CertificateDer<'static>]>,
+    /// When the chain's first certificate expires (the leaf or an intermediate).
+    chain_not_after: SystemTime,
+    /// The trust state under which `chain` last verified. A pooled connection is checked at
+    /// every reuse; verifying signatures again only when the bundles change keeps that cheap.
+    /// Weak, so a state's address cannot be reused by a later one while this is held.
+    verified_under: Arc<Mutex<Weak<TrustState>>>,
 }
 
 impl From<&LeafFacts> for SessionCertificate {
@@ -29,6 +38,8 @@ impl From<&LeafFacts> for SessionCertificate {
             serial: leaf.serial.clone(),
             not_after: leaf.not_after,
             chain: Arc::new([]),
+            chain_not_after: leaf.not_after,
+            verified_under: Arc::default(),
         }
     }
 }
@@ -36,10 +47,40 @@ impl From<&LeafFacts> for SessionCertificate {
 impl SessionCertificate {
     /// The peer's side: its leaf, and the chain it presented.
     pub fn peer(leaf: &LeafFacts, chain: &[CertificateDer<'_>]) -> Self {
+        let chain_not_after = chain
+            .iter()
+            .skip(1)
+            // An unreadable intermediate fails verification anyway: never cache it.
+            .map(|c| svid::not_after(c).unwrap_or(SystemTime::UNIX_EPOCH))
+            .fold(leaf.not_after, SystemTime::min);
         Self {
             chain: chain.iter().map(|c| c.clone().into_owned()).collect(),
+            chain_not_after,
             ..Self::from(leaf)
         }
+    }
+
+    /// Whether the chain still leads to its trust bundle under `trust` at `now`: verified once
+    /// per trust state, and again when a certificate of the chain has expired since.
+    fn still_chains(&self, trust: &Arc<TrustState>, now: SystemTime) -> bool {
+        let mut verified_under = self
+            .verified_under
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if now < self.chain_not_after
+            && verified_under
+                .upgrade()
+                .is_some_and(|v| Arc::ptr_eq(&v, trust))
+        {
+            return true;
+        }
+        let trusted = trust.still_trusts(&self.id, &self.chain);
+        *verified_under = if trusted {
+            Arc::downgrade(trust)
+        } else {
+            Weak::new()
+        };
+        trusted
     }
 }
 
@@ -109,7 +150,7 @@ impl SessionCertificates {
     }
 
     /// Whether the connection may still take new streams at `now` under `trust`.
-    pub fn check(&self, trust: &TrustState, now: SystemTime) -> Result<(), Retired> {
+    pub fn check(&self, trust: &Arc<TrustState>, now: SystemTime) -> Result<(), Retired> {
         for (side, cert) in self.sides() {
             if trust.revoked(&cert.id, &cert.serial).is_some() {
                 return Err(Retired::Revoked {
@@ -127,7 +168,7 @@ impl SessionCertificates {
             }
         }
         for (side, cert) in self.sides() {
-            if !trust.still_trusts(&cert.id, &cert.chain) {
+            if !cert.still_chains(trust, now) {
                 return Err(Retired::Untrusted {
                     side,
                     id: cert.id.clone(),
@@ -141,4 +182,49 @@ impl SessionCertificates {
 /// A tokio deadline for a wall-clock time (now, if it has passed).
 pub fn deadline(at: SystemTime) -> tokio::time::Instant {
     tokio::time::Instant::now() + at.duration_since(SystemTime::now()).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::HashMap, time::Duration};
+
+    use super::*;
+    use crate::identity::{ca::CertificateAuthority, revocation::RevocationList};
+
+    fn trusting(ca: &CertificateAuthority) -> Arc<TrustState> {
+        let bundles = HashMap::from([(ca.trust_domain().clone(), vec![ca.root().clone()])]);
+        Arc::new(TrustState::new(bundles, RevocationList::default()).unwrap())
+    }
+
+    #[test]
+    fn a_peer_chain_is_judged_by_the_trust_state_in_force_not_by_an_earlier_verdict() {
+        let ca = CertificateAuthority::generate("td".parse().unwrap()).unwrap();
+        let other = CertificateAuthority::generate("td".parse().unwrap()).unwrap();
+        let id: SpiffeId = "spiffe://td/ns/shop/sa/db".parse().unwrap();
+        let svid = ca.issue(&id, Duration::from_secs(3600)).unwrap();
+        let certificates = SessionCertificates {
+            local: SessionCertificate::from(&svid),
+            peer: SessionCertificate::peer(&svid.leaf, svid.chain()),
+        };
+        let (issuer, rotated) = (trusting(&ca), trusting(&other));
+        let now = SystemTime::now();
+        assert_eq!(certificates.check(&issuer, now), Ok(()));
+        assert_eq!(certificates.check(&issuer, now), Ok(()));
+        // A bundle without the issuer's root: the earlier verdict does not carry over.
+        assert_eq!(
+            certificates.check(&rotated, now),
+            Err(Retired::Untrusted {
+                side: "peer",
+                id: id.clone()
+            })
+        );
+        assert_eq!(certificates.check(&issuer, now), Ok(()));
+        // An equal state built anew is judged afresh, and passes.
+        assert_eq!(certificates.check(&trusting(&ca), now), Ok(()));
+        // Past the chain's end, the leaf's expiry decides.
+        assert!(matches!(
+            certificates.check(&issuer, now + Duration::from_secs(7200)),
+            Err(Retired::Expired { .. })
+        ));
+    }
 }
