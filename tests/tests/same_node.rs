@@ -6,7 +6,7 @@
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use zt_tests::{
-    Agent, Testbed,
+    Agent, Pod, Testbed,
     agent::{meshed_config, spiffe_id},
     node_config::{MtlsMode, PolicyDefault},
     probe::{Server, connect, connect_duplex, connect_idle_until, intact},
@@ -23,6 +23,14 @@ struct Node {
     agent: Agent,
     server: Server,
     policies: PathBuf,
+}
+
+impl Node {
+    /// The client pod, and the server's IPv4 address in the other pod.
+    fn client_and_server(&self) -> (&Pod, SocketAddr) {
+        let server = self.bed.pod(1, 2);
+        (self.bed.pod(1, 1), SocketAddr::new(server.ip(false), PORT))
+    }
 }
 
 fn node(policies: bool) -> Node {
@@ -144,8 +152,7 @@ fn spliced_connection_carries_both_directions_intact_without_the_agent_copying()
 #[test]
 fn a_reset_on_one_side_of_a_splice_is_a_reset_on_the_other() {
     let n = node(false);
-    let (p11, p12) = (n.bed.pod(1, 1), n.bed.pod(1, 2));
-    let dst = SocketAddr::new(p12.ip(false), PORT);
+    let (p11, dst) = n.client_and_server();
     zt_tests::probe::connect_and_reset(&n.bed, p11, dst, 64 * 1024)
         .unwrap()
         .expect("probe ran");
@@ -174,8 +181,7 @@ fn policy_refuses_and_closes_spliced_connections() {
     };
     // Nothing allowed yet: p11's connection to p12 is refused before any byte reaches the app.
     let n = node(true);
-    let (p11, p12) = (n.bed.pod(1, 1), n.bed.pod(1, 2));
-    let dst = SocketAddr::new(p12.ip(false), PORT);
+    let (p11, dst) = n.client_and_server();
     let refused = connect(&n.bed, p11, dst, 1024, TIMEOUT).unwrap();
     assert!(refused.is_err(), "denied, yet connected: {refused:?}");
     let denial = n
@@ -237,8 +243,7 @@ fn policy_refuses_and_closes_spliced_connections() {
 #[test]
 fn connections_that_half_close_before_the_splice_are_copied_intact() {
     let n = node(false);
-    let (p11, p12) = (n.bed.pod(1, 1), n.bed.pod(1, 2));
-    let dst = SocketAddr::new(p12.ip(false), PORT);
+    let (p11, dst) = n.client_and_server();
     // Each sends 100 bytes and half-closes at once: usually before the agent splices, when the
     // kernel no longer takes the socket. Each still gets the server's reply.
     let count = 50;
@@ -259,7 +264,7 @@ fn connections_that_half_close_before_the_splice_are_copied_intact() {
 }
 
 /// `(Send-Q, bytes_acked)` of `pod`'s connection to its agent's outbound listener, from `ss`.
-fn client_send_state(bed: &Testbed, pod: &zt_tests::Pod) -> anyhow::Result<Option<(u64, u64)>> {
+fn client_send_state(bed: &Testbed, pod: &Pod) -> anyhow::Result<Option<(u64, u64)>> {
     let out = bed
         .pod_command(pod, "ss")?
         .args(["-tniH", "state", "established", "dport", "= :15001"])

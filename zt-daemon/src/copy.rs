@@ -9,7 +9,7 @@
 //! what HTTP/2 received is written to TCP as is, with no copy in between.
 use std::{
     fmt,
-    future::Future,
+    future::{Future, pending},
     io,
     sync::atomic::{AtomicU64, Ordering},
     time::{Duration, Instant},
@@ -17,7 +17,7 @@ use std::{
 
 use bytes::{Bytes, BytesMut};
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
+    io::AsyncWriteExt,
     net::{
         TcpStream,
         tcp::{OwnedReadHalf, OwnedWriteHalf},
@@ -67,16 +67,27 @@ pub struct TcpReader {
 
 impl ChunkRead for TcpReader {
     async fn read_chunk(&mut self) -> io::Result<Option<Bytes>> {
-        // Reclaims the previous chunk's memory in place once its writer dropped it.
-        self.buf.reserve(self.want);
-        let n = self.stream.read_buf(&mut self.buf).await?;
-        if n == 0 {
-            return Ok(None);
+        loop {
+            // Without a buffer, wait for bytes before taking memory for them.
+            if self.buf.capacity() == 0 {
+                self.stream.readable().await?;
+            }
+            // Reclaims the previous chunk's memory in place once its writer dropped it.
+            self.buf.reserve(self.want);
+            match self.stream.try_read_buf(&mut self.buf) {
+                Ok(0) => return Ok(None),
+                Ok(n) => {
+                    if n >= self.want {
+                        self.want = BULK_BUFFER;
+                    }
+                    return Ok(Some(self.buf.split().freeze()));
+                }
+                // Nothing queued: the connection went quiet, and holds no buffer while it waits
+                // (most of a captured connection's life, and most of an idle one's memory).
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.buf = BytesMut::new(),
+                Err(e) => return Err(e),
+            }
         }
-        if n >= self.want {
-            self.want = BULK_BUFFER;
-        }
-        Ok(Some(self.buf.split().freeze()))
     }
 }
 
@@ -181,8 +192,8 @@ impl RelayOutcome {
     }
 }
 
-/// Which side of a copy failed.
-enum Failure {
+/// Which socket of a relay's direction failed: the one it receives from, or the one it sends to.
+pub enum Failure {
     Read,
     Write,
 }
@@ -255,35 +266,15 @@ where
         start: Instant::now(),
         last_ms: AtomicU64::new(0),
     };
-    let close = {
-        let up = pump(&mut dr, &mut uw, &mut sent, &activity);
-        let down = pump(&mut ur, &mut dw, &mut received, &activity);
-        tokio::pin!(up, down, interrupt);
-        let (mut up_done, mut down_done) = (false, false);
-        loop {
-            tokio::select! {
-                r = &mut up, if !up_done => match r {
-                    Ok(()) => up_done = true,
-                    Err(Failure::Read) => break CloseReason::DownstreamReset,
-                    Err(Failure::Write) => break CloseReason::UpstreamReset,
-                },
-                r = &mut down, if !down_done => match r {
-                    Ok(()) => down_done = true,
-                    Err(Failure::Read) => break CloseReason::UpstreamReset,
-                    Err(Failure::Write) => break CloseReason::DownstreamReset,
-                },
-                reason = &mut interrupt => break reason,
-                _ = tokio::time::sleep_until((activity.last() + idle_timeout).into()) => {
-                    if activity.last().elapsed() >= idle_timeout {
-                        break CloseReason::IdleTimeout;
-                    }
-                }
-            }
-            if up_done && down_done {
-                break CloseReason::Eof;
-            }
-        }
-    };
+    let close = drive(
+        pump(&mut dr, &mut uw, &mut sent, &activity),
+        pump(&mut ur, &mut dw, &mut received, &activity),
+        interrupt,
+        idle_timeout,
+        || activity.last(),
+        |_| pending(),
+    )
+    .await;
     if close != CloseReason::Eof {
         D::abort_halves(dr, dw);
         U::abort_halves(ur, uw);
@@ -292,5 +283,50 @@ where
         sent,
         received,
         close,
+    }
+}
+
+/// Runs a relay's two directions, `up` (downstream to upstream) and `down`, until both have
+/// ended (EOF), one fails (a reset), nothing moved for `idle_timeout` since `last_moved`, or
+/// `interrupt` resolves. `watch`, given which directions have ended, watches whatever else may
+/// end the relay; it is asked again whenever that changes. Shared by the copying relay and the
+/// splice's, which differ only in how a direction moves its bytes.
+pub async fn drive<W, Watched>(
+    up: impl Future<Output = Result<(), Failure>>,
+    down: impl Future<Output = Result<(), Failure>>,
+    interrupt: impl Future<Output = CloseReason>,
+    idle_timeout: Duration,
+    mut last_moved: impl FnMut() -> Instant,
+    mut watch: W,
+) -> CloseReason
+where
+    W: FnMut([bool; 2]) -> Watched,
+    Watched: Future<Output = CloseReason>,
+{
+    tokio::pin!(up, down, interrupt);
+    let mut ended = [false; 2];
+    loop {
+        tokio::select! {
+            r = &mut up, if !ended[0] => match r {
+                Ok(()) => ended[0] = true,
+                Err(Failure::Read) => return CloseReason::DownstreamReset,
+                Err(Failure::Write) => return CloseReason::UpstreamReset,
+            },
+            r = &mut down, if !ended[1] => match r {
+                Ok(()) => ended[1] = true,
+                Err(Failure::Read) => return CloseReason::UpstreamReset,
+                Err(Failure::Write) => return CloseReason::DownstreamReset,
+            },
+            reason = &mut interrupt => return reason,
+            reason = watch(ended) => return reason,
+            _ = tokio::time::sleep_until((last_moved() + idle_timeout).into()) => {
+                if last_moved().elapsed() >= idle_timeout {
+                    return CloseReason::IdleTimeout;
+                }
+            }
+        }
+        if ended == [true, true] {
+            return CloseReason::Eof;
+        }
     }
 }

@@ -12,7 +12,6 @@ use std::{
     future::Future,
     io,
     net::Shutdown,
-    os::fd::AsRawFd,
     sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
@@ -22,7 +21,7 @@ use tracing::{debug, warn};
 
 use crate::{
     capture::Splice,
-    copy::{Abort, CloseReason, RelayOutcome},
+    copy::{self, Abort, CloseReason, Failure, RelayOutcome},
 };
 
 /// How long a half-close waiting for the send path, or a paused direction, waits before looking
@@ -48,62 +47,24 @@ pub async fn relay(
     // Closing resets until the relay ends cleanly.
     downstream.abort();
     upstream.abort();
-    let close = {
-        let ended = [AtomicBool::new(false), AtomicBool::new(false)];
-        let up = direction(&downstream, &upstream, &splice, 0, &ended);
-        let down = direction(&upstream, &downstream, &splice, 1, &ended);
-        tokio::pin!(up, down, interrupt);
-        let (mut up_done, mut down_done) = (false, false);
-        let mut idle_mark = (splice.forwarded(), Instant::now());
-        let mut recheck = RECHECK_FIRST;
-        loop {
-            tokio::select! {
-                r = &mut up, if !up_done => match r {
-                    Ok(()) => up_done = true,
-                    Err(Side::Reader) => break CloseReason::DownstreamReset,
-                    Err(Side::Writer) => break CloseReason::UpstreamReset,
-                },
-                r = &mut down, if !down_done => match r {
-                    Ok(()) => down_done = true,
-                    Err(Side::Reader) => break CloseReason::UpstreamReset,
-                    Err(Side::Writer) => break CloseReason::DownstreamReset,
-                },
-                // A side whose direction ended may still reset (the other may still be flowing).
-                () = reset(&downstream), if up_done => {
-                    debug!("spliced: the downstream reset after its half-close");
-                    break CloseReason::DownstreamReset
-                }
-                () = reset(&upstream), if down_done => {
-                    debug!("spliced: the upstream reset after its half-close");
-                    break CloseReason::UpstreamReset
-                }
-                reason = &mut interrupt => break reason,
-                () = splice.pressure() => {
-                    recheck = RECHECK_FIRST;
-                    if let Some(close) = regulate(&splice) {
-                        break close;
-                    }
-                }
-                () = tokio::time::sleep(recheck), if splice.any_paused() => {
-                    recheck = (recheck * 2).min(PAUSED_RECHECK_MAX);
-                    if let Some(close) = regulate(&splice) {
-                        break close;
-                    }
-                }
-                () = tokio::time::sleep_until((idle_mark.1 + idle_timeout).into()) => {
-                    // The kernel's counts say whether anything moved since the last look.
-                    let now = splice.forwarded();
-                    if now == idle_mark.0 {
-                        break CloseReason::IdleTimeout;
-                    }
-                    idle_mark = (now, Instant::now());
-                }
+    let ended = [AtomicBool::new(false), AtomicBool::new(false)];
+    // The kernel's counts say whether anything moved since the last look.
+    let mut moved = (splice.forwarded(), Instant::now());
+    let close = copy::drive(
+        direction(&downstream, &upstream, &splice, 0, &ended),
+        direction(&upstream, &downstream, &splice, 1, &ended),
+        interrupt,
+        idle_timeout,
+        || {
+            let forwarded = splice.forwarded();
+            if forwarded != moved.0 {
+                moved = (forwarded, Instant::now());
             }
-            if up_done && down_done {
-                break CloseReason::Eof;
-            }
-        }
-    };
+            moved.1
+        },
+        |ended| watch(&splice, [&downstream, &upstream], ended),
+    )
+    .await;
     let [sent, received] = splice.forwarded();
     drop(splice);
     if close == CloseReason::Eof {
@@ -115,6 +76,42 @@ pub async fn relay(
         sent,
         received,
         close,
+    }
+}
+
+/// What else ends a spliced connection: the kernel's queues (kept bounded, `regulate`), and a
+/// reset of a side whose direction has `ended` (the other may still be flowing).
+async fn watch(splice: &Splice, sides: [&TcpStream; 2], ended: [bool; 2]) -> CloseReason {
+    let half_closed_reset = async {
+        tokio::select! {
+            () = reset(sides[0]), if ended[0] => {
+                debug!("spliced: the downstream reset after its half-close");
+                CloseReason::DownstreamReset
+            }
+            () = reset(sides[1]), if ended[1] => {
+                debug!("spliced: the upstream reset after its half-close");
+                CloseReason::UpstreamReset
+            }
+            else => std::future::pending().await,
+        }
+    };
+    let queues = async {
+        let mut recheck = RECHECK_FIRST;
+        loop {
+            tokio::select! {
+                () = splice.pressure() => recheck = RECHECK_FIRST,
+                () = tokio::time::sleep(recheck), if splice.any_paused() => {
+                    recheck = (recheck * 2).min(PAUSED_RECHECK_MAX);
+                }
+            }
+            if let Some(close) = regulate(splice) {
+                return close;
+            }
+        }
+    };
+    tokio::select! {
+        close = half_closed_reset => close,
+        close = queues => close,
     }
 }
 
@@ -141,12 +138,6 @@ fn regulate(splice: &Splice) -> Option<CloseReason> {
     }
 }
 
-/// Which socket of a direction failed.
-enum Side {
-    Reader,
-    Writer,
-}
-
 /// Waits for the end of what `from` receives (the kernel forwards it to `to`), then half-closes
 /// `to` once its send path has taken every byte forwarded in direction `index`. A direction the
 /// splice hands over is copied here instead, after the kernel's bytes.
@@ -156,7 +147,7 @@ async fn direction(
     splice: &Splice,
     index: usize,
     ended: &[AtomicBool; 2],
-) -> Result<(), Side> {
+) -> Result<(), Failure> {
     let mut handed_over = false;
     loop {
         // Once the other direction ended, this one's end usually follows at once; its wake-up
@@ -165,7 +156,7 @@ async fn direction(
         let mut read_closed = false;
         tokio::select! {
             r = from.ready(Interest::READABLE) => {
-                read_closed = r.map_err(|_| Side::Reader)?.is_read_closed();
+                read_closed = r.map_err(|_| Failure::Read)?.is_read_closed();
             }
             () = splice.handed_over(index), if !handed_over => handed_over = true,
             () = tokio::time::sleep(HALF_CLOSED_RECHECK), if other_ended => {}
@@ -190,19 +181,19 @@ async fn direction(
             }
             Err(e) => {
                 debug!(error = %e, "spliced: the receiving side failed");
-                return Err(Side::Reader);
+                return Err(Failure::Read);
             }
         }
     }
     socket2::SockRef::from(to)
         .shutdown(Shutdown::Write)
-        .map_err(|_| Side::Writer)?;
+        .map_err(|_| Failure::Write)?;
     ended[index].store(true, Ordering::Relaxed);
     Ok(())
 }
 
 /// Waits until `to`'s send path took every byte the kernel forwarded in direction `index`.
-async fn kernel_bytes_sent(splice: &Splice, index: usize) -> Result<(), Side> {
+async fn kernel_bytes_sent(splice: &Splice, index: usize) -> Result<(), Failure> {
     let mut recheck = RECHECK_FIRST;
     loop {
         match splice.lag(index) {
@@ -214,7 +205,7 @@ async fn kernel_bytes_sent(splice: &Splice, index: usize) -> Result<(), Side> {
                 tokio::time::sleep(recheck).await;
                 recheck = (recheck * 2).min(RECHECK_MAX);
             }
-            Err(_) => return Err(Side::Writer),
+            Err(_) => return Err(Failure::Write),
         }
     }
 }
@@ -225,23 +216,23 @@ async fn copy_rest(
     to: &TcpStream,
     splice: &Splice,
     index: usize,
-) -> Result<(), Side> {
+) -> Result<(), Failure> {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        from.readable().await.map_err(|_| Side::Reader)?;
+        from.readable().await.map_err(|_| Failure::Read)?;
         let n = match from.try_read(&mut buf) {
             Ok(0) => return Ok(()),
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(_) => return Err(Side::Reader),
+            Err(_) => return Err(Failure::Read),
         };
         let mut rest = &buf[..n];
         while !rest.is_empty() {
-            to.writable().await.map_err(|_| Side::Writer)?;
+            to.writable().await.map_err(|_| Failure::Write)?;
             match to.try_write(rest) {
                 Ok(k) => rest = &rest[k..],
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(_) => return Err(Side::Writer),
+                Err(_) => return Err(Failure::Write),
             }
         }
         splice.copied(index, n as u64);
@@ -251,20 +242,10 @@ async fn copy_rest(
 /// Ok at the end of what `socket` receives (FIN): nothing queued, and a peek finds the end.
 /// Queued bytes, or none yet, are WouldBlock: wait for the next wake-up.
 fn peek(socket: &TcpStream) -> io::Result<()> {
-    let mut byte = 0u8;
-    // SAFETY: valid fd and a one-byte buffer.
-    let n = unsafe {
-        libc::recv(
-            socket.as_raw_fd(),
-            (&raw mut byte).cast(),
-            1,
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
-        )
-    };
-    match n {
+    // The socket is non-blocking: nothing to read yet is WouldBlock.
+    match socket2::SockRef::from(socket).peek(&mut [std::mem::MaybeUninit::uninit()])? {
         0 => Ok(()),
-        n if n > 0 => Err(io::ErrorKind::WouldBlock.into()),
-        _ => Err(io::Error::last_os_error()),
+        _ => Err(io::ErrorKind::WouldBlock.into()),
     }
 }
 

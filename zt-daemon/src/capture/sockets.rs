@@ -39,24 +39,40 @@ impl AgentSockets {
 
 /// SO_COOKIE: the kernel's unique, never reused identifier of a socket.
 pub(super) fn socket_cookie(socket: &impl AsRawFd) -> io::Result<u64> {
-    socket_option_u64(socket, libc::SO_COOKIE)
+    socket_option(socket, libc::SOL_SOCKET, libc::SO_COOKIE)
 }
 
 /// SO_NETNS_COOKIE of the calling thread's namespace.
 pub fn current_netns_cookie() -> io::Result<u64> {
     let socket = Socket::new(Domain::IPV4, Type::DGRAM.cloexec(), None)?;
-    socket_option_u64(&socket, libc::SO_NETNS_COOKIE)
+    socket_option(&socket, libc::SOL_SOCKET, libc::SO_NETNS_COOKIE)
 }
 
-/// A 64-bit `SOL_SOCKET` option of `socket` (the kernel's cookies).
-fn socket_option_u64(socket: &impl AsRawFd, option: libc::c_int) -> io::Result<u64> {
-    let mut value: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: valid fd, out-pointer and length for a u64 option.
+/// A C value the kernel fills as a socket option.
+///
+/// # Safety
+/// Every bit pattern, zero included, must be a valid value (plain integers and C structs of them).
+pub unsafe trait SocketOptionValue: Copy {}
+// SAFETY: integers, and a C struct of integers.
+unsafe impl SocketOptionValue for u64 {}
+unsafe impl SocketOptionValue for libc::c_int {}
+unsafe impl SocketOptionValue for libc::tcp_info {}
+
+/// The option `option` at `level` of `socket` (a struct the kernel fills only in part keeps
+/// zeros in the rest).
+pub fn socket_option<T: SocketOptionValue>(
+    socket: &impl AsRawFd,
+    level: libc::c_int,
+    option: libc::c_int,
+) -> io::Result<T> {
+    // SAFETY: `SocketOptionValue` types are valid when zeroed.
+    let mut value: T = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<T>() as libc::socklen_t;
+    // SAFETY: valid fd, and an out-pointer and length for a `T`.
     let rc = unsafe {
         libc::getsockopt(
             socket.as_raw_fd(),
-            libc::SOL_SOCKET,
+            level,
             option,
             (&raw mut value).cast(),
             &mut len,
@@ -66,4 +82,27 @@ fn socket_option_u64(socket: &impl AsRawFd, option: libc::c_int) -> io::Result<u
         return Err(io::Error::last_os_error());
     }
     Ok(value)
+}
+
+/// Sets the int option `option` at `level` of `socket`.
+pub fn set_socket_option(
+    socket: &impl AsRawFd,
+    level: libc::c_int,
+    option: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
+    // SAFETY: valid fd, and a pointer and length for an int.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            level,
+            option,
+            (&raw const value).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }

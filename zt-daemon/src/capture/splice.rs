@@ -32,7 +32,10 @@ use tokio::{
 use tracing::{debug, warn};
 use zt_common::{SpliceLink, map_names};
 
-use super::{CaptureError, sockets::socket_cookie};
+use super::{
+    CaptureError,
+    sockets::{set_socket_option, socket_cookie, socket_option},
+};
 
 const PROGRAM: &str = "zt_splice";
 
@@ -382,21 +385,7 @@ impl Drop for Splice {
 }
 
 fn set_rcvlowat(fd: RawFd) -> io::Result<()> {
-    let one: libc::c_int = 1;
-    // SAFETY: valid fd, pointer and length for an int option.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_RCVLOWAT,
-            (&raw const one).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    set_socket_option(&fd, libc::SOL_SOCKET, libc::SO_RCVLOWAT, 1)
 }
 
 /// Bytes the socket's send path has taken since it connected: those acknowledged plus those still
@@ -413,21 +402,5 @@ fn taken_by_send_path(fd: RawFd) -> io::Result<u64> {
 }
 
 fn tcp_info(fd: RawFd) -> io::Result<libc::tcp_info> {
-    // SAFETY: zeroed tcp_info is valid; the kernel fills at most `len` bytes.
-    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-    // SAFETY: valid fd, pointer and length.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            (&raw mut info).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(info)
+    socket_option(&fd, libc::IPPROTO_TCP, libc::TCP_INFO)
 }

@@ -75,10 +75,19 @@ async fn handle(app: TcpStream, peer: SocketAddr, workload: &LocalWorkload, ctx:
             if let Some(splicer) = &ctx.splicer
                 && let Some(ends) = same_node::Ends::find(workload, endpoint, &identity, ctx)
             {
-                return same_node::serve(app, ends, plain, splicer, tunnel, ctx).await;
+                return Box::pin(same_node::serve(app, ends, plain, splicer, tunnel, ctx)).await;
             }
             let first = sent_already(&app);
-            match open_tunnel(workload, tunnel, endpoint, &identity, first.as_ref()).await {
+            // Boxed, as every future that ends before the relay starts: a connection's task then
+            // holds only what its relay needs while the connection is open (idle memory).
+            let opened = Box::pin(open_tunnel(
+                workload,
+                tunnel,
+                endpoint,
+                &identity,
+                first.as_ref(),
+            ));
+            match opened.await {
                 Ok((stream, source, peer_workload)) => {
                     let record = AccessRecord {
                         identities: Identities {
