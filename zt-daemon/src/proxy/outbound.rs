@@ -5,9 +5,14 @@
 //! reached over an HBONE stream presenting the workload's SVID and requiring the destination's
 //! identity. Without an identity provider the node only captures, and forwards in plain TCP.
 //! Upstream sockets are made inside the pod's netns, so traffic leaves with the pod's address.
-use std::{future::pending, net::SocketAddr, sync::Arc, time::Instant};
+use std::{
+    future::{pending, ready},
+    net::SocketAddr,
+    sync::Arc,
+    time::Instant,
+};
 
-use bytes::{Bytes, BytesMut};
+use futures_util::future::Either;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::warn;
 
@@ -20,7 +25,10 @@ use crate::{
         route::{self, Refusal, Route, RouteInputs},
         same_node,
     },
-    tunnel::{client::open_tunnel, error::TunnelError},
+    tunnel::{
+        client::{EarlyBytes, open_tunnel},
+        error::TunnelError,
+    },
 };
 
 pub async fn serve(listener: TcpListener, workload: Arc<LocalWorkload>, ctx: Arc<ProxyContext>) {
@@ -77,17 +85,15 @@ async fn handle(app: TcpStream, peer: SocketAddr, workload: &LocalWorkload, ctx:
             {
                 return Box::pin(same_node::serve(app, ends, plain, splicer, tunnel, ctx)).await;
             }
-            let first = sent_already(&app);
+            let mut early = EarlyBytes::new(&app);
             // Boxed, as every future that ends before the relay starts: a connection's task then
             // holds only what its relay needs while the connection is open (idle memory).
             let opened = Box::pin(open_tunnel(
-                workload,
-                tunnel,
-                endpoint,
-                &identity,
-                first.as_ref(),
-            ));
-            match opened.await {
+                workload, tunnel, endpoint, &identity, &mut early,
+            ))
+            .await;
+            let (sent_with_connect, failed) = (early.sent(), early.failed.take());
+            match opened {
                 Ok((stream, source, peer_workload)) => {
                     let record = AccessRecord {
                         identities: Identities {
@@ -95,10 +101,16 @@ async fn handle(app: TcpStream, peer: SocketAddr, workload: &LocalWorkload, ctx:
                             destination: Some(identity),
                         },
                         peer_workload,
-                        sent_with_connect: first.map_or(0, |b| b.len() as u64),
+                        sent_with_connect,
                         ..plain
                     };
-                    relay_and_log(record, app, stream, ctx, pending()).await;
+                    // An application that reset while its CONNECT was answered resets the
+                    // stream too: not a clean end.
+                    let interrupt = match failed {
+                        Some(_) => Either::Left(ready(CloseReason::DownstreamReset)),
+                        None => Either::Right(pending()),
+                    };
+                    relay_and_log(record, app, stream, ctx, interrupt).await;
                 }
                 Err(e) => {
                     if let Some(reason) = e.handshake_failure() {
@@ -143,19 +155,3 @@ async fn handle(app: TcpStream, peer: SocketAddr, workload: &LocalWorkload, ctx:
         }
     }
 }
-
-/// What the application has sent already (a client that speaks first usually has, by the time
-/// its connection is accepted), without waiting: it goes with the CONNECT, so the destination's
-/// agent has it as soon as it accepts the stream, and the request saves a round trip. It is
-/// delivered only once the destination has authorized the stream, like every byte after it.
-fn sent_already(app: &TcpStream) -> Option<Bytes> {
-    let mut buf = BytesMut::with_capacity(FIRST_BYTES);
-    match app.try_read_buf(&mut buf) {
-        Ok(n) if n > 0 => Some(buf.freeze()),
-        // Nothing yet (WouldBlock), or EOF or an error, which the relay sees again.
-        _ => None,
-    }
-}
-
-/// At most this much goes with the CONNECT; the rest flows through the relay.
-const FIRST_BYTES: usize = 16 << 10;

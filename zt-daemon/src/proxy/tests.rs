@@ -368,6 +368,77 @@ async fn bytes_sent_before_the_tunnel_opened_reach_an_allowed_peer_once_and_a_de
     }
 }
 
+/// A destination whose HBONE side (real TLS and HTTP/2, with an SVID of `namespace`/`sa`) says
+/// when a CONNECT's headers arrived, and answers it only once `wanted` bytes of its body have,
+/// echoing them: a client whose bytes wait for the answer is never answered.
+async fn answering_after_the_body(
+    bed: &Bed,
+    host: u8,
+    namespace: &str,
+    sa: &str,
+    wanted: usize,
+) -> (IpAddr, tokio::sync::oneshot::Receiver<()>) {
+    let ip = bed.ip(host);
+    let id = spiffe_id(namespace, sa);
+    let svid = bed.ca.issue(&id, Duration::from_secs(3600)).unwrap();
+    let trust = bed.ctx.tunnel.as_ref().unwrap().trust.clone();
+    let config = crate::identity::tls::server_config(SvidSlot::new(svid), trust).unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind((ip, HBONE_PORT)).await.unwrap();
+    let (headers_arrived, arrived) = tokio::sync::oneshot::channel();
+    bed.spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let tls = acceptor.accept(tcp).await.unwrap();
+        let mut connection = hbone::server_builder().handshake(tls).await.unwrap();
+        let (request, mut respond) = connection.accept().await.unwrap().unwrap();
+        let _ = headers_arrived.send(());
+        tokio::spawn(async move {
+            let mut body = request.into_body();
+            let mut got = Vec::new();
+            while got.len() < wanted {
+                let data = body.data().await.unwrap().unwrap();
+                let _ = body.flow_control().release_capacity(data.len());
+                got.extend_from_slice(&data);
+            }
+            let mut send = respond
+                .send_response(http::Response::new(()), false)
+                .unwrap();
+            send.send_data(Bytes::from(got), true).unwrap();
+            // Kept open until the client is done.
+            let _ = body.data().await;
+        });
+        while connection.accept().await.is_some() {}
+    });
+    let mut mesh = bed.mesh.lock().unwrap();
+    mesh.insert(ip, id);
+    bed.ctx
+        .directory
+        .publish_node(mesh.clone(), NodeWorkloads::default());
+    (ip, arrived)
+}
+
+#[tokio::test]
+async fn bytes_sent_after_the_connect_go_out_before_its_answer() {
+    let bed = Bed::new("", MtlsMode::Strict, EgressPolicy::default());
+    let web = bed.pod(1, "shop", "web-1", "web").await;
+    let request = b"HELO after the CONNECT";
+    let (db, connect_arrived) =
+        answering_after_the_body(&bed, 2, "shop", "db", request.len()).await;
+    let mut stream = bed.connect(&web, SocketAddr::new(db, APP_PORT)).await;
+    // The CONNECT is out, without the client's bytes: they follow it, unanswered.
+    tokio::time::timeout(WAIT, connect_arrived)
+        .await
+        .expect("the CONNECT never arrived")
+        .unwrap();
+    stream.write_all(request).await.unwrap();
+    let mut back = vec![0; request.len()];
+    tokio::time::timeout(WAIT, stream.read_exact(&mut back))
+        .await
+        .expect("the client's bytes waited for the answer, which waited for them")
+        .unwrap();
+    assert_eq!(back, request);
+}
+
 #[tokio::test]
 async fn replicas_sharing_a_service_account_each_get_their_own_pooled_connection() {
     let bed = Bed::new("", MtlsMode::Strict, EgressPolicy::default());

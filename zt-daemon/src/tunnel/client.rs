@@ -1,9 +1,10 @@
 //! The client side of the tunnel: an HBONE stream to a destination pod as one of this node's
 //! workloads, on a pooled connection of that pod when one is usable, else on a new mutual-TLS
 //! HTTP/2 connection dialled from inside the pod (one dial per pool key, `pool`).
-use std::{net::SocketAddr, sync::Arc};
+use std::{io, net::SocketAddr, sync::Arc};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
+use tokio::net::TcpStream;
 use tracing::debug;
 use zt_common::HBONE_PORT;
 
@@ -25,16 +26,79 @@ use crate::{
     workload::WorkloadId,
 };
 
+/// What the application sends while its CONNECT waits for the answer. It goes on the stream at
+/// once (HTTP/2 lets a request's body precede its response), so a client that speaks first does
+/// not wait a mesh round trip; the destination's agent delivers it only once it has authorized
+/// the stream, like every byte after it. It is kept until the answer, to be sent again if the
+/// stream has to be opened on another connection.
+pub struct EarlyBytes<'a> {
+    app: &'a TcpStream,
+    chunks: Vec<Bytes>,
+    len: usize,
+    /// The application half-closed: the relay passes that on.
+    ended: bool,
+    /// The application's socket failed: the connection must end as a reset.
+    pub failed: Option<io::Error>,
+}
+
+/// At most this much is read ahead of the answer; the rest waits for the relay.
+const EARLY_BYTES: usize = 16 << 10;
+
+impl<'a> EarlyBytes<'a> {
+    pub fn new(app: &'a TcpStream) -> Self {
+        Self {
+            app,
+            chunks: Vec::new(),
+            len: 0,
+            ended: false,
+            failed: None,
+        }
+    }
+
+    /// Bytes sent ahead of the answer.
+    pub fn sent(&self) -> u64 {
+        self.len as u64
+    }
+
+    fn wanted(&self) -> bool {
+        !self.ended && self.failed.is_none() && self.len < EARLY_BYTES
+    }
+
+    /// The application's next bytes, once it sends some; `None` when nothing more is read here.
+    /// Cancel-safe: bytes are read only once the socket is readable, without waiting.
+    async fn next(&mut self) -> Option<Bytes> {
+        while self.wanted() {
+            if let Err(e) = self.app.readable().await {
+                self.failed = Some(e);
+                break;
+            }
+            let mut buf = BytesMut::with_capacity(EARLY_BYTES - self.len);
+            match self.app.try_read_buf(&mut buf) {
+                Ok(0) => self.ended = true,
+                Ok(n) => {
+                    let chunk = buf.freeze();
+                    self.len += n;
+                    self.chunks.push(chunk.clone());
+                    return Some(chunk);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => self.failed = Some(e),
+            }
+        }
+        None
+    }
+}
+
 /// Opens an HBONE stream to `dst` as `workload`, requiring `expected`: on a pooled connection of
-/// this pod to that destination if one is usable, else on a new one. `first` is sent right after
-/// the CONNECT's headers, without waiting for the answer. Returns the stream, the source identity
-/// it speaks for, and the destination workload if its agent said.
+/// this pod to that destination if one is usable, else on a new one. What the application sends
+/// meanwhile goes with the CONNECT (`early`). Returns the stream, the source identity it speaks
+/// for, and the destination workload if its agent said.
 pub async fn open_tunnel(
     workload: &LocalWorkload,
     tunnel: &Tunnel,
     dst: SocketAddr,
     expected: &SpiffeId,
-    first: Option<&Bytes>,
+    early: &mut EarlyBytes<'_>,
 ) -> Result<(H2Stream, SpiffeId, Option<WorkloadId>), TunnelError> {
     let slot = workload.svid.clone().ok_or(TunnelError::NoCertificate)?;
     let source = slot
@@ -58,13 +122,13 @@ pub async fn open_tunnel(
             .checkout(&key, || dial(workload, tunnel, slot.clone(), dst, expected))
             .await?;
         let (fresh, connection) = (lease.fresh, lease.connection);
-        match open_stream(lease, workload, dst, expected, first).await {
+        match open_stream(lease, workload, dst, expected, early).await {
             Ok((stream, peer)) => return Ok((stream, source, peer)),
             // The peer answered: the connection is fine and asking again would get the same.
             Err(e @ TunnelError::Refused(..)) => return Err(e),
-            // Once `first` has gone out, only a stream the peer cannot have processed is tried
-            // again: the application's bytes must not arrive twice.
-            Err(e) if !fresh && attempts > 0 && (first.is_none() || e.unprocessed()) => {
+            // Once early bytes have gone out, only a stream the peer cannot have processed is
+            // tried again: the application's bytes must not arrive twice.
+            Err(e) if !fresh && attempts > 0 && (early.chunks.is_empty() || e.unprocessed()) => {
                 debug!(workload = %workload.workload.id, original_dst = %dst, error = %e, "pooled HBONE connection unusable; replacing it");
                 tunnel.pool.evict(&key, connection);
             }
@@ -117,14 +181,14 @@ async fn dial(
     })
 }
 
-/// One CONNECT stream to `dst` on a leased pooled connection, with `first` right behind its
-/// headers, and the destination workload if its agent said.
+/// One CONNECT stream to `dst` on a leased pooled connection, with the application's early
+/// bytes right behind its headers, and the destination workload if its agent said.
 async fn open_stream(
     lease: Lease,
     workload: &LocalWorkload,
     dst: SocketAddr,
     expected: &SpiffeId,
-    first: Option<&Bytes>,
+    early: &mut EarlyBytes<'_>,
 ) -> Result<(H2Stream, Option<WorkloadId>), TunnelError> {
     let mut send_request = lease.send.ready().await?;
     let request = http::Request::builder()
@@ -133,12 +197,19 @@ async fn open_stream(
         .header("baggage", hbone::baggage(&workload.workload.id))
         .body(())?;
     let (response, mut send) = send_request.send_request(request, false)?;
-    if let Some(first) = first {
-        // Within the stream's initial window (megabytes), so it goes out with the headers.
-        send.reserve_capacity(first.len());
-        send.send_data(first.clone(), false)?;
+    // Within the stream's initial window (megabytes), so they go out with the headers. A retry
+    // sends again what the first attempt did.
+    for chunk in &early.chunks {
+        send.send_data(chunk.clone(), false)?;
     }
-    let response = response.await?;
+    tokio::pin!(response);
+    let response = loop {
+        tokio::select! {
+            biased;
+            response = &mut response => break response?,
+            Some(chunk) = early.next(), if early.wanted() => send.send_data(chunk, false)?,
+        }
+    };
     if response.status() != http::StatusCode::OK {
         return Err(TunnelError::Refused(dst, response.status()));
     }
