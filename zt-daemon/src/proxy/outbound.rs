@@ -93,6 +93,8 @@ async fn handle(app: TcpStream, peer: SocketAddr, workload: &LocalWorkload, ctx:
             ))
             .await;
             let (sent_with_connect, failed) = (early.sent(), early.failed.take());
+            // What went early is kept for a retry only: not for the connection's life.
+            drop(early);
             match opened {
                 Ok((stream, source, peer_workload)) => {
                     let record = AccessRecord {

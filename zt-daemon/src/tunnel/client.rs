@@ -43,6 +43,8 @@ pub struct EarlyBytes<'a> {
 
 /// At most this much is read ahead of the answer; the rest waits for the relay.
 const EARLY_BYTES: usize = 16 << 10;
+/// A read's size: most clients send a short request first.
+const EARLY_READ: usize = 4 << 10;
 
 impl<'a> EarlyBytes<'a> {
     pub fn new(app: &'a TcpStream) -> Self {
@@ -72,7 +74,7 @@ impl<'a> EarlyBytes<'a> {
                 self.failed = Some(e);
                 break;
             }
-            let mut buf = BytesMut::with_capacity(EARLY_BYTES - self.len);
+            let mut buf = BytesMut::with_capacity((EARLY_BYTES - self.len).min(EARLY_READ));
             match self.app.try_read_buf(&mut buf) {
                 Ok(0) => self.ended = true,
                 Ok(n) => {
