@@ -32,6 +32,8 @@ const INITIAL_BUFFER: usize = 4 * 1024;
 /// segments at loopback/veth MTUs, so one read/write pair moves a whole socket buffer's worth with
 /// few syscalls.
 const BULK_BUFFER: usize = 64 * 1024;
+/// A bulk connection quiet this long gives its buffer back.
+const BULK_IDLE: Duration = Duration::from_secs(1);
 
 /// The receiving half of one side.
 pub trait ChunkRead: Send {
@@ -84,11 +86,18 @@ impl ChunkRead for TcpReader {
                 }
                 // Nothing queued: a connection of small reads holds no buffer while it waits
                 // (most of its life, and most of an idle one's memory). A bulk one keeps its
-                // buffer between bursts: a fresh 64 KiB each time costs page faults.
+                // buffer between bursts (a fresh 64 KiB each time costs page faults) until it
+                // has been quiet for `BULK_IDLE`, then starts small again.
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if self.want < BULK_BUFFER {
-                        self.buf = BytesMut::new();
+                    if self.want == BULK_BUFFER
+                        && tokio::time::timeout(BULK_IDLE, self.stream.readable())
+                            .await
+                            .is_ok()
+                    {
+                        continue;
                     }
+                    self.buf = BytesMut::new();
+                    self.want = INITIAL_BUFFER;
                     self.stream.readable().await?;
                 }
                 Err(e) => return Err(e),
@@ -371,7 +380,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_quiet_connection_holds_no_read_buffer_and_a_bulk_one_keeps_its_own() {
+    async fn a_quiet_connection_holds_no_read_buffer_and_a_bulk_one_keeps_its_own_between_bursts() {
         let (mut reader, mut client) = pair().await;
         assert_eq!(reader.buf.capacity(), 0, "a buffer before any byte");
         client.write_all(&[7; 16]).await.unwrap();
@@ -391,6 +400,11 @@ mod tests {
         let mut client = writer.await.unwrap();
         assert_eq!(reader.want, BULK_BUFFER);
         assert!(reader.buf.capacity() > 0);
+        // Quiet for longer than that, it gives the buffer back.
+        let waited = tokio::time::timeout(BULK_IDLE * 3 / 2, reader.read_chunk()).await;
+        assert!(waited.is_err(), "a read with nothing sent: {waited:?}");
+        assert_eq!(reader.buf.capacity(), 0, "a bulk buffer held while idle");
+        assert_eq!(reader.want, INITIAL_BUFFER);
 
         // The end still arrives after a wait without a buffer.
         let (mut reader, mut client2) = pair().await;

@@ -103,14 +103,15 @@ impl PodNetns {
 }
 
 /// The calling thread is inside another network namespace while this lives; dropping it
-/// returns the thread to the agent's own.
-struct Inside(());
+/// returns the thread to the agent's own. Not `Send`: held across an `.await`, it would return
+/// another thread and strand this one.
+struct Inside(std::marker::PhantomData<*const ()>);
 
 fn enter(netns: &File) -> io::Result<Inside> {
     // Opened before the first entry, while the thread is still at home.
     home_netns()?;
     setns(netns.as_fd(), CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
-    Ok(Inside(()))
+    Ok(Inside(std::marker::PhantomData))
 }
 
 impl Drop for Inside {

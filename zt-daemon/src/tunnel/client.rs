@@ -37,6 +37,8 @@ pub struct EarlyBytes<'a> {
     len: usize,
     /// The application half-closed: the relay passes that on.
     ended: bool,
+    /// The stream takes no more: read nothing more here.
+    halted: bool,
     /// The application's socket failed: the connection must end as a reset.
     pub failed: Option<io::Error>,
 }
@@ -53,6 +55,7 @@ impl<'a> EarlyBytes<'a> {
             chunks: Vec::new(),
             len: 0,
             ended: false,
+            halted: false,
             failed: None,
         }
     }
@@ -63,7 +66,7 @@ impl<'a> EarlyBytes<'a> {
     }
 
     fn wanted(&self) -> bool {
-        !self.ended && self.failed.is_none() && self.len < EARLY_BYTES
+        !self.ended && !self.halted && self.failed.is_none() && self.len < EARLY_BYTES
     }
 
     /// The application's next bytes, once it sends some; `None` when nothing more is read here.
@@ -201,6 +204,7 @@ async fn open_stream(
     let (response, mut send) = send_request.send_request(request, false)?;
     // Within the stream's initial window (megabytes), so they go out with the headers. A retry
     // sends again what the first attempt did.
+    early.halted = false;
     for chunk in &early.chunks {
         send.send_data(chunk.clone(), false)?;
     }
@@ -209,7 +213,13 @@ async fn open_stream(
         tokio::select! {
             biased;
             response = &mut response => break response?,
-            Some(chunk) = early.next(), if early.wanted() => send.send_data(chunk, false)?,
+            Some(chunk) = early.next(), if early.wanted() => {
+                // The stream ended under us (a refusal racing these bytes, say): its answer
+                // says why.
+                if send.send_data(chunk, false).is_err() {
+                    early.halted = true;
+                }
+            }
         }
     };
     if response.status() != http::StatusCode::OK {

@@ -30,10 +30,11 @@ pub enum TunnelError {
 }
 
 impl TunnelError {
-    /// Whether the peer said it did not process the stream (GOAWAY before it, REFUSED_STREAM),
-    /// so it may be opened again elsewhere without anything arriving twice.
+    /// Whether the peer said it did not process the stream (its GOAWAY came before it,
+    /// REFUSED_STREAM), so it may be opened again elsewhere without anything arriving twice. A
+    /// GOAWAY of our own (a protocol error seen here) ends streams the peer may have processed.
     pub fn unprocessed(&self) -> bool {
-        matches!(self, Self::H2(e) if e.is_go_away() || e.reason() == Some(h2::Reason::REFUSED_STREAM))
+        matches!(self, Self::H2(e) if (e.is_go_away() && e.is_remote()) || e.reason() == Some(h2::Reason::REFUSED_STREAM))
     }
 
     /// The `zt_tls_handshake_failures_total` reason, when this is a failed handshake.
