@@ -6,7 +6,7 @@
 #![no_main]
 use std::{
     net::{IpAddr, SocketAddr},
-    sync::{Arc, OnceLock},
+    sync::OnceLock,
     time::{Duration, SystemTime},
 };
 
@@ -14,7 +14,7 @@ use http::{Response, StatusCode};
 use libfuzzer_sys::fuzz_target;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use zt_daemon::{
-    identity::{spiffe::SpiffeId, verify::TrustStore},
+    identity::{spiffe::SpiffeId, svid::LeafFacts, verify::TrustStore},
     proxy::inbound::connect_target,
     tunnel::{
         hbone,
@@ -57,11 +57,14 @@ fuzz_target!(|data: &[u8]| {
         namespace: "default".into(),
         name: "server".into(),
     };
-    let certificate = |id: &SpiffeId| SessionCertificate {
-        id: id.clone(),
-        serial: "01".into(),
-        not_after: SystemTime::now() + Duration::from_secs(3600),
-        chain: Arc::new([]),
+    let certificate = |id: &SpiffeId| {
+        SessionCertificate::from(&LeafFacts {
+            id: id.clone(),
+            serial: "01".into(),
+            not_before: SystemTime::now(),
+            not_after: SystemTime::now() + Duration::from_secs(3600),
+            self_issued: false,
+        })
     };
     let certificates = SessionCertificates {
         local: certificate(
