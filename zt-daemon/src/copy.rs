@@ -304,8 +304,9 @@ where
 /// Runs a relay's two directions, `up` (downstream to upstream) and `down`, until both have
 /// ended (EOF), one fails (a reset), nothing moved for `idle_timeout` since `last_moved`, or
 /// `interrupt` resolves. `watch`, given which directions have ended, watches whatever else may
-/// end the relay; it is asked again whenever that changes. Shared by the copying relay and the
-/// splice's, which differ only in how a direction moves its bytes.
+/// end the relay; its future is made anew at each turn of the loop (a direction ending, an idle
+/// check), so it always knows which have. Shared by the copying relay and the splice's, which
+/// differ only in how a direction moves its bytes.
 pub async fn drive<W, Watched>(
     up: impl Future<Output = Result<(), Failure>>,
     down: impl Future<Output = Result<(), Failure>>,

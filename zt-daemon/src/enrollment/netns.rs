@@ -62,10 +62,7 @@ impl PodNetns {
     /// Puts the calling thread into the pod's namespace until the guard drops. Only for short,
     /// non-blocking work with no `.await` inside: the thread is a runtime worker.
     fn enter(&self) -> Result<Inside, NetnsError> {
-        enter(&self.file).map_err(|source| NetnsError::Enter {
-            path: self.path.clone(),
-            source,
-        })
+        enter_pod(&self.file, &self.path)
     }
 
     /// Runs `f` inside the namespace on a blocking-pool thread: for work that may block
@@ -76,10 +73,7 @@ impl PodNetns {
     ) -> Result<R, NetnsError> {
         let (file, path) = (self.file.clone(), self.path.clone());
         tokio::task::spawn_blocking(move || {
-            let inside = enter(&file).map_err(|source| NetnsError::Enter {
-                path: path.clone(),
-                source,
-            })?;
+            let inside = enter_pod(&file, &path)?;
             let out = f();
             drop(inside);
             Ok(out)
@@ -106,6 +100,14 @@ impl PodNetns {
 /// returns the thread to the agent's own. Not `Send`: held across an `.await`, it would return
 /// another thread and strand this one.
 struct Inside(std::marker::PhantomData<*const ()>);
+
+/// [`enter`], naming the pod's namespace in the error.
+fn enter_pod(netns: &File, path: &Path) -> Result<Inside, NetnsError> {
+    enter(netns).map_err(|source| NetnsError::Enter {
+        path: path.to_owned(),
+        source,
+    })
+}
 
 fn enter(netns: &File) -> io::Result<Inside> {
     // Opened before the first entry, while the thread is still at home.

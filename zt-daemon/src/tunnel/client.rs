@@ -34,7 +34,6 @@ use crate::{
 pub struct EarlyBytes<'a> {
     app: &'a TcpStream,
     chunks: Vec<Bytes>,
-    len: usize,
     /// The application half-closed: the relay passes that on.
     ended: bool,
     /// The stream takes no more: read nothing more here.
@@ -53,7 +52,6 @@ impl<'a> EarlyBytes<'a> {
         Self {
             app,
             chunks: Vec::new(),
-            len: 0,
             ended: false,
             halted: false,
             failed: None,
@@ -62,11 +60,15 @@ impl<'a> EarlyBytes<'a> {
 
     /// Bytes sent ahead of the answer.
     pub fn sent(&self) -> u64 {
-        self.len as u64
+        self.len() as u64
+    }
+
+    fn len(&self) -> usize {
+        self.chunks.iter().map(Bytes::len).sum()
     }
 
     fn wanted(&self) -> bool {
-        !self.ended && !self.halted && self.failed.is_none() && self.len < EARLY_BYTES
+        !self.ended && !self.halted && self.failed.is_none() && self.len() < EARLY_BYTES
     }
 
     /// The application's next bytes, once it sends some; `None` when nothing more is read here.
@@ -77,12 +79,11 @@ impl<'a> EarlyBytes<'a> {
                 self.failed = Some(e);
                 break;
             }
-            let mut buf = BytesMut::with_capacity((EARLY_BYTES - self.len).min(EARLY_READ));
+            let mut buf = BytesMut::with_capacity((EARLY_BYTES - self.len()).min(EARLY_READ));
             match self.app.try_read_buf(&mut buf) {
                 Ok(0) => self.ended = true,
-                Ok(n) => {
+                Ok(_) => {
                     let chunk = buf.freeze();
-                    self.len += n;
                     self.chunks.push(chunk.clone());
                     return Some(chunk);
                 }
