@@ -33,6 +33,27 @@ impl Node {
     }
 }
 
+/// The access records of `direction`, once there are at least `count`: a client has its last
+/// byte before the agent logs the connection's end.
+fn logged(agent: &Agent, direction: &str, count: usize) -> Vec<serde_json::Value> {
+    let records = || -> anyhow::Result<Vec<serde_json::Value>> {
+        Ok(agent
+            .access_records()?
+            .into_iter()
+            .filter(|r| r["direction"] == direction)
+            .collect())
+    };
+    zt_tests::wait_until(Duration::from_secs(10), || Ok(records()?.len() >= count)).unwrap_or_else(
+        |e| {
+            panic!(
+                "{direction}: not every connection was logged: {e}\n{}",
+                agent.log_tail()
+            )
+        },
+    );
+    records().unwrap()
+}
+
 fn node(policies: bool) -> Node {
     let mut bed = Testbed::new(2).unwrap();
     let ca = bed.dir.join("ca");
@@ -114,14 +135,10 @@ fn spliced_connection_carries_both_directions_intact_without_the_agent_copying()
         read < 16 * MIB,
         "the agent read {read} bytes: the connection was not spliced"
     );
-    let records = n.agent.access_records().unwrap();
     for direction in ["outbound", "inbound"] {
-        let spliced: Vec<_> = records
-            .iter()
-            .filter(|r| r["direction"] == direction)
-            .collect();
+        let spliced = logged(&n.agent, direction, 2);
         assert_eq!(spliced.len(), 2, "{direction}: {spliced:?}");
-        for r in spliced {
+        for r in &spliced {
             assert_eq!(r["connection_security_policy"], "node_local", "{r}");
             assert_eq!(r["source_identity"], spiffe_id(&p11).as_str(), "{r}");
             assert_eq!(r["destination_identity"], spiffe_id(&p12).as_str(), "{r}");
@@ -250,13 +267,9 @@ fn connections_that_half_close_before_the_splice_are_copied_intact() {
     let completed = zt_tests::probe::churn(&n.bed, p11, dst, count, 100).unwrap();
     assert_eq!(completed, count as u64);
     n.server.expect_connections(count).unwrap();
-    let records = n.agent.access_records().unwrap();
-    let inbound: Vec<_> = records
-        .iter()
-        .filter(|r| r["direction"] == "inbound")
-        .collect();
+    let inbound = logged(&n.agent, "inbound", count);
     assert_eq!(inbound.len(), count, "{inbound:?}");
-    for r in inbound {
+    for r in &inbound {
         assert_eq!(r["bytes_sent"].as_u64(), Some(100), "{r}");
         assert_eq!(r["close"], "eof", "{r}");
         assert_eq!(r["connection_security_policy"], "node_local", "{r}");
