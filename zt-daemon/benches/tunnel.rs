@@ -162,12 +162,10 @@ fn copy_loop(c: &mut Criterion) {
                 let (downstream, _) = front.accept().await.unwrap();
                 let upstream = TcpStream::connect(back_addr).await.unwrap();
                 let (mut sink, _) = back.accept().await.unwrap();
-                let relay = tokio::spawn(copy::relay(
-                    downstream,
-                    upstream,
-                    Duration::from_secs(10),
-                    std::future::pending(),
-                ));
+                let relay = tokio::spawn(async move {
+                    let interrupt = std::pin::pin!(std::future::pending());
+                    copy::relay(downstream, upstream, Duration::from_secs(10), interrupt).await
+                });
                 let writer = tokio::spawn(async move {
                     let mut client = client;
                     let chunk = vec![0x5au8; 64 * 1024];

@@ -11,6 +11,7 @@ use std::{
     fmt,
     future::{Future, pending},
     io,
+    pin::{Pin, pin},
     sync::atomic::{AtomicU64, Ordering},
     time::{Duration, Instant},
 };
@@ -264,11 +265,15 @@ impl Abort for TcpStream {
 /// Relays between `downstream` and `upstream` until both directions are done, one side fails,
 /// nothing moved for `idle_timeout`, or `interrupt` resolves (with the reason to close); anything
 /// but a clean end aborts both sides.
+///
+/// Futures are passed down pinned, here and in [`drive`]: an async fn keeps a future it is given
+/// by value twice (as its argument and as the local it polls), and every layer of a connection's
+/// relay would add both copies to what each idle connection holds.
 pub async fn relay<D, U>(
     downstream: D,
     upstream: U,
     idle_timeout: Duration,
-    interrupt: impl Future<Output = CloseReason>,
+    interrupt: Pin<&mut impl Future<Output = CloseReason>>,
 ) -> RelayOutcome
 where
     D: RelaySide,
@@ -282,8 +287,8 @@ where
         last_ms: AtomicU64::new(0),
     };
     let close = drive(
-        pump(&mut dr, &mut uw, &mut sent, &activity),
-        pump(&mut ur, &mut dw, &mut received, &activity),
+        pin!(pump(&mut dr, &mut uw, &mut sent, &activity)),
+        pin!(pump(&mut ur, &mut dw, &mut received, &activity)),
         interrupt,
         idle_timeout,
         || activity.last(),
@@ -308,9 +313,9 @@ where
 /// check), so it always knows which have. Shared by the copying relay and the splice's, which
 /// differ only in how a direction moves its bytes.
 pub async fn drive<W, Watched>(
-    up: impl Future<Output = Result<(), Failure>>,
-    down: impl Future<Output = Result<(), Failure>>,
-    interrupt: impl Future<Output = CloseReason>,
+    mut up: Pin<&mut impl Future<Output = Result<(), Failure>>>,
+    mut down: Pin<&mut impl Future<Output = Result<(), Failure>>>,
+    mut interrupt: Pin<&mut impl Future<Output = CloseReason>>,
     idle_timeout: Duration,
     mut last_moved: impl FnMut() -> Instant,
     mut watch: W,
@@ -319,7 +324,6 @@ where
     W: FnMut([bool; 2]) -> Watched,
     Watched: Future<Output = CloseReason>,
 {
-    tokio::pin!(up, down, interrupt);
     let mut ended = [false; 2];
     loop {
         tokio::select! {

@@ -12,6 +12,7 @@ use std::{
     future::Future,
     io,
     net::Shutdown,
+    pin::{Pin, pin},
     sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
@@ -42,7 +43,7 @@ pub async fn relay(
     mut upstream: TcpStream,
     splice: Splice,
     idle_timeout: Duration,
-    interrupt: impl Future<Output = CloseReason>,
+    interrupt: Pin<&mut impl Future<Output = CloseReason>>,
 ) -> RelayOutcome {
     // Closing resets until the relay ends cleanly.
     downstream.abort();
@@ -51,8 +52,8 @@ pub async fn relay(
     // The kernel's counts say whether anything moved since the last look.
     let mut moved = (splice.forwarded(), Instant::now());
     let close = copy::drive(
-        direction(&downstream, &upstream, &splice, 0, &ended),
-        direction(&upstream, &downstream, &splice, 1, &ended),
+        pin!(direction(&downstream, &upstream, &splice, 0, &ended)),
+        pin!(direction(&upstream, &downstream, &splice, 1, &ended)),
         interrupt,
         idle_timeout,
         || {

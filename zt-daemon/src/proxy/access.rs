@@ -1,6 +1,6 @@
 //! One record per connection: who and where it was, how it was decided and how it ended; it
 //! counts the connection in the TCP metrics and writes its access-log line.
-use std::{future::Future, net::SocketAddr, time::Instant};
+use std::{future::Future, net::SocketAddr, pin::Pin, time::Instant};
 
 use tracing::info;
 
@@ -136,13 +136,14 @@ impl AccessRecord<'_> {
 }
 
 /// Relays until the connection ends or `interrupt` resolves (a policy update that now denies it),
-/// then writes its one access-log line.
+/// then writes its one access-log line. The record and `interrupt` stay with the caller: each
+/// open connection's task then holds one copy of them (see `copy::relay`).
 pub(crate) async fn relay_and_log<D, U>(
-    record: AccessRecord<'_>,
+    record: &AccessRecord<'_>,
     downstream: D,
     upstream: U,
     ctx: &ProxyContext,
-    interrupt: impl Future<Output = copy::CloseReason>,
+    interrupt: Pin<&mut impl Future<Output = copy::CloseReason>>,
 ) where
     D: copy::RelaySide,
     U: copy::RelaySide,
@@ -151,7 +152,7 @@ pub(crate) async fn relay_and_log<D, U>(
     let mut outcome = copy::relay(downstream, upstream, ctx.idle_timeout, interrupt).await;
     outcome.sent += record.sent_with_connect;
     record.count(&ctx.metrics, Some(&outcome));
-    log_access(&record, &outcome);
+    log_access(record, &outcome);
 }
 
 pub(super) fn id_or_dash(id: Option<&SpiffeId>) -> String {

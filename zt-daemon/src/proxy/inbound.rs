@@ -13,6 +13,7 @@
 //!   when either is revoked.
 use std::{
     net::{IpAddr, SocketAddr},
+    pin::pin,
     sync::Arc,
     time::Instant,
 };
@@ -122,7 +123,7 @@ async fn handle_plaintext(
             return;
         }
     };
-    relay_and_log(record, client, app, ctx, denied_later).await;
+    relay_and_log(&record, client, app, ctx, pin!(denied_later)).await;
 }
 
 async fn handle_hbone(
@@ -357,5 +358,5 @@ async fn handle_connect(
         }
     };
     let tunnel = H2Stream::new(send, request.into_body());
-    relay_and_log(record, tunnel, app, ctx, denied_later).await;
+    relay_and_log(&record, tunnel, app, ctx, pin!(denied_later)).await;
 }

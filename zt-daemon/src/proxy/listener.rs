@@ -1,6 +1,7 @@
 //! The accept loop every in-pod listener runs: admission, a task per connection, and draining.
 use std::{future::Future, net::SocketAddr, sync::Arc};
 
+use futures_util::FutureExt as _;
 use tokio::{
     net::TcpListener,
     task::{JoinHandle, JoinSet},
@@ -102,10 +103,10 @@ pub(crate) async fn accept_loop<F, Fut>(
                         Admission::ByHandler => None,
                     };
                     let work = handle(stream, peer, workload.clone(), ctx.clone());
-                    connections.spawn(async move {
-                        work.await;
-                        drop(permit);
-                    });
+                    // Not `async move { work.await; .. }`: that block would hold `work` twice
+                    // (captured, and moved out to be polled), doubling each open connection's
+                    // task.
+                    connections.spawn(work.map(move |()| drop(permit)));
                 }
                 Err(e) => {
                     // EMFILE and friends: back off briefly instead of spinning.

@@ -8,6 +8,7 @@
 use std::{
     future::{pending, ready},
     net::SocketAddr,
+    pin::pin,
     sync::Arc,
     time::Instant,
 };
@@ -108,11 +109,11 @@ async fn handle(app: TcpStream, peer: SocketAddr, workload: &LocalWorkload, ctx:
                     };
                     // An application that reset while its CONNECT was answered resets the
                     // stream too: not a clean end.
-                    let interrupt = match failed {
+                    let interrupt = pin!(match failed {
                         Some(_) => Either::Left(ready(CloseReason::DownstreamReset)),
                         None => Either::Right(pending()),
-                    };
-                    relay_and_log(record, app, stream, ctx, interrupt).await;
+                    });
+                    relay_and_log(&record, app, stream, ctx, interrupt).await;
                 }
                 Err(e) => {
                     if let Some(reason) = e.handshake_failure() {
@@ -148,7 +149,7 @@ async fn handle(app: TcpStream, peer: SocketAddr, workload: &LocalWorkload, ctx:
         }
         (Route::Passthrough { endpoint } | Route::Tunnel { endpoint, .. }, _) => {
             match workload.connect(endpoint).await {
-                Ok(upstream) => relay_and_log(plain, app, upstream, ctx, pending()).await,
+                Ok(upstream) => relay_and_log(&plain, app, upstream, ctx, pin!(pending())).await,
                 Err(e) => {
                     warn!(workload = %id, original_dst = %dst, %endpoint, error = %e, "outbound connect failed");
                     access::refuse(&plain, app, CloseReason::ConnectFailed, ctx);

@@ -8,7 +8,7 @@
 //! It closes when a policy update denies it, either certificate is revoked, or the destination
 //! is removed. Both sides get their access record and metrics, as for a tunnelled connection,
 //! with `connection_security_policy = node_local`.
-use std::{future::pending, net::SocketAddr, sync::Arc, time::Instant};
+use std::{future::pending, net::SocketAddr, pin::pin, sync::Arc, time::Instant};
 
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
@@ -148,24 +148,24 @@ pub(super) async fn serve(
             return;
         }
     };
-    let interrupt = async {
+    let mut interrupt = pin!(async {
         tokio::select! {
             reason = denied_later => reason,
             reason = revoked(&certificates, tunnel) => reason,
             () = ends.destination.removed() => CloseReason::UpstreamReset,
         }
-    };
+    });
     outbound.count(&ctx.metrics, None);
     inbound.count(&ctx.metrics, None);
     let outcome = match splicer.splice(&app, &upstream) {
         Ok(splice) => {
-            crate::splice::relay(app, upstream, splice, ctx.idle_timeout, interrupt).await
+            crate::splice::relay(app, upstream, splice, ctx.idle_timeout, interrupt.as_mut()).await
         }
         Err(e) => {
             // Most often the application already half-closed (the kernel splices only
             // established sockets): copy it instead. A failed splice removed what it inserted.
             debug!(workload = %ends.source.workload.id, original_dst = %ends.endpoint, error = %e, "same-node: not spliced, copied");
-            copy::relay(app, upstream, ctx.idle_timeout, interrupt).await
+            copy::relay(app, upstream, ctx.idle_timeout, interrupt.as_mut()).await
         }
     };
     for record in [&outbound, &inbound] {
