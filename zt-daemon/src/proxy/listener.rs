@@ -103,10 +103,7 @@ pub(crate) async fn accept_loop<F, Fut>(
                         Admission::ByHandler => None,
                     };
                     let work = handle(stream, peer, workload.clone(), ctx.clone());
-                    // Not `async move { work.await; .. }`: that block would hold `work` twice
-                    // (captured, and moved out to be polled), doubling each open connection's
-                    // task.
-                    connections.spawn(work.map(move |()| drop(permit)));
+                    connections.spawn(holding(work, permit));
                 }
                 Err(e) => {
                     // EMFILE and friends: back off briefly instead of spinning.
@@ -127,5 +124,34 @@ pub(crate) async fn accept_loop<F, Fut>(
         warn!(workload = %workload.workload.id, listener = what, open = connections.len(), close = "drain_timeout", "drain time over; closing open connections");
     } else if open > 0 {
         info!(workload = %workload.workload.id, listener = what, connections = open, "listener drained");
+    }
+}
+
+/// `work`, holding `permit` until it ends. Not `async move { work.await; .. }`: that block keeps
+/// `work` twice (as captured, and moved out to be polled), which doubled every open connection's
+/// task (idle memory).
+fn holding<T: Send>(work: impl Future<Output = ()>, permit: T) -> impl Future<Output = ()> {
+    work.map(move |()| drop(permit))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_connection_task_holds_its_work_once() {
+        let work = async {
+            let state = [7u8; 4096];
+            tokio::task::yield_now().await;
+            assert_eq!(state.iter().map(|b| *b as usize).sum::<usize>(), 7 * 4096);
+        };
+        let work_size = std::mem::size_of_val(&work);
+        let task = holding(work, Arc::new(()));
+        assert!(
+            std::mem::size_of_val(&task) < work_size + 64,
+            "{} bytes to run {work_size} bytes of work",
+            std::mem::size_of_val(&task)
+        );
+        task.await;
     }
 }
