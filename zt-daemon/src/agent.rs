@@ -195,8 +195,7 @@ impl Agent {
         // Pods a previous agent enrolled that are no longer configured go now.
         self.reconcile_capture().await;
         info!(workloads = self.enrolled.len(), "agent ready");
-        let mut drift_check = tokio::time::interval(self.config.capture.reconcile_interval);
-        drift_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut drift_check = drift_interval(self.config.capture.reconcile_interval);
         // The config file is watched too; an event reloads only if the file's content changed.
         let (file_changed, mut file_changes) = tokio::sync::mpsc::unbounded_channel();
         let _config_watch = crate::watch::on_change(&[self.config_path.clone()], move || {
@@ -266,6 +265,10 @@ impl Agent {
                 }
                 _ = term.recv() => break,
                 _ = int.recv() => break,
+            }
+            // `capture.reconcile_interval_ms` is reloaded like the rest of [capture].
+            if drift_check.period() != self.config.capture.reconcile_interval {
+                drift_check = drift_interval(self.config.capture.reconcile_interval);
             }
         }
         self.drain().await;
@@ -574,4 +577,11 @@ impl Agent {
             }
         }
     }
+}
+
+/// The timer of the capture drift check; a late tick is not made up for.
+fn drift_interval(period: std::time::Duration) -> tokio::time::Interval {
+    let mut interval = tokio::time::interval(period);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    interval
 }

@@ -5,6 +5,7 @@
 //! not a hand-off to another thread and back. Every socket the agent creates is registered as the
 //! agent's (`AgentSockets`) before it is bound or connected, so capture leaves it alone.
 use std::{
+    cell::Cell,
     fs::File,
     io,
     net::{IpAddr, SocketAddr},
@@ -109,10 +110,22 @@ fn enter_pod(netns: &File, path: &Path) -> Result<Inside, NetnsError> {
     })
 }
 
+thread_local! {
+    /// This thread holds an [`Inside`]: a second one would return it to the agent's namespace,
+    /// not to the pod's, when it drops.
+    static ENTERED: Cell<bool> = const { Cell::new(false) };
+}
+
 fn enter(netns: &File) -> io::Result<Inside> {
+    if ENTERED.get() {
+        return Err(io::Error::other(
+            "this thread is already inside a pod's network namespace",
+        ));
+    }
     // Opened before the first entry, while the thread is still at home.
     home_netns()?;
     setns(netns.as_fd(), CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
+    ENTERED.set(true);
     Ok(Inside(std::marker::PhantomData))
 }
 
@@ -125,6 +138,7 @@ impl Drop for Inside {
             tracing::error!(error = %e, "cannot return to the agent's network namespace; aborting");
             std::process::abort();
         }
+        ENTERED.set(false);
     }
 }
 
