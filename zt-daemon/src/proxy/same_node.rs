@@ -148,7 +148,7 @@ pub(super) async fn serve(
             return;
         }
     };
-    let mut interrupt = pin!(async {
+    let interrupt = pin!(async {
         tokio::select! {
             reason = denied_later => reason,
             reason = revoked(&certificates, tunnel) => reason,
@@ -159,13 +159,13 @@ pub(super) async fn serve(
     inbound.count(&ctx.metrics, None);
     let outcome = match splicer.splice(&app, &upstream) {
         Ok(splice) => {
-            crate::splice::relay(app, upstream, splice, ctx.idle_timeout, interrupt.as_mut()).await
+            crate::splice::relay(app, upstream, splice, ctx.idle_timeout, interrupt).await
         }
         Err(e) => {
             // Most often the application already half-closed (the kernel splices only
             // established sockets): copy it instead. A failed splice removed what it inserted.
             debug!(workload = %ends.source.workload.id, original_dst = %ends.endpoint, error = %e, "same-node: not spliced, copied");
-            copy::relay(app, upstream, ctx.idle_timeout, interrupt.as_mut()).await
+            copy::relay(app, upstream, ctx.idle_timeout, interrupt).await
         }
     };
     for record in [&outbound, &inbound] {
