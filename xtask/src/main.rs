@@ -118,7 +118,15 @@ pub fn workspace_root() -> std::path::PathBuf {
 fn test() -> anyhow::Result<()> {
     zt_tests::require_root()?;
     cargo(&["fmt", "--all", "--check"])?;
-    cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
+    // --workspace: the eBPF crate too (its host build, which lints the same source).
+    cargo(&[
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ])?;
     // The fuzz targets and the crypto comparison are workspaces of their own: linted too.
     for dir in ["fuzz", "crypto-bench"] {
         cargo_in(dir, &["clippy", "--all-targets", "--", "-D", "warnings"])?;

@@ -24,8 +24,10 @@
 //! The agent's own sockets are recognised by their socket cookie, which the agent registers in
 //! `ZT_AGENT_SOCKETS` before it binds or connects them: a pod cannot write that map, whereas it
 //! could set any SO_MARK with CAP_NET_RAW.
-#![no_std]
-#![no_main]
+// Built for the BPF target by zt-daemon's build.rs. A host build (`cargo build --workspace`)
+// links std, whose panic handler replaces ours, and gets an empty `main`.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
 
 mod splice;
 
@@ -330,11 +332,11 @@ pub fn zt_sock_create(ctx: SockContext) -> i32 {
     }
     // TCP and UDP are covered by the other hooks; ping sockets carry only ICMP echo. Raw sockets
     // and other protocols would go around capture.
-    let allowed = match (sk.type_, sk.protocol) {
-        (SOCK_STREAM, 0 | IPPROTO_TCP) => true,
-        (SOCK_DGRAM, 0 | IPPROTO_UDP | IPPROTO_ICMP | IPPROTO_ICMPV6) => true,
-        _ => false,
-    };
+    let allowed = matches!(
+        (sk.type_, sk.protocol),
+        (SOCK_STREAM, 0 | IPPROTO_TCP)
+            | (SOCK_DGRAM, 0 | IPPROTO_UDP | IPPROTO_ICMP | IPPROTO_ICMPV6)
+    );
     if allowed {
         ALLOW
     } else {
@@ -536,7 +538,7 @@ pub fn zt_sk_lookup(ctx: SkLookupContext) -> u32 {
             return sk_action::SK_PASS;
         }
         // Replies to unconnected queries (a resolver that does not connect its socket).
-        let remote_port = u16::from_be(lk.remote_port as u16);
+        let remote_port = u16::from_be(lk.remote_port);
         if remote_port == DNS_PORT && port_allowed(netns, DNS_PORT, port_kinds::UDP_OUTBOUND) {
             return sk_action::SK_PASS;
         }
@@ -561,11 +563,14 @@ pub fn zt_sk_lookup(ctx: SkLookupContext) -> u32 {
     }
 }
 
-#[cfg(not(test))]
+#[cfg(target_arch = "bpf")]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}
 }
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}
 
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
