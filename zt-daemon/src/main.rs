@@ -269,13 +269,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run { config: path } => {
             // Before anything else: a re-executed agent starts over from here.
             #[cfg(not(feature = "jemalloc"))]
-            let reexec_failed = zt_daemon::memory::reexec_without_thread_caches();
+            let reexec_failed = zt_daemon::memory::reexec_with_malloc_tunables();
             #[cfg(feature = "jemalloc")]
             let reexec_failed: Option<std::io::Error> = None;
             let config = NodeConfig::load(&path)?;
             let log = init_logging(&config.log);
             if let Some(e) = reexec_failed {
-                tracing::warn!(error = %e, "could not turn off glibc's per-thread caches; freed memory may stay resident");
+                tracing::warn!(error = %e, "could not set glibc's malloc tunables: freed memory may stay resident, and bulk transfers fault in fresh pages");
             }
             raise_open_file_limit();
             zt_daemon::identity::tls::install_process_default();

@@ -7,27 +7,57 @@
 //! freed chunks of every small size, and after a burst those few hundred chunks sit on as many
 //! different pages (about 2 MB more RSS per agent after 10 000 connections, for good). The cache
 //! is a start-up tunable, so the agent re-executes itself once with it turned off.
+//!
+//! The same re-execution keeps a few MiB free at the top of each heap between those trims. By
+//! default glibc gives memory back as soon as 128 KiB are free at the top, and a bulk transfer's
+//! receiving agent frees and takes a buffer of about one HTTP/2 frame per frame: each new one
+//! landed on fresh pages, a page fault and a page clear per 4 KiB (10% of its CPU per GiB,
+//! BENCHMARKS.md "Per-byte CPU"). Setting the trim threshold turns off glibc's adaptive mmap
+//! threshold, so that one is set too, or frames above 128 KiB would be mapped and unmapped.
 
 use std::time::Duration;
 
-/// The glibc tunable that turns off the per-thread caches.
-const NO_TCACHE: &str = "glibc.malloc.tcache_count=0";
+/// The glibc tunables the agent runs with: no per-thread caches; up to 4 MiB free at a heap's
+/// top before free() returns it (the periodic trim still does); allocations below 4 MiB from
+/// the heap.
+const TUNABLES: [(&str, &str); 3] = [
+    ("glibc.malloc.tcache_count", "0"),
+    ("glibc.malloc.trim_threshold", "4194304"),
+    ("glibc.malloc.mmap_threshold", "4194304"),
+];
 
-/// Re-executes the agent with [`NO_TCACHE`] added to `GLIBC_TUNABLES`, unless it is already set
-/// (an operator's own `tcache_count` wins). Returns only when no re-execution was needed (None)
-/// or it failed (the error; the agent then runs with the caches).
-#[cfg(target_env = "gnu")]
-pub fn reexec_without_thread_caches() -> Option<std::io::Error> {
-    use std::os::unix::process::CommandExt as _;
-    let current = std::env::var("GLIBC_TUNABLES").unwrap_or_default();
-    if current.contains("glibc.malloc.tcache_count") {
+/// `current` (a `GLIBC_TUNABLES` value) with each of [`TUNABLES`] it does not set appended, or
+/// None when it sets them all: an operator's own value of any of them wins.
+#[cfg_attr(not(target_env = "gnu"), allow(dead_code))]
+fn with_agent_tunables(current: &str) -> Option<String> {
+    let set: Vec<&str> = current
+        .split(':')
+        .filter_map(|t| t.split_once('=').map(|(name, _)| name))
+        .collect();
+    let missing: Vec<String> = TUNABLES
+        .iter()
+        .filter(|(name, _)| !set.contains(name))
+        .map(|(name, value)| format!("{name}={value}"))
+        .collect();
+    if missing.is_empty() {
         return None;
     }
-    let tunables = if current.is_empty() {
-        NO_TCACHE.to_owned()
+    let added = missing.join(":");
+    Some(if current.is_empty() {
+        added
     } else {
-        format!("{current}:{NO_TCACHE}")
-    };
+        format!("{current}:{added}")
+    })
+}
+
+/// Re-executes the agent with [`TUNABLES`] added to `GLIBC_TUNABLES`, unless they are all set
+/// already. Returns only when no re-execution was needed (None) or it failed (the error; the
+/// agent then runs with glibc's defaults).
+#[cfg(target_env = "gnu")]
+pub fn reexec_with_malloc_tunables() -> Option<std::io::Error> {
+    use std::os::unix::process::CommandExt as _;
+    let current = std::env::var("GLIBC_TUNABLES").unwrap_or_default();
+    let tunables = with_agent_tunables(&current)?;
     let mut args = std::env::args_os();
     let mut cmd = std::process::Command::new("/proc/self/exe");
     if let Some(arg0) = args.next() {
@@ -38,7 +68,7 @@ pub fn reexec_without_thread_caches() -> Option<std::io::Error> {
 }
 
 #[cfg(not(target_env = "gnu"))]
-pub fn reexec_without_thread_caches() -> Option<std::io::Error> {
+pub fn reexec_with_malloc_tunables() -> Option<std::io::Error> {
     None
 }
 
@@ -66,3 +96,23 @@ fn trim() {
 
 #[cfg(not(target_env = "gnu"))]
 fn trim() {}
+
+#[cfg(test)]
+mod tests {
+    use super::with_agent_tunables;
+
+    #[test]
+    fn the_agent_adds_only_the_tunables_the_operator_did_not_set() {
+        let all = "glibc.malloc.tcache_count=0:glibc.malloc.trim_threshold=4194304:glibc.malloc.mmap_threshold=4194304";
+        assert_eq!(with_agent_tunables("").as_deref(), Some(all));
+        // After the re-execution: nothing more to add, so no second one.
+        assert_eq!(with_agent_tunables(all), None);
+        assert_eq!(
+            with_agent_tunables("glibc.malloc.trim_threshold=65536:glibc.malloc.arena_max=2")
+                .as_deref(),
+            Some(
+                "glibc.malloc.trim_threshold=65536:glibc.malloc.arena_max=2:glibc.malloc.tcache_count=0:glibc.malloc.mmap_threshold=4194304"
+            )
+        );
+    }
+}

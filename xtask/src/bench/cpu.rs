@@ -87,7 +87,7 @@ fn restart_agents(topology: &mut Topology, dir: &Path) -> anyhow::Result<()> {
         let config = std::fs::read_to_string(&topology.agents[n].config)?;
         topology.agents[n] = Agent::start_with_config(&mut topology.bed, n + 1, config)?;
     }
-    topology.routes[2].proxies = topology.agents.iter().map(|a| a.pid).collect();
+    topology.agents_restarted();
     Ok(())
 }
 
@@ -124,7 +124,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
             zt[b].per_gib.push(per_gib);
             zt[b].gbit.push(gbit);
         }
-        let route = &topology.routes[3];
+        let route = topology.haproxy();
         println!("round {round}/{}: {}", options.rounds, route.name);
         let (per_gib, gbit) = cpu_per_gib(&topology.bed, route, options.seconds)?;
         haproxy.per_gib.push(per_gib);
@@ -139,7 +139,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         zt[b].syscalls = count_syscalls(&topology.bed, topology.cross_node(), options.seconds)?;
     }
     println!("syscalls: HAProxy");
-    haproxy.syscalls = count_syscalls(&topology.bed, &topology.routes[3], options.seconds)?;
+    haproxy.syscalls = count_syscalls(&topology.bed, topology.haproxy(), options.seconds)?;
     let md = report(options, &builds, &zt, &haproxy, started)?;
     println!("\n{md}");
     Ok(())

@@ -58,6 +58,8 @@ pub struct Topology {
 /// TCP, direct TCP same-node, zt same-node over HBONE, zt same-node spliced, zt cross-node,
 /// HAProxy pair.
 pub const CROSS_NODE_ROUTE: usize = 4;
+/// Where the HAProxy pair is in `Topology::routes`.
+pub const HAPROXY_ROUTE: usize = 5;
 
 impl Topology {
     pub fn start() -> anyhow::Result<Self> {
@@ -170,6 +172,20 @@ impl Topology {
 
     pub fn cross_node(&self) -> &Route {
         &self.routes[CROSS_NODE_ROUTE]
+    }
+
+    pub fn haproxy(&self) -> &Route {
+        &self.routes[HAPROXY_ROUTE]
+    }
+
+    /// After the agents restarted: each zt route whose agents are its proxies counts the new
+    /// processes' CPU.
+    pub fn agents_restarted(&mut self) {
+        for route in &mut self.routes {
+            if !route.proxies.is_empty() && !route.agents.is_empty() {
+                route.proxies = route.agents.iter().map(|&i| self.agents[i].pid).collect();
+            }
+        }
     }
 }
 
