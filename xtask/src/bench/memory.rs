@@ -313,7 +313,8 @@ fn report(
         md,
         "Produced by `bash scripts/dev.sh bench memory` (that is, `cargo xtask bench memory`, as \
          root), which builds zt-daemon twice (release): with glibc's malloc (the default: \
-         per-thread caches off through a re-exec, `malloc_trim` every 5 s; zt-daemon/src/memory.rs) \
+         per-thread caches off and trim and mmap thresholds at 4 MiB through a re-exec, \
+         `malloc_trim` every 5 s; zt-daemon/src/memory.rs) \
          and with jemalloc (`--features jemalloc`: `tikv-jemallocator`, background threads, pages \
          unused for 5 s returned). Took {:.1} minutes; load average (1, 5, 15 min) {load_before} \
          before, {load_after} after.  \nMachine: {}; {} interleaved rounds, medians. Placement: \
