@@ -31,6 +31,8 @@ pub struct NodeConfigBuilder {
     pub admin: Option<Admin>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub discovery: Option<Discovery>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<Runtime>,
     #[serde(rename = "endpoint", skip_serializing_if = "Vec::is_empty")]
     pub endpoints: Vec<Endpoint>,
     #[serde(rename = "workload", skip_serializing_if = "Vec::is_empty")]
@@ -226,6 +228,12 @@ pub struct Kubernetes {
     pub netns_dir: PathBuf,
 }
 
+/// `[runtime]`: the agent's async runtime.
+#[derive(Debug, Clone, Serialize)]
+pub struct Runtime {
+    pub worker_threads: usize,
+}
+
 /// `[[endpoint]]`: a meshed address on another node and its SPIFFE ID.
 #[derive(Debug, Clone, Serialize)]
 pub struct Endpoint {
@@ -287,6 +295,7 @@ impl NodeConfigBuilder {
             egress: None,
             admin: None,
             discovery: None,
+            runtime: None,
             endpoints: Vec::new(),
             workloads: Vec::new(),
         }
@@ -412,6 +421,14 @@ impl NodeConfigBuilder {
                 kubeconfig: kubeconfig.to_owned(),
                 netns_dir: netns_dir.to_owned(),
             },
+        });
+        self
+    }
+
+    /// `[runtime] worker_threads`.
+    pub fn worker_threads(mut self, threads: usize) -> Self {
+        self.runtime = Some(Runtime {
+            worker_threads: threads,
         });
         self
     }

@@ -8,7 +8,7 @@ use zt_tests::{
     Agent, Testbed,
     agent::{meshed_config, mutual_tls_records, spiffe_id},
     in_cgroup_and_netns,
-    node_config::{Egress, Endpoint, MtlsMode, PolicyDefault},
+    node_config::{Egress, Endpoint, MtlsMode, NodeConfigBuilder, PolicyDefault},
     probe::{Server, burst, connect, connect_duplex, connect_with_pattern, intact},
 };
 
@@ -27,11 +27,14 @@ struct Mesh {
 
 /// n1p1 and n2p1 are meshed (one per node), n1p2 is meshed on node 1 too, n2p2 is outside.
 fn mesh(mode: MtlsMode) -> Mesh {
-    mesh_with(mode, None)
+    mesh_with(mode, |c1, c2| (c1, c2))
 }
 
-/// As [`mesh`], node 2's agent watching `revocations` as its revocation list.
-fn mesh_with(mode: MtlsMode, revocations: Option<&std::path::Path>) -> Mesh {
+/// As [`mesh`], with the agents' configs (node 1's, node 2's) changed by `tune`.
+fn mesh_with(
+    mode: MtlsMode,
+    tune: impl FnOnce(NodeConfigBuilder, NodeConfigBuilder) -> (NodeConfigBuilder, NodeConfigBuilder),
+) -> Mesh {
     let mut bed = Testbed::new(2).unwrap();
     let ca = bed.dir.join("ca");
     zt_tests::agent::ca_init(&ca).unwrap();
@@ -40,11 +43,10 @@ fn mesh_with(mode: MtlsMode, revocations: Option<&std::path::Path>) -> Mesh {
         bed.pod(1, 2).clone(),
         bed.pod(2, 1).clone(),
     );
-    let c1 = meshed_config(bed.node(1), &[&p11, &p12], &[&p21], &ca, mode);
-    let mut c2 = meshed_config(bed.node(2), &[&p21], &[&p11, &p12], &ca, mode);
-    if let Some(path) = revocations {
-        c2 = c2.revocation_file(path);
-    }
+    let (c1, c2) = tune(
+        meshed_config(bed.node(1), &[&p11, &p12], &[&p21], &ca, mode),
+        meshed_config(bed.node(2), &[&p21], &[&p11, &p12], &ca, mode),
+    );
     let agent1 = Agent::start_with_config(&mut bed, 1, &c1).unwrap();
     let agent2 = Agent::start_with_config(&mut bed, 2, &c2).unwrap();
     let server = Server::start(&mut bed, &p21, SocketAddr::from(([0u16; 8], PORT))).unwrap();
@@ -319,8 +321,22 @@ fn sequential_connections_share_one_pooled_tls_session() {
 }
 
 /// 256 MiB each way at once through the tunnel; both ends compare checksums.
+/// 256 MiB each way at once from n1p1, to n2p1 or (same node) n1p2. Node 1's agent runs one
+/// worker thread (`[runtime] worker_threads`): it alone polls both directions of the client's
+/// connection, the HTTP/2 connection and, same-node, the inbound side too, so a task that
+/// blocked its thread would stall the transfer.
 fn duplex(cross_node: bool) {
-    let mut m = mesh(MtlsMode::Strict);
+    let mut m = mesh_with(MtlsMode::Strict, |c1, c2| (c1.worker_threads(1), c2));
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    for (agent, threads) in [(&m.agent1, 1), (&m.agent2, cpus)] {
+        let ready = agent.events().unwrap();
+        let ready = ready
+            .iter()
+            .find(|e| e["message"] == "agent ready")
+            .unwrap();
+        // The runtime's own count: node 2's is the default, one per CPU.
+        assert_eq!(ready["worker_threads"], threads, "{ready}");
+    }
     let client = m.bed.pod(1, 1).clone();
     let target = if cross_node {
         m.bed.pod(2, 1).clone()
@@ -406,7 +422,7 @@ fn revoking_a_peer_closes_its_live_connections() {
     std::fs::create_dir_all(&dir).unwrap();
     let list = dir.join("revoked.txt");
     std::fs::write(&list, "# nothing revoked\n").unwrap();
-    let m = mesh_with(MtlsMode::Strict, Some(&list));
+    let m = mesh_with(MtlsMode::Strict, |c1, c2| (c1, c2.revocation_file(&list)));
     let (p11, p21) = (m.bed.pod(1, 1).clone(), m.bed.pod(2, 1).clone());
     let dst = SocketAddr::new(p21.ip(false), PORT);
     // Before: the identity is fine.

@@ -194,7 +194,11 @@ impl Agent {
         self.reconcile().await;
         // Pods a previous agent enrolled that are no longer configured go now.
         self.reconcile_capture().await;
-        info!(workloads = self.enrolled.len(), "agent ready");
+        info!(
+            workloads = self.enrolled.len(),
+            worker_threads = tokio::runtime::Handle::current().metrics().num_workers(),
+            "agent ready"
+        );
         let mut drift_check = drift_interval(self.config.capture.reconcile_interval);
         // The config file is watched too; an event reloads only if the file's content changed.
         let (file_changed, mut file_changes) = tokio::sync::mpsc::unbounded_channel();

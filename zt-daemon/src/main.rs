@@ -279,7 +279,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             raise_open_file_limit();
             zt_daemon::identity::tls::install_process_default();
-            let runtime = tokio::runtime::Builder::new_multi_thread()
+            let mut runtime = tokio::runtime::Builder::new_multi_thread();
+            if let Some(threads) = config.runtime.worker_threads {
+                runtime.worker_threads(threads.get());
+            }
+            let runtime = runtime
                 .enable_all()
                 .build()
                 .context("starting the tokio runtime")?;

@@ -72,6 +72,9 @@ max_connections_per_source = 4
 format = "json"
 level = "debug"
 
+[runtime]
+worker_threads = 2
+
 [[endpoint]]
 ip = "10.200.2.11"
 identity = "spiffe://example.org/ns/a/sa/b"

@@ -33,6 +33,8 @@ pub(super) struct RawConfig {
     pub(super) admin: RawAdmin,
     #[serde(default)]
     pub(super) log: RawLog,
+    #[serde(default)]
+    pub(super) runtime: RawRuntime,
     #[serde(default, rename = "workload")]
     pub(super) workloads: Vec<RawWorkload>,
     #[serde(default)]
@@ -158,6 +160,12 @@ pub(super) struct RawAdmin {
 pub(super) struct RawLog {
     pub(super) format: Option<LogFormat>,
     pub(super) level: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRuntime {
+    pub(super) worker_threads: Option<Spanned<usize>>,
 }
 
 #[derive(Deserialize)]

@@ -5,6 +5,7 @@
 //! validates one into the other, and `reload` says which changed keys need a restart.
 use std::{
     net::{Ipv4Addr, SocketAddr},
+    num::NonZeroUsize,
     path::PathBuf,
     time::Duration,
 };
@@ -79,6 +80,7 @@ pub struct NodeConfig {
     pub endpoints: Vec<MeshEndpoint>,
     pub admin: AdminConfig,
     pub log: LogConfig,
+    pub runtime: RuntimeConfig,
     /// Static workloads (`[[workload]]`). Reloaded.
     #[serde(skip)]
     pub workloads: Vec<Workload>,
@@ -227,6 +229,13 @@ pub struct LogConfig {
     pub format: LogFormat,
     /// A tracing EnvFilter directive, e.g. `info` or `zt_daemon=debug`.
     pub level: String,
+}
+
+/// `[runtime]`: the agent's async runtime.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RuntimeConfig {
+    /// Threads that run connections; `None`: one per CPU the agent may use.
+    pub worker_threads: Option<NonZeroUsize>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]

@@ -1,14 +1,14 @@
 //! Validation of the file's shape (`file`) into the typed config: defaults filled in, values
 //! checked and put in one canonical form. An error names the file and the line of the value it
 //! is about, from the span toml recorded for it.
-use std::{net::SocketAddr, path::Path, time::Duration};
+use std::{net::SocketAddr, num::NonZeroUsize, path::Path, time::Duration};
 
 use toml::Spanned;
 
 use super::{
     AdminConfig, CaptureConfig, ConfigError, DEFAULT_ROOT_NAMESPACE, FailMode, LimitsConfig,
     LogConfig, LogFormat, MeshEndpoint, MtlsConfig, MtlsMode, NodeConfig, PolicyConfig,
-    PolicyDefault, SameNode,
+    PolicyDefault, RuntimeConfig, SameNode,
     file::RawConfig,
     sections::{egress, identity, kubernetes, workloads},
     source::{Source, line_column},
@@ -186,6 +186,10 @@ impl NodeConfig {
                 "admin.max_connections_per_source",
                 as_u64(&raw.admin.max_connections_per_source),
             ),
+            (
+                "runtime.worker_threads",
+                as_u64(&raw.runtime.worker_threads),
+            ),
         ] {
             if let Some(value) = value
                 && *value.get_ref() == 0
@@ -302,6 +306,12 @@ impl NodeConfig {
                 format: raw.log.format.unwrap_or(LogFormat::Text),
                 level: raw.log.level.unwrap_or_else(|| "info".to_owned()),
             },
+            runtime: RuntimeConfig {
+                worker_threads: raw
+                    .runtime
+                    .worker_threads
+                    .and_then(|n| NonZeroUsize::new(n.into_inner())),
+            },
             workloads,
             kubernetes,
             egress,
@@ -393,6 +403,7 @@ mod tests {
         assert_eq!(c.limits.drain, Duration::from_secs(5));
         assert_eq!(c.limits.max_handshakes_per_source, 4);
         assert_eq!(c.limits.max_streams_per_connection, 50);
+        assert_eq!(c.runtime.worker_threads, NonZeroUsize::new(2));
         assert_eq!(c.limits.hbone_idle_timeout, Duration::from_secs(120));
         assert_eq!(c.admin.header_read_timeout, Duration::from_secs(2));
         assert_eq!(c.admin.max_connections_per_source, 4);
@@ -459,6 +470,12 @@ mod tests {
                 3,
                 "limits.hbone_idle_timeout_seconds",
             ),
+            (
+                "[runtime]\nworker_threads = 0\n",
+                3,
+                "runtime.worker_threads: must be at least 1",
+            ),
+            ("[runtime]\nworker_threads = -2\n", 3, "worker_threads"),
             (
                 "[admin]\nheader_read_timeout_ms = 0\n",
                 3,
@@ -541,6 +558,7 @@ mod tests {
         assert_eq!(c.capture.bpffs_dir, PathBuf::from("/sys/fs/bpf/zt"));
         assert_eq!(c.capture.fail_mode, FailMode::Closed);
         assert_eq!(c.log.format, LogFormat::Text);
+        assert_eq!(c.runtime.worker_threads, None);
         assert!(c.workloads.is_empty());
     }
 

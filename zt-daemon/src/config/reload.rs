@@ -162,6 +162,7 @@ mod tests {
                 "log",
                 "mtls",
                 "node_name",
+                "runtime",
                 "trust_domain",
             ]
         );
