@@ -34,8 +34,8 @@ use crate::{
         tls::{ALPN_H2, handshake_failure_reason, server_config},
     },
     proxy::{
-        Admission, Identities, ProxyContext, accept_loop, authorize, log_access, relay_and_log,
-        reset,
+        Admission, Identities, ProxyContext, accept_loop, authorize, listener::holding, log_access,
+        relay_and_log, reset,
     },
     tunnel::{
         Tunnel, hbone,
@@ -239,10 +239,8 @@ async fn handle_hbone(
                 source: Some(peer_id.clone()),
                 destination: local_id.clone(),
             };
-            tokio::spawn(async move {
-                handle_connect(request, respond, peer, &workload, identities, &ctx).await;
-                drop(permit);
-            });
+            let work = handle_connect(request, respond, peer, workload, identities, ctx);
+            tokio::spawn(holding(work, permit));
         },
     )
     .await;
@@ -310,10 +308,11 @@ async fn handle_connect(
     request: Request<h2::RecvStream>,
     mut respond: SendResponse<Bytes>,
     peer: SocketAddr,
-    workload: &LocalWorkload,
+    workload: Arc<LocalWorkload>,
     identities: Identities,
-    ctx: &ProxyContext,
+    ctx: Arc<ProxyContext>,
 ) {
+    let (workload, ctx) = (&*workload, &*ctx);
     let started = Instant::now();
     let id = &workload.workload.id;
     let source = identities
@@ -333,6 +332,8 @@ async fn handle_connect(
         .source
         .as_ref()
         .and_then(|verified| hbone::peer_workload(request.headers(), verified));
+    // The request's head is read: only its body is kept while the stream lives.
+    let body = request.into_body();
     let (record, denied_later) =
         authorize(ctx, workload, peer, dst, identities, peer_workload, started);
     if !record.is_allowed() {
@@ -357,6 +358,6 @@ async fn handle_connect(
             return;
         }
     };
-    let tunnel = H2Stream::new(send, request.into_body());
+    let tunnel = H2Stream::new(send, body);
     relay_and_log(&record, tunnel, app, ctx, pin!(denied_later)).await;
 }

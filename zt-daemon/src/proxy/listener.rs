@@ -130,7 +130,10 @@ pub(crate) async fn accept_loop<F, Fut>(
 /// `work`, holding `permit` until it ends. Not `async move { work.await; .. }`: that block keeps
 /// `work` twice (as captured, and moved out to be polled), which doubled every open connection's
 /// task (idle memory).
-fn holding<T: Send>(work: impl Future<Output = ()>, permit: T) -> impl Future<Output = ()> {
+pub(super) fn holding<T: Send>(
+    work: impl Future<Output = ()>,
+    permit: T,
+) -> impl Future<Output = ()> {
     work.map(move |()| drop(permit))
 }
 
