@@ -95,7 +95,9 @@ impl Agent {
         }
         let mut cmd = in_cgroup_and_netns(bin_path("zt-daemon")?, Some(&cgroup), &node.netns)?;
         cmd.args(["run", "--config"]).arg(&config);
-        cmd.env_remove("RUST_LOG");
+        // The config alone sets the agent's log filter and worker threads.
+        cmd.env_remove("RUST_LOG")
+            .env_remove("TOKIO_WORKER_THREADS");
         let pid = bed.spawn(cmd, &log_name)?;
         let agent = Agent {
             pid,

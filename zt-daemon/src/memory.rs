@@ -19,25 +19,41 @@ use std::time::Duration;
 
 /// The glibc tunables the agent runs with: no per-thread caches; up to 4 MiB free at a heap's
 /// top before free() returns it (the periodic trim still does); allocations below 4 MiB from
-/// the heap.
-const TUNABLES: [(&str, &str); 3] = [
-    ("glibc.malloc.tcache_count", "0"),
-    ("glibc.malloc.trim_threshold", "4194304"),
-    ("glibc.malloc.mmap_threshold", "4194304"),
+/// the heap. Each with the older variable that sets it too, if there is one.
+const TUNABLES: [(&str, &str, Option<&str>); 3] = [
+    ("glibc.malloc.tcache_count", "0", None),
+    (
+        "glibc.malloc.trim_threshold",
+        "4194304",
+        Some("MALLOC_TRIM_THRESHOLD_"),
+    ),
+    (
+        "glibc.malloc.mmap_threshold",
+        "4194304",
+        Some("MALLOC_MMAP_THRESHOLD_"),
+    ),
 ];
 
-/// `current` (a `GLIBC_TUNABLES` value) with each of [`TUNABLES`] it does not set appended, or
-/// None when it sets them all: an operator's own value of any of them wins.
+/// Set in the re-executed agent's environment: it re-executes once, whatever glibc did with
+/// the tunables (a secure-mode process has them removed).
+const REEXECUTED: &str = "ZT_MALLOC_TUNABLES_SET";
+
+/// `current` (a `GLIBC_TUNABLES` value) with each of [`TUNABLES`] the operator did not set
+/// appended, or None when they set them all: an operator's own value wins, in `current` or in
+/// the older variable (`legacy_set` says which of those are set).
 #[cfg_attr(not(target_env = "gnu"), allow(dead_code))]
-fn with_agent_tunables(current: &str) -> Option<String> {
+fn with_agent_tunables(current: &str, legacy_set: impl Fn(&str) -> bool) -> Option<String> {
+    // glibc ignores an empty value: that is not the operator's choice.
     let set: Vec<&str> = current
         .split(':')
-        .filter_map(|t| t.split_once('=').map(|(name, _)| name))
+        .filter_map(|t| t.split_once('='))
+        .filter(|(_, value)| !value.is_empty())
+        .map(|(name, _)| name)
         .collect();
     let missing: Vec<String> = TUNABLES
         .iter()
-        .filter(|(name, _)| !set.contains(name))
-        .map(|(name, value)| format!("{name}={value}"))
+        .filter(|(name, _, legacy)| !set.contains(name) && !legacy.is_some_and(&legacy_set))
+        .map(|(name, value, _)| format!("{name}={value}"))
         .collect();
     if missing.is_empty() {
         return None;
@@ -51,20 +67,38 @@ fn with_agent_tunables(current: &str) -> Option<String> {
 }
 
 /// Re-executes the agent with [`TUNABLES`] added to `GLIBC_TUNABLES`, unless they are all set
-/// already. Returns only when no re-execution was needed (None) or it failed (the error; the
-/// agent then runs with glibc's defaults).
+/// already, this is the re-executed agent, or glibc would ignore them (secure mode: setuid or
+/// file capabilities). Returns only when no re-execution was needed (None) or it failed (the
+/// error; the agent then runs with glibc's defaults). Call it before any thread starts.
 #[cfg(target_env = "gnu")]
 pub fn reexec_with_malloc_tunables() -> Option<std::io::Error> {
     use std::os::unix::process::CommandExt as _;
-    let current = std::env::var("GLIBC_TUNABLES").unwrap_or_default();
-    let tunables = with_agent_tunables(&current)?;
+    if std::env::var_os(REEXECUTED).is_some() {
+        // SAFETY: single-threaded (the caller runs before any thread starts).
+        unsafe { std::env::remove_var(REEXECUTED) };
+        return None;
+    }
+    // SAFETY: getauxval has no preconditions.
+    if unsafe { libc::getauxval(libc::AT_SECURE) } != 0 {
+        return None;
+    }
+    // Not UTF-8: leave the operator's value alone rather than replace it.
+    let current = match std::env::var("GLIBC_TUNABLES") {
+        Ok(value) => value,
+        Err(std::env::VarError::NotPresent) => String::new(),
+        Err(std::env::VarError::NotUnicode(_)) => return None,
+    };
+    let tunables = with_agent_tunables(&current, |name| std::env::var_os(name).is_some())?;
     let mut args = std::env::args_os();
     let mut cmd = std::process::Command::new("/proc/self/exe");
     if let Some(arg0) = args.next() {
         cmd.arg0(arg0);
     }
+    cmd.args(args)
+        .env("GLIBC_TUNABLES", tunables)
+        .env(REEXECUTED, "1");
     // exec only returns on failure.
-    Some(cmd.args(args).env("GLIBC_TUNABLES", tunables).exec())
+    Some(cmd.exec())
 }
 
 #[cfg(not(target_env = "gnu"))]
@@ -103,16 +137,32 @@ mod tests {
 
     #[test]
     fn the_agent_adds_only_the_tunables_the_operator_did_not_set() {
+        let none = |_: &str| false;
         let all = "glibc.malloc.tcache_count=0:glibc.malloc.trim_threshold=4194304:glibc.malloc.mmap_threshold=4194304";
-        assert_eq!(with_agent_tunables("").as_deref(), Some(all));
-        // After the re-execution: nothing more to add, so no second one.
-        assert_eq!(with_agent_tunables(all), None);
+        assert_eq!(with_agent_tunables("", none).as_deref(), Some(all));
+        // After the re-execution: nothing more to add.
+        assert_eq!(with_agent_tunables(all, none), None);
         assert_eq!(
-            with_agent_tunables("glibc.malloc.trim_threshold=65536:glibc.malloc.arena_max=2")
-                .as_deref(),
+            with_agent_tunables(
+                "glibc.malloc.trim_threshold=65536:glibc.malloc.arena_max=2",
+                none
+            )
+            .as_deref(),
             Some(
                 "glibc.malloc.trim_threshold=65536:glibc.malloc.arena_max=2:glibc.malloc.tcache_count=0:glibc.malloc.mmap_threshold=4194304"
             )
+        );
+        // An empty value, a stray separator or an entry without `=` sets nothing.
+        assert_eq!(
+            with_agent_tunables("glibc.malloc.tcache_count=::junk", none).as_deref(),
+            Some(
+                "glibc.malloc.tcache_count=::junk:glibc.malloc.tcache_count=0:glibc.malloc.trim_threshold=4194304:glibc.malloc.mmap_threshold=4194304"
+            )
+        );
+        // MALLOC_TRIM_THRESHOLD_ and MALLOC_MMAP_THRESHOLD_ are the operator's too.
+        assert_eq!(
+            with_agent_tunables("", |name| name == "MALLOC_MMAP_THRESHOLD_").as_deref(),
+            Some("glibc.malloc.tcache_count=0:glibc.malloc.trim_threshold=4194304")
         );
     }
 }

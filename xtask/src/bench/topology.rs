@@ -171,11 +171,15 @@ impl Topology {
     }
 
     pub fn cross_node(&self) -> &Route {
-        &self.routes[CROSS_NODE_ROUTE]
+        let route = &self.routes[CROSS_NODE_ROUTE];
+        assert_eq!(route.name, "zt cross-node", "CROSS_NODE_ROUTE is stale");
+        route
     }
 
     pub fn haproxy(&self) -> &Route {
-        &self.routes[HAPROXY_ROUTE]
+        let route = &self.routes[HAPROXY_ROUTE];
+        assert_eq!(route.name, "HAProxy mTLS pair", "HAPROXY_ROUTE is stale");
+        route
     }
 
     /// After the agents restarted: each zt route whose agents are its proxies counts the new

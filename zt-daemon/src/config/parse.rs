@@ -33,6 +33,8 @@ const DEFAULT_STREAMS_PER_CONNECTION: u32 = 100;
 const DEFAULT_HBONE_IDLE_TIMEOUT_SECONDS: u64 = 300;
 const DEFAULT_HEADER_READ_TIMEOUT_MS: u64 = 5000;
 const DEFAULT_ADMIN_CONNECTIONS_PER_SOURCE: usize = 8;
+/// More is a typo: the runtime would fail to start them all.
+const MAX_WORKER_THREADS: usize = 1024;
 const DNS_PORT: u16 = 53;
 
 impl NodeConfig {
@@ -196,6 +198,14 @@ impl NodeConfig {
             {
                 return Err(source.invalid_at(&value, format!("{key}: must be at least 1")));
             }
+        }
+        if let Some(threads) = &raw.runtime.worker_threads
+            && *threads.get_ref() > MAX_WORKER_THREADS
+        {
+            return Err(source.invalid_at(
+                threads,
+                format!("runtime.worker_threads: at most {MAX_WORKER_THREADS}"),
+            ));
         }
         let kubernetes = match raw.discovery.kubernetes {
             Some(k) if k.enabled => Some(kubernetes(&source, k)?),
@@ -476,6 +486,11 @@ mod tests {
                 "runtime.worker_threads: must be at least 1",
             ),
             ("[runtime]\nworker_threads = -2\n", 3, "worker_threads"),
+            (
+                "[runtime]\nworker_threads = 1025\n",
+                3,
+                "runtime.worker_threads: at most 1024",
+            ),
             (
                 "[admin]\nheader_read_timeout_ms = 0\n",
                 3,
