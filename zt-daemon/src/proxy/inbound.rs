@@ -34,7 +34,7 @@ use crate::{
         tls::{ALPN_H2, handshake_failure_reason, server_config},
     },
     proxy::{
-        Admission, Identities, ProxyContext, accept_loop, authorize, listener::holding, log_access,
+        Admission, Identities, ProxyContext, accept_loop, authorize, holding, log_access,
         relay_and_log, reset,
     },
     tunnel::{

@@ -129,8 +129,8 @@ pub(crate) async fn accept_loop<F, Fut>(
 
 /// `work`, holding `permit` until it ends. Not `async move { work.await; .. }`: that block keeps
 /// `work` twice (as captured, and moved out to be polled), which doubled every open connection's
-/// task (idle memory).
-pub(super) fn holding<T: Send>(
+/// task (idle memory). Also each inbound HBONE stream's task.
+pub(crate) fn holding<T: Send>(
     work: impl Future<Output = ()>,
     permit: T,
 ) -> impl Future<Output = ()> {

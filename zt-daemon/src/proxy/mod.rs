@@ -17,7 +17,7 @@ pub(crate) use access::{AccessRecord, Identities, log_access, relay_and_log};
 pub(crate) use authorize::authorize;
 pub use listener::Direction;
 pub use listener::serve_workload;
-pub(crate) use listener::{Admission, accept_loop};
+pub(crate) use listener::{Admission, accept_loop, holding};
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
