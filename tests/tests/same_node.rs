@@ -55,25 +55,30 @@ fn logged(agent: &Agent, direction: &str, count: usize) -> Vec<serde_json::Value
 }
 
 fn node(policies: bool) -> Node {
-    let mut bed = Testbed::new(2).unwrap();
+    node_with("splice", 2, policies)
+}
+
+/// As [`node`], with `mtls.same_node = how` and `pods` meshed pods on node 1 (the server on n1p2).
+fn node_with(how: &'static str, pods: usize, policies: bool) -> Node {
+    let mut bed = Testbed::new(pods).unwrap();
     let ca = bed.dir.join("ca");
     zt_tests::agent::ca_init(&ca).unwrap();
-    let pods = [bed.pod(1, 1).clone(), bed.pod(1, 2).clone()];
+    let meshed: Vec<Pod> = (1..=pods).map(|i| bed.pod(1, i).clone()).collect();
     let mut config = meshed_config(
         bed.node(1),
-        &[&pods[0], &pods[1]],
+        &meshed.iter().collect::<Vec<_>>(),
         &[],
         &ca,
         MtlsMode::Strict,
     )
-    .same_node("splice");
+    .same_node(how);
     let dir = bed.dir.join("policies");
     if policies {
         std::fs::create_dir_all(&dir).unwrap();
         config = config.policies(PolicyDefault::Deny, Some(&dir));
     }
     let agent = Agent::start_with_config(&mut bed, 1, &config).unwrap();
-    let server = Server::start(&mut bed, &pods[1], SocketAddr::from(([0u16; 8], PORT))).unwrap();
+    let server = Server::start(&mut bed, &meshed[1], SocketAddr::from(([0u16; 8], PORT))).unwrap();
     Node {
         bed,
         agent,
@@ -183,6 +188,11 @@ fn a_reset_on_one_side_of_a_splice_is_a_reset_on_the_other() {
     assert_eq!(out["connection_security_policy"], "node_local", "{out}");
 }
 
+/// A pod's principal as policies write it.
+fn principal(pod: &Pod) -> String {
+    spiffe_id(pod).trim_start_matches("spiffe://").to_owned()
+}
+
 fn allow_only(principal: &str) -> String {
     format!(
         "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: allow-one\n  namespace: default\nspec:\n  action: ALLOW\n  rules:\n  - from:\n    - source:\n        principals: [\"{principal}\"]\n"
@@ -191,11 +201,7 @@ fn allow_only(principal: &str) -> String {
 
 #[test]
 fn policy_refuses_and_closes_spliced_connections() {
-    let p11_principal = |bed: &Testbed| {
-        spiffe_id(bed.pod(1, 1))
-            .trim_start_matches("spiffe://")
-            .to_owned()
-    };
+    let p11_principal = |bed: &Testbed| principal(bed.pod(1, 1));
     // Nothing allowed yet: p11's connection to p12 is refused before any byte reaches the app.
     let n = node(true);
     let (p11, dst) = n.client_and_server();
@@ -359,4 +365,149 @@ fn a_destination_that_does_not_read_holds_its_source_back() {
     );
     let read = agent_read_bytes(&n.agent);
     assert!(read < 16 * MIB, "the agent copied ({read} bytes read)");
+}
+
+/// Whether the server saw the connection the client reports as `client` (its `local` address)
+/// come from that very address: pod to pod, not from the agent inside the server's pod.
+fn came_straight(server_saw: &serde_json::Value, client: &serde_json::Value) -> bool {
+    let local: SocketAddr = client["local"].as_str().unwrap().parse().unwrap();
+    let peer: SocketAddr = server_saw["peer"].as_str().unwrap().parse().unwrap();
+    (peer.ip().to_canonical(), peer.port()) == (local.ip().to_canonical(), local.port())
+}
+
+#[test]
+fn direct_connections_go_pod_to_pod_once_the_agent_allowed_one_and_are_logged_and_counted() {
+    let mut n = node_with("direct", 3, false);
+    let (p11, p12, p13) = (
+        n.bed.pod(1, 1).clone(),
+        n.bed.pod(1, 2).clone(),
+        n.bed.pod(1, 3).clone(),
+    );
+    let other_port = PORT + 3;
+    let other = Server::start(&mut n.bed, &p12, SocketAddr::from(([0u16; 8], other_port))).unwrap();
+    let run = |from: &Pod, to: SocketAddr| {
+        let r = connect(&n.bed, from, to, MIB, Duration::from_secs(10))
+            .unwrap()
+            .unwrap_or_else(|e| panic!("{to}: {e}\n{}", n.agent.log_tail()));
+        intact(&r, MIB);
+        r
+    };
+    let mut seen = 0;
+    let mut direct_runs = Vec::new();
+    let next_seen = |server: &Server, count: &mut usize| {
+        *count += 1;
+        server.expect_connections(*count).unwrap()[*count - 1].clone()
+    };
+    for v6 in [false, true] {
+        let dst = SocketAddr::new(p12.ip(v6), PORT);
+        // The first goes through the agent, which allows it and grants the path...
+        let first = run(&p11, dst);
+        assert!(
+            !came_straight(&next_seen(&n.server, &mut seen), &first),
+            "{dst}: the first connection skipped the agent"
+        );
+        // ... which the next ones take, both ways intact.
+        for _ in 0..2 {
+            let r = run(&p11, dst);
+            let saw = next_seen(&n.server, &mut seen);
+            assert!(
+                came_straight(&saw, &r),
+                "{dst}: not direct: the server saw {saw}, the client {r}\n{}",
+                n.agent.log_tail()
+            );
+            direct_runs.push(r);
+        }
+    }
+    // A grant is one pod's, to one address and port: another port of the same pod, and another
+    // pod to the same port, still go through the agent first.
+    let mut other_seen = 0;
+    let r = run(&p11, SocketAddr::new(p12.ip(false), other_port));
+    assert!(!came_straight(&next_seen(&other, &mut other_seen), &r));
+    let r = run(&p13, SocketAddr::new(p12.ip(false), PORT));
+    assert!(!came_straight(&next_seen(&n.server, &mut seen), &r));
+
+    // Every direct connection is logged on both sides with the kernel's byte counts, and
+    // counted as node_local like the spliced ones: 8 connections, 4 of them direct.
+    for direction in ["outbound", "inbound"] {
+        let records = logged(&n.agent, direction, 8);
+        let direct: Vec<_> = records
+            .iter()
+            .filter(|r| r["same_node"] == "direct")
+            .collect();
+        assert_eq!(direct.len(), 4, "{direction}: {records:?}");
+        for r in direct {
+            assert_eq!(r["connection_security_policy"], "node_local", "{r}");
+            assert_eq!(r["source_identity"], spiffe_id(&p11).as_str(), "{r}");
+            assert_eq!(r["destination_identity"], spiffe_id(&p12).as_str(), "{r}");
+            assert_eq!(r["close"], "eof", "{r}");
+            // The kernel's counts are the payload: what the client sent, and the server's
+            // JSON reply line it received.
+            let client = direct_runs
+                .iter()
+                .find(|c| c["local"] == r["peer"])
+                .unwrap_or_else(|| panic!("no client connection from {}", r["peer"]));
+            let reply = serde_json::to_string(&client["reply"]).unwrap().len() as u64 + 1;
+            assert_eq!(r["bytes_sent"].as_u64(), Some(MIB), "{r}");
+            assert_eq!(r["bytes_received"].as_u64(), Some(reply), "{r}\n{client}");
+        }
+    }
+    zt_tests::wait_until(Duration::from_secs(10), || {
+        Ok(n.agent.opened_connections()? == 16)
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}: {:?}",
+            n.agent.metric_lines("zt_tcp_connections_opened_total")
+        )
+    });
+    let metrics = n.agent.metrics().unwrap();
+    assert!(!metrics.contains("mutual_tls"), "{metrics}");
+}
+
+#[test]
+fn a_policy_update_aborts_direct_connections_and_voids_their_grant() {
+    let n = node_with("direct", 3, true);
+    let (p11, dst) = n.client_and_server();
+    let p13 = n.bed.pod(1, 3);
+    let allow_p11 = allow_only(&principal(p11));
+    zt_tests::agent::write_policy(&n.policies, "allow.yaml", &allow_p11).unwrap();
+    // Allowed through the agent once (which grants the path); p13, whom no rule allows, is
+    // refused, before and after p11 holds its grant.
+    zt_tests::wait_until(Duration::from_secs(10), || {
+        Ok(connect(&n.bed, p11, dst, 1024, TIMEOUT)?.is_ok())
+    })
+    .unwrap();
+    let refused = connect(&n.bed, p13, dst, 1024, TIMEOUT).unwrap();
+    assert!(refused.is_err(), "p13 got through: {refused:?}");
+    let go = n.bed.dir.join("go");
+    let closed = std::thread::scope(|s| {
+        let conn = s.spawn(|| connect_idle_until(&n.bed, p11, dst, &go));
+        // Open on both sides: the first connection (2 records) and this direct one.
+        zt_tests::wait_until(Duration::from_secs(10), || {
+            Ok(n.agent.opened_connections()? >= 4)
+        })
+        .unwrap();
+        zt_tests::agent::write_policy(&n.policies, "allow.yaml", &allow_only("nobody/ns/x/sa/y"))
+            .unwrap();
+        let record = n
+            .agent
+            .wait_access("the direct connection the update denies", |r| {
+                r["close"] == "policy" && r["direction"] == "inbound" && r["same_node"] == "direct"
+            })
+            .unwrap();
+        assert_eq!(record["policy_decision"], "ALLOW", "{record}");
+        std::fs::write(&go, "").unwrap();
+        conn.join().unwrap().unwrap()
+    });
+    // Aborted in the client's own pod: it sees the reset on its socket.
+    assert!(
+        closed.is_err(),
+        "the aborted connection still got a reply: {closed:?}"
+    );
+    // The grant went with the policy: the next connection goes to the agent, which refuses it.
+    let after = connect(&n.bed, p11, dst, 1024, TIMEOUT).unwrap();
+    assert!(after.is_err(), "connected after the update: {after:?}");
+    // The server saw the first connection and the aborted one, nothing since.
+    let seen = n.server.connections().unwrap();
+    assert_eq!(seen.len(), 2, "{seen:?}");
 }

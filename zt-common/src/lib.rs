@@ -42,6 +42,86 @@ pub mod map_names {
     /// Ring buffer of socket cookies (u64): a spliced socket forwarded another
     /// `SPLICE_PRESSURE_STEP` bytes, time for the agent to check how far its peer lags.
     pub const SPLICE_PRESSURE: &str = "ZT_SPLICE_PRESSURE";
+    /// `mtls.same_node = "direct"` (pinned: every program and sk_lookup instance shares them).
+    /// `DirectGrant` by `DirectGrantKey`: a pod may connect to a destination pod to pod.
+    pub const DIRECT_GRANTS: &str = "ZT_DIRECT_GRANTS";
+    /// `DirectFlow` by socket cookie, from a granted connect until sockops sees its 4-tuple.
+    pub const DIRECT_PENDING: &str = "ZT_DIRECT_PENDING";
+    /// `DirectFlow` by `FlowKey`: the open direct connections, which the destination's
+    /// sk_lookup lets past the agent.
+    pub const DIRECT_FLOWS: &str = "ZT_DIRECT_FLOWS";
+    /// One u64, the grants' current epoch: a grant or flow of another epoch is void.
+    pub const DIRECT_EPOCH: &str = "ZT_DIRECT_EPOCH";
+    /// Ring buffer of `DirectEvent` (not pinned: it belongs to the agent that reads it).
+    pub const DIRECT_EVENTS: &str = "ZT_DIRECT_EVENTS";
+}
+
+/// Key of the DIRECT_GRANTS map: a pod (its netns cookie) and a destination, as the pod dialed
+/// it, that it may reach without the agent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct DirectGrantKey {
+    pub netns_cookie: u64,
+    pub dst: SockAddr,
+    pub _pad: [u8; 4],
+}
+
+/// Value of the DIRECT_GRANTS map, and of DIRECT_PENDING and DIRECT_FLOWS: the two pods of a
+/// direct connection and the epoch of the decision that allowed it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct DirectFlow {
+    pub src_netns_cookie: u64,
+    pub dst_netns_cookie: u64,
+    pub epoch: u64,
+    /// In DIRECT_FLOWS: bit `n` set once the source socket entered TCP state `n` (the kernel's
+    /// numbering), which tells whether its byte counters include a FIN.
+    pub states: u64,
+}
+
+/// A direct connection by its 4-tuple, as the source's sockops and the destination's sk_lookup
+/// both see it. Addresses in network byte order (IPv4 in `[0]`, IPv4-mapped IPv6 as IPv4),
+/// ports in host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FlowKey {
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub family: u16,
+    pub _pad: u16,
+}
+
+/// An entry of the DIRECT_EVENTS ring buffer: a direct connection opened or closed (on the
+/// source's socket, whose counters are the connection's).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct DirectEvent {
+    pub flow: FlowKey,
+    pub pods: DirectFlow,
+    /// `direct_events::*`.
+    pub kind: u32,
+    /// For a close: the TCP state the socket left.
+    pub closed_from: u32,
+    /// The source socket's `bytes_acked` (sequence space: the SYN, and a FIN once acknowledged,
+    /// count one each).
+    pub bytes_acked: u64,
+    /// Its `bytes_received` (a received FIN counts one).
+    pub bytes_received: u64,
+    /// `snd_nxt - snd_una`: sent but not acknowledged.
+    pub unacked: u32,
+    pub _pad: u32,
+}
+
+/// `DirectEvent::kind`.
+pub mod direct_events {
+    /// The handshake completed.
+    pub const OPENED: u32 = 1;
+    /// The connection closed after it opened.
+    pub const CLOSED: u32 = 2;
+    /// The connection closed before it opened (refused, unreachable).
+    pub const FAILED: u32 = 3;
 }
 
 /// See `map_names::SPLICE_PRESSURE`: a power of two.
@@ -144,4 +224,8 @@ mod pod_impls {
     unsafe impl aya::Pod for super::EnrolledPod {}
     unsafe impl aya::Pod for super::PodPortKey {}
     unsafe impl aya::Pod for super::SpliceLink {}
+    unsafe impl aya::Pod for super::DirectGrantKey {}
+    unsafe impl aya::Pod for super::DirectFlow {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::DirectEvent {}
 }

@@ -91,11 +91,14 @@ impl Agent {
             .flatten();
         let directory = MeshDirectory::default();
         let readiness = Readiness::new(policy.status(), directory.clone());
-        let splicer = (identity.is_some() && config.mtls.same_node == SameNode::Splice)
-            .then(|| capture.splicer.clone());
+        let node_local = identity.is_some() && config.mtls.same_node != SameNode::Tunnel;
+        let splicer = node_local.then(|| capture.splicer.clone());
+        let direct = (node_local && config.mtls.same_node == SameNode::Direct)
+            .then(|| capture.direct.clone());
         let proxy = Arc::new(ProxyContext {
             dsts: Box::new(dsts),
             splicer,
+            direct,
             directory: directory.clone(),
             egress: std::sync::RwLock::new(Arc::new(config.egress.clone())),
             policy,
@@ -190,6 +193,12 @@ impl Agent {
         tokio::spawn(crate::memory::return_freed_memory());
         if let Some(splicer) = &self.proxy.splicer {
             tokio::spawn(splicer.clone().watch_pressure());
+        }
+        if let Some(direct) = &self.proxy.direct {
+            tokio::spawn(crate::proxy::watch_direct_connections(
+                self.proxy.clone(),
+                direct.clone(),
+            ));
         }
         self.reconcile().await;
         // Pods a previous agent enrolled that are no longer configured go now.

@@ -16,6 +16,8 @@
 //!   inbound TCP connection arriving in the pod goes to the agent, whatever its destination
 //!   address; inbound UDP follows the pod's non-TCP rules.
 //!
+//! - `direct`: under `mtls.same_node = "direct"`, the connect, sockops and sk_lookup programs
+//!   let connections the agent already authorized between two pods of this node go pod to pod.
 //! - `zt_splice` (stream verdict on `ZT_SPLICE_SOURCES`): the same-node fast path. When both
 //!   ends of a connection are enrolled on this node and policy allows it, the agent puts its two
 //!   sockets of the connection in the map, and what each receives is sent out of the other by the
@@ -29,13 +31,15 @@
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
+mod direct;
 mod splice;
 
 use aya_ebpf::{
     EbpfContext,
     bindings::{
-        BPF_F_CURRENT_NETNS, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, bpf_sock_tuple, sk_action,
+        BPF_F_CURRENT_NETNS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
+        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, bpf_sock_tuple,
+        sk_action,
     },
     helpers::generated::{
         bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_sk_lookup_tcp, bpf_sk_release,
@@ -159,8 +163,9 @@ fn outbound_listener_alive(ctx: &SockAddrContext) -> bool {
 enum Verdict {
     /// Not ours to touch (not an enrolled pod, the agent's own socket, loopback).
     Pass,
-    /// TCP from an enrolled pod: rewrite to the agent.
-    Capture,
+    /// TCP from the enrolled pod with this netns cookie: rewrite to the agent (unless the pod
+    /// holds a direct grant for the destination).
+    Capture(u64),
     Refuse,
 }
 
@@ -181,7 +186,7 @@ fn classify(ctx: &SockAddrContext, port: u16) -> Verdict {
         return Verdict::Refuse;
     }
     if sa.type_ == SOCK_STREAM {
-        return Verdict::Capture;
+        return Verdict::Capture(netns);
     }
     if flags & pod_flags::REFUSE_OUTBOUND_NON_TCP != 0
         && !port_allowed(netns, port, port_kinds::UDP_OUTBOUND)
@@ -244,12 +249,15 @@ pub fn zt_connect4(ctx: SockAddrContext) -> i32 {
     match classify(&ctx, port) {
         Verdict::Pass => ALLOW,
         Verdict::Refuse => DENY,
-        Verdict::Capture => {
+        Verdict::Capture(netns) => {
             let dst = SockAddr {
                 addr: [sa.user_ip4, 0, 0, 0],
                 port,
                 family: AF_INET,
             };
+            if direct::granted(&ctx, netns, dst) {
+                return ALLOW;
+            }
             if capture(&ctx, dst) {
                 debug!(&ctx, "zt: captured connect4 to port {}", port);
                 sa.user_ip4 = u32::from_be_bytes([127, 0, 0, 1]).to_be();
@@ -272,7 +280,10 @@ pub fn zt_connect6(ctx: SockAddrContext) -> i32 {
     match classify(&ctx, port) {
         Verdict::Pass => ALLOW,
         Verdict::Refuse => DENY,
-        Verdict::Capture => {
+        Verdict::Capture(netns) => {
+            if direct::granted(&ctx, netns, dst) {
+                return ALLOW;
+            }
             if capture(&ctx, dst) {
                 debug!(&ctx, "zt: captured connect6 to port {}", port);
                 sa.user_ip6 = if dst.family == AF_INET {
@@ -300,7 +311,7 @@ fn guard_sendmsg(ctx: &SockAddrContext, loopback: bool, port: u16) -> i32 {
     }
     match classify(ctx, port) {
         Verdict::Refuse => DENY,
-        Verdict::Pass | Verdict::Capture => ALLOW,
+        Verdict::Pass | Verdict::Capture(_) => ALLOW,
     }
 }
 
@@ -354,24 +365,17 @@ pub fn zt_sock_create(ctx: SockContext) -> i32 {
 pub fn zt_sockops(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
         BPF_SOCK_OPS_TCP_CONNECT_CB => {
-            let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-            let Some(dst) = ORIG_DST_BY_COOKIE.get_ptr(&cookie) else {
-                return 0;
-            };
-            // SAFETY: pointer from a successful lookup; SockAddr is Copy.
-            let dst = unsafe { *dst };
-            let key = ConnKey {
-                netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
-                port: ctx.local_port() as u16,
-                _pad: [0; 6],
-            };
-            if ORIG_DST_BY_PORT.insert(&key, &dst, 0).is_err() {
-                warn!(&ctx, "zt: cannot re-key original destination");
+            if rekey_original_dst(&ctx) || direct::connecting(&ctx) {
+                // Ask for state callbacks so the entries go away with the socket.
+                let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
             }
-            // Ask for state callbacks so both entries go away with the socket.
-            let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
         }
-        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
+        // Only sockets we asked state callbacks for can be direct connections.
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB if ctx.cb_flags() & BPF_SOCK_OPS_STATE_CB_FLAG != 0 => {
+            direct::report(&ctx, None);
+        }
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) != BPF_TCP_CLOSE => direct::entered(&ctx, ctx.arg(1)),
+        BPF_SOCK_OPS_STATE_CB => {
             let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
             let _ = ORIG_DST_BY_COOKIE.remove(&cookie);
             let key = ConnKey {
@@ -380,10 +384,32 @@ pub fn zt_sockops(ctx: SockOpsContext) -> u32 {
                 _pad: [0; 6],
             };
             let _ = ORIG_DST_BY_PORT.remove(&key);
+            direct::report(&ctx, Some(ctx.arg(0)));
         }
         _ => {}
     }
     0
+}
+
+/// TCP_CONNECT_CB of a captured socket: re-keys its original destination by (netns cookie,
+/// source port), now that the port is known. Returns whether the socket was captured.
+#[inline(always)]
+fn rekey_original_dst(ctx: &SockOpsContext) -> bool {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let Some(dst) = ORIG_DST_BY_COOKIE.get_ptr(&cookie) else {
+        return false;
+    };
+    // SAFETY: pointer from a successful lookup; SockAddr is Copy.
+    let dst = unsafe { *dst };
+    let key = ConnKey {
+        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+        port: ctx.local_port() as u16,
+        _pad: [0; 6],
+    };
+    if ORIG_DST_BY_PORT.insert(&key, &dst, 0).is_err() {
+        warn!(ctx, "zt: cannot re-key original destination");
+    }
+    true
 }
 
 #[inline(always)]
@@ -544,7 +570,7 @@ pub fn zt_sk_lookup(ctx: SkLookupContext) -> u32 {
         }
         return sk_action::SK_DROP;
     }
-    if local_port == HBONE_PORT {
+    if local_port == HBONE_PORT || direct::admitted(&ctx, netns) {
         return sk_action::SK_PASS;
     }
     let probe_source = setting(settings::PROBE_SOURCE_V4) as u32;

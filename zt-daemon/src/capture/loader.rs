@@ -17,7 +17,7 @@ use aya::{
 };
 use tracing::{info, warn};
 
-use super::{AgentSockets, Capture, CaptureError, CaptureMaps, Splicer, io_err};
+use super::{AgentSockets, Capture, CaptureError, CaptureMaps, DirectPaths, Splicer, io_err};
 use crate::config::CaptureConfig;
 use zt_common::map_names;
 
@@ -122,6 +122,7 @@ impl Capture {
         }
         let agent_sockets = AgentSockets::open(&dir)?;
         let splicer = Splicer::attach(&mut ebpf)?;
+        let direct = DirectPaths::open(&dir, &mut ebpf)?;
         Ok(Self {
             _ebpf: ebpf,
             dir,
@@ -129,6 +130,7 @@ impl Capture {
             cgroup,
             agent_sockets,
             splicer,
+            direct,
         })
     }
 
@@ -152,6 +154,7 @@ impl Capture {
             .map_max_entries(map_names::SPLICE_SOURCES, 1)
             .map_max_entries(map_names::SPLICE_TARGETS, 1)
             .map_max_entries(map_names::SPLICE_LINKS, 1)
+            .map_max_entries(map_names::DIRECT_EVENTS, 4096)
             .load(EBPF_OBJECT)?;
         let program: &mut SkLookup = program_mut(&mut instance, SK_LOOKUP_PROGRAM)?;
         program.load().map_err(prog_err(SK_LOOKUP_PROGRAM))?;

@@ -3,37 +3,19 @@
 //! an upgraded agent works on the very maps its predecessor filled.
 use std::{
     collections::{HashMap as StdHashMap, HashSet},
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
     os::fd::AsRawFd,
     path::{Path, PathBuf},
 };
 
 use aya::maps::{Array, HashMap, Map, MapData, SockHash};
-use zt_common::{
-    AF_INET, AF_INET6, ConnKey, EnrolledPod, PodPortKey, SockAddr, map_names, port_kinds, settings,
-};
+use zt_common::{ConnKey, EnrolledPod, PodPortKey, SockAddr, map_names, port_kinds, settings};
 
-use super::{CaptureError, open_map};
+use super::{CaptureError, open_map, socket_addr};
 use crate::config::{CaptureConfig, FailMode};
 
 fn map_err(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> CaptureError {
     move |source| CaptureError::Map { map, source }
-}
-
-/// The address the programs recorded, back as a socket address.
-fn socket_addr(a: &SockAddr) -> Option<SocketAddr> {
-    let ip = match a.family {
-        AF_INET => IpAddr::from(a.addr[0].to_ne_bytes()),
-        AF_INET6 => {
-            let mut o = [0u8; 16];
-            for (i, w) in a.addr.iter().enumerate() {
-                o[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
-            }
-            IpAddr::from(o)
-        }
-        _ => return None,
-    };
-    Some(SocketAddr::new(ip, a.port))
 }
 
 /// Handles on the pinned maps that enrollment writes. Each handle is opened from its pin, so any

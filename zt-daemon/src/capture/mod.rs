@@ -1,7 +1,8 @@
 //! Capture: zt's kernel programs and their maps, and each enrolled pod's state in them.
 //! `loader` loads and attaches (or re-adopts) the programs, `maps` holds typed handles on the
 //! pinned maps, `sockets` registers the agent's own sockets, `splice` joins two of the agent's
-//! sockets in the kernel (the same-node fast path), and `reconcile` compares the kernel's state
+//! sockets in the kernel (the same-node fast path), `direct` holds the grants and records of
+//! same-node connections that skip the agent, and `reconcile` compares the kernel's state
 //! with the enrolled pods and repairs drift.
 //!
 //! Layout under the agent's bpffs directory (`capture.bpffs_dir`, default /sys/fs/bpf/zt):
@@ -12,6 +13,7 @@
 //!                            of the program loaded for that pod (it carries the pod's cookie)
 //! Because links and maps are pinned, capture keeps running (fail-closed) while the agent is
 //! down, and a restarted agent re-adopts them instead of opening a window without capture.
+mod direct;
 mod loader;
 mod maps;
 mod reconcile;
@@ -21,6 +23,7 @@ mod splice;
 use std::{
     fs::File,
     io,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
 };
 
@@ -28,8 +31,9 @@ use aya::{
     Ebpf,
     maps::{Map, MapData},
 };
-use zt_common::{pod_flags, port_kinds};
+use zt_common::{AF_INET, AF_INET6, SockAddr, pod_flags, port_kinds};
 
+pub use direct::{DirectConnection, DirectPaths, DirectReport, DirectReports};
 pub use loader::cgroup2_root;
 pub use maps::{CaptureMaps, OriginalDsts};
 pub use reconcile::{KernelState, WantedPod};
@@ -84,6 +88,8 @@ pub struct Capture {
     pub cgroup: PathBuf,
     pub agent_sockets: AgentSockets,
     pub splicer: Splicer,
+    /// Same-node connections that skip the agent (`mtls.same_node = "direct"`).
+    pub direct: DirectPaths,
 }
 
 impl Capture {
@@ -171,4 +177,45 @@ where
     let data = MapData::from_pin(pin_dir.join("maps").join(name))
         .map_err(|source| CaptureError::Map { map: name, source })?;
     T::try_from(kind(data)).map_err(|source| CaptureError::Map { map: name, source })
+}
+
+/// The address the programs recorded, back as a socket address.
+fn socket_addr(a: &SockAddr) -> Option<SocketAddr> {
+    let ip = match a.family {
+        AF_INET => IpAddr::from(a.addr[0].to_ne_bytes()),
+        AF_INET6 => IpAddr::from(words_to_bytes(a.addr)),
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, a.port))
+}
+
+/// A socket address as the programs record it: IPv4-mapped IPv6 as IPv4, since its packets are.
+fn kernel_addr(addr: SocketAddr) -> SockAddr {
+    match addr.ip().to_canonical() {
+        IpAddr::V4(ip) => SockAddr {
+            addr: [u32::from_ne_bytes(ip.octets()), 0, 0, 0],
+            port: addr.port(),
+            family: AF_INET,
+        },
+        IpAddr::V6(ip) => SockAddr {
+            addr: bytes_to_words(ip.octets()),
+            port: addr.port(),
+            family: AF_INET6,
+        },
+    }
+}
+
+/// An IPv6 address's four words as the kernel stores them (network order, read natively).
+fn bytes_to_words(b: [u8; 16]) -> [u32; 4] {
+    std::array::from_fn(|i| {
+        u32::from_ne_bytes([b[i * 4], b[i * 4 + 1], b[i * 4 + 2], b[i * 4 + 3]])
+    })
+}
+
+fn words_to_bytes(w: [u32; 4]) -> [u8; 16] {
+    let mut o = [0u8; 16];
+    for (i, word) in w.iter().enumerate() {
+        o[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+    }
+    o
 }

@@ -166,6 +166,10 @@ pub enum SameNode {
     /// The agent's two sockets spliced in the kernel: no TLS, no copy through user space. Both
     /// ends, their identities and the kernel are this node's; see docs/architecture.md.
     Splice,
+    /// As `Splice` for the first connection from a pod to a destination pod's address and port;
+    /// once policy allowed it, the next ones go pod to pod in the kernel, past the agent, until
+    /// a policy or trust change (which also aborts the open ones it denies).
+    Direct,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

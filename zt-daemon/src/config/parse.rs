@@ -397,6 +397,29 @@ mod tests {
     }
 
     #[test]
+    fn same_node_takes_three_values_and_names_a_wrong_one() {
+        for (text, want) in [
+            ("tunnel", SameNode::Tunnel),
+            ("splice", SameNode::Splice),
+            ("direct", SameNode::Direct),
+        ] {
+            let c = parse(
+                &EVERY_KEY.replace("same_node = \"splice\"", &format!("same_node = \"{text}\"")),
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(c.mtls.same_node, want);
+        }
+        let err = parse(&EVERY_KEY.replace("same_node = \"splice\"", "same_node = \"kernel\""))
+            .unwrap_err()
+            .to_string();
+        // The file, line and column, then the key.
+        assert!(
+            err.starts_with("/etc/zt/node.toml:14:") && err.contains("same_node: unknown variant"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn every_documented_key_parses() {
         parse(FILES_PROVIDER).unwrap_or_else(|e| panic!("{e}"));
         let c = parse(EVERY_KEY).unwrap_or_else(|e| panic!("{e}"));

@@ -69,11 +69,17 @@ pub struct EnrollFailure {
 pub trait UpstreamSockets: Send + Sync {
     /// A TCP socket, registered as the agent's, ready to connect to `dst`.
     fn upstream_socket(&self, dst: SocketAddr) -> io::Result<TcpSocket>;
+    /// Aborts the pod's TCP connection from `local` to `remote`: both ends see a reset.
+    fn abort_connection(&self, local: SocketAddr, remote: SocketAddr) -> io::Result<()>;
 }
 
 impl UpstreamSockets for PodNetns {
     fn upstream_socket(&self, dst: SocketAddr) -> io::Result<TcpSocket> {
         PodNetns::upstream_socket(self, dst)
+    }
+
+    fn abort_connection(&self, local: SocketAddr, remote: SocketAddr) -> io::Result<()> {
+        PodNetns::abort_connection(self, local, remote)
     }
 }
 
@@ -121,6 +127,12 @@ impl LocalWorkload {
     /// Connects to `dst` from inside the workload's pod, as the agent.
     pub async fn connect(&self, dst: SocketAddr) -> io::Result<TcpStream> {
         self.sockets.upstream_socket(dst)?.connect(dst).await
+    }
+
+    /// Aborts the pod's own TCP connection from `local` to `remote` (one the agent does not
+    /// hold: a direct same-node connection).
+    pub fn abort_connection(&self, local: SocketAddr, remote: SocketAddr) -> io::Result<()> {
+        self.sockets.abort_connection(local, remote)
     }
 
     /// A permit for one more connection, or `None` at the limit.

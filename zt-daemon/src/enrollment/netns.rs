@@ -86,6 +86,13 @@ impl PodNetns {
         })?
     }
 
+    /// Aborts the pod's TCP connection from `local` to `remote`; see [`abort_connection`].
+    /// Brief (one netlink round trip), so it may run on a runtime worker.
+    pub fn abort_connection(&self, local: SocketAddr, remote: SocketAddr) -> io::Result<()> {
+        let _inside = self.enter().map_err(io::Error::other)?;
+        abort_connection(local, remote)
+    }
+
     /// A TCP socket in the pod's namespace, marked as the agent's, ready to connect to `dst`.
     pub fn upstream_socket(&self, dst: SocketAddr) -> io::Result<tokio::net::TcpSocket> {
         let socket = {
@@ -285,5 +292,65 @@ pub fn current_pod_addresses() -> io::Result<Vec<IpAddr>> {
             }
             offset += length;
         }
+    }
+}
+
+/// Aborts the TCP connection from `local` to `remote` in the calling thread's namespace, as
+/// `ss -K` does (SOCK_DESTROY on a NETLINK_SOCK_DIAG socket, which belongs to the namespace of
+/// the thread that opens it): the socket's owner sees a reset, and so does its peer. The kernel
+/// finds the socket by its 4-tuple; `ErrorKind::NotFound` when it is already gone.
+pub fn abort_connection(local: SocketAddr, remote: SocketAddr) -> io::Result<()> {
+    use netlink_packet_core::{NLM_F_ACK, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload};
+    use netlink_packet_sock_diag::{
+        AF_INET, AF_INET6, IPPROTO_TCP, SockDiagDestroy, SockDiagMessage,
+        inet::{ExtensionFlags, InetRequest, SocketId, StateFlags},
+    };
+    use netlink_sys::{
+        Socket as NetlinkSocket, SocketAddr as NetlinkAddr, protocols::NETLINK_SOCK_DIAG,
+    };
+
+    let (local_ip, remote_ip) = (local.ip().to_canonical(), remote.ip().to_canonical());
+    let request = InetRequest {
+        family: if local_ip.is_ipv4() {
+            AF_INET
+        } else {
+            AF_INET6
+        },
+        protocol: IPPROTO_TCP,
+        extensions: ExtensionFlags::empty(),
+        states: StateFlags::all(),
+        socket_id: SocketId {
+            source_port: local.port(),
+            destination_port: remote.port(),
+            source_address: local_ip,
+            destination_address: remote_ip,
+            interface_id: 0,
+            // INET_DIAG_NOCOOKIE: match by the tuple alone.
+            cookie: [0xff; 8],
+        },
+    };
+    let mut message =
+        NetlinkMessage::from(SockDiagDestroy::new(SockDiagMessage::InetRequest(request)));
+    message.header.flags = NLM_F_REQUEST | NLM_F_ACK;
+    message.header.sequence_number = 1;
+    message.finalize();
+    let mut buf = vec![0u8; message.buffer_len()];
+    message.serialize(&mut buf);
+
+    let mut socket = NetlinkSocket::new(NETLINK_SOCK_DIAG)?;
+    socket.bind_auto()?;
+    socket.connect(&NetlinkAddr::new(0, 0))?;
+    socket.send(&buf, 0)?;
+    let (data, _) = socket.recv_from_full()?;
+    let reply = NetlinkMessage::<SockDiagMessage>::deserialize(&data)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+    match reply.payload {
+        NetlinkPayload::Error(e) if e.code.is_some() => Err(e.to_io()),
+        // An error message without a code is the acknowledgement.
+        NetlinkPayload::Error(_) => Ok(()),
+        other => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("SOCK_DESTROY: unexpected reply {other:?}"),
+        )),
     }
 }

@@ -28,6 +28,24 @@ impl Identities {
     };
 }
 
+/// The two ways a connection between two pods of this node goes without TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NodeLocal {
+    /// Accepted by the agent, which spliced its two sockets in the kernel.
+    Spliced,
+    /// Pod to pod, past the agent, under a grant the agent gave (`mtls.same_node = "direct"`).
+    Direct,
+}
+
+impl NodeLocal {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Spliced => "spliced",
+            Self::Direct => "direct",
+        }
+    }
+}
+
 /// Who and where a relayed connection is, for its access-log line.
 pub(crate) struct AccessRecord<'a> {
     pub direction: Direction,
@@ -46,8 +64,8 @@ pub(crate) struct AccessRecord<'a> {
     /// What the source had sent when its tunnel stream was opened, which went with the CONNECT
     /// rather than through the relay.
     pub sent_with_connect: u64,
-    /// Spliced in the kernel (same node): identities known, no TLS.
-    pub spliced: bool,
+    /// How a same-node connection went (identities known, no TLS); `None` for any other.
+    pub node_local: Option<NodeLocal>,
     pub started: Instant,
 }
 
@@ -72,7 +90,7 @@ impl AccessRecord<'_> {
     /// kernel: both identities are known, but no TLS was spoken.
     fn security_policy(&self) -> &'static str {
         let both = self.identities.source.is_some() && self.identities.destination.is_some();
-        match (both, self.spliced) {
+        match (both, self.node_local.is_some()) {
             (true, true) => "node_local",
             (true, false) => "mutual_tls",
             (false, _) => "none",
@@ -178,6 +196,7 @@ pub(crate) fn log_access(record: &AccessRecord<'_>, outcome: &copy::RelayOutcome
         source_workload = %workload_name(source_workload),
         destination_workload = %workload_name(destination_workload),
         connection_security_policy = record.security_policy(),
+        same_node = record.node_local.map_or("-", NodeLocal::as_str),
         peer = %record.peer,
         original_dst = %record.original_dst,
         destination_service = %record.service.as_ref().map_or_else(|| "-".to_owned(), ToString::to_string),

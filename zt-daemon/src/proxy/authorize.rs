@@ -78,7 +78,7 @@ pub(crate) fn authorize<'a>(
         peer_workload,
         decision: Some(decision),
         sent_with_connect: 0,
-        spliced: false,
+        node_local: None,
         started,
     };
     (record, revoked)

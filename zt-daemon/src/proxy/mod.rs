@@ -1,10 +1,11 @@
 //! The data path: accept captured connections in the pod, find where they were going, and carry
 //! the bytes. `listener` runs the accept loops, `outbound` serves the pod's 15001 listener and
 //! `route` decides where its connections go, `inbound` serves 15006 and 15008 and `authorize`
-//! asks policy, `same_node` splices connections between this node's pods, `copy` moves bytes, and `access` records each connection (access log and TCP
+//! asks policy, `same_node` splices connections between this node's pods and `direct` follows the ones that skip the agent, `copy` moves bytes, and `access` records each connection (access log and TCP
 //! metrics). The tunnel's protocol, client and pool are `crate::tunnel`'s.
 mod access;
 mod authorize;
+mod direct;
 pub mod inbound;
 mod listener;
 pub mod outbound;
@@ -13,8 +14,9 @@ mod same_node;
 #[cfg(test)]
 mod tests;
 
-pub(crate) use access::{AccessRecord, Identities, log_access, relay_and_log};
+pub(crate) use access::{AccessRecord, Identities, NodeLocal, log_access, relay_and_log};
 pub(crate) use authorize::authorize;
+pub use direct::watch_direct_connections;
 pub use listener::Direction;
 pub use listener::serve_workload;
 pub(crate) use listener::{Admission, accept_loop, holding};
@@ -35,6 +37,9 @@ pub struct ProxyContext {
     pub tunnel: Option<Tunnel>,
     /// With `mtls.same_node = "splice"` (and a tunnel): joins same-node connections in the kernel.
     pub splicer: Option<crate::capture::Splicer>,
+    /// With `mtls.same_node = "direct"` (and a tunnel): grants same-node connections the path
+    /// past the agent once policy allowed one (`direct`).
+    pub direct: Option<crate::capture::DirectPaths>,
     pub policy: PolicyStore,
     pub metrics: Arc<crate::metrics::Metrics>,
     pub idle_timeout: Duration,

@@ -76,7 +76,7 @@ async fn handle(app: TcpStream, peer: SocketAddr, workload: &LocalWorkload, ctx:
         peer_workload: None,
         decision: None,
         sent_with_connect: 0,
-        spliced: false,
+        node_local: None,
         started,
     };
     match (plan.route, &ctx.tunnel) {

@@ -7,16 +7,17 @@
 //! connection the kernel cannot splice (one that already half-closed) is copied like any other.
 //! It closes when a policy update denies it, either certificate is revoked, or the destination
 //! is removed. Both sides get their access record and metrics, as for a tunnelled connection,
-//! with `connection_security_policy = node_local`.
+//! with `connection_security_policy = node_local`. Under `"direct"`, an allowed connection also
+//! grants its source the path past the agent to the address it dialed (`proxy::direct`).
 use std::{future::pending, net::SocketAddr, pin::pin, sync::Arc, time::Instant};
 
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 use zt_common::is_agent_port;
 
-use super::{AccessRecord, Identities, ProxyContext, access, authorize, log_access};
+use super::{AccessRecord, Identities, NodeLocal, ProxyContext, access, authorize, log_access};
 use crate::{
-    capture::Splicer,
+    capture::{DirectPaths, Splicer},
     copy::{self, CloseReason, RelayOutcome},
     enrollment::LocalWorkload,
     identity::{spiffe::SpiffeId, svid::Svid},
@@ -54,9 +55,20 @@ impl<'a> Ends<'a> {
             .iter()
             .find(|w| w.addresses.contains(&ip))?
             .clone();
+        Self::between(source, destination, endpoint)
+            .filter(|ends| ends.destination_svid.id() == identity)
+    }
+
+    /// The ends of a connection from `source` to `endpoint` in `destination`, when both have
+    /// certificates.
+    pub fn between(
+        source: &'a LocalWorkload,
+        destination: Arc<LocalWorkload>,
+        endpoint: SocketAddr,
+    ) -> Option<Self> {
         let destination_svid = destination.svid.as_ref()?.get()?;
         let source_svid = source.svid.as_ref()?.get()?;
-        (destination_svid.id() == identity).then_some(Self {
+        Some(Self {
             source,
             source_svid,
             destination,
@@ -65,7 +77,7 @@ impl<'a> Ends<'a> {
         })
     }
 
-    fn identities(&self) -> Identities {
+    pub fn identities(&self) -> Identities {
         Identities {
             source: Some(self.source_svid.id().clone()),
             destination: Some(self.destination_svid.id().clone()),
@@ -74,7 +86,7 @@ impl<'a> Ends<'a> {
 
     /// The certificates the connection stands on, as a tunnel session's (the destination's
     /// is the local side).
-    fn certificates(&self) -> SessionCertificates {
+    pub fn certificates(&self) -> SessionCertificates {
         SessionCertificates {
             local: (&self.destination_svid).into(),
             peer: (&self.source_svid).into(),
@@ -95,7 +107,7 @@ pub(super) async fn serve(
     let outbound = AccessRecord {
         identities: ends.identities(),
         peer_workload: Some(ends.destination.workload.id.clone()),
-        spliced: true,
+        node_local: Some(NodeLocal::Spliced),
         ..outbound
     };
     // What a TLS handshake between the two would have refused.
@@ -115,6 +127,9 @@ pub(super) async fn serve(
         .or(ends.source.addresses.first())
         .copied()
         .unwrap_or(outbound.peer.ip());
+    // Read before the decision: a grant made under an epoch a policy change has since ended
+    // is void.
+    let epoch = ctx.direct.as_ref().map(DirectPaths::epoch);
     let (inbound, denied_later) = authorize(
         ctx,
         &ends.destination,
@@ -125,7 +140,7 @@ pub(super) async fn serve(
         started,
     );
     let inbound = AccessRecord {
-        spliced: true,
+        node_local: Some(NodeLocal::Spliced),
         ..inbound
     };
     if !inbound.is_allowed() {
@@ -148,6 +163,9 @@ pub(super) async fn serve(
             return;
         }
     };
+    if let (Some(direct), Some(epoch)) = (&ctx.direct, epoch) {
+        grant_direct(direct, epoch, &ends, outbound.original_dst);
+    }
     let interrupt = pin!(async {
         tokio::select! {
             reason = denied_later => reason,
@@ -171,6 +189,31 @@ pub(super) async fn serve(
     for record in [&outbound, &inbound] {
         record.count(&ctx.metrics, Some(&outcome));
         log_access(record, &outcome);
+    }
+}
+
+/// Lets the source's next connections to the address it dialed go pod to pod, now that this
+/// one was allowed. Not for a Service's address: which endpoint a connection to it reaches is
+/// the agent's choice, each time.
+fn grant_direct(direct: &DirectPaths, epoch: u64, ends: &Ends<'_>, dialed: SocketAddr) {
+    if dialed.ip().to_canonical() != ends.endpoint.ip().to_canonical()
+        || dialed.port() != ends.endpoint.port()
+    {
+        return;
+    }
+    match direct.grant(
+        ends.source.netns_cookie,
+        ends.endpoint,
+        ends.destination.netns_cookie,
+        epoch,
+    ) {
+        Ok(()) => {
+            debug!(workload = %ends.source.workload.id, destination = %ends.endpoint, epoch, "same-node: direct path granted")
+        }
+        // The next connection takes this path again; nothing is lost.
+        Err(e) => {
+            warn!(workload = %ends.source.workload.id, destination = %ends.endpoint, error = %e, "same-node: direct path not granted")
+        }
     }
 }
 

@@ -69,6 +69,10 @@ impl UpstreamSockets for PodAddress {
         socket.bind(SocketAddr::new(self.0, 0))?;
         Ok(socket)
     }
+
+    fn abort_connection(&self, local: SocketAddr, remote: SocketAddr) -> std::io::Result<()> {
+        crate::enrollment::netns::abort_connection(local, remote)
+    }
 }
 
 /// What the kernel's sockops program records: (pod, source port) to original destination.
@@ -154,6 +158,7 @@ impl Bed {
             directory: MeshDirectory::default(),
             egress: std::sync::RwLock::new(Arc::new(egress)),
             splicer: None,
+            direct: None,
             tunnel: Some(Tunnel {
                 trust: trust.clone(),
                 handshake_timeout: WAIT,

@@ -1,0 +1,346 @@
+//! The kernel side of `mtls.same_node = "direct"` (zt-ebpf's `direct` module): grants that let a
+//! pod connect to a destination pod of this node without the agent, the open direct connections
+//! the programs record, the epoch that voids both at once, and the programs' reports of each
+//! connection's open and close. The decisions are the proxy's (`proxy::direct`).
+use std::{
+    io,
+    net::SocketAddr,
+    path::Path,
+    sync::{Arc, Mutex},
+};
+
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, Map, MapData, RingBuf},
+};
+use tokio::io::{Interest, unix::AsyncFd};
+use zt_common::{
+    AF_INET, DirectEvent, DirectFlow, DirectGrantKey, FlowKey, SockAddr, direct_events, map_names,
+};
+
+use super::{CaptureError, kernel_addr, open_map, socket_addr};
+
+struct Maps {
+    grants: HashMap<MapData, DirectGrantKey, DirectFlow>,
+    flows: HashMap<MapData, FlowKey, DirectFlow>,
+    epoch: Array<MapData, u64>,
+}
+
+struct Shared {
+    maps: Mutex<Maps>,
+    /// Taken by [`DirectPaths::reports`].
+    events: Mutex<Option<RingBuf<MapData>>>,
+}
+
+/// Handles on the direct-connection maps. Cheap to clone.
+#[derive(Clone)]
+pub struct DirectPaths(Arc<Shared>);
+
+/// One open direct connection, as the source's socket sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct DirectConnection {
+    /// The source application's address (local end of its socket).
+    pub source: SocketAddr,
+    /// The destination application's address.
+    pub destination: SocketAddr,
+    pub source_netns: u64,
+    pub destination_netns: u64,
+    /// The epoch of the grant it was made under.
+    pub epoch: u64,
+}
+
+/// What the programs report about a direct connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DirectReport {
+    Opened(DirectConnection),
+    /// Closed after it opened, with the source socket's counters.
+    Closed {
+        connection: DirectConnection,
+        sent: u64,
+        received: u64,
+    },
+    /// Closed before it opened: the destination refused or did not answer.
+    Failed(DirectConnection),
+}
+
+impl DirectConnection {
+    fn from_kernel(key: &FlowKey, pods: &DirectFlow) -> Option<Self> {
+        let addr = |words: [u32; 4], port| {
+            socket_addr(&SockAddr {
+                addr: words,
+                port,
+                family: key.family,
+            })
+        };
+        Some(Self {
+            source: addr(key.src, key.src_port)?,
+            destination: addr(key.dst, key.dst_port)?,
+            source_netns: pods.src_netns_cookie,
+            destination_netns: pods.dst_netns_cookie,
+            epoch: pods.epoch,
+        })
+    }
+
+    fn key(&self) -> FlowKey {
+        let (src, dst) = (kernel_addr(self.source), kernel_addr(self.destination));
+        FlowKey {
+            src: src.addr,
+            dst: dst.addr,
+            src_port: src.port,
+            dst_port: dst.port,
+            family: if src.family == AF_INET && dst.family == AF_INET {
+                AF_INET
+            } else {
+                dst.family
+            },
+            _pad: 0,
+        }
+    }
+}
+
+impl DirectPaths {
+    /// Opens the pinned maps and takes this agent's report ring out of its node-wide object.
+    /// Starts a new epoch: what a previous agent granted is void until this one decides again.
+    pub(super) fn open(pin_dir: &Path, ebpf: &mut Ebpf) -> Result<Self, CaptureError> {
+        let err = |source| CaptureError::Map {
+            map: map_names::DIRECT_EVENTS,
+            source,
+        };
+        let events = ebpf.take_map(map_names::DIRECT_EVENTS).ok_or_else(|| {
+            err(aya::maps::MapError::InvalidName {
+                name: map_names::DIRECT_EVENTS.into(),
+            })
+        })?;
+        let paths = Self(Arc::new(Shared {
+            maps: Mutex::new(Maps {
+                grants: open_map(pin_dir, map_names::DIRECT_GRANTS, Map::HashMap)?,
+                flows: open_map(pin_dir, map_names::DIRECT_FLOWS, Map::HashMap)?,
+                epoch: open_map(pin_dir, map_names::DIRECT_EPOCH, Map::Array)?,
+            }),
+            events: Mutex::new(Some(RingBuf::try_from(events).map_err(err)?)),
+        }));
+        paths.new_epoch().map_err(|source| CaptureError::Io {
+            path: pin_dir.join("maps").join(map_names::DIRECT_EPOCH),
+            action: "starting a new epoch of direct grants",
+            source,
+        })?;
+        Ok(paths)
+    }
+
+    fn maps(&self) -> std::sync::MutexGuard<'_, Maps> {
+        self.0.maps.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The current epoch; a decision made after reading it may be granted under it.
+    pub fn epoch(&self) -> u64 {
+        self.maps().epoch.get(&0, 0).unwrap_or(0)
+    }
+
+    /// Voids every grant and every open connection's record (new connections no longer get
+    /// past the agent on them), and returns the new epoch. Open connections that are still
+    /// allowed are renewed into it with [`Self::renew`].
+    pub fn new_epoch(&self) -> io::Result<u64> {
+        let mut maps = self.maps();
+        let epoch = maps.epoch.get(&0, 0).unwrap_or(0) + 1;
+        maps.epoch.set(0, &epoch, 0).map_err(io::Error::other)?;
+        let keys: Vec<_> = maps.grants.keys().filter_map(Result::ok).collect();
+        for key in keys {
+            let _ = maps.grants.remove(&key);
+        }
+        Ok(epoch)
+    }
+
+    /// Lets pod `source_netns` connect to `destination` (pod `destination_netns`) without the
+    /// agent, under `epoch` (void if it is no longer current).
+    pub fn grant(
+        &self,
+        source_netns: u64,
+        destination: SocketAddr,
+        destination_netns: u64,
+        epoch: u64,
+    ) -> io::Result<()> {
+        let key = DirectGrantKey {
+            netns_cookie: source_netns,
+            dst: kernel_addr(destination),
+            _pad: [0; 4],
+        };
+        let value = DirectFlow {
+            src_netns_cookie: source_netns,
+            dst_netns_cookie: destination_netns,
+            epoch,
+            states: 0,
+        };
+        self.maps()
+            .grants
+            .insert(&key, &value, 0)
+            .map_err(io::Error::other)
+    }
+
+    /// The open direct connections.
+    pub fn connections(&self) -> Vec<DirectConnection> {
+        self.maps()
+            .flows
+            .iter()
+            .filter_map(Result::ok)
+            .filter_map(|(k, v)| DirectConnection::from_kernel(&k, &v))
+            .collect()
+    }
+
+    /// Keeps an open connection's record valid in `epoch` (it is still allowed).
+    pub fn renew(&self, connection: &DirectConnection, epoch: u64) {
+        let mut maps = self.maps();
+        let key = connection.key();
+        // Only if it is still open: a closed one's record went with its socket.
+        if let Ok(mut flow) = maps.flows.get(&key, 0) {
+            flow.epoch = epoch;
+            let _ = maps.flows.insert(&key, &flow, 0);
+        }
+    }
+
+    /// Reports of direct connections opening and closing, for as long as the agent runs;
+    /// `None` after the first call (one reader).
+    pub fn reports(&self) -> Option<DirectReports> {
+        let ring = self
+            .0
+            .events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()?;
+        // SAFETY: the ring buffer map owns its fd, which stays open and the same while the
+        // AsyncFd owns the map.
+        match unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) } {
+            Ok(ring) => Some(DirectReports(ring)),
+            Err(e) => {
+                tracing::error!(error = %e, "direct connections: the kernel's reports cannot be read; they are neither logged nor counted");
+                None
+            }
+        }
+    }
+}
+
+/// The programs' reports, in order.
+pub struct DirectReports(AsyncFd<RingBuf<MapData>>);
+
+impl DirectReports {
+    /// Every report available now, waiting for at least one; `None` if the ring failed.
+    pub async fn next_batch(&mut self) -> Option<Vec<DirectReport>> {
+        loop {
+            let mut ready = self.0.readable_mut().await.ok()?;
+            let ring = ready.get_inner_mut();
+            let mut batch = Vec::new();
+            while let Some(item) = ring.next() {
+                if let Some(report) = decode(&item) {
+                    batch.push(report);
+                }
+            }
+            ready.clear_ready();
+            if !batch.is_empty() {
+                return Some(batch);
+            }
+        }
+    }
+}
+
+fn decode(bytes: &[u8]) -> Option<DirectReport> {
+    if bytes.len() < size_of::<DirectEvent>() {
+        return None;
+    }
+    // SAFETY: length checked; DirectEvent is plain old data, read unaligned.
+    let event: DirectEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+    let connection = DirectConnection::from_kernel(&event.flow, &event.pods)?;
+    Some(match event.kind {
+        direct_events::OPENED => DirectReport::Opened(connection),
+        direct_events::CLOSED => {
+            let (sent, received) = payload(&event);
+            DirectReport::Closed {
+                connection,
+                sent,
+                received,
+            }
+        }
+        direct_events::FAILED => DirectReport::Failed(connection),
+        _ => return None,
+    })
+}
+
+/// TCP states as the kernel numbers them.
+mod tcp_state {
+    pub const ESTABLISHED: u32 = 1;
+    pub const FIN_WAIT1: u32 = 4;
+    pub const FIN_WAIT2: u32 = 5;
+    pub const CLOSE_WAIT: u32 = 8;
+    pub const LAST_ACK: u32 = 9;
+    pub const CLOSING: u32 = 11;
+}
+
+/// The payload a closed direct connection carried each way, from its source socket's
+/// sequence-space counters: without the SYN, and without each FIN they include.
+fn payload(event: &DirectEvent) -> (u64, u64) {
+    use tcp_state::*;
+    let entered = |state: u32| event.pods.states & (1 << state) != 0;
+    let syn = u64::from(entered(ESTABLISHED));
+    let fin_sent = entered(FIN_WAIT1) || entered(LAST_ACK);
+    let fin_acked = u64::from(fin_sent && event.unacked == 0);
+    // Leaving FIN_WAIT1/2 for CLOSE is the peer's FIN (the socket went to TIME_WAIT), or, rarely,
+    // a reset there: then one byte too few is counted.
+    let fin_received = u64::from(
+        entered(CLOSE_WAIT)
+            || entered(CLOSING)
+            || matches!(event.closed_from, FIN_WAIT1 | FIN_WAIT2),
+    );
+    (
+        event.bytes_acked.saturating_sub(syn + fin_acked),
+        event.bytes_received.saturating_sub(fin_received),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{tcp_state::*, *};
+
+    fn closed(
+        states: &[u32],
+        closed_from: u32,
+        acked: u64,
+        received: u64,
+        unacked: u32,
+    ) -> (u64, u64) {
+        let mut event = DirectEvent {
+            kind: direct_events::CLOSED,
+            closed_from,
+            bytes_acked: acked,
+            bytes_received: received,
+            unacked,
+            ..Default::default()
+        };
+        for s in states {
+            event.pods.states |= 1 << s;
+        }
+        payload(&event)
+    }
+
+    #[test]
+    fn the_payload_leaves_out_the_syn_and_the_fins_the_counters_include() {
+        // The source closed first, both FINs exchanged.
+        let active = [ESTABLISHED, FIN_WAIT1, FIN_WAIT2];
+        assert_eq!(closed(&active, FIN_WAIT2, 1002, 51, 0), (1000, 50));
+        // The destination closed first.
+        let passive = [ESTABLISHED, CLOSE_WAIT, LAST_ACK];
+        assert_eq!(closed(&passive, LAST_ACK, 1002, 51, 0), (1000, 50));
+        // Reset while established: no FIN either way.
+        assert_eq!(closed(&[ESTABLISHED], ESTABLISHED, 1001, 50, 0), (1000, 50));
+        // Reset after the source's FIN went out unacknowledged.
+        assert_eq!(
+            closed(
+                &[ESTABLISHED, FIN_WAIT1, CLOSE_WAIT],
+                CLOSE_WAIT,
+                1001,
+                51,
+                1
+            ),
+            (1000, 50)
+        );
+        // Never opened.
+        assert_eq!(closed(&[], 2, 0, 0, 1), (0, 0));
+    }
+}

@@ -1,0 +1,347 @@
+//! Same-node connections that skip the agent (`mtls.same_node = "direct"`). `same_node` grants
+//! the path once policy allowed a first connection; the kernel then records each direct
+//! connection and reports its open and close (`capture::DirectPaths`). This task turns the
+//! reports into the usual access records and TCP metrics (`node_local`, `same_node = direct`),
+//! and whenever policy or trust changes, starts a new grant epoch (nothing new gets past the
+//! agent on an old decision) and decides every open direct connection again: one now denied,
+//! or whose certificates were revoked, is aborted in both pods, as a spliced one is closed.
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::Arc,
+    time::{Instant, SystemTime},
+};
+
+use tracing::{debug, error, warn};
+
+use super::{
+    AccessRecord, Direction, NodeLocal, ProxyContext, authorize, log_access, same_node::Ends,
+};
+use crate::{
+    capture::{DirectConnection, DirectPaths, DirectReport},
+    copy::{CloseReason, RelayOutcome},
+    enrollment::LocalWorkload,
+    policy::{Peer, PolicyDecision, WorkloadRef},
+};
+
+/// What the agent keeps of an open direct connection, for its records when it closes.
+struct Open {
+    source: Arc<LocalWorkload>,
+    destination: Arc<LocalWorkload>,
+    decision: Option<PolicyDecision>,
+    started: Instant,
+    /// Set when the agent aborted it: the close's reason.
+    aborted: Option<CloseReason>,
+}
+
+/// Follows the direct connections for as long as the agent runs (spawned once).
+pub async fn watch_direct_connections(ctx: Arc<ProxyContext>, paths: DirectPaths) {
+    let Some(tunnel) = &ctx.tunnel else {
+        return;
+    };
+    let Some(mut reports) = paths.reports() else {
+        return;
+    };
+    let mut policy = ctx.policy.subscribe();
+    let mut trust = tunnel.trust.subscribe();
+    let mut open = HashMap::new();
+    // Connections a previous agent let through are decided again under this one's policy.
+    recheck(&ctx, &paths, &mut open);
+    loop {
+        tokio::select! {
+            batch = reports.next_batch() => {
+                let Some(batch) = batch else {
+                    error!("direct connections: the kernel's report ring failed; they are no longer logged");
+                    return;
+                };
+                for report in batch {
+                    on_report(&ctx, report, &mut open);
+                }
+            }
+            changed = policy.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                recheck(&ctx, &paths, &mut open);
+            }
+            changed = trust.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                recheck(&ctx, &paths, &mut open);
+            }
+        }
+    }
+}
+
+type Key = (SocketAddr, SocketAddr);
+
+fn key(c: &DirectConnection) -> Key {
+    (c.source, c.destination)
+}
+
+/// Both pods of a connection, while they are enrolled.
+fn pods(
+    ctx: &ProxyContext,
+    c: &DirectConnection,
+) -> Option<(Arc<LocalWorkload>, Arc<LocalWorkload>)> {
+    let node = ctx.directory.node();
+    let find = |cookie| {
+        node.enrolled
+            .iter()
+            .find(|w| w.netns_cookie == cookie)
+            .cloned()
+    };
+    Some((find(c.source_netns)?, find(c.destination_netns)?))
+}
+
+/// The connection's two access records (source side, then destination side), deciding it
+/// again unless `decided` is given.
+fn records<'a>(
+    ctx: &ProxyContext,
+    c: &DirectConnection,
+    ends: &Ends<'_>,
+    source: &'a LocalWorkload,
+    destination: &'a LocalWorkload,
+    decided: Option<(Option<PolicyDecision>, Instant)>,
+) -> (AccessRecord<'a>, AccessRecord<'a>) {
+    let started = decided.as_ref().map_or_else(Instant::now, |(_, s)| *s);
+    let outbound = AccessRecord {
+        direction: Direction::Outbound,
+        workload: source,
+        peer: c.source,
+        original_dst: c.destination,
+        service: None,
+        upstream: None,
+        identities: ends.identities(),
+        peer_workload: Some(destination.workload.id.clone()),
+        decision: None,
+        sent_with_connect: 0,
+        node_local: Some(NodeLocal::Direct),
+        started,
+    };
+    let inbound = match decided {
+        Some((decision, started)) => AccessRecord {
+            direction: Direction::Inbound,
+            workload: destination,
+            peer: c.source,
+            original_dst: c.destination,
+            service: None,
+            upstream: None,
+            identities: ends.identities(),
+            peer_workload: Some(source.workload.id.clone()),
+            decision,
+            sent_with_connect: 0,
+            node_local: Some(NodeLocal::Direct),
+            started,
+        },
+        None => {
+            let (record, _) = authorize(
+                ctx,
+                destination,
+                c.source,
+                c.destination,
+                ends.identities(),
+                Some(source.workload.id.clone()),
+                started,
+            );
+            AccessRecord {
+                node_local: Some(NodeLocal::Direct),
+                ..record
+            }
+        }
+    };
+    (outbound, inbound)
+}
+
+fn on_report(ctx: &ProxyContext, report: DirectReport, open: &mut HashMap<Key, Open>) {
+    match report {
+        DirectReport::Opened(c) => {
+            let Some((source, destination)) = pods(ctx, &c) else {
+                debug!(source = %c.source, destination = %c.destination, "direct connection opened between pods no longer enrolled");
+                return;
+            };
+            let Some(ends) = Ends::between(&source, destination.clone(), c.destination) else {
+                return;
+            };
+            let (outbound, inbound) = records(ctx, &c, &ends, &source, &destination, None);
+            if !inbound.is_allowed() {
+                // Granted under a decision a change has since reversed, before the re-check
+                // reached it.
+                abort(&c, &source, &destination);
+            }
+            outbound.count(&ctx.metrics, None);
+            inbound.count(&ctx.metrics, None);
+            let entry = Open {
+                decision: inbound.decision.clone(),
+                started: inbound.started,
+                aborted: (!inbound.is_allowed()).then_some(CloseReason::Policy),
+                source: source.clone(),
+                destination: destination.clone(),
+            };
+            open.insert(key(&c), entry);
+        }
+        DirectReport::Closed {
+            connection: c,
+            sent,
+            received,
+        } => {
+            let known = open.remove(&key(&c));
+            let close = known
+                .as_ref()
+                .and_then(|o| o.aborted)
+                .unwrap_or(CloseReason::Eof);
+            let outcome = RelayOutcome {
+                sent,
+                received,
+                close,
+            };
+            log_closed(ctx, &c, known, Some(&outcome));
+        }
+        DirectReport::Failed(c) => {
+            open.remove(&key(&c));
+            let outcome = RelayOutcome::refused(CloseReason::ConnectFailed);
+            for_records(ctx, &c, None, |outbound, inbound| {
+                log_access(outbound, &outcome);
+                log_access(inbound, &outcome);
+            });
+        }
+    }
+}
+
+/// Counts and logs a closed connection; one the agent did not see open (it opened under a
+/// previous agent) is counted as opened too, so that opened minus closed stays what is open.
+fn log_closed(
+    ctx: &ProxyContext,
+    c: &DirectConnection,
+    known: Option<Open>,
+    outcome: Option<&RelayOutcome>,
+) {
+    let seen_open = known.is_some();
+    for_records(ctx, c, known, |outbound, inbound| {
+        for record in [outbound, inbound] {
+            if !seen_open {
+                record.count(&ctx.metrics, None);
+            }
+            record.count(&ctx.metrics, outcome);
+            if let Some(outcome) = outcome {
+                log_access(record, outcome);
+            }
+        }
+    });
+}
+
+/// Runs `f` on the connection's two records, from what was kept when it opened or else from
+/// the pods as they are now.
+fn for_records(
+    ctx: &ProxyContext,
+    c: &DirectConnection,
+    known: Option<Open>,
+    f: impl FnOnce(&AccessRecord<'_>, &AccessRecord<'_>),
+) {
+    let (source, destination, decided) = match known {
+        Some(o) => (o.source, o.destination, Some((o.decision, o.started))),
+        None => match pods(ctx, c) {
+            Some((s, d)) => (s, d, None),
+            None => {
+                debug!(source = %c.source, destination = %c.destination, "direct connection closed between pods no longer enrolled");
+                return;
+            }
+        },
+    };
+    let Some(ends) = Ends::between(&source, destination.clone(), c.destination) else {
+        return;
+    };
+    let (outbound, inbound) = records(ctx, c, &ends, &source, &destination, decided);
+    f(&outbound, &inbound);
+}
+
+/// A new epoch, and every open direct connection decided again: renewed into the epoch when
+/// still allowed, aborted when not.
+fn recheck(ctx: &ProxyContext, paths: &DirectPaths, open: &mut HashMap<Key, Open>) {
+    let epoch = match paths.new_epoch() {
+        Ok(e) => e,
+        Err(e) => {
+            error!(error = %e, "direct connections: cannot start a new grant epoch; old grants stay valid");
+            return;
+        }
+    };
+    let Some(tunnel) = &ctx.tunnel else {
+        return;
+    };
+    let trust = tunnel.trust.current();
+    for c in paths.connections() {
+        let Some((source, destination)) = pods(ctx, &c) else {
+            continue;
+        };
+        let Some(ends) = Ends::between(&source, destination.clone(), c.destination) else {
+            continue;
+        };
+        let revoked = ends
+            .certificates()
+            .check(&trust, SystemTime::now())
+            .err()
+            .filter(|why| why.closes_now());
+        let allowed = match &revoked {
+            Some(why) => {
+                warn!(source = %c.source, destination = %c.destination, reason = %why, "direct connection aborted: {why}");
+                false
+            }
+            None => still_allowed(ctx, &c, &ends, &destination),
+        };
+        if allowed {
+            paths.renew(&c, epoch);
+            continue;
+        }
+        abort(&c, &source, &destination);
+        if let Some(o) = open.get_mut(&key(&c)) {
+            o.aborted = Some(CloseReason::Policy);
+        }
+    }
+}
+
+/// Whether policy still allows an open connection; a denial is counted and logged as an update
+/// that closes a connection is.
+fn still_allowed(
+    ctx: &ProxyContext,
+    c: &DirectConnection,
+    ends: &Ends<'_>,
+    destination: &LocalWorkload,
+) -> bool {
+    let peer = Peer {
+        identity: ends.identities().source,
+        ip: c.source.ip().to_canonical(),
+    };
+    let target = WorkloadRef::from(&destination.workload);
+    let decision =
+        ctx.policy
+            .subscribe()
+            .borrow()
+            .decide(&target, &peer, c.destination.port(), true);
+    if decision.is_allowed() {
+        return true;
+    }
+    ctx.metrics.count_decision(&decision);
+    warn!(
+        workload = %destination.workload.id,
+        source = %c.source,
+        rule = %decision.rule_ref(),
+        close = "policy",
+        "open direct connection closed by a policy update: {decision}"
+    );
+    false
+}
+
+/// Aborts a direct connection on both pods' sides; the programs then report its close.
+fn abort(c: &DirectConnection, source: &LocalWorkload, destination: &LocalWorkload) {
+    for (pod, local, remote) in [
+        (source, c.source, c.destination),
+        (destination, c.destination, c.source),
+    ] {
+        if let Err(e) = pod.abort_connection(local, remote)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            error!(workload = %pod.workload.id, %local, %remote, error = %e, "cannot abort a direct connection");
+        }
+    }
+}
