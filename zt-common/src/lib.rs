@@ -114,6 +114,13 @@ pub struct DirectEvent {
     pub _pad: u32,
 }
 
+/// Capacity of DIRECT_GRANTS; a grant that does not fit leaves its pair on the agent's path.
+pub const DIRECT_GRANTS_MAX: u32 = 65536;
+/// Capacity of DIRECT_FLOWS: open direct connections on the node. The agent stops granting
+/// well before it is full (a connect already on its way to the destination without a record
+/// would be refused there).
+pub const DIRECT_FLOWS_MAX: u32 = 1 << 18;
+
 /// `DirectEvent::kind`.
 pub mod direct_events {
     /// The handshake completed.

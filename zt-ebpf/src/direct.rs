@@ -14,22 +14,27 @@
 //! the open connections: from then on, stale grants and flows let nothing new past the agent.
 use aya_ebpf::{
     EbpfContext,
-    bindings::BPF_TCP_SYN_SENT,
+    bindings::{BPF_F_NO_PREALLOC, BPF_TCP_SYN_SENT},
     helpers::generated::bpf_get_socket_cookie,
     macros::map,
     maps::{Array, HashMap, LruHashMap, RingBuf},
     programs::{SkLookupContext, SockAddrContext, SockOpsContext},
 };
 use zt_common::{
-    AF_INET, AF_INET6, DirectEvent, DirectFlow, DirectGrantKey, FlowKey, SockAddr, direct_events,
+    AF_INET, AF_INET6, DIRECT_FLOWS_MAX, DIRECT_GRANTS_MAX, DirectEvent, DirectFlow,
+    DirectGrantKey, FlowKey, SockAddr, direct_events,
 };
 
+/// Allocated as used: grants and flows are few on most nodes.
+const NO_PREALLOC: u32 = BPF_F_NO_PREALLOC;
+
 #[map(name = "ZT_DIRECT_GRANTS")]
-static GRANTS: HashMap<DirectGrantKey, DirectFlow> = HashMap::pinned(65536, 0);
+static GRANTS: HashMap<DirectGrantKey, DirectFlow> =
+    HashMap::pinned(DIRECT_GRANTS_MAX, NO_PREALLOC);
 #[map(name = "ZT_DIRECT_PENDING")]
 static PENDING: LruHashMap<u64, DirectFlow> = LruHashMap::pinned(65536, 0);
 #[map(name = "ZT_DIRECT_FLOWS")]
-static FLOWS: HashMap<FlowKey, DirectFlow> = HashMap::pinned(65536, 0);
+static FLOWS: HashMap<FlowKey, DirectFlow> = HashMap::pinned(DIRECT_FLOWS_MAX, NO_PREALLOC);
 #[map(name = "ZT_DIRECT_EPOCH")]
 static EPOCH: Array<u64> = Array::pinned(1, 0);
 #[map(name = "ZT_DIRECT_EVENTS")]

@@ -55,7 +55,7 @@ pub struct Topology {
 }
 
 /// Where zt cross-node is in `Topology::routes`, whose order (measured and reported) is: direct
-/// TCP, direct TCP same-node, zt same-node over HBONE, zt same-node spliced, zt cross-node,
+/// TCP, direct TCP same-node, zt same-node over HBONE, zt same-node direct, zt cross-node,
 /// HAProxy pair.
 pub const CROSS_NODE_ROUTE: usize = 4;
 /// Where the HAProxy pair is in `Topology::routes`.
@@ -66,7 +66,8 @@ impl Topology {
         let mut bed = Testbed::new(4)?;
         let pod = |n, p| bed.pod(n, p).clone();
         // n1p1 -> n1p3 (same node, HBONE: node 1 keeps TLS for same-node connections),
-        // n2p3 -> n2p1 (same node, spliced: node 2 splices them) and n1p1 -> n2p1 (cross-node)
+        // n2p3 -> n2p1 (same node, direct: node 2 lets them connect pod to pod once allowed) and
+        // n1p1 -> n2p1 (cross-node)
         // are meshed; n1p2 -> n2p2 and n2p2 -> n2p4 are direct TCP across and within a node, and
         // n1p2 -> HAProxy pair -> n2p2 the reference.
         let (n1p1, n1p2, n1p3, n2p1, n2p2, n2p3, n2p4) = (
@@ -95,7 +96,7 @@ impl Topology {
         };
         let (c1, c2) = (
             config(1, &[&n1p1, &n1p3], &[&n2p1, &n2p3], "tunnel"),
-            config(2, &[&n2p1, &n2p3], &[&n1p1, &n1p3], "splice"),
+            config(2, &[&n2p1, &n2p3], &[&n1p1, &n1p3], "direct"),
         );
         let a1 = Agent::start_with_config(&mut bed, 1, &c1)?;
         let a2 = Agent::start_with_config(&mut bed, 2, &c2)?;
@@ -137,10 +138,9 @@ impl Topology {
                 proxies: vec![a1.pid],
                 agents: vec![0],
             },
-            // The kernel moves the bytes (softirq and the socket map's worker), not a proxy
-            // process: no proxy CPU figure.
+            // The kernel moves the bytes pod to pod, not a proxy process: no proxy CPU figure.
             Route {
-                name: "zt same-node, spliced",
+                name: "zt same-node, direct",
                 from: n2p3,
                 to: n2p1.ipv4.into(),
                 proxies: vec![],

@@ -6,7 +6,10 @@ use std::{
     io,
     net::SocketAddr,
     path::Path,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
 };
 
 use aya::{
@@ -15,10 +18,14 @@ use aya::{
 };
 use tokio::io::{Interest, unix::AsyncFd};
 use zt_common::{
-    AF_INET, DirectEvent, DirectFlow, DirectGrantKey, FlowKey, SockAddr, direct_events, map_names,
+    AF_INET, DIRECT_FLOWS_MAX, DirectEvent, DirectFlow, DirectGrantKey, FlowKey, SockAddr,
+    direct_events, map_names,
 };
 
 use super::{CaptureError, kernel_addr, open_map, socket_addr};
+
+/// Entries of DIRECT_FLOWS kept free for connections the agent has not yet seen open.
+const FLOWS_SLACK: usize = 16384;
 
 struct Maps {
     grants: HashMap<MapData, DirectGrantKey, DirectFlow>,
@@ -28,6 +35,8 @@ struct Maps {
 
 struct Shared {
     maps: Mutex<Maps>,
+    /// Cleared while the flow map is near full: no grants (see [`DirectPaths::check_room`]).
+    room: AtomicBool,
     /// Taken by [`DirectPaths::reports`].
     events: Mutex<Option<RingBuf<MapData>>>,
 }
@@ -118,6 +127,7 @@ impl DirectPaths {
                 epoch: open_map(pin_dir, map_names::DIRECT_EPOCH, Map::Array)?,
             }),
             events: Mutex::new(Some(RingBuf::try_from(events).map_err(err)?)),
+            room: AtomicBool::new(true),
         }));
         paths.new_epoch().map_err(|source| CaptureError::Io {
             path: pin_dir.join("maps").join(map_names::DIRECT_EPOCH),
@@ -159,6 +169,9 @@ impl DirectPaths {
         destination_netns: u64,
         epoch: u64,
     ) -> io::Result<()> {
+        if !self.0.room.load(Ordering::Relaxed) {
+            return Ok(());
+        }
         let key = DirectGrantKey {
             netns_cookie: source_netns,
             dst: kernel_addr(destination),
@@ -174,6 +187,34 @@ impl DirectPaths {
             .grants
             .insert(&key, &value, 0)
             .map_err(io::Error::other)
+    }
+
+    /// Counts the kernel's direct connection records and stops granting (and voids the grants)
+    /// while fewer than `FLOWS_SLACK` entries are free, until under twice that many are used
+    /// again. Returns the count.
+    pub fn check_room(&self) -> usize {
+        let mut maps = self.maps();
+        let used = maps.flows.keys().count();
+        let max = DIRECT_FLOWS_MAX as usize;
+        let room = &self.0.room;
+        if used >= max - FLOWS_SLACK && room.swap(false, Ordering::Relaxed) {
+            let keys: Vec<_> = maps.grants.keys().filter_map(Result::ok).collect();
+            for key in keys {
+                let _ = maps.grants.remove(&key);
+            }
+            tracing::warn!(
+                used,
+                max,
+                "direct connections: the kernel's record map is nearly full; new connections take the agent's path"
+            );
+        } else if used < max - 2 * FLOWS_SLACK && !room.swap(true, Ordering::Relaxed) {
+            tracing::info!(
+                used,
+                max,
+                "direct connections: room again in the kernel's record map"
+            );
+        }
+        used
     }
 
     /// The open direct connections.

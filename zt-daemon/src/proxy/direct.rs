@@ -13,6 +13,7 @@ use std::{
 };
 
 use tracing::{debug, error, warn};
+use zt_common::DIRECT_FLOWS_MAX;
 
 use super::{
     AccessRecord, Direction, NodeLocal, ProxyContext, authorize, log_access, same_node::Ends,
@@ -47,6 +48,8 @@ pub async fn watch_direct_connections(ctx: Arc<ProxyContext>, paths: DirectPaths
     let mut open = HashMap::new();
     // Connections a previous agent let through are decided again under this one's policy.
     recheck(&ctx, &paths, &mut open);
+    let mut reports_since_count = 0usize;
+    let mut crowded = paths.check_room() >= CROWDED;
     loop {
         tokio::select! {
             batch = reports.next_batch() => {
@@ -54,8 +57,15 @@ pub async fn watch_direct_connections(ctx: Arc<ProxyContext>, paths: DirectPaths
                     error!("direct connections: the kernel's report ring failed; they are no longer logged");
                     return;
                 };
+                reports_since_count += batch.len();
                 for report in batch {
                     on_report(&ctx, report, &mut open);
+                }
+                // Counting the map walks it: now and then, more often once it holds many.
+                let every = if crowded { 256 } else { 4096 };
+                if reports_since_count >= every {
+                    reports_since_count = 0;
+                    crowded = paths.check_room() >= CROWDED;
                 }
             }
             changed = policy.changed() => {
@@ -75,6 +85,9 @@ pub async fn watch_direct_connections(ctx: Arc<ProxyContext>, paths: DirectPaths
 }
 
 type Key = (SocketAddr, SocketAddr);
+
+/// From this many open direct connections on, the kernel's map is counted more often.
+const CROWDED: usize = DIRECT_FLOWS_MAX as usize / 2;
 
 fn key(c: &DirectConnection) -> Key {
     (c.source, c.destination)
