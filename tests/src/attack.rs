@@ -75,7 +75,9 @@ pub fn attack(
 
 /// Python: connects to `host port` (a scope id such as `%eth0` allowed), sends 1 KiB,
 /// half-closes and reads the reply. Prints `{"connect": "ok"|error, "reply": text}`; an empty
-/// reply means the peer closed without answering.
+/// reply means the peer closed without answering. With a third argument, the socket first
+/// claims that source address, as any address the pod can name (IP_TRANSPARENT, which
+/// CAP_NET_RAW allows), and says how that went in `"transparent"`.
 pub const CONNECT_AND_SEND: &str = r#"
 import json, socket, sys
 host, port = sys.argv[1], int(sys.argv[2])
@@ -84,6 +86,13 @@ try:
     info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     s = socket.socket(info[0], socket.SOCK_STREAM)
     s.settimeout(3)
+    if len(sys.argv) > 3:
+        try:
+            s.setsockopt(socket.SOL_IP, 19, 1)  # IP_TRANSPARENT
+            out["transparent"] = "ok"
+        except OSError as e:
+            out["transparent"] = str(e)
+        s.bind((sys.argv[3], 0))
     s.connect(info[4])
     out["connect"] = "ok"
     s.sendall(b"x" * 1024)

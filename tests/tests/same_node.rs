@@ -8,7 +8,8 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use zt_tests::{
     Agent, Pod, Testbed,
     agent::{meshed_config, spiffe_id},
-    node_config::{MtlsMode, PolicyDefault},
+    attack::{CONNECT_AND_SEND, Privilege, attack},
+    node_config::{Admin, MtlsMode, NodeConfigBuilder, PolicyDefault},
     probe::{Server, connect, connect_duplex, connect_idle_until, intact},
 };
 
@@ -20,6 +21,8 @@ const TIMEOUT: Duration = Duration::from_secs(3);
 /// `policies` (default deny, none yet), else none (allow). A server on n1p2.
 struct Node {
     bed: Testbed,
+    /// The agent's config, for a successor.
+    config: NodeConfigBuilder,
     agent: Agent,
     server: Server,
     policies: PathBuf,
@@ -81,6 +84,7 @@ fn node_with(how: &'static str, pods: usize, policies: bool) -> Node {
     let server = Server::start(&mut bed, &meshed[1], SocketAddr::from(([0u16; 8], PORT))).unwrap();
     Node {
         bed,
+        config,
         agent,
         server,
         policies: dir,
@@ -510,4 +514,124 @@ fn a_policy_update_aborts_direct_connections_and_voids_their_grant() {
     // The server saw the first connection and the aborted one, nothing since.
     let seen = n.server.connections().unwrap();
     assert_eq!(seen.len(), 2, "{seen:?}");
+}
+
+#[test]
+fn a_direct_connection_outlives_an_agent_upgrade_and_the_successor_logs_it() {
+    let mut n = node_with("direct", 2, false);
+    let (p11, dst) = n.client_and_server();
+    let p11 = p11.clone();
+    // Allowed once through the agent: the path is granted.
+    connect(&n.bed, &p11, dst, 1024, TIMEOUT)
+        .unwrap()
+        .unwrap_or_else(|e| panic!("{e}\n{}", n.agent.log_tail()));
+    let go = n.bed.dir.join("go");
+    let mut idle = n
+        .bed
+        .pod_command(&p11, zt_tests::bin_path("zt-probe").unwrap())
+        .unwrap();
+    idle.args([
+        "connect",
+        "--to",
+        &dst.to_string(),
+        "--bytes",
+        "65536",
+        "--idle-until",
+    ])
+    .arg(&go);
+    let idle = std::thread::spawn(move || idle.output().unwrap());
+    zt_tests::wait_until(Duration::from_secs(10), || {
+        Ok(n.agent.opened_connections()? >= 4)
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "the direct connection did not open: {e}\n{}",
+            n.agent.log_tail()
+        )
+    });
+
+    // The successor takes over beside the old agent, which then drains and exits.
+    let successor = n.config.clone().admin(Admin {
+        readiness_addr: SocketAddr::from(([127, 0, 0, 1], 15121)),
+        metrics_addr: SocketAddr::from(([127, 0, 0, 1], 15120)),
+        admin_addr: SocketAddr::from(([127, 0, 0, 1], 15100)),
+    });
+    let new = Agent::start_with_config(&mut n.bed, 1, &successor).unwrap();
+    n.agent.signal(nix::sys::signal::Signal::SIGTERM).unwrap();
+    zt_tests::wait_until(Duration::from_secs(25), || Ok(n.bed.exited(n.agent.pid)))
+        .unwrap_or_else(|e| panic!("old agent did not exit: {e}\n{}", n.agent.log_tail()));
+
+    // The connection never went through either agent: it carries its bytes intact, and the
+    // successor, which decided it again under its own policy, logs its end.
+    std::fs::write(&go, "").unwrap();
+    let out = idle.join().unwrap();
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("no report ({e}): {}", String::from_utf8_lossy(&out.stderr)));
+    intact(&r, 65536);
+    let record = new
+        .wait_access("the direct connection's end", |r| {
+            r["direction"] == "inbound" && r["same_node"] == "direct"
+        })
+        .unwrap();
+    assert_eq!(record["close"], "eof", "{record}");
+    assert_eq!(record["bytes_sent"].as_u64(), Some(65536), "{record}");
+    assert_eq!(record["peer"], r["local"], "{record}\n{r}");
+    // Counted opened (on both sides) by the successor, which did not see it open, as well as
+    // closed: its dashboards do not show it open for ever, nor less than nothing.
+    let (status, metrics) = new.http("GET", "127.0.0.1:15120", "/metrics").unwrap();
+    assert_eq!(status, 200, "{metrics}");
+    for name in [
+        "zt_tcp_connections_opened_total",
+        "zt_tcp_connections_closed_total",
+    ] {
+        let lines: Vec<_> = metrics.lines().filter(|l| l.starts_with(name)).collect();
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert!(lines.iter().all(|l| l.ends_with(" 1")), "{lines:?}");
+    }
+}
+
+#[test]
+fn a_pod_cannot_use_another_pods_direct_grant_nor_forge_a_source_over_its_own() {
+    let n = node_with("direct", 3, true);
+    let (p11, dst) = n.client_and_server();
+    let (p11, p13) = (p11.clone(), n.bed.pod(1, 3).clone());
+    zt_tests::agent::write_policy(&n.policies, "allow.yaml", &allow_only(&principal(&p11)))
+        .unwrap();
+    // p11 is allowed once through the agent: it now holds the direct path to dst.
+    zt_tests::wait_until(Duration::from_secs(10), || {
+        Ok(connect(&n.bed, &p11, dst, 1024, TIMEOUT)?.is_ok())
+    })
+    .unwrap();
+    let target = [dst.ip().to_string(), dst.port().to_string()];
+    let p11_ip = p11.ip(false).to_string();
+    let p13_ip = p13.ip(false).to_string();
+    for privilege in [Privilege::Unprivileged, Privilege::DefaultContainer] {
+        // p13, whom no rule allows: as itself, and claiming p11's address as its source.
+        for source in [None, Some(&p11_ip)] {
+            let mut args = target.to_vec();
+            args.extend(source.cloned());
+            let got = attack(&n.bed, &p13, privilege, CONNECT_AND_SEND, &args).unwrap();
+            assert!(
+                got["reply"].as_str().unwrap_or_default().is_empty(),
+                "{privilege:?} p13 (source {source:?}) got an answer: {got}"
+            );
+        }
+        // p11, over its own grant, claiming p13's address: the destination must not accept a
+        // connection from an address whose pod did not make it.
+        let mut args = target.to_vec();
+        args.push(p13_ip.clone());
+        let got = attack(&n.bed, &p11, privilege, CONNECT_AND_SEND, &args).unwrap();
+        assert!(
+            got["reply"].as_str().unwrap_or_default().is_empty(),
+            "{privilege:?} p11 posing as p13 got an answer: {got}"
+        );
+        // The default container's CAP_NET_RAW does let it claim the address: the attempt was
+        // made, and the kernel's path refused it.
+        if matches!(privilege, Privilege::DefaultContainer) {
+            assert_eq!(got["transparent"], "ok", "{got}");
+        }
+    }
+    // On the wire: the server accepted p11's first connection and nothing else.
+    let seen = n.server.connections().unwrap();
+    assert_eq!(seen.len(), 1, "{seen:?}");
 }

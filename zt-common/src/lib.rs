@@ -77,13 +77,16 @@ pub struct DirectFlow {
     /// In DIRECT_FLOWS: bit `n` set once the source socket entered TCP state `n` (the kernel's
     /// numbering), which tells whether its byte counters include a FIN.
     pub states: u64,
+    /// In DIRECT_FLOWS: the source socket's cookie. Only that socket updates or removes the
+    /// record, and the agent aborts the connection by it.
+    pub socket_cookie: u64,
 }
 
 /// A direct connection by its 4-tuple, as the source's sockops and the destination's sk_lookup
 /// both see it. Addresses in network byte order (IPv4 in `[0]`, IPv4-mapped IPv6 as IPv4),
 /// ports in host byte order.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct FlowKey {
     pub src: [u32; 4],
     pub dst: [u32; 4],

@@ -194,13 +194,13 @@ impl Agent {
         if let Some(splicer) = &self.proxy.splicer {
             tokio::spawn(splicer.clone().watch_pressure());
         }
+        self.reconcile().await;
         if let Some(direct) = &self.proxy.direct {
             tokio::spawn(crate::proxy::watch_direct_connections(
                 self.proxy.clone(),
                 direct.clone(),
             ));
         }
-        self.reconcile().await;
         // Pods a previous agent enrolled that are no longer configured go now.
         self.reconcile_capture().await;
         info!(
@@ -371,6 +371,7 @@ impl Agent {
             .filter(|(id, e)| desired.get(*id) != Some(&e.local.workload))
             .map(|(id, _)| id.clone())
             .collect();
+        let left = !gone.is_empty();
         for id in gone {
             if let Some(enrollment) = self.enrolled.remove(&id)
                 && let Err(e) = enrollment.remove(&mut self.capture).await
@@ -434,6 +435,9 @@ impl Agent {
             .enrollment_failed
             .set(self.failed.len() as i64);
         self.publish_state();
+        if left {
+            self.workloads_left();
+        }
     }
 
     /// The kernel-side rules for a workload's non-TCP traffic (`zt_common::pod_flags`): with an
@@ -486,6 +490,14 @@ impl Agent {
             .publish_node(self.configured_addresses(), node);
     }
 
+    /// A pod left, or was enrolled again with other labels or identity: what direct same-node
+    /// connections allow may have changed. (A new pod changes nothing for those already open.)
+    fn workloads_left(&self) {
+        if let Some(direct) = &self.proxy.direct {
+            direct.workloads_changed();
+        }
+    }
+
     /// Compares the kernel's capture state with the enrolled workloads, repairs what differs
     /// (re-steers and re-enrolls a pod whose entries went missing, forgets pods nobody enrolled)
     /// and exports how many pods differed as `zt_capture_drift`.
@@ -509,6 +521,7 @@ impl Agent {
         }
         if any_dead {
             self.publish_state();
+            self.workloads_left();
         }
         let wanted: Vec<WantedPod> = self
             .enrolled

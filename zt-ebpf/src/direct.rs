@@ -14,7 +14,7 @@
 //! the open connections: from then on, stale grants and flows let nothing new past the agent.
 use aya_ebpf::{
     EbpfContext,
-    bindings::{BPF_F_NO_PREALLOC, BPF_TCP_SYN_SENT},
+    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_TCP_SYN_SENT},
     helpers::generated::bpf_get_socket_cookie,
     macros::map,
     maps::{Array, HashMap, LruHashMap, RingBuf},
@@ -22,7 +22,7 @@ use aya_ebpf::{
 };
 use zt_common::{
     AF_INET, AF_INET6, DIRECT_FLOWS_MAX, DIRECT_GRANTS_MAX, DirectEvent, DirectFlow,
-    DirectGrantKey, FlowKey, SockAddr, direct_events,
+    DirectGrantKey, FlowKey, SockAddr, direct_events, pod_flags,
 };
 
 /// Allocated as used: grants and flows are few on most nodes.
@@ -38,7 +38,7 @@ static FLOWS: HashMap<FlowKey, DirectFlow> = HashMap::pinned(DIRECT_FLOWS_MAX, N
 #[map(name = "ZT_DIRECT_EPOCH")]
 static EPOCH: Array<u64> = Array::pinned(1, 0);
 #[map(name = "ZT_DIRECT_EVENTS")]
-static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+static EVENTS: RingBuf = RingBuf::with_byte_size(1024 * 1024, 0);
 
 #[inline(always)]
 fn current_epoch() -> u64 {
@@ -62,6 +62,12 @@ pub fn granted(ctx: &SockAddrContext, netns: u64, dst: SockAddr) -> bool {
     if epoch == 0 || grant.epoch != epoch {
         return false;
     }
+    // The destination pod must still be the enrolled one the agent decided for: its address
+    // may since belong to a pod that is not.
+    match crate::enrolled_flags(grant.dst_netns_cookie) {
+        Some(flags) if flags & pod_flags::ENROLLMENT_FAILED == 0 => {}
+        _ => return false,
+    }
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // Without the record the destination would not let it in: take the agent's path instead.
     PENDING.insert(&cookie, &grant, 0).is_ok()
@@ -70,9 +76,10 @@ pub fn granted(ctx: &SockAddrContext, netns: u64, dst: SockAddr) -> bool {
 /// The 4-tuple of the socket behind `ctx`, from its own side (source = local).
 #[inline(always)]
 fn own_tuple(ctx: &SockOpsContext) -> FlowKey {
-    // bpf_sock_ops.remote_port holds the network-order port in its upper half.
+    // bpf_sock_ops.remote_port holds the network-order port as a network-order u32 (in the
+    // upper half on a little-endian machine): ntohl gives it on either.
     let src_port = ctx.local_port() as u16;
-    let dst_port = u16::from_be((ctx.remote_port() >> 16) as u16);
+    let dst_port = u32::from_be(ctx.remote_port()) as u16;
     if ctx.family() == AF_INET as u32 {
         return FlowKey {
             src: [ctx.local_ip4(), 0, 0, 0],
@@ -115,20 +122,36 @@ fn own_tuple(ctx: &SockOpsContext) -> FlowKey {
 pub fn connecting(ctx: &SockOpsContext) -> bool {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: pointer from a successful lookup; DirectFlow is Copy.
-    let Some(flow) = PENDING.get_ptr(&cookie).map(|p| unsafe { *p }) else {
+    let Some(mut flow) = PENDING.get_ptr(&cookie).map(|p| unsafe { *p }) else {
         return false;
     };
     let _ = PENDING.remove(&cookie);
-    // A failed insert leaves the connection to the destination's sk_lookup, which sends it to
-    // the agent: refused as plaintext, never let through unrecorded.
-    FLOWS.insert(&own_tuple(ctx), &flow, 0).is_ok()
+    flow.socket_cookie = cookie;
+    // Never over another socket's record of the same 4-tuple (a pod may bind any source
+    // address it can): that one stays, and this connection is left to the destination's
+    // sk_lookup, which sends it to the agent. So does a full map: refused as plaintext there,
+    // never let through unrecorded.
+    FLOWS
+        .insert(&own_tuple(ctx), &flow, u64::from(BPF_NOEXIST))
+        .is_ok()
+}
+
+/// The record of this socket's direct connection: by its 4-tuple, and only if it is this
+/// socket's.
+#[inline(always)]
+fn own_flow(ctx: &SockOpsContext) -> Option<(FlowKey, *mut DirectFlow)> {
+    let key = own_tuple(ctx);
+    let flow = FLOWS.get_ptr_mut(&key)?;
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: pointer from a successful lookup.
+    (unsafe { (*flow).socket_cookie } == cookie).then_some((key, flow))
 }
 
 /// STATE_CB: notes that the socket entered `state` (its byte counters count a FIN only in
 /// some of them).
 #[inline(always)]
 pub fn entered(ctx: &SockOpsContext, state: u32) {
-    if let Some(flow) = FLOWS.get_ptr_mut(&own_tuple(ctx)) {
+    if let Some((_, flow)) = own_flow(ctx) {
         // SAFETY: pointer from a successful lookup; one socket's callbacks run under its lock.
         unsafe { (*flow).states |= 1u64 << (state & 63) };
     }
@@ -138,11 +161,11 @@ pub fn entered(ctx: &SockOpsContext, state: u32) {
 /// `from_state` the state it left) to the agent; a closed one is forgotten.
 #[inline(always)]
 pub fn report(ctx: &SockOpsContext, closed_from: Option<u32>) {
-    let key = own_tuple(ctx);
-    // SAFETY: pointer from a successful lookup; DirectFlow is Copy.
-    let Some(pods) = FLOWS.get_ptr(&key).map(|p| unsafe { *p }) else {
+    let Some((key, flow)) = own_flow(ctx) else {
         return;
     };
+    // SAFETY: pointer from a successful lookup; DirectFlow is Copy.
+    let pods = unsafe { *flow };
     let kind = match closed_from {
         None => direct_events::OPENED,
         Some(BPF_TCP_SYN_SENT) => direct_events::FAILED,

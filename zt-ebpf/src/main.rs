@@ -107,7 +107,7 @@ fn setting(index: u32) -> u64 {
 
 /// The pod's capture flags, if the netns is enrolled.
 #[inline(always)]
-fn enrolled_flags(netns_cookie: u64) -> Option<u64> {
+pub(crate) fn enrolled_flags(netns_cookie: u64) -> Option<u64> {
     // SAFETY: pointer from a successful lookup; EnrolledPod is Copy.
     ENROLLED
         .get_ptr(&netns_cookie)

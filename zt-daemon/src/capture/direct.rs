@@ -24,6 +24,9 @@ use zt_common::{
 
 use super::{CaptureError, kernel_addr, open_map, socket_addr};
 
+/// `BPF_EXIST`: update an existing element only.
+const BPF_EXIST: u64 = 2;
+
 /// Entries of DIRECT_FLOWS kept free for connections the agent has not yet seen open.
 const FLOWS_SLACK: usize = 16384;
 
@@ -33,8 +36,30 @@ struct Maps {
     epoch: Array<MapData, u64>,
 }
 
+impl Maps {
+    /// The keys of DIRECT_FLOWS, each once. The kernel restarts a walk whose current key was
+    /// deleted meanwhile, so the walk is bounded by the map's capacity.
+    fn flow_keys(&self) -> std::collections::HashSet<FlowKey> {
+        self.flows
+            .keys()
+            .take(DIRECT_FLOWS_MAX as usize)
+            .filter_map(Result::ok)
+            .collect()
+    }
+
+    fn clear_grants(&mut self) {
+        let keys: Vec<_> = self.grants.keys().filter_map(Result::ok).collect();
+        for key in keys {
+            let _ = self.grants.remove(&key);
+        }
+    }
+}
+
 struct Shared {
     maps: Mutex<Maps>,
+    /// Set by [`DirectPaths::disable`]: no grants any more.
+    disabled: AtomicBool,
+    workloads_changed: tokio::sync::Notify,
     /// Cleared while the flow map is near full: no grants (see [`DirectPaths::check_room`]).
     room: AtomicBool,
     /// Taken by [`DirectPaths::reports`].
@@ -56,6 +81,8 @@ pub struct DirectConnection {
     pub destination_netns: u64,
     /// The epoch of the grant it was made under.
     pub epoch: u64,
+    /// The source socket's cookie.
+    pub socket: u64,
 }
 
 /// What the programs report about a direct connection.
@@ -87,6 +114,7 @@ impl DirectConnection {
             source_netns: pods.src_netns_cookie,
             destination_netns: pods.dst_netns_cookie,
             epoch: pods.epoch,
+            socket: pods.socket_cookie,
         })
     }
 
@@ -128,6 +156,8 @@ impl DirectPaths {
             }),
             events: Mutex::new(Some(RingBuf::try_from(events).map_err(err)?)),
             room: AtomicBool::new(true),
+            disabled: AtomicBool::new(false),
+            workloads_changed: tokio::sync::Notify::new(),
         }));
         paths.new_epoch().map_err(|source| CaptureError::Io {
             path: pin_dir.join("maps").join(map_names::DIRECT_EPOCH),
@@ -153,11 +183,28 @@ impl DirectPaths {
         let mut maps = self.maps();
         let epoch = maps.epoch.get(&0, 0).unwrap_or(0) + 1;
         maps.epoch.set(0, &epoch, 0).map_err(io::Error::other)?;
-        let keys: Vec<_> = maps.grants.keys().filter_map(Result::ok).collect();
-        for key in keys {
-            let _ = maps.grants.remove(&key);
-        }
+        maps.clear_grants();
         Ok(epoch)
+    }
+
+    /// Stops granting for good (the agent can no longer follow direct connections) and voids
+    /// every grant.
+    pub fn disable(&self) {
+        self.0.disabled.store(true, Ordering::Relaxed);
+        if let Err(e) = self.new_epoch() {
+            tracing::error!(error = %e, "direct connections: cannot void the grants");
+        }
+    }
+
+    /// Asks the agent's watcher to decide the open direct connections again (the node's
+    /// workloads changed).
+    pub fn workloads_changed(&self) {
+        self.0.workloads_changed.notify_one();
+    }
+
+    /// Resolves after [`Self::workloads_changed`].
+    pub async fn workloads_change(&self) {
+        self.0.workloads_changed.notified().await;
     }
 
     /// Lets pod `source_netns` connect to `destination` (pod `destination_netns`) without the
@@ -169,7 +216,7 @@ impl DirectPaths {
         destination_netns: u64,
         epoch: u64,
     ) -> io::Result<()> {
-        if !self.0.room.load(Ordering::Relaxed) {
+        if !self.0.room.load(Ordering::Relaxed) || self.0.disabled.load(Ordering::Relaxed) {
             return Ok(());
         }
         let key = DirectGrantKey {
@@ -181,7 +228,7 @@ impl DirectPaths {
             src_netns_cookie: source_netns,
             dst_netns_cookie: destination_netns,
             epoch,
-            states: 0,
+            ..DirectFlow::default()
         };
         self.maps()
             .grants
@@ -194,14 +241,11 @@ impl DirectPaths {
     /// again. Returns the count.
     pub fn check_room(&self) -> usize {
         let mut maps = self.maps();
-        let used = maps.flows.keys().count();
+        let used = maps.flow_keys().len();
         let max = DIRECT_FLOWS_MAX as usize;
         let room = &self.0.room;
         if used >= max - FLOWS_SLACK && room.swap(false, Ordering::Relaxed) {
-            let keys: Vec<_> = maps.grants.keys().filter_map(Result::ok).collect();
-            for key in keys {
-                let _ = maps.grants.remove(&key);
-            }
+            maps.clear_grants();
             tracing::warn!(
                 used,
                 max,
@@ -219,10 +263,10 @@ impl DirectPaths {
 
     /// The open direct connections.
     pub fn connections(&self) -> Vec<DirectConnection> {
-        self.maps()
-            .flows
-            .iter()
-            .filter_map(Result::ok)
+        let maps = self.maps();
+        maps.flow_keys()
+            .into_iter()
+            .filter_map(|k| Some((k, maps.flows.get(&k, 0).ok()?)))
             .filter_map(|(k, v)| DirectConnection::from_kernel(&k, &v))
             .collect()
     }
@@ -232,9 +276,12 @@ impl DirectPaths {
         let mut maps = self.maps();
         let key = connection.key();
         // Only if it is still open: a closed one's record went with its socket.
-        if let Ok(mut flow) = maps.flows.get(&key, 0) {
+        if let Ok(mut flow) = maps.flows.get(&key, 0)
+            && flow.socket_cookie == connection.socket
+        {
             flow.epoch = epoch;
-            let _ = maps.flows.insert(&key, &flow, 0);
+            // BPF_EXIST: a record whose socket closed meanwhile stays gone.
+            let _ = maps.flows.insert(&key, &flow, BPF_EXIST);
         }
     }
 

@@ -69,8 +69,14 @@ pub struct EnrollFailure {
 pub trait UpstreamSockets: Send + Sync {
     /// A TCP socket, registered as the agent's, ready to connect to `dst`.
     fn upstream_socket(&self, dst: SocketAddr) -> io::Result<TcpSocket>;
-    /// Aborts the pod's TCP connection from `local` to `remote`: both ends see a reset.
-    fn abort_connection(&self, local: SocketAddr, remote: SocketAddr) -> io::Result<()>;
+    /// Aborts the pod's TCP connection from `local` to `remote` whose socket has `cookie`:
+    /// both ends see a reset.
+    fn abort_connection(
+        &self,
+        local: SocketAddr,
+        remote: SocketAddr,
+        cookie: u64,
+    ) -> io::Result<()>;
 }
 
 impl UpstreamSockets for PodNetns {
@@ -78,8 +84,13 @@ impl UpstreamSockets for PodNetns {
         PodNetns::upstream_socket(self, dst)
     }
 
-    fn abort_connection(&self, local: SocketAddr, remote: SocketAddr) -> io::Result<()> {
-        PodNetns::abort_connection(self, local, remote)
+    fn abort_connection(
+        &self,
+        local: SocketAddr,
+        remote: SocketAddr,
+        cookie: u64,
+    ) -> io::Result<()> {
+        PodNetns::abort_connection(self, local, remote, cookie)
     }
 }
 
@@ -129,10 +140,15 @@ impl LocalWorkload {
         self.sockets.upstream_socket(dst)?.connect(dst).await
     }
 
-    /// Aborts the pod's own TCP connection from `local` to `remote` (one the agent does not
-    /// hold: a direct same-node connection).
-    pub fn abort_connection(&self, local: SocketAddr, remote: SocketAddr) -> io::Result<()> {
-        self.sockets.abort_connection(local, remote)
+    /// Aborts the pod's own TCP connection from `local` to `remote` whose socket has `cookie`
+    /// (one the agent does not hold: a direct same-node connection).
+    pub fn abort_connection(
+        &self,
+        local: SocketAddr,
+        remote: SocketAddr,
+        cookie: u64,
+    ) -> io::Result<()> {
+        self.sockets.abort_connection(local, remote, cookie)
     }
 
     /// A permit for one more connection, or `None` at the limit.

@@ -88,9 +88,14 @@ impl PodNetns {
 
     /// Aborts the pod's TCP connection from `local` to `remote`; see [`abort_connection`].
     /// Brief (one netlink round trip), so it may run on a runtime worker.
-    pub fn abort_connection(&self, local: SocketAddr, remote: SocketAddr) -> io::Result<()> {
+    pub fn abort_connection(
+        &self,
+        local: SocketAddr,
+        remote: SocketAddr,
+        cookie: u64,
+    ) -> io::Result<()> {
         let _inside = self.enter().map_err(io::Error::other)?;
-        abort_connection(local, remote)
+        abort_connection(local, remote, cookie)
     }
 
     /// A TCP socket in the pod's namespace, marked as the agent's, ready to connect to `dst`.
@@ -298,8 +303,10 @@ pub fn current_pod_addresses() -> io::Result<Vec<IpAddr>> {
 /// Aborts the TCP connection from `local` to `remote` in the calling thread's namespace, as
 /// `ss -K` does (SOCK_DESTROY on a NETLINK_SOCK_DIAG socket, which belongs to the namespace of
 /// the thread that opens it): the socket's owner sees a reset, and so does its peer. The kernel
-/// finds the socket by its 4-tuple; `ErrorKind::NotFound` when it is already gone.
-pub fn abort_connection(local: SocketAddr, remote: SocketAddr) -> io::Result<()> {
+/// finds the socket by its 4-tuple, and destroys it only if its cookie is `cookie`: a lookup
+/// whose connection is gone can fall back to a listener on the same port, which must not be
+/// touched. `NotFound` or `ESTALE` when it is already gone.
+pub fn abort_connection(local: SocketAddr, remote: SocketAddr, cookie: u64) -> io::Result<()> {
     use netlink_packet_core::{NLM_F_ACK, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload};
     use netlink_packet_sock_diag::{
         AF_INET, AF_INET6, IPPROTO_TCP, SockDiagDestroy, SockDiagMessage,
@@ -325,8 +332,13 @@ pub fn abort_connection(local: SocketAddr, remote: SocketAddr) -> io::Result<()>
             source_address: local_ip,
             destination_address: remote_ip,
             interface_id: 0,
-            // INET_DIAG_NOCOOKIE: match by the tuple alone.
-            cookie: [0xff; 8],
+            // The kernel's two native-endian u32 halves, low first.
+            cookie: {
+                let mut bytes = [0u8; 8];
+                bytes[..4].copy_from_slice(&(cookie as u32).to_ne_bytes());
+                bytes[4..].copy_from_slice(&((cookie >> 32) as u32).to_ne_bytes());
+                bytes
+            },
         },
     };
     let mut message =

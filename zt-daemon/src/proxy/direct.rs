@@ -35,8 +35,18 @@ struct Open {
     aborted: Option<CloseReason>,
 }
 
-/// Follows the direct connections for as long as the agent runs (spawned once).
+/// Follows the direct connections for as long as the agent runs (spawned once, after the
+/// first enrollment, so that connections a previous agent let through find their pods). If it
+/// cannot, it stops every grant: no connection skips the agent unless it is followed.
 pub async fn watch_direct_connections(ctx: Arc<ProxyContext>, paths: DirectPaths) {
+    follow(&ctx, &paths).await;
+    error!(
+        "direct connections: no longer followed; every same-node connection goes through the agent"
+    );
+    paths.disable();
+}
+
+async fn follow(ctx: &Arc<ProxyContext>, paths: &DirectPaths) {
     let Some(tunnel) = &ctx.tunnel else {
         return;
     };
@@ -45,21 +55,20 @@ pub async fn watch_direct_connections(ctx: Arc<ProxyContext>, paths: DirectPaths
     };
     let mut policy = ctx.policy.subscribe();
     let mut trust = tunnel.trust.subscribe();
-    let mut open = HashMap::new();
+    let mut followed = Followed::default();
     // Connections a previous agent let through are decided again under this one's policy.
-    recheck(&ctx, &paths, &mut open);
+    followed = recheck(ctx, paths, followed).await;
     let mut reports_since_count = 0usize;
     let mut crowded = paths.check_room() >= CROWDED;
     loop {
         tokio::select! {
             batch = reports.next_batch() => {
                 let Some(batch) = batch else {
-                    error!("direct connections: the kernel's report ring failed; they are no longer logged");
                     return;
                 };
                 reports_since_count += batch.len();
                 for report in batch {
-                    on_report(&ctx, report, &mut open);
+                    on_report(ctx, report, &mut followed);
                 }
                 // Counting the map walks it: now and then, more often once it holds many.
                 let every = if crowded { 256 } else { 4096 };
@@ -72,16 +81,27 @@ pub async fn watch_direct_connections(ctx: Arc<ProxyContext>, paths: DirectPaths
                 if changed.is_err() {
                     return;
                 }
-                recheck(&ctx, &paths, &mut open);
+                followed = recheck(ctx, paths, followed).await;
             }
             changed = trust.changed() => {
                 if changed.is_err() {
                     return;
                 }
-                recheck(&ctx, &paths, &mut open);
+                followed = recheck(ctx, paths, followed).await;
+            }
+            () = paths.workloads_change() => {
+                followed = recheck(ctx, paths, followed).await;
             }
         }
     }
+}
+
+/// The open direct connections the agent saw open, and those it forgot at the last re-check
+/// because the kernel no longer had them (their close report may still be on its way).
+#[derive(Default)]
+struct Followed {
+    open: HashMap<Key, Open>,
+    forgotten: std::collections::HashSet<Key>,
 }
 
 type Key = (SocketAddr, SocketAddr);
@@ -149,10 +169,11 @@ fn records<'a>(
             started,
         },
         None => {
+            let peer = SocketAddr::new(ends.source_ip().unwrap_or(c.source.ip()), c.source.port());
             let (record, _) = authorize(
                 ctx,
                 destination,
-                c.source,
+                peer,
                 c.destination,
                 ends.identities(),
                 Some(source.workload.id.clone()),
@@ -167,7 +188,7 @@ fn records<'a>(
     (outbound, inbound)
 }
 
-fn on_report(ctx: &ProxyContext, report: DirectReport, open: &mut HashMap<Key, Open>) {
+fn on_report(ctx: &ProxyContext, report: DirectReport, followed: &mut Followed) {
     match report {
         DirectReport::Opened(c) => {
             let Some((source, destination)) = pods(ctx, &c) else {
@@ -181,7 +202,7 @@ fn on_report(ctx: &ProxyContext, report: DirectReport, open: &mut HashMap<Key, O
             if !inbound.is_allowed() {
                 // Granted under a decision a change has since reversed, before the re-check
                 // reached it.
-                abort(&c, &source, &destination);
+                abort(&c, &source);
             }
             outbound.count(&ctx.metrics, None);
             inbound.count(&ctx.metrics, None);
@@ -192,14 +213,16 @@ fn on_report(ctx: &ProxyContext, report: DirectReport, open: &mut HashMap<Key, O
                 source: source.clone(),
                 destination: destination.clone(),
             };
-            open.insert(key(&c), entry);
+            followed.open.insert(key(&c), entry);
         }
         DirectReport::Closed {
             connection: c,
             sent,
             received,
         } => {
-            let known = open.remove(&key(&c));
+            let known = followed.open.remove(&key(&c));
+            // One the last re-check forgot was counted open already.
+            let counted = known.is_some() || followed.forgotten.remove(&key(&c));
             let close = known
                 .as_ref()
                 .and_then(|o| o.aborted)
@@ -209,10 +232,10 @@ fn on_report(ctx: &ProxyContext, report: DirectReport, open: &mut HashMap<Key, O
                 received,
                 close,
             };
-            log_closed(ctx, &c, known, Some(&outcome));
+            log_closed(ctx, &c, known, counted, &outcome);
         }
         DirectReport::Failed(c) => {
-            open.remove(&key(&c));
+            followed.open.remove(&key(&c));
             let outcome = RelayOutcome::refused(CloseReason::ConnectFailed);
             for_records(ctx, &c, None, |outbound, inbound| {
                 log_access(outbound, &outcome);
@@ -222,24 +245,22 @@ fn on_report(ctx: &ProxyContext, report: DirectReport, open: &mut HashMap<Key, O
     }
 }
 
-/// Counts and logs a closed connection; one the agent did not see open (it opened under a
+/// Counts and logs a closed connection; one the agent did not count open (it opened under a
 /// previous agent) is counted as opened too, so that opened minus closed stays what is open.
 fn log_closed(
     ctx: &ProxyContext,
     c: &DirectConnection,
     known: Option<Open>,
-    outcome: Option<&RelayOutcome>,
+    counted: bool,
+    outcome: &RelayOutcome,
 ) {
-    let seen_open = known.is_some();
     for_records(ctx, c, known, |outbound, inbound| {
         for record in [outbound, inbound] {
-            if !seen_open {
+            if !counted {
                 record.count(&ctx.metrics, None);
             }
-            record.count(&ctx.metrics, outcome);
-            if let Some(outcome) = outcome {
-                log_access(record, outcome);
-            }
+            record.count(&ctx.metrics, Some(outcome));
+            log_access(record, outcome);
         }
     });
 }
@@ -270,8 +291,22 @@ fn for_records(
 }
 
 /// A new epoch, and every open direct connection decided again: renewed into the epoch when
-/// still allowed, aborted when not.
-fn recheck(ctx: &ProxyContext, paths: &DirectPaths, open: &mut HashMap<Key, Open>) {
+/// still allowed, aborted when not. It walks the kernel's map and may abort many sockets, so it
+/// runs on a blocking thread.
+async fn recheck(ctx: &Arc<ProxyContext>, paths: &DirectPaths, followed: Followed) -> Followed {
+    let (ctx, paths) = (ctx.clone(), paths.clone());
+    let task = tokio::task::spawn_blocking(move || {
+        let mut followed = followed;
+        recheck_now(&ctx, &paths, &mut followed);
+        followed
+    });
+    task.await.unwrap_or_else(|e| {
+        error!(error = %e, "direct connections: the re-check failed");
+        Followed::default()
+    })
+}
+
+fn recheck_now(ctx: &ProxyContext, paths: &DirectPaths, followed: &mut Followed) {
     let epoch = match paths.new_epoch() {
         Ok(e) => e,
         Err(e) => {
@@ -283,7 +318,21 @@ fn recheck(ctx: &ProxyContext, paths: &DirectPaths, open: &mut HashMap<Key, Open
         return;
     };
     let trust = tunnel.trust.current();
-    for c in paths.connections() {
+    let connections = paths.connections();
+    // Those whose close report was lost (a full ring) would be kept forever, with their pods.
+    let live: std::collections::HashSet<Key> = connections.iter().map(key).collect();
+    let gone: Vec<Key> = followed
+        .open
+        .keys()
+        .filter(|k| !live.contains(k))
+        .copied()
+        .collect();
+    followed.forgotten.clear();
+    for k in gone {
+        followed.open.remove(&k);
+        followed.forgotten.insert(k);
+    }
+    for c in connections {
         let Some((source, destination)) = pods(ctx, &c) else {
             continue;
         };
@@ -306,8 +355,8 @@ fn recheck(ctx: &ProxyContext, paths: &DirectPaths, open: &mut HashMap<Key, Open
             paths.renew(&c, epoch);
             continue;
         }
-        abort(&c, &source, &destination);
-        if let Some(o) = open.get_mut(&key(&c)) {
+        abort(&c, &source);
+        if let Some(o) = followed.open.get_mut(&key(&c)) {
             o.aborted = Some(CloseReason::Policy);
         }
     }
@@ -323,7 +372,7 @@ fn still_allowed(
 ) -> bool {
     let peer = Peer {
         identity: ends.identities().source,
-        ip: c.source.ip().to_canonical(),
+        ip: ends.source_ip().unwrap_or(c.source.ip()).to_canonical(),
     };
     let target = WorkloadRef::from(&destination.workload);
     let decision =
@@ -345,16 +394,13 @@ fn still_allowed(
     false
 }
 
-/// Aborts a direct connection on both pods' sides; the programs then report its close.
-fn abort(c: &DirectConnection, source: &LocalWorkload, destination: &LocalWorkload) {
-    for (pod, local, remote) in [
-        (source, c.source, c.destination),
-        (destination, c.destination, c.source),
-    ] {
-        if let Err(e) = pod.abort_connection(local, remote)
-            && e.kind() != std::io::ErrorKind::NotFound
-        {
-            error!(workload = %pod.workload.id, %local, %remote, error = %e, "cannot abort a direct connection");
-        }
+/// Aborts a direct connection at its source socket (by its cookie, so nothing else is hit);
+/// the source's kernel resets the destination's side. The programs then report its close.
+fn abort(c: &DirectConnection, source: &LocalWorkload) {
+    if let Err(e) = source.abort_connection(c.source, c.destination, c.socket)
+        && e.kind() != std::io::ErrorKind::NotFound
+        && e.raw_os_error() != Some(libc::ESTALE)
+    {
+        error!(workload = %source.workload.id, source = %c.source, destination = %c.destination, error = %e, "cannot abort a direct connection");
     }
 }

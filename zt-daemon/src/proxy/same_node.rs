@@ -9,7 +9,13 @@
 //! is removed. Both sides get their access record and metrics, as for a tunnelled connection,
 //! with `connection_security_policy = node_local`. Under `"direct"`, an allowed connection also
 //! grants its source the path past the agent to the address it dialed (`proxy::direct`).
-use std::{future::pending, net::SocketAddr, pin::pin, sync::Arc, time::Instant};
+use std::{
+    future::pending,
+    net::{IpAddr, SocketAddr},
+    pin::pin,
+    sync::Arc,
+    time::Instant,
+};
 
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
@@ -77,6 +83,17 @@ impl<'a> Ends<'a> {
         })
     }
 
+    /// The source pod's own address of the destination's family (policy's `ipBlocks` see it):
+    /// known from its enrollment, not from a socket it could have bound elsewhere.
+    pub fn source_ip(&self) -> Option<IpAddr> {
+        let addresses = &self.source.addresses;
+        addresses
+            .iter()
+            .find(|a| a.is_ipv4() == self.endpoint.is_ipv4())
+            .or(addresses.first())
+            .copied()
+    }
+
     pub fn identities(&self) -> Identities {
         Identities {
             source: Some(self.source_svid.id().clone()),
@@ -119,14 +136,7 @@ pub(super) async fn serve(
         return;
     }
     // The destination sees the source pod's address, as the tunnel's inbound side would.
-    let source_ip = ends
-        .source
-        .addresses
-        .iter()
-        .find(|a| a.is_ipv4() == ends.endpoint.is_ipv4())
-        .or(ends.source.addresses.first())
-        .copied()
-        .unwrap_or(outbound.peer.ip());
+    let source_ip = ends.source_ip().unwrap_or(outbound.peer.ip());
     // Read before the decision: a grant made under an epoch a policy change has since ended
     // is void.
     let epoch = ctx.direct.as_ref().map(DirectPaths::epoch);

@@ -70,8 +70,13 @@ impl UpstreamSockets for PodAddress {
         Ok(socket)
     }
 
-    fn abort_connection(&self, local: SocketAddr, remote: SocketAddr) -> std::io::Result<()> {
-        crate::enrollment::netns::abort_connection(local, remote)
+    fn abort_connection(
+        &self,
+        local: SocketAddr,
+        remote: SocketAddr,
+        cookie: u64,
+    ) -> std::io::Result<()> {
+        crate::enrollment::netns::abort_connection(local, remote, cookie)
     }
 }
 
