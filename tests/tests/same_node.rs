@@ -236,35 +236,46 @@ fn policy_refuses_and_closes_spliced_connections() {
         Ok(connect(&n.bed, p11, dst, 1024, TIMEOUT)?.is_ok())
     })
     .unwrap();
+    let (record, closed) =
+        deny_all_while_open(&n, p11, dst, "the connection the update denies", |r| {
+            r["close"] == "policy" && r["direction"] == "inbound" && r["policy_decision"] == "ALLOW"
+        });
+    assert_eq!(
+        record["connection_security_policy"], "node_local",
+        "{record}"
+    );
+    assert!(
+        closed.is_err(),
+        "the closed connection still got a reply: {closed:?}"
+    );
+}
+
+/// Opens an idle connection from `from` to `dst` (after one allowed connection: 4 records open
+/// with it), then denies everything with a policy update. Returns the access record `closed`
+/// picks out, and what the idle client got when it sent afterwards.
+fn deny_all_while_open(
+    n: &Node,
+    from: &Pod,
+    dst: SocketAddr,
+    what: &str,
+    closed: impl Fn(&serde_json::Value) -> bool,
+) -> (
+    serde_json::Value,
+    Result<serde_json::Value, serde_json::Value>,
+) {
     let go = n.bed.dir.join("go");
-    let closed = std::thread::scope(|s| {
-        let conn = s.spawn(|| connect_idle_until(&n.bed, p11, dst, &go));
-        // Open on both sides: the probe's connection (2 records) and this one.
+    std::thread::scope(|s| {
+        let conn = s.spawn(|| connect_idle_until(&n.bed, from, dst, &go));
         zt_tests::wait_until(Duration::from_secs(10), || {
             Ok(n.agent.opened_connections()? >= 4)
         })
         .unwrap();
         zt_tests::agent::write_policy(&n.policies, "allow.yaml", &allow_only("nobody/ns/x/sa/y"))
             .unwrap();
-        let record = n
-            .agent
-            .wait_access("the connection the update denies", |r| {
-                r["close"] == "policy"
-                    && r["direction"] == "inbound"
-                    && r["policy_decision"] == "ALLOW"
-            })
-            .unwrap();
-        assert_eq!(
-            record["connection_security_policy"], "node_local",
-            "{record}"
-        );
+        let record = n.agent.wait_access(what, closed).unwrap();
         std::fs::write(&go, "").unwrap();
-        conn.join().unwrap().unwrap()
-    });
-    assert!(
-        closed.is_err(),
-        "the closed connection still got a reply: {closed:?}"
-    );
+        (record, conn.join().unwrap().unwrap())
+    })
 }
 
 #[test]
@@ -483,26 +494,14 @@ fn a_policy_update_aborts_direct_connections_and_voids_their_grant() {
     .unwrap();
     let refused = connect(&n.bed, p13, dst, 1024, TIMEOUT).unwrap();
     assert!(refused.is_err(), "p13 got through: {refused:?}");
-    let go = n.bed.dir.join("go");
-    let closed = std::thread::scope(|s| {
-        let conn = s.spawn(|| connect_idle_until(&n.bed, p11, dst, &go));
-        // Open on both sides: the first connection (2 records) and this direct one.
-        zt_tests::wait_until(Duration::from_secs(10), || {
-            Ok(n.agent.opened_connections()? >= 4)
-        })
-        .unwrap();
-        zt_tests::agent::write_policy(&n.policies, "allow.yaml", &allow_only("nobody/ns/x/sa/y"))
-            .unwrap();
-        let record = n
-            .agent
-            .wait_access("the direct connection the update denies", |r| {
-                r["close"] == "policy" && r["direction"] == "inbound" && r["same_node"] == "direct"
-            })
-            .unwrap();
-        assert_eq!(record["policy_decision"], "ALLOW", "{record}");
-        std::fs::write(&go, "").unwrap();
-        conn.join().unwrap().unwrap()
-    });
+    let (record, closed) = deny_all_while_open(
+        &n,
+        p11,
+        dst,
+        "the direct connection the update denies",
+        |r| r["close"] == "policy" && r["direction"] == "inbound" && r["same_node"] == "direct",
+    );
+    assert_eq!(record["policy_decision"], "ALLOW", "{record}");
     // Aborted in the client's own pod: it sees the reset on its socket.
     assert!(
         closed.is_err(),
