@@ -3,7 +3,7 @@ use std::path::Path;
 
 use anyhow::Context as _;
 use aya::maps::{HashMap, Map, MapData, SockHash};
-use zt_common::{ConnKey, EnrolledPod, SockAddr, map_names};
+use zt_common::{AF_INET, ConnKey, DirectFlow, EnrolledPod, FlowKey, SockAddr, map_names};
 
 fn open(pin_dir: &Path, name: &str) -> anyhow::Result<MapData> {
     let path = pin_dir.join("maps").join(name);
@@ -51,4 +51,23 @@ pub fn delete_pod_entries(pin_dir: &Path, netns_cookie: u64) -> anyhow::Result<(
         Map::SockHash(open(pin_dir, map_names::POD_LISTENERS)?).try_into()?;
     listeners.remove(&netns_cookie)?;
     Ok(())
+}
+
+/// The source addresses of the direct same-node connections the kernel recorded
+/// (ZT_DIRECT_FLOWS).
+pub fn direct_flow_sources(pin_dir: &Path) -> anyhow::Result<Vec<std::net::IpAddr>> {
+    let map: HashMap<_, FlowKey, DirectFlow> =
+        Map::HashMap(open(pin_dir, map_names::DIRECT_FLOWS)?).try_into()?;
+    let keys: Vec<FlowKey> = map.keys().collect::<Result<_, _>>()?;
+    Ok(keys
+        .iter()
+        .map(|k| {
+            let bytes: Vec<u8> = k.src.iter().flat_map(|w| w.to_ne_bytes()).collect();
+            if k.family == AF_INET {
+                std::net::IpAddr::from([bytes[0], bytes[1], bytes[2], bytes[3]])
+            } else {
+                std::net::IpAddr::from(<[u8; 16]>::try_from(bytes).unwrap_or_default())
+            }
+        })
+        .collect())
 }

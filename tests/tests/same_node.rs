@@ -596,15 +596,23 @@ fn a_pod_cannot_use_another_pods_direct_grant_nor_forge_a_source_over_its_own() 
     let (p11, p13) = (p11.clone(), n.bed.pod(1, 3).clone());
     zt_tests::agent::write_policy(&n.policies, "allow.yaml", &allow_only(&principal(&p11)))
         .unwrap();
-    // p11 is allowed once through the agent: it now holds the direct path to dst.
-    zt_tests::wait_until(Duration::from_secs(10), || {
-        Ok(connect(&n.bed, &p11, dst, 1024, TIMEOUT)?.is_ok())
-    })
-    .unwrap();
     let target = [dst.ip().to_string(), dst.port().to_string()];
     let p11_ip = p11.ip(false).to_string();
     let p13_ip = p13.ip(false).to_string();
+    // Connections p11 made, each of which the server saw.
+    let mut served = 0;
     for privilege in [Privilege::Unprivileged, Privilege::DefaultContainer] {
+        // p11 holds the direct path to dst, and its last connection took it (a policy reload
+        // voids grants, and the next connection through the agent grants anew).
+        zt_tests::wait_until(Duration::from_secs(20), || {
+            let Ok(r) = connect(&n.bed, &p11, dst, 1024, TIMEOUT)? else {
+                return Ok(false);
+            };
+            served += 1;
+            let seen = n.server.expect_connections(served)?;
+            Ok(came_straight(&seen[served - 1], &r))
+        })
+        .unwrap();
         // p13, whom no rule allows: as itself, and claiming p11's address as its source.
         for source in [None, Some(&p11_ip)] {
             let mut args = target.to_vec();
@@ -615,22 +623,48 @@ fn a_pod_cannot_use_another_pods_direct_grant_nor_forge_a_source_over_its_own() 
                 "{privilege:?} p13 (source {source:?}) got an answer: {got}"
             );
         }
-        // p11, over its own grant, claiming p13's address: the destination must not accept a
-        // connection from an address whose pod did not make it.
+        // p11, over its own grant, claiming p13's address: the kernel must not record (and the
+        // destination not admit) a connection in the name of a pod that did not make it. Its
+        // SYN-ACK would go to p13 and never complete, but a record would still let p11 take the
+        // 4-tuples p13's own connections need. Watched for as long as the attempt lasts.
         let mut args = target.to_vec();
         args.push(p13_ip.clone());
-        let got = attack(&n.bed, &p11, privilege, CONNECT_AND_SEND, &args).unwrap();
+        let attempt = {
+            let (bed, p11) = (&n.bed, &p11);
+            let cmd =
+                zt_tests::attack::python_command(bed, p11, privilege, CONNECT_AND_SEND, &args)
+                    .unwrap();
+            std::thread::spawn(move || {
+                let mut cmd = cmd;
+                cmd.output().unwrap()
+            })
+        };
+        let pin_dir = n.bed.node(1).pin_dir.clone();
+        let mut recorded = Vec::new();
+        zt_tests::wait_until(Duration::from_secs(20), || {
+            let sources = zt_tests::maps::direct_flow_sources(&pin_dir)?;
+            recorded.extend(sources.into_iter().filter(|s| s.to_string() == p13_ip));
+            Ok(attempt.is_finished())
+        })
+        .unwrap();
+        assert!(
+            recorded.is_empty(),
+            "{privilege:?}: a direct connection was recorded from p13's address"
+        );
+        let out = attempt.join().unwrap();
+        let got: serde_json::Value =
+            serde_json::from_slice(out.stdout.trim_ascii()).unwrap_or_default();
         assert!(
             got["reply"].as_str().unwrap_or_default().is_empty(),
             "{privilege:?} p11 posing as p13 got an answer: {got}"
         );
         // The default container's CAP_NET_RAW does let it claim the address: the attempt was
-        // made, and the kernel's path refused it.
+        // made, and refused.
         if matches!(privilege, Privilege::DefaultContainer) {
             assert_eq!(got["transparent"], "ok", "{got}");
         }
     }
-    // On the wire: the server accepted p11's first connection and nothing else.
+    // On the wire: the server accepted p11's own connections and nothing else.
     let seen = n.server.connections().unwrap();
-    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen.len(), served, "{seen:?}");
 }

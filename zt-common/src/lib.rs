@@ -80,6 +80,9 @@ pub struct DirectFlow {
     /// In DIRECT_FLOWS: the source socket's cookie. Only that socket updates or removes the
     /// record, and the agent aborts the connection by it.
     pub socket_cookie: u64,
+    /// In a grant: the source pod's own address (as `FlowKey::src`), the only source a granted
+    /// connection is recorded from (a pod may bind others: IP_TRANSPARENT with CAP_NET_RAW).
+    pub src_addr: [u32; 4],
 }
 
 /// A direct connection by its 4-tuple, as the source's sockops and the destination's sk_lookup

@@ -9,9 +9,11 @@
 //! - sk_lookup: the destination pod's instance lets a recorded connection of the current epoch
 //!   reach the application's own listener. Anything else still goes to the agent.
 //!
-//! The source is known by its socket's netns cookie and the 4-tuple is the kernel's, so a pod
-//! cannot claim another pod's grant. A policy change bumps the epoch before the agent re-checks
-//! the open connections: from then on, stale grants and flows let nothing new past the agent.
+//! The source is known by its socket's netns cookie, and a connection is recorded only from the
+//! source pod's own address (the grant carries it) and never over another socket's record, so
+//! a pod can neither claim another pod's grant nor speak in another pod's name over its own.
+//! A policy change bumps the epoch before the agent re-checks the open connections: from then
+//! on, stale grants and records let nothing new past the agent.
 use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_TCP_SYN_SENT},
@@ -32,7 +34,9 @@ const NO_PREALLOC: u32 = BPF_F_NO_PREALLOC;
 static GRANTS: HashMap<DirectGrantKey, DirectFlow> =
     HashMap::pinned(DIRECT_GRANTS_MAX, NO_PREALLOC);
 #[map(name = "ZT_DIRECT_PENDING")]
-static PENDING: LruHashMap<u64, DirectFlow> = LruHashMap::pinned(65536, 0);
+/// Holds a socket only from its connect to its sockops callback, microseconds; the LRU drops what
+/// a connect that failed in between left.
+static PENDING: LruHashMap<u64, DirectFlow> = LruHashMap::pinned(16384, 0);
 #[map(name = "ZT_DIRECT_FLOWS")]
 static FLOWS: HashMap<FlowKey, DirectFlow> = HashMap::pinned(DIRECT_FLOWS_MAX, NO_PREALLOC);
 #[map(name = "ZT_DIRECT_EPOCH")]
@@ -126,14 +130,17 @@ pub fn connecting(ctx: &SockOpsContext) -> bool {
         return false;
     };
     let _ = PENDING.remove(&cookie);
+    let key = own_tuple(ctx);
+    if key.src != flow.src_addr {
+        // Not from the pod's own address: left unrecorded, so the destination sends it to the
+        // agent, which refuses it as plaintext.
+        return false;
+    }
     flow.socket_cookie = cookie;
-    // Never over another socket's record of the same 4-tuple (a pod may bind any source
-    // address it can): that one stays, and this connection is left to the destination's
-    // sk_lookup, which sends it to the agent. So does a full map: refused as plaintext there,
-    // never let through unrecorded.
-    FLOWS
-        .insert(&own_tuple(ctx), &flow, u64::from(BPF_NOEXIST))
-        .is_ok()
+    // Never over another socket's record of the same 4-tuple: that one stays, and this
+    // connection is left to the destination's sk_lookup, which sends it to the agent. So does a
+    // full map: refused as plaintext there, never let through unrecorded.
+    FLOWS.insert(&key, &flow, u64::from(BPF_NOEXIST)).is_ok()
 }
 
 /// The record of this socket's direct connection: by its 4-tuple, and only if it is this

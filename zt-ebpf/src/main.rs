@@ -9,8 +9,8 @@
 //! - `zt_sockops` (cgroup): once the source port is known, re-keys that entry by
 //!   (netns cookie, source port) so the agent finds it after accept(), and forgets it on close.
 //! - `zt_getpeername4/6` (cgroup): the application sees its original peer.
-//! - `zt_bind4/6`, `zt_post_bind4/6` (cgroup): the agent's ports are reserved in every pod
-//!   network namespace on the node, enrolled or not, including ports the kernel picks for
+//! - `zt_bind4/6`, `zt_post_bind4/6` (cgroup, `ports`): the agent's ports are reserved in every
+//!   pod network namespace on the node, enrolled or not, including ports the kernel picks for
 //!   `bind(port 0)`.
 //! - `zt_sk_lookup` (one instance per pod netns, which knows its pod's netns cookie): every
 //!   inbound TCP connection arriving in the pod goes to the agent, whatever its destination
@@ -32,6 +32,7 @@
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 mod direct;
+mod ports;
 mod splice;
 
 use aya_ebpf::{
@@ -51,10 +52,10 @@ use aya_ebpf::{
 use aya_log_ebpf::{debug, warn};
 use zt_common::{
     AF_INET, AF_INET6, ConnKey, EnrolledPod, HBONE_PORT, OUTBOUND_PORT, PodPortKey, SockAddr,
-    is_agent_port, pod_flags, port_kinds, settings,
+    pod_flags, port_kinds, settings,
 };
 
-const SOCK_STREAM: u32 = 1;
+pub(crate) const SOCK_STREAM: u32 = 1;
 const SOCK_DGRAM: u32 = 2;
 const IPPROTO_ICMP: u32 = 1;
 const IPPROTO_TCP: u32 = 6;
@@ -63,8 +64,8 @@ const IPPROTO_ICMPV6: u32 = 58;
 const LOOPBACK_IFINDEX: u32 = 1;
 const DNS_PORT: u16 = 53;
 /// cgroup program verdicts.
-const ALLOW: i32 = 1;
-const DENY: i32 = 0;
+pub(crate) const ALLOW: i32 = 1;
+pub(crate) const DENY: i32 = 0;
 const ENOENT: i32 = 2;
 
 /// Set per loaded instance of `zt_sk_lookup`: the netns cookie of the pod it is attached to
@@ -98,10 +99,10 @@ static POD_PORTS: HashMap<PodPortKey, u8> = HashMap::pinned(16384, 0);
 static SETTINGS: Array<u64> = Array::pinned(settings::LEN, 0);
 
 #[map(name = "ZT_DENIED_BINDS")]
-static DENIED_BINDS: HashMap<u64, u64> = HashMap::pinned(4096, 0);
+pub(crate) static DENIED_BINDS: HashMap<u64, u64> = HashMap::pinned(4096, 0);
 
 #[inline(always)]
-fn setting(index: u32) -> u64 {
+pub(crate) fn setting(index: u32) -> u64 {
     SETTINGS.get(index).copied().unwrap_or(0)
 }
 
@@ -115,7 +116,7 @@ pub(crate) fn enrolled_flags(netns_cookie: u64) -> Option<u64> {
 }
 
 #[inline(always)]
-fn is_agent_cookie(socket_cookie: u64) -> bool {
+pub(crate) fn is_agent_cookie(socket_cookie: u64) -> bool {
     AGENT_SOCKETS.get_ptr(&socket_cookie).is_some()
 }
 
@@ -443,83 +444,6 @@ pub fn zt_getpeername6(ctx: SockAddrContext) -> i32 {
         sa.user_port = dst.port.to_be() as u32;
     }
     ALLOW
-}
-
-/// Whether a TCP socket in `netns` may hold `port`: the agent's ports belong to the agent in
-/// every network namespace but the node's own.
-#[inline(always)]
-fn port_guard(netns: u64, socket_cookie: u64, socket_type: u32, port: u16) -> bool {
-    if socket_type != SOCK_STREAM || !is_agent_port(port) {
-        return true;
-    }
-    if netns == setting(settings::HOST_NETNS) || is_agent_cookie(socket_cookie) {
-        return true;
-    }
-    // Counted per pod for the agent's metric and log; a lost increment under a race only
-    // undercounts, the bind is refused either way.
-    match DENIED_BINDS.get_ptr_mut(&netns) {
-        Some(count) => unsafe { *count += 1 },
-        None => {
-            let _ = DENIED_BINDS.insert(&netns, &1, 0);
-        }
-    }
-    false
-}
-
-#[inline(always)]
-fn guard_bind(ctx: &SockAddrContext) -> i32 {
-    // SAFETY: valid context pointer from the kernel.
-    let sa = unsafe { &*ctx.sock_addr };
-    let port = u16::from_be(sa.user_port as u16);
-    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    if port_guard(netns, cookie, sa.type_, port) {
-        return ALLOW;
-    }
-    warn!(
-        ctx,
-        "zt: refused bind of the agent's port {} in a pod", port
-    );
-    DENY
-}
-
-#[cgroup_sock_addr(bind4)]
-pub fn zt_bind4(ctx: SockAddrContext) -> i32 {
-    guard_bind(&ctx)
-}
-
-#[cgroup_sock_addr(bind6)]
-pub fn zt_bind6(ctx: SockAddrContext) -> i32 {
-    guard_bind(&ctx)
-}
-
-/// After the kernel picked the port (`bind` to port 0 with a narrowed ip_local_port_range): the
-/// same guard on the port actually taken. Refusing undoes the bind.
-#[inline(always)]
-fn guard_post_bind(ctx: &SockContext) -> i32 {
-    // SAFETY: valid context pointer from the kernel.
-    let sk = unsafe { &*ctx.sock };
-    let port = sk.src_port as u16;
-    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    if port_guard(netns, cookie, sk.type_, port) {
-        return ALLOW;
-    }
-    warn!(
-        ctx,
-        "zt: refused an automatic bind to the agent's port {} in a pod", port
-    );
-    DENY
-}
-
-#[cgroup_sock(post_bind4)]
-pub fn zt_post_bind4(ctx: SockContext) -> i32 {
-    guard_post_bind(&ctx)
-}
-
-#[cgroup_sock(post_bind6)]
-pub fn zt_post_bind6(ctx: SockContext) -> i32 {
-    guard_post_bind(&ctx)
 }
 
 /// Whether the connection's source address is its destination address.

@@ -4,11 +4,11 @@
 //! connection's open and close. The decisions are the proxy's (`proxy::direct`).
 use std::{
     io,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     path::Path,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
 };
 
@@ -18,45 +18,26 @@ use aya::{
 };
 use tokio::io::{Interest, unix::AsyncFd};
 use zt_common::{
-    AF_INET, DIRECT_FLOWS_MAX, DirectEvent, DirectFlow, DirectGrantKey, FlowKey, SockAddr,
-    direct_events, map_names,
+    DIRECT_FLOWS_MAX, DirectEvent, DirectFlow, DirectGrantKey, FlowKey, SockAddr, direct_events,
+    map_names,
 };
 
 use super::{CaptureError, kernel_addr, open_map, socket_addr};
 
-/// `BPF_EXIST`: update an existing element only.
-const BPF_EXIST: u64 = 2;
-
 /// Entries of DIRECT_FLOWS kept free for connections the agent has not yet seen open.
 const FLOWS_SLACK: usize = 16384;
 
-struct Maps {
-    grants: HashMap<MapData, DirectGrantKey, DirectFlow>,
-    flows: HashMap<MapData, FlowKey, DirectFlow>,
-    epoch: Array<MapData, u64>,
-}
+type Grants = HashMap<MapData, DirectGrantKey, DirectFlow>;
+type Flows = HashMap<MapData, FlowKey, DirectFlow>;
 
-impl Maps {
-    /// The keys of DIRECT_FLOWS, each once. The kernel restarts a walk whose current key was
-    /// deleted meanwhile, so the walk is bounded by the map's capacity.
-    fn flow_keys(&self) -> std::collections::HashSet<FlowKey> {
-        self.flows
-            .keys()
-            .take(DIRECT_FLOWS_MAX as usize)
-            .filter_map(Result::ok)
-            .collect()
-    }
-
-    fn clear_grants(&mut self) {
-        let keys: Vec<_> = self.grants.keys().filter_map(Result::ok).collect();
-        for key in keys {
-            let _ = self.grants.remove(&key);
-        }
-    }
-}
-
+/// Each map behind its own lock: walking the records (off the runtime) never holds up a grant
+/// (on a connection's task).
 struct Shared {
-    maps: Mutex<Maps>,
+    grants: Mutex<Grants>,
+    flows: Mutex<Flows>,
+    epoch_map: Mutex<Array<MapData, u64>>,
+    /// The current epoch, as last written to `epoch_map`.
+    epoch: AtomicU64,
     /// Set by [`DirectPaths::disable`]: no grants any more.
     disabled: AtomicBool,
     workloads_changed: tokio::sync::Notify,
@@ -64,6 +45,31 @@ struct Shared {
     room: AtomicBool,
     /// Taken by [`DirectPaths::reports`].
     events: Mutex<Option<RingBuf<MapData>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The keys of DIRECT_FLOWS, each once. The kernel restarts a walk whose current key was deleted
+/// meanwhile, so the walk is bounded by the map's capacity; `false` if it ran into the bound.
+fn flow_keys(flows: &Flows) -> (std::collections::HashSet<FlowKey>, bool) {
+    let max = DIRECT_FLOWS_MAX as usize;
+    let mut steps = 0;
+    let keys = flows
+        .keys()
+        .take(max)
+        .inspect(|_| steps += 1)
+        .filter_map(Result::ok)
+        .collect();
+    (keys, steps < max)
+}
+
+fn clear_grants(grants: &mut Grants) {
+    let keys: Vec<_> = grants.keys().filter_map(Result::ok).collect();
+    for key in keys {
+        let _ = grants.remove(&key);
+    }
 }
 
 /// Handles on the direct-connection maps. Cheap to clone.
@@ -117,22 +123,6 @@ impl DirectConnection {
             socket: pods.socket_cookie,
         })
     }
-
-    fn key(&self) -> FlowKey {
-        let (src, dst) = (kernel_addr(self.source), kernel_addr(self.destination));
-        FlowKey {
-            src: src.addr,
-            dst: dst.addr,
-            src_port: src.port,
-            dst_port: dst.port,
-            family: if src.family == AF_INET && dst.family == AF_INET {
-                AF_INET
-            } else {
-                dst.family
-            },
-            _pad: 0,
-        }
-    }
 }
 
 impl DirectPaths {
@@ -149,11 +139,10 @@ impl DirectPaths {
             })
         })?;
         let paths = Self(Arc::new(Shared {
-            maps: Mutex::new(Maps {
-                grants: open_map(pin_dir, map_names::DIRECT_GRANTS, Map::HashMap)?,
-                flows: open_map(pin_dir, map_names::DIRECT_FLOWS, Map::HashMap)?,
-                epoch: open_map(pin_dir, map_names::DIRECT_EPOCH, Map::Array)?,
-            }),
+            grants: Mutex::new(open_map(pin_dir, map_names::DIRECT_GRANTS, Map::HashMap)?),
+            flows: Mutex::new(open_map(pin_dir, map_names::DIRECT_FLOWS, Map::HashMap)?),
+            epoch_map: Mutex::new(open_map(pin_dir, map_names::DIRECT_EPOCH, Map::Array)?),
+            epoch: AtomicU64::new(0),
             events: Mutex::new(Some(RingBuf::try_from(events).map_err(err)?)),
             room: AtomicBool::new(true),
             disabled: AtomicBool::new(false),
@@ -167,23 +156,22 @@ impl DirectPaths {
         Ok(paths)
     }
 
-    fn maps(&self) -> std::sync::MutexGuard<'_, Maps> {
-        self.0.maps.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// The current epoch; a decision made after reading it may be granted under it.
     pub fn epoch(&self) -> u64 {
-        self.maps().epoch.get(&0, 0).unwrap_or(0)
+        self.0.epoch.load(Ordering::Acquire)
     }
 
     /// Voids every grant and every open connection's record (new connections no longer get
-    /// past the agent on them), and returns the new epoch. Open connections that are still
-    /// allowed are renewed into it with [`Self::renew`].
+    /// past the agent on them; those already open are not affected), and returns the new epoch.
     pub fn new_epoch(&self) -> io::Result<u64> {
-        let mut maps = self.maps();
-        let epoch = maps.epoch.get(&0, 0).unwrap_or(0) + 1;
-        maps.epoch.set(0, &epoch, 0).map_err(io::Error::other)?;
-        maps.clear_grants();
+        let epoch = {
+            let mut map = lock(&self.0.epoch_map);
+            let epoch = map.get(&0, 0).unwrap_or(0) + 1;
+            map.set(0, &epoch, 0).map_err(io::Error::other)?;
+            self.0.epoch.store(epoch, Ordering::Release);
+            epoch
+        };
+        clear_grants(&mut lock(&self.0.grants));
         Ok(epoch)
     }
 
@@ -207,11 +195,12 @@ impl DirectPaths {
         self.0.workloads_changed.notified().await;
     }
 
-    /// Lets pod `source_netns` connect to `destination` (pod `destination_netns`) without the
-    /// agent, under `epoch` (void if it is no longer current).
+    /// Lets pod `source_netns`, from its address `source`, connect to `destination` (pod
+    /// `destination_netns`) without the agent, under `epoch` (void if it is no longer current).
     pub fn grant(
         &self,
         source_netns: u64,
+        source: IpAddr,
         destination: SocketAddr,
         destination_netns: u64,
         epoch: u64,
@@ -228,10 +217,10 @@ impl DirectPaths {
             src_netns_cookie: source_netns,
             dst_netns_cookie: destination_netns,
             epoch,
+            src_addr: kernel_addr(SocketAddr::new(source, 0)).addr,
             ..DirectFlow::default()
         };
-        self.maps()
-            .grants
+        lock(&self.0.grants)
             .insert(&key, &value, 0)
             .map_err(io::Error::other)
     }
@@ -240,12 +229,11 @@ impl DirectPaths {
     /// while fewer than `FLOWS_SLACK` entries are free, until under twice that many are used
     /// again. Returns the count.
     pub fn check_room(&self) -> usize {
-        let mut maps = self.maps();
-        let used = maps.flow_keys().len();
+        let used = flow_keys(&lock(&self.0.flows)).0.len();
         let max = DIRECT_FLOWS_MAX as usize;
         let room = &self.0.room;
         if used >= max - FLOWS_SLACK && room.swap(false, Ordering::Relaxed) {
-            maps.clear_grants();
+            clear_grants(&mut lock(&self.0.grants));
             tracing::warn!(
                 used,
                 max,
@@ -261,28 +249,17 @@ impl DirectPaths {
         used
     }
 
-    /// The open direct connections.
-    pub fn connections(&self) -> Vec<DirectConnection> {
-        let maps = self.maps();
-        maps.flow_keys()
+    /// The open direct connections; `false` if the walk of the kernel's records was cut short
+    /// (they changed faster than it could walk them).
+    pub fn connections(&self) -> (Vec<DirectConnection>, bool) {
+        let flows = lock(&self.0.flows);
+        let (keys, complete) = flow_keys(&flows);
+        let connections = keys
             .into_iter()
-            .filter_map(|k| Some((k, maps.flows.get(&k, 0).ok()?)))
+            .filter_map(|k| Some((k, flows.get(&k, 0).ok()?)))
             .filter_map(|(k, v)| DirectConnection::from_kernel(&k, &v))
-            .collect()
-    }
-
-    /// Keeps an open connection's record valid in `epoch` (it is still allowed).
-    pub fn renew(&self, connection: &DirectConnection, epoch: u64) {
-        let mut maps = self.maps();
-        let key = connection.key();
-        // Only if it is still open: a closed one's record went with its socket.
-        if let Ok(mut flow) = maps.flows.get(&key, 0)
-            && flow.socket_cookie == connection.socket
-        {
-            flow.epoch = epoch;
-            // BPF_EXIST: a record whose socket closed meanwhile stays gone.
-            let _ = maps.flows.insert(&key, &flow, BPF_EXIST);
-        }
+            .collect();
+        (connections, complete)
     }
 
     /// Reports of direct connections opening and closing, for as long as the agent runs;

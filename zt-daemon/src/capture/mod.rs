@@ -37,7 +37,7 @@ pub use direct::{DirectConnection, DirectPaths, DirectReport, DirectReports};
 pub use loader::cgroup2_root;
 pub use maps::{CaptureMaps, OriginalDsts};
 pub use reconcile::{KernelState, WantedPod};
-pub use sockets::{AgentSockets, current_netns_cookie};
+pub use sockets::{AgentSockets, current_netns_cookie, socket_cookie};
 pub use splice::{Splice, Splicer};
 
 #[derive(Debug, thiserror::Error)]

@@ -38,7 +38,7 @@ impl AgentSockets {
 }
 
 /// SO_COOKIE: the kernel's unique, never reused identifier of a socket.
-pub(super) fn socket_cookie(socket: &impl AsRawFd) -> io::Result<u64> {
+pub fn socket_cookie(socket: &impl AsRawFd) -> io::Result<u64> {
     socket_option(socket, libc::SOL_SOCKET, libc::SO_COOKIE)
 }
 

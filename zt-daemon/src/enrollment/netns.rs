@@ -366,3 +366,21 @@ pub fn abort_connection(local: SocketAddr, remote: SocketAddr, cookie: u64) -> i
         )),
     }
 }
+
+/// Whether [`abort_connection`] works here: aborts one end of a loopback connection the agent
+/// makes for the purpose, in its own namespace, and checks the other end saw the reset.
+pub fn check_abort_works() -> io::Result<()> {
+    use std::io::Read as _;
+    let listener = std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))?;
+    let client = std::net::TcpStream::connect(listener.local_addr()?)?;
+    let (mut server, _) = listener.accept()?;
+    let cookie = crate::capture::socket_cookie(&client)?;
+    abort_connection(client.local_addr()?, client.peer_addr()?, cookie)?;
+    server.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+    match server.read(&mut [0u8; 1]) {
+        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => Ok(()),
+        other => Err(io::Error::other(format!(
+            "SOCK_DESTROY answered, but the peer saw {other:?} rather than a reset"
+        ))),
+    }
+}

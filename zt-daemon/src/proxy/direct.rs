@@ -2,9 +2,10 @@
 //! the path once policy allowed a first connection; the kernel then records each direct
 //! connection and reports its open and close (`capture::DirectPaths`). This task turns the
 //! reports into the usual access records and TCP metrics (`node_local`, `same_node = direct`),
-//! and whenever policy or trust changes, starts a new grant epoch (nothing new gets past the
-//! agent on an old decision) and decides every open direct connection again: one now denied,
-//! or whose certificates were revoked, is aborted in both pods, as a spliced one is closed.
+//! and whenever policy, trust or the node's pods change, starts a new grant epoch (nothing new
+//! gets past the agent on an old decision) and decides every open direct connection again: one
+//! now denied, whose certificates were revoked or whose pod left is aborted at its source (the
+//! destination gets a reset), as a spliced one is closed.
 use std::{
     collections::HashMap,
     net::SocketAddr,
@@ -35,37 +36,52 @@ struct Open {
     aborted: Option<CloseReason>,
 }
 
-/// Follows the direct connections for as long as the agent runs (spawned once, after the
-/// first enrollment, so that connections a previous agent let through find their pods). If it
-/// cannot, it stops every grant: no connection skips the agent unless it is followed.
-pub async fn watch_direct_connections(ctx: Arc<ProxyContext>, paths: DirectPaths) {
-    follow(&ctx, &paths).await;
-    error!(
-        "direct connections: no longer followed; every same-node connection goes through the agent"
-    );
-    paths.disable();
+/// Starts following the direct connections (once, after the first enrollment). Aborting one
+/// needs the kernel's SOCK_DESTROY: without it nothing is granted, as nothing could be revoked.
+pub fn follow_direct_connections(ctx: &Arc<ProxyContext>, paths: &DirectPaths) {
+    let (ctx, paths) = (ctx.clone(), paths.clone());
+    tokio::spawn(async move {
+        let check = tokio::task::spawn_blocking(crate::enrollment::netns::check_abort_works).await;
+        if let Err(e) = check.map_err(std::io::Error::other).and_then(|r| r) {
+            error!(error = %e, "direct connections: the kernel cannot abort a socket (SOCK_DESTROY, CONFIG_INET_DIAG_DESTROY); none is granted, same-node connections are spliced");
+            paths.disable();
+        }
+        watch_direct_connections(ctx, paths).await;
+    });
 }
 
-async fn follow(ctx: &Arc<ProxyContext>, paths: &DirectPaths) {
-    let Some(tunnel) = &ctx.tunnel else {
-        return;
-    };
-    let Some(mut reports) = paths.reports() else {
-        return;
-    };
+/// Follows the direct connections for as long as the agent runs (spawned once, after the
+/// first enrollment, so that connections a previous agent let through find their pods), in
+/// every mode: an agent that grants nothing still decides the direct connections a previous
+/// one left open. If it stops following, for whatever reason (a panic included), it stops
+/// every grant: no connection skips the agent unless it is followed.
+async fn watch_direct_connections(ctx: Arc<ProxyContext>, paths: DirectPaths) {
+    struct Disable(DirectPaths);
+    impl Drop for Disable {
+        fn drop(&mut self) {
+            error!(
+                "direct connections: no longer followed; every same-node connection goes through the agent"
+            );
+            self.0.disable();
+        }
+    }
+    let _disable = Disable(paths.clone());
+    follow(&ctx, &paths).await;
+}
+
+async fn follow(ctx: &Arc<ProxyContext>, paths: &DirectPaths) -> Option<()> {
+    let tunnel = ctx.tunnel.as_ref()?;
+    let mut reports = paths.reports()?;
     let mut policy = ctx.policy.subscribe();
     let mut trust = tunnel.trust.subscribe();
-    let mut followed = Followed::default();
     // Connections a previous agent let through are decided again under this one's policy.
-    followed = recheck(ctx, paths, followed).await;
+    let mut followed = recheck(ctx, paths, Followed::default()).await?;
     let mut reports_since_count = 0usize;
-    let mut crowded = paths.check_room() >= CROWDED;
+    let mut crowded = check_room(paths).await? >= CROWDED;
     loop {
         tokio::select! {
             batch = reports.next_batch() => {
-                let Some(batch) = batch else {
-                    return;
-                };
+                let batch = batch?;
                 reports_since_count += batch.len();
                 for report in batch {
                     on_report(ctx, report, &mut followed);
@@ -74,26 +90,30 @@ async fn follow(ctx: &Arc<ProxyContext>, paths: &DirectPaths) {
                 let every = if crowded { 256 } else { 4096 };
                 if reports_since_count >= every {
                     reports_since_count = 0;
-                    crowded = paths.check_room() >= CROWDED;
+                    crowded = check_room(paths).await? >= CROWDED;
                 }
             }
             changed = policy.changed() => {
-                if changed.is_err() {
-                    return;
-                }
-                followed = recheck(ctx, paths, followed).await;
+                changed.ok()?;
+                followed = recheck(ctx, paths, followed).await?;
             }
             changed = trust.changed() => {
-                if changed.is_err() {
-                    return;
-                }
-                followed = recheck(ctx, paths, followed).await;
+                changed.ok()?;
+                followed = recheck(ctx, paths, followed).await?;
             }
             () = paths.workloads_change() => {
-                followed = recheck(ctx, paths, followed).await;
+                followed = recheck(ctx, paths, followed).await?;
             }
         }
     }
+}
+
+/// [`DirectPaths::check_room`] off the runtime (it walks the kernel's map).
+async fn check_room(paths: &DirectPaths) -> Option<usize> {
+    let paths = paths.clone();
+    tokio::task::spawn_blocking(move || paths.check_room())
+        .await
+        .ok()
 }
 
 /// The open direct connections the agent saw open, and those it forgot at the last re-check
@@ -101,7 +121,8 @@ async fn follow(ctx: &Arc<ProxyContext>, paths: &DirectPaths) {
 #[derive(Default)]
 struct Followed {
     open: HashMap<Key, Open>,
-    forgotten: std::collections::HashSet<Key>,
+    /// With the number of re-checks since; dropped (counted closed) after the second.
+    forgotten: HashMap<Key, (Open, u8)>,
 }
 
 type Key = (SocketAddr, SocketAddr);
@@ -113,19 +134,25 @@ fn key(c: &DirectConnection) -> Key {
     (c.source, c.destination)
 }
 
+/// The enrolled workload of the pod with this netns cookie.
+fn enrolled(ctx: &ProxyContext, netns_cookie: u64) -> Option<Arc<LocalWorkload>> {
+    ctx.directory
+        .node()
+        .enrolled
+        .iter()
+        .find(|w| w.netns_cookie == netns_cookie)
+        .cloned()
+}
+
 /// Both pods of a connection, while they are enrolled.
 fn pods(
     ctx: &ProxyContext,
     c: &DirectConnection,
 ) -> Option<(Arc<LocalWorkload>, Arc<LocalWorkload>)> {
-    let node = ctx.directory.node();
-    let find = |cookie| {
-        node.enrolled
-            .iter()
-            .find(|w| w.netns_cookie == cookie)
-            .cloned()
-    };
-    Some((find(c.source_netns)?, find(c.destination_netns)?))
+    Some((
+        enrolled(ctx, c.source_netns)?,
+        enrolled(ctx, c.destination_netns)?,
+    ))
 }
 
 /// The connection's two access records (source side, then destination side), deciding it
@@ -201,8 +228,9 @@ fn on_report(ctx: &ProxyContext, report: DirectReport, followed: &mut Followed) 
             let (outbound, inbound) = records(ctx, &c, &ends, &source, &destination, None);
             if !inbound.is_allowed() {
                 // Granted under a decision a change has since reversed, before the re-check
-                // reached it.
-                abort(&c, &source);
+                // reached it. Netlink, off the runtime.
+                let source = source.clone();
+                tokio::task::spawn_blocking(move || abort(&c, &source));
             }
             outbound.count(&ctx.metrics, None);
             inbound.count(&ctx.metrics, None);
@@ -220,9 +248,11 @@ fn on_report(ctx: &ProxyContext, report: DirectReport, followed: &mut Followed) 
             sent,
             received,
         } => {
-            let known = followed.open.remove(&key(&c));
-            // One the last re-check forgot was counted open already.
-            let counted = known.is_some() || followed.forgotten.remove(&key(&c));
+            let known = followed
+                .open
+                .remove(&key(&c))
+                .or_else(|| followed.forgotten.remove(&key(&c)).map(|(o, _)| o));
+            let counted = known.is_some();
             let close = known
                 .as_ref()
                 .and_then(|o| o.aborted)
@@ -290,74 +320,128 @@ fn for_records(
     f(&outbound, &inbound);
 }
 
-/// A new epoch, and every open direct connection decided again: renewed into the epoch when
-/// still allowed, aborted when not. It walks the kernel's map and may abort many sockets, so it
-/// runs on a blocking thread.
-async fn recheck(ctx: &Arc<ProxyContext>, paths: &DirectPaths, followed: Followed) -> Followed {
+/// A new epoch, and every open direct connection decided again: aborted when no longer
+/// allowed. It walks the kernel's map and may abort many sockets, so it runs on a blocking
+/// thread; `None` if it failed.
+async fn recheck(
+    ctx: &Arc<ProxyContext>,
+    paths: &DirectPaths,
+    followed: Followed,
+) -> Option<Followed> {
     let (ctx, paths) = (ctx.clone(), paths.clone());
     let task = tokio::task::spawn_blocking(move || {
         let mut followed = followed;
-        recheck_now(&ctx, &paths, &mut followed);
-        followed
+        recheck_now(&ctx, &paths, &mut followed).then_some(followed)
     });
-    task.await.unwrap_or_else(|e| {
-        error!(error = %e, "direct connections: the re-check failed");
-        Followed::default()
-    })
+    task.await
+        .inspect_err(|e| error!(error = %e, "direct connections: the re-check failed"))
+        .ok()
+        .flatten()
 }
 
-fn recheck_now(ctx: &ProxyContext, paths: &DirectPaths, followed: &mut Followed) {
-    let epoch = match paths.new_epoch() {
-        Ok(e) => e,
-        Err(e) => {
-            error!(error = %e, "direct connections: cannot start a new grant epoch; old grants stay valid");
-            return;
-        }
-    };
+/// Returns false if the grants could not be voided.
+fn recheck_now(ctx: &ProxyContext, paths: &DirectPaths, followed: &mut Followed) -> bool {
+    if let Err(e) = paths.new_epoch() {
+        error!(error = %e, "direct connections: cannot start a new grant epoch");
+        return false;
+    }
     let Some(tunnel) = &ctx.tunnel else {
-        return;
+        return true;
     };
     let trust = tunnel.trust.current();
-    let connections = paths.connections();
-    // Those whose close report was lost (a full ring) would be kept forever, with their pods.
-    let live: std::collections::HashSet<Key> = connections.iter().map(key).collect();
+    let (connections, complete) = paths.connections();
+    if !complete {
+        warn!(
+            "direct connections: the kernel's records changed faster than the re-check could walk them; some were not decided again"
+        );
+    }
+    forget_closed(ctx, followed, &connections);
+    // Until the first list of pods, a pod not enrolled yet may still come.
+    let pods_known = !ctx.directory.node().discovery_pending;
+    for c in connections {
+        let known = followed.open.get(&key(&c));
+        let (source, destination) = match pods(ctx, &c) {
+            Some(pods) => pods,
+            None if !pods_known => continue,
+            None => {
+                // A pod left the mesh: nothing vouches for the connection any more. It is
+                // aborted from its source's namespace, which the agent may still hold.
+                let source = enrolled(ctx, c.source_netns).or(known.map(|o| o.source.clone()));
+                match source {
+                    Some(source) => abort(&c, &source),
+                    None => {
+                        warn!(source = %c.source, destination = %c.destination, "direct connection of a pod no longer enrolled: its namespace is out of reach, it stays open")
+                    }
+                }
+                mark_aborted(followed, &c);
+                continue;
+            }
+        };
+        let allowed = match Ends::between(&source, destination.clone(), c.destination) {
+            None => {
+                warn!(source = %c.source, destination = %c.destination, "direct connection aborted: a pod has no certificate");
+                false
+            }
+            Some(ends) => match ends.certificates().check(&trust, SystemTime::now()) {
+                Err(why) if why.closes_now() => {
+                    warn!(source = %c.source, destination = %c.destination, reason = %why, "direct connection aborted: {why}");
+                    false
+                }
+                _ => still_allowed(ctx, &c, &ends, &destination),
+            },
+        };
+        if !allowed {
+            abort(&c, &source);
+            mark_aborted(followed, &c);
+        }
+    }
+    true
+}
+
+fn mark_aborted(followed: &mut Followed, c: &DirectConnection) {
+    if let Some(o) = followed.open.get_mut(&key(c)) {
+        o.aborted = Some(CloseReason::Policy);
+    }
+}
+
+/// Moves the connections the kernel no longer has to `forgotten` (their close report was lost
+/// to a full ring, or is still on its way), and counts as closed those forgotten two re-checks
+/// ago: their pods are not kept for ever.
+fn forget_closed(ctx: &ProxyContext, followed: &mut Followed, live: &[DirectConnection]) {
+    let live: std::collections::HashSet<Key> = live.iter().map(key).collect();
+    followed.forgotten.retain(|k, (o, age)| {
+        *age += 1;
+        if *age < 2 {
+            return true;
+        }
+        let (source, destination) = (o.source.clone(), o.destination.clone());
+        if let Some(ends) = Ends::between(&source, destination.clone(), k.1) {
+            let c = DirectConnection {
+                source: k.0,
+                destination: k.1,
+                source_netns: source.netns_cookie,
+                destination_netns: destination.netns_cookie,
+                epoch: 0,
+                socket: 0,
+            };
+            let decided = Some((o.decision.clone(), o.started));
+            let (outbound, inbound) = records(ctx, &c, &ends, &source, &destination, decided);
+            let lost = RelayOutcome::refused(o.aborted.unwrap_or(CloseReason::Eof));
+            for record in [&outbound, &inbound] {
+                record.count(&ctx.metrics, Some(&lost));
+            }
+        }
+        false
+    });
     let gone: Vec<Key> = followed
         .open
         .keys()
         .filter(|k| !live.contains(k))
         .copied()
         .collect();
-    followed.forgotten.clear();
     for k in gone {
-        followed.open.remove(&k);
-        followed.forgotten.insert(k);
-    }
-    for c in connections {
-        let Some((source, destination)) = pods(ctx, &c) else {
-            continue;
-        };
-        let Some(ends) = Ends::between(&source, destination.clone(), c.destination) else {
-            continue;
-        };
-        let revoked = ends
-            .certificates()
-            .check(&trust, SystemTime::now())
-            .err()
-            .filter(|why| why.closes_now());
-        let allowed = match &revoked {
-            Some(why) => {
-                warn!(source = %c.source, destination = %c.destination, reason = %why, "direct connection aborted: {why}");
-                false
-            }
-            None => still_allowed(ctx, &c, &ends, &destination),
-        };
-        if allowed {
-            paths.renew(&c, epoch);
-            continue;
-        }
-        abort(&c, &source);
-        if let Some(o) = followed.open.get_mut(&key(&c)) {
-            o.aborted = Some(CloseReason::Policy);
+        if let Some(o) = followed.open.remove(&k) {
+            followed.forgotten.insert(k, (o, 0));
         }
     }
 }

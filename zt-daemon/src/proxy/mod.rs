@@ -16,7 +16,7 @@ mod tests;
 
 pub(crate) use access::{AccessRecord, Identities, NodeLocal, log_access, relay_and_log};
 pub(crate) use authorize::authorize;
-pub use direct::watch_direct_connections;
+pub use direct::follow_direct_connections;
 pub use listener::Direction;
 pub use listener::serve_workload;
 pub(crate) use listener::{Admission, accept_loop, holding};

@@ -38,6 +38,9 @@ pub(super) struct Ends<'a> {
     destination_svid: Svid,
     /// The destination address (the application's), after Service resolution.
     endpoint: SocketAddr,
+    /// Under `"direct"`, the grant epoch as it was before the ends were looked up: a grant on
+    /// what they were then is void if the pods, policy or trust changed since.
+    epoch: Option<u64>,
 }
 
 impl<'a> Ends<'a> {
@@ -53,6 +56,7 @@ impl<'a> Ends<'a> {
         if is_agent_port(endpoint.port()) {
             return None;
         }
+        let epoch = ctx.direct.as_ref().map(DirectPaths::epoch);
         let ip = endpoint.ip().to_canonical();
         let destination = ctx
             .directory
@@ -61,8 +65,8 @@ impl<'a> Ends<'a> {
             .iter()
             .find(|w| w.addresses.contains(&ip))?
             .clone();
-        Self::between(source, destination, endpoint)
-            .filter(|ends| ends.destination_svid.id() == identity)
+        let ends = Self::between(source, destination, endpoint)?;
+        (ends.destination_svid.id() == identity).then_some(Self { epoch, ..ends })
     }
 
     /// The ends of a connection from `source` to `endpoint` in `destination`, when both have
@@ -80,6 +84,7 @@ impl<'a> Ends<'a> {
             destination,
             destination_svid,
             endpoint,
+            epoch: None,
         })
     }
 
@@ -137,9 +142,6 @@ pub(super) async fn serve(
     }
     // The destination sees the source pod's address, as the tunnel's inbound side would.
     let source_ip = ends.source_ip().unwrap_or(outbound.peer.ip());
-    // Read before the decision: a grant made under an epoch a policy change has since ended
-    // is void.
-    let epoch = ctx.direct.as_ref().map(DirectPaths::epoch);
     let (inbound, denied_later) = authorize(
         ctx,
         &ends.destination,
@@ -173,7 +175,7 @@ pub(super) async fn serve(
             return;
         }
     };
-    if let (Some(direct), Some(epoch)) = (&ctx.direct, epoch) {
+    if let (Some(direct), Some(epoch)) = (&ctx.direct, ends.epoch) {
         grant_direct(direct, epoch, &ends, outbound.original_dst);
     }
     let interrupt = pin!(async {
@@ -211,8 +213,19 @@ fn grant_direct(direct: &DirectPaths, epoch: u64, ends: &Ends<'_>, dialed: Socke
     {
         return;
     }
+    // The kernel records a granted connection only from the address the grant names: a pod
+    // with several of the family (which the kernel may pick among) keeps the agent's path.
+    let mut own = ends
+        .source
+        .addresses
+        .iter()
+        .filter(|a| a.is_ipv4() == ends.endpoint.ip().to_canonical().is_ipv4());
+    let (Some(&source_ip), None) = (own.next(), own.next()) else {
+        return;
+    };
     match direct.grant(
         ends.source.netns_cookie,
+        source_ip,
         ends.endpoint,
         ends.destination.netns_cookie,
         epoch,

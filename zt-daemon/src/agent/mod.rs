@@ -1,8 +1,11 @@
 //! The agent's life cycle: start capture, enroll the configured workloads, follow config reloads
 //! (SIGHUP), and stop on SIGTERM/SIGINT. Stopping leaves the pins in place on purpose: capture
-//! stays fail-closed until the next agent re-adopts it.
+//! stays fail-closed until the next agent re-adopts it. `drift` compares the kernel's capture
+//! state with the enrolled workloads and repairs it.
+mod drift;
+
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, HashMap},
     net::IpAddr,
     path::PathBuf,
     sync::Arc,
@@ -14,7 +17,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     admin::{self, AdminState, LogControl, Readiness},
-    capture::{Capture, OriginalDsts, WantedPod},
+    capture::{Capture, OriginalDsts},
     config::{MtlsMode, NodeConfig, SameNode},
     directory::{MeshDirectory, NodeWorkloads},
     discovery,
@@ -27,6 +30,8 @@ use crate::{
     workload::{Workload, WorkloadId},
 };
 use zt_common::pod_flags;
+
+use drift::drift_interval;
 
 /// A workload whose enrollment failed: why, and the pod it holds fail-closed (if it got that far).
 struct FailedEnrollment {
@@ -195,11 +200,8 @@ impl Agent {
             tokio::spawn(splicer.clone().watch_pressure());
         }
         self.reconcile().await;
-        if let Some(direct) = &self.proxy.direct {
-            tokio::spawn(crate::proxy::watch_direct_connections(
-                self.proxy.clone(),
-                direct.clone(),
-            ));
+        if self.identity.is_some() {
+            crate::proxy::follow_direct_connections(&self.proxy, &self.capture.direct);
         }
         // Pods a previous agent enrolled that are no longer configured go now.
         self.reconcile_capture().await;
@@ -371,6 +373,7 @@ impl Agent {
             .filter(|(id, e)| desired.get(*id) != Some(&e.local.workload))
             .map(|(id, _)| id.clone())
             .collect();
+        let before: Vec<WorkloadId> = self.enrolled.keys().cloned().collect();
         let left = !gone.is_empty();
         for id in gone {
             if let Some(enrollment) = self.enrolled.remove(&id)
@@ -435,8 +438,8 @@ impl Agent {
             .enrollment_failed
             .set(self.failed.len() as i64);
         self.publish_state();
-        if left {
-            self.workloads_left();
+        if left || !self.enrolled.keys().eq(before.iter()) {
+            self.pods_changed();
         }
     }
 
@@ -490,68 +493,10 @@ impl Agent {
             .publish_node(self.configured_addresses(), node);
     }
 
-    /// A pod left, or was enrolled again with other labels or identity: what direct same-node
-    /// connections allow may have changed. (A new pod changes nothing for those already open.)
-    fn workloads_left(&self) {
-        if let Some(direct) = &self.proxy.direct {
-            direct.workloads_changed();
-        }
-    }
-
-    /// Compares the kernel's capture state with the enrolled workloads, repairs what differs
-    /// (re-steers and re-enrolls a pod whose entries went missing, forgets pods nobody enrolled)
-    /// and exports how many pods differed as `zt_capture_drift`.
-    async fn reconcile_capture(&mut self) {
-        // A pod that died took its network namespace with it (or only its name: our netns
-        // thread would keep it alive). Either way it is un-enrolled, not repaired.
-        let dead: Vec<WorkloadId> = self
-            .enrolled
-            .iter()
-            .filter(|(_, e)| !e.local.workload.netns.exists())
-            .map(|(id, _)| id.clone())
-            .collect();
-        let any_dead = !dead.is_empty();
-        for id in dead {
-            if let Some(enrollment) = self.enrolled.remove(&id) {
-                warn!(workload = %id, netns = %enrollment.local.workload.netns.display(), "network namespace gone (the pod died?): un-enrolling");
-                if let Err(e) = enrollment.remove(&mut self.capture).await {
-                    error!(workload = %id, error = %e, "un-enrollment incomplete");
-                }
-            }
-        }
-        if any_dead {
-            self.publish_state();
-            self.workloads_left();
-        }
-        let wanted: Vec<WantedPod> = self
-            .enrolled
-            .values()
-            .map(|e| WantedPod {
-                workload: &e.local.workload.id,
-                pod: &e.captured,
-                flags: self.capture_flags(&e.local.workload),
-            })
-            .collect();
-        let held: HashSet<u64> = self.failed.values().filter_map(|f| f.fail_closed).collect();
-        let drift = self.capture.repair_drift(&wanted, &held);
-        self.proxy.metrics.capture_drift.set(drift as i64);
-        self.report_denied_binds();
-    }
-
-    /// Binds of the agent's ports that the kernel refused in pods: counted and logged per
-    /// workload, when the pod is one (a pod trying to take over capture is worth an operator's
-    /// attention).
-    fn report_denied_binds(&mut self) {
-        for (cookie, attempts) in self.capture.maps.take_denied_binds() {
-            self.proxy.metrics.denied_binds.inc_by(attempts);
-            let workload = self
-                .enrolled
-                .values()
-                .find(|e| e.local.netns_cookie == cookie)
-                .map(|e| e.local.workload.id.to_string())
-                .unwrap_or_default();
-            warn!(%workload, netns_cookie = cookie, attempts, "refused: a pod tried to bind one of the agent's ports");
-        }
+    /// The node's enrolled pods changed: what open direct same-node connections are allowed,
+    /// and whether their pods are still in the mesh, is decided again.
+    fn pods_changed(&self) {
+        self.capture.direct.workloads_changed();
     }
 
     /// The mTLS mode PeerAuthentication overrides: `mtls.mode`, or permissive on a capture-only
@@ -603,11 +548,4 @@ impl Agent {
             }
         }
     }
-}
-
-/// The timer of the capture drift check; a late tick is not made up for.
-fn drift_interval(period: std::time::Duration) -> tokio::time::Interval {
-    let mut interval = tokio::time::interval(period);
-    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    interval
 }

@@ -1,0 +1,73 @@
+//! The agent's side of capture drift: the periodic comparison of what the kernel holds with
+//! the enrolled workloads, the repair, and the report of refused binds of the agent's ports.
+use std::collections::HashSet;
+
+use tracing::{error, warn};
+
+use super::Agent;
+use crate::{capture::WantedPod, workload::WorkloadId};
+
+impl Agent {
+    /// Compares the kernel's capture state with the enrolled workloads, repairs what differs
+    /// (re-steers and re-enrolls a pod whose entries went missing, forgets pods nobody enrolled)
+    /// and exports how many pods differed as `zt_capture_drift`.
+    pub(super) async fn reconcile_capture(&mut self) {
+        // A pod that died took its network namespace with it (or only its name: our netns
+        // thread would keep it alive). Either way it is un-enrolled, not repaired.
+        let dead: Vec<WorkloadId> = self
+            .enrolled
+            .iter()
+            .filter(|(_, e)| !e.local.workload.netns.exists())
+            .map(|(id, _)| id.clone())
+            .collect();
+        let any_dead = !dead.is_empty();
+        for id in dead {
+            if let Some(enrollment) = self.enrolled.remove(&id) {
+                warn!(workload = %id, netns = %enrollment.local.workload.netns.display(), "network namespace gone (the pod died?): un-enrolling");
+                if let Err(e) = enrollment.remove(&mut self.capture).await {
+                    error!(workload = %id, error = %e, "un-enrollment incomplete");
+                }
+            }
+        }
+        if any_dead {
+            self.publish_state();
+            self.pods_changed();
+        }
+        let wanted: Vec<WantedPod> = self
+            .enrolled
+            .values()
+            .map(|e| WantedPod {
+                workload: &e.local.workload.id,
+                pod: &e.captured,
+                flags: self.capture_flags(&e.local.workload),
+            })
+            .collect();
+        let held: HashSet<u64> = self.failed.values().filter_map(|f| f.fail_closed).collect();
+        let drift = self.capture.repair_drift(&wanted, &held);
+        self.proxy.metrics.capture_drift.set(drift as i64);
+        self.report_denied_binds();
+    }
+
+    /// Binds of the agent's ports that the kernel refused in pods: counted and logged per
+    /// workload, when the pod is one (a pod trying to take over capture is worth an operator's
+    /// attention).
+    fn report_denied_binds(&mut self) {
+        for (cookie, attempts) in self.capture.maps.take_denied_binds() {
+            self.proxy.metrics.denied_binds.inc_by(attempts);
+            let workload = self
+                .enrolled
+                .values()
+                .find(|e| e.local.netns_cookie == cookie)
+                .map(|e| e.local.workload.id.to_string())
+                .unwrap_or_default();
+            warn!(%workload, netns_cookie = cookie, attempts, "refused: a pod tried to bind one of the agent's ports");
+        }
+    }
+}
+
+/// The timer of the capture drift check; a late tick is not made up for.
+pub(super) fn drift_interval(period: std::time::Duration) -> tokio::time::Interval {
+    let mut interval = tokio::time::interval(period);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    interval
+}
