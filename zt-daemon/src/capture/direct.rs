@@ -8,7 +8,7 @@ use std::{
     path::Path,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, Ordering},
     },
 };
 
@@ -35,9 +35,8 @@ type Flows = HashMap<MapData, FlowKey, DirectFlow>;
 struct Shared {
     grants: Mutex<Grants>,
     flows: Mutex<Flows>,
-    epoch_map: Mutex<Array<MapData, u64>>,
-    /// The current epoch, as last written to `epoch_map`.
-    epoch: AtomicU64,
+    /// Read at each grant, not cached: during an upgrade two agents share it.
+    epoch: Mutex<Array<MapData, u64>>,
     /// Set by [`DirectPaths::disable`]: no grants any more.
     disabled: AtomicBool,
     workloads_changed: tokio::sync::Notify,
@@ -141,8 +140,7 @@ impl DirectPaths {
         let paths = Self(Arc::new(Shared {
             grants: Mutex::new(open_map(pin_dir, map_names::DIRECT_GRANTS, Map::HashMap)?),
             flows: Mutex::new(open_map(pin_dir, map_names::DIRECT_FLOWS, Map::HashMap)?),
-            epoch_map: Mutex::new(open_map(pin_dir, map_names::DIRECT_EPOCH, Map::Array)?),
-            epoch: AtomicU64::new(0),
+            epoch: Mutex::new(open_map(pin_dir, map_names::DIRECT_EPOCH, Map::Array)?),
             events: Mutex::new(Some(RingBuf::try_from(events).map_err(err)?)),
             room: AtomicBool::new(true),
             disabled: AtomicBool::new(false),
@@ -158,17 +156,16 @@ impl DirectPaths {
 
     /// The current epoch; a decision made after reading it may be granted under it.
     pub fn epoch(&self) -> u64 {
-        self.0.epoch.load(Ordering::Acquire)
+        lock(&self.0.epoch).get(&0, 0).unwrap_or(0)
     }
 
     /// Voids every grant and every open connection's record (new connections no longer get
     /// past the agent on them; those already open are not affected), and returns the new epoch.
     pub fn new_epoch(&self) -> io::Result<u64> {
         let epoch = {
-            let mut map = lock(&self.0.epoch_map);
+            let mut map = lock(&self.0.epoch);
             let epoch = map.get(&0, 0).unwrap_or(0) + 1;
             map.set(0, &epoch, 0).map_err(io::Error::other)?;
-            self.0.epoch.store(epoch, Ordering::Release);
             epoch
         };
         clear_grants(&mut lock(&self.0.grants));

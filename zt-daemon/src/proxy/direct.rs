@@ -53,20 +53,28 @@ pub fn follow_direct_connections(ctx: &Arc<ProxyContext>, paths: &DirectPaths) {
 /// Follows the direct connections for as long as the agent runs (spawned once, after the
 /// first enrollment, so that connections a previous agent let through find their pods), in
 /// every mode: an agent that grants nothing still decides the direct connections a previous
-/// one left open. If it stops following, for whatever reason (a panic included), it stops
-/// every grant: no connection skips the agent unless it is followed.
+/// one left open. If it stops following (a failure, a panic), it stops every grant: no
+/// connection skips the agent unless it is followed. The agent's own exit is not such a stop:
+/// its successor, which shares the maps, follows them.
 async fn watch_direct_connections(ctx: Arc<ProxyContext>, paths: DirectPaths) {
-    struct Disable(DirectPaths);
-    impl Drop for Disable {
+    struct DisableOnPanic(DirectPaths);
+    impl Drop for DisableOnPanic {
         fn drop(&mut self) {
-            error!(
-                "direct connections: no longer followed; every same-node connection goes through the agent"
-            );
-            self.0.disable();
+            if std::thread::panicking() {
+                stopped(&self.0);
+            }
         }
     }
-    let _disable = Disable(paths.clone());
+    let _guard = DisableOnPanic(paths.clone());
     follow(&ctx, &paths).await;
+    stopped(&paths);
+}
+
+fn stopped(paths: &DirectPaths) {
+    error!(
+        "direct connections: no longer followed; every same-node connection goes through the agent"
+    );
+    paths.disable();
 }
 
 async fn follow(ctx: &Arc<ProxyContext>, paths: &DirectPaths) -> Option<()> {
