@@ -84,8 +84,6 @@ pub struct DirectConnection {
     pub destination: SocketAddr,
     pub source_netns: u64,
     pub destination_netns: u64,
-    /// The epoch of the grant it was made under.
-    pub epoch: u64,
     /// The source socket's cookie.
     pub socket: u64,
 }
@@ -118,7 +116,6 @@ impl DirectConnection {
             destination: addr(key.dst, key.dst_port)?,
             source_netns: pods.src_netns_cookie,
             destination_netns: pods.dst_netns_cookie,
-            epoch: pods.epoch,
             socket: pods.socket_cookie,
         })
     }

@@ -163,11 +163,11 @@ fn pods(
     ))
 }
 
-/// The connection's two access records (source side, then destination side), deciding it
-/// again unless `decided` is given.
+/// The two access records (source side, then destination side) of the connection from `from`
+/// to `to`, deciding it again unless `decided` is given.
 fn records<'a>(
     ctx: &ProxyContext,
-    c: &DirectConnection,
+    (from, to): Key,
     ends: &Ends<'_>,
     source: &'a LocalWorkload,
     destination: &'a LocalWorkload,
@@ -177,8 +177,8 @@ fn records<'a>(
     let outbound = AccessRecord {
         direction: Direction::Outbound,
         workload: source,
-        peer: c.source,
-        original_dst: c.destination,
+        peer: from,
+        original_dst: to,
         service: None,
         upstream: None,
         identities: ends.identities(),
@@ -192,8 +192,8 @@ fn records<'a>(
         Some((decision, started)) => AccessRecord {
             direction: Direction::Inbound,
             workload: destination,
-            peer: c.source,
-            original_dst: c.destination,
+            peer: from,
+            original_dst: to,
             service: None,
             upstream: None,
             identities: ends.identities(),
@@ -204,12 +204,12 @@ fn records<'a>(
             started,
         },
         None => {
-            let peer = SocketAddr::new(ends.source_ip().unwrap_or(c.source.ip()), c.source.port());
+            let peer = SocketAddr::new(ends.source_ip().unwrap_or(from.ip()), from.port());
             let (record, _) = authorize(
                 ctx,
                 destination,
                 peer,
-                c.destination,
+                to,
                 ends.identities(),
                 Some(source.workload.id.clone()),
                 started,
@@ -233,7 +233,7 @@ fn on_report(ctx: &ProxyContext, report: DirectReport, followed: &mut Followed) 
             let Some(ends) = Ends::between(&source, destination.clone(), c.destination) else {
                 return;
             };
-            let (outbound, inbound) = records(ctx, &c, &ends, &source, &destination, None);
+            let (outbound, inbound) = records(ctx, key(&c), &ends, &source, &destination, None);
             if !inbound.is_allowed() {
                 // Granted under a decision a change has since reversed, before the re-check
                 // reached it. Netlink, off the runtime.
@@ -324,7 +324,7 @@ fn for_records(
     let Some(ends) = Ends::between(&source, destination.clone(), c.destination) else {
         return;
     };
-    let (outbound, inbound) = records(ctx, c, &ends, &source, &destination, decided);
+    let (outbound, inbound) = records(ctx, key(c), &ends, &source, &destination, decided);
     f(&outbound, &inbound);
 }
 
@@ -424,16 +424,8 @@ fn forget_closed(ctx: &ProxyContext, followed: &mut Followed, live: &[DirectConn
         }
         let (source, destination) = (o.source.clone(), o.destination.clone());
         if let Some(ends) = Ends::between(&source, destination.clone(), k.1) {
-            let c = DirectConnection {
-                source: k.0,
-                destination: k.1,
-                source_netns: source.netns_cookie,
-                destination_netns: destination.netns_cookie,
-                epoch: 0,
-                socket: 0,
-            };
             let decided = Some((o.decision.clone(), o.started));
-            let (outbound, inbound) = records(ctx, &c, &ends, &source, &destination, decided);
+            let (outbound, inbound) = records(ctx, *k, &ends, &source, &destination, decided);
             let lost = RelayOutcome::refused(o.aborted.unwrap_or(CloseReason::Eof));
             for record in [&outbound, &inbound] {
                 record.count(&ctx.metrics, Some(&lost));
