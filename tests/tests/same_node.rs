@@ -250,8 +250,7 @@ fn policy_refuses_and_closes_spliced_connections() {
     );
 }
 
-/// Opens an idle connection from `from` to `dst` (after one allowed connection: 4 records open
-/// with it), then denies everything with a policy update. Returns the access record `closed`
+/// Opens an idle connection from `from` to `dst`, then denies everything with a policy update. Returns the access record `closed`
 /// picks out, and what the idle client got when it sent afterwards.
 fn deny_all_while_open(
     n: &Node,
@@ -264,10 +263,12 @@ fn deny_all_while_open(
     Result<serde_json::Value, serde_json::Value>,
 ) {
     let go = n.bed.dir.join("go");
+    let before = n.agent.opened_connections().unwrap();
     std::thread::scope(|s| {
         let conn = s.spawn(|| connect_idle_until(&n.bed, from, dst, &go));
+        // Open on both sides before the update.
         zt_tests::wait_until(Duration::from_secs(10), || {
-            Ok(n.agent.opened_connections()? >= 4)
+            Ok(n.agent.opened_connections()? >= before + 2)
         })
         .unwrap();
         zt_tests::agent::write_policy(&n.policies, "allow.yaml", &allow_only("nobody/ns/x/sa/y"))
@@ -390,6 +391,25 @@ fn came_straight(server_saw: &serde_json::Value, client: &serde_json::Value) -> 
     (peer.ip().to_canonical(), peer.port()) == (local.ip().to_canonical(), local.port())
 }
 
+/// Connects from `from` to `dst` until a connection goes pod to pod (the first of a pair, or
+/// the first after grants were voided, takes the agent's path and grants anew). `served` counts
+/// the connections the server has seen, these included.
+fn connect_until_direct(
+    n: &Node,
+    from: &Pod,
+    dst: SocketAddr,
+    served: &mut usize,
+) -> anyhow::Result<()> {
+    zt_tests::wait_until(Duration::from_secs(20), || {
+        let Ok(r) = connect(&n.bed, from, dst, 1024, TIMEOUT)? else {
+            return Ok(false);
+        };
+        *served += 1;
+        let seen = n.server.expect_connections(*served)?;
+        Ok(came_straight(&seen[*served - 1], &r))
+    })
+}
+
 #[test]
 fn direct_connections_go_pod_to_pod_once_the_agent_allowed_one_and_are_logged_and_counted() {
     let mut n = node_with("direct", 3, false);
@@ -486,12 +506,10 @@ fn a_policy_update_aborts_direct_connections_and_voids_their_grant() {
     let p13 = n.bed.pod(1, 3);
     let allow_p11 = allow_only(&principal(p11));
     zt_tests::agent::write_policy(&n.policies, "allow.yaml", &allow_p11).unwrap();
-    // Allowed through the agent once (which grants the path); p13, whom no rule allows, is
-    // refused, before and after p11 holds its grant.
-    zt_tests::wait_until(Duration::from_secs(10), || {
-        Ok(connect(&n.bed, p11, dst, 1024, TIMEOUT)?.is_ok())
-    })
-    .unwrap();
+    // Allowed through the agent (which grants the path) until a connection takes it; p13,
+    // whom no rule allows, is refused, before and after p11 holds its grant.
+    let mut served = 0;
+    connect_until_direct(&n, p11, dst, &mut served).unwrap();
     let refused = connect(&n.bed, p13, dst, 1024, TIMEOUT).unwrap();
     assert!(refused.is_err(), "p13 got through: {refused:?}");
     let (record, closed) = deny_all_while_open(
@@ -510,9 +528,9 @@ fn a_policy_update_aborts_direct_connections_and_voids_their_grant() {
     // The grant went with the policy: the next connection goes to the agent, which refuses it.
     let after = connect(&n.bed, p11, dst, 1024, TIMEOUT).unwrap();
     assert!(after.is_err(), "connected after the update: {after:?}");
-    // The server saw the first connection and the aborted one, nothing since.
+    // The server saw p11's connections before the update and the aborted one, nothing since.
     let seen = n.server.connections().unwrap();
-    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert_eq!(seen.len(), served + 1, "{seen:?}");
 }
 
 #[test]
@@ -578,15 +596,8 @@ fn a_direct_connection_outlives_an_agent_upgrade_and_the_successor_logs_it() {
     // The old agent's exit voided nothing of its successor's: the successor grants, and the
     // next connections go pod to pod again.
     let mut served = n.server.connections().unwrap().len();
-    zt_tests::wait_until(Duration::from_secs(20), || {
-        let Ok(r) = connect(&n.bed, &p11, dst, 1024, TIMEOUT)? else {
-            return Ok(false);
-        };
-        served += 1;
-        let seen = n.server.expect_connections(served)?;
-        Ok(came_straight(&seen[served - 1], &r))
-    })
-    .unwrap_or_else(|e| panic!("no direct path after the upgrade: {e}\n{}", new.log_tail()));
+    connect_until_direct(&n, &p11, dst, &mut served)
+        .unwrap_or_else(|e| panic!("no direct path after the upgrade: {e}\n{}", new.log_tail()));
 
     // Counted opened (on both sides) by the successor, which did not see it open, as well as
     // closed: its dashboards do not show it open for ever, nor less than nothing.
@@ -633,15 +644,7 @@ fn a_pod_cannot_use_another_pods_direct_grant_nor_forge_a_source_over_its_own() 
     for privilege in [Privilege::Unprivileged, Privilege::DefaultContainer] {
         // p11 holds the direct path to dst, and its last connection took it (a policy reload
         // voids grants, and the next connection through the agent grants anew).
-        zt_tests::wait_until(Duration::from_secs(20), || {
-            let Ok(r) = connect(&n.bed, &p11, dst, 1024, TIMEOUT)? else {
-                return Ok(false);
-            };
-            served += 1;
-            let seen = n.server.expect_connections(served)?;
-            Ok(came_straight(&seen[served - 1], &r))
-        })
-        .unwrap();
+        connect_until_direct(&n, &p11, dst, &mut served).unwrap();
         // p13, whom no rule allows: as itself, and claiming p11's address as its source.
         for source in [None, Some(&p11_ip)] {
             let mut args = target.to_vec();
