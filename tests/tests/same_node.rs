@@ -9,7 +9,7 @@ use zt_tests::{
     Agent, Pod, Testbed,
     agent::{meshed_config, spiffe_id},
     attack::{CONNECT_AND_SEND, Privilege, attack},
-    node_config::{Admin, MtlsMode, NodeConfigBuilder, PolicyDefault},
+    node_config::{Admin, Limits, MtlsMode, NodeConfigBuilder, PolicyDefault},
     probe::{Server, connect, connect_duplex, connect_idle_until, intact},
 };
 
@@ -63,6 +63,16 @@ fn node(policies: bool) -> Node {
 
 /// As [`node`], with `mtls.same_node = how` and `pods` meshed pods on node 1 (the server on n1p2).
 fn node_with(how: &'static str, pods: usize, policies: bool) -> Node {
+    node_configured(how, pods, policies, |c| c)
+}
+
+/// As [`node_with`], the agent's config passed through `tune` first.
+fn node_configured(
+    how: &'static str,
+    pods: usize,
+    policies: bool,
+    tune: impl FnOnce(NodeConfigBuilder) -> NodeConfigBuilder,
+) -> Node {
     let mut bed = Testbed::new(pods).unwrap();
     let ca = bed.dir.join("ca");
     zt_tests::agent::ca_init(&ca).unwrap();
@@ -75,6 +85,7 @@ fn node_with(how: &'static str, pods: usize, policies: bool) -> Node {
         MtlsMode::Strict,
     )
     .same_node(how);
+    config = tune(config);
     let dir = bed.dir.join("policies");
     if policies {
         std::fs::create_dir_all(&dir).unwrap();
@@ -534,6 +545,65 @@ fn a_policy_update_aborts_direct_connections_and_voids_their_grant() {
 }
 
 #[test]
+fn direct_connections_hold_places_under_max_connections_per_workload() {
+    let n = node_configured("direct", 3, false, |c| {
+        c.limits(Limits {
+            max_connections_per_workload: Some(2),
+            ..Default::default()
+        })
+    });
+    let (p11, dst) = n.client_and_server();
+    let p13 = n.bed.pod(1, 3);
+    let mut served = 0;
+    connect_until_direct(&n, p11, dst, &mut served).unwrap();
+    connect_until_direct(&n, p13, dst, &mut served).unwrap();
+    let (hold, late) = (n.bed.dir.join("hold"), n.bed.dir.join("late"));
+    std::thread::scope(|s| {
+        // p11 takes both of the server pod's places with two direct connections...
+        let before = n.agent.opened_connections().unwrap();
+        let held: Vec<_> = (0..2)
+            .map(|_| s.spawn(|| connect_idle_until(&n.bed, p11, dst, &hold)))
+            .collect();
+        zt_tests::wait_until(Duration::from_secs(10), || {
+            Ok(n.agent.opened_connections()? >= before + 4)
+        })
+        .unwrap();
+        // ... so p13's, over a grant of its own and within its own limit, is aborted as it
+        // opens, as the agent's path would have refused it.
+        let third = s.spawn(|| connect_idle_until(&n.bed, p13, dst, &late));
+        let record = n
+            .agent
+            .wait_access("the direct connection beyond the limit", |r| {
+                r["close"] == "max_connections"
+                    && r["direction"] == "inbound"
+                    && r["same_node"] == "direct"
+            })
+            .unwrap();
+        assert_eq!(
+            record["source_identity"],
+            spiffe_id(p13).as_str(),
+            "{record}"
+        );
+        std::fs::write(&late, "").unwrap();
+        let third = third.join().unwrap().unwrap();
+        assert!(third.is_err(), "beyond the limit, got a reply: {third:?}");
+        std::fs::write(&hold, "").unwrap();
+        for conn in held {
+            let r = conn.join().unwrap().unwrap();
+            intact(
+                &r.unwrap_or_else(|e| panic!("a held connection failed: {e}")),
+                1024,
+            );
+        }
+    });
+    // The server saw all three (the kernel let the third open); the places came back when
+    // they closed: p13 goes direct again.
+    served += 3;
+    n.server.expect_connections(served).unwrap();
+    connect_until_direct(&n, p13, dst, &mut served).unwrap();
+}
+
+#[test]
 fn a_direct_connection_outlives_an_agent_upgrade_and_the_successor_logs_it() {
     let mut n = node_with("direct", 2, false);
     let (p11, dst) = n.client_and_server();
@@ -594,8 +664,9 @@ fn a_direct_connection_outlives_an_agent_upgrade_and_the_successor_logs_it() {
     assert_eq!(record["bytes_sent"].as_u64(), Some(65536), "{record}");
     assert_eq!(record["peer"], r["local"], "{record}\n{r}");
     // The old agent's exit voided nothing of its successor's: the successor grants, and the
-    // next connections go pod to pod again.
-    let mut served = n.server.connections().unwrap().len();
+    // next connections go pod to pod again. The server saw two so far (it logs a connection
+    // after the client may have its reply, so it is waited for, not read at once).
+    let mut served = n.server.expect_connections(2).unwrap().len();
     connect_until_direct(&n, &p11, dst, &mut served)
         .unwrap_or_else(|e| panic!("no direct path after the upgrade: {e}\n{}", new.log_tail()));
 

@@ -154,6 +154,9 @@ pub enum CloseReason {
     Policy,
     /// Never relayed: the destination's agent refused the HBONE stream (403, 503).
     TunnelRefused,
+    /// A same-node connection beyond a pod's `limits.max_connections_per_workload`: refused by
+    /// the agent, or (a direct one, which the kernel let open) aborted as it opened.
+    MaxConnections,
     /// Never relayed: the tunnel could not be set up (connect, TLS handshake, HTTP/2).
     TunnelFailed,
     /// Never relayed: the destination is a Service with no ready endpoint for the port.
@@ -180,6 +183,7 @@ impl CloseReason {
             Self::IdleTimeout => "idle_timeout",
             Self::Policy => "policy",
             Self::TunnelRefused => "tunnel_refused",
+            Self::MaxConnections => "max_connections",
             Self::TunnelFailed => "tunnel_failed",
             Self::NoEndpoints => "no_endpoints",
             Self::EgressDenied => "egress_denied",

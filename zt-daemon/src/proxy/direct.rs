@@ -13,6 +13,7 @@ use std::{
     time::{Instant, SystemTime},
 };
 
+use tokio::sync::OwnedSemaphorePermit;
 use tracing::{debug, error, warn};
 use zt_common::DIRECT_FLOWS_MAX;
 
@@ -34,7 +35,12 @@ struct Open {
     started: Instant,
     /// Set when the agent aborted it: the close's reason.
     aborted: Option<CloseReason>,
+    /// Its place under both pods' `limits.max_connections_per_workload`, as a spliced
+    /// connection holds one of each; given back when it closes or leaves the kernel's map.
+    permits: Option<Permits>,
 }
+
+type Permits = (OwnedSemaphorePermit, OwnedSemaphorePermit);
 
 /// Starts following the direct connections (once, after the first enrollment). Aborting one
 /// needs the kernel's SOCK_DESTROY: without it nothing is granted, as nothing could be revoked.
@@ -234,9 +240,22 @@ fn on_report(ctx: &ProxyContext, report: DirectReport, followed: &mut Followed) 
                 return;
             };
             let (outbound, inbound) = records(ctx, key(&c), &ends, &source, &destination, None);
-            if !inbound.is_allowed() {
-                // Granted under a decision a change has since reversed, before the re-check
-                // reached it. Netlink, off the runtime.
+            // Granted under a decision a change has since reversed, before the re-check
+            // reached it.
+            let mut aborted = (!inbound.is_allowed()).then_some(CloseReason::Policy);
+            let permits = match aborted {
+                Some(_) => None,
+                None => source
+                    .connection_permit()
+                    .zip(destination.connection_permit()),
+            };
+            if aborted.is_none() && permits.is_none() {
+                // The kernel let it open; the agent's path would have refused it.
+                warn!(source = %c.source, destination = %c.destination, source_workload = %source.workload.id, destination_workload = %destination.workload.id, "direct connection aborted: a pod is at max_connections_per_workload");
+                aborted = Some(CloseReason::MaxConnections);
+            }
+            if aborted.is_some() {
+                // Netlink, off the runtime.
                 let source = source.clone();
                 tokio::task::spawn_blocking(move || abort(&c, &source));
             }
@@ -245,7 +264,8 @@ fn on_report(ctx: &ProxyContext, report: DirectReport, followed: &mut Followed) 
             let entry = Open {
                 decision: inbound.decision.clone(),
                 started: inbound.started,
-                aborted: (!inbound.is_allowed()).then_some(CloseReason::Policy),
+                aborted,
+                permits,
                 source: source.clone(),
                 destination: destination.clone(),
             };
@@ -440,7 +460,8 @@ fn forget_closed(ctx: &ProxyContext, followed: &mut Followed, live: &[DirectConn
         .copied()
         .collect();
     for k in gone {
-        if let Some(o) = followed.open.remove(&k) {
+        if let Some(mut o) = followed.open.remove(&k) {
+            o.permits = None;
             followed.forgotten.insert(k, (o, 0));
         }
     }

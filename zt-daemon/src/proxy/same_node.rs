@@ -163,7 +163,7 @@ pub(super) async fn serve(
     // The connection counts against the destination's limit, as its tunnel stream would.
     let Some(_permit) = ends.destination.connection_permit() else {
         warn!(workload = %ends.destination.workload.id, source_identity = %ends.source_svid.id(), "same-node connection refused: the destination is at max_connections_per_workload");
-        access::refuse(&outbound, app, CloseReason::TunnelRefused, ctx);
+        access::refuse(&outbound, app, CloseReason::MaxConnections, ctx);
         return;
     };
     let upstream = match ends.destination.connect(ends.endpoint).await {
