@@ -31,8 +31,9 @@ use tokio::{
 const INITIAL_BUFFER: usize = 4 * 1024;
 /// A read that fills the buffer means bulk data: reads grow to this, which holds several TCP
 /// segments at loopback/veth MTUs, so one read/write pair moves a whole socket buffer's worth with
-/// few syscalls.
-const BULK_BUFFER: usize = 64 * 1024;
+/// few syscalls, and one HTTP/2 DATA frame carries it (a fourth of the syscalls and frames of
+/// 64 KiB reads, and 0.9x their CPU per byte in BENCHMARKS.md's sixth round).
+const BULK_BUFFER: usize = 256 * 1024;
 /// A bulk connection quiet this long gives its buffer back.
 const BULK_IDLE: Duration = Duration::from_secs(1);
 
@@ -87,7 +88,7 @@ impl ChunkRead for TcpReader {
                 }
                 // Nothing queued: a connection of small reads holds no buffer while it waits
                 // (most of its life, and most of an idle one's memory). A bulk one keeps its
-                // buffer between bursts (a fresh 64 KiB each time costs page faults) until it
+                // buffer between bursts (a fresh 256 KiB each time costs page faults) until it
                 // has been quiet for `BULK_IDLE`, then starts small again.
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     if self.want == BULK_BUFFER

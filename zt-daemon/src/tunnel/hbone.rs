@@ -7,12 +7,13 @@ use crate::{
     workload::{WorkloadId, is_dns_label},
 };
 
-/// HTTP/2 flow-control windows and frame size for the tunnel. The defaults (64 KiB windows,
-/// 16 KiB frames) stall a single bulk stream every few segments; these let one stream keep the
-/// path full while still bounding what a stalled reader can pin in memory.
+/// HTTP/2 flow-control windows and frame size for the tunnel (ztunnel's). The defaults (64 KiB
+/// windows, 16 KiB frames) stall a single bulk stream every few segments; these let one stream
+/// keep the path full, and a bulk read (`copy::BULK_BUFFER`) go as one frame, while still
+/// bounding what a stalled reader can pin in memory.
 const STREAM_WINDOW: u32 = 4 << 20;
 const CONNECTION_WINDOW: u32 = 16 << 20;
-const MAX_FRAME: u32 = 256 << 10;
+const MAX_FRAME: u32 = 1 << 20;
 /// A CONNECT's headers are an authority and a baggage line; anything near this is not HBONE.
 const MAX_HEADER_LIST: u32 = 16 << 10;
 
