@@ -603,6 +603,122 @@ fn direct_connections_hold_places_under_max_connections_per_workload() {
     connect_until_direct(&n, p13, dst, &mut served).unwrap();
 }
 
+/// Where a successor (beside the node's agent) serves its metrics.
+const SUCCESSOR_METRICS: &str = "127.0.0.1:15120";
+
+/// Starts a successor beside the node's agent, which then drains and exits.
+fn upgrade(n: &mut Node) -> Agent {
+    let successor = n.config.clone().admin(Admin {
+        readiness_addr: SocketAddr::from(([127, 0, 0, 1], 15121)),
+        metrics_addr: SUCCESSOR_METRICS.parse().unwrap(),
+        admin_addr: SocketAddr::from(([127, 0, 0, 1], 15100)),
+    });
+    let new = Agent::start_with_config(&mut n.bed, 1, &successor).unwrap();
+    n.agent.signal(nix::sys::signal::Signal::SIGTERM).unwrap();
+    zt_tests::wait_until(Duration::from_secs(25), || Ok(n.bed.exited(n.agent.pid)))
+        .unwrap_or_else(|e| panic!("old agent did not exit: {e}\n{}", n.agent.log_tail()));
+    new
+}
+
+#[test]
+fn a_successor_keeps_inherited_direct_connections_open_and_under_the_limits() {
+    let mut n = node_configured("direct", 2, false, |c| {
+        c.limits(Limits {
+            max_connections_per_workload: Some(2),
+            ..Default::default()
+        })
+    });
+    let (p11, dst) = n.client_and_server();
+    let p11 = p11.clone();
+    let mut served = 0;
+    connect_until_direct(&n, &p11, dst, &mut served).unwrap();
+    let go = |name: &str| n.bed.dir.join(name);
+    let (go_a, go_b, go_c) = (go("a"), go("b"), go("c"));
+    // A opens pod to pod under the old agent, and is still open when the successor takes over.
+    let before = n.agent.opened_connections().unwrap();
+    let a = idle_client(&n, &p11, dst, 1024, &go_a);
+    zt_tests::wait_until(Duration::from_secs(10), || {
+        Ok(n.agent.opened_connections()? >= before + 2)
+    })
+    .unwrap();
+    let new = upgrade(&mut n);
+    // The successor adopts it: counted open on both sides at once, not only when it closes...
+    zt_tests::wait_until(Duration::from_secs(10), || Ok(successor_opened(&new)? >= 2))
+        .unwrap_or_else(|e| {
+            panic!(
+                "the inherited connection was not adopted: {e}\n{}",
+                new.log_tail()
+            )
+        });
+    std::thread::scope(|s| {
+        // ... and holding a place under both pods' limits (2): with B open too, C is refused.
+        let b = s.spawn(|| connect_idle_until(&n.bed, &p11, dst, &go_b));
+        zt_tests::wait_until(Duration::from_secs(10), || Ok(successor_opened(&new)? >= 4)).unwrap();
+        let c = s.spawn(|| connect_idle_until(&n.bed, &p11, dst, &go_c));
+        zt_tests::wait_until(Duration::from_secs(10), || {
+            Ok(new
+                .events()?
+                .iter()
+                .any(|e| e["close"] == "max_connections"))
+        })
+        .unwrap_or_else(|e| {
+            panic!(
+                "a third connection was not refused: {e}\n{}",
+                new.log_tail()
+            )
+        });
+        std::fs::write(&go_c, "").unwrap();
+        let c = c.join().unwrap().unwrap();
+        assert!(c.is_err(), "beyond the limit, got a reply: {c:?}");
+        std::fs::write(&go_b, "").unwrap();
+        intact(&b.join().unwrap().unwrap().unwrap(), 1024);
+    });
+    // The upgrade aborted nothing: A carries its bytes once let go.
+    std::fs::write(&go_a, "").unwrap();
+    intact(&a.join().unwrap(), 1024);
+}
+
+/// The connections a successor (see [`upgrade`]) counted open.
+fn successor_opened(new: &Agent) -> anyhow::Result<u64> {
+    let (status, text) = new.http("GET", SUCCESSOR_METRICS, "/metrics")?;
+    anyhow::ensure!(status == 200, "/metrics answered {status}: {text}");
+    Ok(text
+        .lines()
+        .filter(|l| l.starts_with("zt_tcp_connections_opened_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum())
+}
+
+/// A client in `pod` that connects to `dst`, stays silent until `go` exists, then sends
+/// `bytes`; its thread owns the process (the node can be upgraded meanwhile) and returns its
+/// report.
+fn idle_client(
+    n: &Node,
+    pod: &Pod,
+    dst: SocketAddr,
+    bytes: u64,
+    go: &std::path::Path,
+) -> std::thread::JoinHandle<serde_json::Value> {
+    let mut idle = n
+        .bed
+        .pod_command(pod, zt_tests::bin_path("zt-probe").unwrap())
+        .unwrap();
+    idle.args([
+        "connect",
+        "--to",
+        &dst.to_string(),
+        "--bytes",
+        &bytes.to_string(),
+        "--idle-until",
+    ])
+    .arg(go);
+    std::thread::spawn(move || {
+        let out = idle.output().unwrap();
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("no report ({e}): {}", String::from_utf8_lossy(&out.stderr)))
+    })
+}
+
 #[test]
 fn a_direct_connection_outlives_an_agent_upgrade_and_the_successor_logs_it() {
     let mut n = node_with("direct", 2, false);
@@ -613,20 +729,7 @@ fn a_direct_connection_outlives_an_agent_upgrade_and_the_successor_logs_it() {
         .unwrap()
         .unwrap_or_else(|e| panic!("{e}\n{}", n.agent.log_tail()));
     let go = n.bed.dir.join("go");
-    let mut idle = n
-        .bed
-        .pod_command(&p11, zt_tests::bin_path("zt-probe").unwrap())
-        .unwrap();
-    idle.args([
-        "connect",
-        "--to",
-        &dst.to_string(),
-        "--bytes",
-        "65536",
-        "--idle-until",
-    ])
-    .arg(&go);
-    let idle = std::thread::spawn(move || idle.output().unwrap());
+    let idle = idle_client(&n, &p11, dst, 65536, &go);
     zt_tests::wait_until(Duration::from_secs(10), || {
         Ok(n.agent.opened_connections()? >= 4)
     })
@@ -637,23 +740,12 @@ fn a_direct_connection_outlives_an_agent_upgrade_and_the_successor_logs_it() {
         )
     });
 
-    // The successor takes over beside the old agent, which then drains and exits.
-    let successor = n.config.clone().admin(Admin {
-        readiness_addr: SocketAddr::from(([127, 0, 0, 1], 15121)),
-        metrics_addr: SocketAddr::from(([127, 0, 0, 1], 15120)),
-        admin_addr: SocketAddr::from(([127, 0, 0, 1], 15100)),
-    });
-    let new = Agent::start_with_config(&mut n.bed, 1, &successor).unwrap();
-    n.agent.signal(nix::sys::signal::Signal::SIGTERM).unwrap();
-    zt_tests::wait_until(Duration::from_secs(25), || Ok(n.bed.exited(n.agent.pid)))
-        .unwrap_or_else(|e| panic!("old agent did not exit: {e}\n{}", n.agent.log_tail()));
+    let new = upgrade(&mut n);
 
     // The connection never went through either agent: it carries its bytes intact, and the
     // successor, which decided it again under its own policy, logs its end.
     std::fs::write(&go, "").unwrap();
-    let out = idle.join().unwrap();
-    let r: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("no report ({e}): {}", String::from_utf8_lossy(&out.stderr)));
+    let r = idle.join().unwrap();
     intact(&r, 65536);
     let record = new
         .wait_access("the direct connection's end", |r| {
@@ -684,7 +776,7 @@ fn a_direct_connection_outlives_an_agent_upgrade_and_the_successor_logs_it() {
     let want = format!(" {}", served - 1);
     let mut metrics = String::new();
     zt_tests::wait_until(Duration::from_secs(10), || {
-        let (status, text) = new.http("GET", "127.0.0.1:15120", "/metrics")?;
+        let (status, text) = new.http("GET", SUCCESSOR_METRICS, "/metrics")?;
         anyhow::ensure!(status == 200, "{text}");
         metrics = text;
         Ok([

@@ -232,6 +232,10 @@ fn records<'a>(
 fn on_report(ctx: &ProxyContext, report: DirectReport, followed: &mut Followed) {
     match report {
         DirectReport::Opened(c) => {
+            if followed.open.contains_key(&key(&c)) {
+                // A re-check adopted it before its report came: counted then.
+                return;
+            }
             let Some((source, destination)) = pods(ctx, &c) else {
                 debug!(source = %c.source, destination = %c.destination, "direct connection opened between pods no longer enrolled");
                 return;
@@ -304,7 +308,8 @@ fn on_report(ctx: &ProxyContext, report: DirectReport, followed: &mut Followed) 
 }
 
 /// Counts and logs a closed connection; one the agent did not count open (it opened under a
-/// previous agent) is counted as opened too, so that opened minus closed stays what is open.
+/// previous agent and closed before a re-check adopted it) is counted as opened too, so that
+/// opened minus closed stays what is open.
 fn log_closed(
     ctx: &ProxyContext,
     c: &DirectConnection,
@@ -405,25 +410,63 @@ fn recheck_now(ctx: &ProxyContext, paths: &DirectPaths, followed: &mut Followed)
                 continue;
             }
         };
-        let allowed = match Ends::between(&source, destination.clone(), c.destination) {
-            None => {
-                warn!(source = %c.source, destination = %c.destination, "direct connection aborted: a pod has no certificate");
-                false
-            }
-            Some(ends) => match ends.certificates().check(&trust, SystemTime::now()) {
-                Err(why) if why.closes_now() => {
-                    warn!(source = %c.source, destination = %c.destination, reason = %why, "direct connection aborted: {why}");
-                    false
-                }
-                _ => still_allowed(ctx, &c, &ends, &destination),
-            },
-        };
-        if !allowed {
+        let Some(ends) = Ends::between(&source, destination.clone(), c.destination) else {
+            warn!(source = %c.source, destination = %c.destination, "direct connection aborted: a pod has no certificate");
             abort(&c, &source);
             mark_aborted(followed, &c);
+            continue;
+        };
+        let decision = match ends.certificates().check(&trust, SystemTime::now()) {
+            Err(why) if why.closes_now() => {
+                warn!(source = %c.source, destination = %c.destination, reason = %why, "direct connection aborted: {why}");
+                None
+            }
+            _ => still_allowed(ctx, &c, &ends, &destination),
+        };
+        match decision {
+            None => {
+                abort(&c, &source);
+                mark_aborted(followed, &c);
+            }
+            Some(decision) if !followed.open.contains_key(&key(&c)) => {
+                adopt(ctx, followed, &c, &ends, (&source, &destination), decision);
+            }
+            Some(_) => {}
         }
     }
     true
+}
+
+/// Follows an allowed connection the agent did not see open (a previous agent let it through,
+/// or its report is still on the way): counted open now, so that the dashboards show it open,
+/// and given a place under both pods' limits where there is one (an upgrade aborts nothing).
+fn adopt(
+    ctx: &ProxyContext,
+    followed: &mut Followed,
+    c: &DirectConnection,
+    ends: &Ends<'_>,
+    (source, destination): (&Arc<LocalWorkload>, &Arc<LocalWorkload>),
+    decision: PolicyDecision,
+) {
+    let started = Instant::now();
+    let decided = Some((Some(decision.clone()), started));
+    let (outbound, inbound) = records(ctx, key(c), ends, source, destination, decided);
+    outbound.count(&ctx.metrics, None);
+    inbound.count(&ctx.metrics, None);
+    let permits = source
+        .connection_permit()
+        .zip(destination.connection_permit());
+    followed.open.insert(
+        key(c),
+        Open {
+            source: source.clone(),
+            destination: destination.clone(),
+            decision: Some(decision),
+            started,
+            aborted: None,
+            permits,
+        },
+    );
 }
 
 fn mark_aborted(followed: &mut Followed, c: &DirectConnection) {
@@ -467,14 +510,14 @@ fn forget_closed(ctx: &ProxyContext, followed: &mut Followed, live: &[DirectConn
     }
 }
 
-/// Whether policy still allows an open connection; a denial is counted and logged as an update
-/// that closes a connection is.
+/// The decision that still allows an open connection, or None; a denial is counted and logged
+/// as an update that closes a connection is.
 fn still_allowed(
     ctx: &ProxyContext,
     c: &DirectConnection,
     ends: &Ends<'_>,
     destination: &LocalWorkload,
-) -> bool {
+) -> Option<PolicyDecision> {
     let peer = Peer {
         identity: ends.identities().source,
         ip: ends.source_ip().unwrap_or(c.source.ip()).to_canonical(),
@@ -486,7 +529,7 @@ fn still_allowed(
             .borrow()
             .decide(&target, &peer, c.destination.port(), true);
     if decision.is_allowed() {
-        return true;
+        return Some(decision);
     }
     ctx.metrics.count_decision(&decision);
     warn!(
@@ -496,7 +539,7 @@ fn still_allowed(
         close = "policy",
         "open direct connection closed by a policy update: {decision}"
     );
-    false
+    None
 }
 
 /// Aborts a direct connection at its source socket (by its cookie, so nothing else is hit);
