@@ -211,7 +211,7 @@ impl Metrics {
             ),
             outbound_refusals: counter_vec(
                 "zt_outbound_refusals_total",
-                "Outbound connections refused before any byte was relayed, by close reason (no_endpoints, egress_denied, tunnel_refused, tunnel_failed, connect_failed).",
+                "Outbound connections refused before any byte was relayed, by close reason (no_endpoints, egress_denied, tunnel_refused, tunnel_failed, connect_failed, max_connections).",
                 &["reason"],
             ),
             registry,
