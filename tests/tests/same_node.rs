@@ -560,7 +560,7 @@ fn direct_connections_hold_places_under_max_connections_per_workload() {
     let (hold, late) = (n.bed.dir.join("hold"), n.bed.dir.join("late"));
     std::thread::scope(|s| {
         // p11 takes both of the server pod's places with two direct connections...
-        let before = n.agent.opened_connections().unwrap();
+        let before = settled(&n.agent);
         let held: Vec<_> = (0..2)
             .map(|_| s.spawn(|| connect_idle_until(&n.bed, p11, dst, &hold)))
             .collect();
@@ -603,6 +603,25 @@ fn direct_connections_hold_places_under_max_connections_per_workload() {
     connect_until_direct(&n, p13, dst, &mut served).unwrap();
 }
 
+/// The connections the agent counted open, once it has counted every one of them closed too
+/// (a connection's reports reach it after its client is done).
+fn settled(agent: &Agent) -> u64 {
+    let sum = |name: &str| -> anyhow::Result<u64> {
+        Ok(agent
+            .metric_lines(name)?
+            .iter()
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum())
+    };
+    let mut opened = 0;
+    zt_tests::wait_until(Duration::from_secs(10), || {
+        opened = sum("zt_tcp_connections_opened_total")?;
+        Ok(opened == sum("zt_tcp_connections_closed_total")?)
+    })
+    .unwrap_or_else(|e| panic!("connections still open: {e}\n{}", agent.log_tail()));
+    opened
+}
+
 /// Where a successor (beside the node's agent) serves its metrics.
 const SUCCESSOR_METRICS: &str = "127.0.0.1:15120";
 
@@ -635,7 +654,7 @@ fn a_successor_keeps_inherited_direct_connections_open_and_under_the_limits() {
     let go = |name: &str| n.bed.dir.join(name);
     let (go_a, go_b, go_c) = (go("a"), go("b"), go("c"));
     // A opens pod to pod under the old agent, and is still open when the successor takes over.
-    let before = n.agent.opened_connections().unwrap();
+    let before = settled(&n.agent);
     let a = idle_client(&n, &p11, dst, 1024, &go_a);
     zt_tests::wait_until(Duration::from_secs(10), || {
         Ok(n.agent.opened_connections()? >= before + 2)

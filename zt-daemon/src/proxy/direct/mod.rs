@@ -7,16 +7,17 @@
 //! now denied, whose certificates were revoked or whose pod left is aborted at its source (the
 //! destination gets a reset), as a spliced one is closed.
 use std::{
-    collections::HashMap,
     net::SocketAddr,
     sync::Arc,
     time::{Instant, SystemTime},
 };
 
-use tokio::sync::OwnedSemaphorePermit;
 use tracing::{debug, error, warn};
 use zt_common::DIRECT_FLOWS_MAX;
 
+use self::followed::{
+    Followed, Key, Open, RECONCILE_EVERY, forget_gone, key, mark_aborted, reconcile,
+};
 use super::{
     AccessRecord, Direction, NodeLocal, ProxyContext, authorize, log_access, same_node::Ends,
 };
@@ -27,20 +28,7 @@ use crate::{
     policy::{Peer, PolicyDecision, WorkloadRef},
 };
 
-/// What the agent keeps of an open direct connection, for its records when it closes.
-struct Open {
-    source: Arc<LocalWorkload>,
-    destination: Arc<LocalWorkload>,
-    decision: Option<PolicyDecision>,
-    started: Instant,
-    /// Set when the agent aborted it: the close's reason.
-    aborted: Option<CloseReason>,
-    /// Its place under both pods' `limits.max_connections_per_workload`, as a spliced
-    /// connection holds one of each; given back when it closes or leaves the kernel's map.
-    permits: Option<Permits>,
-}
-
-type Permits = (OwnedSemaphorePermit, OwnedSemaphorePermit);
+mod followed;
 
 /// Starts following the direct connections (once, after the first enrollment). Aborting one
 /// needs the kernel's SOCK_DESTROY: without it nothing is granted, as nothing could be revoked.
@@ -92,8 +80,11 @@ async fn follow(ctx: &Arc<ProxyContext>, paths: &DirectPaths) -> Option<()> {
     let mut followed = recheck(ctx, paths, Followed::default()).await?;
     let mut reports_since_count = 0usize;
     let mut crowded = check_room(paths).await? >= CROWDED;
+    let mut reconcile_timer = tokio::time::interval(RECONCILE_EVERY);
+    reconcile_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
+            _ = reconcile_timer.tick() => reconcile(paths, &mut followed).await?,
             batch = reports.next_batch() => {
                 let batch = batch?;
                 reports_since_count += batch.len();
@@ -130,23 +121,8 @@ async fn check_room(paths: &DirectPaths) -> Option<usize> {
         .ok()
 }
 
-/// The open direct connections the agent saw open, and those it forgot at the last re-check
-/// because the kernel no longer had them (their close report may still be on its way).
-#[derive(Default)]
-struct Followed {
-    open: HashMap<Key, Open>,
-    /// With the number of re-checks since; dropped (counted closed) after the second.
-    forgotten: HashMap<Key, (Open, u8)>,
-}
-
-type Key = (SocketAddr, SocketAddr);
-
 /// From this many open direct connections on, the kernel's map is counted more often.
 const CROWDED: usize = DIRECT_FLOWS_MAX as usize / 2;
-
-fn key(c: &DirectConnection) -> Key {
-    (c.source, c.destination)
-}
 
 /// The enrolled workload of the pod with this netns cookie.
 fn enrolled(ctx: &ProxyContext, netns_cookie: u64) -> Option<Arc<LocalWorkload>> {
@@ -255,7 +231,7 @@ fn on_report(ctx: &ProxyContext, report: DirectReport, followed: &mut Followed) 
             };
             if aborted.is_none() && permits.is_none() {
                 // The kernel let it open; the agent's path would have refused it.
-                warn!(source = %c.source, destination = %c.destination, source_workload = %source.workload.id, destination_workload = %destination.workload.id, "direct connection aborted: a pod is at max_connections_per_workload");
+                beyond_limit(ctx, &c, &source, &destination);
                 aborted = Some(CloseReason::MaxConnections);
             }
             if aborted.is_some() {
@@ -297,11 +273,17 @@ fn on_report(ctx: &ProxyContext, report: DirectReport, followed: &mut Followed) 
             log_closed(ctx, &c, known, counted, &outcome);
         }
         DirectReport::Failed(c) => {
-            followed.open.remove(&key(&c));
+            // One a re-check adopted while it connected was counted open.
+            let known = followed.open.remove(&key(&c));
+            let counted = known.is_some();
             let outcome = RelayOutcome::refused(CloseReason::ConnectFailed);
-            for_records(ctx, &c, None, |outbound, inbound| {
-                log_access(outbound, &outcome);
-                log_access(inbound, &outcome);
+            for_records(ctx, &c, known, |outbound, inbound| {
+                for record in [outbound, inbound] {
+                    if counted {
+                        record.count(&ctx.metrics, Some(&outcome));
+                    }
+                    log_access(record, &outcome);
+                }
             });
         }
     }
@@ -388,7 +370,10 @@ fn recheck_now(ctx: &ProxyContext, paths: &DirectPaths, followed: &mut Followed)
             "direct connections: the kernel's records changed faster than the re-check could walk them; some were not decided again"
         );
     }
-    forget_closed(ctx, followed, &connections);
+    age_forgotten(ctx, followed);
+    if complete {
+        forget_gone(followed, &connections, Instant::now());
+    }
     // Until the first list of pods, a pod not enrolled yet may still come.
     let pods_known = !ctx.directory.node().discovery_pending;
     for c in connections {
@@ -434,12 +419,26 @@ fn recheck_now(ctx: &ProxyContext, paths: &DirectPaths, followed: &mut Followed)
             Some(_) => {}
         }
     }
+    followed.rechecked = true;
     true
 }
 
+/// Logs and counts a direct connection aborted for opening beyond a pod's connection limit.
+fn beyond_limit(
+    ctx: &ProxyContext,
+    c: &DirectConnection,
+    source: &LocalWorkload,
+    destination: &LocalWorkload,
+) {
+    ctx.metrics
+        .outbound_refused(CloseReason::MaxConnections.as_str());
+    warn!(source = %c.source, destination = %c.destination, source_workload = %source.workload.id, destination_workload = %destination.workload.id, "direct connection aborted: a pod is at max_connections_per_workload");
+}
+
 /// Follows an allowed connection the agent did not see open (a previous agent let it through,
-/// or its report is still on the way): counted open now, so that the dashboards show it open,
-/// and given a place under both pods' limits where there is one (an upgrade aborts nothing).
+/// or its report is late or lost): counted open now, so that the dashboards show it open, with
+/// a place under both pods' limits. A previous agent's connection without one is kept (an
+/// upgrade aborts nothing); any other is aborted, as its report would have had it.
 fn adopt(
     ctx: &ProxyContext,
     followed: &mut Followed,
@@ -456,6 +455,11 @@ fn adopt(
     let permits = source
         .connection_permit()
         .zip(destination.connection_permit());
+    let aborted = (permits.is_none() && followed.rechecked).then(|| {
+        beyond_limit(ctx, c, source, destination);
+        abort(c, source);
+        CloseReason::MaxConnections
+    });
     followed.open.insert(
         key(c),
         Open {
@@ -463,51 +467,10 @@ fn adopt(
             destination: destination.clone(),
             decision: Some(decision),
             started,
-            aborted: None,
+            aborted,
             permits,
         },
     );
-}
-
-fn mark_aborted(followed: &mut Followed, c: &DirectConnection) {
-    if let Some(o) = followed.open.get_mut(&key(c)) {
-        o.aborted = Some(CloseReason::Policy);
-    }
-}
-
-/// Moves the connections the kernel no longer has to `forgotten` (their close report was lost
-/// to a full ring, or is still on its way), and counts as closed those forgotten two re-checks
-/// ago: their pods are not kept for ever.
-fn forget_closed(ctx: &ProxyContext, followed: &mut Followed, live: &[DirectConnection]) {
-    let live: std::collections::HashSet<Key> = live.iter().map(key).collect();
-    followed.forgotten.retain(|k, (o, age)| {
-        *age += 1;
-        if *age < 2 {
-            return true;
-        }
-        let (source, destination) = (o.source.clone(), o.destination.clone());
-        if let Some(ends) = Ends::between(&source, destination.clone(), k.1) {
-            let decided = Some((o.decision.clone(), o.started));
-            let (outbound, inbound) = records(ctx, *k, &ends, &source, &destination, decided);
-            let lost = RelayOutcome::refused(o.aborted.unwrap_or(CloseReason::Eof));
-            for record in [&outbound, &inbound] {
-                record.count(&ctx.metrics, Some(&lost));
-            }
-        }
-        false
-    });
-    let gone: Vec<Key> = followed
-        .open
-        .keys()
-        .filter(|k| !live.contains(k))
-        .copied()
-        .collect();
-    for k in gone {
-        if let Some(mut o) = followed.open.remove(&k) {
-            o.permits = None;
-            followed.forgotten.insert(k, (o, 0));
-        }
-    }
 }
 
 /// The decision that still allows an open connection, or None; a denial is counted and logged
@@ -551,4 +514,25 @@ fn abort(c: &DirectConnection, source: &LocalWorkload) {
     {
         error!(workload = %source.workload.id, source = %c.source, destination = %c.destination, error = %e, "cannot abort a direct connection");
     }
+}
+
+/// Counts as closed the connections forgotten two re-checks ago: their pods are not kept for
+/// ever.
+fn age_forgotten(ctx: &ProxyContext, followed: &mut Followed) {
+    followed.forgotten.retain(|k, (o, age)| {
+        *age += 1;
+        if *age < 2 {
+            return true;
+        }
+        let (source, destination) = (o.source.clone(), o.destination.clone());
+        if let Some(ends) = Ends::between(&source, destination.clone(), k.1) {
+            let decided = Some((o.decision.clone(), o.started));
+            let (outbound, inbound) = records(ctx, *k, &ends, &source, &destination, decided);
+            let lost = RelayOutcome::refused(o.aborted.unwrap_or(CloseReason::Eof));
+            for record in [&outbound, &inbound] {
+                record.count(&ctx.metrics, Some(&lost));
+            }
+        }
+        false
+    });
 }

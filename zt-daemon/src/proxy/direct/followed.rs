@@ -1,0 +1,94 @@
+//! The agent's bookkeeping of the open direct connections: what it keeps of each (for its
+//! records when it closes, and its places under the pods' connection limits), and how it
+//! forgets those the kernel no longer has when their close report was lost.
+use std::{
+    collections::{HashMap, HashSet},
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use tokio::sync::OwnedSemaphorePermit;
+
+use crate::{
+    capture::{DirectConnection, DirectPaths},
+    copy::CloseReason,
+    enrollment::LocalWorkload,
+    policy::PolicyDecision,
+};
+
+/// What the agent keeps of an open direct connection, for its records when it closes.
+pub(super) struct Open {
+    pub(super) source: Arc<LocalWorkload>,
+    pub(super) destination: Arc<LocalWorkload>,
+    pub(super) decision: Option<PolicyDecision>,
+    pub(super) started: Instant,
+    /// Set when the agent aborted it: the close's reason.
+    pub(super) aborted: Option<CloseReason>,
+    /// Its place under both pods' `limits.max_connections_per_workload`, as a spliced
+    /// connection holds one of each; given back when it closes or leaves the kernel's map.
+    pub(super) permits: Option<Permits>,
+}
+
+pub(super) type Permits = (OwnedSemaphorePermit, OwnedSemaphorePermit);
+
+/// Forgets (and frees the places of) the connections the kernel no longer has that were
+/// followed before the walk began; the walk runs off the runtime.
+pub(super) async fn reconcile(paths: &DirectPaths, followed: &mut Followed) -> Option<()> {
+    let began = Instant::now();
+    let paths = paths.clone();
+    let (live, complete) = tokio::task::spawn_blocking(move || paths.connections())
+        .await
+        .ok()?;
+    if complete {
+        forget_gone(followed, &live, began);
+    }
+    Some(())
+}
+
+/// The open direct connections the agent saw open, and those it forgot at the last re-check
+/// because the kernel no longer had them (their close report may still be on its way).
+#[derive(Default)]
+pub(super) struct Followed {
+    pub(super) open: HashMap<Key, Open>,
+    /// With the number of re-checks since; dropped (counted closed) after the second.
+    pub(super) forgotten: HashMap<Key, (Open, u8)>,
+    /// Set after the first re-check, which finds a previous agent's connections: those are
+    /// never aborted for the limits; one a later re-check finds unreported is.
+    pub(super) rechecked: bool,
+}
+
+/// How often the agent compares what it follows with the kernel's records, so that the places
+/// of connections whose close report a full ring lost come back.
+pub(super) const RECONCILE_EVERY: Duration = Duration::from_secs(10);
+
+pub(super) type Key = (SocketAddr, SocketAddr);
+
+pub(super) fn key(c: &DirectConnection) -> Key {
+    (c.source, c.destination)
+}
+
+pub(super) fn mark_aborted(followed: &mut Followed, c: &DirectConnection) {
+    if let Some(o) = followed.open.get_mut(&key(c)) {
+        o.aborted = Some(CloseReason::Policy);
+    }
+}
+
+/// Moves the connections a complete walk of the kernel's records (`live`) did not find, and
+/// that were followed before it began, to `forgotten`, freeing their places: their close
+/// report was lost to a full ring, or is still on its way.
+pub(super) fn forget_gone(followed: &mut Followed, live: &[DirectConnection], began: Instant) {
+    let live: HashSet<Key> = live.iter().map(key).collect();
+    let gone: Vec<Key> = followed
+        .open
+        .iter()
+        .filter(|(k, o)| !live.contains(k) && o.started < began)
+        .map(|(k, _)| *k)
+        .collect();
+    for k in gone {
+        if let Some(mut o) = followed.open.remove(&k) {
+            o.permits = None;
+            followed.forgotten.insert(k, (o, 0));
+        }
+    }
+}
