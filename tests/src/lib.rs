@@ -392,6 +392,8 @@ impl Drop for Testbed {
 }
 
 /// cgroup directories are removed bottom-up with rmdir (their control files cannot be unlinked).
+/// A process a test started in a pod and did not wait for (a failed test's idle client) would
+/// keep its cgroup: it is killed by its PID first, and waited for, briefly.
 fn remove_cgroup_tree(dir: &Path) {
     if let Ok(entries) = std::fs::read_dir(dir) {
         for e in entries.flatten() {
@@ -400,6 +402,23 @@ fn remove_cgroup_tree(dir: &Path) {
             }
         }
     }
+    let procs = dir.join("cgroup.procs");
+    let members = || -> Vec<i32> {
+        std::fs::read_to_string(&procs)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    };
+    for pid in members() {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    let _ = wait_until(std::time::Duration::from_secs(5), || {
+        Ok(members().is_empty())
+    });
     let _ = std::fs::remove_dir(dir);
 }
 
