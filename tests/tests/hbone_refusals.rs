@@ -393,9 +393,15 @@ fn a_handshake_flood_is_bounded_and_legitimate_traffic_still_flows() {
     let mut counted = Vec::new();
     zt_tests::wait_until(Duration::from_secs(10), || {
         counted = agent2.metric_lines("zt_tls_handshake_failures_total")?;
-        Ok(count(&counted, "timeout") + count(&counted, "too_many_handshakes") == opened)
+        Ok(count(&counted, "timeout") + count(&counted, "too_many_handshakes") >= opened)
     })
     .unwrap_or_else(|e| panic!("{e}: {counted:?}"));
+    // The agent may count a few more than the flood saw open: a connection it refused at once
+    // can be reset before the flood's connect returns, which then reports it failed.
+    assert!(
+        count(&counted, "timeout") + count(&counted, "too_many_handshakes") <= FLOOD,
+        "{counted:?}"
+    );
     assert!(
         count(&counted, "timeout") >= HANDSHAKES_PER_SOURCE,
         "{counted:?}"
