@@ -14,6 +14,18 @@ use crate::{
     read_json_lines, wait_until,
 };
 
+/// Where a node's agent serves its metrics.
+const METRICS: &str = "127.0.0.1:15020";
+
+/// The lines of a scrape whose metric name is `name` (with their labels and value).
+fn lines_of(scrape: &str, name: &str) -> Vec<String> {
+    scrape
+        .lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .map(str::to_owned)
+        .collect()
+}
+
 pub struct Agent {
     pub pid: u32,
     pub node: Node,
@@ -213,29 +225,43 @@ impl Agent {
 
     /// GET /metrics on the agent's node: the Prometheus text.
     pub fn metrics(&self) -> anyhow::Result<String> {
-        let (status, body) = self.get("127.0.0.1:15020", "/metrics")?;
-        anyhow::ensure!(status == 200, "/metrics answered {status}: {body}");
+        self.metrics_at(METRICS)
+    }
+
+    /// A scrape of the metrics endpoint at `addr` in the agent's node (another agent's, such
+    /// as an upgrade's successor).
+    pub fn metrics_at(&self, addr: &str) -> anyhow::Result<String> {
+        let (status, body) = self.get(addr, "/metrics")?;
+        anyhow::ensure!(
+            status == 200,
+            "/metrics at {addr} answered {status}: {body}"
+        );
         Ok(body)
     }
 
     /// Connections the agent has started to relay, over every series of
     /// `zt_tcp_connections_opened_total`.
     pub fn opened_connections(&self) -> anyhow::Result<u64> {
-        Ok(self
-            .metric_lines("zt_tcp_connections_opened_total")?
-            .iter()
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-            .sum())
+        self.metric_sum("zt_tcp_connections_opened_total")
     }
 
     /// The lines of a scrape whose metric name is `name` (with their labels and value).
     pub fn metric_lines(&self, name: &str) -> anyhow::Result<Vec<String>> {
-        Ok(self
-            .metrics()?
-            .lines()
-            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-            .map(str::to_owned)
-            .collect())
+        Ok(lines_of(&self.metrics()?, name))
+    }
+
+    /// The sum of metric `name` over all its series.
+    pub fn metric_sum(&self, name: &str) -> anyhow::Result<u64> {
+        self.metric_sum_at(METRICS, name)
+    }
+
+    /// The sum of metric `name` over all its series, scraped from `addr` in the agent's node.
+    pub fn metric_sum_at(&self, addr: &str, name: &str) -> anyhow::Result<u64> {
+        let total: f64 = lines_of(&self.metrics_at(addr)?, name)
+            .iter()
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        Ok(total as u64)
     }
 
     /// An HTTP GET from inside the agent's node: (status, body).

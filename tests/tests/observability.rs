@@ -424,13 +424,7 @@ fn admin_api_dumps_config_and_changes_the_log_level() {
     assert_eq!(status, 200);
     assert_eq!(m.agent2.admin("GET", "/logging").unwrap().1.trim(), "warn");
     let before = m.agent2.access_records().unwrap().len();
-    let closed = || -> anyhow::Result<u64> {
-        Ok(m.agent2
-            .metric_lines("zt_tcp_connections_closed_total")?
-            .iter()
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-            .sum())
-    };
+    let closed = || m.agent2.metric_sum("zt_tcp_connections_closed_total");
     let closed_before = closed().unwrap();
     connect(&m.bed, p11, dst, 100, TIMEOUT)
         .unwrap()

@@ -606,17 +606,10 @@ fn direct_connections_hold_places_under_max_connections_per_workload() {
 /// The connections the agent counted open, once it has counted every one of them closed too
 /// (a connection's reports reach it after its client is done).
 fn settled(agent: &Agent) -> u64 {
-    let sum = |name: &str| -> anyhow::Result<u64> {
-        Ok(agent
-            .metric_lines(name)?
-            .iter()
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-            .sum())
-    };
     let mut opened = 0;
     zt_tests::wait_until(Duration::from_secs(10), || {
-        opened = sum("zt_tcp_connections_opened_total")?;
-        Ok(opened == sum("zt_tcp_connections_closed_total")?)
+        opened = agent.opened_connections()?;
+        Ok(opened == agent.metric_sum("zt_tcp_connections_closed_total")?)
     })
     .unwrap_or_else(|e| panic!("connections still open: {e}\n{}", agent.log_tail()));
     opened
@@ -699,13 +692,7 @@ fn a_successor_keeps_inherited_direct_connections_open_and_under_the_limits() {
 
 /// The connections a successor (see [`upgrade`]) counted open.
 fn successor_opened(new: &Agent) -> anyhow::Result<u64> {
-    let (status, text) = new.http("GET", SUCCESSOR_METRICS, "/metrics")?;
-    anyhow::ensure!(status == 200, "/metrics answered {status}: {text}");
-    Ok(text
-        .lines()
-        .filter(|l| l.starts_with("zt_tcp_connections_opened_total{"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum())
+    new.metric_sum_at(SUCCESSOR_METRICS, "zt_tcp_connections_opened_total")
 }
 
 /// A client in `pod` that connects to `dst`, stays silent until `go` exists, then sends

@@ -226,12 +226,7 @@ fn expiry_metric(agent: &Agent, pod: &Pod) -> anyhow::Result<Option<f64>> {
 
 /// `zt_identity_withdrawals_total` on `agent` (0 before the first).
 fn withdrawals_total(agent: &Agent) -> u64 {
-    agent
-        .metric_lines("zt_identity_withdrawals_total")
-        .unwrap()
-        .iter()
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>() as u64
+    agent.metric_sum("zt_identity_withdrawals_total").unwrap()
 }
 
 fn unix_now() -> u64 {
@@ -459,13 +454,7 @@ fn deleting_an_entry_withdraws_the_svid_and_closes_its_connections() {
         // An HBONE connection from n1p1, open and silent until the withdrawal closed it (or
         // failed to), then sending.
         let held = s.spawn(|| connect_idle_until(bed, &p11, dst, &go).unwrap());
-        let open = |name: &str| -> anyhow::Result<u64> {
-            Ok(m.agent2
-                .metric_lines(name)?
-                .iter()
-                .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-                .sum())
-        };
+        let open = |name: &str| m.agent2.metric_sum(name);
         wait_until(Duration::from_secs(10), || {
             Ok(open("zt_tcp_connections_opened_total")? > open("zt_tcp_connections_closed_total")?)
         })

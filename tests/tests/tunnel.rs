@@ -437,13 +437,7 @@ fn revoking_a_peer_closes_its_live_connections() {
     let held = std::thread::scope(|s| {
         // Held open and silent until the revocation has closed it (or failed to).
         let held = s.spawn(|| zt_tests::probe::connect_idle_until(bed, &p11, dst, &go).unwrap());
-        let open = |name: &str| -> anyhow::Result<u64> {
-            Ok(m.agent2
-                .metric_lines(name)?
-                .iter()
-                .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-                .sum())
-        };
+        let open = |name: &str| m.agent2.metric_sum(name);
         zt_tests::wait_until(Duration::from_secs(10), || {
             Ok(open("zt_tcp_connections_opened_total")? > open("zt_tcp_connections_closed_total")?)
         })

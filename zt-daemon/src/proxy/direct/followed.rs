@@ -32,6 +32,13 @@ pub(super) struct Open {
 
 pub(super) type Permits = (OwnedSemaphorePermit, OwnedSemaphorePermit);
 
+/// A place under both pods' limits, if each has one free.
+pub(super) fn permits(source: &LocalWorkload, destination: &LocalWorkload) -> Option<Permits> {
+    source
+        .connection_permit()
+        .zip(destination.connection_permit())
+}
+
 /// Forgets (and frees the places of) the connections the kernel no longer has that were
 /// followed before the walk began; the walk runs off the runtime.
 pub(super) async fn reconcile(paths: &DirectPaths, followed: &mut Followed) -> Option<()> {

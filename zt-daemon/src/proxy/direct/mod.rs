@@ -16,7 +16,7 @@ use tracing::{debug, error, warn};
 use zt_common::DIRECT_FLOWS_MAX;
 
 use self::followed::{
-    Followed, Key, Open, RECONCILE_EVERY, forget_gone, key, mark_aborted, reconcile,
+    Followed, Key, Open, RECONCILE_EVERY, forget_gone, key, mark_aborted, permits, reconcile,
 };
 use super::{
     AccessRecord, Direction, NodeLocal, ProxyContext, authorize, log_access, same_node::Ends,
@@ -225,9 +225,7 @@ fn on_report(ctx: &ProxyContext, report: DirectReport, followed: &mut Followed) 
             let mut aborted = (!inbound.is_allowed()).then_some(CloseReason::Policy);
             let permits = match aborted {
                 Some(_) => None,
-                None => source
-                    .connection_permit()
-                    .zip(destination.connection_permit()),
+                None => permits(&source, &destination),
             };
             if aborted.is_none() && permits.is_none() {
                 // The kernel let it open; the agent's path would have refused it.
@@ -452,9 +450,7 @@ fn adopt(
     let (outbound, inbound) = records(ctx, key(c), ends, source, destination, decided);
     outbound.count(&ctx.metrics, None);
     inbound.count(&ctx.metrics, None);
-    let permits = source
-        .connection_permit()
-        .zip(destination.connection_permit());
+    let permits = permits(source, destination);
     let aborted = (permits.is_none() && followed.rechecked).then(|| {
         beyond_limit(ctx, c, source, destination);
         abort(c, source);
