@@ -311,15 +311,34 @@ pub fn connect_idle_until(
     to: SocketAddr,
     go: &std::path::Path,
 ) -> anyhow::Result<Result<Value, Value>> {
-    let go = go.display().to_string();
-    run_connect(
-        bed,
-        pod,
-        to,
-        1024,
-        Duration::from_secs(3),
-        &["--idle-until", &go],
-    )
+    connect_waiting(bed, pod, to, go, None)
+}
+
+/// As [`connect_idle_until`], sending one byte every `every` while it waits for `go`: quiet,
+/// never idle. Its report's `sent` counts those bytes too.
+pub fn connect_chatty_until(
+    bed: &Testbed,
+    pod: &Pod,
+    to: SocketAddr,
+    go: &std::path::Path,
+    every: Duration,
+) -> anyhow::Result<Result<Value, Value>> {
+    connect_waiting(bed, pod, to, go, Some(every))
+}
+
+fn connect_waiting(
+    bed: &Testbed,
+    pod: &Pod,
+    to: SocketAddr,
+    go: &std::path::Path,
+    chatter: Option<Duration>,
+) -> anyhow::Result<Result<Value, Value>> {
+    let mut args = vec!["--idle-until".to_owned(), go.display().to_string()];
+    if let Some(every) = chatter {
+        args.extend(["--chatter-ms".to_owned(), every.as_millis().to_string()]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    run_connect(bed, pod, to, 1024, Duration::from_secs(3), &args)
 }
 
 /// As [`connect`], sending `pattern` repeated instead of random bytes.

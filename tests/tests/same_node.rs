@@ -10,7 +10,7 @@ use zt_tests::{
     agent::{meshed_config, spiffe_id},
     attack::{CONNECT_AND_SEND, Privilege, attack},
     node_config::{Admin, Limits, MtlsMode, NodeConfigBuilder, PolicyDefault},
-    probe::{Server, connect, connect_duplex, connect_idle_until, intact},
+    probe::{Server, connect, connect_chatty_until, connect_duplex, connect_idle_until, intact},
 };
 
 const MIB: u64 = 1024 * 1024;
@@ -601,6 +601,66 @@ fn direct_connections_hold_places_under_max_connections_per_workload() {
     served += 3;
     n.server.expect_connections(served).unwrap();
     connect_until_direct(&n, p13, dst, &mut served).unwrap();
+}
+
+#[test]
+fn direct_connections_idle_for_the_idle_timeout_are_aborted_and_quiet_ones_are_not() {
+    let n = node_configured("direct", 2, false, |c| {
+        c.limits(Limits {
+            idle_timeout_seconds: Some(2),
+            ..Default::default()
+        })
+    });
+    let (p11, dst) = n.client_and_server();
+    let mut served = 0;
+    connect_until_direct(&n, p11, dst, &mut served).unwrap();
+    let (go, chatty_go) = (n.bed.dir.join("go"), n.bed.dir.join("chatty-go"));
+    std::thread::scope(|s| {
+        // Opened together, both pod to pod: one silent, one sending a byte every 300 ms and
+        // never receiving any (so a connection quiet in one direction only is not idle).
+        let silent = s.spawn(|| connect_idle_until(&n.bed, p11, dst, &go));
+        let chatty = s.spawn(|| {
+            connect_chatty_until(&n.bed, p11, dst, &chatty_go, Duration::from_millis(300))
+        });
+        let record = n
+            .agent
+            .wait_access("the idle direct connection", |r| {
+                r["close"] == "idle_timeout"
+                    && r["direction"] == "inbound"
+                    && r["same_node"] == "direct"
+            })
+            .unwrap();
+        assert_eq!(record["source_identity"], spiffe_id(p11).as_str());
+        // Aborted in the client's pod: it sees the reset, not a reply.
+        std::fs::write(&go, "").unwrap();
+        let silent = silent.join().unwrap().unwrap();
+        assert!(
+            silent.is_err(),
+            "the idle connection got a reply: {silent:?}"
+        );
+        // The chatty one was as old at that sweep, and carries its bytes intact after it.
+        std::fs::write(&chatty_go, "").unwrap();
+        let chatty = chatty
+            .join()
+            .unwrap()
+            .unwrap()
+            .unwrap_or_else(|e| panic!("the chatty connection failed: {e}"));
+        let sent = chatty["sent"].as_u64().unwrap();
+        assert!(sent > 1024, "it chattered before sending: {chatty}");
+        intact(&chatty, sent);
+        let seen = n.server.expect_connections(served + 2).unwrap();
+        assert!(
+            seen.iter().any(|c| came_straight(c, &chatty)),
+            "the chatty connection did not go pod to pod: {seen:?}"
+        );
+    });
+    let closed = n
+        .agent
+        .wait_access("the chatty connection's end", |r| {
+            r["close"] == "eof" && r["direction"] == "inbound" && r["same_node"] == "direct"
+        })
+        .unwrap();
+    assert_eq!(closed["policy_decision"], "ALLOW", "{closed}");
 }
 
 /// The connections the agent counted open, once it has counted every one of them closed too

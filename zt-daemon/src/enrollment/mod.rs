@@ -9,13 +9,17 @@
 //! An enrollment that fails once the pod's netns is known (a pod squatting an agent port, say)
 //! leaves the pod fail-closed: marked `ENROLLMENT_FAILED`, its connects are refused and its
 //! inbound dropped by the programs until a later attempt succeeds.
+mod netlink;
 pub mod netns;
+pub mod sock_diag;
 
 use std::{
+    collections::HashMap,
     fs::File,
     io,
     net::{IpAddr, SocketAddr},
     sync::Arc,
+    time::Duration,
 };
 
 use tokio::{
@@ -77,6 +81,9 @@ pub trait UpstreamSockets: Send + Sync {
         remote: SocketAddr,
         cookie: u64,
     ) -> io::Result<()>;
+    /// How long each of the pod's TCP connections has carried no data, by socket cookie.
+    /// Blocking.
+    fn idle_connections(&self) -> io::Result<HashMap<u64, Duration>>;
 }
 
 impl UpstreamSockets for PodNetns {
@@ -91,6 +98,10 @@ impl UpstreamSockets for PodNetns {
         cookie: u64,
     ) -> io::Result<()> {
         PodNetns::abort_connection(self, local, remote, cookie)
+    }
+
+    fn idle_connections(&self) -> io::Result<HashMap<u64, Duration>> {
+        PodNetns::idle_connections(self)
     }
 }
 
@@ -149,6 +160,12 @@ impl LocalWorkload {
         cookie: u64,
     ) -> io::Result<()> {
         self.sockets.abort_connection(local, remote, cookie)
+    }
+
+    /// How long each of the pod's own TCP connections has carried no data, by socket cookie
+    /// (blocking: a dump of the pod's sockets).
+    pub fn idle_connections(&self) -> io::Result<HashMap<u64, Duration>> {
+        self.sockets.idle_connections()
     }
 
     /// A permit for one more connection, or `None` at the limit.

@@ -6,18 +6,21 @@
 //! agent's (`AgentSockets`) before it is bound or connected, so capture leaves it alone.
 use std::{
     cell::Cell,
+    collections::HashMap,
     fs::File,
     io,
     net::{IpAddr, SocketAddr},
     os::fd::AsFd,
     path::{Path, PathBuf},
     sync::{Arc, OnceLock},
+    time::Duration,
 };
 
 use nix::sched::{CloneFlags, setns};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use zt_common::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 
+use super::sock_diag;
 use crate::capture::AgentSockets;
 
 #[derive(Debug, thiserror::Error)]
@@ -86,8 +89,9 @@ impl PodNetns {
         })?
     }
 
-    /// Aborts the pod's TCP connection from `local` to `remote`; see [`abort_connection`].
-    /// Brief (one netlink round trip), so it may run on a runtime worker.
+    /// Aborts the pod's TCP connection from `local` to `remote`; see
+    /// [`sock_diag::abort_connection`]. Brief (one netlink round trip), so it may run on a
+    /// runtime worker.
     pub fn abort_connection(
         &self,
         local: SocketAddr,
@@ -95,7 +99,14 @@ impl PodNetns {
         cookie: u64,
     ) -> io::Result<()> {
         let _inside = self.enter().map_err(io::Error::other)?;
-        abort_connection(local, remote, cookie)
+        sock_diag::abort_connection(local, remote, cookie)
+    }
+
+    /// The idle time of each of the pod's TCP connections; see
+    /// [`sock_diag::idle_connections`]. Blocking (a dump of the pod's sockets).
+    pub fn idle_connections(&self) -> io::Result<HashMap<u64, Duration>> {
+        let _inside = self.enter().map_err(io::Error::other)?;
+        sock_diag::idle_connections()
     }
 
     /// A TCP socket in the pod's namespace, marked as the agent's, ready to connect to `dst`.
@@ -236,151 +247,28 @@ pub fn addresses_in(path: &Path) -> io::Result<Vec<IpAddr>> {
 /// read from the kernel over rtnetlink: an RTM_GETADDR dump on a NETLINK_ROUTE socket, which
 /// belongs to the namespace of the thread that opens it.
 pub fn current_pod_addresses() -> io::Result<Vec<IpAddr>> {
-    use netlink_packet_core::{NLM_F_DUMP, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload};
+    use netlink_packet_core::NLM_F_DUMP;
     use netlink_packet_route::{
         RouteNetlinkMessage,
         address::{AddressAttribute, AddressMessage},
     };
-    use netlink_sys::{
-        Socket as NetlinkSocket, SocketAddr as NetlinkAddr, protocols::NETLINK_ROUTE,
-    };
+    use netlink_sys::protocols::NETLINK_ROUTE;
 
-    let mut socket = NetlinkSocket::new(NETLINK_ROUTE)?;
-    socket.bind_auto()?;
-    socket.connect(&NetlinkAddr::new(0, 0))?;
-    let mut request =
-        NetlinkMessage::from(RouteNetlinkMessage::GetAddress(AddressMessage::default()));
-    request.header.flags = NLM_F_REQUEST | NLM_F_DUMP;
-    request.header.sequence_number = 1;
-    request.finalize();
-    let mut buf = vec![0u8; request.buffer_len()];
-    request.serialize(&mut buf);
-    socket.send(&buf, 0)?;
-
-    let bad = |e: netlink_packet_core::DecodeError| {
-        io::Error::new(io::ErrorKind::InvalidData, e.to_string())
-    };
     let mut out = Vec::new();
-    loop {
-        let (data, _) = socket.recv_from_full()?;
-        if data.is_empty() {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "rtnetlink dump ended early",
-            ));
-        }
-        let mut offset = 0;
-        while offset < data.len() {
-            let message =
-                NetlinkMessage::<RouteNetlinkMessage>::deserialize(&data[offset..]).map_err(bad)?;
-            let length = message.header.length as usize;
-            match message.payload {
-                NetlinkPayload::Done(_) => return Ok(out),
-                // An error message without a code is an acknowledgement.
-                NetlinkPayload::Error(e) if e.code.is_some() => return Err(e.to_io()),
-                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewAddress(address)) => {
-                    for attribute in address.attributes {
-                        let AddressAttribute::Address(ip) = attribute else {
-                            continue;
-                        };
-                        let link_local_v6 =
-                            matches!(ip, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80);
-                        if !ip.is_loopback() && !link_local_v6 && !out.contains(&ip) {
-                            out.push(ip);
-                        }
-                    }
-                }
-                _ => {}
+    let request = RouteNetlinkMessage::GetAddress(AddressMessage::default());
+    super::netlink::exchange(NETLINK_ROUTE, request, NLM_F_DUMP, |reply| {
+        let RouteNetlinkMessage::NewAddress(address) = reply else {
+            return;
+        };
+        for attribute in address.attributes {
+            let AddressAttribute::Address(ip) = attribute else {
+                continue;
+            };
+            let link_local_v6 = matches!(ip, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80);
+            if !ip.is_loopback() && !link_local_v6 && !out.contains(&ip) {
+                out.push(ip);
             }
-            if length == 0 {
-                break;
-            }
-            offset += length;
         }
-    }
-}
-
-/// Aborts the TCP connection from `local` to `remote` in the calling thread's namespace, as
-/// `ss -K` does (SOCK_DESTROY on a NETLINK_SOCK_DIAG socket, which belongs to the namespace of
-/// the thread that opens it): the socket's owner sees a reset, and so does its peer. The kernel
-/// finds the socket by its 4-tuple, and destroys it only if its cookie is `cookie`: a lookup
-/// whose connection is gone can fall back to a listener on the same port, which must not be
-/// touched. `NotFound` or `ESTALE` when it is already gone.
-pub fn abort_connection(local: SocketAddr, remote: SocketAddr, cookie: u64) -> io::Result<()> {
-    use netlink_packet_core::{NLM_F_ACK, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload};
-    use netlink_packet_sock_diag::{
-        AF_INET, AF_INET6, IPPROTO_TCP, SockDiagDestroy, SockDiagMessage,
-        inet::{ExtensionFlags, InetRequest, SocketId, StateFlags},
-    };
-    use netlink_sys::{
-        Socket as NetlinkSocket, SocketAddr as NetlinkAddr, protocols::NETLINK_SOCK_DIAG,
-    };
-
-    let (local_ip, remote_ip) = (local.ip().to_canonical(), remote.ip().to_canonical());
-    let request = InetRequest {
-        family: if local_ip.is_ipv4() {
-            AF_INET
-        } else {
-            AF_INET6
-        },
-        protocol: IPPROTO_TCP,
-        extensions: ExtensionFlags::empty(),
-        states: StateFlags::all(),
-        socket_id: SocketId {
-            source_port: local.port(),
-            destination_port: remote.port(),
-            source_address: local_ip,
-            destination_address: remote_ip,
-            interface_id: 0,
-            // The kernel's two native-endian u32 halves, low first.
-            cookie: {
-                let mut bytes = [0u8; 8];
-                bytes[..4].copy_from_slice(&(cookie as u32).to_ne_bytes());
-                bytes[4..].copy_from_slice(&((cookie >> 32) as u32).to_ne_bytes());
-                bytes
-            },
-        },
-    };
-    let mut message =
-        NetlinkMessage::from(SockDiagDestroy::new(SockDiagMessage::InetRequest(request)));
-    message.header.flags = NLM_F_REQUEST | NLM_F_ACK;
-    message.header.sequence_number = 1;
-    message.finalize();
-    let mut buf = vec![0u8; message.buffer_len()];
-    message.serialize(&mut buf);
-
-    let mut socket = NetlinkSocket::new(NETLINK_SOCK_DIAG)?;
-    socket.bind_auto()?;
-    socket.connect(&NetlinkAddr::new(0, 0))?;
-    socket.send(&buf, 0)?;
-    let (data, _) = socket.recv_from_full()?;
-    let reply = NetlinkMessage::<SockDiagMessage>::deserialize(&data)
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
-    match reply.payload {
-        NetlinkPayload::Error(e) if e.code.is_some() => Err(e.to_io()),
-        // An error message without a code is the acknowledgement.
-        NetlinkPayload::Error(_) => Ok(()),
-        other => Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("SOCK_DESTROY: unexpected reply {other:?}"),
-        )),
-    }
-}
-
-/// Whether [`abort_connection`] works here: aborts one end of a loopback connection the agent
-/// makes for the purpose, in its own namespace, and checks the other end saw the reset.
-pub fn check_abort_works() -> io::Result<()> {
-    use std::io::Read as _;
-    let listener = std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))?;
-    let client = std::net::TcpStream::connect(listener.local_addr()?)?;
-    let (mut server, _) = listener.accept()?;
-    let cookie = crate::capture::socket_cookie(&client)?;
-    abort_connection(client.local_addr()?, client.peer_addr()?, cookie)?;
-    server.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
-    match server.read(&mut [0u8; 1]) {
-        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => Ok(()),
-        other => Err(io::Error::other(format!(
-            "SOCK_DESTROY answered, but the peer saw {other:?} rather than a reset"
-        ))),
-    }
+    })?;
+    Ok(out)
 }

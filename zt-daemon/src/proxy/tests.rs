@@ -76,7 +76,13 @@ impl UpstreamSockets for PodAddress {
         remote: SocketAddr,
         cookie: u64,
     ) -> std::io::Result<()> {
-        crate::enrollment::netns::abort_connection(local, remote, cookie)
+        crate::enrollment::sock_diag::abort_connection(local, remote, cookie)
+    }
+
+    fn idle_connections(
+        &self,
+    ) -> std::io::Result<std::collections::HashMap<u64, std::time::Duration>> {
+        crate::enrollment::sock_diag::idle_connections()
     }
 }
 

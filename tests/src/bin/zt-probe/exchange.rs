@@ -17,30 +17,62 @@ fn hex(d: &[u8]) -> String {
 /// With a pattern, the buffer is filled once and nothing is hashed: that mode serves wire checks
 /// and benchmarks, where the probe must not be the bottleneck.
 fn send_bytes(to: &mut impl Write, bytes: u64, pattern: Option<&str>) -> std::io::Result<String> {
-    let mut random = std::fs::File::open("/dev/urandom")?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    let fixed = pattern.filter(|p| !p.is_empty());
-    if let Some(p) = fixed {
-        for (i, b) in buf.iter_mut().enumerate() {
-            *b = p.as_bytes()[i % p.len()];
+    let mut payload = Payload::new(pattern)?;
+    payload.send(to, bytes)?;
+    Ok(payload.digest())
+}
+
+/// What one connection sends, possibly in several parts: random bytes (their SHA-256 kept) or
+/// a fixed pattern repeated.
+struct Payload {
+    random: std::fs::File,
+    hasher: Sha256,
+    buf: Vec<u8>,
+    fixed: bool,
+    sent: u64,
+}
+
+impl Payload {
+    fn new(pattern: Option<&str>) -> std::io::Result<Self> {
+        let mut buf = vec![0u8; 64 * 1024];
+        let fixed = pattern.filter(|p| !p.is_empty());
+        if let Some(p) = fixed {
+            for (i, b) in buf.iter_mut().enumerate() {
+                *b = p.as_bytes()[i % p.len()];
+            }
+        }
+        Ok(Self {
+            random: std::fs::File::open("/dev/urandom")?,
+            hasher: Sha256::new(),
+            buf,
+            fixed: fixed.is_some(),
+            sent: 0,
+        })
+    }
+
+    fn send(&mut self, to: &mut impl Write, bytes: u64) -> std::io::Result<()> {
+        let mut left = bytes;
+        while left > 0 {
+            let n = left.min(self.buf.len() as u64) as usize;
+            if !self.fixed {
+                self.random.read_exact(&mut self.buf[..n])?;
+                self.hasher.update(&self.buf[..n]);
+            }
+            to.write_all(&self.buf[..n])?;
+            left -= n as u64;
+            self.sent += n as u64;
+        }
+        Ok(())
+    }
+
+    /// The SHA-256 of what was sent (empty for a pattern).
+    fn digest(self) -> String {
+        if self.fixed {
+            String::new()
+        } else {
+            hex(&self.hasher.finalize())
         }
     }
-    let mut left = bytes;
-    while left > 0 {
-        let n = left.min(buf.len() as u64) as usize;
-        if fixed.is_none() {
-            random.read_exact(&mut buf[..n])?;
-            hasher.update(&buf[..n]);
-        }
-        to.write_all(&buf[..n])?;
-        left -= n as u64;
-    }
-    Ok(if fixed.is_some() {
-        String::new()
-    } else {
-        hex(&hasher.finalize())
-    })
 }
 
 /// Reads up to `limit` bytes (to EOF when `None`); returns count, SHA-256 (empty when `discard`)
@@ -118,6 +150,8 @@ pub(crate) fn serve(listen: SocketAddr, send: u64, discard: bool) -> std::io::Re
 pub(crate) struct Idle<'a> {
     pub(crate) time: Duration,
     pub(crate) until: Option<&'a std::path::Path>,
+    /// While waiting for `until`, one byte this often: quiet, never idle.
+    pub(crate) chatter: Option<Duration>,
 }
 
 pub(crate) fn connect(
@@ -131,11 +165,19 @@ pub(crate) fn connect(
 ) -> Result<serde_json::Value, std::io::Error> {
     let started = std::time::Instant::now();
     let mut conn = TcpStream::connect_timeout(&to, timeout)?;
+    let mut payload = Payload::new(pattern)?;
     std::thread::sleep(idle.time);
     if let Some(go) = idle.until {
         // Bounded, so that a test failing before its go-ahead does not hang the suite.
         let give_up = std::time::Instant::now() + Duration::from_secs(120);
+        let mut next_chatter = std::time::Instant::now();
         while !go.exists() && std::time::Instant::now() < give_up {
+            if let Some(every) = idle.chatter
+                && std::time::Instant::now() >= next_chatter
+            {
+                payload.send(&mut conn, 1)?;
+                next_chatter += every;
+            }
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -150,13 +192,15 @@ pub(crate) fn connect(
         let outcome = reader.read_to_string(&mut reply).map(|_| reply);
         (received, received_sha256, outcome)
     });
-    let sent_sha256 = send_bytes(&mut conn, bytes, pattern)?;
+    payload.send(&mut conn, bytes)?;
+    let sent = payload.sent;
+    let sent_sha256 = payload.digest();
     if reset {
         // Give the bytes time to leave, then close with linger 0: a RST, not a FIN.
         std::thread::sleep(Duration::from_millis(300));
         socket2::SockRef::from(&conn).set_linger(Some(Duration::ZERO))?;
         drop(conn);
-        return Ok(json!({"ok": true, "reset": true, "sent": bytes}));
+        return Ok(json!({"ok": true, "reset": true, "sent": sent}));
     }
     conn.shutdown(Shutdown::Write)?;
     let (received, received_sha256, reply) = receiving
@@ -166,7 +210,7 @@ pub(crate) fn connect(
     let reply: serde_json::Value = serde_json::from_str(reply.trim())
         .map_err(|e| std::io::Error::other(format!("bad reply {reply:?}: {e}")))?;
     Ok(
-        json!({"ok": true, "peer": peer, "local": local, "sent": bytes, "sent_sha256": sent_sha256,
+        json!({"ok": true, "peer": peer, "local": local, "sent": sent, "sent_sha256": sent_sha256,
               "received": received, "received_sha256": received_sha256, "reply": reply,
               "elapsed_us": started.elapsed().as_micros() as u64}),
     )

@@ -61,6 +61,7 @@ pub(crate) fn burst(to: SocketAddr, count: usize, bytes: u64) -> serde_json::Val
                     Idle {
                         time: Duration::ZERO,
                         until: None,
+                        chatter: None,
                     },
                     0,
                     false,

@@ -70,6 +70,9 @@ enum Cmd {
         /// Then stay silent until this file exists (a test's go-ahead, instead of a guessed time).
         #[arg(long)]
         idle_until: Option<std::path::PathBuf>,
+        /// While waiting for `idle_until`, send one byte this often (quiet, never idle).
+        #[arg(long)]
+        chatter_ms: Option<u64>,
         /// Bytes the server sends before its reply (its `--send`), read while sending.
         #[arg(long, default_value_t = 0)]
         expect: u64,
@@ -218,6 +221,7 @@ fn main() {
             pattern,
             idle_ms,
             idle_until,
+            chatter_ms,
             expect,
             reset,
         } => match connect(
@@ -228,6 +232,7 @@ fn main() {
             Idle {
                 time: Duration::from_millis(idle_ms),
                 until: idle_until.as_deref(),
+                chatter: chatter_ms.map(Duration::from_millis),
             },
             expect,
             reset,

@@ -19,6 +19,8 @@ use crate::{
 
 /// What the agent keeps of an open direct connection, for its records when it closes.
 pub(super) struct Open {
+    /// As the kernel recorded it: its addresses, pods and source socket.
+    pub(super) connection: DirectConnection,
     pub(super) source: Arc<LocalWorkload>,
     pub(super) destination: Arc<LocalWorkload>,
     pub(super) decision: Option<PolicyDecision>,
@@ -75,9 +77,10 @@ pub(super) fn key(c: &DirectConnection) -> Key {
     (c.source, c.destination)
 }
 
-pub(super) fn mark_aborted(followed: &mut Followed, c: &DirectConnection) {
+/// Records why the agent aborted a connection, for its close.
+pub(super) fn mark_aborted(followed: &mut Followed, c: &DirectConnection, why: CloseReason) {
     if let Some(o) = followed.open.get_mut(&key(c)) {
-        o.aborted = Some(CloseReason::Policy);
+        o.aborted = Some(why);
     }
 }
 

@@ -29,13 +29,15 @@ use crate::{
 };
 
 mod followed;
+mod idle;
 
 /// Starts following the direct connections (once, after the first enrollment). Aborting one
 /// needs the kernel's SOCK_DESTROY: without it nothing is granted, as nothing could be revoked.
 pub fn follow_direct_connections(ctx: &Arc<ProxyContext>, paths: &DirectPaths) {
     let (ctx, paths) = (ctx.clone(), paths.clone());
     tokio::spawn(async move {
-        let check = tokio::task::spawn_blocking(crate::enrollment::netns::check_abort_works).await;
+        let check =
+            tokio::task::spawn_blocking(crate::enrollment::sock_diag::check_abort_works).await;
         if let Err(e) = check.map_err(std::io::Error::other).and_then(|r| r) {
             error!(error = %e, "direct connections: the kernel cannot abort a socket (SOCK_DESTROY, CONFIG_INET_DIAG_DESTROY); none is granted, same-node connections are spliced");
             paths.disable();
@@ -82,9 +84,12 @@ async fn follow(ctx: &Arc<ProxyContext>, paths: &DirectPaths) -> Option<()> {
     let mut crowded = check_room(paths).await? >= CROWDED;
     let mut reconcile_timer = tokio::time::interval(RECONCILE_EVERY);
     reconcile_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut idle_timer = tokio::time::interval(idle::check_every(ctx.idle_timeout));
+    idle_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = reconcile_timer.tick() => reconcile(paths, &mut followed).await?,
+            _ = idle_timer.tick() => idle::abort_idle(&mut followed, ctx.idle_timeout).await,
             batch = reports.next_batch() => {
                 let batch = batch?;
                 reports_since_count += batch.len();
@@ -240,6 +245,7 @@ fn on_report(ctx: &ProxyContext, report: DirectReport, followed: &mut Followed) 
             outbound.count(&ctx.metrics, None);
             inbound.count(&ctx.metrics, None);
             let entry = Open {
+                connection: c,
                 decision: inbound.decision.clone(),
                 started: inbound.started,
                 aborted,
@@ -389,14 +395,14 @@ fn recheck_now(ctx: &ProxyContext, paths: &DirectPaths, followed: &mut Followed)
                         warn!(source = %c.source, destination = %c.destination, "direct connection of a pod no longer enrolled: its namespace is out of reach, it stays open")
                     }
                 }
-                mark_aborted(followed, &c);
+                mark_aborted(followed, &c, CloseReason::Policy);
                 continue;
             }
         };
         let Some(ends) = Ends::between(&source, destination.clone(), c.destination) else {
             warn!(source = %c.source, destination = %c.destination, "direct connection aborted: a pod has no certificate");
             abort(&c, &source);
-            mark_aborted(followed, &c);
+            mark_aborted(followed, &c, CloseReason::Policy);
             continue;
         };
         let decision = match ends.certificates().check(&trust, SystemTime::now()) {
@@ -409,7 +415,7 @@ fn recheck_now(ctx: &ProxyContext, paths: &DirectPaths, followed: &mut Followed)
         match decision {
             None => {
                 abort(&c, &source);
-                mark_aborted(followed, &c);
+                mark_aborted(followed, &c, CloseReason::Policy);
             }
             Some(decision) if !followed.open.contains_key(&key(&c)) => {
                 adopt(ctx, followed, &c, &ends, (&source, &destination), decision);
@@ -459,6 +465,7 @@ fn adopt(
     followed.open.insert(
         key(c),
         Open {
+            connection: *c,
             source: source.clone(),
             destination: destination.clone(),
             decision: Some(decision),
