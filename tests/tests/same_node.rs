@@ -663,6 +663,74 @@ fn direct_connections_idle_for_the_idle_timeout_are_aborted_and_quiet_ones_are_n
     assert_eq!(closed["policy_decision"], "ALLOW", "{closed}");
 }
 
+#[test]
+fn a_pod_enrolled_again_keeps_the_places_its_direct_connections_hold() {
+    let n = node_configured("direct", 3, false, |c| {
+        c.limits(Limits {
+            max_connections_per_workload: Some(1),
+            ..Default::default()
+        })
+    });
+    let (p11, dst) = n.client_and_server();
+    let (p12, p13) = (n.bed.pod(1, 2), n.bed.pod(1, 3));
+    let mut served = 0;
+    connect_until_direct(&n, p11, dst, &mut served).unwrap();
+    let hold = n.bed.dir.join("hold");
+    std::thread::scope(|s| {
+        // p11's direct connection takes the server pod's only place...
+        let before = settled(&n.agent);
+        let held = s.spawn(|| connect_idle_until(&n.bed, p11, dst, &hold));
+        zt_tests::wait_until(Duration::from_secs(10), || {
+            Ok(n.agent.opened_connections()? >= before + 2)
+        })
+        .unwrap();
+        // ... and keeps it when a new label makes the server pod a new enrollment.
+        let moved = "direct connections moved to their pods' new enrollments, with their places";
+        let moves = n.agent.count(moved).unwrap();
+        let mut relabelled = n.config.clone();
+        relabelled
+            .workload(p12)
+            .labels
+            .insert("tier".into(), "backend".into());
+        n.agent.reload(&relabelled).unwrap();
+        zt_tests::wait_until(
+            Duration::from_secs(10),
+            || Ok(n.agent.count(moved)? > moves),
+        )
+        .unwrap_or_else(|e| {
+            panic!(
+                "{e}
+{}",
+                n.agent.log_tail()
+            )
+        });
+        // So p13 finds the server pod full.
+        let refused = connect(&n.bed, p13, dst, 1024, TIMEOUT).unwrap();
+        assert!(refused.is_err(), "p13 got a place: {refused:?}");
+        n.agent
+            .wait_access("p13's connection at the limit", |r| {
+                r["close"] == "max_connections" && r["source_identity"] == spiffe_id(p13).as_str()
+            })
+            .unwrap();
+        std::fs::write(&hold, "").unwrap();
+        intact(
+            &held
+                .join()
+                .unwrap()
+                .unwrap()
+                .unwrap_or_else(|e| panic!("the held connection failed: {e}")),
+            1024,
+        );
+    });
+    // Its place came back when it closed.
+    settled(&n.agent);
+    let after = connect(&n.bed, p13, dst, 1024, TIMEOUT).unwrap();
+    intact(
+        &after.unwrap_or_else(|e| panic!("p13 after the close: {e}")),
+        1024,
+    );
+}
+
 /// The connections the agent counted open, once it has counted every one of them closed too
 /// (a connection's reports reach it after its client is done).
 fn settled(agent: &Agent) -> u64 {

@@ -3,7 +3,6 @@
 //! forgets those the kernel no longer has when their close report was lost.
 use std::{
     collections::{HashMap, HashSet},
-    net::SocketAddr,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -71,10 +70,35 @@ pub(super) struct Followed {
 /// of connections whose close report a full ring lost come back.
 pub(super) const RECONCILE_EVERY: Duration = Duration::from_secs(10);
 
-pub(super) type Key = (SocketAddr, SocketAddr);
+/// The source socket's cookie: unique for as long as the kernel runs, where a 4-tuple may come
+/// back with a later connection (one whose predecessor's close report was lost).
+pub(super) type Key = u64;
 
 pub(super) fn key(c: &DirectConnection) -> Key {
-    (c.source, c.destination)
+    c.socket
+}
+
+/// Moves a followed connection to its pods' current enrollments when either pod was enrolled
+/// again (a changed spec makes a new enrollment, with its own count of places): its place moves
+/// with it, or it is kept without one if either new count is full. Whether it moved.
+pub(super) fn follow_enrollments(
+    followed: &mut Followed,
+    c: &DirectConnection,
+    source: &Arc<LocalWorkload>,
+    destination: &Arc<LocalWorkload>,
+) -> bool {
+    let Some(o) = followed.open.get_mut(&key(c)) else {
+        return false;
+    };
+    if Arc::ptr_eq(&o.source, source) && Arc::ptr_eq(&o.destination, destination) {
+        return false;
+    }
+    o.source = source.clone();
+    o.destination = destination.clone();
+    // Given back first: one of the two pods may be enrolled as before.
+    o.permits = None;
+    o.permits = permits(source, destination);
+    true
 }
 
 /// Records why the agent aborted a connection, for its close.

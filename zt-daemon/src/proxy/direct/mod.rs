@@ -12,11 +12,12 @@ use std::{
     time::{Instant, SystemTime},
 };
 
-use tracing::{debug, error, warn};
+use tracing::{debug, error, info, warn};
 use zt_common::DIRECT_FLOWS_MAX;
 
 use self::followed::{
-    Followed, Key, Open, RECONCILE_EVERY, forget_gone, key, mark_aborted, permits, reconcile,
+    Followed, Open, RECONCILE_EVERY, follow_enrollments, forget_gone, key, mark_aborted, permits,
+    reconcile,
 };
 use super::{
     AccessRecord, Direction, NodeLocal, ProxyContext, authorize, log_access, same_node::Ends,
@@ -150,16 +151,17 @@ fn pods(
     ))
 }
 
-/// The two access records (source side, then destination side) of the connection from `from`
-/// to `to`, deciding it again unless `decided` is given.
+/// The two access records (source side, then destination side) of connection `c`, deciding it
+/// again unless `decided` is given.
 fn records<'a>(
     ctx: &ProxyContext,
-    (from, to): Key,
+    c: &DirectConnection,
     ends: &Ends<'_>,
     source: &'a LocalWorkload,
     destination: &'a LocalWorkload,
     decided: Option<(Option<PolicyDecision>, Instant)>,
 ) -> (AccessRecord<'a>, AccessRecord<'a>) {
+    let (from, to) = (c.source, c.destination);
     let started = decided.as_ref().map_or_else(Instant::now, |(_, s)| *s);
     let outbound = AccessRecord {
         direction: Direction::Outbound,
@@ -224,7 +226,7 @@ fn on_report(ctx: &ProxyContext, report: DirectReport, followed: &mut Followed) 
             let Some(ends) = Ends::between(&source, destination.clone(), c.destination) else {
                 return;
             };
-            let (outbound, inbound) = records(ctx, key(&c), &ends, &source, &destination, None);
+            let (outbound, inbound) = records(ctx, &c, &ends, &source, &destination, None);
             // Granted under a decision a change has since reversed, before the re-check
             // reached it.
             let mut aborted = (!inbound.is_allowed()).then_some(CloseReason::Policy);
@@ -335,7 +337,7 @@ fn for_records(
     let Some(ends) = Ends::between(&source, destination.clone(), c.destination) else {
         return;
     };
-    let (outbound, inbound) = records(ctx, key(c), &ends, &source, &destination, decided);
+    let (outbound, inbound) = records(ctx, c, &ends, &source, &destination, decided);
     f(&outbound, &inbound);
 }
 
@@ -380,6 +382,7 @@ fn recheck_now(ctx: &ProxyContext, paths: &DirectPaths, followed: &mut Followed)
     }
     // Until the first list of pods, a pod not enrolled yet may still come.
     let pods_known = !ctx.directory.node().discovery_pending;
+    let mut moved = 0usize;
     for c in connections {
         let known = followed.open.get(&key(&c));
         let (source, destination) = match pods(ctx, &c) {
@@ -420,8 +423,18 @@ fn recheck_now(ctx: &ProxyContext, paths: &DirectPaths, followed: &mut Followed)
             Some(decision) if !followed.open.contains_key(&key(&c)) => {
                 adopt(ctx, followed, &c, &ends, (&source, &destination), decision);
             }
-            Some(_) => {}
+            Some(_) => {
+                if follow_enrollments(followed, &c, &source, &destination) {
+                    moved += 1;
+                }
+            }
         }
+    }
+    if moved > 0 {
+        info!(
+            moved,
+            "direct connections moved to their pods' new enrollments, with their places"
+        );
     }
     followed.rechecked = true;
     true
@@ -453,7 +466,7 @@ fn adopt(
 ) {
     let started = Instant::now();
     let decided = Some((Some(decision.clone()), started));
-    let (outbound, inbound) = records(ctx, key(c), ends, source, destination, decided);
+    let (outbound, inbound) = records(ctx, c, ends, source, destination, decided);
     outbound.count(&ctx.metrics, None);
     inbound.count(&ctx.metrics, None);
     let permits = permits(source, destination);
@@ -522,15 +535,15 @@ fn abort(c: &DirectConnection, source: &LocalWorkload) {
 /// Counts as closed the connections forgotten two re-checks ago: their pods are not kept for
 /// ever.
 fn age_forgotten(ctx: &ProxyContext, followed: &mut Followed) {
-    followed.forgotten.retain(|k, (o, age)| {
+    followed.forgotten.retain(|_, (o, age)| {
         *age += 1;
         if *age < 2 {
             return true;
         }
-        let (source, destination) = (o.source.clone(), o.destination.clone());
-        if let Some(ends) = Ends::between(&source, destination.clone(), k.1) {
+        let (c, source, destination) = (o.connection, o.source.clone(), o.destination.clone());
+        if let Some(ends) = Ends::between(&source, destination.clone(), c.destination) {
             let decided = Some((o.decision.clone(), o.started));
-            let (outbound, inbound) = records(ctx, *k, &ends, &source, &destination, decided);
+            let (outbound, inbound) = records(ctx, &c, &ends, &source, &destination, decided);
             let lost = RelayOutcome::refused(o.aborted.unwrap_or(CloseReason::Eof));
             for record in [&outbound, &inbound] {
                 record.count(&ctx.metrics, Some(&lost));
