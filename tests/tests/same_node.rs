@@ -411,12 +411,23 @@ fn connect_until_direct(
     dst: SocketAddr,
     served: &mut usize,
 ) -> anyhow::Result<()> {
+    connect_until_direct_to(n, &n.server, from, dst, served)
+}
+
+/// As [`connect_until_direct`], to `server` (listening at `dst`) rather than the node's own.
+fn connect_until_direct_to(
+    n: &Node,
+    server: &Server,
+    from: &Pod,
+    dst: SocketAddr,
+    served: &mut usize,
+) -> anyhow::Result<()> {
     zt_tests::wait_until(Duration::from_secs(20), || {
         let Ok(r) = connect(&n.bed, from, dst, 1024, TIMEOUT)? else {
             return Ok(false);
         };
         *served += 1;
-        let seen = n.server.expect_connections(*served)?;
+        let seen = server.expect_connections(*served)?;
         Ok(came_straight(&seen[*served - 1], &r))
     })
 }
@@ -661,6 +672,64 @@ fn direct_connections_idle_for_the_idle_timeout_are_aborted_and_quiet_ones_are_n
         })
         .unwrap();
     assert_eq!(closed["policy_decision"], "ALLOW", "{closed}");
+}
+
+#[test]
+fn a_source_at_its_limit_opens_no_direct_connection_to_a_pod_with_room() {
+    let mut n = node_configured("direct", 3, false, |c| {
+        c.limits(Limits {
+            max_connections_per_workload: Some(1),
+            ..Default::default()
+        })
+    });
+    let (p11, p12, p13) = (
+        n.bed.pod(1, 1).clone(),
+        n.bed.pod(1, 2).clone(),
+        n.bed.pod(1, 3).clone(),
+    );
+    let dst = SocketAddr::new(p12.ip(false), PORT);
+    let roomy_dst = SocketAddr::new(p13.ip(false), PORT);
+    let roomy = Server::start(&mut n.bed, &p13, SocketAddr::from(([0u16; 8], PORT))).unwrap();
+    let (mut served, mut roomy_served) = (0, 0);
+    connect_until_direct(&n, &p11, dst, &mut served).unwrap();
+    connect_until_direct_to(&n, &roomy, &p11, roomy_dst, &mut roomy_served).unwrap();
+    let (hold, late) = (n.bed.dir.join("hold"), n.bed.dir.join("late"));
+    std::thread::scope(|s| {
+        // p11 spends its only place on a direct connection to p12...
+        let before = settled(&n.agent);
+        let held = s.spawn(|| connect_idle_until(&n.bed, &p11, dst, &hold));
+        zt_tests::wait_until(Duration::from_secs(10), || {
+            Ok(n.agent.opened_connections()? >= before + 2)
+        })
+        .unwrap();
+        // ... so its next one, to p13 (which has room) over a grant of its own, is aborted.
+        let second = s.spawn(|| connect_idle_until(&n.bed, &p11, roomy_dst, &late));
+        let record = n
+            .agent
+            .wait_access("p11's direct connection beyond its own limit", |r| {
+                r["close"] == "max_connections"
+                    && r["direction"] == "outbound"
+                    && r["same_node"] == "direct"
+            })
+            .unwrap();
+        assert_eq!(
+            record["original_dst"].as_str(),
+            Some(roomy_dst.to_string().as_str()),
+            "{record}"
+        );
+        std::fs::write(&late, "").unwrap();
+        let second = second.join().unwrap().unwrap();
+        assert!(second.is_err(), "beyond its limit, got a reply: {second:?}");
+        std::fs::write(&hold, "").unwrap();
+        intact(
+            &held
+                .join()
+                .unwrap()
+                .unwrap()
+                .unwrap_or_else(|e| panic!("the held connection failed: {e}")),
+            1024,
+        );
+    });
 }
 
 #[test]
