@@ -733,6 +733,53 @@ fn a_source_at_its_limit_opens_no_direct_connection_to_a_pod_with_room() {
 }
 
 #[test]
+fn a_pod_leaving_the_mesh_aborts_its_direct_connections_which_are_logged_and_counted_closed() {
+    let n = node_with("direct", 2, false);
+    let (p11, dst) = n.client_and_server();
+    let p12 = n.bed.pod(1, 2);
+    let mut served = 0;
+    connect_until_direct(&n, p11, dst, &mut served).unwrap();
+    let go = n.bed.dir.join("go");
+    let before = settled(&n.agent);
+    let held = std::thread::scope(|s| {
+        let held = s.spawn(|| connect_idle_until(&n.bed, p11, dst, &go));
+        zt_tests::wait_until(Duration::from_secs(10), || {
+            Ok(n.agent.opened_connections()? >= before + 2)
+        })
+        .unwrap();
+        // The server pod leaves the mesh: its certificate goes with its enrollment.
+        let mut without = n.config.clone();
+        without.workloads.retain(|w| w.name != p12.name);
+        n.agent.reload(&without).unwrap();
+        let record = n
+            .agent
+            .wait_access("the direct connection to the pod that left", |r| {
+                r["direction"] == "inbound" && r["same_node"] == "direct" && r["close"] == "policy"
+            })
+            .unwrap();
+        // Logged as it was when it opened, with both identities.
+        assert_eq!(
+            record["source_identity"],
+            spiffe_id(p11).as_str(),
+            "{record}"
+        );
+        assert_eq!(
+            record["destination_identity"],
+            spiffe_id(p12).as_str(),
+            "{record}"
+        );
+        std::fs::write(&go, "").unwrap();
+        held.join().unwrap().unwrap()
+    });
+    assert!(
+        held.is_err(),
+        "the aborted connection got a reply: {held:?}"
+    );
+    // Counted closed, both sides: nothing stays open on the dashboards.
+    assert_eq!(settled(&n.agent), before + 2);
+}
+
+#[test]
 fn a_pod_enrolled_again_keeps_the_places_its_direct_connections_hold() {
     let n = node_configured("direct", 3, false, |c| {
         c.limits(Limits {

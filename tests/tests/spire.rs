@@ -11,7 +11,7 @@ use zt_tests::{
     Agent, Pod, Testbed,
     agent::{mutual_tls_records, node_config, spiffe_id},
     in_cgroup_and_netns,
-    node_config::MtlsMode,
+    node_config::{MtlsMode, NodeConfigBuilder},
     probe::{Server, Steady, connect, connect_idle_until, intact, start_echo},
     spire::{EntryId, Spire},
     wait_until,
@@ -130,6 +130,15 @@ fn spire_mesh(ttl_seconds: u32) -> SpireMesh {
 /// As [`spire_mesh`], without a registration entry for the pods named in `unregistered`
 /// (enrolled all the same).
 fn spire_mesh_unregistered(ttl_seconds: u32, unregistered: &[&str]) -> SpireMesh {
+    spire_mesh_with(ttl_seconds, unregistered, |c| c)
+}
+
+/// As [`spire_mesh_unregistered`], node 1's config passed through `tune` first.
+fn spire_mesh_with(
+    ttl_seconds: u32,
+    unregistered: &[&str],
+    tune: impl FnOnce(NodeConfigBuilder) -> NodeConfigBuilder,
+) -> SpireMesh {
     let mut bed = Testbed::new(2).unwrap();
     let spire = Spire::start(&mut bed, TRUST_DOMAIN).unwrap();
     let (p11, p12, p21) = (
@@ -147,10 +156,12 @@ fn spire_mesh_unregistered(ttl_seconds: u32, unregistered: &[&str]) -> SpireMesh
             .unwrap();
         entries.insert(pod.name.clone(), id);
     }
-    let c1 = node_config(bed.node(1), &[&p11, &p12])
-        .identity(spire.identity(1))
-        .mtls(MtlsMode::Strict)
-        .endpoints(&[&p21]);
+    let c1 = tune(
+        node_config(bed.node(1), &[&p11, &p12])
+            .identity(spire.identity(1))
+            .mtls(MtlsMode::Strict)
+            .endpoints(&[&p21]),
+    );
     let c2 = node_config(bed.node(2), &[&p21])
         .identity(spire.identity(2))
         .mtls(MtlsMode::Strict)
@@ -536,6 +547,66 @@ fn deleting_an_entry_withdraws_the_svid_and_closes_its_connections() {
         1024,
     );
     assert!(identity(&m.agent1, &p12).unwrap().is_some());
+}
+
+#[test]
+fn withdrawing_an_svid_aborts_the_pods_direct_same_node_connections_logged_and_counted_closed() {
+    let mut m = spire_mesh_with(3600, &[], |c| c.same_node("direct"));
+    let (p11, p12) = (m.bed.pod(1, 1).clone(), m.bed.pod(1, 2).clone());
+    Server::start(&mut m.bed, &p12, SocketAddr::from(([0u16; 8], PORT))).unwrap();
+    let dst = SocketAddr::new(p12.ip(false), PORT);
+    // The first connection of the pair takes the agent's path and grants the next ones.
+    let direct_records = |agent: &Agent| -> anyhow::Result<usize> {
+        Ok(agent
+            .access_records()?
+            .iter()
+            .filter(|r| r["same_node"] == "direct" && r["direction"] == "inbound")
+            .count())
+    };
+    wait_until(Duration::from_secs(20), || {
+        intact(&connect(&m.bed, &p11, dst, 1024, TIMEOUT)?.unwrap(), 1024);
+        Ok(direct_records(&m.agent1)? > 0)
+    })
+    .unwrap();
+    let go = m.bed.dir.join("go");
+    let open = |name: &str| m.agent1.metric_sum(name);
+    let held = std::thread::scope(|s| {
+        let held = s.spawn(|| connect_idle_until(&m.bed, &p11, dst, &go).unwrap());
+        wait_until(Duration::from_secs(10), || {
+            Ok(open("zt_tcp_connections_opened_total")? > open("zt_tcp_connections_closed_total")?)
+        })
+        .unwrap();
+        // The destination pod's SVID is withdrawn: its direct connection is aborted, and its
+        // close is logged with the identities it opened with and counted.
+        m.spire.delete_entry(&m.entries["n1p2"]).unwrap();
+        wait_identity(&m.agent1, &p12, Option::is_none);
+        let record = m
+            .agent1
+            .wait_access("the direct connection to the withdrawn pod", |r| {
+                r["same_node"] == "direct" && r["direction"] == "inbound" && r["close"] == "policy"
+            })
+            .unwrap();
+        assert_eq!(
+            record["source_identity"],
+            spiffe_id(&p11).as_str(),
+            "{record}"
+        );
+        assert_eq!(
+            record["destination_identity"],
+            spiffe_id(&p12).as_str(),
+            "{record}"
+        );
+        std::fs::write(&go, "").unwrap();
+        held.join().unwrap()
+    });
+    assert!(
+        held.is_err(),
+        "the connection survived the withdrawal: {held:?}"
+    );
+    wait_until(Duration::from_secs(10), || {
+        Ok(open("zt_tcp_connections_opened_total")? == open("zt_tcp_connections_closed_total")?)
+    })
+    .unwrap_or_else(|e| panic!("its close was not counted: {e}\n{}", m.agent1.log_tail()));
 }
 
 #[test]

@@ -16,6 +16,7 @@ use crate::{
 };
 
 /// The identities on both ends of a connection, when it went through the tunnel.
+#[derive(Clone)]
 pub(crate) struct Identities {
     pub source: Option<SpiffeId>,
     pub destination: Option<SpiffeId>,

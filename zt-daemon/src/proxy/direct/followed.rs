@@ -14,6 +14,7 @@ use crate::{
     copy::CloseReason,
     enrollment::LocalWorkload,
     policy::PolicyDecision,
+    proxy::access::Identities,
 };
 
 /// What the agent keeps of an open direct connection, for its records when it closes.
@@ -22,6 +23,9 @@ pub(super) struct Open {
     pub(super) connection: DirectConnection,
     pub(super) source: Arc<LocalWorkload>,
     pub(super) destination: Arc<LocalWorkload>,
+    /// Both pods' identities as it opened: its records at close need no certificate, which a
+    /// withdrawal (that also aborts it) may have taken.
+    pub(super) identities: Identities,
     pub(super) decision: Option<PolicyDecision>,
     pub(super) started: Instant,
     /// Set when the agent aborted it: the close's reason.

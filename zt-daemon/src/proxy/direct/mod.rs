@@ -7,7 +7,7 @@
 //! now denied, whose certificates were revoked or whose pod left is aborted at its source (the
 //! destination gets a reset), as a spliced one is closed.
 use std::{
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     sync::Arc,
     time::{Instant, SystemTime},
 };
@@ -20,7 +20,8 @@ use self::followed::{
     reconcile,
 };
 use super::{
-    AccessRecord, Direction, NodeLocal, ProxyContext, authorize, log_access, same_node::Ends,
+    AccessRecord, Direction, NodeLocal, ProxyContext, access::Identities, authorize, log_access,
+    same_node::Ends,
 };
 use crate::{
     capture::{DirectConnection, DirectPaths, DirectReport},
@@ -151,12 +152,13 @@ fn pods(
     ))
 }
 
-/// The two access records (source side, then destination side) of connection `c`, deciding it
-/// again unless `decided` is given.
+/// The two access records (source side, then destination side) of connection `c` between pods
+/// of `identities`, deciding it again (for `source_ip`, the source pod's own address) unless
+/// `decided` is given.
 fn records<'a>(
     ctx: &ProxyContext,
     c: &DirectConnection,
-    ends: &Ends<'_>,
+    (identities, source_ip): (&Identities, Option<IpAddr>),
     source: &'a LocalWorkload,
     destination: &'a LocalWorkload,
     decided: Option<(Option<PolicyDecision>, Instant)>,
@@ -170,7 +172,7 @@ fn records<'a>(
         original_dst: to,
         service: None,
         upstream: None,
-        identities: ends.identities(),
+        identities: identities.clone(),
         peer_workload: Some(destination.workload.id.clone()),
         decision: None,
         sent_with_connect: 0,
@@ -185,7 +187,7 @@ fn records<'a>(
             original_dst: to,
             service: None,
             upstream: None,
-            identities: ends.identities(),
+            identities: identities.clone(),
             peer_workload: Some(source.workload.id.clone()),
             decision,
             sent_with_connect: 0,
@@ -193,13 +195,13 @@ fn records<'a>(
             started,
         },
         None => {
-            let peer = SocketAddr::new(ends.source_ip().unwrap_or(from.ip()), from.port());
+            let peer = SocketAddr::new(source_ip.unwrap_or(from.ip()), from.port());
             let (record, _) = authorize(
                 ctx,
                 destination,
                 peer,
                 to,
-                ends.identities(),
+                identities.clone(),
                 Some(source.workload.id.clone()),
                 started,
             );
@@ -226,7 +228,9 @@ fn on_report(ctx: &ProxyContext, report: DirectReport, followed: &mut Followed) 
             let Some(ends) = Ends::between(&source, destination.clone(), c.destination) else {
                 return;
             };
-            let (outbound, inbound) = records(ctx, &c, &ends, &source, &destination, None);
+            let identities = ends.identities();
+            let who = (&identities, ends.source_ip());
+            let (outbound, inbound) = records(ctx, &c, who, &source, &destination, None);
             // Granted under a decision a change has since reversed, before the re-check
             // reached it.
             let mut aborted = (!inbound.is_allowed()).then_some(CloseReason::Policy);
@@ -248,6 +252,7 @@ fn on_report(ctx: &ProxyContext, report: DirectReport, followed: &mut Followed) 
             inbound.count(&ctx.metrics, None);
             let entry = Open {
                 connection: c,
+                identities: identities.clone(),
                 decision: inbound.decision.clone(),
                 started: inbound.started,
                 aborted,
@@ -324,20 +329,28 @@ fn for_records(
     known: Option<Open>,
     f: impl FnOnce(&AccessRecord<'_>, &AccessRecord<'_>),
 ) {
-    let (source, destination, decided) = match known {
-        Some(o) => (o.source, o.destination, Some((o.decision, o.started))),
-        None => match pods(ctx, c) {
-            Some((s, d)) => (s, d, None),
-            None => {
-                debug!(source = %c.source, destination = %c.destination, "direct connection closed between pods no longer enrolled");
-                return;
-            }
-        },
+    if let Some(o) = known {
+        let decided = Some((o.decision, o.started));
+        let who = (&o.identities, None);
+        let (outbound, inbound) = records(ctx, c, who, &o.source, &o.destination, decided);
+        return f(&outbound, &inbound);
+    }
+    let Some((source, destination)) = pods(ctx, c) else {
+        debug!(source = %c.source, destination = %c.destination, "direct connection closed between pods no longer enrolled");
+        return;
     };
     let Some(ends) = Ends::between(&source, destination.clone(), c.destination) else {
         return;
     };
-    let (outbound, inbound) = records(ctx, c, &ends, &source, &destination, decided);
+    let (identities, source_ip) = (ends.identities(), ends.source_ip());
+    let (outbound, inbound) = records(
+        ctx,
+        c,
+        (&identities, source_ip),
+        &source,
+        &destination,
+        None,
+    );
     f(&outbound, &inbound);
 }
 
@@ -466,7 +479,9 @@ fn adopt(
 ) {
     let started = Instant::now();
     let decided = Some((Some(decision.clone()), started));
-    let (outbound, inbound) = records(ctx, c, ends, source, destination, decided);
+    let identities = ends.identities();
+    let who = (&identities, ends.source_ip());
+    let (outbound, inbound) = records(ctx, c, who, source, destination, decided);
     outbound.count(&ctx.metrics, None);
     inbound.count(&ctx.metrics, None);
     let permits = permits(source, destination);
@@ -479,6 +494,7 @@ fn adopt(
         key(c),
         Open {
             connection: *c,
+            identities,
             source: source.clone(),
             destination: destination.clone(),
             decision: Some(decision),
@@ -540,14 +556,13 @@ fn age_forgotten(ctx: &ProxyContext, followed: &mut Followed) {
         if *age < 2 {
             return true;
         }
-        let (c, source, destination) = (o.connection, o.source.clone(), o.destination.clone());
-        if let Some(ends) = Ends::between(&source, destination.clone(), c.destination) {
-            let decided = Some((o.decision.clone(), o.started));
-            let (outbound, inbound) = records(ctx, &c, &ends, &source, &destination, decided);
-            let lost = RelayOutcome::refused(o.aborted.unwrap_or(CloseReason::Eof));
-            for record in [&outbound, &inbound] {
-                record.count(&ctx.metrics, Some(&lost));
-            }
+        let decided = Some((o.decision.clone(), o.started));
+        let who = (&o.identities, None);
+        let (outbound, inbound) =
+            records(ctx, &o.connection, who, &o.source, &o.destination, decided);
+        let lost = RelayOutcome::refused(o.aborted.unwrap_or(CloseReason::Eof));
+        for record in [&outbound, &inbound] {
+            record.count(&ctx.metrics, Some(&lost));
         }
         false
     });
