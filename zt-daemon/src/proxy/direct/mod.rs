@@ -95,8 +95,18 @@ async fn follow(ctx: &Arc<ProxyContext>, paths: &DirectPaths) -> Option<()> {
             batch = reports.next_batch() => {
                 let batch = batch?;
                 reports_since_count += batch.len();
+                let mut aborts = Vec::new();
                 for report in batch {
-                    on_report(ctx, report, &mut followed);
+                    on_report(ctx, report, &mut followed, &mut aborts);
+                }
+                if !aborts.is_empty() {
+                    // Netlink, off the runtime: one task for the batch, however many a pod
+                    // opened beyond its limit.
+                    tokio::task::spawn_blocking(move || {
+                        for (c, source) in aborts {
+                            abort(&c, &source);
+                        }
+                    });
                 }
                 // Counting the map walks it: now and then, more often once it holds many.
                 let every = if crowded { 256 } else { 4096 };
@@ -214,7 +224,13 @@ fn records<'a>(
     (outbound, inbound)
 }
 
-fn on_report(ctx: &ProxyContext, report: DirectReport, followed: &mut Followed) {
+/// Follows one report; a connection to abort is added to `aborts`.
+fn on_report(
+    ctx: &ProxyContext,
+    report: DirectReport,
+    followed: &mut Followed,
+    aborts: &mut Vec<(DirectConnection, Arc<LocalWorkload>)>,
+) {
     match report {
         DirectReport::Opened(c) => {
             if followed.open.contains_key(&key(&c)) {
@@ -244,9 +260,7 @@ fn on_report(ctx: &ProxyContext, report: DirectReport, followed: &mut Followed) 
                 aborted = Some(CloseReason::MaxConnections);
             }
             if aborted.is_some() {
-                // Netlink, off the runtime.
-                let source = source.clone();
-                tokio::task::spawn_blocking(move || abort(&c, &source));
+                aborts.push((c, source.clone()));
             }
             outbound.count(&ctx.metrics, None);
             inbound.count(&ctx.metrics, None);
