@@ -177,6 +177,10 @@ impl NodeConfig {
                     .map(|v| Spanned::new(v.span(), u64::from(*v.get_ref()))),
             ),
             (
+                "limits.idle_timeout_seconds",
+                raw.limits.idle_timeout_seconds.clone(),
+            ),
+            (
                 "limits.hbone_idle_timeout_seconds",
                 raw.limits.hbone_idle_timeout_seconds.clone(),
             ),
@@ -260,6 +264,7 @@ impl NodeConfig {
                 idle_timeout: Duration::from_secs(
                     raw.limits
                         .idle_timeout_seconds
+                        .map(Spanned::into_inner)
                         .unwrap_or(DEFAULT_IDLE_TIMEOUT_SECONDS),
                 ),
                 max_connections_per_workload: raw
@@ -502,6 +507,11 @@ mod tests {
                 "[limits]\nhbone_idle_timeout_seconds = 0\n",
                 3,
                 "limits.hbone_idle_timeout_seconds",
+            ),
+            (
+                "[limits]\nidle_timeout_seconds = 0\n",
+                3,
+                "limits.idle_timeout_seconds: must be at least 1",
             ),
             (
                 "[runtime]\nworker_threads = 0\n",

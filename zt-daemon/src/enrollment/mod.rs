@@ -13,8 +13,9 @@ mod netlink;
 pub mod netns;
 pub mod sock_diag;
 
+pub use sock_diag::PodConnection;
+
 use std::{
-    collections::HashMap,
     fs::File,
     io,
     net::{IpAddr, SocketAddr},
@@ -73,17 +74,11 @@ pub struct EnrollFailure {
 pub trait UpstreamSockets: Send + Sync {
     /// A TCP socket, registered as the agent's, ready to connect to `dst`.
     fn upstream_socket(&self, dst: SocketAddr) -> io::Result<TcpSocket>;
-    /// Aborts the pod's TCP connection from `local` to `remote` whose socket has `cookie`:
-    /// both ends see a reset.
-    fn abort_connection(
-        &self,
-        local: SocketAddr,
-        remote: SocketAddr,
-        cookie: u64,
-    ) -> io::Result<()>;
-    /// How long each of the pod's TCP connections has carried no data, by socket cookie.
-    /// Blocking.
-    fn idle_connections(&self) -> io::Result<HashMap<u64, Duration>>;
+    /// Aborts one of the pod's TCP connections: both ends see a reset.
+    fn abort_connection(&self, connection: &PodConnection) -> io::Result<()>;
+    /// How long each of the pod's `connections` has carried no data (`None`: gone, or not
+    /// established). Blocking.
+    fn idle_for(&self, connections: &[PodConnection]) -> io::Result<Vec<Option<Duration>>>;
 }
 
 impl UpstreamSockets for PodNetns {
@@ -91,17 +86,12 @@ impl UpstreamSockets for PodNetns {
         PodNetns::upstream_socket(self, dst)
     }
 
-    fn abort_connection(
-        &self,
-        local: SocketAddr,
-        remote: SocketAddr,
-        cookie: u64,
-    ) -> io::Result<()> {
-        PodNetns::abort_connection(self, local, remote, cookie)
+    fn abort_connection(&self, connection: &PodConnection) -> io::Result<()> {
+        PodNetns::abort_connection(self, connection)
     }
 
-    fn idle_connections(&self) -> io::Result<HashMap<u64, Duration>> {
-        PodNetns::idle_connections(self)
+    fn idle_for(&self, connections: &[PodConnection]) -> io::Result<Vec<Option<Duration>>> {
+        PodNetns::idle_for(self, connections)
     }
 }
 
@@ -151,21 +141,15 @@ impl LocalWorkload {
         self.sockets.upstream_socket(dst)?.connect(dst).await
     }
 
-    /// Aborts the pod's own TCP connection from `local` to `remote` whose socket has `cookie`
-    /// (one the agent does not hold: a direct same-node connection).
-    pub fn abort_connection(
-        &self,
-        local: SocketAddr,
-        remote: SocketAddr,
-        cookie: u64,
-    ) -> io::Result<()> {
-        self.sockets.abort_connection(local, remote, cookie)
+    /// Aborts one of the pod's own TCP connections (one the agent does not hold: a direct
+    /// same-node connection).
+    pub fn abort_connection(&self, connection: &PodConnection) -> io::Result<()> {
+        self.sockets.abort_connection(connection)
     }
 
-    /// How long each of the pod's own TCP connections has carried no data, by socket cookie
-    /// (blocking: a dump of the pod's sockets).
-    pub fn idle_connections(&self) -> io::Result<HashMap<u64, Duration>> {
-        self.sockets.idle_connections()
+    /// How long each of the pod's own `connections` has carried no data (blocking).
+    pub fn idle_for(&self, connections: &[PodConnection]) -> io::Result<Vec<Option<Duration>>> {
+        self.sockets.idle_for(connections)
     }
 
     /// A permit for one more connection, or `None` at the limit.

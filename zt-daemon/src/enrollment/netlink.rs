@@ -1,17 +1,19 @@
 //! One netlink request and its replies, in the calling thread's network namespace (a netlink
 //! socket belongs to the namespace of the thread that opens it, so entering a pod's namespace
 //! first asks that pod's kernel state). Blocking: callers run it off the runtime, or briefly.
-use std::io;
+use std::{io, time::Duration};
 
 use netlink_packet_core::{
-    NLM_F_REQUEST, NetlinkDeserializable, NetlinkHeader, NetlinkMessage, NetlinkPayload,
-    NetlinkSerializable,
+    NLM_F_DUMP_INTR, NLM_F_REQUEST, NetlinkDeserializable, NetlinkHeader, NetlinkMessage,
+    NetlinkPayload, NetlinkSerializable,
 };
 use netlink_sys::{Socket, SocketAddr};
 
 /// Sends `request` with `flags` (besides `NLM_F_REQUEST`) on a new socket of `protocol` and
 /// hands each message of the reply to `each`, until the kernel ends it: a dump's end, or an
-/// acknowledgement. An error reply is the error.
+/// acknowledgement (so a request that is not a dump must ask for one, `NLM_F_ACK`). An error
+/// reply is the error; a dump the kernel marks inconsistent (it changed meanwhile) is
+/// `Interrupted`, to be asked again; a kernel that does not answer within 5 s, `WouldBlock`.
 pub(super) fn exchange<Request, Reply>(
     protocol: isize,
     request: Request,
@@ -23,6 +25,7 @@ where
     Reply: NetlinkDeserializable,
 {
     let mut socket = Socket::new(protocol)?;
+    socket2::SockRef::from(&socket).set_read_timeout(Some(Duration::from_secs(5)))?;
     socket.bind_auto()?;
     socket.connect(&SocketAddr::new(0, 0))?;
     let mut message = NetlinkMessage::new(
@@ -49,7 +52,16 @@ where
             let message = NetlinkMessage::<Reply>::deserialize(&data[offset..])
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
             let length = message.header.length as usize;
+            if message.header.flags & NLM_F_DUMP_INTR != 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::Interrupted,
+                    "netlink dump interrupted by a change",
+                ));
+            }
             match message.payload {
+                NetlinkPayload::Done(done) if done.code < 0 => {
+                    return Err(io::Error::from_raw_os_error(-done.code));
+                }
                 NetlinkPayload::Done(_) => return Ok(()),
                 NetlinkPayload::Error(e) if e.code.is_some() => return Err(e.to_io()),
                 // An error message without a code is the acknowledgement.

@@ -6,7 +6,6 @@
 //! agent's (`AgentSockets`) before it is bound or connected, so capture leaves it alone.
 use std::{
     cell::Cell,
-    collections::HashMap,
     fs::File,
     io,
     net::{IpAddr, SocketAddr},
@@ -20,7 +19,7 @@ use nix::sched::{CloneFlags, setns};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use zt_common::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 
-use super::sock_diag;
+use super::sock_diag::{self, PodConnection};
 use crate::capture::AgentSockets;
 
 #[derive(Debug, thiserror::Error)]
@@ -89,24 +88,18 @@ impl PodNetns {
         })?
     }
 
-    /// Aborts the pod's TCP connection from `local` to `remote`; see
-    /// [`sock_diag::abort_connection`]. Brief (one netlink round trip), so it may run on a
-    /// runtime worker.
-    pub fn abort_connection(
-        &self,
-        local: SocketAddr,
-        remote: SocketAddr,
-        cookie: u64,
-    ) -> io::Result<()> {
+    /// Aborts one of the pod's TCP connections; see [`sock_diag::abort_connection`]. Brief
+    /// (one netlink round trip), so it may run on a runtime worker.
+    pub fn abort_connection(&self, connection: &PodConnection) -> io::Result<()> {
         let _inside = self.enter().map_err(io::Error::other)?;
-        sock_diag::abort_connection(local, remote, cookie)
+        sock_diag::abort_connection(connection)
     }
 
-    /// The idle time of each of the pod's TCP connections; see
-    /// [`sock_diag::idle_connections`]. Blocking (a dump of the pod's sockets).
-    pub fn idle_connections(&self) -> io::Result<HashMap<u64, Duration>> {
+    /// How long each of the pod's `connections` has carried no data; see
+    /// [`sock_diag::idle_for`]. Blocking: one netlink round trip each.
+    pub fn idle_for(&self, connections: &[PodConnection]) -> io::Result<Vec<Option<Duration>>> {
         let _inside = self.enter().map_err(io::Error::other)?;
-        sock_diag::idle_connections()
+        connections.iter().map(sock_diag::idle_for).collect()
     }
 
     /// A TCP socket in the pod's namespace, marked as the agent's, ready to connect to `dst`.
@@ -254,21 +247,30 @@ pub fn current_pod_addresses() -> io::Result<Vec<IpAddr>> {
     };
     use netlink_sys::protocols::NETLINK_ROUTE;
 
-    let mut out = Vec::new();
-    let request = RouteNetlinkMessage::GetAddress(AddressMessage::default());
-    super::netlink::exchange(NETLINK_ROUTE, request, NLM_F_DUMP, |reply| {
-        let RouteNetlinkMessage::NewAddress(address) = reply else {
-            return;
-        };
-        for attribute in address.attributes {
-            let AddressAttribute::Address(ip) = attribute else {
-                continue;
+    // An address added or removed during the dump makes it inconsistent: asked again.
+    let mut attempts = 0;
+    loop {
+        let mut out = Vec::new();
+        let request = RouteNetlinkMessage::GetAddress(AddressMessage::default());
+        let dumped = super::netlink::exchange(NETLINK_ROUTE, request, NLM_F_DUMP, |reply| {
+            let RouteNetlinkMessage::NewAddress(address) = reply else {
+                return;
             };
-            let link_local_v6 = matches!(ip, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80);
-            if !ip.is_loopback() && !link_local_v6 && !out.contains(&ip) {
-                out.push(ip);
+            for attribute in address.attributes {
+                let AddressAttribute::Address(ip) = attribute else {
+                    continue;
+                };
+                let link_local_v6 =
+                    matches!(ip, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80);
+                if !ip.is_loopback() && !link_local_v6 && !out.contains(&ip) {
+                    out.push(ip);
+                }
             }
+        });
+        match dumped {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted && attempts < 3 => attempts += 1,
+            Err(e) => return Err(e),
+            Ok(()) => return Ok(out),
         }
-    })?;
-    Ok(out)
+    }
 }

@@ -2,41 +2,62 @@
 //! uses) show them in the calling thread's namespace: aborting one (`ss -K`), and how long each
 //! has been idle. The agent holds no socket of a direct same-node connection; these are how it
 //! still closes one on a policy change, at a limit, or once it has been idle too long.
-use std::{collections::HashMap, io, net::SocketAddr, time::Duration};
+use std::{io, net::SocketAddr, time::Duration};
 
-use netlink_packet_core::{NLM_F_ACK, NLM_F_DUMP};
+use netlink_packet_core::NLM_F_ACK;
 use netlink_packet_sock_diag::{
-    AF_INET, AF_INET6, IPPROTO_TCP, SockDiagDestroy, SockDiagMessage,
+    AF_INET, AF_INET6, IPPROTO_TCP, SockDiagDestroy, SockDiagMessage, TCP_CLOSE_WAIT, TCP_CLOSING,
+    TCP_ESTABLISHED, TCP_FIN_WAIT1, TCP_FIN_WAIT2, TCP_LAST_ACK,
     inet::{ExtensionFlags, InetRequest, SocketId, StateFlags, nlas::Nla},
 };
 use netlink_sys::protocols::NETLINK_SOCK_DIAG;
 
-/// Aborts the TCP connection from `local` to `remote` in the calling thread's namespace, as
-/// `ss -K` does (SOCK_DESTROY): the socket's owner sees a reset, and so does its peer. The kernel
-/// finds the socket by its 4-tuple, and destroys it only if its cookie is `cookie`: a lookup
-/// whose connection is gone can fall back to a listener on the same port, which must not be
-/// touched. `NotFound` or `ESTALE` when it is already gone.
-pub fn abort_connection(local: SocketAddr, remote: SocketAddr, cookie: u64) -> io::Result<()> {
-    let (local_ip, remote_ip) = (local.ip().to_canonical(), remote.ip().to_canonical());
-    let request = InetRequest {
-        family: if local_ip.is_ipv4() {
-            AF_INET
-        } else {
-            AF_INET6
-        },
-        protocol: IPPROTO_TCP,
-        extensions: ExtensionFlags::empty(),
-        states: StateFlags::all(),
-        socket_id: SocketId {
-            source_port: local.port(),
-            destination_port: remote.port(),
-            source_address: local_ip,
-            destination_address: remote_ip,
-            interface_id: 0,
-            cookie: cookie_bytes(cookie),
-        },
-    };
-    let request = SockDiagDestroy::new(SockDiagMessage::InetRequest(request));
+/// One of a pod's TCP connections as the kernel finds it: the 4-tuple of the pod's own socket
+/// and that socket's cookie (which a later connection on the same 4-tuple does not share).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PodConnection {
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub cookie: u64,
+}
+
+impl PodConnection {
+    /// The kernel's request for exactly this socket: a lookup by 4-tuple whose answer is
+    /// refused unless the cookie matches (a lookup whose connection is gone can fall back to a
+    /// listener on the same port, which must not be touched).
+    fn request(&self, extensions: ExtensionFlags) -> InetRequest {
+        let (local_ip, remote_ip) = (
+            self.local.ip().to_canonical(),
+            self.remote.ip().to_canonical(),
+        );
+        InetRequest {
+            family: if local_ip.is_ipv4() {
+                AF_INET
+            } else {
+                AF_INET6
+            },
+            protocol: IPPROTO_TCP,
+            extensions,
+            states: StateFlags::all(),
+            socket_id: SocketId {
+                source_port: self.local.port(),
+                destination_port: self.remote.port(),
+                source_address: local_ip,
+                destination_address: remote_ip,
+                interface_id: 0,
+                cookie: cookie_bytes(self.cookie),
+            },
+        }
+    }
+}
+
+/// Aborts `connection` in the calling thread's namespace, as `ss -K` does (SOCK_DESTROY): the
+/// socket's owner sees a reset, and so does its peer. `NotFound` or `ESTALE` when it is already
+/// gone.
+pub fn abort_connection(connection: &PodConnection) -> io::Result<()> {
+    let request = SockDiagDestroy::new(SockDiagMessage::InetRequest(
+        connection.request(ExtensionFlags::empty()),
+    ));
     let mut unexpected = None;
     super::netlink::exchange(
         NETLINK_SOCK_DIAG,
@@ -55,6 +76,48 @@ pub fn abort_connection(local: SocketAddr, remote: SocketAddr, cookie: u64) -> i
     }
 }
 
+/// How long `connection` (in the calling thread's namespace) has carried no data in either
+/// direction: the kernel's `tcpi_last_data_sent` and `tcpi_last_data_recv`, which an
+/// established connection that never carried any counts from its connect. `None` while it is
+/// not established or closing down (a connect still waiting for its SYN-ACK has no such time
+/// yet), and once it is gone.
+pub fn idle_for(connection: &PodConnection) -> io::Result<Option<Duration>> {
+    const CARRYING: [u8; 6] = [
+        TCP_ESTABLISHED,
+        TCP_FIN_WAIT1,
+        TCP_FIN_WAIT2,
+        TCP_CLOSE_WAIT,
+        TCP_LAST_ACK,
+        TCP_CLOSING,
+    ];
+    let request = SockDiagMessage::InetRequest(connection.request(ExtensionFlags::INFO));
+    let mut idle = None;
+    let asked = super::netlink::exchange(NETLINK_SOCK_DIAG, request, NLM_F_ACK, |reply| {
+        let SockDiagMessage::InetResponse(response) = reply else {
+            return;
+        };
+        // The kernel matched the cookie already; an answer about another socket is none.
+        if !CARRYING.contains(&response.header.state)
+            || cookie_of(&response.header.socket_id.cookie) != connection.cookie
+        {
+            return;
+        }
+        idle = response.nlas.iter().find_map(|nla| match nla {
+            Nla::TcpInfo(info) => Some(Duration::from_millis(u64::from(
+                info.last_data_sent.min(info.last_data_recv),
+            ))),
+            _ => None,
+        });
+    });
+    match asked {
+        Ok(()) => Ok(idle),
+        Err(e) if e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ESTALE) => {
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// Whether [`abort_connection`] works here: aborts one end of a loopback connection the agent
 /// makes for the purpose, in its own namespace, and checks the other end saw the reset.
 pub fn check_abort_works() -> io::Result<()> {
@@ -63,7 +126,11 @@ pub fn check_abort_works() -> io::Result<()> {
     let client = std::net::TcpStream::connect(listener.local_addr()?)?;
     let (mut server, _) = listener.accept()?;
     let cookie = crate::capture::socket_cookie(&client)?;
-    abort_connection(client.local_addr()?, client.peer_addr()?, cookie)?;
+    abort_connection(&PodConnection {
+        local: client.local_addr()?,
+        remote: client.peer_addr()?,
+        cookie,
+    })?;
     server.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
     match server.read(&mut [0u8; 1]) {
         Err(e) if e.kind() == io::ErrorKind::ConnectionReset => Ok(()),
@@ -71,47 +138,6 @@ pub fn check_abort_works() -> io::Result<()> {
             "SOCK_DESTROY answered, but the peer saw {other:?} rather than a reset"
         ))),
     }
-}
-
-/// How long each open TCP connection in the calling thread's namespace has carried no data in
-/// either direction (the kernel's `tcpi_last_data_sent` and `tcpi_last_data_recv`; a connection
-/// that never carried any counts from its connect), by socket cookie.
-pub fn idle_connections() -> io::Result<HashMap<u64, Duration>> {
-    let mut idle = HashMap::new();
-    for (family, any) in [
-        (AF_INET, SocketId::new_v4()),
-        (AF_INET6, SocketId::new_v6()),
-    ] {
-        let request = SockDiagMessage::InetRequest(InetRequest {
-            family,
-            protocol: IPPROTO_TCP,
-            extensions: ExtensionFlags::INFO,
-            // Connections that may still carry data: not listeners, not TIME_WAIT.
-            states: StateFlags::ESTABLISHED
-                | StateFlags::FIN_WAIT1
-                | StateFlags::FIN_WAIT2
-                | StateFlags::CLOSE_WAIT
-                | StateFlags::SYN_SENT,
-            socket_id: any,
-        });
-        super::netlink::exchange(NETLINK_SOCK_DIAG, request, NLM_F_DUMP, |reply| {
-            let SockDiagMessage::InetResponse(response) = reply else {
-                return;
-            };
-            let info = response.nlas.iter().find_map(|nla| match nla {
-                Nla::TcpInfo(info) => Some(info),
-                _ => None,
-            });
-            if let Some(info) = info {
-                let quiet = info.last_data_sent.min(info.last_data_recv);
-                idle.insert(
-                    cookie_of(&response.header.socket_id.cookie),
-                    Duration::from_millis(u64::from(quiet)),
-                );
-            }
-        })?;
-    }
-    Ok(idle)
 }
 
 /// The kernel's socket cookie as `inet_diag_sockid` carries it: two native-endian u32 halves,

@@ -28,7 +28,7 @@ use crate::{
     config::{MtlsMode, PolicyConfig, PolicyDefault},
     directory::NodeWorkloads,
     egress::EgressDefault,
-    enrollment::{LocalWorkload, UpstreamSockets},
+    enrollment::{LocalWorkload, PodConnection, UpstreamSockets},
     identity::{
         ca::CertificateAuthority,
         revocation::RevocationList,
@@ -70,19 +70,18 @@ impl UpstreamSockets for PodAddress {
         Ok(socket)
     }
 
-    fn abort_connection(
-        &self,
-        local: SocketAddr,
-        remote: SocketAddr,
-        cookie: u64,
-    ) -> std::io::Result<()> {
-        crate::enrollment::sock_diag::abort_connection(local, remote, cookie)
+    fn abort_connection(&self, connection: &PodConnection) -> std::io::Result<()> {
+        crate::enrollment::sock_diag::abort_connection(connection)
     }
 
-    fn idle_connections(
+    fn idle_for(
         &self,
-    ) -> std::io::Result<std::collections::HashMap<u64, std::time::Duration>> {
-        crate::enrollment::sock_diag::idle_connections()
+        connections: &[PodConnection],
+    ) -> std::io::Result<Vec<Option<std::time::Duration>>> {
+        connections
+            .iter()
+            .map(crate::enrollment::sock_diag::idle_for)
+            .collect()
     }
 }
 

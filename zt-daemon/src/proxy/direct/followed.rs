@@ -12,7 +12,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use crate::{
     capture::{DirectConnection, DirectPaths},
     copy::CloseReason,
-    enrollment::LocalWorkload,
+    enrollment::{LocalWorkload, PodConnection},
     policy::PolicyDecision,
     proxy::access::Identities,
 };
@@ -82,9 +82,19 @@ pub(super) fn key(c: &DirectConnection) -> Key {
     c.socket
 }
 
+/// The connection as its source pod's kernel finds it: by the source socket.
+pub(super) fn at_source(c: &DirectConnection) -> PodConnection {
+    PodConnection {
+        local: c.source,
+        remote: c.destination,
+        cookie: c.socket,
+    }
+}
+
 /// Moves a followed connection to its pods' current enrollments when either pod was enrolled
 /// again (a changed spec makes a new enrollment, with its own count of places): its place moves
-/// with it, or it is kept without one if either new count is full. Whether it moved.
+/// with it (the unchanged pod's place is kept as it is), or it is kept without one if the new
+/// count is full, as a connection a successor agent adopts at the limit. Whether it moved.
 pub(super) fn follow_enrollments(
     followed: &mut Followed,
     c: &DirectConnection,
@@ -94,14 +104,26 @@ pub(super) fn follow_enrollments(
     let Some(o) = followed.open.get_mut(&key(c)) else {
         return false;
     };
-    if Arc::ptr_eq(&o.source, source) && Arc::ptr_eq(&o.destination, destination) {
+    let (same_source, same_destination) = (
+        Arc::ptr_eq(&o.source, source),
+        Arc::ptr_eq(&o.destination, destination),
+    );
+    if o.aborted.is_some() || (same_source && same_destination) {
         return false;
     }
     o.source = source.clone();
     o.destination = destination.clone();
-    // Given back first: one of the two pods may be enrolled as before.
-    o.permits = None;
-    o.permits = permits(source, destination);
+    if let Some((old_source, old_destination)) = o.permits.take() {
+        let new_source = match same_source {
+            true => Some(old_source),
+            false => source.connection_permit(),
+        };
+        let new_destination = match same_destination {
+            true => Some(old_destination),
+            false => destination.connection_permit(),
+        };
+        o.permits = new_source.zip(new_destination);
+    }
     true
 }
 

@@ -16,8 +16,8 @@ use tracing::{debug, error, info, warn};
 use zt_common::DIRECT_FLOWS_MAX;
 
 use self::followed::{
-    Followed, Open, RECONCILE_EVERY, follow_enrollments, forget_gone, key, mark_aborted, permits,
-    reconcile,
+    Followed, Open, RECONCILE_EVERY, at_source, follow_enrollments, forget_gone, key, mark_aborted,
+    permits, reconcile,
 };
 use super::{
     AccessRecord, Direction, NodeLocal, ProxyContext, access::Identities, authorize, log_access,
@@ -420,7 +420,9 @@ fn recheck_now(ctx: &ProxyContext, paths: &DirectPaths, followed: &mut Followed)
                 // aborted from its source's namespace, which the agent may still hold.
                 let source = enrolled(ctx, c.source_netns).or(known.map(|o| o.source.clone()));
                 match source {
-                    Some(source) => abort(&c, &source),
+                    Some(source) => {
+                        abort(&c, &source);
+                    }
                     None => {
                         warn!(source = %c.source, destination = %c.destination, "direct connection of a pod no longer enrolled: its namespace is out of reach, it stays open")
                     }
@@ -553,12 +555,20 @@ fn still_allowed(
 
 /// Aborts a direct connection at its source socket (by its cookie, so nothing else is hit);
 /// the source's kernel resets the destination's side. The programs then report its close.
-fn abort(c: &DirectConnection, source: &LocalWorkload) {
-    if let Err(e) = source.abort_connection(c.source, c.destination, c.socket)
-        && e.kind() != std::io::ErrorKind::NotFound
-        && e.raw_os_error() != Some(libc::ESTALE)
-    {
-        error!(workload = %source.workload.id, source = %c.source, destination = %c.destination, error = %e, "cannot abort a direct connection");
+/// Whether it destroyed the socket (not when it was already gone).
+fn abort(c: &DirectConnection, source: &LocalWorkload) -> bool {
+    match source.abort_connection(&at_source(c)) {
+        Ok(()) => true,
+        Err(e)
+            if e.kind() == std::io::ErrorKind::NotFound
+                || e.raw_os_error() == Some(libc::ESTALE) =>
+        {
+            false
+        }
+        Err(e) => {
+            error!(workload = %source.workload.id, source = %c.source, destination = %c.destination, error = %e, "cannot abort a direct connection");
+            false
+        }
     }
 }
 
