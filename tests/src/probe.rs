@@ -415,7 +415,8 @@ pub fn burst(bed: &Testbed, pod: &Pod, to: SocketAddr, count: usize) -> anyhow::
     serde_json::from_slice(&out.stdout).context("zt-probe burst printed no report")
 }
 
-/// `count` sequential connections from `pod` to `to`, each sending `bytes`; how many completed.
+/// `count` sequential connections from `pod` to a `serve` server at `to`, each sending `bytes`;
+/// how many completed with the server's whole answer.
 pub fn churn(
     bed: &Testbed,
     pod: &Pod,
@@ -423,6 +424,18 @@ pub fn churn(
     count: usize,
     bytes: usize,
 ) -> anyhow::Result<u64> {
+    let report = churn_report(bed, pod, to, count, bytes)?;
+    report["completed"].as_u64().context("no completed count")
+}
+
+/// [`churn`]'s whole report: `completed`, and the first `error`.
+pub fn churn_report(
+    bed: &Testbed,
+    pod: &Pod,
+    to: SocketAddr,
+    count: usize,
+    bytes: usize,
+) -> anyhow::Result<Value> {
     let mut cmd = bed.pod_command(pod, bin_path("zt-probe")?)?;
     cmd.args([
         "churn",
@@ -434,9 +447,7 @@ pub fn churn(
         &bytes.to_string(),
     ]);
     let out = cmd.output().context("running zt-probe churn")?;
-    let report: Value =
-        serde_json::from_slice(&out.stdout).context("zt-probe churn printed no report")?;
-    report["completed"].as_u64().context("no completed count")
+    serde_json::from_slice(&out.stdout).context("zt-probe churn printed no report")
 }
 
 /// Asserts that the echo of a `connect` report came back whole: `bytes` bytes with the digest

@@ -309,6 +309,48 @@ fn connections_that_half_close_before_the_splice_are_copied_intact() {
     }
 }
 
+#[test]
+fn spliced_connections_end_cleanly_only_with_every_byte_once() {
+    let mut n = node(false);
+    let (p11, p12) = (n.bed.pod(1, 1).clone(), n.bed.pod(1, 2).clone());
+    // Both ends send 1 MiB, so that the splice takes over mid-stream with bytes queued, and the
+    // server's report follows its bytes. Each connection's two ends reach the agent in either
+    // order; neither may overtake a byte before it.
+    let port = PORT + 2;
+    Server::start_sending(&mut n.bed, &p12, SocketAddr::from(([0u16; 8], port)), MIB).unwrap();
+    let count = 150;
+    let report = zt_tests::probe::churn_report(
+        &n.bed,
+        &p11,
+        SocketAddr::new(p12.ip(false), port),
+        count,
+        MIB as usize,
+    )
+    .unwrap();
+    // This kernel's splice sends a retransmitted segment that overlaps bytes already received
+    // whole, so now and then bytes go twice: the agent resets such a connection. None may end
+    // cleanly with other bytes than were sent.
+    assert_eq!(report["corrupt"].as_u64(), Some(0), "{report}");
+    let completed = report["completed"].as_u64().unwrap();
+    assert!(completed > count as u64 / 2, "{report}");
+    let twice = n
+        .agent
+        .count("same-node splice: the kernel sent bytes twice (a retransmission overlapped bytes already received); resetting the connection")
+        .unwrap();
+    assert!(
+        count as u64 - completed <= twice as u64,
+        "connections failed without a reason: {report}\n{}",
+        n.agent.log_tail()
+    );
+    let outbound = logged(&n.agent, "outbound", count);
+    assert_eq!(outbound.len(), count, "{outbound:?}");
+    let clean = outbound.iter().filter(|r| r["close"] == "eof").count();
+    assert_eq!(clean as u64, completed, "{outbound:?}");
+    for r in outbound.iter().filter(|r| r["close"] == "eof") {
+        assert_eq!(r["bytes_sent"].as_u64(), Some(MIB), "{r}");
+    }
+}
+
 /// `(Send-Q, bytes_acked)` of `pod`'s connection to its agent's outbound listener, from `ss`.
 fn client_send_state(bed: &Testbed, pod: &Pod) -> anyhow::Result<Option<(u64, u64)>> {
     let out = bed

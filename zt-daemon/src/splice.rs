@@ -3,9 +3,9 @@
 //! keeps the kernel's queues bounded, and ends the connection on a reset, an idle timeout or an
 //! interrupt, like `copy::relay` does for the connections it copies.
 //!
-//! A direction's end (FIN) reaches the agent's socket after every byte before it was handed to
-//! the other socket's send path, which may not have sent it yet: the half-close waits until the
-//! other socket has taken all the bytes the kernel forwarded, so it cannot overtake them. The
+//! A direction's end (FIN) reaches the agent's socket while bytes before it may still be on their
+//! way to the other socket's send path (in the kernel's redirect queue): the half-close waits
+//! until the other socket has taken every byte its peer received, so it cannot overtake them. The
 //! sockets are never read, only peeked: a byte in a receive queue is on its way through the
 //! program (or held while its direction is paused), not an end.
 use std::{
@@ -130,6 +130,13 @@ fn regulate(splice: &Splice) -> Option<CloseReason> {
             CloseReason::DownstreamReset
         });
     }
+    if let Some(direction) = (0..2).find(|&i| sent_twice(splice, i)) {
+        return Some(if direction == 0 {
+            CloseReason::UpstreamReset
+        } else {
+            CloseReason::DownstreamReset
+        });
+    }
     match splice.regulate() {
         Ok(()) => None,
         Err(e) => {
@@ -139,9 +146,26 @@ fn regulate(splice: &Splice) -> Option<CloseReason> {
     }
 }
 
+/// Whether the kernel sent bytes of direction `index` twice ([`Splice::sent_twice`]). The
+/// stream is then not the one its source sent: the connection must end with resets, never
+/// cleanly, so that neither application takes it for whole.
+fn sent_twice(splice: &Splice, index: usize) -> bool {
+    match splice.sent_twice(index) {
+        Ok(0) | Err(_) => false,
+        Ok(bytes) => {
+            warn!(
+                direction = index,
+                bytes,
+                "same-node splice: the kernel sent bytes twice (a retransmission overlapped bytes already received); resetting the connection"
+            );
+            true
+        }
+    }
+}
+
 /// Waits for the end of what `from` receives (the kernel forwards it to `to`), then half-closes
-/// `to` once its send path has taken every byte forwarded in direction `index`. A direction the
-/// splice hands over is copied here instead, after the kernel's bytes.
+/// `to` once its send path has taken every byte `from` received. A direction the splice hands
+/// over is copied here instead, after the kernel's bytes.
 async fn direction(
     from: &TcpStream,
     to: &TcpStream,
@@ -151,6 +175,15 @@ async fn direction(
 ) -> Result<(), Failure> {
     let mut handed_over = false;
     loop {
+        if handed_over {
+            // The rest is still queued in `from`: only the program's bytes go first.
+            bytes_sent(index, || splice.lag(index)).await?;
+            copy_rest(from, to, splice, index).await?;
+            if sent_twice(splice, index) {
+                return Err(Failure::Write);
+            }
+            break;
+        }
         // Once the other direction ended, this one's end usually follows at once; its wake-up
         // can race with the socket leaving the map as it closes, so look again now and then.
         let other_ended = ended[1 - index].load(Ordering::Relaxed);
@@ -163,15 +196,25 @@ async fn direction(
             () = tokio::time::sleep(HALF_CLOSED_RECHECK), if other_ended => {}
         }
         if handed_over {
-            kernel_bytes_sent(splice, index).await?;
-            copy_rest(from, to, splice, index).await?;
-            break;
+            continue;
         }
         match from.try_io(Interest::READABLE, || peek(from)) {
             Ok(()) => {
-                debug!(index, "spliced: end seen");
-                kernel_bytes_sent(splice, index).await?;
-                break;
+                debug!(index, kernel_lag = ?splice.lag(index).ok(), unsent = ?splice.unsent_at_end(index).ok(), "spliced: end seen");
+                // Counted from what `from` received, not from what the program counted: a
+                // segment on its way between the two must not be overtaken. Should the
+                // direction be handed over meanwhile, what is left is copied.
+                tokio::select! {
+                    sent = bytes_sent(index, || splice.unsent_at_end(index)) => {
+                        sent?;
+                        if sent_twice(splice, index) {
+                            return Err(Failure::Write);
+                        }
+                        break;
+                    }
+                    () = splice.handed_over(index) => handed_over = true,
+                }
+                continue;
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 // Tokio keeps "read closed" ready for good: with bytes still queued ahead of
@@ -193,11 +236,14 @@ async fn direction(
     Ok(())
 }
 
-/// Waits until `to`'s send path took every byte the kernel forwarded in direction `index`.
-async fn kernel_bytes_sent(splice: &Splice, index: usize) -> Result<(), Failure> {
+/// Waits until the send path of direction `index` took the bytes `unsent` still counts.
+async fn bytes_sent(
+    index: usize,
+    mut unsent: impl FnMut() -> io::Result<u64>,
+) -> Result<(), Failure> {
     let mut recheck = RECHECK_FIRST;
     loop {
-        match splice.lag(index) {
+        match unsent() {
             Ok(0) => return Ok(()),
             Ok(lag) => {
                 if recheck == RECHECK_MAX {

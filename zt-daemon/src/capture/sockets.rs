@@ -83,26 +83,3 @@ pub fn socket_option<T: SocketOptionValue>(
     }
     Ok(value)
 }
-
-/// Sets the int option `option` at `level` of `socket`.
-pub fn set_socket_option(
-    socket: &impl AsRawFd,
-    level: libc::c_int,
-    option: libc::c_int,
-    value: libc::c_int,
-) -> io::Result<()> {
-    // SAFETY: valid fd, and a pointer and length for an int.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            level,
-            option,
-            (&raw const value).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}

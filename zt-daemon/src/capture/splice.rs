@@ -34,7 +34,7 @@ use zt_common::{SpliceLink, map_names};
 
 use super::{
     CaptureError,
-    sockets::{set_socket_option, socket_cookie, socket_option},
+    sockets::{socket_cookie, socket_option},
 };
 
 const PROGRAM: &str = "zt_splice";
@@ -166,6 +166,8 @@ impl Splicer {
             fds,
             // What each send path had taken before the splice (the SYN counts as acknowledged).
             taken_before: [taken_by_send_path(fds[0])?, taken_by_send_path(fds[1])?],
+            // Read before either socket is in a map, while only TCP reads them.
+            read_before: [read_by_agent(fds[0])?, read_by_agent(fds[1])?],
             modes: [
                 AtomicU8::new(Mode::Spliced as u8),
                 AtomicU8::new(Mode::Spliced as u8),
@@ -231,6 +233,9 @@ pub struct Splice {
     cookies: [u64; 2],
     fds: [RawFd; 2],
     taken_before: [u64; 2],
+    /// What the agent had read from each socket before the splice: the rest of what a socket
+    /// receives is the splice's to deliver.
+    read_before: [u64; 2],
     /// Each direction's [`Mode`]; only the relay's task changes them.
     modes: [AtomicU8; 2],
     /// Bytes the agent copied in a handed-over direction.
@@ -283,9 +288,8 @@ impl Splice {
             .sources
             .insert(&self.cookies[i], self.fds[i], 0)
             .map_err(|e| io::Error::other(format!("{}: {e}", map_names::SPLICE_SOURCES)))?;
-        // Setting SO_RCVLOWAT runs the socket's data-ready callback, now the program's, which
-        // takes what is queued; otherwise it would wait for the next segment.
-        set_rcvlowat(self.fds[i])
+        run_program_on_queued(self.fds[i]);
+        Ok(())
     }
 
     /// Bytes the kernel forwarded so far, per direction.
@@ -318,6 +322,32 @@ impl Splice {
         let to = 1 - i;
         let taken = taken_by_send_path(self.fds[to])?.saturating_sub(self.taken_before[to]);
         Ok(forwarded.saturating_sub(taken))
+    }
+
+    /// Bytes side `i` received up to its end (its FIN, which it received) that the other side's
+    /// send path has not taken yet. Unlike [`Self::lag`] this does not rest on the program's
+    /// count: a segment the kernel is still handing over (counted or not) is not taken yet.
+    pub fn unsent_at_end(&self, i: usize) -> io::Result<u64> {
+        // The FIN counts in `tcpi_bytes_received`.
+        let received = tcp_info(self.fds[i])?
+            .tcpi_bytes_received
+            .saturating_sub(self.read_before[i] + 1);
+        let to = 1 - i;
+        let taken = taken_by_send_path(self.fds[to])?.saturating_sub(self.taken_before[to]);
+        Ok(received.saturating_sub(taken))
+    }
+
+    /// Bytes the splice sent in direction `i` beyond what side `i` received: more than zero
+    /// only when the kernel sent some twice. It does when a retransmitted segment overlaps bytes
+    /// the socket already had (its delayed ACK was lost, say): TCP queues such a segment whole
+    /// for a reader to skip the overlap, and the verdict path forwards all of it.
+    pub fn sent_twice(&self, i: usize) -> io::Result<u64> {
+        // Forwarded first: what was received can only have grown since.
+        let forwarded = self.forwarded()[i];
+        let received = tcp_info(self.fds[i])?
+            .tcpi_bytes_received
+            .saturating_sub(self.read_before[i]);
+        Ok(forwarded.saturating_sub(received))
     }
 
     /// Resolves when either socket forwarded another step: time to call [`Self::regulate`].
@@ -384,8 +414,22 @@ impl Drop for Splice {
     }
 }
 
-fn set_rcvlowat(fd: RawFd) -> io::Result<()> {
-    set_socket_option(&fd, libc::SOL_SOCKET, libc::SO_RCVLOWAT, 1)
+/// Has the program take what the socket queued before it joined SOURCES, which would otherwise
+/// wait for the next segment. A receive on a socket in the map runs the program on its queue
+/// under the socket's lock (the kernel's own remedy for bytes queued before a socket joined a
+/// map), so that it cannot run beside the kernel's run for an arriving segment. Peeked,
+/// non-blocking, and nothing taken: what it returns says nothing the relay needs.
+fn run_program_on_queued(fd: RawFd) {
+    let mut byte = 0u8;
+    // SAFETY: valid fd; the kernel writes at most one byte into `byte`.
+    unsafe {
+        libc::recv(
+            fd,
+            (&raw mut byte).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
 }
 
 /// Bytes the socket's send path has taken since it connected: those acknowledged plus those still
@@ -399,6 +443,22 @@ fn taken_by_send_path(fd: RawFd) -> io::Result<u64> {
         return Err(io::Error::last_os_error());
     }
     Ok(acked + queued.max(0) as u64)
+}
+
+/// Bytes the socket received that were read from it, not left queued: what it received minus
+/// what it holds. The two are read until the first is the same on both sides of the second.
+fn read_by_agent(fd: RawFd) -> io::Result<u64> {
+    loop {
+        let received = tcp_info(fd)?.tcpi_bytes_received;
+        let mut queued: libc::c_int = 0;
+        // SAFETY: valid fd; FIONREAD (SIOCINQ) writes one int.
+        if unsafe { libc::ioctl(fd, libc::FIONREAD, &raw mut queued) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if tcp_info(fd)?.tcpi_bytes_received == received {
+            return Ok(received.saturating_sub(queued.max(0) as u64));
+        }
+    }
 }
 
 fn tcp_info(fd: RawFd) -> io::Result<libc::tcp_info> {

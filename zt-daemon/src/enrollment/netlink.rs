@@ -1,6 +1,7 @@
 //! One netlink request and its replies, in the calling thread's network namespace (a netlink
 //! socket belongs to the namespace of the thread that opens it, so entering a pod's namespace
-//! first asks that pod's kernel state). Blocking: callers run it off the runtime, or briefly.
+//! first asks that pod's kernel state). Blocking (up to the receive timeout): callers run it off
+//! the runtime.
 use std::{io, time::Duration};
 
 use netlink_packet_core::{

@@ -88,8 +88,8 @@ impl PodNetns {
         })?
     }
 
-    /// Aborts one of the pod's TCP connections; see [`sock_diag::abort_connection`]. Brief
-    /// (one netlink round trip), so it may run on a runtime worker.
+    /// Aborts one of the pod's TCP connections; see [`sock_diag::abort_connection`]. Blocking:
+    /// one netlink round trip, which may wait up to the netlink receive timeout.
     pub fn abort_connection(&self, connection: &PodConnection) -> io::Result<()> {
         let _inside = self.enter().map_err(io::Error::other)?;
         sock_diag::abort_connection(connection)

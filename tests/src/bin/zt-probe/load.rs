@@ -81,26 +81,59 @@ pub(crate) fn burst(to: SocketAddr, count: usize, bytes: u64) -> serde_json::Val
 
 pub(crate) fn churn(to: SocketAddr, count: usize, bytes: usize) -> serde_json::Value {
     let payload = vec![0x5au8; bytes];
-    let mut completed = 0;
+    let (mut completed, mut corrupt) = (0, 0);
     let mut first_error = None;
     for _ in 0..count {
-        let once = || -> std::io::Result<()> {
+        let once = || -> std::io::Result<Vec<u8>> {
             let mut conn = TcpStream::connect_timeout(&to, Duration::from_secs(3))?;
             conn.set_read_timeout(Some(Duration::from_secs(5)))?;
             conn.write_all(&payload)?;
             conn.shutdown(Shutdown::Write)?;
             let mut reply = Vec::new();
             conn.read_to_end(&mut reply)?;
-            Ok(())
+            Ok(reply)
         };
-        match once() {
-            Ok(()) => completed += 1,
-            Err(e) => {
-                first_error.get_or_insert_with(|| e.to_string());
-            }
-        }
+        // A connection that failed is told apart from one that ended cleanly with other bytes.
+        let error = match once() {
+            Ok(reply) => match check_reply(&reply, bytes) {
+                Ok(()) => {
+                    completed += 1;
+                    continue;
+                }
+                Err(e) => {
+                    corrupt += 1;
+                    e
+                }
+            },
+            Err(e) => e,
+        };
+        first_error.get_or_insert_with(|| error.to_string());
     }
-    json!({"count": count, "completed": completed, "error": first_error})
+    json!({"count": count, "completed": completed, "corrupt": corrupt, "error": first_error})
+}
+
+/// Checks what a `serve` server sent back, read to its end: its own `--send` bytes, then its
+/// report, which must count the `bytes` it received. A report cut short, or bytes missing before
+/// it, is an error.
+fn check_reply(reply: &[u8], bytes: usize) -> std::io::Result<()> {
+    // The report's keys are sorted, so it starts with its byte count.
+    const REPORT: &[u8] = b"{\"bytes\":";
+    let bad = |why: String| std::io::Error::other(format!("reply of {} bytes: {why}", reply.len()));
+    let start = reply
+        .windows(REPORT.len())
+        .rposition(|w| w == REPORT)
+        .ok_or_else(|| bad("no report".into()))?;
+    let report: serde_json::Value = serde_json::from_slice(&reply[start..])
+        .map_err(|e| bad(format!("report cut short: {e}")))?;
+    if report["bytes"].as_u64() != Some(bytes as u64) {
+        return Err(bad(format!(
+            "the server received other than {bytes}: {report}"
+        )));
+    }
+    if report["sent"].as_u64() != Some(start as u64) {
+        return Err(bad(format!("{start} bytes before the report: {report}")));
+    }
+    Ok(())
 }
 
 /// Raises the open-file soft limit to the hard one (thousands of connections in one process).

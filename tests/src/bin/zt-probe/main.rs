@@ -190,8 +190,9 @@ enum Cmd {
         #[arg(long, default_value_t = 100)]
         bytes: u64,
     },
-    /// `count` sequential connections, each sending `bytes`, half-closing and reading the reply;
-    /// prints how many completed.
+    /// `count` sequential connections to a `serve` server, each sending `bytes`, half-closing and
+    /// reading to the end; prints how many completed with all the server's bytes and its whole
+    /// report.
     Churn {
         #[arg(long)]
         to: SocketAddr,
