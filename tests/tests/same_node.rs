@@ -3,7 +3,11 @@
 //! spliced in the kernel. Bytes arrive intact both ways, in order, with half-closes and resets
 //! passed on; the agent does not copy them (its read syscalls say so); policy still refuses and
 //! still closes; both sides are logged and counted as `node_local`.
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use zt_tests::{
     Agent, Pod, Testbed,
@@ -100,6 +104,11 @@ fn node_configured(
         server,
         policies: dir,
     }
+}
+
+/// A `same_node = "direct"` node of `pods` pods under `limits`.
+fn node_limited(pods: usize, limits: Limits) -> Node {
+    node_configured("direct", pods, false, |c| c.limits(limits))
 }
 
 /// Bytes the agent process read through syscalls so far (`rchar` of /proc/PID/io).
@@ -599,12 +608,13 @@ fn a_policy_update_aborts_direct_connections_and_voids_their_grant() {
 
 #[test]
 fn direct_connections_hold_places_under_max_connections_per_workload() {
-    let n = node_configured("direct", 3, false, |c| {
-        c.limits(Limits {
+    let n = node_limited(
+        3,
+        Limits {
             max_connections_per_workload: Some(2),
             ..Default::default()
-        })
-    });
+        },
+    );
     let (p11, dst) = n.client_and_server();
     let p13 = n.bed.pod(1, 3);
     let mut served = 0;
@@ -613,14 +623,7 @@ fn direct_connections_hold_places_under_max_connections_per_workload() {
     let (hold, late) = (n.bed.dir.join("hold"), n.bed.dir.join("late"));
     std::thread::scope(|s| {
         // p11 takes both of the server pod's places with two direct connections...
-        let before = settled(&n.agent);
-        let held: Vec<_> = (0..2)
-            .map(|_| s.spawn(|| connect_idle_until(&n.bed, p11, dst, &hold)))
-            .collect();
-        zt_tests::wait_until(Duration::from_secs(10), || {
-            Ok(n.agent.opened_connections()? >= before + 4)
-        })
-        .unwrap();
+        let held = hold_direct(s, &n, p11, dst, &hold, 2);
         // ... so p13's, over a grant of its own and within its own limit, is aborted as it
         // opens, as the agent's path would have refused it.
         let third = s.spawn(|| connect_idle_until(&n.bed, p13, dst, &late));
@@ -658,12 +661,13 @@ fn direct_connections_hold_places_under_max_connections_per_workload() {
 
 #[test]
 fn direct_connections_idle_for_the_idle_timeout_are_aborted_and_quiet_ones_are_not() {
-    let n = node_configured("direct", 2, false, |c| {
-        c.limits(Limits {
+    let n = node_limited(
+        2,
+        Limits {
             idle_timeout_seconds: Some(3),
             ..Default::default()
-        })
-    });
+        },
+    );
     let (p11, dst) = n.client_and_server();
     let mut served = 0;
     connect_until_direct(&n, p11, dst, &mut served).unwrap();
@@ -720,12 +724,13 @@ fn direct_connections_idle_for_the_idle_timeout_are_aborted_and_quiet_ones_are_n
 
 #[test]
 fn a_source_at_its_limit_opens_no_direct_connection_to_a_pod_with_room() {
-    let mut n = node_configured("direct", 3, false, |c| {
-        c.limits(Limits {
+    let mut n = node_limited(
+        3,
+        Limits {
             max_connections_per_workload: Some(1),
             ..Default::default()
-        })
-    });
+        },
+    );
     let (p11, p12, p13) = (
         n.bed.pod(1, 1).clone(),
         n.bed.pod(1, 2).clone(),
@@ -740,12 +745,7 @@ fn a_source_at_its_limit_opens_no_direct_connection_to_a_pod_with_room() {
     let (hold, late) = (n.bed.dir.join("hold"), n.bed.dir.join("late"));
     std::thread::scope(|s| {
         // p11 spends its only place on a direct connection to p12...
-        let before = settled(&n.agent);
-        let held = s.spawn(|| connect_idle_until(&n.bed, &p11, dst, &hold));
-        zt_tests::wait_until(Duration::from_secs(10), || {
-            Ok(n.agent.opened_connections()? >= before + 2)
-        })
-        .unwrap();
+        let held = hold_direct(s, &n, &p11, dst, &hold, 1).pop().unwrap();
         // ... so its next one, to p13 (which has room) over a grant of its own, is aborted.
         let second = s.spawn(|| connect_idle_until(&n.bed, &p11, roomy_dst, &late));
         let record = n
@@ -786,11 +786,7 @@ fn a_pod_leaving_the_mesh_aborts_its_direct_connections_which_are_logged_and_cou
     let go = n.bed.dir.join("go");
     let before = settled(&n.agent);
     let held = std::thread::scope(|s| {
-        let held = s.spawn(|| connect_idle_until(&n.bed, p11, dst, &go));
-        zt_tests::wait_until(Duration::from_secs(10), || {
-            Ok(n.agent.opened_connections()? >= before + 2)
-        })
-        .unwrap();
+        let held = hold_direct(s, &n, p11, dst, &go, 1).pop().unwrap();
         // The server pod leaves the mesh: its certificate goes with its enrollment.
         let mut without = n.config.clone();
         without.workloads.retain(|w| w.name != p12.name);
@@ -825,12 +821,13 @@ fn a_pod_leaving_the_mesh_aborts_its_direct_connections_which_are_logged_and_cou
 
 #[test]
 fn a_pod_enrolled_again_keeps_the_places_its_direct_connections_hold() {
-    let n = node_configured("direct", 3, false, |c| {
-        c.limits(Limits {
+    let n = node_limited(
+        3,
+        Limits {
             max_connections_per_workload: Some(1),
             ..Default::default()
-        })
-    });
+        },
+    );
     let (p11, dst) = n.client_and_server();
     let (p12, p13) = (n.bed.pod(1, 2), n.bed.pod(1, 3));
     let mut served = 0;
@@ -838,12 +835,7 @@ fn a_pod_enrolled_again_keeps_the_places_its_direct_connections_hold() {
     let hold = n.bed.dir.join("hold");
     std::thread::scope(|s| {
         // p11's direct connection takes the server pod's only place...
-        let before = settled(&n.agent);
-        let held = s.spawn(|| connect_idle_until(&n.bed, p11, dst, &hold));
-        zt_tests::wait_until(Duration::from_secs(10), || {
-            Ok(n.agent.opened_connections()? >= before + 2)
-        })
-        .unwrap();
+        let held = hold_direct(s, &n, p11, dst, &hold, 1).pop().unwrap();
         // ... and keeps it when a new label makes the server pod a new enrollment.
         let moved = "direct connections moved to their pods' new enrollments, with their places";
         let moves = n.agent.count(moved).unwrap();
@@ -903,6 +895,33 @@ fn settled(agent: &Agent) -> u64 {
     opened
 }
 
+/// A client [`hold_direct`] holds: its report once let go.
+type Held<'scope> = std::thread::ScopedJoinHandle<
+    'scope,
+    anyhow::Result<Result<serde_json::Value, serde_json::Value>>,
+>;
+
+/// Holds `count` direct connections from `from` to `dst` open in `scope`, each silent until `go`
+/// exists, once the agent counted each of them open on both sides.
+fn hold_direct<'scope, 'env>(
+    scope: &'scope std::thread::Scope<'scope, 'env>,
+    n: &'env Node,
+    from: &'env Pod,
+    dst: SocketAddr,
+    go: &'env Path,
+    count: u64,
+) -> Vec<Held<'scope>> {
+    let before = settled(&n.agent);
+    let held = (0..count)
+        .map(|_| scope.spawn(move || connect_idle_until(&n.bed, from, dst, go)))
+        .collect();
+    zt_tests::wait_until(Duration::from_secs(10), || {
+        Ok(n.agent.opened_connections()? >= before + 2 * count)
+    })
+    .unwrap();
+    held
+}
+
 /// Where a successor (beside the node's agent) serves its metrics.
 const SUCCESSOR_METRICS: &str = "127.0.0.1:15120";
 
@@ -922,12 +941,13 @@ fn upgrade(n: &mut Node) -> Agent {
 
 #[test]
 fn a_successor_keeps_inherited_direct_connections_open_and_under_the_limits() {
-    let mut n = node_configured("direct", 2, false, |c| {
-        c.limits(Limits {
+    let mut n = node_limited(
+        2,
+        Limits {
             max_connections_per_workload: Some(2),
             ..Default::default()
-        })
-    });
+        },
+    );
     let (p11, dst) = n.client_and_server();
     let p11 = p11.clone();
     let mut served = 0;
