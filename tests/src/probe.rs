@@ -415,8 +415,7 @@ pub fn burst(bed: &Testbed, pod: &Pod, to: SocketAddr, count: usize) -> anyhow::
     serde_json::from_slice(&out.stdout).context("zt-probe burst printed no report")
 }
 
-/// `count` sequential connections from `pod` to a `serve` server at `to`, each sending `bytes`;
-/// how many completed with the server's whole answer.
+/// `count` sequential connections from `pod` to `to`, each sending `bytes`; how many completed.
 pub fn churn(
     bed: &Testbed,
     pod: &Pod,
@@ -424,17 +423,30 @@ pub fn churn(
     count: usize,
     bytes: usize,
 ) -> anyhow::Result<u64> {
-    let report = churn_report(bed, pod, to, count, bytes)?;
+    let report = run_churn(bed, pod, to, count, bytes, false)?;
     report["completed"].as_u64().context("no completed count")
 }
 
-/// [`churn`]'s whole report: `completed`, and the first `error`.
-pub fn churn_report(
+/// As [`churn`], to a `serve` server, each connection checked whole: the server's bytes, then its
+/// report counting the `bytes` it received. The report: `completed`, `corrupt` (ended cleanly
+/// with other bytes), and the first `error`.
+pub fn churn_whole(
     bed: &Testbed,
     pod: &Pod,
     to: SocketAddr,
     count: usize,
     bytes: usize,
+) -> anyhow::Result<Value> {
+    run_churn(bed, pod, to, count, bytes, true)
+}
+
+fn run_churn(
+    bed: &Testbed,
+    pod: &Pod,
+    to: SocketAddr,
+    count: usize,
+    bytes: usize,
+    whole_reply: bool,
 ) -> anyhow::Result<Value> {
     let mut cmd = bed.pod_command(pod, bin_path("zt-probe")?)?;
     cmd.args([
@@ -446,6 +458,9 @@ pub fn churn_report(
         "--bytes",
         &bytes.to_string(),
     ]);
+    if whole_reply {
+        cmd.arg("--whole-reply");
+    }
     let out = cmd.output().context("running zt-probe churn")?;
     serde_json::from_slice(&out.stdout).context("zt-probe churn printed no report")
 }

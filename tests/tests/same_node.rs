@@ -306,8 +306,8 @@ fn connections_that_half_close_before_the_splice_are_copied_intact() {
     // Each sends 100 bytes and half-closes at once: usually before the agent splices, when the
     // kernel no longer takes the socket. Each still gets the server's reply.
     let count = 50;
-    let completed = zt_tests::probe::churn(&n.bed, p11, dst, count, 100).unwrap();
-    assert_eq!(completed, count as u64);
+    let report = zt_tests::probe::churn_whole(&n.bed, p11, dst, count, 100).unwrap();
+    assert_eq!(report["completed"].as_u64(), Some(count as u64), "{report}");
     n.server.expect_connections(count).unwrap();
     let inbound = logged(&n.agent, "inbound", count);
     assert_eq!(inbound.len(), count, "{inbound:?}");
@@ -328,7 +328,7 @@ fn spliced_connections_end_cleanly_only_with_every_byte_once() {
     let port = PORT + 2;
     Server::start_sending(&mut n.bed, &p12, SocketAddr::from(([0u16; 8], port)), MIB).unwrap();
     let count = 150;
-    let report = zt_tests::probe::churn_report(
+    let report = zt_tests::probe::churn_whole(
         &n.bed,
         &p11,
         SocketAddr::new(p12.ip(false), port),

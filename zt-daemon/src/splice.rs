@@ -130,7 +130,15 @@ fn regulate(splice: &Splice) -> Option<CloseReason> {
             CloseReason::DownstreamReset
         });
     }
-    if let Some(direction) = (0..2).find(|&i| sent_twice(splice, i)) {
+    if let Some(side) = splice.failed() {
+        debug!(side, "spliced: a side failed as it joined the splice");
+        return Some(if side == 0 {
+            CloseReason::DownstreamReset
+        } else {
+            CloseReason::UpstreamReset
+        });
+    }
+    if let Some(direction) = (0..2).find(|&i| sent_twice(splice, i, false)) {
         return Some(if direction == 0 {
             CloseReason::UpstreamReset
         } else {
@@ -149,8 +157,8 @@ fn regulate(splice: &Splice) -> Option<CloseReason> {
 /// Whether the kernel sent bytes of direction `index` twice ([`Splice::sent_twice`]). The
 /// stream is then not the one its source sent: the connection must end with resets, never
 /// cleanly, so that neither application takes it for whole.
-fn sent_twice(splice: &Splice, index: usize) -> bool {
-    match splice.sent_twice(index) {
+fn sent_twice(splice: &Splice, index: usize, at_end: bool) -> bool {
+    match splice.sent_twice(index, at_end) {
         Ok(0) | Err(_) => false,
         Ok(bytes) => {
             warn!(
@@ -173,13 +181,18 @@ async fn direction(
     index: usize,
     ended: &[AtomicBool; 2],
 ) -> Result<(), Failure> {
-    let mut handed_over = false;
+    let (mut handed_over, mut end_seen) = (false, false);
     loop {
         if handed_over {
-            // The rest is still queued in `from`: only the program's bytes go first.
-            bytes_sent(index, || splice.lag(index)).await?;
+            // The rest is still queued in `from`: only the program's bytes go first. Once its
+            // end was seen nothing is queued, and every byte it received goes first.
+            if end_seen {
+                bytes_sent(index, || splice.unsent_at_end(index)).await?;
+            } else {
+                bytes_sent(index, || splice.lag(index)).await?;
+            }
             copy_rest(from, to, splice, index).await?;
-            if sent_twice(splice, index) {
+            if sent_twice(splice, index, true) {
                 return Err(Failure::Write);
             }
             break;
@@ -198,8 +211,12 @@ async fn direction(
         if handed_over {
             continue;
         }
+        if splice.failed() == Some(index) {
+            return Err(Failure::Read);
+        }
         match from.try_io(Interest::READABLE, || peek(from)) {
             Ok(()) => {
+                end_seen = true;
                 debug!(index, kernel_lag = ?splice.lag(index).ok(), unsent = ?splice.unsent_at_end(index).ok(), "spliced: end seen");
                 // Counted from what `from` received, not from what the program counted: a
                 // segment on its way between the two must not be overtaken. Should the
@@ -207,7 +224,7 @@ async fn direction(
                 tokio::select! {
                     sent = bytes_sent(index, || splice.unsent_at_end(index)) => {
                         sent?;
-                        if sent_twice(splice, index) {
+                        if sent_twice(splice, index, true) {
                             return Err(Failure::Write);
                         }
                         break;

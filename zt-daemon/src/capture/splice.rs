@@ -16,7 +16,7 @@ use std::{
     os::fd::{AsRawFd, RawFd},
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU8, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering},
     },
 };
 
@@ -173,6 +173,7 @@ impl Splicer {
                 AtomicU8::new(Mode::Spliced as u8),
             ],
             copied: [AtomicU64::new(0), AtomicU64::new(0)],
+            failed: [AtomicBool::new(false), AtomicBool::new(false)],
             pressure: Arc::new(Notify::new()),
             handover: [Notify::new(), Notify::new()],
         };
@@ -240,6 +241,8 @@ pub struct Splice {
     modes: [AtomicU8; 2],
     /// Bytes the agent copied in a handed-over direction.
     copied: [AtomicU64; 2],
+    /// Whether each side failed as it joined SOURCES (see [`Splice::failed`]).
+    failed: [AtomicBool; 2],
     pressure: Arc<Notify>,
     handover: [Notify; 2],
 }
@@ -288,8 +291,18 @@ impl Splice {
             .sources
             .insert(&self.cookies[i], self.fds[i], 0)
             .map_err(|e| io::Error::other(format!("{}: {e}", map_names::SPLICE_SOURCES)))?;
-        run_program_on_queued(self.fds[i]);
+        if let Err(e) = run_program_on_queued(self.fds[i]) {
+            // The receive took the socket's error (a reset): keep it for the relay.
+            debug!(direction = i, error = %e, "splice: a side failed as it joined");
+            self.failed[i].store(true, Ordering::Relaxed);
+        }
         Ok(())
+    }
+
+    /// The side that failed as it joined SOURCES, if any: its error was taken by the receive
+    /// that ran the program, so the socket alone would look merely closed.
+    pub fn failed(&self) -> Option<usize> {
+        (0..2).find(|&i| self.failed[i].load(Ordering::Relaxed))
     }
 
     /// Bytes the kernel forwarded so far, per direction.
@@ -341,12 +354,13 @@ impl Splice {
     /// only when the kernel sent some twice. It does when a retransmitted segment overlaps bytes
     /// the socket already had (its delayed ACK was lost, say): TCP queues such a segment whole
     /// for a reader to skip the overlap, and the verdict path forwards all of it.
-    pub fn sent_twice(&self, i: usize) -> io::Result<u64> {
+    /// `at_end`: side `i` received its FIN, which `tcpi_bytes_received` counts.
+    pub fn sent_twice(&self, i: usize, at_end: bool) -> io::Result<u64> {
         // Forwarded first: what was received can only have grown since.
         let forwarded = self.forwarded()[i];
         let received = tcp_info(self.fds[i])?
             .tcpi_bytes_received
-            .saturating_sub(self.read_before[i]);
+            .saturating_sub(self.read_before[i] + u64::from(at_end));
         Ok(forwarded.saturating_sub(received))
     }
 
@@ -417,12 +431,12 @@ impl Drop for Splice {
 /// Has the program take what the socket queued before it joined SOURCES, which would otherwise
 /// wait for the next segment. A receive on a socket in the map runs the program on its queue
 /// under the socket's lock (the kernel's own remedy for bytes queued before a socket joined a
-/// map), so that it cannot run beside the kernel's run for an arriving segment. Peeked,
-/// non-blocking, and nothing taken: what it returns says nothing the relay needs.
-fn run_program_on_queued(fd: RawFd) {
+/// map), so that it cannot run beside the kernel's run for an arriving segment. Peeked and
+/// non-blocking: a byte, an end or nothing yet are all fine; an error (a reset) is returned.
+fn run_program_on_queued(fd: RawFd) -> io::Result<()> {
     let mut byte = 0u8;
     // SAFETY: valid fd; the kernel writes at most one byte into `byte`.
-    unsafe {
+    let n = unsafe {
         libc::recv(
             fd,
             (&raw mut byte).cast(),
@@ -430,6 +444,13 @@ fn run_program_on_queued(fd: RawFd) {
             libc::MSG_PEEK | libc::MSG_DONTWAIT,
         )
     };
+    if n >= 0 {
+        return Ok(());
+    }
+    match io::Error::last_os_error() {
+        e if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
+        e => Err(e),
+    }
 }
 
 /// Bytes the socket's send path has taken since it connected: those acknowledged plus those still

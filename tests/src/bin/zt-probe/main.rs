@@ -190,9 +190,10 @@ enum Cmd {
         #[arg(long, default_value_t = 100)]
         bytes: u64,
     },
-    /// `count` sequential connections to a `serve` server, each sending `bytes`, half-closing and
-    /// reading to the end; prints how many completed with all the server's bytes and its whole
-    /// report.
+    /// `count` sequential connections, each sending `bytes`, half-closing and reading to the end;
+    /// prints how many completed (with `--whole-reply`, from a `serve` server: only those that
+    /// got all the server's bytes and its whole report; `corrupt` counts the others that ended
+    /// cleanly).
     Churn {
         #[arg(long)]
         to: SocketAddr,
@@ -200,6 +201,8 @@ enum Cmd {
         count: usize,
         #[arg(long, default_value_t = 100)]
         bytes: usize,
+        #[arg(long)]
+        whole_reply: bool,
     },
 }
 
@@ -326,7 +329,12 @@ fn main() {
             )
         ),
         Cmd::Tamper { node, pin_dir } => println!("{}", tamper(node, &pin_dir)),
-        Cmd::Churn { to, count, bytes } => println!("{}", churn(to, count, bytes)),
+        Cmd::Churn {
+            to,
+            count,
+            bytes,
+            whole_reply,
+        } => println!("{}", churn(to, count, bytes, whole_reply)),
         Cmd::Burst { to, count, bytes } => println!("{}", burst(to, count, bytes)),
         Cmd::Flood { to, count, hold_ms } => {
             println!("{}", flood(to, count, Duration::from_millis(hold_ms)))
