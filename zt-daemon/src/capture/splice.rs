@@ -332,22 +332,28 @@ impl Splice {
     /// taken yet.
     pub fn lag(&self, i: usize) -> io::Result<u64> {
         let forwarded = self.forwarded_by_kernel()[i];
-        let to = 1 - i;
-        let taken = taken_by_send_path(self.fds[to])?.saturating_sub(self.taken_before[to]);
-        Ok(forwarded.saturating_sub(taken))
+        Ok(forwarded.saturating_sub(self.taken_since_splice(1 - i)?))
+    }
+
+    /// Bytes side `i`'s send path took since the splice began.
+    fn taken_since_splice(&self, i: usize) -> io::Result<u64> {
+        Ok(taken_by_send_path(self.fds[i])?.saturating_sub(self.taken_before[i]))
+    }
+
+    /// Bytes side `i` received since the splice began, besides what the agent had read;
+    /// `at_end`: less its FIN, which it received and `tcpi_bytes_received` counts.
+    fn received_since_splice(&self, i: usize, at_end: bool) -> io::Result<u64> {
+        Ok(tcp_info(self.fds[i])?
+            .tcpi_bytes_received
+            .saturating_sub(self.read_before[i] + u64::from(at_end)))
     }
 
     /// Bytes side `i` received up to its end (its FIN, which it received) that the other side's
     /// send path has not taken yet. Unlike [`Self::lag`] this does not rest on the program's
     /// count: a segment the kernel is still handing over (counted or not) is not taken yet.
     pub fn unsent_at_end(&self, i: usize) -> io::Result<u64> {
-        // The FIN counts in `tcpi_bytes_received`.
-        let received = tcp_info(self.fds[i])?
-            .tcpi_bytes_received
-            .saturating_sub(self.read_before[i] + 1);
-        let to = 1 - i;
-        let taken = taken_by_send_path(self.fds[to])?.saturating_sub(self.taken_before[to]);
-        Ok(received.saturating_sub(taken))
+        let received = self.received_since_splice(i, true)?;
+        Ok(received.saturating_sub(self.taken_since_splice(1 - i)?))
     }
 
     /// Bytes the splice sent in direction `i` beyond what side `i` received: more than zero
@@ -358,10 +364,7 @@ impl Splice {
     pub fn sent_twice(&self, i: usize, at_end: bool) -> io::Result<u64> {
         // Forwarded first: what was received can only have grown since.
         let forwarded = self.forwarded()[i];
-        let received = tcp_info(self.fds[i])?
-            .tcpi_bytes_received
-            .saturating_sub(self.read_before[i] + u64::from(at_end));
-        Ok(forwarded.saturating_sub(received))
+        Ok(forwarded.saturating_sub(self.received_since_splice(i, at_end)?))
     }
 
     /// Resolves when either socket forwarded another step: time to call [`Self::regulate`].
