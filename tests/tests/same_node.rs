@@ -336,26 +336,31 @@ fn spliced_connections_end_cleanly_only_with_every_byte_once() {
         MIB as usize,
     )
     .unwrap();
-    // This kernel's splice sends a retransmitted segment that overlaps bytes already received
-    // whole, so now and then bytes go twice: the agent resets such a connection. None may end
-    // cleanly with other bytes than were sent.
+    // A retransmission that overlaps bytes the socket already received reaches the splice whole
+    // (the kernel's sockmap receive path does not skip the overlap as TCP's reader does): the
+    // program cuts it. Every connection ends cleanly with exactly its bytes.
     assert_eq!(report["corrupt"].as_u64(), Some(0), "{report}");
-    let completed = report["completed"].as_u64().unwrap();
-    assert!(completed > count as u64 / 2, "{report}");
-    let twice = n
-        .agent
-        .count("same-node splice: the kernel sent bytes twice (a retransmission overlapped bytes already received); resetting the connection")
-        .unwrap();
-    assert!(
-        count as u64 - completed <= twice as u64,
-        "connections failed without a reason: {report}\n{}",
+    assert_eq!(
+        report["completed"].as_u64(),
+        Some(count as u64),
+        "{report}\n{}",
         n.agent.log_tail()
     );
+    let twice = n
+        .agent
+        .count("same-node splice: the kernel sent bytes twice; resetting the connection")
+        .unwrap();
+    assert_eq!(twice, 0, "{}", n.agent.log_tail());
+    // Whether retransmissions came at all depends on the machine's load: shown, not asserted.
+    let cut = n
+        .agent
+        .count("spliced: cut bytes that retransmissions delivered again")
+        .unwrap();
+    eprintln!("connections whose splice cut retransmitted bytes: {cut} of {count}");
     let outbound = logged(&n.agent, "outbound", count);
     assert_eq!(outbound.len(), count, "{outbound:?}");
-    let clean = outbound.iter().filter(|r| r["close"] == "eof").count();
-    assert_eq!(clean as u64, completed, "{outbound:?}");
-    for r in outbound.iter().filter(|r| r["close"] == "eof") {
+    for r in &outbound {
+        assert_eq!(r["close"], "eof", "{r}");
         assert_eq!(r["bytes_sent"].as_u64(), Some(MIB), "{r}");
     }
 }

@@ -150,7 +150,46 @@ pub struct SpliceLink {
     pub bytes: u64,
     /// Bytes the program could not redirect (the peer left the map): the connection is broken.
     pub dropped: u64,
+    /// Bytes the program cut from the front of received segments because the socket had already
+    /// received them (a retransmission that overlapped them; see `KernelLayout`).
+    pub trimmed: u64,
 }
+
+/// Where `zt_splice` finds, in this kernel's own structs, a received segment's first sequence
+/// number and its socket's read position (`copied_seq`). The kernel's sockmap receive path hands
+/// the program whole segments, also one a retransmission made overlap bytes already received;
+/// TCP's own reader skips the overlap, the program has to cut it. Byte offsets from the kernel's
+/// BTF, found by the agent when it loads the program.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelLayout {
+    /// `sk_buff.sk`.
+    pub skb_sk: u32,
+    /// `sk_buff.cb` plus `tcp_skb_cb.seq`.
+    pub skb_seq: u32,
+    /// `tcp_sock.copied_seq`.
+    pub tcp_copied_seq: u32,
+    pub _pad: u32,
+}
+
+impl KernelLayout {
+    /// The kernel has no BTF to read offsets from: the program cuts nothing (the agent still
+    /// detects bytes sent twice and resets the connection). Not zero, so that the program's
+    /// global lives in `.rodata`, where the loader can set it.
+    pub const UNKNOWN: Self = Self {
+        skb_sk: u32::MAX,
+        skb_seq: u32::MAX,
+        tcp_copied_seq: u32::MAX,
+        _pad: 0,
+    };
+
+    pub fn is_known(&self) -> bool {
+        *self != Self::UNKNOWN
+    }
+}
+
+/// Name of `zt_splice`'s `KernelLayout` global.
+pub const KERNEL_LAYOUT_GLOBAL: &str = "ZT_KERNEL_LAYOUT";
 
 /// A TCP endpoint as the programs store it. Addresses are in network byte order exactly as the
 /// kernel hands them over (`user_ip4`, `user_ip6`); IPv4 uses `addr[0]` only. `port` is in host
@@ -237,6 +276,7 @@ mod pod_impls {
     unsafe impl aya::Pod for super::EnrolledPod {}
     unsafe impl aya::Pod for super::PodPortKey {}
     unsafe impl aya::Pod for super::SpliceLink {}
+    unsafe impl aya::Pod for super::KernelLayout {}
     unsafe impl aya::Pod for super::DirectGrantKey {}
     unsafe impl aya::Pod for super::DirectFlow {}
     unsafe impl aya::Pod for super::FlowKey {}

@@ -67,6 +67,14 @@ pub async fn relay(
     )
     .await;
     let [sent, received] = splice.forwarded();
+    let [cut_down, cut_up] = splice.trimmed();
+    if cut_down + cut_up > 0 {
+        debug!(
+            downstream = cut_down,
+            upstream = cut_up,
+            "spliced: cut bytes that retransmissions delivered again"
+        );
+    }
     drop(splice);
     if close == CloseReason::Eof {
         for socket in [&downstream, &upstream] {
@@ -164,7 +172,8 @@ fn sent_twice(splice: &Splice, index: usize, at_end: bool) -> bool {
             warn!(
                 direction = index,
                 bytes,
-                "same-node splice: the kernel sent bytes twice (a retransmission overlapped bytes already received); resetting the connection"
+                trimmed = splice.trimmed()[index],
+                "same-node splice: the kernel sent bytes twice; resetting the connection"
             );
             true
         }

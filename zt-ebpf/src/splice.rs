@@ -4,12 +4,12 @@
 use aya_ebpf::{
     EbpfContext,
     bindings::sk_action,
-    helpers::generated::bpf_get_socket_cookie,
+    helpers::{bpf_probe_read_kernel, generated::bpf_get_socket_cookie},
     macros::{map, stream_verdict},
     maps::{HashMap, RingBuf, SockHash},
     programs::SkBuffContext,
 };
-use zt_common::{SPLICE_PRESSURE_STEP, SpliceLink};
+use zt_common::{KernelLayout, SPLICE_PRESSURE_STEP, SpliceLink};
 
 /// Spliced sockets (same-node fast path). Two maps because a socket must be a redirect target
 /// before its peer's program may run, yet must not have its own program attached before the
@@ -26,6 +26,17 @@ static SPLICE_LINKS: HashMap<u64, SpliceLink> = HashMap::with_max_entries(65536,
 /// queue has no bound of its own, so the agent checks the peer keeps up (`capture::splice`).
 #[map(name = "ZT_SPLICE_PRESSURE")]
 static SPLICE_PRESSURE: RingBuf = RingBuf::with_byte_size(64 * 1024, 0);
+
+/// Set by the loader (`KernelLayout`).
+#[unsafe(no_mangle)]
+static ZT_KERNEL_LAYOUT: KernelLayout = KernelLayout::UNKNOWN;
+
+/// `bpf_skb_adjust_room` removes at most this many bytes per call (sk_skb's limit).
+const TRIM_STEP: u32 = 0xfff;
+/// Bounds the cut for the verifier, at about 1 MiB. The overlap can exceed one segment's 64 KiB:
+/// TCP joins out-of-order segments into one, and a retransmission that fills the hole before
+/// them may overlap many. A longer overlap is cut short, and the agent sees the rest sent twice.
+const TRIM_STEPS: u32 = 256;
 
 /// Sends what a spliced socket received out of its peer socket, and counts it. A socket without
 /// a link (the agent is tearing the connection down) keeps its bytes for the agent to read.
@@ -44,6 +55,14 @@ pub fn zt_splice(ctx: SkBuffContext) -> u32 {
         // as an empty segment it would be an error that breaks the peer's redirect queue.
         return sk_action::SK_PASS;
     }
+    let overlap = received_before(&ctx);
+    // A segment of old bytes only is never queued (TCP drops it), so a cut one keeps some. One
+    // not cut (or cut short) goes out with its old bytes, and the agent, seeing more sent than
+    // the socket received, resets the connection.
+    if overlap > 0 && u64::from(overlap) < len {
+        link.trimmed += u64::from(trim_front(&ctx, overlap));
+    }
+    let len = u64::from(ctx.len());
     let mut peer = link.peer;
     // Egress of the peer socket; SK_DROP if the peer left the map (it closed).
     let verdict = SPLICE_TARGETS.redirect_skb(&ctx, &mut peer, 0) as u32;
@@ -58,4 +77,43 @@ pub fn zt_splice(ctx: SkBuffContext) -> u32 {
         let _ = SPLICE_PRESSURE.output(&cookie, 0);
     }
     verdict
+}
+
+/// How many bytes at the front of the segment the socket already received: its sequence number
+/// is behind the socket's read position. 0 when the layout is unknown or a read fails.
+fn received_before(ctx: &SkBuffContext) -> u32 {
+    // SAFETY: a plain read of the loader's constant.
+    let layout = unsafe { core::ptr::read_volatile(&ZT_KERNEL_LAYOUT) };
+    if !layout.is_known() {
+        return 0;
+    }
+    let skb = ctx.as_ptr() as *const u8;
+    // SAFETY: bpf_probe_read_kernel checks its address; a failed read leaves the segment whole.
+    let read = || unsafe {
+        let sk = bpf_probe_read_kernel(skb.wrapping_add(layout.skb_sk as usize) as *const u64)?;
+        let seq = bpf_probe_read_kernel(skb.wrapping_add(layout.skb_seq as usize) as *const u32)?;
+        let copied = bpf_probe_read_kernel(
+            (sk as *const u8).wrapping_add(layout.tcp_copied_seq as usize) as *const u32,
+        )?;
+        Ok::<_, i32>(copied.wrapping_sub(seq) as i32)
+    };
+    match read() {
+        Ok(behind) if behind > 0 => behind as u32,
+        _ => 0,
+    }
+}
+
+/// Removes up to `n` bytes from the front of the segment, in the steps the helper allows;
+/// returns how many it removed.
+fn trim_front(ctx: &SkBuffContext, n: u32) -> u32 {
+    let mut done = 0;
+    for _ in 0..TRIM_STEPS {
+        let step = n - done;
+        let step = if step < TRIM_STEP { step } else { TRIM_STEP };
+        if step == 0 || ctx.skb.adjust_room(-(step as i32), 0, 0).is_err() {
+            break;
+        }
+        done += step;
+    }
+    done
 }

@@ -17,9 +17,11 @@ use aya::{
 };
 use tracing::{info, warn};
 
-use super::{AgentSockets, Capture, CaptureError, CaptureMaps, DirectPaths, Splicer, io_err};
+use super::{
+    AgentSockets, Capture, CaptureError, CaptureMaps, DirectPaths, Splicer, io_err, kernel_layout,
+};
 use crate::config::CaptureConfig;
-use zt_common::map_names;
+use zt_common::{KERNEL_LAYOUT_GLOBAL, KernelLayout, map_names};
 
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/zt"));
 
@@ -69,8 +71,16 @@ impl Capture {
         };
         let cgroup_dir = File::open(&cgroup).map_err(io_err(&cgroup, "opening cgroup"))?;
 
+        let layout = match kernel_layout::read(Path::new(kernel_layout::VMLINUX_BTF)) {
+            Ok(layout) => layout,
+            Err(e) => {
+                warn!(error = %e, "the same-node splice cannot cut retransmitted bytes; a connection the kernel would send bytes twice on is reset instead");
+                KernelLayout::UNKNOWN
+            }
+        };
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(dir.join("maps"))
+            .override_global(KERNEL_LAYOUT_GLOBAL, &layout, true)
             .load(EBPF_OBJECT)?;
         match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(logger) => spawn_ebpf_logger(logger),

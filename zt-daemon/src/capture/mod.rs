@@ -2,7 +2,8 @@
 //! `loader` loads and attaches (or re-adopts) the programs, `maps` holds typed handles on the
 //! pinned maps, `sockets` registers the agent's own sockets, `splice` joins two of the agent's
 //! sockets in the kernel (the same-node fast path), `direct` holds the grants and records of
-//! same-node connections that skip the agent, and `reconcile` compares the kernel's state
+//! same-node connections that skip the agent, `kernel_layout` reads the kernel struct offsets
+//! the splice program needs, and `reconcile` compares the kernel's state
 //! with the enrolled pods and repairs drift.
 //!
 //! Layout under the agent's bpffs directory (`capture.bpffs_dir`, default /sys/fs/bpf/zt):
@@ -14,6 +15,7 @@
 //! Because links and maps are pinned, capture keeps running (fail-closed) while the agent is
 //! down, and a restarted agent re-adopts them instead of opening a window without capture.
 mod direct;
+mod kernel_layout;
 mod loader;
 mod maps;
 mod reconcile;

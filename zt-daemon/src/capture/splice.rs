@@ -318,6 +318,14 @@ impl Splice {
         [0, 1].map(|i| kernel[i] + self.copied[i].load(Ordering::Relaxed))
     }
 
+    /// Bytes the program cut from received segments because a retransmission made them overlap
+    /// bytes already received (`SpliceLink::trimmed`), per direction.
+    pub fn trimmed(&self) -> [u64; 2] {
+        let maps = self.splicer.maps();
+        self.cookies
+            .map(|c| maps.links.get(&c, 0).map_or(0, |link| link.trimmed))
+    }
+
     /// The direction whose bytes the program had to drop (its peer closed), if any.
     pub fn dropped(&self) -> Option<usize> {
         let maps = self.splicer.maps();

@@ -1,0 +1,106 @@
+//! This kernel's struct layout, as far as `zt_splice` needs it (`zt_common::KernelLayout`): the
+//! byte offsets of three fields, read from the kernel's own type information (BTF) when the
+//! agent loads the programs, because they differ between kernel builds.
+use std::path::{Path, PathBuf};
+
+use btf_rs::{Btf, Struct, Type};
+use zt_common::KernelLayout;
+
+/// Where the running kernel describes its types.
+pub(super) const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+
+#[derive(Debug, thiserror::Error)]
+pub enum LayoutError {
+    #[error("{path}: reading the kernel's type information: {source}")]
+    Read {
+        path: PathBuf,
+        source: btf_rs::Error,
+    },
+    #[error("{path}: no struct {name}")]
+    NoStruct { path: PathBuf, name: &'static str },
+    #[error("{path}: struct {strukt} has no field {field}")]
+    NoField {
+        path: PathBuf,
+        strukt: &'static str,
+        field: &'static str,
+    },
+}
+
+/// Reads the offsets from the BTF file at `path` (the kernel's: [`VMLINUX_BTF`]).
+pub(super) fn read(path: &Path) -> Result<KernelLayout, LayoutError> {
+    let btf = Btf::from_file(path).map_err(|source| LayoutError::Read {
+        path: path.into(),
+        source,
+    })?;
+    let offset = |strukt: &'static str, field: &'static str| {
+        let found = btf
+            .resolve_types_by_name(strukt)
+            .ok()
+            .and_then(|types| {
+                types.into_iter().find_map(|t| match t {
+                    Type::Struct(s) => Some(s),
+                    _ => None,
+                })
+            })
+            .ok_or(LayoutError::NoStruct {
+                path: path.into(),
+                name: strukt,
+            })?;
+        field_offset(&btf, &found, field).ok_or(LayoutError::NoField {
+            path: path.into(),
+            strukt,
+            field,
+        })
+    };
+    Ok(KernelLayout {
+        skb_sk: offset("sk_buff", "sk")?,
+        skb_seq: offset("sk_buff", "cb")? + offset("tcp_skb_cb", "seq")?,
+        tcp_copied_seq: offset("tcp_sock", "copied_seq")?,
+        _pad: 0,
+    })
+}
+
+/// Byte offset of `field` in `strukt`, also inside its anonymous structs and unions (the kernel
+/// puts `sk_buff.sk` in one).
+fn field_offset(btf: &Btf, strukt: &Struct, field: &str) -> Option<u32> {
+    strukt.members.iter().find_map(|member| {
+        let name = btf.resolve_name(member).ok()?;
+        let here = member.bit_offset() / 8;
+        if name == field {
+            return Some(here);
+        }
+        if !name.is_empty() {
+            return None;
+        }
+        match btf.resolve_chained_type(member).ok()? {
+            Type::Struct(inner) | Type::Union(inner) => {
+                field_offset(btf, &inner, field).map(|o| here + o)
+            }
+            _ => None,
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The running kernel's own BTF: every test machine has one (the eBPF programs need it too).
+    #[test]
+    fn finds_the_three_fields_in_the_running_kernel() {
+        let layout = read(Path::new(VMLINUX_BTF)).expect("the kernel's BTF");
+        assert!(layout.is_known());
+        // sk_buff declares cb after sk; tcp_sock opens with its inet_connection_sock.
+        assert!(layout.skb_seq > layout.skb_sk, "{layout:?}");
+        assert!(layout.tcp_copied_seq > 0, "{layout:?}");
+    }
+
+    #[test]
+    fn a_missing_file_is_named() {
+        let err = read(Path::new("/nonexistent/vmlinux")).unwrap_err();
+        assert!(
+            err.to_string().starts_with("/nonexistent/vmlinux: "),
+            "{err}"
+        );
+    }
+}
