@@ -165,6 +165,27 @@ impl Agent {
         Ok(found.expect("found"))
     }
 
+    /// The access records of `direction`, once there are at least `count`: a client has its
+    /// last byte before the agent logs the connection's end.
+    pub fn wait_records(&self, direction: &str, count: usize) -> anyhow::Result<Vec<Value>> {
+        let records = || -> anyhow::Result<Vec<Value>> {
+            Ok(self
+                .access_records()?
+                .into_iter()
+                .filter(|r| r["direction"] == direction)
+                .collect())
+        };
+        wait_until(Duration::from_secs(10), || Ok(records()?.len() >= count)).with_context(
+            || {
+                format!(
+                    "{direction}: not every connection was logged\n--- log ---\n{}",
+                    self.log_tail()
+                )
+            },
+        )?;
+        records()
+    }
+
     /// The netns cookie the agent logged when it enrolled `pod`.
     pub fn netns_cookie(&self, pod: &Pod) -> anyhow::Result<u64> {
         let id = format!("default/{}", pod.name);

@@ -391,6 +391,35 @@ fn same_node_256_mib_both_ways_at_once() {
     duplex(false);
 }
 
+/// A client that half-closes at once, with a request or with nothing, before its CONNECT is
+/// answered: END_STREAM follows the early bytes, and the server (which answers at the end)
+/// sees every byte, then the end; the client gets the whole answer.
+#[test]
+fn a_client_that_half_closes_before_the_answer_gets_its_reply() {
+    let m = mesh(MtlsMode::Strict);
+    let (p11, p21) = (m.bed.pod(1, 1), m.bed.pod(2, 1));
+    let dst = SocketAddr::new(p21.ip(false), PORT);
+    let mut seen = 0;
+    for bytes in [100, 0] {
+        let report = zt_tests::probe::churn_whole(&m.bed, p11, dst, 20, bytes).unwrap();
+        assert_eq!(report["completed"].as_u64(), Some(20), "{report}");
+        seen += 20;
+        for c in m.server.expect_connections(seen).unwrap() {
+            assert_eq!(c["end"], "eof", "{c}");
+        }
+    }
+    let outbound = m.agent1.wait_records("outbound", 40).unwrap();
+    for r in &outbound {
+        assert_eq!(r["close"], "eof", "{r}");
+    }
+    let sent: Vec<u64> = outbound
+        .iter()
+        .filter_map(|r| r["bytes_sent"].as_u64())
+        .collect();
+    assert_eq!(sent.iter().filter(|&&b| b == 100).count(), 20, "{sent:?}");
+    assert_eq!(sent.iter().filter(|&&b| b == 0).count(), 20, "{sent:?}");
+}
+
 #[test]
 fn a_reset_on_one_side_is_a_reset_on_the_other() {
     let m = mesh(MtlsMode::Strict);

@@ -150,16 +150,20 @@ pub struct SpliceLink {
     pub bytes: u64,
     /// Bytes the program could not redirect (the peer left the map): the connection is broken.
     pub dropped: u64,
-    /// Bytes the program cut from the front of received segments because the socket had already
-    /// received them (a retransmission that overlapped them; see `KernelLayout`).
+    /// Bytes the program cut from the front of received segments, or dropped, because the
+    /// socket had already delivered them (see `KernelLayout`).
     pub trimmed: u64,
+    /// How far the socket's read position runs ahead of what it delivered, after cuts that fell
+    /// short (the kernel moves it by what the program let through). Program-private.
+    pub ahead: u64,
 }
 
 /// Where `zt_splice` finds, in this kernel's own structs, a received segment's first sequence
 /// number and its socket's read position (`copied_seq`). The kernel's sockmap receive path hands
-/// the program whole segments, also one a retransmission made overlap bytes already received;
-/// TCP's own reader skips the overlap, the program has to cut it. Byte offsets from the kernel's
-/// BTF, found by the agent when it loads the program.
+/// the program whole segments, also one that overlaps bytes the socket already delivered (a
+/// retransmission's, or one the agent read part of); TCP's own reader skips the overlap, the
+/// program has to cut it. Byte offsets from the kernel's BTF, found by the agent when it loads
+/// the program.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KernelLayout {

@@ -72,7 +72,7 @@ pub async fn relay(
         debug!(
             downstream = cut_down,
             upstream = cut_up,
-            "spliced: cut bytes that retransmissions delivered again"
+            "spliced: left out bytes the socket had already delivered"
         );
     }
     drop(splice);

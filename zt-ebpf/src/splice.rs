@@ -33,10 +33,10 @@ static ZT_KERNEL_LAYOUT: KernelLayout = KernelLayout::UNKNOWN;
 
 /// `bpf_skb_adjust_room` removes at most this many bytes per call (sk_skb's limit).
 const TRIM_STEP: u32 = 0xfff;
-/// Bounds the cut for the verifier, at about 1 MiB. The overlap can exceed one segment's 64 KiB:
-/// TCP joins out-of-order segments into one, and a retransmission that fills the hole before
-/// them may overlap many. A longer overlap is cut short, and the agent sees the rest sent twice.
-const TRIM_STEPS: u32 = 256;
+/// Bounds the cut, at 256 KiB less 64 bytes: the bytes to cut are first made linear in one
+/// allocation the kernel makes atomically, which a larger size would often fail. An overlap
+/// above it is not cut; the agent sees it sent twice and resets the connection.
+const TRIM_STEPS: u32 = 64;
 
 /// Sends what a spliced socket received out of its peer socket, and counts it. A socket without
 /// a link (the agent is tearing the connection down) keeps its bytes for the agent to read.
@@ -49,18 +49,28 @@ pub fn zt_splice(ctx: SkBuffContext) -> u32 {
     // SAFETY: pointer from a successful lookup. One socket's verdicts run one at a time (under
     // the socket's lock), and only they write its link.
     let link = unsafe { &mut *link };
-    let len = u64::from(ctx.len());
-    if len == 0 {
+    let received = u64::from(ctx.len());
+    if received == 0 {
         // A bare FIN stays with its socket, where the agent reads the end. Sent out of the peer
         // as an empty segment it would be an error that breaks the peer's redirect queue.
         return sk_action::SK_PASS;
     }
-    let overlap = received_before(&ctx);
-    // A segment of old bytes only is never queued (TCP drops it), so a cut one keeps some. One
-    // not cut (or cut short) goes out with its old bytes, and the agent, seeing more sent than
-    // the socket received, resets the connection.
-    if overlap > 0 && u64::from(overlap) < len {
-        link.trimmed += u64::from(trim_front(&ctx, overlap));
+    // The socket's read position runs `ahead` of what it delivered after a cut that fell short
+    // (the kernel moves it by what the program let through): less that, this segment's overlap.
+    let overlap = u64::from(received_before(&ctx)).saturating_sub(link.ahead);
+    if overlap >= received {
+        // Old bytes only, queued for a FIN TCP has already taken: nothing to send. The kernel
+        // still moves the read position by the segment's length.
+        link.trimmed += received;
+        link.ahead += received;
+        return sk_action::SK_DROP;
+    }
+    if overlap > 0 {
+        let cut = u64::from(trim_front(&ctx, overlap as u32));
+        link.trimmed += cut;
+        // What was not cut goes out twice: the agent sees more sent than received and resets
+        // the connection.
+        link.ahead += overlap - cut;
     }
     let len = u64::from(ctx.len());
     let mut peer = link.peer;
@@ -103,13 +113,16 @@ fn received_before(ctx: &SkBuffContext) -> u32 {
     }
 }
 
-/// Removes up to `n` bytes from the front of the segment, in the steps the helper allows;
-/// returns how many it removed.
+/// Removes `n` bytes from the front of the segment, or none; returns how many it removed.
 fn trim_front(ctx: &SkBuffContext, n: u32) -> u32 {
+    if n > TRIM_STEP * TRIM_STEPS || ctx.skb.pull_data(n).is_err() {
+        return 0;
+    }
     let mut done = 0;
     for _ in 0..TRIM_STEPS {
         let step = n - done;
         let step = if step < TRIM_STEP { step } else { TRIM_STEP };
+        // Cannot fail on linear bytes; were it to, the rest counts as not cut.
         if step == 0 || ctx.skb.adjust_room(-(step as i32), 0, 0).is_err() {
             break;
         }

@@ -1,6 +1,9 @@
 //! This kernel's struct layout, as far as `zt_splice` needs it (`zt_common::KernelLayout`): the
 //! byte offsets of three fields, read from the kernel's own type information (BTF) when the
-//! agent loads the programs, because they differ between kernel builds.
+//! agent loads the programs, because they differ between kernel builds. Also whether the cut is
+//! safe on this kernel at all: its sockmap receive path must move the read position by what the
+//! program let through (the kernels that have `tcp_eat_skb`, 6.4 and later), and reading kernel
+//! memory must be allowed (not under lockdown's confidentiality mode).
 use std::path::{Path, PathBuf};
 
 use btf_rs::{Btf, Struct, Type};
@@ -8,6 +11,11 @@ use zt_common::KernelLayout;
 
 /// Where the running kernel describes its types.
 pub(super) const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+/// The kernel's lockdown mode, where the lockdown LSM is built in.
+const LOCKDOWN: &str = "/sys/kernel/security/lockdown";
+/// The function, present from 6.4, by which a redirect moves the socket's read position by the
+/// length the program left (earlier kernels moved it by the length before the program ran).
+const READ_POSITION_FOLLOWS_CUT: &str = "tcp_eat_skb";
 
 #[derive(Debug, thiserror::Error)]
 pub enum LayoutError {
@@ -24,14 +32,30 @@ pub enum LayoutError {
         strukt: &'static str,
         field: &'static str,
     },
+    #[error("{path}: no function {name}: the kernel is older than 6.4")]
+    TooOld { path: PathBuf, name: &'static str },
+    #[error("{LOCKDOWN}: confidentiality mode forbids reading kernel memory")]
+    Lockdown,
 }
 
 /// Reads the offsets from the BTF file at `path` (the kernel's: [`VMLINUX_BTF`]).
 pub(super) fn read(path: &Path) -> Result<KernelLayout, LayoutError> {
+    if std::fs::read_to_string(LOCKDOWN).is_ok_and(|mode| mode.contains("[confidentiality]")) {
+        return Err(LayoutError::Lockdown);
+    }
     let btf = Btf::from_file(path).map_err(|source| LayoutError::Read {
         path: path.into(),
         source,
     })?;
+    let has_function = btf
+        .resolve_types_by_name(READ_POSITION_FOLLOWS_CUT)
+        .is_ok_and(|types| types.iter().any(|t| matches!(t, Type::Func(_))));
+    if !has_function {
+        return Err(LayoutError::TooOld {
+            path: path.into(),
+            name: READ_POSITION_FOLLOWS_CUT,
+        });
+    }
     let offset = |strukt: &'static str, field: &'static str| {
         let found = btf
             .resolve_types_by_name(strukt)

@@ -305,11 +305,16 @@ impl Splice {
         (0..2).find(|&i| self.failed[i].load(Ordering::Relaxed))
     }
 
-    /// Bytes the kernel forwarded so far, per direction.
-    fn forwarded_by_kernel(&self) -> [u64; 2] {
+    /// Each side's link as the program left it (zero if it is gone).
+    fn links(&self) -> [SpliceLink; 2] {
         let maps = self.splicer.maps();
         self.cookies
-            .map(|c| maps.links.get(&c, 0).map_or(0, |link| link.bytes))
+            .map(|c| maps.links.get(&c, 0).unwrap_or_default())
+    }
+
+    /// Bytes the kernel forwarded so far, per direction.
+    fn forwarded_by_kernel(&self) -> [u64; 2] {
+        self.links().map(|link| link.bytes)
     }
 
     /// Bytes forwarded so far, per direction, by the kernel and the agent.
@@ -318,22 +323,16 @@ impl Splice {
         [0, 1].map(|i| kernel[i] + self.copied[i].load(Ordering::Relaxed))
     }
 
-    /// Bytes the program cut from received segments because a retransmission made them overlap
-    /// bytes already received (`SpliceLink::trimmed`), per direction.
+    /// Bytes the program did not send because the receiving socket had already delivered them
+    /// (`SpliceLink::trimmed`), per direction.
     pub fn trimmed(&self) -> [u64; 2] {
-        let maps = self.splicer.maps();
-        self.cookies
-            .map(|c| maps.links.get(&c, 0).map_or(0, |link| link.trimmed))
+        self.links().map(|link| link.trimmed)
     }
 
     /// The direction whose bytes the program had to drop (its peer closed), if any.
     pub fn dropped(&self) -> Option<usize> {
-        let maps = self.splicer.maps();
-        (0..2).find(|&i| {
-            maps.links
-                .get(&self.cookies[i], 0)
-                .is_ok_and(|link| link.dropped > 0)
-        })
+        let links = self.links();
+        (0..2).find(|&i| links[i].dropped > 0)
     }
 
     /// Bytes the kernel forwarded in direction `i` that the other side's send path has not
@@ -365,9 +364,9 @@ impl Splice {
     }
 
     /// Bytes the splice sent in direction `i` beyond what side `i` received: more than zero
-    /// only when the kernel sent some twice. It does when a retransmitted segment overlaps bytes
-    /// the socket already had (its delayed ACK was lost, say): TCP queues such a segment whole
-    /// for a reader to skip the overlap, and the verdict path forwards all of it.
+    /// only when the kernel sent some twice. It does when a segment overlaps bytes the socket
+    /// already delivered and the program could not cut the overlap (`zt_splice`: too long, no
+    /// memory, or a kernel whose layout the agent could not read).
     /// `at_end`: side `i` received its FIN, which `tcpi_bytes_received` counts.
     pub fn sent_twice(&self, i: usize, at_end: bool) -> io::Result<u64> {
         // Forwarded first: what was received can only have grown since.

@@ -34,7 +34,8 @@ use crate::{
 pub struct EarlyBytes<'a> {
     app: &'a TcpStream,
     chunks: Vec<Bytes>,
-    /// The application half-closed: the relay passes that on.
+    /// The application half-closed: END_STREAM follows its bytes, so that a server waiting
+    /// for the end (a request, then a half-close) need not wait for the CONNECT's answer.
     ended: bool,
     /// The stream takes no more: read nothing more here.
     halted: bool,
@@ -209,15 +210,23 @@ async fn open_stream(
     for chunk in &early.chunks {
         send.send_data(chunk.clone(), false)?;
     }
+    if early.ended {
+        send.send_data(Bytes::new(), true)?;
+    }
     tokio::pin!(response);
     let response = loop {
         tokio::select! {
             biased;
             response = &mut response => break response?,
-            Some(chunk) = early.next(), if early.wanted() => {
+            next = early.next(), if early.wanted() => {
+                let sent = match next {
+                    Some(chunk) => send.send_data(chunk, false),
+                    None if early.ended => send.send_data(Bytes::new(), true),
+                    None => continue,
+                };
                 // The stream ended under us (a refusal racing these bytes, say): its answer
                 // says why.
-                if send.send_data(chunk, false).is_err() {
+                if sent.is_err() {
                     early.halted = true;
                 }
             }
@@ -227,8 +236,13 @@ async fn open_stream(
         return Err(TunnelError::Refused(dst, response.status()));
     }
     let peer = hbone::peer_workload(response.headers(), expected);
+    let stream = H2Stream::new(send, response.into_body()).on_pooled(lease.guard);
     Ok((
-        H2Stream::new(send, response.into_body()).on_pooled(lease.guard),
+        if early.ended {
+            stream.request_ended()
+        } else {
+            stream
+        },
         peer,
     ))
 }

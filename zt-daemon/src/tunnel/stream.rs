@@ -18,6 +18,8 @@ pub struct H2Stream {
     recv: RecvStream,
     /// Keeps a pooled connection counted as busy while this stream lives.
     busy: Option<StreamGuard>,
+    /// END_STREAM already went (with the CONNECT's early bytes).
+    send_ended: bool,
 }
 
 impl H2Stream {
@@ -26,7 +28,14 @@ impl H2Stream {
             send,
             recv,
             busy: None,
+            send_ended: false,
         }
+    }
+
+    /// The sending side already ended: the relay's half-close has nothing left to send.
+    pub fn request_ended(mut self) -> Self {
+        self.send_ended = true;
+        self
     }
 
     pub fn on_pooled(mut self, guard: StreamGuard) -> Self {
@@ -67,6 +76,7 @@ impl copy::ChunkRead for H2Reader {
 pub struct H2Writer {
     send: SendStream<Bytes>,
     _busy: Option<StreamGuard>,
+    ended: bool,
 }
 
 impl copy::ChunkWrite for H2Writer {
@@ -85,6 +95,9 @@ impl copy::ChunkWrite for H2Writer {
     }
 
     async fn finish(&mut self) -> io::Result<()> {
+        if std::mem::replace(&mut self.ended, true) {
+            return Ok(());
+        }
         // END_STREAM: the tunnel's half-close.
         self.send.send_data(Bytes::new(), true).map_err(h2_io)
     }
@@ -100,6 +113,7 @@ impl copy::RelaySide for H2Stream {
             H2Writer {
                 send: self.send,
                 _busy: self.busy,
+                ended: self.send_ended,
             },
         )
     }

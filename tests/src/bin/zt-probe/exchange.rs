@@ -9,7 +9,7 @@ use std::{
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
-fn hex(d: &[u8]) -> String {
+pub(crate) fn hex(d: &[u8]) -> String {
     d.iter().map(|b| format!("{b:02x}")).collect()
 }
 

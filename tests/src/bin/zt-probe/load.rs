@@ -7,8 +7,9 @@ use std::{
 };
 
 use serde_json::json;
+use sha2::{Digest, Sha256};
 
-use crate::exchange::{Idle, bind_and_announce, connect};
+use crate::exchange::{Idle, bind_and_announce, connect, hex};
 
 pub(crate) fn flood(to: SocketAddr, count: usize, hold: Duration) -> serde_json::Value {
     raise_fd_limit();
@@ -85,11 +86,24 @@ pub(crate) fn churn(
     bytes: usize,
     whole_reply: bool,
 ) -> serde_json::Value {
-    let payload = vec![0x5au8; bytes];
+    // Checked whole, each connection sends random bytes, so that bytes out of place show.
+    let mut payload = vec![0x5au8; bytes];
+    let mut random = match whole_reply
+        .then(|| std::fs::File::open("/dev/urandom"))
+        .transpose()
+    {
+        Ok(random) => random,
+        Err(e) => {
+            return json!({"count": count, "completed": 0, "corrupt": 0, "error": e.to_string()});
+        }
+    };
     let (mut completed, mut corrupt) = (0, 0);
     let mut first_error = None;
     for _ in 0..count {
-        let once = || -> std::io::Result<Vec<u8>> {
+        let mut once = || -> std::io::Result<Vec<u8>> {
+            if let Some(random) = &mut random {
+                random.read_exact(&mut payload)?;
+            }
             let mut conn = TcpStream::connect_timeout(&to, Duration::from_secs(3))?;
             conn.set_read_timeout(Some(Duration::from_secs(5)))?;
             conn.write_all(&payload)?;
@@ -104,7 +118,7 @@ pub(crate) fn churn(
                 completed += 1;
                 continue;
             }
-            Ok(reply) => match check_reply(&reply, bytes) {
+            Ok(reply) => match check_reply(&reply, &payload) {
                 Ok(()) => {
                     completed += 1;
                     continue;
@@ -122,9 +136,9 @@ pub(crate) fn churn(
 }
 
 /// Checks what a `serve` server sent back, read to its end: its own `--send` bytes, then its
-/// report, which must count the `bytes` it received. A report cut short, or bytes missing before
-/// it, is an error.
-fn check_reply(reply: &[u8], bytes: usize) -> std::io::Result<()> {
+/// report, which must describe `sent` (what this connection sent) and the bytes before it. Bytes
+/// missing, added or out of place on either way, or a report cut short, are an error.
+fn check_reply(reply: &[u8], sent: &[u8]) -> std::io::Result<()> {
     // The report's keys are sorted, so it starts with its byte count.
     const REPORT: &[u8] = b"{\"bytes\":";
     let bad = |why: String| std::io::Error::other(format!("reply of {} bytes: {why}", reply.len()));
@@ -134,13 +148,20 @@ fn check_reply(reply: &[u8], bytes: usize) -> std::io::Result<()> {
         .ok_or_else(|| bad("no report".into()))?;
     let report: serde_json::Value = serde_json::from_slice(&reply[start..])
         .map_err(|e| bad(format!("report cut short: {e}")))?;
-    if report["bytes"].as_u64() != Some(bytes as u64) {
+    if report["bytes"].as_u64() != Some(sent.len() as u64)
+        || report["sha256"] != hex(&Sha256::digest(sent)).as_str()
+    {
         return Err(bad(format!(
-            "the server received other than {bytes}: {report}"
+            "the server received other than the {} bytes sent: {report}",
+            sent.len()
         )));
     }
-    if report["sent"].as_u64() != Some(start as u64) {
-        return Err(bad(format!("{start} bytes before the report: {report}")));
+    if report["sent"].as_u64() != Some(start as u64)
+        || report["sent_sha256"] != hex(&Sha256::digest(&reply[..start])).as_str()
+    {
+        return Err(bad(format!(
+            "{start} bytes before the report, not the server's: {report}"
+        )));
     }
     Ok(())
 }
@@ -309,4 +330,27 @@ pub(crate) fn load(
     failed.sort_unstable();
     let written: u64 = results.iter().map(|r| r.2).sum();
     json!({"ok_ms": ok, "failed_ms": failed, "written": written})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reply(server_bytes: &[u8], received: &[u8]) -> Vec<u8> {
+        let report = json!({"bytes": received.len(), "sha256": hex(&Sha256::digest(received)),
+                            "sent": server_bytes.len(), "sent_sha256": hex(&Sha256::digest(server_bytes))});
+        [server_bytes, format!("{report}\n").as_bytes()].concat()
+    }
+
+    #[test]
+    fn a_reply_passes_only_with_every_byte_in_place_both_ways() {
+        let (sent, theirs) = (b"abcdef".as_slice(), b"server bytes".as_slice());
+        check_reply(&reply(theirs, sent), sent).unwrap();
+        // As many bytes, one of them out of place: what a cut or a duplicate would leave.
+        assert!(check_reply(&reply(theirs, b"abcdee"), sent).is_err());
+        let mut shifted = reply(theirs, sent);
+        shifted[0] = b'x';
+        assert!(check_reply(&shifted, sent).is_err());
+        assert!(check_reply(&reply(theirs, sent)[..20], sent).is_err());
+    }
 }
