@@ -332,6 +332,10 @@ where
     let mut ended = [false; 2];
     loop {
         tokio::select! {
+            // An interrupt first: a side that failed before the relay began must not be taken for
+            // one that ended (its failed read now reads as an end).
+            biased;
+            reason = &mut interrupt => return reason,
             r = &mut up, if !ended[0] => match r {
                 Ok(()) => ended[0] = true,
                 Err(Failure::Read) => return CloseReason::DownstreamReset,
@@ -342,7 +346,6 @@ where
                 Err(Failure::Read) => return CloseReason::UpstreamReset,
                 Err(Failure::Write) => return CloseReason::DownstreamReset,
             },
-            reason = &mut interrupt => return reason,
             reason = watch(ended) => return reason,
             _ = tokio::time::sleep_until((last_moved() + idle_timeout).into()) => {
                 if last_moved().elapsed() >= idle_timeout {

@@ -384,14 +384,15 @@ async fn bytes_sent_before_the_tunnel_opened_reach_an_allowed_peer_once_and_a_de
 }
 
 /// A destination whose HBONE side (real TLS and HTTP/2, with an SVID of `namespace`/`sa`) says
-/// when a CONNECT's headers arrived, and answers it only once `wanted` bytes of its body have,
-/// echoing them: a client whose bytes wait for the answer is never answered.
+/// when a CONNECT's headers arrived, and answers it only once `wanted` bytes of its body have
+/// (`None`: once the body ended), echoing them: a client whose bytes (or end) wait for the
+/// answer is never answered.
 async fn answering_after_the_body(
     bed: &Bed,
     host: u8,
     namespace: &str,
     sa: &str,
-    wanted: usize,
+    wanted: Option<usize>,
 ) -> (IpAddr, tokio::sync::oneshot::Receiver<()>) {
     let ip = bed.ip(host);
     let id = spiffe_id(namespace, sa);
@@ -410,8 +411,9 @@ async fn answering_after_the_body(
         tokio::spawn(async move {
             let mut body = request.into_body();
             let mut got = Vec::new();
-            while got.len() < wanted {
-                let data = body.data().await.unwrap().unwrap();
+            while wanted.is_none_or(|wanted| got.len() < wanted) {
+                let Some(data) = body.data().await else { break };
+                let data = data.unwrap();
                 let _ = body.flow_control().release_capacity(data.len());
                 got.extend_from_slice(&data);
             }
@@ -438,7 +440,7 @@ async fn bytes_sent_after_the_connect_go_out_before_its_answer() {
     let web = bed.pod(1, "shop", "web-1", "web").await;
     let request = b"HELO after the CONNECT";
     let (db, connect_arrived) =
-        answering_after_the_body(&bed, 2, "shop", "db", request.len()).await;
+        answering_after_the_body(&bed, 2, "shop", "db", Some(request.len())).await;
     let mut stream = bed.connect(&web, SocketAddr::new(db, APP_PORT)).await;
     // The CONNECT is out, without the client's bytes: they follow it, unanswered.
     tokio::time::timeout(WAIT, connect_arrived)
@@ -452,6 +454,30 @@ async fn bytes_sent_after_the_connect_go_out_before_its_answer() {
         .expect("the client's bytes waited for the answer, which waited for them")
         .unwrap();
     assert_eq!(back, request);
+}
+
+/// A client that half-closes while its CONNECT waits for the answer, with bytes or without:
+/// the end follows them on the stream, so a destination that answers only at the end answers.
+#[tokio::test]
+async fn a_half_close_before_the_answer_goes_out_with_the_early_bytes() {
+    let bed = Bed::new("", MtlsMode::Strict, EgressPolicy::default());
+    let web = bed.pod(1, "shop", "web-1", "web").await;
+    for (host, request) in [(2, b"HELO, then the end".as_slice()), (3, b"".as_slice())] {
+        let (db, connect_arrived) = answering_after_the_body(&bed, host, "shop", "db", None).await;
+        let mut stream = bed.connect(&web, SocketAddr::new(db, APP_PORT)).await;
+        tokio::time::timeout(WAIT, connect_arrived)
+            .await
+            .expect("the CONNECT never arrived")
+            .unwrap();
+        stream.write_all(request).await.unwrap();
+        stream.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        tokio::time::timeout(WAIT, stream.read_to_end(&mut back))
+            .await
+            .expect("the client's end waited for the answer, which waited for it")
+            .unwrap();
+        assert_eq!(back, request);
+    }
 }
 
 #[tokio::test]

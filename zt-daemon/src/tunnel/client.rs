@@ -133,9 +133,13 @@ pub async fn open_tunnel(
             Ok((stream, peer)) => return Ok((stream, source, peer)),
             // The peer answered: the connection is fine and asking again would get the same.
             Err(e @ TunnelError::Refused(..)) => return Err(e),
-            // Once early bytes have gone out, only a stream the peer cannot have processed is
-            // tried again: the application's bytes must not arrive twice.
-            Err(e) if !fresh && attempts > 0 && (early.chunks.is_empty() || e.unprocessed()) => {
+            // Once early bytes (or the application's end) have gone out, only a stream the peer
+            // cannot have processed is tried again: the application must not see them twice.
+            Err(e)
+                if !fresh
+                    && attempts > 0
+                    && ((early.chunks.is_empty() && !early.ended) || e.unprocessed()) =>
+            {
                 debug!(workload = %workload.workload.id, original_dst = %dst, error = %e, "pooled HBONE connection unusable; replacing it");
                 tunnel.pool.evict(&key, connection);
             }

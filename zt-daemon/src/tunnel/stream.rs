@@ -118,8 +118,9 @@ impl copy::RelaySide for H2Stream {
         )
     }
 
-    /// RST_STREAM, the tunnel's equivalent of a TCP reset.
+    /// RST_STREAM, the tunnel's equivalent of a TCP reset: CONNECT_ERROR, as RFC 9113 (8.5)
+    /// asks of a CONNECT tunnel (some peers read CANCEL as a clean end).
     fn abort_halves(_read: H2Reader, mut write: H2Writer) {
-        write.send.send_reset(h2::Reason::CANCEL);
+        write.send.send_reset(h2::Reason::CONNECT_ERROR);
     }
 }
