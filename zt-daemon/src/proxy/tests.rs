@@ -434,19 +434,30 @@ async fn answering_after_the_body(
     (ip, arrived)
 }
 
+/// `from`'s connection to an [`answering_after_the_body`] destination (`shop`/`db` on `host`),
+/// once its CONNECT arrived there: what the client does next happens while the CONNECT waits.
+async fn connected_awaiting_the_answer(
+    bed: &Bed,
+    from: &Pod,
+    host: u8,
+    wanted: Option<usize>,
+) -> TcpStream {
+    let (db, connect_arrived) = answering_after_the_body(bed, host, "shop", "db", wanted).await;
+    let stream = bed.connect(from, SocketAddr::new(db, APP_PORT)).await;
+    tokio::time::timeout(WAIT, connect_arrived)
+        .await
+        .expect("the CONNECT never arrived")
+        .unwrap();
+    stream
+}
+
 #[tokio::test]
 async fn bytes_sent_after_the_connect_go_out_before_its_answer() {
     let bed = Bed::new("", MtlsMode::Strict, EgressPolicy::default());
     let web = bed.pod(1, "shop", "web-1", "web").await;
     let request = b"HELO after the CONNECT";
-    let (db, connect_arrived) =
-        answering_after_the_body(&bed, 2, "shop", "db", Some(request.len())).await;
-    let mut stream = bed.connect(&web, SocketAddr::new(db, APP_PORT)).await;
+    let mut stream = connected_awaiting_the_answer(&bed, &web, 2, Some(request.len())).await;
     // The CONNECT is out, without the client's bytes: they follow it, unanswered.
-    tokio::time::timeout(WAIT, connect_arrived)
-        .await
-        .expect("the CONNECT never arrived")
-        .unwrap();
     stream.write_all(request).await.unwrap();
     let mut back = vec![0; request.len()];
     tokio::time::timeout(WAIT, stream.read_exact(&mut back))
@@ -463,12 +474,7 @@ async fn a_half_close_before_the_answer_goes_out_with_the_early_bytes() {
     let bed = Bed::new("", MtlsMode::Strict, EgressPolicy::default());
     let web = bed.pod(1, "shop", "web-1", "web").await;
     for (host, request) in [(2, b"HELO, then the end".as_slice()), (3, b"".as_slice())] {
-        let (db, connect_arrived) = answering_after_the_body(&bed, host, "shop", "db", None).await;
-        let mut stream = bed.connect(&web, SocketAddr::new(db, APP_PORT)).await;
-        tokio::time::timeout(WAIT, connect_arrived)
-            .await
-            .expect("the CONNECT never arrived")
-            .unwrap();
+        let mut stream = connected_awaiting_the_answer(&bed, &web, host, None).await;
         stream.write_all(request).await.unwrap();
         stream.shutdown().await.unwrap();
         let mut back = Vec::new();
