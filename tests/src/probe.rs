@@ -326,6 +326,23 @@ pub fn connect_chatty_until(
     connect_waiting(bed, pod, to, go, Some(every))
 }
 
+/// As [`connect_idle_until`], neither sending nor reading until `go` exists; then full duplex
+/// as [`connect_duplex`]: sends `bytes` and half-closes while receiving the `expect` bytes a
+/// sending server sends.
+pub fn connect_duplex_after(
+    bed: &Testbed,
+    pod: &Pod,
+    to: SocketAddr,
+    go: &std::path::Path,
+    bytes: u64,
+    expect: u64,
+) -> anyhow::Result<Result<Value, Value>> {
+    let expect = expect.to_string();
+    let go = go.display().to_string();
+    let args = ["--idle-until", go.as_str(), "--expect", expect.as_str()];
+    run_connect(bed, pod, to, bytes, Duration::from_secs(3), &args)
+}
+
 fn connect_waiting(
     bed: &Testbed,
     pod: &Pod,

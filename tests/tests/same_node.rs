@@ -350,9 +350,16 @@ fn spliced_connections_end_cleanly_only_with_every_byte_once() {
 
 /// `(Send-Q, bytes_acked)` of `pod`'s connection to its agent's outbound listener, from `ss`.
 fn client_send_state(bed: &Testbed, pod: &Pod) -> anyhow::Result<Option<(u64, u64)>> {
+    send_state(bed, pod, "dport = :15001")
+}
+
+/// `(Send-Q, bytes_acked)` of `pod`'s first established connection that `ss` matches with
+/// `filter`.
+fn send_state(bed: &Testbed, pod: &Pod, filter: &str) -> anyhow::Result<Option<(u64, u64)>> {
     let out = bed
         .pod_command(pod, "ss")?
-        .args(["-tniH", "state", "established", "dport", "= :15001"])
+        .args(["-tniH", "state", "established"])
+        .args(filter.split_whitespace())
         .output()?;
     let text = String::from_utf8_lossy(&out.stdout);
     let mut lines = text.lines();
@@ -370,6 +377,47 @@ fn client_send_state(bed: &Testbed, pod: &Pod) -> anyhow::Result<Option<(u64, u6
         .find_map(|f| f.strip_prefix("bytes_acked:"))
         .and_then(|v| v.parse().ok());
     Ok(send_q.zip(acked.or(Some(0))))
+}
+
+#[test]
+fn a_half_close_behind_bytes_queued_for_its_own_side_waits_for_them() {
+    let mut n = node(false);
+    let (p11, p12) = (n.bed.pod(1, 1).clone(), n.bed.pod(1, 2).clone());
+    let port = PORT + 2;
+    // Well below `Splice::HIGH`: the direction stays spliced, its bytes queued in the kernel.
+    let sent = 12 * MIB;
+    Server::start_sending(&mut n.bed, &p12, SocketAddr::from(([0u16; 8], port)), sent).unwrap();
+    let dst = SocketAddr::new(p12.ip(false), port);
+    let go = n.bed.dir.join("go");
+    let report = std::thread::scope(|s| {
+        // The client neither reads nor sends until `go`: the server's bytes pile up on their way
+        // out of the agent's socket towards it.
+        let conn =
+            s.spawn(|| zt_tests::probe::connect_duplex_after(&n.bed, &p11, dst, &go, 0, sent));
+        let server_filter = format!("sport = :{port}");
+        zt_tests::wait_until(Duration::from_secs(20), || {
+            let state = send_state(&n.bed, &p12, &server_filter)?;
+            Ok(matches!(state, Some((0, acked)) if acked >= sent))
+        })
+        .unwrap_or_else(|e| {
+            panic!(
+                "the server's bytes never left it: {e}\n{}",
+                n.agent.log_tail()
+            )
+        });
+        // Now its bare FIN reaches the agent's socket while the other direction's bytes wait to
+        // leave through that very socket.
+        std::fs::write(&go, "").unwrap();
+        conn.join().unwrap().unwrap()
+    });
+    let r = report.unwrap_or_else(|e| panic!("the client failed: {e}\n{}", n.agent.log_tail()));
+    assert_eq!(r["received"].as_u64(), Some(sent), "{r}");
+    assert_eq!(r["received_sha256"], r["reply"]["sent_sha256"], "{r}");
+    for direction in ["outbound", "inbound"] {
+        let records = logged(&n.agent, direction, 1);
+        assert_eq!(records[0]["same_node"], "spliced", "{}", records[0]);
+        assert_eq!(records[0]["close"], "eof", "{}", records[0]);
+    }
 }
 
 #[test]

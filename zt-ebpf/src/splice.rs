@@ -42,6 +42,15 @@ const TRIM_STEPS: u32 = 64;
 /// a link (the agent is tearing the connection down) keeps its bytes for the agent to read.
 #[stream_verdict]
 pub fn zt_splice(ctx: SkBuffContext) -> u32 {
+    let received = u64::from(ctx.len());
+    if received == 0 {
+        // A bare FIN: TCP has already marked the socket's end, which is where the agent sees it.
+        // The empty segment must go nowhere. Redirected, it would break the peer's redirect
+        // queue; passed, it would join this socket's own queue whenever bytes redirected
+        // towards this socket wait there, and break it the same way (the kernel's queue runner
+        // takes a segment that yields no bytes for a broken pipe, and stops sending).
+        return sk_action::SK_DROP;
+    }
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let Some(link) = SPLICE_LINKS.get_ptr_mut(&cookie) else {
         return sk_action::SK_PASS;
@@ -49,12 +58,6 @@ pub fn zt_splice(ctx: SkBuffContext) -> u32 {
     // SAFETY: pointer from a successful lookup. One socket's verdicts run one at a time (under
     // the socket's lock), and only they write its link.
     let link = unsafe { &mut *link };
-    let received = u64::from(ctx.len());
-    if received == 0 {
-        // A bare FIN stays with its socket, where the agent reads the end. Sent out of the peer
-        // as an empty segment it would be an error that breaks the peer's redirect queue.
-        return sk_action::SK_PASS;
-    }
     // The socket's read position runs `ahead` of what it delivered after a cut that fell short
     // (the kernel moves it by what the program let through): less that, this segment's overlap.
     let overlap = u64::from(received_before(&ctx)).saturating_sub(link.ahead);
