@@ -66,7 +66,9 @@ impl Agent {
         config: NodeConfig,
         log: LogControl,
     ) -> anyhow::Result<Self> {
-        let capture = Capture::start(&config.capture).context("starting capture")?;
+        // Same-node connections skip the tunnel only where there is one to skip.
+        let node_local = config.identity.is_some() && config.mtls.same_node != SameNode::Tunnel;
+        let capture = Capture::start(&config.capture, node_local).context("starting capture")?;
         let dsts = OriginalDsts::open(capture.pin_dir())?;
         let identity = match &config.identity {
             Some(c) => Some(
@@ -96,8 +98,7 @@ impl Agent {
             .flatten();
         let directory = MeshDirectory::default();
         let readiness = Readiness::new(policy.status(), directory.clone());
-        let node_local = identity.is_some() && config.mtls.same_node != SameNode::Tunnel;
-        let splicer = node_local.then(|| capture.splicer.clone());
+        let splicer = capture.splicer.clone();
         let direct = (node_local && config.mtls.same_node == SameNode::Direct)
             .then(|| capture.direct.clone());
         let proxy = Arc::new(ProxyContext {

@@ -58,7 +58,9 @@ const RETIRED_PINS: [&str; 4] = [
 
 impl Capture {
     /// Loads the programs, attaches or re-adopts the node-wide links, and applies settings.
-    pub fn start(config: &CaptureConfig) -> Result<Self, CaptureError> {
+    /// `splice`: the same-node splice will be used (its program attached, the kernel's layout
+    /// read for it); otherwise neither, and `Capture::splicer` is `None`.
+    pub fn start(config: &CaptureConfig, splice: bool) -> Result<Self, CaptureError> {
         let dir = config.bpffs_dir.clone();
         ensure_bpffs(&dir)?;
         for sub in ["maps", "programs", "links", "pods"] {
@@ -71,12 +73,13 @@ impl Capture {
         };
         let cgroup_dir = File::open(&cgroup).map_err(io_err(&cgroup, "opening cgroup"))?;
 
-        let layout = match kernel_layout::read(Path::new(kernel_layout::VMLINUX_BTF)) {
-            Ok(layout) => layout,
-            Err(e) => {
+        let layout = if splice {
+            kernel_layout::read(Path::new(kernel_layout::VMLINUX_BTF)).unwrap_or_else(|e| {
                 warn!(error = %e, "the same-node splice cannot cut retransmitted bytes; a connection the kernel would send bytes twice on is reset instead");
                 KernelLayout::UNKNOWN
-            }
+            })
+        } else {
+            KernelLayout::UNKNOWN
         };
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(dir.join("maps"))
@@ -131,7 +134,7 @@ impl Capture {
             info!(program, pin = %pin.display(), adopted, "capture program attached");
         }
         let agent_sockets = AgentSockets::open(&dir)?;
-        let splicer = Splicer::attach(&mut ebpf)?;
+        let splicer = splice.then(|| Splicer::attach(&mut ebpf)).transpose()?;
         let direct = DirectPaths::open(&dir, &mut ebpf)?;
         Ok(Self {
             _ebpf: ebpf,

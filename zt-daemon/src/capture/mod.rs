@@ -89,7 +89,9 @@ pub struct Capture {
     /// Where the cgroup programs are attached.
     pub cgroup: PathBuf,
     pub agent_sockets: AgentSockets,
-    pub splicer: Splicer,
+    /// Same-node connections joined in the kernel (`mtls.same_node = "splice"`, and "direct"
+    /// for those it does not grant); `None` when neither is configured.
+    pub splicer: Option<Splicer>,
     /// Same-node connections that skip the agent (`mtls.same_node = "direct"`).
     pub direct: DirectPaths,
 }
