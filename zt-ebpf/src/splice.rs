@@ -39,7 +39,8 @@ const TRIM_STEP: u32 = 0xfff;
 const TRIM_STEPS: u32 = 64;
 
 /// Sends what a spliced socket received out of its peer socket, and counts it. A socket without
-/// a link (the agent is tearing the connection down) keeps its bytes for the agent to read.
+/// a link keeps its bytes: a link goes in before its socket joins SOURCES and comes out after it
+/// left, so that happens only in a race as the agent tears the connection down.
 #[stream_verdict]
 pub fn zt_splice(ctx: SkBuffContext) -> u32 {
     let received = u64::from(ctx.len());

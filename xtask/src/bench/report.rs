@@ -197,7 +197,7 @@ pub fn report(
     issue_20_targets(
         &mut md,
         [direct, direct_same, fast_path, cross, haproxy],
-        per_conn,
+        (per_conn, largest.connections),
     )?;
     Ok(md)
 }
@@ -206,7 +206,7 @@ pub fn report(
 fn issue_20_targets(
     md: &mut String,
     [direct, direct_same, fast_path, cross, haproxy]: [&Figures; 5],
-    idle_kib: f64,
+    (idle_kib, idle_connections): (f64, usize),
 ) -> anyhow::Result<()> {
     let cpu = match (cross.proxy_cpu_s_per_gib, haproxy.proxy_cpu_s_per_gib) {
         (Some(zt), Some(h)) => zt / h,
@@ -244,7 +244,8 @@ fn issue_20_targets(
             cross.conns_per_s / direct.conns_per_s >= 0.6,
         ),
         (
-            "idle connection ≤ 10 KiB at 10 000".to_owned(),
+            // The target is set at 10 000; a quick run holds fewer and says so.
+            format!("idle connection ≤ 10 KiB at 10 000 (measured at {idle_connections})"),
             format!("{idle_kib:.1} KiB"),
             idle_kib <= 10.0,
         ),
