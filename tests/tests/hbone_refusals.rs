@@ -438,7 +438,13 @@ fn stalled_handshakes_from_one_pod_leave_the_target_pods_own_traffic_flowing() {
     )
     .unwrap();
     let opened = flood.wait("opened", Duration::from_secs(10)).unwrap();
-    assert_eq!(opened["opened"].as_u64(), Some(FLOOD), "{opened}");
+    // Every connect got an answer. A few can fail rather than open: the agent accepts a connection
+    // beyond the per-source bound and resets it at once, and that reset can reach the flood
+    // before its connect returns. Those the agent holds never fail.
+    let open = opened["opened"].as_u64().unwrap_or(0);
+    let failed = opened["failed"].as_u64().unwrap_or(0);
+    assert_eq!(open + failed, FLOOD, "{opened}");
+    assert!(open >= HANDSHAKES_PER_SOURCE, "{opened}");
     // The agent has dealt with every connection it will not hold before the checks below: it
     // refuses those beyond the per-source bound (an agent that admitted handshakes by the
     // workload's limit would refuse those beyond that limit instead).
