@@ -81,10 +81,16 @@ impl Capture {
         } else {
             KernelLayout::UNKNOWN
         };
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        loader
             .default_map_pin_directory(dir.join("maps"))
-            .override_global(KERNEL_LAYOUT_GLOBAL, &layout, true)
-            .load(EBPF_OBJECT)?;
+            .override_global(KERNEL_LAYOUT_GLOBAL, &layout, true);
+        if !splice {
+            // The object defines the splice maps either way; an agent that never splices keeps
+            // them at one entry rather than 65 536 buckets each.
+            shrink_splice_maps(&mut loader);
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT)?;
         match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(logger) => spawn_ebpf_logger(logger),
             Err(e) => warn!(error = %e, "eBPF log forwarding unavailable"),
@@ -159,16 +165,15 @@ impl Capture {
         let parent = pin.parent().expect("pod link path has a parent");
         std::fs::create_dir_all(parent).map_err(io_err(parent, "creating pin directory"))?;
         // The instance lives as long as its link; the loader's other objects go when it drops.
-        let mut instance = EbpfLoader::new()
+        let mut instance = EbpfLoader::new();
+        instance
             .default_map_pin_directory(self.dir.join("maps"))
             .override_global(SK_LOOKUP_POD_GLOBAL, &netns_cookie, true)
             .map_max_entries(LOG_RING, 4096)
-            // The splice maps are the node-wide object's; this instance's copies go unused.
-            .map_max_entries(map_names::SPLICE_SOURCES, 1)
-            .map_max_entries(map_names::SPLICE_TARGETS, 1)
-            .map_max_entries(map_names::SPLICE_LINKS, 1)
-            .map_max_entries(map_names::DIRECT_EVENTS, 4096)
-            .load(EBPF_OBJECT)?;
+            .map_max_entries(map_names::DIRECT_EVENTS, 4096);
+        // The splice maps are the node-wide object's; this instance's copies go unused.
+        shrink_splice_maps(&mut instance);
+        let mut instance = instance.load(EBPF_OBJECT)?;
         let program: &mut SkLookup = program_mut(&mut instance, SK_LOOKUP_PROGRAM)?;
         program.load().map_err(prog_err(SK_LOOKUP_PROGRAM))?;
         adopt_or_attach(
@@ -186,6 +191,17 @@ impl Capture {
 
 fn prog_err(program: &'static str) -> impl Fn(ProgramError) -> CaptureError {
     move |source| CaptureError::Program { program, source }
+}
+
+/// Sizes the splice maps of an object that will not splice at one entry each.
+fn shrink_splice_maps(loader: &mut EbpfLoader<'_>) {
+    for name in [
+        map_names::SPLICE_SOURCES,
+        map_names::SPLICE_TARGETS,
+        map_names::SPLICE_LINKS,
+    ] {
+        loader.map_max_entries(name, 1);
+    }
 }
 
 /// Makes `pin` a link running `program`: a link a previous agent pinned gets our program swapped
