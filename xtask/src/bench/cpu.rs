@@ -1,7 +1,8 @@
 //! `cargo xtask bench cpu`: what the proxies spend per byte on zt cross-node against the HAProxy
 //! mTLS pair (issue 20): CPU seconds per GiB over rounds of iperf3 (1 and 8 streams, as the data
 //! path bench counts it), then the system calls each proxy makes per MiB during one more stream,
-//! counted by `perf stat` on syscall tracepoints. Only these two paths run, so a data path change
+//! counted by `perf stat` on syscall tracepoints. Each round also times new connections on zt
+//! cross-node against direct TCP's in the same round. Only these paths run, so a data path change
 //! is measured in minutes; `--compare DIR` measures another build (e.g. main's) in the same run,
 //! in turn with this one. Compare ratios to HAProxy from one run, never the seconds.
 use std::{
@@ -16,7 +17,7 @@ use zt_tests::{Agent, wait_until};
 
 use super::{
     ensure_measured,
-    load::{Route, iperf},
+    load::{Route, connection_rate, iperf},
     machine,
     topology::Topology,
     use_release_binaries,
@@ -51,11 +52,17 @@ struct Syscalls {
     bytes: f64,
 }
 
-/// What one path measured: CPU s/GiB and 1-stream Gbit/s per round, syscalls once.
+/// Sequential new connections per round and path: enough that one wake-up's luck does not
+/// decide a round, few enough that a round stays within seconds.
+const NEW_CONNECTIONS: usize = 1000;
+
+/// What one path measured: CPU s/GiB, 1-stream Gbit/s and new connections/s per round, syscalls
+/// once.
 #[derive(Default)]
 struct Measured {
     per_gib: Vec<f64>,
     gbit: Vec<f64>,
+    conns: Vec<f64>,
     syscalls: Vec<Syscalls>,
 }
 
@@ -106,7 +113,14 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     let mut running = 0;
     let mut zt: Vec<Measured> = builds.iter().map(|_| Measured::default()).collect();
     let mut haproxy = Measured::default();
+    let mut direct = Measured::default();
     for round in 1..=options.rounds {
+        println!("round {round}/{}: direct TCP", options.rounds);
+        direct.conns.push(connection_rate(
+            &topology.bed,
+            topology.direct(),
+            NEW_CONNECTIONS,
+        )?);
         // Rotate which build goes first, so none always follows HAProxy.
         let mut order: Vec<usize> = (0..builds.len()).collect();
         order.rotate_left(round % builds.len());
@@ -123,6 +137,11 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
                 cpu_per_gib(&topology.bed, topology.cross_node(), options.seconds)?;
             zt[b].per_gib.push(per_gib);
             zt[b].gbit.push(gbit);
+            zt[b].conns.push(connection_rate(
+                &topology.bed,
+                topology.cross_node(),
+                NEW_CONNECTIONS,
+            )?);
         }
         let route = topology.haproxy();
         println!("round {round}/{}: {}", options.rounds, route.name);
@@ -140,7 +159,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     }
     println!("syscalls: HAProxy");
     haproxy.syscalls = count_syscalls(&topology.bed, topology.haproxy(), options.seconds)?;
-    let md = report(options, &builds, &zt, &haproxy, started)?;
+    let md = report(options, &builds, &zt, &haproxy, &direct, started)?;
     println!("\n{md}");
     Ok(())
 }
@@ -231,6 +250,7 @@ fn report(
     builds: &[(String, PathBuf)],
     zt: &[Measured],
     haproxy: &Measured,
+    direct: &Measured,
     started: std::time::Instant,
 ) -> anyhow::Result<String> {
     let mut md = String::new();
@@ -279,6 +299,36 @@ fn report(
         median(&haproxy.per_gib),
         median(&haproxy.gbit),
         list(&haproxy.per_gib),
+    )?;
+    writeln!(
+        md,
+        "\nNew connections/s ({NEW_CONNECTIONS} sequential per round and path, each sending 100 \
+         bytes and reading the reply), zt cross-node against direct TCP in the same round:\n"
+    )?;
+    writeln!(
+        md,
+        "| path | new connections/s | ÷ direct (median of rounds) | per round, ÷ direct |"
+    )?;
+    writeln!(md, "| --- | ---: | ---: | --- |")?;
+    for ((name, _), m) in builds.iter().zip(zt) {
+        let ratios: Vec<f64> = m
+            .conns
+            .iter()
+            .zip(&direct.conns)
+            .map(|(z, d)| z / d)
+            .collect();
+        writeln!(
+            md,
+            "| zt cross-node ({name}) | {:.0} | {:.2}× | {} |",
+            median(&m.conns),
+            median(&ratios),
+            list(&ratios),
+        )?;
+    }
+    writeln!(
+        md,
+        "| direct TCP | {:.0} | 1.00× | |",
+        median(&direct.conns)
     )?;
     writeln!(
         md,

@@ -57,6 +57,7 @@ pub struct Topology {
 /// Where zt cross-node is in `Topology::routes`, whose order (measured and reported) is: direct
 /// TCP, direct TCP same-node, zt same-node over HBONE, zt same-node direct, zt cross-node,
 /// HAProxy pair.
+const DIRECT_ROUTE: usize = 0;
 pub const CROSS_NODE_ROUTE: usize = 4;
 /// Where the HAProxy pair is in `Topology::routes`.
 pub const HAPROXY_ROUTE: usize = 5;
@@ -168,6 +169,12 @@ impl Topology {
             service,
             cluster,
         })
+    }
+
+    pub fn direct(&self) -> &Route {
+        let route = &self.routes[DIRECT_ROUTE];
+        assert_eq!(route.name, "direct TCP", "DIRECT_ROUTE is stale");
+        route
     }
 
     pub fn cross_node(&self) -> &Route {
