@@ -49,7 +49,8 @@ struct Syscalls {
     /// Page faults and context switches (software events) in the same run.
     faults: f64,
     switches: f64,
-    bytes: f64,
+    /// What the counts are per: bytes relayed, or connections made.
+    units: f64,
 }
 
 /// Sequential new connections per round and path: enough that one wake-up's luck does not
@@ -63,7 +64,10 @@ struct Measured {
     per_gib: Vec<f64>,
     gbit: Vec<f64>,
     conns: Vec<f64>,
+    /// The proxies' CPU µs per new connection, per round.
+    conn_cpu_us: Vec<f64>,
     syscalls: Vec<Syscalls>,
+    connection_syscalls: Vec<Syscalls>,
 }
 
 /// Proxy CPU seconds per GiB over iperf3 with 1 then 8 streams, and the 1-stream Gbit/s.
@@ -137,11 +141,13 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
                 cpu_per_gib(&topology.bed, topology.cross_node(), options.seconds)?;
             zt[b].per_gib.push(per_gib);
             zt[b].gbit.push(gbit);
-            zt[b].conns.push(connection_rate(
-                &topology.bed,
-                topology.cross_node(),
-                NEW_CONNECTIONS,
-            )?);
+            let route = topology.cross_node();
+            let before = route.proxies_cpu()?;
+            zt[b]
+                .conns
+                .push(connection_rate(&topology.bed, route, NEW_CONNECTIONS)?);
+            let cpu = route.proxies_cpu()? - before;
+            zt[b].conn_cpu_us.push(cpu * 1e6 / NEW_CONNECTIONS as f64);
         }
         let route = topology.haproxy();
         println!("round {round}/{}: {}", options.rounds, route.name);
@@ -156,6 +162,8 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         }
         println!("syscalls: zt cross-node, {}", builds[b].0);
         zt[b].syscalls = count_syscalls(&topology.bed, topology.cross_node(), options.seconds)?;
+        zt[b].connection_syscalls =
+            count_connection_syscalls(&topology.bed, topology.cross_node())?;
     }
     println!("syscalls: HAProxy");
     haproxy.syscalls = count_syscalls(&topology.bed, topology.haproxy(), options.seconds)?;
@@ -169,6 +177,27 @@ fn count_syscalls(
     bed: &zt_tests::Testbed,
     route: &Route,
     seconds: u64,
+) -> anyhow::Result<Vec<Syscalls>> {
+    count_syscalls_during(route, || Ok(iperf(bed, route, 1, seconds)?.1))
+}
+
+/// `NEW_CONNECTIONS` sequential new connections over `route`, each proxy's syscalls counted;
+/// `units` is then the count of connections, not bytes.
+fn count_connection_syscalls(
+    bed: &zt_tests::Testbed,
+    route: &Route,
+) -> anyhow::Result<Vec<Syscalls>> {
+    count_syscalls_during(route, || {
+        connection_rate(bed, route, NEW_CONNECTIONS)?;
+        Ok(NEW_CONNECTIONS as f64)
+    })
+}
+
+/// `perf stat` counts each of `route`'s proxies' syscalls while `work` runs; `work` returns the
+/// units they are per (bytes relayed, connections made).
+fn count_syscalls_during(
+    route: &Route,
+    work: impl FnOnce() -> anyhow::Result<f64>,
 ) -> anyhow::Result<Vec<Syscalls>> {
     let names: Vec<&str> = [READS, WRITES, WAITS, WAKES].concat();
     let mut events: Vec<String> = ["raw_syscalls:sys_enter", "page-faults", "context-switches"]
@@ -191,7 +220,7 @@ fn count_syscalls(
         perfs.push((child, out));
     }
     std::thread::sleep(Duration::from_millis(300));
-    let outcome = iperf(bed, route, 1, seconds);
+    let outcome = work();
     let mut counted = Vec::new();
     for (mut child, out) in perfs {
         // SIGINT: perf prints its counts and exits.
@@ -221,12 +250,12 @@ fn count_syscalls(
             wakes: group(WAKES),
             faults: count("page-faults"),
             switches: count("context-switches"),
-            bytes: 0.0,
+            units: 0.0,
         });
     }
-    let (_, bytes) = outcome?;
+    let units = outcome?;
     for c in &mut counted {
-        c.bytes = bytes;
+        c.units = units;
         ensure_measured(route.name, "syscalls", c.total)?;
     }
     Ok(counted)
@@ -303,13 +332,14 @@ fn report(
     writeln!(
         md,
         "\nNew connections/s ({NEW_CONNECTIONS} sequential per round and path, each sending 100 \
-         bytes and reading the reply), zt cross-node against direct TCP in the same round:\n"
+         bytes and reading the reply), zt cross-node against direct TCP in the same round, and \
+         the CPU both agents spent per connection:\n"
     )?;
     writeln!(
         md,
-        "| path | new connections/s | ÷ direct (median of rounds) | per round, ÷ direct |"
+        "| path | new connections/s | ÷ direct (median of rounds) | per round, ÷ direct | agents' CPU µs per connection |"
     )?;
-    writeln!(md, "| --- | ---: | ---: | --- |")?;
+    writeln!(md, "| --- | ---: | ---: | --- | ---: |")?;
     for ((name, _), m) in builds.iter().zip(zt) {
         let ratios: Vec<f64> = m
             .conns
@@ -319,15 +349,16 @@ fn report(
             .collect();
         writeln!(
             md,
-            "| zt cross-node ({name}) | {:.0} | {:.2}× | {} |",
+            "| zt cross-node ({name}) | {:.0} | {:.2}× | {} | {:.0} |",
             median(&m.conns),
             median(&ratios),
             list(&ratios),
+            median(&m.conn_cpu_us),
         )?;
     }
     writeln!(
         md,
-        "| direct TCP | {:.0} | 1.00× | |",
+        "| direct TCP | {:.0} | 1.00× | | - |",
         median(&direct.conns)
     )?;
     writeln!(
@@ -351,7 +382,7 @@ fn report(
         .chain([("HAProxy".to_owned(), haproxy)]);
     for (name, m) in rows {
         for (n, c) in m.syscalls.iter().enumerate() {
-            let mib = c.bytes / (1u64 << 20) as f64;
+            let mib = c.units / (1u64 << 20) as f64;
             writeln!(
                 md,
                 "| {name}, node {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |",
@@ -361,10 +392,35 @@ fn report(
                 c.writes / mib,
                 c.waits / mib,
                 c.wakes / mib,
-                c.bytes / c.reads.max(1.0) / 1024.0,
-                c.bytes / c.writes.max(1.0) / 1024.0,
+                c.units / c.reads.max(1.0) / 1024.0,
+                c.units / c.writes.max(1.0) / 1024.0,
                 c.faults / mib,
                 c.switches / mib,
+            )?;
+        }
+    }
+    writeln!(
+        md,
+        "\nSyscalls (and context switches) per new connection, over {NEW_CONNECTIONS} sequential \
+         ones (node 1's agent, then node 2's):\n"
+    )?;
+    writeln!(
+        md,
+        "| proxy | all | reads | writes | epoll waits | futex | context switches |"
+    )?;
+    writeln!(md, "| --- | ---: | ---: | ---: | ---: | ---: | ---: |")?;
+    for ((name, _), m) in builds.iter().zip(zt) {
+        for (n, c) in m.connection_syscalls.iter().enumerate() {
+            writeln!(
+                md,
+                "| zt ({name}), node {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |",
+                n + 1,
+                c.total / c.units,
+                c.reads / c.units,
+                c.writes / c.units,
+                c.waits / c.units,
+                c.wakes / c.units,
+                c.switches / c.units,
             )?;
         }
     }
