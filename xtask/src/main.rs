@@ -70,7 +70,8 @@ enum BenchCmd {
     /// Criterion and a counting allocator: the mesh directory at 100 000 pods (initial list,
     /// watch events, lookups, memory per pod, event-to-lookup latency).
     Directory,
-    /// Proxy CPU per GiB and syscalls per MiB, zt cross-node against the HAProxy pair only.
+    /// Proxy CPU per GiB and syscalls per MiB, zt cross-node against the HAProxy pair only; new
+    /// connections/s against direct TCP, with the agents' CPU and syscalls per connection.
     Cpu {
         #[arg(long, default_value_t = 5)]
         rounds: usize,
