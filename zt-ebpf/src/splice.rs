@@ -3,7 +3,7 @@
 //! (see zt-daemon's `capture::splice` for the agent's side).
 use aya_ebpf::{
     EbpfContext,
-    bindings::{BPF_F_NO_PREALLOC, sk_action},
+    bindings::sk_action,
     helpers::{bpf_probe_read_kernel, generated::bpf_get_socket_cookie},
     macros::{map, stream_verdict},
     maps::{HashMap, RingBuf, SockHash},
@@ -20,10 +20,8 @@ use zt_common::{KernelLayout, SPLICE_PRESSURE_STEP, SpliceLink};
 static SPLICE_SOURCES: SockHash<u64> = SockHash::with_max_entries(65536, 0);
 #[map(name = "ZT_SPLICE_TARGETS")]
 static SPLICE_TARGETS: SockHash<u64> = SockHash::with_max_entries(65536, 0);
-/// Not preallocated: the agent inserts a link per spliced connection (the program only updates
-/// one in place), so a node with few of them does not hold 6 MiB of kernel memory for 65 536.
 #[map(name = "ZT_SPLICE_LINKS")]
-static SPLICE_LINKS: HashMap<u64, SpliceLink> = HashMap::with_max_entries(65536, BPF_F_NO_PREALLOC);
+static SPLICE_LINKS: HashMap<u64, SpliceLink> = HashMap::with_max_entries(65536, 0);
 /// Socket cookies, each time one forwarded another `SPLICE_PRESSURE_STEP` bytes: the redirect
 /// queue has no bound of its own, so the agent checks the peer keeps up (`capture::splice`).
 #[map(name = "ZT_SPLICE_PRESSURE")]
