@@ -53,9 +53,8 @@ struct Syscalls {
     units: f64,
 }
 
-/// Sequential new connections per round and path: enough that one wake-up's luck does not
-/// decide a round, few enough that a round stays within seconds.
-const NEW_CONNECTIONS: usize = 1000;
+/// Sequential new connections per round and path, as many as the data path bench makes.
+const NEW_CONNECTIONS: usize = super::paths::FULL.new_connections;
 
 /// What one path measured: CPU s/GiB, 1-stream Gbit/s and new connections/s per round, syscalls
 /// once.
@@ -137,11 +136,10 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
                 "round {round}/{}: zt cross-node, {}",
                 options.rounds, builds[b].0
             );
-            let (per_gib, gbit) =
-                cpu_per_gib(&topology.bed, topology.cross_node(), options.seconds)?;
+            let route = topology.cross_node();
+            let (per_gib, gbit) = cpu_per_gib(&topology.bed, route, options.seconds)?;
             zt[b].per_gib.push(per_gib);
             zt[b].gbit.push(gbit);
-            let route = topology.cross_node();
             let before = route.proxies_cpu()?;
             zt[b]
                 .conns
@@ -267,6 +265,11 @@ fn median(v: &[f64]) -> f64 {
     v[v.len() / 2]
 }
 
+/// Each round's figure divided by the baseline's figure from the same round.
+fn per_round_ratios(values: &[f64], baseline: &[f64]) -> Vec<f64> {
+    values.iter().zip(baseline).map(|(v, b)| v / b).collect()
+}
+
 fn list(v: &[f64]) -> String {
     v.iter()
         .map(|v| format!("{v:.2}"))
@@ -306,12 +309,7 @@ fn report(
     )?;
     writeln!(md, "| --- | ---: | ---: | ---: | --- | --- |")?;
     for ((name, _), m) in builds.iter().zip(zt) {
-        let ratios: Vec<f64> = m
-            .per_gib
-            .iter()
-            .zip(&haproxy.per_gib)
-            .map(|(zt, h)| zt / h)
-            .collect();
+        let ratios = per_round_ratios(&m.per_gib, &haproxy.per_gib);
         writeln!(
             md,
             "| zt cross-node ({name}) | {:.2} | {:.2}× | {:.2} | {} | {} |",
@@ -341,12 +339,7 @@ fn report(
     )?;
     writeln!(md, "| --- | ---: | ---: | --- | ---: |")?;
     for ((name, _), m) in builds.iter().zip(zt) {
-        let ratios: Vec<f64> = m
-            .conns
-            .iter()
-            .zip(&direct.conns)
-            .map(|(z, d)| z / d)
-            .collect();
+        let ratios = per_round_ratios(&m.conns, &direct.conns);
         writeln!(
             md,
             "| zt cross-node ({name}) | {:.0} | {:.2}× | {} | {:.0} |",

@@ -87,7 +87,7 @@ impl Capture {
             .override_global(KERNEL_LAYOUT_GLOBAL, &layout, true);
         if !splice {
             // The object defines the splice maps either way; an agent that never splices keeps
-            // them at one entry rather than 65 536 buckets each.
+            // them at one entry rather than 65 536 each.
             shrink_splice_maps(&mut loader);
         }
         let mut ebpf = loader.load(EBPF_OBJECT)?;
