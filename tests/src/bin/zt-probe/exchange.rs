@@ -131,16 +131,18 @@ pub(crate) fn serve(listen: SocketAddr, send: u64, discard: bool) -> std::io::Re
             });
             let (total, digest, outcome) = read_bytes(&mut conn, None, discard);
             let sent_digest = writer.and_then(|w| w.join().ok()).unwrap_or_default();
-            let reply =
-                json!({"bytes": total, "sha256": digest, "sent": send, "sent_sha256": sent_digest});
-            let _ = conn.write_all(format!("{reply}\n").as_bytes());
-            let _ = conn.shutdown(Shutdown::Both);
+            // Logged before the reply goes out: a test whose client has the reply then always
+            // finds the connection in this log.
             println!(
                 "{}",
                 json!({"event": "connection", "peer": peer, "local": local, "bytes": total,
                        "sha256": digest, "end": outcome})
             );
             let _ = std::io::stdout().flush();
+            let reply =
+                json!({"bytes": total, "sha256": digest, "sent": send, "sent_sha256": sent_digest});
+            let _ = conn.write_all(format!("{reply}\n").as_bytes());
+            let _ = conn.shutdown(Shutdown::Both);
         });
     }
     Ok(())
