@@ -48,7 +48,7 @@ impl Server {
     }
 
     /// Waits until the server has recorded exactly `n` finished connections (it records each
-    /// just after replying, so a client can be done a moment before the record appears).
+    /// before replying, but a client that did not wait for the reply can be done first).
     pub fn expect_connections(&self, n: usize) -> anyhow::Result<Vec<Value>> {
         let mut seen = Vec::new();
         let waited = wait_until(Duration::from_secs(5), || {

@@ -351,9 +351,15 @@ fn series_do_not_grow_with_connections() {
     let dst = SocketAddr::new(p21.ip(false), PORT);
     let series = |agent: &Agent| samples(&agent.metrics().unwrap()).len();
     assert_eq!(churn(&m.bed, p11, dst, 1, 100).unwrap(), 1);
+    // Both agents' records: each agent counts a connection's close (and makes its series) as
+    // it logs it, node 1's a moment after node 2's.
     let wait_closed = |n: usize| {
         zt_tests::wait_until(Duration::from_secs(30), || {
-            Ok(m.agent2.access_records()?.len() == n)
+            let sent =
+                m.agent1.access_records()?.into_iter().filter(|r| {
+                    r["direction"] == "outbound" && r["original_dst"] == dst.to_string()
+                });
+            Ok(m.agent2.access_records()?.len() == n && sent.count() == n)
         })
         .unwrap()
     };

@@ -1106,8 +1106,8 @@ fn a_direct_connection_outlives_an_agent_upgrade_and_the_successor_logs_it() {
     assert_eq!(record["bytes_sent"].as_u64(), Some(65536), "{record}");
     assert_eq!(record["peer"], r["local"], "{record}\n{r}");
     // The old agent's exit voided nothing of its successor's: the successor grants, and the
-    // next connections go pod to pod again. The server saw two so far (it logs a connection
-    // after the client may have its reply, so it is waited for, not read at once).
+    // next connections go pod to pod again. The server saw two so far (waited for: the aborted
+    // direct connection is logged when the server reads its reset, not before the client ends).
     let mut served = n.server.expect_connections(2).unwrap().len();
     connect_until_direct(&n, &p11, dst, &mut served)
         .unwrap_or_else(|e| panic!("no direct path after the upgrade: {e}\n{}", new.log_tail()));

@@ -49,6 +49,11 @@ pub trait ChunkWrite: Send {
     fn write_chunk(&mut self, data: Bytes) -> impl Future<Output = io::Result<()>> + Send;
     /// The half-close: FIN, END_STREAM.
     fn finish(&mut self) -> impl Future<Output = io::Result<()>> + Send;
+    /// Resolves when the writer has something to send of its own before any data comes (a held
+    /// CONNECT answer whose time is up), and has sent it. Most writers never do.
+    fn unprompted(&mut self) -> impl Future<Output = io::Result<()>> + Send {
+        pending()
+    }
 }
 
 /// One side of a relay: split into halves that move concurrently, and put back together to be
@@ -244,7 +249,15 @@ async fn pump(
     activity: &Activity,
 ) -> Result<(), Failure> {
     loop {
-        let chunk = from.read_chunk().await.map_err(|_| Failure::Read)?;
+        // Reads are cancel-safe: one given up for the writer's own send loses nothing.
+        let chunk = tokio::select! {
+            biased;
+            chunk = from.read_chunk() => chunk.map_err(|_| Failure::Read)?,
+            sent = to.unprompted() => {
+                sent.map_err(|_| Failure::Write)?;
+                continue;
+            }
+        };
         activity.touch();
         let Some(chunk) = chunk else {
             return to.finish().await.map_err(|_| Failure::Write);

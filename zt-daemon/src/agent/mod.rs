@@ -26,7 +26,7 @@ use crate::{
     policy::{self, PolicyStore},
     proxy::{self, ProxyContext},
     source_limit::SourceLimit,
-    tunnel::{Tunnel, pool::Pool},
+    tunnel::{Tunnel, pool::Pool, stream::ANSWER_HOLD},
     workload::{Workload, WorkloadId},
 };
 use zt_common::pod_flags;
@@ -120,6 +120,7 @@ impl Agent {
                 handshakes: SourceLimit::new(config.limits.max_handshakes_per_source),
                 max_streams_per_connection: config.limits.max_streams_per_connection,
                 hbone_idle_timeout: config.limits.hbone_idle_timeout,
+                answer_hold: ANSWER_HOLD,
             }),
         });
         let admin = AdminState {

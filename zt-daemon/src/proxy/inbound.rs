@@ -15,7 +15,7 @@ use std::{
     net::{IpAddr, SocketAddr},
     pin::pin,
     sync::Arc,
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
@@ -239,7 +239,8 @@ async fn handle_hbone(
                 source: Some(peer_id.clone()),
                 destination: local_id.clone(),
             };
-            let work = handle_connect(request, respond, peer, workload, identities, ctx);
+            let answer_hold = tunnel.answer_hold;
+            let work = handle_connect(request, respond, peer, workload, identities, answer_hold, ctx);
             tokio::spawn(holding(work, permit));
         },
     )
@@ -303,13 +304,15 @@ pub fn connect_target<B>(
     Ok(dst)
 }
 
-/// One CONNECT stream: check where it may go, connect to the app, relay.
+/// One CONNECT stream: check where it may go, connect to the app, relay. The answer may wait
+/// up to `answer_hold` for the app's reply, to leave with it ([`H2Stream::answering`]).
 async fn handle_connect(
     request: Request<h2::RecvStream>,
-    mut respond: SendResponse<Bytes>,
+    respond: SendResponse<Bytes>,
     peer: SocketAddr,
     workload: Arc<LocalWorkload>,
     identities: Identities,
+    answer_hold: Duration,
     ctx: Arc<ProxyContext>,
 ) {
     let (workload, ctx) = (&*workload, &*ctx);
@@ -351,13 +354,12 @@ async fn handle_connect(
     let mut ok = Response::new(());
     ok.headers_mut()
         .insert("baggage", hbone::baggage(&workload.workload.id));
-    let send = match respond.send_response(ok, false) {
+    let tunnel = match H2Stream::answering(respond, ok, body, answer_hold) {
         Ok(s) => s,
         Err(e) => {
             debug!(workload = %id, %peer, error = %e, "HBONE: stream gone before the reply");
             return;
         }
     };
-    let tunnel = H2Stream::new(send, body);
     relay_and_log(&record, tunnel, app, ctx, pin!(denied_later)).await;
 }

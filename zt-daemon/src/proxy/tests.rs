@@ -38,7 +38,7 @@ use crate::{
     },
     services::{ServiceFacts, ServiceName, ServicePort, SliceFacts},
     source_limit::SourceLimit,
-    tunnel::{hbone, pool::Pool},
+    tunnel::{hbone, pool::Pool, stream::ANSWER_HOLD},
     workload::{Workload, WorkloadId},
 };
 
@@ -134,6 +134,16 @@ fn spiffe_id(namespace: &str, service_account: &str) -> SpiffeId {
 impl Bed {
     /// A node with the given Istio policies (YAML, default allow), `mtls.mode` and egress.
     fn new(policies: &str, mtls: MtlsMode, egress: EgressPolicy) -> Self {
+        Self::holding_answers(policies, mtls, egress, ANSWER_HOLD)
+    }
+
+    /// The same, with its CONNECT answers held up to `answer_hold` for the application's reply.
+    fn holding_answers(
+        policies: &str,
+        mtls: MtlsMode,
+        egress: EgressPolicy,
+        answer_hold: Duration,
+    ) -> Self {
         static BEDS: AtomicU8 = AtomicU8::new(1);
         let net = BEDS.fetch_add(1, Ordering::Relaxed);
         let ca = CertificateAuthority::generate(TRUST_DOMAIN.parse().unwrap()).unwrap();
@@ -176,6 +186,7 @@ impl Bed {
                 handshakes: SourceLimit::new(16),
                 max_streams_per_connection: 100,
                 hbone_idle_timeout: Duration::from_secs(60),
+                answer_hold,
             }),
             policy,
             metrics,
@@ -621,6 +632,25 @@ async fn raw_stream(
     id: &SpiffeId,
     request: http::Request<()>,
 ) -> Result<http::StatusCode, String> {
+    let send = hbone_client(bed, from, to, id).await?;
+    let exchange = async {
+        let mut send = send.ready().await?;
+        let (response, _) = send.send_request(request, true)?;
+        Ok::<_, h2::Error>(response.await?.status())
+    };
+    tokio::time::timeout(WAIT, exchange)
+        .await
+        .map_err(|_| "no answer".to_string())?
+        .map_err(|e| format!("stream: {e}"))
+}
+
+/// An HTTP/2 connection to `to`'s 15008 from `from`, presenting a fresh SVID of `id`.
+async fn hbone_client(
+    bed: &Bed,
+    from: IpAddr,
+    to: &Pod,
+    id: &SpiffeId,
+) -> Result<h2::client::SendRequest<Bytes>, String> {
     let slot = SvidSlot::new(bed.ca.issue(id, Duration::from_secs(600)).unwrap());
     let trust = bed.ctx.tunnel.as_ref().unwrap().trust.clone();
     let config = client_config(slot, trust, None).unwrap();
@@ -639,15 +669,145 @@ async fn raw_stream(
         .await
         .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
     tokio::spawn(connection);
-    let exchange = async {
-        let mut send = send.ready().await?;
-        let (response, _) = send.send_request(request, true)?;
-        Ok::<_, h2::Error>(response.await?.status())
-    };
-    tokio::time::timeout(WAIT, exchange)
+    Ok(send)
+}
+
+/// An application at `addr` that, for each connection, reads what comes, tells the test, and
+/// replies with `reply` once the test says (`None`: hangs up without a word).
+async fn replying_when_told(
+    bed: &Bed,
+    addr: SocketAddr,
+) -> (
+    tokio::sync::mpsc::Receiver<Vec<u8>>,
+    tokio::sync::mpsc::Sender<Option<&'static [u8]>>,
+) {
+    let listener = TcpListener::bind(addr).await.unwrap();
+    let (got_tx, got) = tokio::sync::mpsc::channel(4);
+    let (reply, mut reply_rx) = tokio::sync::mpsc::channel::<Option<&'static [u8]>>(4);
+    bed.spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let mut buf = vec![0; 1024];
+            let n = stream.read(&mut buf).await.unwrap_or(0);
+            let _ = got_tx.send(buf[..n].to_vec()).await;
+            match reply_rx.recv().await.flatten() {
+                Some(reply) => {
+                    stream.write_all(reply).await.unwrap();
+                    // Kept open: the answer must not wait for the end.
+                    let _ = stream.read(&mut buf).await;
+                }
+                None => drop(stream),
+            }
+        }
+    });
+    (got, reply)
+}
+
+/// A CONNECT sent with its request's bytes: its answer waits for the application's reply and
+/// arrives with it (one write for both, so the client's agent wakes once); one without bytes is
+/// answered at once, whatever the hold; an application that hangs up is answered with the end.
+#[tokio::test]
+async fn a_connects_answer_waits_for_the_applications_reply_and_arrives_with_it() {
+    let bed = Bed::holding_answers(
+        "",
+        MtlsMode::Strict,
+        EgressPolicy::default(),
+        Duration::from_secs(3600),
+    );
+    let web = bed.pod(1, "shop", "web-1", "web").await;
+    let db = bed.pod(2, "shop", "db-1", "db").await;
+    let app = SocketAddr::new(db.ip, APP_PORT);
+    let (mut got, reply) = replying_when_told(&bed, app).await;
+    let mut client = hbone_client(&bed, web.ip, &db, &spiffe_id("shop", "web"))
         .await
-        .map_err(|_| "no answer".to_string())?
-        .map_err(|e| format!("stream: {e}"))
+        .unwrap();
+    let connect = || {
+        http::Request::builder()
+            .method(http::Method::CONNECT)
+            .uri(app.to_string())
+            .body(())
+            .unwrap()
+    };
+
+    // With the request: held until the application replies, then with the reply.
+    client = client.ready().await.unwrap();
+    let (response, mut send) = client.send_request(connect(), false).unwrap();
+    send.send_data(Bytes::from_static(b"GET /"), false).unwrap();
+    let request = tokio::time::timeout(WAIT, got.recv()).await.unwrap();
+    assert_eq!(request.as_deref(), Some(b"GET /".as_slice()));
+    tokio::pin!(response);
+    // The application has the request and has not replied: no answer yet (an answer sent at
+    // once would be here well within this).
+    let early = tokio::time::timeout(Duration::from_millis(200), &mut response).await;
+    assert!(early.is_err(), "answered before the reply: {early:?}");
+    reply.send(Some(b"200 OK")).await.unwrap();
+    let answer = tokio::time::timeout(WAIT, response).await.unwrap().unwrap();
+    assert_eq!(answer.status(), http::StatusCode::OK);
+    let mut body = answer.into_body();
+    let with_answer = body.poll_data(&mut std::task::Context::from_waker(std::task::Waker::noop()));
+    assert!(
+        matches!(&with_answer, std::task::Poll::Ready(Some(Ok(data))) if data == "200 OK"),
+        "the reply did not arrive with the answer: {with_answer:?}"
+    );
+    // Done: the application takes the end and its next connection.
+    send.send_data(Bytes::new(), true).unwrap();
+
+    // Without the request's bytes (a client that waits for the answer): answered at once.
+    client = client.ready().await.unwrap();
+    let (response, mut send) = client.send_request(connect(), false).unwrap();
+    let answer = tokio::time::timeout(WAIT, response).await;
+    assert_eq!(answer.unwrap().unwrap().status(), http::StatusCode::OK);
+    send.send_data(Bytes::new(), true).unwrap();
+    let request = tokio::time::timeout(WAIT, got.recv()).await.unwrap();
+    assert_eq!(request.as_deref(), Some(b"".as_slice()));
+    reply.send(None).await.unwrap();
+
+    // An application that reads the request and hangs up: the answer ends the stream.
+    client = client.ready().await.unwrap();
+    let (response, mut send) = client.send_request(connect(), false).unwrap();
+    send.send_data(Bytes::from_static(b"bye"), false).unwrap();
+    let request = tokio::time::timeout(WAIT, got.recv()).await.unwrap();
+    assert_eq!(request.as_deref(), Some(b"bye".as_slice()));
+    reply.send(None).await.unwrap();
+    let answer = tokio::time::timeout(WAIT, response).await.unwrap().unwrap();
+    assert_eq!(answer.status(), http::StatusCode::OK);
+    let mut body = answer.into_body();
+    let end = tokio::time::timeout(WAIT, body.data()).await.unwrap();
+    assert!(end.is_none(), "{end:?}");
+}
+
+/// An application that does not reply within the hold: the answer goes alone, and the reply
+/// follows whenever it comes.
+#[tokio::test]
+async fn an_answer_held_past_its_time_goes_alone() {
+    let bed = Bed::holding_answers(
+        "",
+        MtlsMode::Strict,
+        EgressPolicy::default(),
+        Duration::from_millis(20),
+    );
+    let web = bed.pod(1, "shop", "web-1", "web").await;
+    let db = bed.pod(2, "shop", "db-1", "db").await;
+    let app = SocketAddr::new(db.ip, APP_PORT);
+    let (mut got, reply) = replying_when_told(&bed, app).await;
+    let client = hbone_client(&bed, web.ip, &db, &spiffe_id("shop", "web"))
+        .await
+        .unwrap();
+    let mut client = client.ready().await.unwrap();
+    let request = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri(app.to_string())
+        .body(())
+        .unwrap();
+    let (response, mut send) = client.send_request(request, false).unwrap();
+    send.send_data(Bytes::from_static(b"slow?"), false).unwrap();
+    let answer = tokio::time::timeout(WAIT, response).await.unwrap().unwrap();
+    assert_eq!(answer.status(), http::StatusCode::OK);
+    let request = tokio::time::timeout(WAIT, got.recv()).await.unwrap();
+    assert_eq!(request.as_deref(), Some(b"slow?".as_slice()));
+    reply.send(Some(b"yes")).await.unwrap();
+    let mut body = answer.into_body();
+    let data = tokio::time::timeout(WAIT, body.data()).await.unwrap();
+    assert_eq!(data.unwrap().unwrap(), "yes");
 }
 
 #[tokio::test]

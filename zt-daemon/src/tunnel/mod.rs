@@ -25,4 +25,6 @@ pub struct Tunnel {
     pub max_streams_per_connection: u32,
     /// An inbound HBONE connection without streams this long is sent GOAWAY.
     pub hbone_idle_timeout: Duration,
+    /// How long a CONNECT's answer waits for the application's reply ([`stream::ANSWER_HOLD`]).
+    pub answer_hold: Duration,
 }

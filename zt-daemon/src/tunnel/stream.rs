@@ -3,10 +3,19 @@
 //! the same copy loop serves plain TCP and tunnelled connections. Received data is released as
 //! soon as it has been handed to the writer, and writes wait for send capacity: a slow peer
 //! stalls its writer instead of buffering without bound.
-use std::io;
+//!
+//! A server's stream may hold its CONNECT's answer back for the application's first bytes (see
+//! [`H2Stream::answering`]): the answer and the reply then leave in one TLS record, and the
+//! client's agent wakes once for both.
+use std::{
+    io,
+    task::{Context, Poll, Waker},
+    time::{Duration, Instant},
+};
 
 use bytes::Bytes;
-use h2::{RecvStream, SendStream};
+use h2::{RecvStream, SendStream, server::SendResponse};
+use http::Response;
 
 use super::pool::StreamGuard;
 use crate::copy;
@@ -14,22 +23,97 @@ use crate::copy;
 /// One HBONE stream: a CONNECT's request and response bodies, relayed as one side of a
 /// connection.
 pub struct H2Stream {
-    send: SendStream<Bytes>,
+    send: Sending,
     recv: RecvStream,
+    /// What HTTP/2 had already received when the stream was set up: read first.
+    ahead: Option<Bytes>,
     /// Keeps a pooled connection counted as busy while this stream lives.
     busy: Option<StreamGuard>,
     /// END_STREAM already went (with the CONNECT's early bytes).
     send_ended: bool,
 }
 
+/// How long a server holds a CONNECT's answer for the application's reply: long enough for an
+/// application to answer a request it already has. Only a client that sent its request with
+/// the CONNECT is held (so one that waits for the answer before sending, as ztunnel does, is
+/// never), and it relays its application's bytes meanwhile; past this, the answer goes alone.
+pub const ANSWER_HOLD: Duration = Duration::from_millis(2);
+
+/// The sending side of a stream: open, or a server's answer still held back.
+enum Sending {
+    Open(SendStream<Bytes>),
+    Held(Box<HeldAnswer>),
+}
+
+/// A CONNECT's answer not sent yet: it goes with the first bytes, the end, a reset, or at `until`.
+struct HeldAnswer {
+    respond: SendResponse<Bytes>,
+    answer: Response<()>,
+    until: Instant,
+}
+
+impl Sending {
+    /// Sends a held answer, ending the stream with it when `end`.
+    fn release(&mut self, end: bool) -> io::Result<()> {
+        if let Self::Held(held) = self {
+            let HeldAnswer {
+                respond, answer, ..
+            } = &mut **held;
+            let send = respond
+                .send_response(std::mem::take(answer), end)
+                .map_err(h2_io)?;
+            *self = Self::Open(send);
+        }
+        Ok(())
+    }
+
+    /// The open stream, sending a held answer first.
+    fn open(&mut self) -> io::Result<&mut SendStream<Bytes>> {
+        self.release(false)?;
+        match self {
+            Self::Open(send) => Ok(send),
+            Self::Held(_) => unreachable!("release sent the answer"),
+        }
+    }
+}
+
 impl H2Stream {
     pub fn new(send: SendStream<Bytes>, recv: RecvStream) -> Self {
         Self {
-            send,
+            send: Sending::Open(send),
             recv,
+            ahead: None,
             busy: None,
             send_ended: false,
         }
+    }
+
+    /// A server's stream that answers a CONNECT with `answer`. When the request's first bytes
+    /// came with it (zt sends them right behind the headers), the answer is held for the
+    /// application's reply, for at most `hold` ([`ANSWER_HOLD`]); otherwise it goes at once.
+    pub fn answering(
+        mut respond: SendResponse<Bytes>,
+        answer: Response<()>,
+        mut recv: RecvStream,
+        hold: Duration,
+    ) -> Result<Self, h2::Error> {
+        let ahead = received_already(&mut recv);
+        let send = if ahead.is_some() {
+            Sending::Held(Box::new(HeldAnswer {
+                respond,
+                answer,
+                until: Instant::now() + hold,
+            }))
+        } else {
+            Sending::Open(respond.send_response(answer, false)?)
+        };
+        Ok(Self {
+            send,
+            recv,
+            ahead,
+            busy: None,
+            send_ended: false,
+        })
     }
 
     /// The sending side already ended: the relay's half-close has nothing left to send.
@@ -52,17 +136,36 @@ fn h2_io(e: h2::Error) -> io::Error {
     }
 }
 
+/// A DATA frame HTTP/2 already holds for `recv`, without waiting for one; its capacity is
+/// released as the reader's would be.
+fn received_already(recv: &mut RecvStream) -> Option<Bytes> {
+    // Only a frame is taken: an end or an error stays where the reader will find it again.
+    match recv.poll_data(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(Some(Ok(data))) if !data.is_empty() => {
+            let _ = recv.flow_control().release_capacity(data.len());
+            Some(data)
+        }
+        _ => None,
+    }
+}
+
 /// The receiving half: DATA frames as HTTP/2 received them.
-pub struct H2Reader(RecvStream);
+pub struct H2Reader {
+    recv: RecvStream,
+    ahead: Option<Bytes>,
+}
 
 impl copy::ChunkRead for H2Reader {
     async fn read_chunk(&mut self) -> io::Result<Option<Bytes>> {
+        if let Some(data) = self.ahead.take() {
+            return Ok(Some(data));
+        }
         loop {
-            match std::future::poll_fn(|cx| self.0.poll_data(cx)).await {
+            match std::future::poll_fn(|cx| self.recv.poll_data(cx)).await {
                 Some(Ok(data)) if data.is_empty() => continue,
                 Some(Ok(data)) => {
                     // The writer holds this chunk until it is written: backpressure enough.
-                    let _ = self.0.flow_control().release_capacity(data.len());
+                    let _ = self.recv.flow_control().release_capacity(data.len());
                     return Ok(Some(data));
                 }
                 Some(Err(e)) => return Err(h2_io(e)),
@@ -74,22 +177,23 @@ impl copy::ChunkRead for H2Reader {
 
 /// The sending half: DATA frames within the peer's flow-control window.
 pub struct H2Writer {
-    send: SendStream<Bytes>,
+    send: Sending,
     _busy: Option<StreamGuard>,
     ended: bool,
 }
 
 impl copy::ChunkWrite for H2Writer {
     async fn write_chunk(&mut self, mut data: Bytes) -> io::Result<()> {
+        let send = self.send.open()?;
         while !data.is_empty() {
-            self.send.reserve_capacity(data.len());
-            let granted = match std::future::poll_fn(|cx| self.send.poll_capacity(cx)).await {
+            send.reserve_capacity(data.len());
+            let granted = match std::future::poll_fn(|cx| send.poll_capacity(cx)).await {
                 Some(Ok(n)) => n,
                 Some(Err(e)) => return Err(h2_io(e)),
                 None => return Err(io::ErrorKind::BrokenPipe.into()),
             };
             let frame = data.split_to(granted.min(data.len()));
-            self.send.send_data(frame, false).map_err(h2_io)?;
+            send.send_data(frame, false).map_err(h2_io)?;
         }
         Ok(())
     }
@@ -98,8 +202,19 @@ impl copy::ChunkWrite for H2Writer {
         if std::mem::replace(&mut self.ended, true) {
             return Ok(());
         }
-        // END_STREAM: the tunnel's half-close.
-        self.send.send_data(Bytes::new(), true).map_err(h2_io)
+        // END_STREAM: the tunnel's half-close (with a held answer, in its HEADERS frame).
+        match &mut self.send {
+            Sending::Open(send) => send.send_data(Bytes::new(), true).map_err(h2_io),
+            Sending::Held(_) => self.send.release(true),
+        }
+    }
+
+    async fn unprompted(&mut self) -> io::Result<()> {
+        match &self.send {
+            Sending::Held(held) => tokio::time::sleep_until(held.until.into()).await,
+            Sending::Open(_) => std::future::pending().await,
+        }
+        self.send.open().map(drop)
     }
 }
 
@@ -109,7 +224,10 @@ impl copy::RelaySide for H2Stream {
 
     fn into_halves(self) -> (H2Reader, H2Writer) {
         (
-            H2Reader(self.recv),
+            H2Reader {
+                recv: self.recv,
+                ahead: self.ahead,
+            },
             H2Writer {
                 send: self.send,
                 _busy: self.busy,
@@ -120,7 +238,11 @@ impl copy::RelaySide for H2Stream {
 
     /// RST_STREAM, the tunnel's equivalent of a TCP reset: CONNECT_ERROR, as RFC 9113 (8.5)
     /// asks of a CONNECT tunnel (some peers read CANCEL as a clean end).
+    /// A held answer goes first, so that the client sees the reset of a relayed connection,
+    /// as it would have without the hold.
     fn abort_halves(_read: H2Reader, mut write: H2Writer) {
-        write.send.send_reset(h2::Reason::CONNECT_ERROR);
+        if let Ok(send) = write.send.open() {
+            send.send_reset(h2::Reason::CONNECT_ERROR);
+        }
     }
 }
