@@ -9,7 +9,6 @@
 //! client's agent wakes once for both.
 use std::{
     io,
-    task::{Context, Poll, Waker},
     time::{Duration, Instant},
 };
 
@@ -25,8 +24,6 @@ use crate::copy;
 pub struct H2Stream {
     send: Sending,
     recv: RecvStream,
-    /// What HTTP/2 had already received when the stream was set up: read first.
-    ahead: Option<Bytes>,
     /// Keeps a pooled connection counted as busy while this stream lives.
     busy: Option<StreamGuard>,
     /// END_STREAM already went (with the CONNECT's early bytes).
@@ -35,8 +32,8 @@ pub struct H2Stream {
 
 /// How long a server holds a CONNECT's answer for the application's reply: long enough for an
 /// application to answer a request it already has. Only a client that sent its request with
-/// the CONNECT is held (so one that waits for the answer before sending, as ztunnel does, is
-/// never), and it relays its application's bytes meanwhile; past this, the answer goes alone.
+/// the CONNECT is held (one that waits for the answer before sending never is), and it relays
+/// its application's bytes meanwhile; past this, the answer goes alone.
 pub const ANSWER_HOLD: Duration = Duration::from_millis(2);
 
 /// The sending side of a stream: open, or a server's answer still held back.
@@ -82,7 +79,6 @@ impl H2Stream {
         Self {
             send: Sending::Open(send),
             recv,
-            ahead: None,
             busy: None,
             send_ended: false,
         }
@@ -97,8 +93,10 @@ impl H2Stream {
         mut recv: RecvStream,
         hold: Duration,
     ) -> Result<Self, h2::Error> {
-        let ahead = received_already(&mut recv);
-        let send = if ahead.is_some() {
+        // Received and not yet released: bytes that came with the request (nothing is released
+        // before the relay starts).
+        let came_with_bytes = recv.flow_control().used_capacity() > 0;
+        let send = if came_with_bytes {
             Sending::Held(Box::new(HeldAnswer {
                 respond,
                 answer,
@@ -110,7 +108,6 @@ impl H2Stream {
         Ok(Self {
             send,
             recv,
-            ahead,
             busy: None,
             send_ended: false,
         })
@@ -136,36 +133,17 @@ fn h2_io(e: h2::Error) -> io::Error {
     }
 }
 
-/// A DATA frame HTTP/2 already holds for `recv`, without waiting for one; its capacity is
-/// released as the reader's would be.
-fn received_already(recv: &mut RecvStream) -> Option<Bytes> {
-    // Only a frame is taken: an end or an error stays where the reader will find it again.
-    match recv.poll_data(&mut Context::from_waker(Waker::noop())) {
-        Poll::Ready(Some(Ok(data))) if !data.is_empty() => {
-            let _ = recv.flow_control().release_capacity(data.len());
-            Some(data)
-        }
-        _ => None,
-    }
-}
-
 /// The receiving half: DATA frames as HTTP/2 received them.
-pub struct H2Reader {
-    recv: RecvStream,
-    ahead: Option<Bytes>,
-}
+pub struct H2Reader(RecvStream);
 
 impl copy::ChunkRead for H2Reader {
     async fn read_chunk(&mut self) -> io::Result<Option<Bytes>> {
-        if let Some(data) = self.ahead.take() {
-            return Ok(Some(data));
-        }
         loop {
-            match std::future::poll_fn(|cx| self.recv.poll_data(cx)).await {
+            match std::future::poll_fn(|cx| self.0.poll_data(cx)).await {
                 Some(Ok(data)) if data.is_empty() => continue,
                 Some(Ok(data)) => {
                     // The writer holds this chunk until it is written: backpressure enough.
-                    let _ = self.recv.flow_control().release_capacity(data.len());
+                    let _ = self.0.flow_control().release_capacity(data.len());
                     return Ok(Some(data));
                 }
                 Some(Err(e)) => return Err(h2_io(e)),
@@ -211,7 +189,8 @@ impl copy::ChunkWrite for H2Writer {
 
     async fn unprompted(&mut self) -> io::Result<()> {
         match &self.send {
-            Sending::Held(held) => tokio::time::sleep_until(held.until.into()).await,
+            // Boxed: a timer in place would grow every relay's state, held or not, for good.
+            Sending::Held(held) => Box::pin(tokio::time::sleep_until(held.until.into())).await,
             Sending::Open(_) => std::future::pending().await,
         }
         self.send.open().map(drop)
@@ -224,10 +203,7 @@ impl copy::RelaySide for H2Stream {
 
     fn into_halves(self) -> (H2Reader, H2Writer) {
         (
-            H2Reader {
-                recv: self.recv,
-                ahead: self.ahead,
-            },
+            H2Reader(self.recv),
             H2Writer {
                 send: self.send,
                 _busy: self.busy,
