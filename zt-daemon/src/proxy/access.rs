@@ -214,6 +214,24 @@ pub(crate) fn log_access(record: &AccessRecord<'_>, outcome: &copy::RelayOutcome
 
 /// Resets a captured connection that was never relayed, counts it, and writes its access-log
 /// line.
+/// A tunnelled connection whose destination took what was sent with the CONNECT and then reset
+/// before answering: counted and logged as relayed, ended by the upstream's reset, as it would
+/// be had the answer come first.
+pub(super) fn reset_before_answer(
+    record: &AccessRecord<'_>,
+    app: tokio::net::TcpStream,
+    ctx: &ProxyContext,
+) {
+    super::reset(app);
+    let outcome = copy::RelayOutcome {
+        sent: record.sent_with_connect,
+        ..copy::RelayOutcome::refused(copy::CloseReason::UpstreamReset)
+    };
+    record.count(&ctx.metrics, None);
+    record.count(&ctx.metrics, Some(&outcome));
+    log_access(record, &outcome);
+}
+
 pub(super) fn refuse(
     record: &AccessRecord<'_>,
     app: tokio::net::TcpStream,

@@ -15,11 +15,12 @@ use std::{
 
 use futures_util::future::Either;
 use tokio::net::{TcpListener, TcpStream};
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::{
     copy::CloseReason,
     enrollment::LocalWorkload,
+    identity::spiffe::SpiffeId,
     proxy::{
         AccessRecord, Admission, Direction, Identities, ProxyContext, accept_loop, access,
         relay_and_log,
@@ -115,6 +116,18 @@ async fn handle(app: TcpStream, peer: SocketAddr, workload: &LocalWorkload, ctx:
                     });
                     relay_and_log(&record, app, stream, ctx, interrupt).await;
                 }
+                Err(e) if e.relay_reset_by_destination() => {
+                    debug!(workload = %id, original_dst = %dst, %endpoint, destination_identity = %identity, "the destination reset the connection before answering");
+                    let record = AccessRecord {
+                        identities: Identities {
+                            source: workload_identity(workload),
+                            destination: Some(identity),
+                        },
+                        sent_with_connect,
+                        ..plain
+                    };
+                    access::reset_before_answer(&record, app, ctx);
+                }
                 Err(e) => {
                     if let Some(reason) = e.handshake_failure() {
                         ctx.metrics.handshake_failed(reason);
@@ -126,11 +139,7 @@ async fn handle(app: TcpStream, peer: SocketAddr, workload: &LocalWorkload, ctx:
                     };
                     let record = AccessRecord {
                         identities: Identities {
-                            source: workload
-                                .svid
-                                .as_ref()
-                                .and_then(|s| s.get())
-                                .map(|s| s.id().clone()),
+                            source: workload_identity(workload),
                             destination: Some(identity),
                         },
                         ..plain
@@ -157,4 +166,13 @@ async fn handle(app: TcpStream, peer: SocketAddr, workload: &LocalWorkload, ctx:
             }
         }
     }
+}
+
+/// The identity `workload`'s current certificate names, if it has one.
+fn workload_identity(workload: &LocalWorkload) -> Option<SpiffeId> {
+    workload
+        .svid
+        .as_ref()
+        .and_then(|s| s.get())
+        .map(|s| s.id().clone())
 }

@@ -38,7 +38,7 @@ use crate::{
     },
     services::{ServiceFacts, ServiceName, ServicePort, SliceFacts},
     source_limit::SourceLimit,
-    tunnel::{hbone, pool::Pool, stream::ANSWER_HOLD},
+    tunnel::{client::EARLY_BYTES, hbone, pool::Pool, stream::ANSWER_HOLD},
     workload::{Workload, WorkloadId},
 };
 
@@ -773,6 +773,53 @@ async fn a_connects_answer_waits_for_the_applications_reply_and_arrives_with_it(
     let mut body = answer.into_body();
     let end = tokio::time::timeout(WAIT, body.data()).await.unwrap();
     assert!(end.is_none(), "{end:?}");
+
+    // As much as a zt client sends ahead, after which it waits for the answer: answered at once.
+    client = client.ready().await.unwrap();
+    let (response, mut send) = client.send_request(connect(), false).unwrap();
+    send.send_data(Bytes::from(vec![7; EARLY_BYTES]), false)
+        .unwrap();
+    let answer = tokio::time::timeout(WAIT, response).await;
+    assert_eq!(answer.unwrap().unwrap().status(), http::StatusCode::OK);
+    let request = tokio::time::timeout(WAIT, got.recv()).await.unwrap();
+    assert!(request.is_some_and(|r| !r.is_empty()));
+    reply.send(None).await.unwrap();
+}
+
+/// An application that resets on reading the request while the answer waits for its reply (the
+/// reset goes alone, HTTP/2 drops a queued answer): the source's application sees a reset, and
+/// its agent counts a relayed connection that the upstream reset, not a tunnel that failed.
+#[tokio::test]
+async fn a_reset_before_the_held_answer_is_counted_as_the_upstreams_reset() {
+    let bed = Bed::holding_answers(
+        "",
+        MtlsMode::Strict,
+        EgressPolicy::default(),
+        Duration::from_secs(3600),
+    );
+    let web = bed.pod(1, "shop", "web-1", "web").await;
+    let db = bed.pod(2, "shop", "db-1", "db").await;
+    let app = SocketAddr::new(db.ip, APP_PORT);
+    let listener = TcpListener::bind(app).await.unwrap();
+    bed.spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let _ = stream.read(&mut [0; 64]).await;
+            crate::copy::Abort::abort(&mut stream);
+        }
+    });
+    // Written while the pool dials: it goes with the CONNECT, so the answer is held.
+    let mut stream = bed.connect(&web, app).await;
+    stream.write_all(b"GET /").await.unwrap();
+    let read = tokio::time::timeout(WAIT, stream.read(&mut [0; 8])).await;
+    assert_eq!(
+        read.unwrap().map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionReset)
+    );
+    let source = "reporter=\"source\"";
+    bed.wait_metric("zt_tcp_connections_closed_total", &[source], 1)
+        .await;
+    assert_eq!(bed.metric("zt_tcp_received_bytes_total", &[source]), 5);
+    assert_eq!(bed.metric("zt_outbound_refusals_total", &[]), 0);
 }
 
 /// An application that does not reply within the hold: the answer goes alone, and the reply

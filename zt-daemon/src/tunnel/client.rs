@@ -44,7 +44,7 @@ pub struct EarlyBytes<'a> {
 }
 
 /// At most this much is read ahead of the answer; the rest waits for the relay.
-const EARLY_BYTES: usize = 16 << 10;
+pub(crate) const EARLY_BYTES: usize = 16 << 10;
 /// A read's size: most clients send a short request first.
 const EARLY_READ: usize = 4 << 10;
 

@@ -16,7 +16,7 @@ use bytes::Bytes;
 use h2::{RecvStream, SendStream, server::SendResponse};
 use http::Response;
 
-use super::pool::StreamGuard;
+use super::{client::EARLY_BYTES, pool::StreamGuard};
 use crate::copy;
 
 /// One HBONE stream: a CONNECT's request and response bodies, relayed as one side of a
@@ -87,6 +87,8 @@ impl H2Stream {
     /// A server's stream that answers a CONNECT with `answer`. When the request's first bytes
     /// came with it (zt sends them right behind the headers), the answer is held for the
     /// application's reply, for at most `hold` ([`ANSWER_HOLD`]); otherwise it goes at once.
+    /// A request longer than a zt client sends ahead may still wait the hold, if the
+    /// application waits for all of it and the answer was held before its first 16 KiB were in.
     pub fn answering(
         mut respond: SendResponse<Bytes>,
         answer: Response<()>,
@@ -94,9 +96,10 @@ impl H2Stream {
         hold: Duration,
     ) -> Result<Self, h2::Error> {
         // Received and not yet released: bytes that came with the request (nothing is released
-        // before the relay starts).
-        let came_with_bytes = recv.flow_control().used_capacity() > 0;
-        let send = if came_with_bytes {
+        // before the relay starts). A zt client that has sent all it may ahead of the answer
+        // waits for it: answered at once.
+        let came_with_bytes = recv.flow_control().used_capacity();
+        let send = if (1..EARLY_BYTES).contains(&came_with_bytes) {
             Sending::Held(Box::new(HeldAnswer {
                 respond,
                 answer,
@@ -214,11 +217,13 @@ impl copy::RelaySide for H2Stream {
 
     /// RST_STREAM, the tunnel's equivalent of a TCP reset: CONNECT_ERROR, as RFC 9113 (8.5)
     /// asks of a CONNECT tunnel (some peers read CANCEL as a clean end).
-    /// A held answer goes first, so that the client sees the reset of a relayed connection,
-    /// as it would have without the hold.
-    fn abort_halves(_read: H2Reader, mut write: H2Writer) {
-        if let Ok(send) = write.send.open() {
-            send.send_reset(h2::Reason::CONNECT_ERROR);
+    /// With the answer still held, the reset goes alone (HTTP/2 would drop an answer queued
+    /// before it): the client takes CONNECT_ERROR before an answer as a relay that was reset
+    /// (`TunnelError::relay_reset_by_destination`).
+    fn abort_halves(_read: H2Reader, write: H2Writer) {
+        match write.send {
+            Sending::Open(mut send) => send.send_reset(h2::Reason::CONNECT_ERROR),
+            Sending::Held(mut held) => held.respond.send_reset(h2::Reason::CONNECT_ERROR),
         }
     }
 }
