@@ -212,8 +212,6 @@ pub(crate) fn log_access(record: &AccessRecord<'_>, outcome: &copy::RelayOutcome
     );
 }
 
-/// Resets a captured connection that was never relayed, counts it, and writes its access-log
-/// line.
 /// A tunnelled connection whose destination took what was sent with the CONNECT and then reset
 /// before answering: counted and logged as relayed, ended by the upstream's reset, as it would
 /// be had the answer come first.
@@ -232,6 +230,8 @@ pub(super) fn reset_before_answer(
     log_access(record, &outcome);
 }
 
+/// Resets a captured connection that was never relayed, counts it, and writes its access-log
+/// line.
 pub(super) fn refuse(
     record: &AccessRecord<'_>,
     app: tokio::net::TcpStream,

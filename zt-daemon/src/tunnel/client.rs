@@ -133,6 +133,8 @@ pub async fn open_tunnel(
             Ok((stream, peer)) => return Ok((stream, source, peer)),
             // The peer answered: the connection is fine and asking again would get the same.
             Err(e @ TunnelError::Refused(..)) => return Err(e),
+            // The peer relayed the stream and its application reset it: delivered once already.
+            Err(e) if e.relay_reset_by_destination() => return Err(e),
             // Once early bytes (or the application's end) have gone out, only a stream the peer
             // cannot have processed is tried again: the application must not see them twice.
             Err(e)

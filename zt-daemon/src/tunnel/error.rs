@@ -41,7 +41,7 @@ impl TunnelError {
     /// (CONNECT_ERROR: its application reset, or a policy update closed it). Before the answer,
     /// this is a relay that ended before its held answer could go (the reset drops it).
     pub fn relay_reset_by_destination(&self) -> bool {
-        matches!(self, Self::H2(e) if e.is_remote() && e.reason() == Some(h2::Reason::CONNECT_ERROR))
+        matches!(self, Self::H2(e) if e.is_reset() && e.is_remote() && e.reason() == Some(h2::Reason::CONNECT_ERROR))
     }
 
     /// The `zt_tls_handshake_failures_total` reason, when this is a failed handshake.
