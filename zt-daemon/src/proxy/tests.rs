@@ -38,7 +38,11 @@ use crate::{
     },
     services::{ServiceFacts, ServiceName, ServicePort, SliceFacts},
     source_limit::SourceLimit,
-    tunnel::{client::EARLY_BYTES, hbone, pool::Pool, stream::ANSWER_HOLD},
+    tunnel::{
+        hbone::{self, EARLY_BYTES},
+        pool::Pool,
+        stream::ANSWER_HOLD,
+    },
     workload::{Workload, WorkloadId},
 };
 

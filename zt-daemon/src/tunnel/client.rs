@@ -11,7 +11,7 @@ use zt_common::HBONE_PORT;
 use super::{
     Tunnel,
     error::TunnelError,
-    hbone,
+    hbone::{self, EARLY_BYTES},
     pool::{Dialled, Lease, PoolKey},
     session::{SessionCertificate, SessionCertificates},
     stream::H2Stream,
@@ -43,8 +43,6 @@ pub struct EarlyBytes<'a> {
     pub failed: Option<io::Error>,
 }
 
-/// At most this much is read ahead of the answer; the rest waits for the relay.
-pub(crate) const EARLY_BYTES: usize = 16 << 10;
 /// A read's size: most clients send a short request first.
 const EARLY_READ: usize = 4 << 10;
 

@@ -16,7 +16,7 @@ use bytes::Bytes;
 use h2::{RecvStream, SendStream, server::SendResponse};
 use http::Response;
 
-use super::{client::EARLY_BYTES, pool::StreamGuard};
+use super::{hbone::EARLY_BYTES, pool::StreamGuard};
 use crate::copy;
 
 /// One HBONE stream: a CONNECT's request and response bodies, relayed as one side of a
