@@ -706,31 +706,36 @@ async fn replying_when_told(
     (got, reply)
 }
 
+/// Pods `shop/web-1` and `shop/db-1` on a node that holds CONNECT answers up to `hold`, and
+/// db's application address.
+async fn holding_answers(hold: Duration) -> (Bed, Pod, Pod, SocketAddr) {
+    let bed = Bed::holding_answers("", MtlsMode::Strict, EgressPolicy::default(), hold);
+    let web = bed.pod(1, "shop", "web-1", "web").await;
+    let db = bed.pod(2, "shop", "db-1", "db").await;
+    let app = SocketAddr::new(db.ip, APP_PORT);
+    (bed, web, db, app)
+}
+
+/// A CONNECT to `app`.
+fn connect_request(app: SocketAddr) -> http::Request<()> {
+    http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri(app.to_string())
+        .body(())
+        .unwrap()
+}
+
 /// A CONNECT sent with its request's bytes: its answer waits for the application's reply and
 /// arrives with it (one write for both, so the client's agent wakes once); one without bytes is
 /// answered at once, whatever the hold; an application that hangs up is answered with the end.
 #[tokio::test]
 async fn a_connects_answer_waits_for_the_applications_reply_and_arrives_with_it() {
-    let bed = Bed::holding_answers(
-        "",
-        MtlsMode::Strict,
-        EgressPolicy::default(),
-        Duration::from_secs(3600),
-    );
-    let web = bed.pod(1, "shop", "web-1", "web").await;
-    let db = bed.pod(2, "shop", "db-1", "db").await;
-    let app = SocketAddr::new(db.ip, APP_PORT);
+    let (bed, web, db, app) = holding_answers(Duration::from_secs(3600)).await;
     let (mut got, reply) = replying_when_told(&bed, app).await;
     let mut client = hbone_client(&bed, web.ip, &db, &spiffe_id("shop", "web"))
         .await
         .unwrap();
-    let connect = || {
-        http::Request::builder()
-            .method(http::Method::CONNECT)
-            .uri(app.to_string())
-            .body(())
-            .unwrap()
-    };
+    let connect = || connect_request(app);
 
     // With the request: held until the application replies, then with the reply.
     client = client.ready().await.unwrap();
@@ -795,15 +800,7 @@ async fn a_connects_answer_waits_for_the_applications_reply_and_arrives_with_it(
 /// its agent counts a relayed connection that the upstream reset, not a tunnel that failed.
 #[tokio::test]
 async fn a_reset_before_the_held_answer_is_counted_as_the_upstreams_reset() {
-    let bed = Bed::holding_answers(
-        "",
-        MtlsMode::Strict,
-        EgressPolicy::default(),
-        Duration::from_secs(3600),
-    );
-    let web = bed.pod(1, "shop", "web-1", "web").await;
-    let db = bed.pod(2, "shop", "db-1", "db").await;
-    let app = SocketAddr::new(db.ip, APP_PORT);
+    let (bed, web, _db, app) = holding_answers(Duration::from_secs(3600)).await;
     let listener = TcpListener::bind(app).await.unwrap();
     bed.spawn(async move {
         while let Ok((mut stream, _)) = listener.accept().await {
@@ -830,26 +827,13 @@ async fn a_reset_before_the_held_answer_is_counted_as_the_upstreams_reset() {
 /// follows whenever it comes.
 #[tokio::test]
 async fn an_answer_held_past_its_time_goes_alone() {
-    let bed = Bed::holding_answers(
-        "",
-        MtlsMode::Strict,
-        EgressPolicy::default(),
-        Duration::from_millis(20),
-    );
-    let web = bed.pod(1, "shop", "web-1", "web").await;
-    let db = bed.pod(2, "shop", "db-1", "db").await;
-    let app = SocketAddr::new(db.ip, APP_PORT);
+    let (bed, web, db, app) = holding_answers(Duration::from_millis(20)).await;
     let (mut got, reply) = replying_when_told(&bed, app).await;
     let client = hbone_client(&bed, web.ip, &db, &spiffe_id("shop", "web"))
         .await
         .unwrap();
     let mut client = client.ready().await.unwrap();
-    let request = http::Request::builder()
-        .method(http::Method::CONNECT)
-        .uri(app.to_string())
-        .body(())
-        .unwrap();
-    let (response, mut send) = client.send_request(request, false).unwrap();
+    let (response, mut send) = client.send_request(connect_request(app), false).unwrap();
     send.send_data(Bytes::from_static(b"slow?"), false).unwrap();
     let answer = tokio::time::timeout(WAIT, response).await.unwrap().unwrap();
     assert_eq!(answer.status(), http::StatusCode::OK);
