@@ -134,8 +134,14 @@ fn a_scrape_counts_known_traffic_exactly() {
     });
     assert!(refused, "a foreign trust domain's certificate was accepted");
 
-    // Both agents have logged every connection before the scrape.
+    // Both agents have logged every connection before the scrape, and node 2 has counted the
+    // refused handshake (it counts once its accept returns, after the client saw the alert).
     zt_tests::wait_until(Duration::from_secs(10), || {
+        let failed = samples(&m.agent2.metrics()?).iter().any(|(n, labels, v)| {
+            n == "zt_tls_handshake_failures_total"
+                && labels.get("reason").map(String::as_str) == Some("unknown_trust_domain")
+                && *v > 0.0
+        });
         let inbound = m
             .agent2
             .access_records()?
@@ -148,7 +154,7 @@ fn a_scrape_counts_known_traffic_exactly() {
             .iter()
             .filter(|r| r["direction"] == "outbound")
             .count();
-        Ok(inbound as u64 == N + K && outbound as u64 == N + K)
+        Ok(inbound as u64 == N + K && outbound as u64 == N + K && failed)
     })
     .unwrap();
     // The source side logs the streams the destination refused as such.

@@ -513,11 +513,20 @@ fn a_service_without_endpoints_is_refused_at_once_logged_and_counted() {
     };
 
     // Once agent 1 has the Service, every connection to it is refused at once.
+    let mut attempts = 0;
     wait_until(PROPAGATION, || {
         let _ = connect(&k.bed, k.bed.pod(1, 1), vip4, KIB, TIMEOUT)?;
+        attempts += 1;
         Ok(!no_endpoints(&agent1).is_empty())
     })
     .unwrap_or_else(|e| panic!("never refused as no_endpoints: {e}\n{}", agent1.log_tail()));
+    // The agent logs a refusal after the reset its client saw: the count starts once every
+    // attempt above is logged.
+    wait_until(
+        RECORDED,
+        || Ok(outbound_to(&agent1, vip4).len() >= attempts),
+    )
+    .unwrap();
     let first = no_endpoints(&agent1).len();
     for vip in [vip4, vip6, vip4] {
         refused_at_once(&k, (1, 1), vip);
