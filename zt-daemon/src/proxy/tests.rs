@@ -795,6 +795,55 @@ async fn a_connects_answer_waits_for_the_applications_reply_and_arrives_with_it(
     reply.send(None).await.unwrap();
 }
 
+/// A request longer than a zt client sends ahead, whose first bytes alone came with the CONNECT
+/// and whose application replies only once it has all of it: once the stream has carried
+/// [`EARLY_BYTES`] the client sends no more before the answer, so the answer goes then, not
+/// when the hold runs out.
+#[tokio::test]
+async fn a_held_answer_goes_once_the_client_has_sent_all_it_sends_ahead() {
+    let (bed, web, db, app) = holding_answers(Duration::from_secs(3600)).await;
+    const REQUEST: usize = EARLY_BYTES + 4096;
+    let listener = TcpListener::bind(app).await.unwrap();
+    let (received_tx, mut received) = tokio::sync::watch::channel(0);
+    bed.spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let mut buf = vec![0; REQUEST];
+        let mut got = 0;
+        while got < REQUEST {
+            match stream.read(&mut buf[got..]).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got += n,
+            }
+            let _ = received_tx.send(got);
+        }
+        stream.write_all(b"all of it").await.unwrap();
+        let _ = stream.read(&mut buf).await;
+    });
+    let client = hbone_client(&bed, web.ip, &db, &spiffe_id("shop", "web"))
+        .await
+        .unwrap();
+    let mut client = client.ready().await.unwrap();
+    let (response, mut send) = client.send_request(connect_request(app), false).unwrap();
+    send.send_data(Bytes::from(vec![1; 4096]), false).unwrap();
+    // Relayed, so the answer was held on these 4 KiB alone; the rest of what goes ahead follows.
+    tokio::time::timeout(WAIT, received.wait_for(|n| *n >= 4096))
+        .await
+        .unwrap()
+        .unwrap();
+    send.send_data(Bytes::from(vec![2; EARLY_BYTES - 4096]), false)
+        .unwrap();
+    let answer = tokio::time::timeout(WAIT, response)
+        .await
+        .expect("the answer waited for the hold while the client waited for it")
+        .unwrap();
+    assert_eq!(answer.status(), http::StatusCode::OK);
+    send.send_data(Bytes::from(vec![3; REQUEST - EARLY_BYTES]), false)
+        .unwrap();
+    let mut body = answer.into_body();
+    let reply = tokio::time::timeout(WAIT, body.data()).await.unwrap();
+    assert_eq!(reply.unwrap().unwrap(), "all of it");
+}
+
 /// An application that resets on reading the request while the answer waits for its reply (the
 /// reset goes alone, HTTP/2 drops a queued answer): the source's application sees a reset, and
 /// its agent counts a relayed connection that the upstream reset, not a tunnel that failed.

@@ -9,12 +9,14 @@
 //! client's agent wakes once for both.
 use std::{
     io,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use bytes::Bytes;
 use h2::{RecvStream, SendStream, server::SendResponse};
 use http::Response;
+use tokio::sync::Notify;
 
 use super::{hbone::EARLY_BYTES, pool::StreamGuard};
 use crate::copy;
@@ -28,6 +30,8 @@ pub struct H2Stream {
     busy: Option<StreamGuard>,
     /// END_STREAM already went (with the CONNECT's early bytes).
     send_ended: bool,
+    /// With the answer held: how the reader tells the writer that the client is waiting for it.
+    waiting: Option<Arc<Notify>>,
 }
 
 /// How long a server holds a CONNECT's answer for the application's reply: long enough for an
@@ -42,11 +46,13 @@ enum Sending {
     Held(Box<HeldAnswer>),
 }
 
-/// A CONNECT's answer not sent yet: it goes with the first bytes, the end, a reset, or at `until`.
+/// A CONNECT's answer not sent yet: it goes with the first bytes, the end, a reset, at `until`,
+/// or once the client has sent all it sends ahead of an answer (`client_waits`).
 struct HeldAnswer {
     respond: SendResponse<Bytes>,
     answer: Response<()>,
     until: Instant,
+    client_waits: Arc<Notify>,
 }
 
 impl Sending {
@@ -81,14 +87,15 @@ impl H2Stream {
             recv,
             busy: None,
             send_ended: false,
+            waiting: None,
         }
     }
 
     /// A server's stream that answers a CONNECT with `answer`. When the request's first bytes
     /// came with it (zt sends them right behind the headers), the answer is held for the
     /// application's reply, for at most `hold` ([`ANSWER_HOLD`]); otherwise it goes at once.
-    /// A request longer than a zt client sends ahead may still wait the hold, if the
-    /// application waits for all of it and the answer was held before its first 16 KiB were in.
+    /// A request longer than that goes on once its first [`EARLY_BYTES`] have been relayed: the
+    /// client sends no more before the answer, so the answer goes then.
     pub fn answering(
         mut respond: SendResponse<Bytes>,
         answer: Response<()>,
@@ -99,20 +106,24 @@ impl H2Stream {
         // before the relay starts). A zt client that has sent all it may ahead of the answer
         // waits for it: answered at once.
         let came_with_bytes = recv.flow_control().used_capacity();
-        let send = if (1..EARLY_BYTES).contains(&came_with_bytes) {
-            Sending::Held(Box::new(HeldAnswer {
+        let (send, waiting) = if (1..EARLY_BYTES).contains(&came_with_bytes) {
+            let client_waits = Arc::new(Notify::new());
+            let held = HeldAnswer {
                 respond,
                 answer,
                 until: Instant::now() + hold,
-            }))
+                client_waits: client_waits.clone(),
+            };
+            (Sending::Held(Box::new(held)), Some(client_waits))
         } else {
-            Sending::Open(respond.send_response(answer, false)?)
+            (Sending::Open(respond.send_response(answer, false)?), None)
         };
         Ok(Self {
             send,
             recv,
             busy: None,
             send_ended: false,
+            waiting,
         })
     }
 
@@ -137,16 +148,29 @@ fn h2_io(e: h2::Error) -> io::Error {
 }
 
 /// The receiving half: DATA frames as HTTP/2 received them.
-pub struct H2Reader(RecvStream);
+pub struct H2Reader {
+    recv: RecvStream,
+    /// With the answer held: whom to tell once [`EARLY_BYTES`] have been read (the client then
+    /// waits for the answer), and how many have been.
+    waiting: Option<(Arc<Notify>, usize)>,
+}
 
 impl copy::ChunkRead for H2Reader {
     async fn read_chunk(&mut self) -> io::Result<Option<Bytes>> {
         loop {
-            match std::future::poll_fn(|cx| self.0.poll_data(cx)).await {
+            match std::future::poll_fn(|cx| self.recv.poll_data(cx)).await {
                 Some(Ok(data)) if data.is_empty() => continue,
                 Some(Ok(data)) => {
                     // The writer holds this chunk until it is written: backpressure enough.
-                    let _ = self.0.flow_control().release_capacity(data.len());
+                    let _ = self.recv.flow_control().release_capacity(data.len());
+                    if let Some((writer, read)) = &mut self.waiting {
+                        *read += data.len();
+                        if *read >= EARLY_BYTES {
+                            // Leaves a permit: the writer may not be waiting at this moment.
+                            writer.notify_one();
+                            self.waiting = None;
+                        }
+                    }
                     return Ok(Some(data));
                 }
                 Some(Err(e)) => return Err(h2_io(e)),
@@ -193,7 +217,16 @@ impl copy::ChunkWrite for H2Writer {
     async fn unprompted(&mut self) -> io::Result<()> {
         match &self.send {
             // Boxed: a timer in place would grow every relay's state, held or not, for good.
-            Sending::Held(held) => Box::pin(tokio::time::sleep_until(held.until.into())).await,
+            Sending::Held(held) => {
+                let time_up = tokio::time::sleep_until(held.until.into());
+                Box::pin(async {
+                    tokio::select! {
+                        () = time_up => {}
+                        () = held.client_waits.notified() => {}
+                    }
+                })
+                .await
+            }
             Sending::Open(_) => std::future::pending().await,
         }
         self.send.open().map(drop)
@@ -206,7 +239,10 @@ impl copy::RelaySide for H2Stream {
 
     fn into_halves(self) -> (H2Reader, H2Writer) {
         (
-            H2Reader(self.recv),
+            H2Reader {
+                recv: self.recv,
+                waiting: self.waiting.map(|w| (w, 0)),
+            },
             H2Writer {
                 send: self.send,
                 _busy: self.busy,
