@@ -50,7 +50,8 @@ pub trait ChunkWrite: Send {
     /// The half-close: FIN, END_STREAM.
     fn finish(&mut self) -> impl Future<Output = io::Result<()>> + Send;
     /// Resolves when the writer has something to send of its own before any data comes (a held
-    /// CONNECT answer whose time is up), and has sent it. Most writers never do.
+    /// CONNECT answer whose time is up, or whose client waits for it), and has sent it. Most
+    /// writers never do.
     fn unprompted(&mut self) -> impl Future<Output = io::Result<()>> + Send {
         pending()
     }

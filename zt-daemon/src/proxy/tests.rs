@@ -802,6 +802,8 @@ async fn a_connects_answer_waits_for_the_applications_reply_and_arrives_with_it(
 #[tokio::test]
 async fn a_held_answer_goes_once_the_client_has_sent_all_it_sends_ahead() {
     let (bed, web, db, app) = holding_answers(Duration::from_secs(3600)).await;
+    // What comes with the CONNECT, and what the request has beyond what goes ahead.
+    const FIRST: usize = 4096;
     const REQUEST: usize = EARLY_BYTES + 4096;
     let listener = TcpListener::bind(app).await.unwrap();
     let (received_tx, mut received) = tokio::sync::watch::channel(0);
@@ -824,20 +826,29 @@ async fn a_held_answer_goes_once_the_client_has_sent_all_it_sends_ahead() {
         .unwrap();
     let mut client = client.ready().await.unwrap();
     let (response, mut send) = client.send_request(connect_request(app), false).unwrap();
-    send.send_data(Bytes::from(vec![1; 4096]), false).unwrap();
-    // Relayed, so the answer was held on these 4 KiB alone; the rest of what goes ahead follows.
-    tokio::time::timeout(WAIT, received.wait_for(|n| *n >= 4096))
-        .await
-        .unwrap()
-        .unwrap();
-    send.send_data(Bytes::from(vec![2; EARLY_BYTES - 4096]), false)
-        .unwrap();
+    // Relayed, and still held: the answer was held on the first bytes, and holds until the
+    // stream has carried all a zt client sends ahead (an answer sent earlier would be here well
+    // within the wait).
+    tokio::pin!(response);
+    for (fill, upto) in [(1, FIRST), (2, EARLY_BYTES - 1)] {
+        let sent = *received.borrow();
+        send.send_data(Bytes::from(vec![fill; upto - sent]), false)
+            .unwrap();
+        tokio::time::timeout(WAIT, received.wait_for(|n| *n >= upto))
+            .await
+            .unwrap()
+            .unwrap();
+        let early = tokio::time::timeout(Duration::from_millis(200), &mut response).await;
+        assert!(early.is_err(), "answered at {upto} bytes: {early:?}");
+    }
+    // Its last byte: then the client waits, and so the answer goes.
+    send.send_data(Bytes::from_static(&[3]), false).unwrap();
     let answer = tokio::time::timeout(WAIT, response)
         .await
         .expect("the answer waited for the hold while the client waited for it")
         .unwrap();
     assert_eq!(answer.status(), http::StatusCode::OK);
-    send.send_data(Bytes::from(vec![3; REQUEST - EARLY_BYTES]), false)
+    send.send_data(Bytes::from(vec![4; REQUEST - EARLY_BYTES]), false)
         .unwrap();
     let mut body = answer.into_body();
     let reply = tokio::time::timeout(WAIT, body.data()).await.unwrap();

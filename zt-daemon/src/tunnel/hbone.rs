@@ -17,7 +17,8 @@ const MAX_FRAME: u32 = 1 << 20;
 /// A CONNECT's headers are an authority and a baggage line; anything near this is not HBONE.
 const MAX_HEADER_LIST: u32 = 16 << 10;
 /// What a zt client sends of its application's bytes ahead of a CONNECT's answer, at most; the
-/// rest waits for the relay. A server that received this much answers at once (`stream`).
+/// rest waits for the relay. A server that received this much answers at once, and one that
+/// held its answer sends it once it has read this much (`stream`).
 pub const EARLY_BYTES: usize = 16 << 10;
 
 pub fn client_builder() -> h2::client::Builder {

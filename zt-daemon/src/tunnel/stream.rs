@@ -9,7 +9,10 @@
 //! client's agent wakes once for both.
 use std::{
     io,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -30,8 +33,6 @@ pub struct H2Stream {
     busy: Option<StreamGuard>,
     /// END_STREAM already went (with the CONNECT's early bytes).
     send_ended: bool,
-    /// With the answer held: how the reader tells the writer that the client is waiting for it.
-    waiting: Option<Arc<Notify>>,
 }
 
 /// How long a server holds a CONNECT's answer for the application's reply: long enough for an
@@ -52,7 +53,16 @@ struct HeldAnswer {
     respond: SendResponse<Bytes>,
     answer: Response<()>,
     until: Instant,
-    client_waits: Arc<Notify>,
+    client_waits: Arc<ClientWaits>,
+}
+
+/// Shared by a held stream's halves: the reader counts what the client sent and tells the
+/// writer once it is all a zt client sends ahead of an answer. Shared rather than counted in
+/// the reader, so that every stream's reader grows by one pointer only.
+#[derive(Default)]
+struct ClientWaits {
+    read: AtomicUsize,
+    told: Notify,
 }
 
 impl Sending {
@@ -87,15 +97,14 @@ impl H2Stream {
             recv,
             busy: None,
             send_ended: false,
-            waiting: None,
         }
     }
 
     /// A server's stream that answers a CONNECT with `answer`. When the request's first bytes
     /// came with it (zt sends them right behind the headers), the answer is held for the
     /// application's reply, for at most `hold` ([`ANSWER_HOLD`]); otherwise it goes at once.
-    /// A request longer than that goes on once its first [`EARLY_BYTES`] have been relayed: the
-    /// client sends no more before the answer, so the answer goes then.
+    /// The answer also goes once the stream has read [`EARLY_BYTES`]: a zt client sends no more
+    /// before it.
     pub fn answering(
         mut respond: SendResponse<Bytes>,
         answer: Response<()>,
@@ -106,24 +115,21 @@ impl H2Stream {
         // before the relay starts). A zt client that has sent all it may ahead of the answer
         // waits for it: answered at once.
         let came_with_bytes = recv.flow_control().used_capacity();
-        let (send, waiting) = if (1..EARLY_BYTES).contains(&came_with_bytes) {
-            let client_waits = Arc::new(Notify::new());
-            let held = HeldAnswer {
+        let send = if (1..EARLY_BYTES).contains(&came_with_bytes) {
+            Sending::Held(Box::new(HeldAnswer {
                 respond,
                 answer,
                 until: Instant::now() + hold,
-                client_waits: client_waits.clone(),
-            };
-            (Sending::Held(Box::new(held)), Some(client_waits))
+                client_waits: Arc::default(),
+            }))
         } else {
-            (Sending::Open(respond.send_response(answer, false)?), None)
+            Sending::Open(respond.send_response(answer, false)?)
         };
         Ok(Self {
             send,
             recv,
             busy: None,
             send_ended: false,
-            waiting,
         })
     }
 
@@ -150,9 +156,9 @@ fn h2_io(e: h2::Error) -> io::Error {
 /// The receiving half: DATA frames as HTTP/2 received them.
 pub struct H2Reader {
     recv: RecvStream,
-    /// With the answer held: whom to tell once [`EARLY_BYTES`] have been read (the client then
-    /// waits for the answer), and how many have been.
-    waiting: Option<(Arc<Notify>, usize)>,
+    /// With the answer held: told once [`EARLY_BYTES`] have been read (the client then waits
+    /// for the answer). Let go once the answer has gone.
+    waiting: Option<Arc<ClientWaits>>,
 }
 
 impl copy::ChunkRead for H2Reader {
@@ -163,11 +169,15 @@ impl copy::ChunkRead for H2Reader {
                 Some(Ok(data)) => {
                     // The writer holds this chunk until it is written: backpressure enough.
                     let _ = self.recv.flow_control().release_capacity(data.len());
-                    if let Some((writer, read)) = &mut self.waiting {
-                        *read += data.len();
-                        if *read >= EARLY_BYTES {
+                    if let Some(waits) = &self.waiting {
+                        // Only this half counts: the writer just waits for the word.
+                        let read = waits.read.fetch_add(data.len(), Ordering::Relaxed) + data.len();
+                        if Arc::strong_count(waits) == 1 {
+                            // The answer went: nobody to tell.
+                            self.waiting = None;
+                        } else if read >= EARLY_BYTES {
                             // Leaves a permit: the writer may not be waiting at this moment.
-                            writer.notify_one();
+                            waits.told.notify_one();
                             self.waiting = None;
                         }
                     }
@@ -218,14 +228,9 @@ impl copy::ChunkWrite for H2Writer {
         match &self.send {
             // Boxed: a timer in place would grow every relay's state, held or not, for good.
             Sending::Held(held) => {
-                let time_up = tokio::time::sleep_until(held.until.into());
-                Box::pin(async {
-                    tokio::select! {
-                        () = time_up => {}
-                        () = held.client_waits.notified() => {}
-                    }
-                })
-                .await
+                let (until, told) = (held.until.into(), &held.client_waits.told);
+                // Told or timed out, the answer goes now.
+                let _ = Box::pin(tokio::time::timeout_at(until, told.notified())).await;
             }
             Sending::Open(_) => std::future::pending().await,
         }
@@ -241,7 +246,10 @@ impl copy::RelaySide for H2Stream {
         (
             H2Reader {
                 recv: self.recv,
-                waiting: self.waiting.map(|w| (w, 0)),
+                waiting: match &self.send {
+                    Sending::Held(held) => Some(held.client_waits.clone()),
+                    Sending::Open(_) => None,
+                },
             },
             H2Writer {
                 send: self.send,
