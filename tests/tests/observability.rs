@@ -51,8 +51,9 @@ fn samples(scrape: &str) -> Vec<Sample> {
 
 /// The value of the one sample of `name` whose labels include `want`; panics if there is not
 /// exactly one.
-fn value(samples: &[Sample], name: &str, want: &[(&str, &str)]) -> f64 {
-    let found: Vec<&Sample> = samples
+/// The samples of `name` whose labels include `want`.
+fn matching<'a>(samples: &'a [Sample], name: &str, want: &[(&str, &str)]) -> Vec<&'a Sample> {
+    samples
         .iter()
         .filter(|(n, labels, _)| {
             n == name
@@ -60,7 +61,11 @@ fn value(samples: &[Sample], name: &str, want: &[(&str, &str)]) -> f64 {
                     .iter()
                     .all(|(k, v)| labels.get(*k).map(String::as_str) == Some(*v))
         })
-        .collect();
+        .collect()
+}
+
+fn value(samples: &[Sample], name: &str, want: &[(&str, &str)]) -> f64 {
+    let found = matching(samples, name, want);
     assert_eq!(found.len(), 1, "{name} {want:?}: {found:?}");
     found[0].2
 }
@@ -137,11 +142,14 @@ fn a_scrape_counts_known_traffic_exactly() {
     // Both agents have logged every connection before the scrape, and node 2 has counted the
     // refused handshake (it counts once its accept returns, after the client saw the alert).
     zt_tests::wait_until(Duration::from_secs(10), || {
-        let failed = samples(&m.agent2.metrics()?).iter().any(|(n, labels, v)| {
-            n == "zt_tls_handshake_failures_total"
-                && labels.get("reason").map(String::as_str) == Some("unknown_trust_domain")
-                && *v > 0.0
-        });
+        let scrape = samples(&m.agent2.metrics()?);
+        let failed = matching(
+            &scrape,
+            "zt_tls_handshake_failures_total",
+            &[("reason", "unknown_trust_domain")],
+        )
+        .iter()
+        .any(|(_, _, v)| *v > 0.0);
         let inbound = m
             .agent2
             .access_records()?
