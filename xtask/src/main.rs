@@ -35,6 +35,10 @@ enum Cmd {
         /// target/bench-memory-quick.md for `bench memory`).
         #[arg(long, global = true)]
         quick: bool,
+        /// The test suite's run of the data path bench: `--quick`'s budget on the debug
+        /// binaries (writes target/bench-quick.md).
+        #[arg(long, conflicts_with = "quick")]
+        smoke: bool,
         #[command(subcommand)]
         what: Option<BenchCmd>,
     },
@@ -132,16 +136,23 @@ fn test() -> anyhow::Result<()> {
     for dir in ["fuzz", "crypto-bench"] {
         cargo_in(dir, &["clippy", "--all-targets", "--", "-D", "warnings"])?;
     }
-    // Builds zt-daemon (and through it the eBPF object) and zt-probe, which the e2e tests run.
-    cargo(&["build"])?;
+    build_for_tests()?;
     cargo_test()?;
     unprivileged::run()?;
-    fuzz::run(SMOKE_SECONDS, &[])?;
+    fuzz::run(SMOKE_SECONDS, &[], fuzz::Build::Dev)?;
     // Proves the data path benchmark still runs and produces every figure; measures nothing.
-    bench::paths::run(true)
+    bench::paths::smoke()
 }
 
 const SMOKE_SECONDS: u64 = 30;
+
+/// Builds zt-daemon (and through it the eBPF object) and zt-probe, which the e2e tests and the
+/// bench smoke run. --all-targets: the test binaries too, with the features `cargo test`
+/// resolves, so that it finds everything built (a plain `cargo build` resolves some crates'
+/// features otherwise, and `cargo test` would build them again).
+pub fn build_for_tests() -> anyhow::Result<()> {
+    cargo(&["build", "--all-targets"])
+}
 
 /// The directory with the kube-apiserver and etcd the Kubernetes tests run: what
 /// scripts/kube-apiserver.sh prints (it builds them once, then only checks the cache).
@@ -238,7 +249,22 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Cmd::Test => test(),
         Cmd::Unprivileged => unprivileged::run(),
-        Cmd::Bench { quick, what: None } => {
+        Cmd::Bench {
+            smoke: true,
+            what: None,
+            ..
+        } => {
+            zt_tests::require_root()?;
+            bench::paths::smoke()
+        }
+        Cmd::Bench {
+            smoke: true,
+            what: Some(_),
+            ..
+        } => bail!("--smoke runs the data path bench only: `cargo xtask bench --smoke`"),
+        Cmd::Bench {
+            quick, what: None, ..
+        } => {
             zt_tests::require_root()?;
             bench::paths::run(quick)
         }
@@ -284,6 +310,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Bench {
             quick,
             what: Some(BenchCmd::Memory),
+            ..
         } => {
             zt_tests::require_root()?;
             bench::memory::run(quick)
@@ -297,12 +324,13 @@ fn main() -> anyhow::Result<()> {
             seconds,
             targets,
         } => {
-            let seconds = if smoke {
-                SMOKE_SECONDS
+            // --smoke is the test suite's run, built as it builds it.
+            let (seconds, build) = if smoke {
+                (SMOKE_SECONDS, fuzz::Build::Dev)
             } else {
-                seconds.unwrap_or(600)
+                (seconds.unwrap_or(600), fuzz::Build::Optimized)
             };
-            fuzz::run(seconds, &targets)
+            fuzz::run(seconds, &targets, build)
         }
         Cmd::Demo => {
             zt_tests::require_root()?;

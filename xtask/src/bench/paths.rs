@@ -170,10 +170,40 @@ fn median(rounds: &[Figures]) -> Figures {
     }
 }
 
+/// `cargo xtask bench [--quick]`: the release builds, measured (`--quick`: a short run that
+/// writes target/bench-quick.md, not BENCHMARKS.md).
 pub fn run(quick: bool) -> anyhow::Result<()> {
-    let budget = if quick { &QUICK } else { &FULL };
     let started = std::time::Instant::now();
     use_release_binaries()?;
+    let budget = if quick { &QUICK } else { &FULL };
+    measure_paths(
+        budget,
+        "`bash scripts/dev.sh bench` (that is, `cargo xtask bench`, as root, release builds)",
+        quick,
+        started,
+    )
+}
+
+/// The test suite's smoke: the quick budget on the debug binaries its `cargo build` made. It
+/// proves that every path is captured and every figure produced, not what the figures are, so a
+/// release build of its own (about ten minutes on two CPUs) would buy it nothing.
+pub fn smoke() -> anyhow::Result<()> {
+    // Nothing to do when the test suite runs it.
+    crate::build_for_tests()?;
+    measure_paths(
+        &QUICK,
+        "the test suite's bench smoke (`cargo xtask test`, as root, debug builds)",
+        true,
+        std::time::Instant::now(),
+    )
+}
+
+fn measure_paths(
+    budget: &Budget,
+    build: &str,
+    quick: bool,
+    started: std::time::Instant,
+) -> anyhow::Result<()> {
     let mut topology = Topology::start()?;
 
     // Interleaved rounds, medians: one round of any path can be off by a factor of two here.
@@ -245,6 +275,7 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
         (&service, service_rate),
         &idle,
         budget,
+        build,
         started.elapsed(),
     )?;
     let root = crate::workspace_root();

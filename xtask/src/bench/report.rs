@@ -20,6 +20,8 @@ pub fn report(
     (service, service_rate): (&ServiceRoute, f64),
     idle: &[IdleMemory],
     budget: &Budget,
+    // What produced the figures: the command and its builds.
+    build: &str,
     took: Duration,
 ) -> anyhow::Result<String> {
     let [direct, direct_same, _tunnel_same, fast_path, cross, haproxy] = results else {
@@ -29,8 +31,7 @@ pub fn report(
     writeln!(md, "## Data path (issue 8)\n")?;
     writeln!(
         md,
-        "Produced by `bash scripts/dev.sh bench` (that is, `cargo xtask bench`, as root, release \
-         builds) in {:.1} minutes.  \nMachine: {}; shared and noisy, so compare the ratios, which \
+        "Produced by {build} in {:.1} minutes.  \nMachine: {}; shared and noisy, so compare the ratios, which \
          come from one run ({} interleaved rounds, medians).\n",
         took.as_secs_f64() / 60.0,
         machine(),
