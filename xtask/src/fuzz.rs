@@ -10,34 +10,13 @@ use anyhow::{Context as _, bail};
 
 use crate::workspace_root;
 
-/// How the targets are built.
-#[derive(Clone, Copy)]
-pub enum Build {
-    /// Optimized, with debug assertions: many times the executions per second, for runs that
-    /// search.
-    Optimized,
-    /// cargo's dev profile, which builds in a fraction of the time: for the test suite's smoke,
-    /// which proves each target still runs and finds nothing within its 30 s.
-    Dev,
-}
-
-impl Build {
-    fn flags(self) -> &'static [&'static str] {
-        match self {
-            Build::Optimized => &["--release", "--debug-assertions"],
-            Build::Dev => &["--dev"],
-        }
-    }
-}
-
 /// cargo fuzz with the flags every call shares (the same flags, so one build serves all).
-fn cargo_fuzz(args: &[&str], build: Build) -> Command {
+fn cargo_fuzz(args: &[&str]) -> Command {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.arg("fuzz")
         .args(args)
-        .args(["--fuzz-dir", "fuzz"])
-        .args(build.flags())
+        .args(["--fuzz-dir", "fuzz", "--release", "--debug-assertions"])
         .env("RUSTC_BOOTSTRAP", "1")
         .current_dir(workspace_root());
     cmd
@@ -77,13 +56,13 @@ fn stat(stderr: &str, name: &str) -> u64 {
         .unwrap_or(0)
 }
 
-fn run_one(target: &str, seconds: u64, build: Build) -> anyhow::Result<RunStats> {
+fn run_one(target: &str, seconds: u64) -> anyhow::Result<RunStats> {
     let root = workspace_root();
     let corpus = root.join("fuzz/corpus").join(target);
     let seeds = root.join("fuzz/seeds").join(target);
     std::fs::create_dir_all(&corpus)?;
     eprintln!("[xtask] fuzz {target} for {seconds} s");
-    let out = cargo_fuzz(&["run"], build)
+    let out = cargo_fuzz(&["run"])
         .arg(target)
         .arg(&corpus)
         .arg(&seeds)
@@ -115,8 +94,8 @@ fn run_one(target: &str, seconds: u64, build: Build) -> anyhow::Result<RunStats>
 }
 
 /// Builds every target, runs each for `seconds`, prints a table, fails on the first finding.
-pub fn run(seconds: u64, only: &[String], build: Build) -> anyhow::Result<()> {
-    let status = cargo_fuzz(&["build"], build)
+pub fn run(seconds: u64, only: &[String]) -> anyhow::Result<()> {
+    let status = cargo_fuzz(&["build"])
         .status()
         .context("running cargo fuzz build")?;
     if !status.success() {
@@ -132,7 +111,7 @@ pub fn run(seconds: u64, only: &[String], build: Build) -> anyhow::Result<()> {
     }
     let mut rows = Vec::new();
     for target in chosen {
-        let stats = run_one(target, seconds, build)?;
+        let stats = run_one(target, seconds)?;
         if stats.executions == 0 {
             bail!("fuzz target {target} executed nothing");
         }

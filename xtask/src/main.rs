@@ -139,7 +139,7 @@ fn test() -> anyhow::Result<()> {
     build_for_tests()?;
     cargo_test()?;
     unprivileged::run()?;
-    fuzz::run(SMOKE_SECONDS, &[], fuzz::Build::Dev)?;
+    fuzz::run(SMOKE_SECONDS, &[])?;
     // Proves the data path benchmark still runs and produces every figure; measures nothing.
     bench::paths::smoke()
 }
@@ -324,13 +324,12 @@ fn main() -> anyhow::Result<()> {
             seconds,
             targets,
         } => {
-            // --smoke is the test suite's run, built as it builds it.
-            let (seconds, build) = if smoke {
-                (SMOKE_SECONDS, fuzz::Build::Dev)
+            let seconds = if smoke {
+                SMOKE_SECONDS
             } else {
-                (seconds.unwrap_or(600), fuzz::Build::Optimized)
+                seconds.unwrap_or(600)
             };
-            fuzz::run(seconds, &targets, build)
+            fuzz::run(seconds, &targets)
         }
         Cmd::Demo => {
             zt_tests::require_root()?;
