@@ -37,9 +37,13 @@ fn main() -> anyhow::Result<()> {
         ..Default::default()
     };
     aya_build::build_ebpf([ebpf], Toolchain::Custom("1.98.0"))?;
-    let (from, to) = (shared.join("zt"), out_dir.join("zt"));
-    fs::copy(&from, &to)
-        .with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
+    // Where OUT_DIR has no shape to share from, aya-build wrote the object in place: copying a
+    // file onto itself would truncate it.
+    if shared != out_dir {
+        let (from, to) = (shared.join("zt"), out_dir.join("zt"));
+        fs::copy(&from, &to)
+            .with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
+    }
     Ok(())
 }
 
