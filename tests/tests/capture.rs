@@ -545,12 +545,11 @@ fn capture_drift_is_repaired_and_counted() {
         Ok(maps::enrolled(pins)?.contains(&cookie) && maps::steered_pods(pins)?.contains(&cookie))
     })
     .unwrap_or_else(|e| panic!("drift not repaired: {e}\n{}", agent.log_tail()));
-    assert!(
-        agent
-            .count("capture drift repaired: the pod's map entries were restored")
-            .unwrap()
-            >= 1
-    );
+    // The agent logs the repair after it wrote the maps.
+    zt_tests::wait_until(Duration::from_secs(5), || {
+        Ok(agent.count("capture drift repaired: the pod's map entries were restored")? >= 1)
+    })
+    .unwrap_or_else(|e| panic!("repair not logged: {e}\n{}", agent.log_tail()));
     // Captured again, and the gauge is back to 0 once the repair has been seen.
     connect(&bed, &p11, dst, 1024, TIMEOUT)
         .unwrap()
