@@ -325,6 +325,45 @@ fn peer_authentication_precedence() {
             "ALLOW",
         ),
         (
+            // An empty selector is namespace-wide (as in Istio): the workload's own wins.
+            "empty selector is namespace-wide, not the workload's own",
+            pa(
+                "db",
+                "a-open",
+                "  selector:\n    matchLabels: {}\n  mtls:\n    mode: PERMISSIVE",
+            ) + &pa(
+                "db",
+                "b-db",
+                "  selector:\n    matchLabels:\n      app: db\n  mtls:\n    mode: STRICT",
+            ),
+            &[("app", "db")][..],
+            80,
+            "DENY: plaintext, and db/b-db",
+        ),
+        (
+            "empty selector in the root namespace is mesh-wide",
+            pa(
+                "zt-system",
+                "mesh",
+                "  selector:\n    matchLabels: {}\n  mtls:\n    mode: STRICT",
+            ),
+            &[][..],
+            80,
+            "DENY: plaintext, and zt-system/mesh",
+        ),
+        (
+            // Port-level modes need a workload selector; an empty one is not.
+            "port-level modes under an empty selector are ignored",
+            pa(
+                "db",
+                "ns",
+                "  selector:\n    matchLabels: {}\n  mtls:\n    mode: STRICT\n  portLevelMtls:\n    8080:\n      mode: PERMISSIVE",
+            ),
+            &[("app", "db")][..],
+            8080,
+            "DENY: plaintext, and db/ns",
+        ),
+        (
             "DISABLE is applied as PERMISSIVE",
             pa("zt-system", "mesh", "  mtls:\n    mode: DISABLE"),
             &[][..],
@@ -514,6 +553,49 @@ fn bad_input_names_file_document_and_field() {
                 header("AuthorizationPolicy")
             ),
             "spec.rules[0].from[0].source.principal: unknown field `principal`, expected one of `principals`",
+        ),
+        // Istio refuses these at admission; read as "anything" they would open an ALLOW policy.
+        (
+            format!(
+                "{}spec:\n  rules:\n  - from:\n    - source: {{}}\n",
+                header("AuthorizationPolicy")
+            ),
+            "spec.rules[0].from[0].source: must not be empty",
+        ),
+        (
+            format!(
+                "{}spec:\n  rules:\n  - from:\n    - source:\n        principals: []\n",
+                header("AuthorizationPolicy")
+            ),
+            "spec.rules[0].from[0].source: must not be empty",
+        ),
+        (
+            format!(
+                "{}spec:\n  rules:\n  - from:\n    - {{}}\n",
+                header("AuthorizationPolicy")
+            ),
+            "spec.rules[0].from[0].source: must be given",
+        ),
+        (
+            format!(
+                "{}spec:\n  rules:\n  - from: []\n",
+                header("AuthorizationPolicy")
+            ),
+            "spec.rules[0].from: must not be empty",
+        ),
+        (
+            format!(
+                "{}spec:\n  rules:\n  - {{}}\n  - to: []\n",
+                header("AuthorizationPolicy")
+            ),
+            "spec.rules[1].to: must not be empty",
+        ),
+        (
+            format!(
+                "{}spec:\n  rules:\n  - to:\n    - operation:\n        notPorts: []\n",
+                header("AuthorizationPolicy")
+            ),
+            "spec.rules[0].to[0].operation: must not be empty",
         ),
         (
             format!("{}spec:\n  action: PERMIT\n", header("AuthorizationPolicy")),

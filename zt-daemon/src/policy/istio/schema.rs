@@ -11,8 +11,8 @@ use crate::{
     config::MtlsMode,
     identity::spiffe::SpiffeId,
     policy::rules::{
-        Action, AuthorizationPolicy, Operation, PeerAuthentication, PolicyName, Rule, Source,
-        StringMatch, canonical_net,
+        Action, AuthorizationPolicy, Operation, PeerAuthentication, PolicyName, Rule, Selector,
+        Source, StringMatch, canonical_net,
     },
 };
 
@@ -47,6 +47,12 @@ struct RawSelector {
     match_labels: BTreeMap<String, String>,
 }
 
+/// A selector without labels selects the whole scope, as no selector does: Istio reads both as a
+/// namespace-wide (or, in the root namespace, mesh-wide) policy, never as a workload's own.
+fn scope(raw: Option<RawSelector>) -> Selector {
+    raw.map(|s| s.match_labels).filter(|labels| !labels.is_empty())
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(super) struct RawAuthorization {
@@ -63,28 +69,24 @@ pub(super) struct RawAuthorization {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRule {
-    #[serde(default)]
-    from: Vec<RawFrom>,
-    #[serde(default)]
-    to: Vec<RawTo>,
+    from: Option<Vec<RawFrom>>,
+    to: Option<Vec<RawTo>>,
     when: Option<Value>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawFrom {
-    #[serde(default)]
-    source: RawSource,
+    source: Option<RawSource>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawTo {
-    #[serde(default)]
-    operation: RawOperation,
+    operation: Option<RawOperation>,
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, PartialEq, Default)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct RawSource {
     #[serde(default)]
@@ -108,7 +110,7 @@ struct RawSource {
     not_service_accounts: Option<Value>,
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, PartialEq, Default)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct RawOperation {
     #[serde(default)]
@@ -125,7 +127,7 @@ struct RawOperation {
 }
 
 /// Istio writes ports as strings; a bare number is accepted too.
-#[derive(Deserialize)]
+#[derive(Deserialize, PartialEq)]
 #[serde(untagged)]
 enum RawPort {
     Number(i64),
@@ -210,18 +212,44 @@ pub(super) fn authorization(
     }
     Ok(Some(AuthorizationPolicy {
         name: Arc::new(name),
-        selector: raw.selector.map(|s| s.match_labels),
+        selector: scope(raw.selector),
         action,
         rules,
     }))
 }
 
+/// A list that is left out matches anything; one that is given must hold something. Istio's
+/// admission refuses an empty `from` or `to` and an empty `source` or `operation`, and read as
+/// "anything" they would open an ALLOW policy to every peer.
+fn given<T>(at: &str, field: &str, list: Option<Vec<T>>) -> Result<Vec<T>, String> {
+    match list {
+        Some(list) if list.is_empty() => Err(format!(
+            "{at}.{field}: must not be empty (leave it out to match any {field})"
+        )),
+        list => Ok(list.unwrap_or_default()),
+    }
+}
+
+/// The `source` or `operation` of a `from` or `to` entry, which must name at least one field.
+fn named<T: Default + PartialEq>(at: &str, entry: Option<T>) -> Result<T, String> {
+    match entry {
+        None => Err(format!("{at}: must be given")),
+        Some(entry) if entry == T::default() => Err(format!(
+            "{at}: must not be empty (it names no field, and Istio refuses it)"
+        )),
+        Some(entry) => Ok(entry),
+    }
+}
+
 /// The rule and the paths of the fields it had that zt cannot enforce (left out of the rule).
 fn rule(at: &str, raw: RawRule) -> Result<(Rule, Vec<String>), String> {
     let mut unsupported = present(at, &[("when", raw.when.is_some())]);
-    let mut from = Vec::with_capacity(raw.from.len());
-    for (f, RawFrom { source: s }) in raw.from.into_iter().enumerate() {
+    let raw_from = given(at, "from", raw.from)?;
+    let raw_to = given(at, "to", raw.to)?;
+    let mut from = Vec::with_capacity(raw_from.len());
+    for (f, RawFrom { source }) in raw_from.into_iter().enumerate() {
         let at = format!("{at}.from[{f}].source");
+        let s = named(&at, source)?;
         unsupported.extend(present(
             &at,
             &[
@@ -242,9 +270,10 @@ fn rule(at: &str, raw: RawRule) -> Result<(Rule, Vec<String>), String> {
             not_ip_blocks: ip_blocks(&at, "notIpBlocks", &s.not_ip_blocks)?,
         });
     }
-    let mut to = Vec::with_capacity(raw.to.len());
-    for (t, RawTo { operation: o }) in raw.to.into_iter().enumerate() {
+    let mut to = Vec::with_capacity(raw_to.len());
+    for (t, RawTo { operation }) in raw_to.into_iter().enumerate() {
         let at = format!("{at}.to[{t}].operation");
+        let o = named(&at, operation)?;
         unsupported.extend(present(
             &at,
             &[
@@ -372,9 +401,10 @@ pub(super) fn peer_authentication(
         raw.mtls.as_ref().and_then(|m| m.mode.as_deref()),
         warn,
     )?;
+    let selector = scope(raw.selector);
     let mut port_modes = BTreeMap::new();
     if let Some(map) = raw.port_level_mtls {
-        if raw.selector.is_none() {
+        if selector.is_none() {
             warn(
                 "spec.portLevelMtls ignored: Istio applies it only with a workload selector".into(),
             );
@@ -398,7 +428,7 @@ pub(super) fn peer_authentication(
     }
     Ok(PeerAuthentication {
         name: Arc::new(name),
-        selector: raw.selector.map(|s| s.match_labels),
+        selector,
         mode,
         port_modes,
     })
