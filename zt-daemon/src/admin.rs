@@ -425,8 +425,13 @@ pub fn readiness_route(
 pub fn metrics_route(
     state: AdminState,
 ) -> impl Fn(&Method, &str, Option<&str>) -> Reply + Clone + Send + Sync {
+    // One scrape at a time: refreshing adds the issuer's counts since the last scrape, so two at
+    // once (two Prometheus replicas) would both add them, and one could encode while the other
+    // had emptied the certificate gauges.
+    let scraping = Arc::new(std::sync::Mutex::new(()));
     move |_, path, _| match path {
         "/metrics" => {
+            let _one = scraping.lock().unwrap_or_else(|e| e.into_inner());
             state.refresh_metrics();
             (
                 StatusCode::OK,

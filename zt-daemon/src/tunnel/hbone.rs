@@ -23,7 +23,10 @@ pub const EARLY_BYTES: usize = 16 << 10;
 
 pub fn client_builder() -> h2::client::Builder {
     let mut b = h2::client::Builder::new();
-    b.initial_window_size(STREAM_WINDOW)
+    // HBONE has no server push. h2 would otherwise take every PUSH_PROMISE a destination sends
+    // and hold it (zt never reads them): with push off, one is a connection error.
+    b.enable_push(false)
+        .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME)
         .max_header_list_size(MAX_HEADER_LIST);

@@ -131,17 +131,19 @@ impl SessionCertificates {
         [("peer", &self.peer), ("local", &self.local)]
     }
 
-    /// When the first of the two expires.
+    /// When the first certificate the connection rests on expires: either leaf, or an
+    /// intermediate of the peer's chain (the chain then no longer verifies).
     pub fn expiry(&self) -> SystemTime {
-        self.local.not_after.min(self.peer.not_after)
+        self.local.chain_not_after.min(self.peer.chain_not_after)
     }
 
-    /// The expiry of the first of the two to expire.
+    /// The expiry of the first of the two to expire (a side whose intermediate expires first
+    /// counts as that side's).
     pub fn first_to_expire(&self) -> Retired {
         let (side, cert) = self
             .sides()
             .into_iter()
-            .min_by_key(|(_, c)| c.not_after)
+            .min_by_key(|(_, c)| c.chain_not_after)
             .unwrap_or(("peer", &self.peer));
         Retired::Expired {
             side,
@@ -226,5 +228,39 @@ mod tests {
             certificates.check(&issuer, now + Duration::from_secs(7200)),
             Err(Retired::Expired { .. })
         ));
+    }
+
+    #[test]
+    fn a_connection_expires_with_the_first_certificate_of_the_peers_chain() {
+        let now = SystemTime::now();
+        let leaf = LeafFacts {
+            id: "spiffe://td/ns/shop/sa/db".parse().unwrap(),
+            serial: "01".into(),
+            not_before: now,
+            not_after: now + Duration::from_secs(3600),
+            self_issued: false,
+        };
+        // An intermediate that ends before the leaf it signed.
+        let mut params = rcgen::CertificateParams::default();
+        params.not_after = (now + Duration::from_secs(600)).into();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let intermediate = params.self_signed(&key).unwrap().der().clone();
+        let local = SessionCertificate::from(&LeafFacts {
+            not_after: now + Duration::from_secs(7200),
+            ..leaf.clone()
+        });
+        let certificates = SessionCertificates {
+            local,
+            peer: SessionCertificate::peer(&leaf, &[intermediate.clone(), intermediate]),
+        };
+        let ends = certificates.expiry().duration_since(now).unwrap();
+        assert!(ends <= Duration::from_secs(600), "{ends:?}");
+        assert_eq!(
+            certificates.first_to_expire(),
+            Retired::Expired {
+                side: "peer",
+                id: leaf.id.clone()
+            }
+        );
     }
 }

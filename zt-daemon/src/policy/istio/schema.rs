@@ -50,7 +50,8 @@ struct RawSelector {
 /// A selector without labels selects the whole scope, as no selector does: Istio reads both as a
 /// namespace-wide (or, in the root namespace, mesh-wide) policy, never as a workload's own.
 fn scope(raw: Option<RawSelector>) -> Selector {
-    raw.map(|s| s.match_labels).filter(|labels| !labels.is_empty())
+    raw.map(|s| s.match_labels)
+        .filter(|labels| !labels.is_empty())
 }
 
 #[derive(Deserialize)]
