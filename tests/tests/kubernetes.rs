@@ -21,6 +21,7 @@ use zt_tests::{
             principal, spiffe, wait_enrolled, wait_ready,
         },
     },
+    maps,
     probe::{Server, connect},
     wait_until,
 };
@@ -294,6 +295,60 @@ fn enrolled_pods_survive_an_api_server_restart_and_a_compaction_and_missed_chang
     enrolled_throughout(&agent2, "backend-0");
     no_panic(&agent1);
     no_panic(&agent2);
+}
+
+/// An agent restarted while the API server is down does not know its pods until its first list.
+/// Until then the pods a previous agent captured stay captured and fail closed: an adversary in
+/// one waiting for an upgrade to connect around the agent finds the connection refused.
+#[test]
+fn a_restarted_agent_keeps_its_pods_captured_until_its_first_list() {
+    let mut k = KubeBed::new(2);
+    k.create(&k.pod(1, 1, "frontend-0", "frontend"));
+    let agent = k.agent(1, false);
+    wait_enrolled(&agent, "frontend-0");
+    wait_ready(&agent);
+    let (p11, p12) = (k.bed.pod(1, 1).clone(), k.bed.pod(1, 2).clone());
+    // Not a Kubernetes pod: unmeshed, so what reaches it went around capture or through the agent.
+    let server = Server::start(&mut k.bed, &p12, SocketAddr::from(([0u16; 8], PORT))).unwrap();
+    let outside = SocketAddr::new(p12.ip(false), PORT);
+    let frontend = format!("{NS}/frontend-0");
+    let cookie = agent
+        .events()
+        .unwrap()
+        .iter()
+        .find(|e| e["message"] == "workload enrolled" && e["workload"] == frontend.as_str())
+        .and_then(|e| e["netns_cookie"].as_u64())
+        .expect("frontend-0's netns cookie");
+    let pins = k.bed.node(1).pin_dir.clone();
+
+    k.cluster.stop_apiserver(&mut k.bed);
+    k.bed.kill(agent.pid);
+    let restarted = k.agent(1, false);
+    // Started, with its drift check done ("agent ready" comes after it), and no list yet.
+    assert!(
+        maps::enrolled(&pins).unwrap().contains(&cookie),
+        "frontend-0's capture was dropped before the first list\n{}",
+        restarted.log_tail()
+    );
+    let attempt = connect(&k.bed, &p11, outside, KIB, TIMEOUT).unwrap();
+    let refused = attempt.expect_err("frontend-0 connected around capture before the first list");
+    assert_eq!(refused["kind"], "ConnectionRefused", "{refused}");
+    assert!(
+        server.connections().unwrap().is_empty(),
+        "a connection reached the server around the agent"
+    );
+
+    // Once the list arrives, the pod is enrolled again and its connections go through the agent.
+    k.cluster.start_apiserver(&mut k.bed).unwrap();
+    wait_enrolled(&restarted, "frontend-0");
+    let report = connect_when_known(&k.bed, (1, 1), outside, KIB);
+    intact(&report, KIB);
+    restarted
+        .wait_access("outbound after the list", |r| {
+            r["direction"] == "outbound" && r["original_dst"] == outside.to_string()
+        })
+        .unwrap();
+    no_panic(&restarted);
 }
 
 #[test]

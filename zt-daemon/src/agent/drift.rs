@@ -5,7 +5,10 @@ use std::collections::HashSet;
 use tracing::{error, warn};
 
 use super::Agent;
-use crate::{capture::WantedPod, workload::WorkloadId};
+use crate::{
+    capture::{Unowned, WantedPod},
+    workload::WorkloadId,
+};
 
 impl Agent {
     /// Compares the kernel's capture state with the enrolled workloads, repairs what differs
@@ -43,7 +46,14 @@ impl Agent {
             })
             .collect();
         let held: HashSet<u64> = self.failed.values().filter_map(|f| f.fail_closed).collect();
-        let drift = self.capture.repair_drift(&wanted, &held);
+        // Before Kubernetes' first list, the pods a previous agent captured are unknown, not
+        // gone: forgetting them would leave them uncaptured until the list arrives.
+        let unowned = if self.discovered.is_some() {
+            Unowned::Forget
+        } else {
+            Unowned::Keep
+        };
+        let drift = self.capture.repair_drift(&wanted, &held, unowned);
         self.proxy.metrics.capture_drift.set(drift as i64);
         self.report_denied_binds();
     }

@@ -38,7 +38,7 @@ use zt_common::{AF_INET, AF_INET6, SockAddr, pod_flags, port_kinds};
 pub use direct::{DirectConnection, DirectPaths, DirectReport, DirectReports};
 pub use loader::cgroup2_root;
 pub use maps::{CaptureMaps, OriginalDsts};
-pub use reconcile::{KernelState, WantedPod};
+pub use reconcile::{KernelState, Unowned, WantedPod};
 pub use sockets::{AgentSockets, current_netns_cookie, socket_cookie};
 pub use splice::{Splice, Splicer};
 

@@ -7,7 +7,7 @@ use std::{
     fs::File,
 };
 
-use tracing::{error, warn};
+use tracing::{debug, error, warn};
 
 use super::{Capture, CaptureError, CapturedPod};
 use crate::workload::WorkloadId;
@@ -73,6 +73,18 @@ pub fn drift(kernel: &KernelState, wanted: &[WantedPod<'_>], held: &HashSet<u64>
     Drift { repair, forget }
 }
 
+/// What the drift check does with pods whose capture a previous agent left pinned and no
+/// workload of this agent owns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unowned {
+    /// The agent knows every pod it serves: the rest are gone, and their capture with them.
+    Forget,
+    /// The agent does not yet know all its pods (Kubernetes discovery before its first list):
+    /// they stay captured, and fail closed (no listener of this agent takes their connections),
+    /// rather than open until the list arrives.
+    Keep,
+}
+
 impl Capture {
     /// What the kernel holds for every pod, read once per check rather than per pod.
     pub fn kernel_state(&self) -> KernelState {
@@ -94,11 +106,24 @@ impl Capture {
     }
 
     /// Makes the kernel hold every wanted pod's capture state again where it drifted (an entry
-    /// deleted behind the agent's back, flags a policy change altered), and forgets pods nobody
-    /// enrolled but those in `held`. Returns how many pods differed.
-    pub fn repair_drift(&mut self, wanted: &[WantedPod<'_>], held: &HashSet<u64>) -> usize {
+    /// deleted behind the agent's back, flags a policy change altered), and, with
+    /// `Unowned::Forget`, forgets pods nobody enrolled but those in `held`. Returns how many pods
+    /// differed.
+    pub fn repair_drift(
+        &mut self,
+        wanted: &[WantedPod<'_>],
+        held: &HashSet<u64>,
+        unowned: Unowned,
+    ) -> usize {
         let kernel = self.kernel_state();
-        let found = drift(&kernel, wanted, held);
+        let mut found = drift(&kernel, wanted, held);
+        if unowned == Unowned::Keep && !found.forget.is_empty() {
+            debug!(
+                pods = found.forget.len(),
+                "capture kept for pods no workload owns yet: fail-closed until the agent knows them"
+            );
+            found.forget.clear();
+        }
         for w in wanted
             .iter()
             .filter(|w| found.repair.contains(&w.pod.netns_cookie))
