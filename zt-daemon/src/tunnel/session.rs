@@ -20,8 +20,8 @@ pub struct SessionCertificate {
     pub id: SpiffeId,
     pub serial: String,
     pub not_after: SystemTime,
-    /// The peer's chain as it presented it (leaf first), re-checked when trust bundles change;
-    /// empty for our own side.
+    /// The chain as it was presented (leaf first), re-checked when trust bundles change; empty
+    /// only when built from a leaf's facts alone.
     pub chain: Arc<[CertificateDer<'static>]>,
     /// When the chain's first certificate expires (the leaf or an intermediate).
     chain_not_after: SystemTime,
@@ -85,8 +85,11 @@ impl SessionCertificate {
 }
 
 impl From<&Svid> for SessionCertificate {
+    /// One of this node's workloads' certificates, with its chain: re-checked like a peer's, so
+    /// that a root dropped from the bundle retires a connection whichever side it signed (a
+    /// same-node connection has only such sides).
     fn from(svid: &Svid) -> Self {
-        Self::from(&svid.leaf)
+        Self::peer(&svid.leaf, svid.chain())
     }
 }
 
@@ -221,6 +224,30 @@ mod tests {
             })
         );
         assert_eq!(certificates.check(&issuer, now), Ok(()));
+        // Our own side is judged the same way: a same-node connection has two such sides.
+        let own = SessionCertificates {
+            local: SessionCertificate::from(&svid),
+            peer: SessionCertificate::from(&svid),
+        };
+        assert_eq!(own.check(&issuer, now), Ok(()));
+        assert_eq!(
+            own.check(&rotated, now),
+            Err(Retired::Untrusted {
+                side: "peer",
+                id: id.clone()
+            })
+        );
+        let one_own = SessionCertificates {
+            local: SessionCertificate::from(&svid),
+            peer: SessionCertificate::from(&svid.leaf),
+        };
+        assert_eq!(
+            one_own.check(&rotated, now),
+            Err(Retired::Untrusted {
+                side: "local",
+                id: id.clone()
+            })
+        );
         // An equal state built anew is judged afresh, and passes.
         assert_eq!(certificates.check(&trusting(&ca), now), Ok(()));
         // Past the chain's end, the leaf's expiry decides.
