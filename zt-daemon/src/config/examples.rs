@@ -54,6 +54,7 @@ namespaces = ["shop"]
 
 [limits]
 handshake_timeout_ms = 1000
+connect_timeout_ms = 3000
 idle_timeout_seconds = 60
 drain_seconds = 5
 max_connections_per_workload = 100

@@ -130,6 +130,7 @@ pub(super) struct RawPolicy {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawLimits {
     pub(super) handshake_timeout_ms: Option<u64>,
+    pub(super) connect_timeout_ms: Option<Spanned<u64>>,
     pub(super) idle_timeout_seconds: Option<Spanned<u64>>,
     pub(super) max_connections_per_workload: Option<usize>,
     pub(super) drain_seconds: Option<u64>,

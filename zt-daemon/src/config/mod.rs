@@ -133,6 +133,9 @@ pub enum PolicyDefault {
 pub struct LimitsConfig {
     /// A TLS handshake on the tunnel must finish within this.
     pub handshake_timeout: Duration,
+    /// A TCP connect the agent makes (to a pod, an HBONE port, a destination outside the mesh)
+    /// must be answered within this; a CONNECT on the tunnel within twice this.
+    pub connect_timeout: Duration,
     /// A connection with no bytes in either direction for this long is closed.
     pub idle_timeout: Duration,
     /// Captured connections (outbound, inbound and tunnel streams) one workload may have open.

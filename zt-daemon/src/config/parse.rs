@@ -21,6 +21,8 @@ use crate::{
 const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/zt";
 const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 const DEFAULT_HANDSHAKE_TIMEOUT_MS: u64 = 5000;
+/// Well short of the kernel's SYN retries (about two minutes), as ztunnel's.
+const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 10_000;
 const DEFAULT_POOL_IDLE_SECONDS: u64 = 60;
 const DEFAULT_IDLE_TIMEOUT_SECONDS: u64 = 3600;
 const DEFAULT_MAX_CONNECTIONS: usize = 16384;
@@ -181,6 +183,10 @@ impl NodeConfig {
                 raw.limits.idle_timeout_seconds.clone(),
             ),
             (
+                "limits.connect_timeout_ms",
+                raw.limits.connect_timeout_ms.clone(),
+            ),
+            (
                 "limits.hbone_idle_timeout_seconds",
                 raw.limits.hbone_idle_timeout_seconds.clone(),
             ),
@@ -260,6 +266,12 @@ impl NodeConfig {
                     raw.limits
                         .handshake_timeout_ms
                         .unwrap_or(DEFAULT_HANDSHAKE_TIMEOUT_MS),
+                ),
+                connect_timeout: Duration::from_millis(
+                    raw.limits
+                        .connect_timeout_ms
+                        .map(Spanned::into_inner)
+                        .unwrap_or(DEFAULT_CONNECT_TIMEOUT_MS),
                 ),
                 idle_timeout: Duration::from_secs(
                     raw.limits
@@ -507,6 +519,11 @@ mod tests {
                 "[limits]\nhbone_idle_timeout_seconds = 0\n",
                 3,
                 "limits.hbone_idle_timeout_seconds",
+            ),
+            (
+                "[limits]\nconnect_timeout_ms = 0\n",
+                3,
+                "limits.connect_timeout_ms: must be at least 1",
             ),
             (
                 "[limits]\nidle_timeout_seconds = 0\n",

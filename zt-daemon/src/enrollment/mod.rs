@@ -136,9 +136,19 @@ impl LocalWorkload {
         let _ = removed.wait_for(|r| *r).await;
     }
 
-    /// Connects to `dst` from inside the workload's pod, as the agent.
-    pub async fn connect(&self, dst: SocketAddr) -> io::Result<TcpStream> {
-        self.sockets.upstream_socket(dst)?.connect(dst).await
+    /// Connects to `dst` from inside the workload's pod, as the agent, within `timeout`: a
+    /// destination that drops SYNs would otherwise hold the connection for the kernel's two
+    /// minutes of retries.
+    pub async fn connect(&self, dst: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+        let socket = self.sockets.upstream_socket(dst)?;
+        tokio::time::timeout(timeout, socket.connect(dst))
+            .await
+            .unwrap_or_else(|_| {
+                Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no answer within {timeout:?}"),
+                ))
+            })
     }
 
     /// Aborts one of the pod's own TCP connections (one the agent does not hold: a direct

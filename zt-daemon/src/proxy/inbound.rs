@@ -115,7 +115,7 @@ async fn handle_plaintext(
         reset(client);
         return;
     }
-    let app = match workload.connect(dst).await {
+    let app = match workload.connect(dst, ctx.connect_timeout).await {
         Ok(s) => s,
         Err(e) => {
             warn!(workload = %id, %peer, original_dst = %dst, error = %e, "inbound: application unreachable");
@@ -343,7 +343,7 @@ async fn handle_connect(
         log_access(&record, &RelayOutcome::refused(CloseReason::Policy));
         return refuse(respond, StatusCode::FORBIDDEN);
     }
-    let app = match workload.connect(dst).await {
+    let app = match workload.connect(dst, ctx.connect_timeout).await {
         Ok(s) => s,
         Err(e) => {
             ctx.metrics.hbone_stream_refused("application_unreachable");

@@ -43,6 +43,8 @@ pub struct ProxyContext {
     pub policy: PolicyStore,
     pub metrics: Arc<crate::metrics::Metrics>,
     pub idle_timeout: Duration,
+    /// Every TCP connect the agent makes for a workload must be answered within this.
+    pub connect_timeout: Duration,
     pub max_connections_per_workload: usize,
     /// How long open connections may finish once draining starts.
     pub drain_timeout: Duration,

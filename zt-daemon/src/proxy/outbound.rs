@@ -157,7 +157,7 @@ async fn handle(app: TcpStream, peer: SocketAddr, workload: &LocalWorkload, ctx:
             access::refuse(&plain, app, CloseReason::EgressDenied, ctx);
         }
         (Route::Passthrough { endpoint } | Route::Tunnel { endpoint, .. }, _) => {
-            match workload.connect(endpoint).await {
+            match workload.connect(endpoint, ctx.connect_timeout).await {
                 Ok(upstream) => relay_and_log(&plain, app, upstream, ctx, pin!(pending())).await,
                 Err(e) => {
                     warn!(workload = %id, original_dst = %dst, %endpoint, error = %e, "outbound connect failed");

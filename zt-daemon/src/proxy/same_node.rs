@@ -166,7 +166,11 @@ pub(super) async fn serve(
         access::refuse(&outbound, app, CloseReason::MaxConnections, ctx);
         return;
     };
-    let upstream = match ends.destination.connect(ends.endpoint).await {
+    let upstream = match ends
+        .destination
+        .connect(ends.endpoint, ctx.connect_timeout)
+        .await
+    {
         Ok(s) => s,
         Err(e) => {
             warn!(workload = %ends.destination.workload.id, original_dst = %ends.endpoint, error = %e, "same-node: application unreachable");

@@ -148,6 +148,17 @@ impl Bed {
         egress: EgressPolicy,
         answer_hold: Duration,
     ) -> Self {
+        Self::timing(policies, mtls, egress, answer_hold, WAIT)
+    }
+
+    /// The same, with its connects given up after `connect_timeout`.
+    fn timing(
+        policies: &str,
+        mtls: MtlsMode,
+        egress: EgressPolicy,
+        answer_hold: Duration,
+        connect_timeout: Duration,
+    ) -> Self {
         static BEDS: AtomicU8 = AtomicU8::new(1);
         let net = BEDS.fetch_add(1, Ordering::Relaxed);
         let ca = CertificateAuthority::generate(TRUST_DOMAIN.parse().unwrap()).unwrap();
@@ -186,6 +197,7 @@ impl Bed {
             tunnel: Some(Tunnel {
                 trust: trust.clone(),
                 handshake_timeout: WAIT,
+                connect_timeout,
                 pool: Arc::new(Pool::new(trust, Duration::from_secs(60))),
                 handshakes: SourceLimit::new(16),
                 max_streams_per_connection: 100,
@@ -195,6 +207,7 @@ impl Bed {
             policy,
             metrics,
             idle_timeout: Duration::from_secs(60),
+            connect_timeout,
             max_connections_per_workload: 100,
             drain_timeout: Duration::from_secs(1),
             draining: tokio::sync::watch::channel(false).0,
@@ -989,4 +1002,75 @@ async fn plaintext_into_a_strict_pod_is_refused_and_counted() {
         1,
     )
     .await;
+}
+
+/// A destination agent that completes mutual TLS and HTTP/2 as `id` and then takes every
+/// CONNECT without ever answering (stuck, or hostile): the source's agent gives the stream up
+/// after twice its connect timeout and resets the application, rather than holding it for ever.
+#[tokio::test]
+async fn a_connect_the_destination_never_answers_is_given_up_and_the_application_reset() {
+    let connect_timeout = Duration::from_millis(300);
+    let bed = Bed::timing(
+        "",
+        MtlsMode::Strict,
+        EgressPolicy::default(),
+        ANSWER_HOLD,
+        connect_timeout,
+    );
+    let web = bed.pod(1, "shop", "web-1", "web").await;
+    let mute = bed.ip(9);
+    let id = spiffe_id("shop", "db");
+    let slot = SvidSlot::new(bed.ca.issue(&id, Duration::from_secs(600)).unwrap());
+    let trust = bed.ctx.tunnel.as_ref().unwrap().trust.clone();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(
+        crate::identity::tls::server_config(slot, trust).unwrap(),
+    ));
+    let listener = TcpListener::bind((mute, HBONE_PORT)).await.unwrap();
+    let (taken, dials) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (count, dialled) = (taken.clone(), dials.clone());
+    bed.spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            dialled.fetch_add(1, Ordering::SeqCst);
+            let (acceptor, count) = (acceptor.clone(), count.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let Ok(mut connection) = hbone::server_builder().handshake::<_, Bytes>(tls).await
+                else {
+                    return;
+                };
+                let mut held = Vec::new();
+                while let Some(Ok(stream)) = connection.accept().await {
+                    count.fetch_add(1, Ordering::SeqCst);
+                    held.push(stream);
+                }
+            });
+        }
+    });
+    {
+        let mut mesh = bed.mesh.lock().unwrap();
+        mesh.insert(mute, id);
+        bed.ctx
+            .directory
+            .publish_node(mesh.clone(), NodeWorkloads::default());
+    }
+    let dst = SocketAddr::new(mute, APP_PORT);
+    for attempt in 1..=2 {
+        let answer = round_trip(bed.connect(&web, dst).await, b"hello").await;
+        let e = answer.expect_err("the mute destination answered");
+        assert_ne!(
+            e.kind(),
+            std::io::ErrorKind::TimedOut,
+            "attempt {attempt}: the application was left waiting"
+        );
+        assert_eq!(
+            taken.load(Ordering::SeqCst),
+            attempt,
+            "the stream went there"
+        );
+        // The connection that never answered was given up too: each stream dialled anew.
+        assert_eq!(dials.load(Ordering::SeqCst), attempt);
+    }
+    assert_eq!(bed.metric("zt_outbound_refusals_total", &[]), 2);
 }

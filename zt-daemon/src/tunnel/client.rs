@@ -127,7 +127,19 @@ pub async fn open_tunnel(
             .checkout(&key, || dial(workload, tunnel, slot.clone(), dst, expected))
             .await?;
         let (fresh, connection) = (lease.fresh, lease.connection);
-        match open_stream(lease, workload, dst, expected, early).await {
+        // A destination that takes the stream and never answers (a stuck or hostile agent)
+        // must not hold the application's connection for ever, nor get more streams.
+        let answer_timeout = tunnel.connect_timeout * 2;
+        let Ok(opened) = tokio::time::timeout(
+            answer_timeout,
+            open_stream(lease, workload, dst, expected, early),
+        )
+        .await
+        else {
+            tunnel.pool.evict(&key, connection);
+            return Err(TunnelError::AnswerTimeout(dst, answer_timeout));
+        };
+        match opened {
             Ok((stream, peer)) => return Ok((stream, source, peer)),
             // The peer answered: the connection is fine and asking again would get the same.
             Err(e @ TunnelError::Refused(..)) => return Err(e),
@@ -162,7 +174,7 @@ async fn dial(
     let config = client_config(slot, tunnel.trust.clone(), Some(expected.clone()))?;
     let hbone = SocketAddr::new(dst.ip(), HBONE_PORT);
     let tcp = workload
-        .connect(hbone)
+        .connect(hbone, tunnel.connect_timeout)
         .await
         .map_err(|e| TunnelError::Connect(hbone, e))?;
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));

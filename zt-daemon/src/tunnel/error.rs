@@ -19,6 +19,8 @@ pub enum TunnelError {
     Http(#[from] http::Error),
     #[error("CONNECT {0} answered {1}")]
     Refused(std::net::SocketAddr, http::StatusCode),
+    #[error("CONNECT {0}: no answer within {1:?}")]
+    AnswerTimeout(std::net::SocketAddr, std::time::Duration),
     #[error("the server at {0} presented no SVID")]
     NoServerSvid(std::net::SocketAddr),
     /// Another stream's dial, which this one waited for, failed.

@@ -19,6 +19,10 @@ use crate::{identity::verify::TrustStore, source_limit::SourceLimit};
 pub struct Tunnel {
     pub trust: TrustStore,
     pub handshake_timeout: Duration,
+    /// The TCP connect to a destination's HBONE port must be answered within this, and a
+    /// CONNECT within twice this (the destination's agent connects to its application within
+    /// it first).
+    pub connect_timeout: Duration,
     pub pool: Arc<pool::Pool>,
     /// TLS handshakes pending on this node's HBONE listeners, per source address.
     pub handshakes: SourceLimit,
