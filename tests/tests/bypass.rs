@@ -454,7 +454,29 @@ for target in sys.argv[1:]:
         out[target] = str(e)
 print(json.dumps(out))
 "#;
+    // A datagram from source port 53 is not a DNS reply: p21 never asked p12. Sent first, so it
+    // would be in before the allowed one below.
+    const FROM_53: &str = r#"
+import json, socket, sys
+host, port = sys.argv[1].rsplit(":", 1)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", 53))
+s.sendto(sys.argv[2].encode(), (host, int(port)))
+print(json.dumps({"sent": True}))
+"#;
     let ip21 = p21.ipv4.to_string();
+    let (p11, p12) = (bed.pod(1, 1).clone(), bed.pod(1, 2).clone());
+    let from_53 = |from: &Pod, payload: &str| {
+        attack(
+            &bed,
+            from,
+            Privilege::DefaultContainer,
+            FROM_53,
+            &[format!("{ip21}:5353"), payload.to_owned()],
+        )
+        .unwrap();
+    };
+    from_53(&p12, "unasked-53");
     let sent = attack(
         &bed,
         &p22,
@@ -472,7 +494,7 @@ print(json.dumps(out))
     assert_eq!(got.len(), 1, "{got:?}");
     assert_eq!(got[0]["port"], 5354, "{got:?}");
 
-    // Outbound: UDP out of the mesh is refused except DNS; raw and SCTP sockets, which would
+    // Outbound: UDP out of the mesh is refused except DNS; raw, ping and SCTP sockets, which would
     // carry anything past the hooks, cannot be opened.
     const EGRESS: &str = r#"
 import json, socket, sys
@@ -493,18 +515,40 @@ attempt("connect_5353", connected)
 attempt("raw", lambda: socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP))
 attempt("raw6", lambda: socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_UDP))
 attempt("sctp", lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM, 132))
+attempt("ping", lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP).sendto(b"\x08\0\0\0\0\0\0\0tunnelled", (host, 0)))
+attempt("ping6", lambda: socket.socket(socket.AF_INET6, socket.SOCK_DGRAM, socket.IPPROTO_ICMPV6))
 attempt("dns", lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b"dns", (host, 53)))
+attempt("dns_p12", lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b"dns", (sys.argv[2], 53)))
 print(json.dumps(out))
 "#;
+    // Ping sockets as containerd allows them: any group may open one.
+    let ping_range = bed
+        .pod_command(&p21, "sh")
+        .unwrap()
+        .args([
+            "-c",
+            "echo 0 2147483647 > /proc/sys/net/ipv4/ping_group_range",
+        ])
+        .status()
+        .unwrap();
+    assert!(ping_range.success(), "ping_group_range: {ping_range}");
     let out = attack(
         &bed,
         &p21,
         Privilege::DefaultContainer,
         EGRESS,
-        &[p22.ipv4.to_string()],
+        &[p22.ipv4.to_string(), p12.ipv4.to_string()],
     )
     .unwrap();
-    for refused in ["sendto_5353", "connect_5353", "raw", "raw6", "sctp"] {
+    for refused in [
+        "sendto_5353",
+        "connect_5353",
+        "raw",
+        "raw6",
+        "sctp",
+        "ping",
+        "ping6",
+    ] {
         let outcome = out[refused].as_str().unwrap();
         assert!(
             outcome.contains("Operation not permitted")
@@ -513,6 +557,7 @@ print(json.dumps(out))
         );
     }
     assert_eq!(out["dns"], "ok", "{out}");
+    assert_eq!(out["dns_p12"], "ok", "{out}");
     wait_until(Duration::from_secs(10), || {
         Ok(!datagrams(&outside_log).is_empty())
     })
@@ -520,4 +565,17 @@ print(json.dumps(out))
     let got = datagrams(&outside_log);
     assert_eq!(got.len(), 1, "{got:?}");
     assert_eq!(got[0]["port"], 53, "{got:?}");
+
+    // p21 has now queried p12: p12's answer from port 53 comes in, as an unconnected resolver's
+    // reply must; p11, which p21 never asked, still cannot use port 53 to get in. p11 sends
+    // first, so its datagram would be in before p12's.
+    from_53(&p11, "unasked-53-again");
+    from_53(&p12, "reply-53");
+    wait_until(Duration::from_secs(10), || {
+        Ok(datagrams(&meshed_log).len() >= 2)
+    })
+    .unwrap();
+    let got = datagrams(&meshed_log);
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert_eq!(got[1]["data"], "reply-53", "{got:?}");
 }

@@ -51,16 +51,14 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{debug, warn};
 use zt_common::{
-    AF_INET, AF_INET6, ConnKey, EnrolledPod, HBONE_PORT, OUTBOUND_PORT, PodPortKey, SockAddr,
-    pod_flags, port_kinds, settings,
+    AF_INET, AF_INET6, ConnKey, DnsServerKey, EnrolledPod, HBONE_PORT, OUTBOUND_PORT, PodPortKey,
+    SockAddr, pod_flags, port_kinds, settings,
 };
 
 pub(crate) const SOCK_STREAM: u32 = 1;
 const SOCK_DGRAM: u32 = 2;
-const IPPROTO_ICMP: u32 = 1;
 const IPPROTO_TCP: u32 = 6;
 const IPPROTO_UDP: u32 = 17;
-const IPPROTO_ICMPV6: u32 = 58;
 const LOOPBACK_IFINDEX: u32 = 1;
 const DNS_PORT: u16 = 53;
 /// cgroup program verdicts.
@@ -100,6 +98,10 @@ static SETTINGS: Array<u64> = Array::pinned(settings::LEN, 0);
 
 #[map(name = "ZT_DENIED_BINDS")]
 pub(crate) static DENIED_BINDS: HashMap<u64, u64> = HashMap::pinned(4096, 0);
+
+/// The DNS servers enrolled pods sent unconnected queries to (`DnsServerKey`).
+#[map(name = "ZT_DNS_SERVERS")]
+static DNS_SERVERS: LruHashMap<DnsServerKey, u8> = LruHashMap::pinned(16384, 0);
 
 #[inline(always)]
 pub(crate) fn setting(index: u32) -> u64 {
@@ -306,29 +308,58 @@ pub fn zt_connect6(ctx: SockAddrContext) -> i32 {
 
 /// Unconnected UDP (`sendto`/`sendmsg` with an address): TCP never comes here.
 #[inline(always)]
-fn guard_sendmsg(ctx: &SockAddrContext, loopback: bool, port: u16) -> i32 {
+fn guard_sendmsg(ctx: &SockAddrContext, dst: SockAddr, loopback: bool) -> i32 {
     if loopback {
         return ALLOW;
     }
-    match classify(ctx, port) {
+    match classify(ctx, dst.port) {
         Verdict::Refuse => DENY,
-        Verdict::Pass | Verdict::Capture(_) => ALLOW,
+        Verdict::Pass | Verdict::Capture(_) => {
+            if dst.port == DNS_PORT {
+                remember_dns_server(ctx, dst);
+            }
+            ALLOW
+        }
+    }
+}
+
+/// Records that an enrolled pod queried `server`, so that its reply passes inbound.
+#[inline(always)]
+fn remember_dns_server(ctx: &SockAddrContext, server: SockAddr) {
+    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    if enrolled_flags(netns_cookie).is_none() {
+        return;
+    }
+    let key = DnsServerKey {
+        netns_cookie,
+        server: SockAddr { port: 0, ..server },
+        _pad: [0; 4],
+    };
+    if DNS_SERVERS.insert(&key, &0, 0).is_err() {
+        warn!(
+            ctx,
+            "zt: cannot record a DNS server; its replies will be dropped"
+        );
     }
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn zt_sendmsg4(ctx: SockAddrContext) -> i32 {
     let sa = unsafe { &*ctx.sock_addr };
-    let port = u16::from_be(sa.user_port as u16);
-    guard_sendmsg(&ctx, is_loopback_v4(sa.user_ip4), port)
+    let dst = SockAddr {
+        addr: [sa.user_ip4, 0, 0, 0],
+        port: u16::from_be(sa.user_port as u16),
+        family: AF_INET,
+    };
+    guard_sendmsg(&ctx, dst, is_loopback_v4(sa.user_ip4))
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn zt_sendmsg6(ctx: SockAddrContext) -> i32 {
     let sa = unsafe { &*ctx.sock_addr };
     let port = u16::from_be(sa.user_port as u16);
-    let (_, loopback) = ipv6_destination(sa.user_ip6, port);
-    guard_sendmsg(&ctx, loopback, port)
+    let (dst, loopback) = ipv6_destination(sa.user_ip6, port);
+    guard_sendmsg(&ctx, dst, loopback)
 }
 
 #[cgroup_sock(sock_create)]
@@ -342,12 +373,12 @@ pub fn zt_sock_create(ctx: SockContext) -> i32 {
     if flags & pod_flags::REFUSE_OUTBOUND_NON_TCP == 0 {
         return ALLOW;
     }
-    // TCP and UDP are covered by the other hooks; ping sockets carry only ICMP echo. Raw sockets
-    // and other protocols would go around capture.
+    // TCP and UDP are covered by the other hooks. Raw sockets and other protocols would go
+    // around capture, and so would ping sockets: their sendto reaches no cgroup hook, and ICMP
+    // echo payloads carry any data to any host.
     let allowed = matches!(
         (sk.type_, sk.protocol),
-        (SOCK_STREAM, 0 | IPPROTO_TCP)
-            | (SOCK_DGRAM, 0 | IPPROTO_UDP | IPPROTO_ICMP | IPPROTO_ICMPV6)
+        (SOCK_STREAM, 0 | IPPROTO_TCP) | (SOCK_DGRAM, 0 | IPPROTO_UDP)
     );
     if allowed {
         ALLOW
@@ -487,10 +518,35 @@ pub fn zt_sk_lookup(ctx: SkLookupContext) -> u32 {
         {
             return sk_action::SK_PASS;
         }
-        // Replies to unconnected queries (a resolver that does not connect its socket).
+        // Replies to unconnected queries (a resolver that does not connect its socket): from a
+        // server the pod asked, not from anyone who gave a datagram source port 53.
         let remote_port = u16::from_be(lk.remote_port);
         if remote_port == DNS_PORT && port_allowed(netns, DNS_PORT, port_kinds::UDP_OUTBOUND) {
-            return sk_action::SK_PASS;
+            let server = if lk.family == AF_INET as u32 {
+                SockAddr {
+                    addr: [lk.remote_ip4, 0, 0, 0],
+                    port: 0,
+                    family: AF_INET,
+                }
+            } else {
+                // Read word by word: a copy of the array lets the compiler offset the context
+                // pointer, which the verifier refuses.
+                let remote =
+                    |i: usize| unsafe { core::ptr::read_volatile(&(*ctx.lookup).remote_ip6[i]) };
+                SockAddr {
+                    addr: [remote(0), remote(1), remote(2), remote(3)],
+                    port: 0,
+                    family: AF_INET6,
+                }
+            };
+            let key = DnsServerKey {
+                netns_cookie: netns,
+                server,
+                _pad: [0; 4],
+            };
+            if DNS_SERVERS.get_ptr(&key).is_some() {
+                return sk_action::SK_PASS;
+            }
         }
         return sk_action::SK_DROP;
     }

@@ -9,7 +9,9 @@ use std::{
 };
 
 use aya::maps::{Array, HashMap, Map, MapData, SockHash};
-use zt_common::{ConnKey, EnrolledPod, PodPortKey, SockAddr, map_names, port_kinds, settings};
+use zt_common::{
+    ConnKey, DnsServerKey, EnrolledPod, PodPortKey, SockAddr, map_names, port_kinds, settings,
+};
 
 use super::{CaptureError, open_map, socket_addr};
 use crate::config::{CaptureConfig, FailMode};
@@ -23,6 +25,7 @@ fn map_err(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> CaptureErro
 pub struct CaptureMaps {
     enrolled: HashMap<MapData, u64, EnrolledPod>,
     orig_dst_by_port: HashMap<MapData, ConnKey, SockAddr>,
+    dns_servers: HashMap<MapData, DnsServerKey, u8>,
     pod_listeners: SockHash<MapData, u64>,
     pod_ports: HashMap<MapData, PodPortKey, u8>,
     settings: Array<MapData, u64>,
@@ -37,6 +40,7 @@ impl CaptureMaps {
         Ok(Self {
             enrolled: open_map(pin_dir, map_names::ENROLLED, Map::HashMap)?,
             orig_dst_by_port: open_map(pin_dir, map_names::ORIG_DST_BY_PORT, Map::LruHashMap)?,
+            dns_servers: open_map(pin_dir, map_names::DNS_SERVERS, Map::LruHashMap)?,
             pod_listeners: open_map(pin_dir, map_names::POD_LISTENERS, Map::SockHash)?,
             pod_ports: open_map(pin_dir, map_names::POD_PORTS, Map::HashMap)?,
             settings: open_map(pin_dir, map_names::SETTINGS, Map::Array)?,
@@ -195,6 +199,15 @@ impl CaptureMaps {
                 self.orig_dst_by_port.remove(&key),
                 map_names::ORIG_DST_BY_PORT,
             )?;
+        }
+        let servers: Vec<DnsServerKey> = self
+            .dns_servers
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.netns_cookie == netns_cookie)
+            .collect();
+        for key in servers {
+            ignore_missing(self.dns_servers.remove(&key), map_names::DNS_SERVERS)?;
         }
         Ok(())
     }

@@ -148,11 +148,14 @@ impl Capture {
 
     /// Leaves a pod whose enrollment failed closed: no connect leaves it and no connection
     /// reaches it, and it is still known to the kernel as enrolled (so nothing else treats it as
-    /// stale).
+    /// stale). Fails only when the pod could not be marked at all: a pod marked whose inbound
+    /// steering could not attach is still held (its connects refused), rather than let go.
     pub fn fail_closed(&mut self, netns_cookie: u64, netns: &File) -> Result<(), CaptureError> {
         self.maps
             .enroll(netns_cookie, pod_flags::ENROLLMENT_FAILED)?;
-        self.attach_sk_lookup(netns_cookie, netns)?;
+        if let Err(e) = self.attach_sk_lookup(netns_cookie, netns) {
+            tracing::error!(netns_cookie, error = %e, "a pod held fail-closed has no inbound steering: its connects are refused, connections to it are not");
+        }
         Ok(())
     }
 }
