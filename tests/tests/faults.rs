@@ -246,6 +246,85 @@ fn an_issuer_outage_keeps_the_certificate_until_it_expires_and_a_half_written_on
     assert_eq!(connect(), Ok(200));
 }
 
+/// An issuer that writes a certificate from a new root before the bundle that trusts it: the
+/// agent keeps presenting the certificate its peers accept, counts and logs the refusal, and
+/// takes the new one once the bundle trusts its root.
+#[test]
+fn a_certificate_from_a_root_the_bundle_does_not_trust_yet_does_not_replace_the_current_one() {
+    let mut bed = Testbed::new(2).unwrap();
+    let (p21, p22) = (bed.pod(2, 1).clone(), bed.pod(2, 2).clone());
+    let ca = CertificateAuthority::generate("cluster.local".parse().unwrap()).unwrap();
+    let files = bed.dir.join("identities");
+    let bundle = files.join("bundles/cluster.local.pem");
+    std::fs::create_dir_all(files.join("bundles")).unwrap();
+    std::fs::write(&bundle, ca.bundle_pem()).unwrap();
+    let id = spiffe_id(&p21);
+    let svid_dir = files.join("default").join(format!("sa-{}", p21.name));
+    let (_, first_expiry) = issue_to_files(&ca, &id, Duration::from_secs(3600), &svid_dir);
+    let config = node_config(bed.node(2), &[&p21]).identity(Identity::files(&files));
+    let agent = Agent::start_with_config(&mut bed, 2, &config).unwrap();
+    Server::start(&mut bed, &p21, SocketAddr::from(([0, 0, 0, 0], PORT))).unwrap();
+    let hbone = SocketAddr::new(p21.ip(false), 15008);
+    let app = SocketAddr::new(p21.ip(false), PORT).to_string();
+    let client = svid(&ca, "spiffe://cluster.local/ns/default/sa/client");
+    let trust = trust_of(&ca);
+    let connect = || {
+        let config = zt_daemon::identity::tls::client_config(
+            zt_daemon::identity::tls::SvidSlot::new(client.clone()),
+            trust.clone(),
+            None,
+        )
+        .unwrap();
+        in_netns(&p22.netns, async || {
+            request(hbone, config, http::Method::CONNECT, &app).await
+        })
+    };
+    assert_eq!(connect(), Ok(200));
+
+    // The new root's certificate arrives; its bundle has not.
+    let next_ca = CertificateAuthority::generate("cluster.local".parse().unwrap()).unwrap();
+    let next_dir = bed.dir.join("next");
+    let (_, next_expiry) = issue_to_files(&next_ca, &id, Duration::from_secs(7200), &next_dir);
+    for name in ["tls.key", "tls.crt"] {
+        let tmp = svid_dir.join(format!("{name}.tmp"));
+        std::fs::copy(next_dir.join(name), &tmp).unwrap();
+        std::fs::rename(&tmp, svid_dir.join(name)).unwrap();
+    }
+    let refused = || {
+        agent.events().unwrap().into_iter().find(|e| {
+            e["message"] == "renewal failed; keeping the current certificate"
+                && e["error"].as_str().is_some_and(|m| m.contains("refused"))
+        })
+    };
+    wait_until(Duration::from_secs(10), || Ok(refused().is_some())).unwrap_or_else(|e| {
+        panic!(
+            "the untrusted certificate was not refused: {e}\n{}",
+            agent.log_tail()
+        )
+    });
+    // Still the certificate the peers trust, on the wire and in the metrics.
+    assert_eq!(connect(), Ok(200));
+    assert_eq!(expiry_metric(&agent, &id), Some(first_expiry));
+    assert_eq!(agent.readiness().unwrap().0, 200);
+
+    // The bundle now trusts both roots: the new certificate is taken by itself.
+    std::fs::write(
+        files.join("bundles/cluster.local.pem.tmp"),
+        ca.bundle_pem() + &next_ca.bundle_pem(),
+    )
+    .unwrap();
+    std::fs::rename(files.join("bundles/cluster.local.pem.tmp"), &bundle).unwrap();
+    wait_until(Duration::from_secs(10), || {
+        Ok(expiry_metric(&agent, &id) == Some(next_expiry))
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "the trusted certificate was not taken: {e}\n{}",
+            agent.log_tail()
+        )
+    });
+}
+
 #[test]
 fn sighup_with_an_invalid_config_under_load_drops_no_connection() {
     let mut bed = Testbed::new(1).unwrap();

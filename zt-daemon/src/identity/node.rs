@@ -12,7 +12,7 @@ use super::{
     ca::{CaError, CertificateAuthority},
     files::{self, BundleError, FilesSource},
     revocation::{RevocationError, RevocationList},
-    rotation::{BuiltinIssuer, Renewal, SvidSource, WorkloadIdentity},
+    rotation::{BuiltinIssuer, Checked, Renewal, SvidSource, WorkloadIdentity},
     spiffe::{SpiffeId, TrustDomain},
     spire::SpireAgent,
     tls::SvidSlot,
@@ -164,7 +164,13 @@ impl NodeIdentity {
     /// spire-agent pushes for the workload's selectors).
     pub fn issue(&self, id: SpiffeId, workload: &Workload) -> WorkloadIdentity {
         match &self.issuer {
-            Issuer::Renewed(source) => WorkloadIdentity::start(id, source.clone(), &self.renewal),
+            Issuer::Renewed(source) => {
+                let checked = Arc::new(Checked {
+                    source: source.clone(),
+                    trust: self.trust.clone(),
+                });
+                WorkloadIdentity::start(id, checked, &self.renewal)
+            }
             Issuer::Spire(spire) => {
                 let slot = SvidSlot::default();
                 let task = tokio::spawn(spire.clone().follow_svid(

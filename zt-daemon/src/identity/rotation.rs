@@ -19,6 +19,7 @@ use super::{
     spiffe::SpiffeId,
     svid::Svid,
     tls::SvidSlot,
+    verify::TrustStore,
 };
 
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
@@ -49,6 +50,27 @@ impl SvidSource for BuiltinIssuer {
                 id: id.clone(),
                 message: e.to_string(),
             })
+    }
+}
+
+/// A source whose SVIDs are taken only once they chain to the trust bundle and are valid now:
+/// an issuer that writes a certificate from a new root before the bundle that trusts it, or one
+/// not yet valid, must not replace the certificate the peers accept.
+pub struct Checked {
+    pub source: Arc<dyn SvidSource>,
+    pub trust: TrustStore,
+}
+
+impl SvidSource for Checked {
+    fn fetch(&self, id: &SpiffeId) -> Result<Svid, IssueError> {
+        let svid = self.source.fetch(id)?;
+        self.trust
+            .verify_own(&svid)
+            .map_err(|e| IssueError::Failed {
+                id: id.clone(),
+                message: format!("refused: {e}"),
+            })?;
+        Ok(svid)
     }
 }
 
