@@ -44,7 +44,11 @@ pub enum CaError {
 pub struct CertificateAuthority {
     trust_domain: TrustDomain,
     issuer: Issuer<'static, KeyPair>,
+    /// The root that signs.
     root: CertificateDer<'static>,
+    /// Every root of ca.pem, the signing one included: during a root rotation the old and the
+    /// new are both trusted while the nodes move from one key to the other.
+    bundle: Vec<CertificateDer<'static>>,
 }
 
 fn file_err(path: &Path, message: impl ToString) -> CaError {
@@ -85,6 +89,7 @@ impl CertificateAuthority {
         Ok(Self {
             trust_domain,
             issuer: Issuer::new(params, key),
+            bundle: vec![root.clone()],
             root,
         })
     }
@@ -112,44 +117,74 @@ impl CertificateAuthority {
         std::fs::write(&cert_path, self.bundle_pem()).map_err(|e| file_err(&cert_path, e))
     }
 
-    /// Loads a CA written by [`Self::write`] (or any P-256 CA cert and PKCS#8 key).
+    /// Loads a CA written by [`Self::write`] (or any P-256 CA cert and PKCS#8 key). ca.pem may
+    /// hold several roots of the trust domain (a root rotation): all are trusted, and the one
+    /// whose key is ca-key.pem signs.
     pub fn load(dir: &Path) -> Result<Self, CaError> {
         let cert_path = dir.join(CA_CERT_FILE);
         let key_path = dir.join(CA_KEY_FILE);
         let cert_pem = std::fs::read(&cert_path).map_err(|e| file_err(&cert_path, e))?;
-        let root = CertificateDer::from_pem_slice(&cert_pem)
+        let bundle = CertificateDer::pem_slice_iter(&cert_pem)
+            .collect::<Result<Vec<_>, _>>()
             .map_err(|e| file_err(&cert_path, format!("malformed PEM: {e}")))?;
+        if bundle.is_empty() {
+            return Err(file_err(&cert_path, "holds no certificate"));
+        }
         let key_pem = std::fs::read_to_string(&key_path).map_err(|e| file_err(&key_path, e))?;
         let key = KeyPair::from_pem(&key_pem)
             .map_err(|e| file_err(&key_path, format!("not a usable private key: {e}")))?;
-        let (_, parsed) = x509_parser::parse_x509_certificate(&root)
-            .map_err(|e| file_err(&cert_path, format!("not a certificate: {e}")))?;
-        if !parsed.is_ca() {
-            return Err(file_err(&cert_path, "not a CA certificate"));
+        let mut trust_domain: Option<TrustDomain> = None;
+        let mut signer = None;
+        for (i, root) in bundle.iter().enumerate() {
+            let at =
+                |message: &str| file_err(&cert_path, format!("certificate {}: {message}", i + 1));
+            let (_, parsed) = x509_parser::parse_x509_certificate(root)
+                .map_err(|e| at(&format!("not a certificate: {e}")))?;
+            if !parsed.is_ca() {
+                return Err(at("not a CA certificate"));
+            }
+            let domain: TrustDomain = parsed
+                .subject_alternative_name()
+                .ok()
+                .flatten()
+                .and_then(|san| {
+                    san.value.general_names.iter().find_map(|n| match n {
+                        x509_parser::extensions::GeneralName::URI(u) => u.parse().ok(),
+                        _ => None,
+                    })
+                })
+                .ok_or_else(|| at("carries no spiffe://<trust domain> URI SAN"))?;
+            match &trust_domain {
+                Some(first) if *first != domain => {
+                    return Err(at(&format!(
+                        "serves trust domain {domain}, the first serves {first}"
+                    )));
+                }
+                _ => trust_domain = Some(domain),
+            }
+            if signer.is_none()
+                && parsed.public_key().raw == key.subject_public_key_info().as_slice()
+            {
+                signer = Some(root.clone());
+            }
         }
-        if parsed.public_key().raw != key.subject_public_key_info().as_slice() {
+        let (Some(trust_domain), Some(root)) = (trust_domain, signer) else {
             return Err(file_err(
                 &key_path,
-                "private key does not match the CA certificate",
+                format!(
+                    "private key matches none of the {} CA certificates of {}",
+                    bundle.len(),
+                    cert_path.display()
+                ),
             ));
-        }
-        let trust_domain = parsed
-            .subject_alternative_name()
-            .ok()
-            .flatten()
-            .and_then(|san| {
-                san.value.general_names.iter().find_map(|n| match n {
-                    x509_parser::extensions::GeneralName::URI(u) => u.parse().ok(),
-                    _ => None,
-                })
-            })
-            .ok_or_else(|| file_err(&cert_path, "CA carries no spiffe://<trust domain> URI SAN"))?;
+        };
         let issuer = Issuer::from_ca_cert_der(&root, key)
             .map_err(|e| file_err(&cert_path, format!("unusable CA certificate: {e}")))?;
         Ok(Self {
             trust_domain,
             issuer,
-            root: root.into_owned(),
+            root,
+            bundle,
         })
     }
 
@@ -157,13 +192,22 @@ impl CertificateAuthority {
         &self.trust_domain
     }
 
+    /// The root that signs.
     pub fn root(&self) -> &CertificateDer<'static> {
         &self.root
     }
 
+    /// Every root this CA's trust domain trusts (the signing one among them).
+    pub fn bundle(&self) -> &[CertificateDer<'static>] {
+        &self.bundle
+    }
+
     /// The trust bundle for this CA's trust domain, as PEM.
     pub fn bundle_pem(&self) -> String {
-        super::svid::pem("CERTIFICATE", &self.root)
+        self.bundle
+            .iter()
+            .map(|root| super::svid::pem("CERTIFICATE", root))
+            .collect()
     }
 
     /// Signs arbitrary certificate parameters with this CA (tests craft bad certificates with it).
@@ -206,5 +250,61 @@ impl CertificateAuthority {
             key_der,
             Path::new("<issued in memory>"),
         )?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, roots: &[&CertificateAuthority], key_of: &CertificateAuthority) {
+        std::fs::create_dir_all(dir).unwrap();
+        let pem: String = roots.iter().map(|ca| ca.bundle_pem()).collect();
+        std::fs::write(dir.join(CA_CERT_FILE), pem).unwrap();
+        std::fs::write(dir.join(CA_KEY_FILE), key_of.issuer.key().serialize_pem()).unwrap();
+    }
+
+    #[test]
+    fn a_bundle_of_several_roots_trusts_them_all_and_signs_with_the_keys_own() {
+        let td: TrustDomain = "td".parse().unwrap();
+        let (old, new) = (
+            CertificateAuthority::generate(td.clone()).unwrap(),
+            CertificateAuthority::generate(td.clone()).unwrap(),
+        );
+        let dir = tempfile::tempdir().unwrap();
+        // Mid-rotation: both roots, the new key.
+        write(dir.path(), &[&old, &new], &new);
+        let ca = CertificateAuthority::load(dir.path()).unwrap();
+        assert_eq!(ca.root(), new.root());
+        assert_eq!(ca.bundle(), [old.root().clone(), new.root().clone()]);
+        assert_eq!(ca.bundle_pem(), old.bundle_pem() + &new.bundle_pem());
+        let id: SpiffeId = "spiffe://td/ns/shop/sa/web".parse().unwrap();
+        let svid = ca.issue(&id, Duration::from_secs(60)).unwrap();
+        let (_, leaf) = x509_parser::parse_x509_certificate(&svid.chain()[0]).unwrap();
+        let (_, signer) = x509_parser::parse_x509_certificate(new.root()).unwrap();
+        assert_eq!(leaf.issuer(), signer.subject());
+        assert!(leaf.verify_signature(Some(signer.public_key())).is_ok());
+
+        // A key that matches no root, and roots of two trust domains, are refused by name.
+        let stranger = CertificateAuthority::generate(td).unwrap();
+        write(dir.path(), &[&old, &new], &stranger);
+        let err = CertificateAuthority::load(dir.path())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("private key matches none of the 2 CA certificates"),
+            "{err}"
+        );
+        let other = CertificateAuthority::generate("other.org".parse().unwrap()).unwrap();
+        write(dir.path(), &[&old, &other], &old);
+        let err = CertificateAuthority::load(dir.path())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("ca.pem: certificate 2: serves trust domain other.org"),
+            "{err}"
+        );
     }
 }

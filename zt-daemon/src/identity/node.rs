@@ -38,8 +38,8 @@ pub enum IdentityError {
 #[derive(Clone)]
 struct TrustSources {
     trust_domain: TrustDomain,
-    /// Root of the built-in CA; the files provider reads its bundles from disk instead.
-    builtin_root: Option<CertificateDer<'static>>,
+    /// Roots of the built-in CA; the files provider reads its bundles from disk instead.
+    builtin_roots: Option<Vec<CertificateDer<'static>>>,
     /// The node's spire-agent: its bundles, and the identities it withdrew.
     spire: Option<Arc<SpireAgent>>,
     config: IdentityConfig,
@@ -47,8 +47,8 @@ struct TrustSources {
 
 impl TrustSources {
     fn load(&self) -> Result<TrustState, IdentityError> {
-        let bundles = match (&self.builtin_root, &self.config.provider) {
-            (Some(root), _) => HashMap::from([(self.trust_domain.clone(), vec![root.clone()])]),
+        let bundles = match (&self.builtin_roots, &self.config.provider) {
+            (Some(roots), _) => HashMap::from([(self.trust_domain.clone(), roots.clone())]),
             (None, IdentityProvider::Files { dir }) => {
                 files::load_bundles(&dir.join(files::BUNDLES_DIR))?
             }
@@ -100,7 +100,7 @@ pub struct NodeIdentity {
 impl NodeIdentity {
     pub fn start(trust_domain: TrustDomain, config: IdentityConfig) -> Result<Self, IdentityError> {
         let renewal = Renewal::default();
-        let (issuer, builtin_root) = match &config.provider {
+        let (issuer, builtin_roots) = match &config.provider {
             IdentityProvider::Builtin { ca_dir } => {
                 let ca = CertificateAuthority::load(ca_dir)?;
                 if ca.trust_domain() != &trust_domain {
@@ -110,7 +110,7 @@ impl NodeIdentity {
                         ca.trust_domain()
                     )));
                 }
-                let root = ca.root().clone();
+                let root = ca.bundle().to_vec();
                 let ttl = config.svid_ttl;
                 (
                     Issuer::Renewed(Arc::new(BuiltinIssuer { ca, ttl })),
@@ -135,7 +135,7 @@ impl NodeIdentity {
         };
         let sources = TrustSources {
             trust_domain,
-            builtin_root,
+            builtin_roots,
             spire: match &issuer {
                 Issuer::Spire(s) => Some(s.clone()),
                 Issuer::Renewed(_) => None,
