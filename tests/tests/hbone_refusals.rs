@@ -204,10 +204,10 @@ fn hbone_listener_refuses_what_it_must() {
 
 #[test]
 fn hbone_streams_count_against_the_workload_connection_limit() {
-    // The TLS connection takes one permit, each stream one more: room for two streams.
+    // Each stream takes one permit, the TLS connection none: room for two streams.
     let (bed, agent, _server, ca) = hbone_target(|_, c| {
         c.limits(Limits {
-            max_connections_per_workload: Some(3),
+            max_connections_per_workload: Some(2),
             ..Limits::default()
         })
     });

@@ -150,7 +150,7 @@ impl Metrics {
             ),
             hbone_streams_refused: counter_vec(
                 "zt_hbone_streams_refused_total",
-                "HBONE CONNECT streams refused before reaching the application, by reason (not_connect, no_authority, not_this_pod, max_connections, application_unreachable; policy denials are in zt_policy_decisions_total).",
+                "HBONE CONNECT streams refused before reaching the application, by reason (not_connect, no_authority, not_this_pod, max_connections, application_unreachable; policy denials are in zt_policy_decisions_total), and HBONE connections refused because their source holds max_hbone_connections_per_source (source_connections).",
                 &["reason"],
             ),
             denied_binds: IntCounter::new(

@@ -120,6 +120,7 @@ impl Agent {
                 connect_timeout: config.limits.connect_timeout,
                 pool: Arc::new(Pool::new(node.trust.clone(), config.mtls.pool_idle_timeout)),
                 handshakes: SourceLimit::new(config.limits.max_handshakes_per_source),
+                established: SourceLimit::new(config.limits.max_hbone_connections_per_source),
                 max_streams_per_connection: config.limits.max_streams_per_connection,
                 hbone_idle_timeout: config.limits.hbone_idle_timeout,
                 answer_hold: ANSWER_HOLD,

@@ -59,6 +59,7 @@ idle_timeout_seconds = 60
 drain_seconds = 5
 max_connections_per_workload = 100
 max_handshakes_per_source = 4
+max_hbone_connections_per_source = 64
 max_streams_per_connection = 50
 hbone_idle_timeout_seconds = 120
 

@@ -135,6 +135,7 @@ pub(super) struct RawLimits {
     pub(super) max_connections_per_workload: Option<usize>,
     pub(super) drain_seconds: Option<u64>,
     pub(super) max_handshakes_per_source: Option<Spanned<usize>>,
+    pub(super) max_hbone_connections_per_source: Option<Spanned<usize>>,
     pub(super) max_streams_per_connection: Option<Spanned<u32>>,
     pub(super) hbone_idle_timeout_seconds: Option<Spanned<u64>>,
 }

@@ -145,6 +145,9 @@ pub struct LimitsConfig {
     /// TLS handshakes one source address may have pending at once on this node's HBONE
     /// listeners (unauthenticated work, bounded apart from the workloads' connections).
     pub max_handshakes_per_source: usize,
+    /// Authenticated HBONE connections one source address may hold open at once on this node's
+    /// listeners (they take none of a workload's connections: their streams do).
+    pub max_hbone_connections_per_source: usize,
     /// HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS on the HBONE listeners.
     pub max_streams_per_connection: u32,
     /// An inbound HBONE connection without streams for this long is sent GOAWAY.

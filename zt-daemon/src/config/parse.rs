@@ -29,6 +29,9 @@ const DEFAULT_MAX_CONNECTIONS: usize = 16384;
 const DEFAULT_RECONCILE_INTERVAL_MS: u64 = 5000;
 const DEFAULT_DRAIN_SECONDS: u64 = 30;
 const DEFAULT_HANDSHAKES_PER_SOURCE: usize = 16;
+/// A source pod's pool holds one connection per destination pod (another per 100 streams): a
+/// node of about 100 pods needs a few hundred at most.
+const DEFAULT_HBONE_CONNECTIONS_PER_SOURCE: usize = 512;
 /// As ztunnel's pool (`pool_max_streams_per_conn`); the pool opens another connection beyond.
 const DEFAULT_STREAMS_PER_CONNECTION: u32 = 100;
 /// Longer than the client pools' default idle timeout (60 s), so clients close first.
@@ -172,6 +175,10 @@ impl NodeConfig {
                 as_u64(&raw.limits.max_handshakes_per_source),
             ),
             (
+                "limits.max_hbone_connections_per_source",
+                as_u64(&raw.limits.max_hbone_connections_per_source),
+            ),
+            (
                 "limits.max_streams_per_connection",
                 raw.limits
                     .max_streams_per_connection
@@ -286,6 +293,11 @@ impl NodeConfig {
                 drain: Duration::from_secs(
                     raw.limits.drain_seconds.unwrap_or(DEFAULT_DRAIN_SECONDS),
                 ),
+                max_hbone_connections_per_source: raw
+                    .limits
+                    .max_hbone_connections_per_source
+                    .map(Spanned::into_inner)
+                    .unwrap_or(DEFAULT_HBONE_CONNECTIONS_PER_SOURCE),
                 max_handshakes_per_source: raw
                     .limits
                     .max_handshakes_per_source

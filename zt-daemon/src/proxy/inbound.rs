@@ -194,12 +194,13 @@ async fn handle_hbone(
         warn!(workload = %id, %peer, source_identity = %peer_id, address_owner = %owner, "HBONE refused: the source address belongs to another identity");
         return;
     }
-    // Authenticated: from here the connection counts against the workload's limit, as each of
-    // its streams does.
+    // Authenticated: from here the connection counts against its source's bound. Not against
+    // the workload's connections, which its streams take: a peer holding connections whose
+    // streams policy refuses would otherwise use up the workload's budget, outbound included.
     drop(unauthenticated);
-    let Some(_permit) = workload.connection_permit() else {
-        ctx.metrics.hbone_stream_refused("max_connections");
-        warn!(workload = %id, %peer, source_identity = %peer_id, close = "max_connections", "HBONE connection refused: workload at its connection limit");
+    let Some(_established) = tunnel.established.try_acquire(peer.ip()) else {
+        ctx.metrics.hbone_stream_refused("source_connections");
+        debug!(workload = %id, %peer, source_identity = %peer_id, "HBONE connection refused: its source holds max_hbone_connections_per_source");
         return;
     };
     let certificates = SessionCertificates {
@@ -226,8 +227,7 @@ async fn handle_hbone(
         ctx.drain_started(),
         who,
         |request, respond| {
-            // Each stream is a captured connection and counts against the workload's limit, as
-            // the TLS connection carrying it does.
+            // Each stream is a captured connection and counts against the workload's limit.
             let Some(permit) = workload.connection_permit() else {
                 ctx.metrics.hbone_stream_refused("max_connections");
                 warn!(workload = %id, %peer, source_identity = %peer_id, close = "max_connections", "HBONE stream refused: workload at its connection limit");

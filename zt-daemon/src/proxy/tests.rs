@@ -111,6 +111,25 @@ struct Pod {
     outbound: SocketAddr,
 }
 
+/// A bed's timeouts and limits.
+struct Tuning {
+    answer_hold: Duration,
+    connect_timeout: Duration,
+    max_connections_per_workload: usize,
+    hbone_connections_per_source: usize,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Self {
+            answer_hold: ANSWER_HOLD,
+            connect_timeout: WAIT,
+            max_connections_per_workload: 100,
+            hbone_connections_per_source: 512,
+        }
+    }
+}
+
 struct Bed {
     net: u8,
     ca: CertificateAuthority,
@@ -148,17 +167,25 @@ impl Bed {
         egress: EgressPolicy,
         answer_hold: Duration,
     ) -> Self {
-        Self::timing(policies, mtls, egress, answer_hold, WAIT)
+        Self::tuned(
+            policies,
+            mtls,
+            egress,
+            Tuning {
+                answer_hold,
+                ..Tuning::default()
+            },
+        )
     }
 
-    /// The same, with its connects given up after `connect_timeout`.
-    fn timing(
-        policies: &str,
-        mtls: MtlsMode,
-        egress: EgressPolicy,
-        answer_hold: Duration,
-        connect_timeout: Duration,
-    ) -> Self {
+    /// The same, with the timeouts and limits of `tuning`.
+    fn tuned(policies: &str, mtls: MtlsMode, egress: EgressPolicy, tuning: Tuning) -> Self {
+        let Tuning {
+            answer_hold,
+            connect_timeout,
+            max_connections_per_workload,
+            hbone_connections_per_source,
+        } = tuning;
         static BEDS: AtomicU8 = AtomicU8::new(1);
         let net = BEDS.fetch_add(1, Ordering::Relaxed);
         let ca = CertificateAuthority::generate(TRUST_DOMAIN.parse().unwrap()).unwrap();
@@ -200,6 +227,7 @@ impl Bed {
                 connect_timeout,
                 pool: Arc::new(Pool::new(trust, Duration::from_secs(60))),
                 handshakes: SourceLimit::new(16),
+                established: SourceLimit::new(hbone_connections_per_source),
                 max_streams_per_connection: 100,
                 hbone_idle_timeout: Duration::from_secs(60),
                 answer_hold,
@@ -208,7 +236,7 @@ impl Bed {
             metrics,
             idle_timeout: Duration::from_secs(60),
             connect_timeout,
-            max_connections_per_workload: 100,
+            max_connections_per_workload,
             drain_timeout: Duration::from_secs(1),
             draining: tokio::sync::watch::channel(false).0,
         });
@@ -1009,13 +1037,14 @@ async fn plaintext_into_a_strict_pod_is_refused_and_counted() {
 /// after twice its connect timeout and resets the application, rather than holding it for ever.
 #[tokio::test]
 async fn a_connect_the_destination_never_answers_is_given_up_and_the_application_reset() {
-    let connect_timeout = Duration::from_millis(300);
-    let bed = Bed::timing(
+    let bed = Bed::tuned(
         "",
         MtlsMode::Strict,
         EgressPolicy::default(),
-        ANSWER_HOLD,
-        connect_timeout,
+        Tuning {
+            connect_timeout: Duration::from_millis(300),
+            ..Tuning::default()
+        },
     );
     let web = bed.pod(1, "shop", "web-1", "web").await;
     let mute = bed.ip(9);
@@ -1073,4 +1102,69 @@ async fn a_connect_the_destination_never_answers_is_given_up_and_the_application
         assert_eq!(dials.load(Ordering::SeqCst), attempt);
     }
     assert_eq!(bed.metric("zt_outbound_refusals_total", &[]), 2);
+}
+
+/// A peer holding authenticated HBONE connections, whose every stream policy refuses, cannot use
+/// up the destination's connection budget: connections take none of it (their streams do), and
+/// what one source address may hold is bounded on its own.
+#[tokio::test]
+async fn idle_hbone_connections_take_none_of_the_workloads_connections_and_are_bounded_per_source()
+{
+    let bed = Bed::tuned(
+        DENY_BATCH,
+        MtlsMode::Strict,
+        EgressPolicy::default(),
+        Tuning {
+            max_connections_per_workload: 3,
+            hbone_connections_per_source: 4,
+            ..Tuning::default()
+        },
+    );
+    let web = bed.pod(1, "shop", "web-1", "web").await;
+    let db = bed.pod(2, "shop", "db-1", "db").await;
+    let app = SocketAddr::new(db.ip, APP_PORT);
+    bed.echo(app).await;
+    let batch = spiffe_id("jobs", "batch");
+    let adversary = bed.ip(50);
+    // As many connections as db may have, and one more: each authenticated, each with a
+    // stream policy refuses, all held open.
+    let mut held = Vec::new();
+    for n in 0..4 {
+        let mut send = hbone_client(&bed, adversary, &db, &batch)
+            .await
+            .unwrap_or_else(|e| panic!("connection {n}: {e}"));
+        let (response, _) = send.send_request(connect_request(app), false).unwrap();
+        let status = tokio::time::timeout(WAIT, response)
+            .await
+            .unwrap()
+            .unwrap()
+            .status();
+        assert_eq!(status, http::StatusCode::FORBIDDEN, "connection {n}");
+        held.push(send);
+    }
+    // db's own connections still go through, in and out.
+    for n in 0..2 {
+        let echoed = round_trip(bed.connect(&web, app).await, b"still served").await;
+        assert_eq!(echoed.unwrap(), b"still served", "connection {n} from web");
+    }
+    // The fifth connection from the same address is closed once authenticated.
+    let fifth = async {
+        let mut send = hbone_client(&bed, adversary, &db, &batch).await?;
+        let (response, _) = send
+            .send_request(connect_request(app), false)
+            .map_err(|e| e.to_string())?;
+        response
+            .await
+            .map(|r| r.status())
+            .map_err(|e| e.to_string())
+    };
+    let fifth = tokio::time::timeout(WAIT, fifth).await.unwrap();
+    assert!(fifth.is_err(), "a fifth connection was served: {fifth:?}");
+    bed.wait_metric(
+        "zt_hbone_streams_refused_total",
+        &["reason=\"source_connections\""],
+        1,
+    )
+    .await;
+    drop(held);
 }

@@ -26,6 +26,8 @@ pub struct Tunnel {
     pub pool: Arc<pool::Pool>,
     /// TLS handshakes pending on this node's HBONE listeners, per source address.
     pub handshakes: SourceLimit,
+    /// Authenticated connections open on this node's HBONE listeners, per source address.
+    pub established: SourceLimit,
     pub max_streams_per_connection: u32,
     /// An inbound HBONE connection without streams this long is sent GOAWAY.
     pub hbone_idle_timeout: Duration,
