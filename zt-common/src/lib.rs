@@ -32,8 +32,9 @@ pub mod map_names {
     pub const SETTINGS: &str = "ZT_SETTINGS_V2";
     /// Refused binds of the agent's ports, per pod netns cookie; the agent reads and clears it.
     pub const DENIED_BINDS: &str = "ZT_DENIED_BINDS";
-    /// `DnsServerKey`s: the DNS servers each pod sent unconnected queries to.
-    pub const DNS_SERVERS: &str = "ZT_DNS_SERVERS";
+    /// When each pod last sent a DNS query from each of its UDP ports (`DnsQueryKey` to
+    /// `bpf_ktime_get_ns`).
+    pub const DNS_QUERIES: &str = "ZT_DNS_QUERIES";
     /// Same-node splicing (not pinned: spliced connections belong to the agent that made
     /// them). The sockets whose received bytes `zt_splice` redirects, by socket cookie.
     pub const SPLICE_SOURCES: &str = "ZT_SPLICE_SOURCES";
@@ -208,16 +209,21 @@ pub struct SockAddr {
     pub family: u16,
 }
 
-/// Key of the DNS_SERVERS map: a pod (its netns cookie) and a server it sent a query to, port
-/// 0. A STRICT pod's inbound UDP from port 53 passes only from such a server: the reply to an
-/// unconnected query, not any datagram a sender gave source port 53.
+/// Key of the DNS_QUERIES map: a pod (its netns cookie) and the local port of a UDP socket it
+/// sent a DNS query from (host byte order). A STRICT pod's inbound UDP from port 53 passes only
+/// to such a port, shortly after the query: the reply to an unconnected query, not any datagram
+/// a sender gave source port 53. The port, not the server's address, because a load balancer in
+/// the path (a Service, a socket-level one) may answer from another address than was asked.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct DnsServerKey {
+pub struct DnsQueryKey {
     pub netns_cookie: u64,
-    pub server: SockAddr,
-    pub _pad: [u8; 4],
+    pub port: u16,
+    pub _pad: [u8; 6],
 }
+
+/// How long after a query its replies pass (resolvers give up well before).
+pub const DNS_REPLY_WINDOW_NS: u64 = 30_000_000_000;
 
 /// Key of the per-connection original destination once sockops has seen the source port:
 /// the agent knows the pod (its netns cookie) and the peer port of the accepted socket.
@@ -290,7 +296,7 @@ mod pod_impls {
     // SAFETY: all types are repr(C), Copy, with explicit padding and no pointers.
     unsafe impl aya::Pod for super::SockAddr {}
     unsafe impl aya::Pod for super::ConnKey {}
-    unsafe impl aya::Pod for super::DnsServerKey {}
+    unsafe impl aya::Pod for super::DnsQueryKey {}
     unsafe impl aya::Pod for super::EnrolledPod {}
     unsafe impl aya::Pod for super::PodPortKey {}
     unsafe impl aya::Pod for super::SpliceLink {}

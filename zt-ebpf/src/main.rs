@@ -43,7 +43,8 @@ use aya_ebpf::{
         sk_action,
     },
     helpers::generated::{
-        bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_sk_lookup_tcp, bpf_sk_release,
+        bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_sk_lookup_tcp,
+        bpf_sk_release,
     },
     macros::{cgroup_sock, cgroup_sock_addr, map, sk_lookup, sock_ops},
     maps::{Array, HashMap, LruHashMap, SockHash},
@@ -51,8 +52,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{debug, warn};
 use zt_common::{
-    AF_INET, AF_INET6, ConnKey, DnsServerKey, EnrolledPod, HBONE_PORT, OUTBOUND_PORT, PodPortKey,
-    SockAddr, pod_flags, port_kinds, settings,
+    AF_INET, AF_INET6, ConnKey, DNS_REPLY_WINDOW_NS, DnsQueryKey, EnrolledPod, HBONE_PORT,
+    OUTBOUND_PORT, PodPortKey, SockAddr, pod_flags, port_kinds, settings,
 };
 
 pub(crate) const SOCK_STREAM: u32 = 1;
@@ -99,9 +100,9 @@ static SETTINGS: Array<u64> = Array::pinned(settings::LEN, 0);
 #[map(name = "ZT_DENIED_BINDS")]
 pub(crate) static DENIED_BINDS: HashMap<u64, u64> = HashMap::pinned(4096, 0);
 
-/// The DNS servers enrolled pods sent unconnected queries to (`DnsServerKey`).
-#[map(name = "ZT_DNS_SERVERS")]
-static DNS_SERVERS: LruHashMap<DnsServerKey, u8> = LruHashMap::pinned(16384, 0);
+/// When enrolled pods last sent a DNS query from each UDP port (`DnsQueryKey`).
+#[map(name = "ZT_DNS_QUERIES")]
+static DNS_QUERIES: LruHashMap<DnsQueryKey, u64> = LruHashMap::pinned(65536, 0);
 
 #[inline(always)]
 pub(crate) fn setting(index: u32) -> u64 {
@@ -316,29 +317,33 @@ fn guard_sendmsg(ctx: &SockAddrContext, dst: SockAddr, loopback: bool) -> i32 {
         Verdict::Refuse => DENY,
         Verdict::Pass | Verdict::Capture(_) => {
             if dst.port == DNS_PORT {
-                remember_dns_server(ctx, dst);
+                remember_dns_query(ctx);
             }
             ALLOW
         }
     }
 }
 
-/// Records that an enrolled pod queried `server`, so that its reply passes inbound.
+/// Records that an enrolled pod sent a DNS query from its socket's port, so that the reply
+/// passes inbound. The socket is bound by now (`sendmsg` binds before this hook runs).
 #[inline(always)]
-fn remember_dns_server(ctx: &SockAddrContext, server: SockAddr) {
+fn remember_dns_query(ctx: &SockAddrContext) {
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     if enrolled_flags(netns_cookie).is_none() {
         return;
     }
-    let key = DnsServerKey {
+    // SAFETY: a sock_addr context always carries its socket.
+    let port = unsafe { (*(*ctx.sock_addr).__bindgen_anon_1.sk).src_port } as u16;
+    let key = DnsQueryKey {
         netns_cookie,
-        server: SockAddr { port: 0, ..server },
-        _pad: [0; 4],
+        port,
+        _pad: [0; 6],
     };
-    if DNS_SERVERS.insert(&key, &0, 0).is_err() {
+    let now = unsafe { bpf_ktime_get_ns() };
+    if DNS_QUERIES.insert(&key, &now, 0).is_err() {
         warn!(
             ctx,
-            "zt: cannot record a DNS server; its replies will be dropped"
+            "zt: cannot record a DNS query; its reply will be dropped"
         );
     }
 }
@@ -518,34 +523,21 @@ pub fn zt_sk_lookup(ctx: SkLookupContext) -> u32 {
         {
             return sk_action::SK_PASS;
         }
-        // Replies to unconnected queries (a resolver that does not connect its socket): from a
-        // server the pod asked, not from anyone who gave a datagram source port 53.
+        // Replies to unconnected queries (a resolver that does not connect its socket): to a
+        // port the pod just sent a query from, not to any port a sender of port 53 picks.
         let remote_port = u16::from_be(lk.remote_port);
         if remote_port == DNS_PORT && port_allowed(netns, DNS_PORT, port_kinds::UDP_OUTBOUND) {
-            let server = if lk.family == AF_INET as u32 {
-                SockAddr {
-                    addr: [lk.remote_ip4, 0, 0, 0],
-                    port: 0,
-                    family: AF_INET,
-                }
-            } else {
-                // Read word by word: a copy of the array lets the compiler offset the context
-                // pointer, which the verifier refuses.
-                let remote =
-                    |i: usize| unsafe { core::ptr::read_volatile(&(*ctx.lookup).remote_ip6[i]) };
-                SockAddr {
-                    addr: [remote(0), remote(1), remote(2), remote(3)],
-                    port: 0,
-                    family: AF_INET6,
-                }
-            };
-            let key = DnsServerKey {
+            let key = DnsQueryKey {
                 netns_cookie: netns,
-                server,
-                _pad: [0; 4],
+                port: local_port,
+                _pad: [0; 6],
             };
-            if DNS_SERVERS.get_ptr(&key).is_some() {
-                return sk_action::SK_PASS;
+            // SAFETY: pointer from a successful lookup; u64 is Copy.
+            if let Some(sent) = DNS_QUERIES.get_ptr(&key).map(|p| unsafe { *p }) {
+                let now = unsafe { bpf_ktime_get_ns() };
+                if now.wrapping_sub(sent) < DNS_REPLY_WINDOW_NS {
+                    return sk_action::SK_PASS;
+                }
             }
         }
         return sk_action::SK_DROP;

@@ -10,7 +10,7 @@ use std::{
 
 use aya::maps::{Array, HashMap, Map, MapData, SockHash};
 use zt_common::{
-    ConnKey, DnsServerKey, EnrolledPod, PodPortKey, SockAddr, map_names, port_kinds, settings,
+    ConnKey, DnsQueryKey, EnrolledPod, PodPortKey, SockAddr, map_names, port_kinds, settings,
 };
 
 use super::{CaptureError, open_map, socket_addr};
@@ -25,7 +25,7 @@ fn map_err(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> CaptureErro
 pub struct CaptureMaps {
     enrolled: HashMap<MapData, u64, EnrolledPod>,
     orig_dst_by_port: HashMap<MapData, ConnKey, SockAddr>,
-    dns_servers: HashMap<MapData, DnsServerKey, u8>,
+    dns_queries: HashMap<MapData, DnsQueryKey, u64>,
     pod_listeners: SockHash<MapData, u64>,
     pod_ports: HashMap<MapData, PodPortKey, u8>,
     settings: Array<MapData, u64>,
@@ -40,7 +40,7 @@ impl CaptureMaps {
         Ok(Self {
             enrolled: open_map(pin_dir, map_names::ENROLLED, Map::HashMap)?,
             orig_dst_by_port: open_map(pin_dir, map_names::ORIG_DST_BY_PORT, Map::LruHashMap)?,
-            dns_servers: open_map(pin_dir, map_names::DNS_SERVERS, Map::LruHashMap)?,
+            dns_queries: open_map(pin_dir, map_names::DNS_QUERIES, Map::LruHashMap)?,
             pod_listeners: open_map(pin_dir, map_names::POD_LISTENERS, Map::SockHash)?,
             pod_ports: open_map(pin_dir, map_names::POD_PORTS, Map::HashMap)?,
             settings: open_map(pin_dir, map_names::SETTINGS, Map::Array)?,
@@ -200,14 +200,14 @@ impl CaptureMaps {
                 map_names::ORIG_DST_BY_PORT,
             )?;
         }
-        let servers: Vec<DnsServerKey> = self
-            .dns_servers
+        let queries: Vec<DnsQueryKey> = self
+            .dns_queries
             .keys()
             .filter_map(Result::ok)
             .filter(|k| k.netns_cookie == netns_cookie)
             .collect();
-        for key in servers {
-            ignore_missing(self.dns_servers.remove(&key), map_names::DNS_SERVERS)?;
+        for key in queries {
+            ignore_missing(self.dns_queries.remove(&key), map_names::DNS_QUERIES)?;
         }
         Ok(())
     }

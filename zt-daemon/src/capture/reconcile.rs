@@ -116,14 +116,19 @@ impl Capture {
         unowned: Unowned,
     ) -> usize {
         let kernel = self.kernel_state();
-        let mut found = drift(&kernel, wanted, held);
-        if unowned == Unowned::Keep && !found.forget.is_empty() {
-            debug!(
-                pods = found.forget.len(),
-                "capture kept for pods no workload owns yet: fail-closed until the agent knows them"
-            );
-            found.forget.clear();
-        }
+        let found = drift(&kernel, wanted, held);
+        let forget: &[u64] = match unowned {
+            Unowned::Forget => &found.forget,
+            Unowned::Keep => {
+                if !found.forget.is_empty() {
+                    debug!(
+                        pods = found.forget.len(),
+                        "capture kept for pods no workload owns yet: fail-closed until the agent knows them"
+                    );
+                }
+                &[]
+            }
+        };
         for w in wanted
             .iter()
             .filter(|w| found.repair.contains(&w.pod.netns_cookie))
@@ -138,7 +143,7 @@ impl Capture {
                 }
             }
         }
-        for &cookie in &found.forget {
+        for &cookie in forget {
             match self.forget_pod(cookie) {
                 Ok(()) => warn!(
                     netns_cookie = cookie,

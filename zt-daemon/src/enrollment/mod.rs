@@ -314,6 +314,23 @@ impl Enrollment {
             }
         };
 
+        // A pod captured for the first time may already hold connections capture never saw
+        // (opened between its start and this enrollment): they are reset, not left around the
+        // agent. An adopted pod was captured all along.
+        if !adopted {
+            match pod_netns.run(sock_diag::reset_uncaptured).await {
+                Ok(Ok(0)) => {}
+                Ok(Ok(connections)) => {
+                    warn!(workload = %id, connections, "reset connections the pod held from before it was captured")
+                }
+                Ok(Err(e)) => {
+                    warn!(workload = %id, error = %e, "could not look for connections the pod held from before it was captured")
+                }
+                Err(e) => {
+                    warn!(workload = %id, error = %e, "could not look for connections the pod held from before it was captured")
+                }
+            }
+        }
         let local = Arc::new(LocalWorkload::new(
             workload,
             cookie,

@@ -4,7 +4,7 @@
 //! still closes one on a policy change, at a limit, or once it has been idle too long.
 use std::{io, net::SocketAddr, time::Duration};
 
-use netlink_packet_core::NLM_F_ACK;
+use netlink_packet_core::{NLM_F_ACK, NLM_F_DUMP};
 use netlink_packet_sock_diag::{
     AF_INET, AF_INET6, IPPROTO_TCP, SockDiagDestroy, SockDiagMessage, TCP_CLOSE_WAIT, TCP_CLOSING,
     TCP_ESTABLISHED, TCP_FIN_WAIT1, TCP_FIN_WAIT2, TCP_LAST_ACK,
@@ -49,6 +49,71 @@ impl PodConnection {
             },
         }
     }
+}
+
+/// Resets every TCP connection of the calling thread's namespace that capture cannot have seen,
+/// for a pod being captured for the first time: a connection it opened (or accepted) before
+/// would otherwise go on around the agent for as long as it lives. Spared: listeners, sockets
+/// already closing down in TIME_WAIT, anything on one of the agent's ports (connections capture
+/// already sent to the agent), and sockets no process holds yet (an accept queue's, the agent's
+/// own steered connections among them). Returns how many were reset.
+pub fn reset_uncaptured() -> io::Result<usize> {
+    let states = StateFlags::all() - StateFlags::LISTEN - StateFlags::TIME_WAIT - StateFlags::CLOSE;
+    let mut found = Vec::new();
+    for family in [AF_INET, AF_INET6] {
+        let mut attempts = 3;
+        loop {
+            let mut connections = Vec::new();
+            let request = SockDiagMessage::InetRequest(InetRequest {
+                family,
+                protocol: IPPROTO_TCP,
+                extensions: ExtensionFlags::empty(),
+                states: states.clone(),
+                socket_id: if family == AF_INET {
+                    SocketId::new_v4()
+                } else {
+                    SocketId::new_v6()
+                },
+            });
+            let dumped =
+                super::netlink::exchange(NETLINK_SOCK_DIAG, request, NLM_F_DUMP, |reply| {
+                    let SockDiagMessage::InetResponse(response) = reply else {
+                        return;
+                    };
+                    let (header, id) = (&response.header, &response.header.socket_id);
+                    let on_agent_port = zt_common::is_agent_port(id.source_port)
+                        || zt_common::is_agent_port(id.destination_port);
+                    if header.inode == 0 || on_agent_port {
+                        return;
+                    }
+                    connections.push(PodConnection {
+                        local: SocketAddr::new(id.source_address, id.source_port),
+                        remote: SocketAddr::new(id.destination_address, id.destination_port),
+                        cookie: cookie_of(&id.cookie),
+                    });
+                });
+            match dumped {
+                Ok(()) => {
+                    found.extend(connections);
+                    break;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted && attempts > 1 => attempts -= 1,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    let mut reset = 0;
+    for connection in &found {
+        match abort_connection(connection) {
+            Ok(()) => reset += 1,
+            // Gone meanwhile.
+            Err(e)
+                if e.kind() == io::ErrorKind::NotFound
+                    || e.raw_os_error() == Some(libc::ESTALE) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(reset)
 }
 
 /// Aborts `connection` in the calling thread's namespace, as `ss -K` does (SOCK_DESTROY): the

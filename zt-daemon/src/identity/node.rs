@@ -226,7 +226,7 @@ fn watch(
         // SVID files may have changed too: every workload re-reads its own. The built-in CA's
         // SVIDs are not files, and waking it would mint new certificates for nothing.
         if svids_are_files {
-            renewal.wake.notify_waiters();
+            renewal.wake.send_modify(|changes| *changes += 1);
         }
     })?;
     Ok(Some(watcher))

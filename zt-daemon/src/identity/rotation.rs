@@ -11,7 +11,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use tokio::{sync::Notify, task::JoinHandle};
+use tokio::{sync::watch, task::JoinHandle};
 use tracing::{info, warn};
 
 use super::{
@@ -77,8 +77,9 @@ impl SvidSource for Checked {
 /// Shared by every workload's renewal task.
 #[derive(Clone, Default)]
 pub struct Renewal {
-    /// Wakes every task for an immediate refresh (files changed on disk).
-    pub wake: Arc<Notify>,
+    /// Wakes every task for an immediate refresh (files changed on disk): a counter each task
+    /// watches, so a change while a task is busy fetching is still seen when it is done.
+    pub wake: Arc<watch::Sender<u64>>,
     /// Issuance failures so far (`zt_identity_issue_failures_total`).
     pub failures: Arc<AtomicU64>,
     /// SVIDs the issuer took back so far (`zt_identity_withdrawals_total`; SPIRE).
@@ -104,6 +105,8 @@ impl WorkloadIdentity {
     /// no certificate (not ready) and the task retries with backoff until it gets one.
     pub fn start(id: SpiffeId, source: Arc<dyn SvidSource>, renewal: &Renewal) -> Self {
         let slot = SvidSlot::default();
+        // Watching from before the first fetch: a change during it is not missed.
+        let woken = renewal.wake.subscribe();
         match source.fetch(&id) {
             Ok(svid) => {
                 info!(identity = %id, serial = %svid.leaf.serial, expires = ?svid.leaf.not_after, "identity issued");
@@ -119,6 +122,7 @@ impl WorkloadIdentity {
             slot.clone(),
             source,
             renewal.clone(),
+            woken,
         ));
         Self { id, slot, task }
     }
@@ -158,6 +162,7 @@ async fn renew_forever(
     slot: SvidSlot,
     source: Arc<dyn SvidSource>,
     renewal: Renewal,
+    mut woken: watch::Receiver<u64>,
 ) {
     // Without a certificate, start in backoff.
     let mut backoff = slot.get().is_none().then_some(FIRST_BACKOFF);
@@ -169,7 +174,7 @@ async fn renew_forever(
         };
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
-            _ = renewal.wake.notified() => {}
+            _ = woken.changed() => {}
         }
         let source = source.clone();
         let fetch_id = id.clone();

@@ -598,6 +598,21 @@ fn bad_input_names_file_document_and_field() {
             "spec.rules[0].to[0].operation: must not be empty",
         ),
         (
+            // An empty list of a field zt does not enforce is no value either.
+            format!(
+                "{}spec:\n  action: DENY\n  rules:\n  - from:\n    - source:\n        requestPrincipals: []\n",
+                header("AuthorizationPolicy")
+            ),
+            "spec.rules[0].from[0].source: must not be empty",
+        ),
+        (
+            format!(
+                "{}spec:\n  rules:\n  - to:\n    - operation:\n        methods: []\n",
+                header("AuthorizationPolicy")
+            ),
+            "spec.rules[0].to[0].operation: must not be empty",
+        ),
+        (
             format!("{}spec:\n  action: PERMIT\n", header("AuthorizationPolicy")),
             "spec.action: \"PERMIT\" is not ALLOW",
         ),

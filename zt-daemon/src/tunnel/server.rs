@@ -266,7 +266,13 @@ mod tests {
         }
         // Stream 1 stays open (held); the agent drains.
         drain.send(()).unwrap();
-        while !matches!(next_frame(&mut peer).await, Some((GOAWAY, ..))) {}
+        loop {
+            match next_frame(&mut peer).await {
+                Some((GOAWAY, ..)) => break,
+                Some(_) => {}
+                None => panic!("closed before its GOAWAY"),
+            }
+        }
         tokio::time::sleep(GOAWAY_GRACE + Duration::from_secs(1)).await;
         connect(&mut peer, 3).await;
         let refused = tokio::time::timeout(GOAWAY_GRACE * 2, async {

@@ -164,8 +164,10 @@ impl SessionCertificates {
                 });
             }
         }
+        // An intermediate that expired before its leaf ends the chain as the leaf would: no new
+        // streams, and those in flight finish (not the abrupt close of an untrusted chain).
         for (side, cert) in self.sides() {
-            if now >= cert.not_after {
+            if now >= cert.chain_not_after {
                 return Err(Retired::Expired {
                     side,
                     id: cert.id.clone(),

@@ -87,7 +87,7 @@ struct RawTo {
     operation: Option<RawOperation>,
 }
 
-#[derive(Deserialize, PartialEq, Default)]
+#[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct RawSource {
     #[serde(default)]
@@ -111,7 +111,7 @@ struct RawSource {
     not_service_accounts: Option<Value>,
 }
 
-#[derive(Deserialize, PartialEq, Default)]
+#[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct RawOperation {
     #[serde(default)]
@@ -128,7 +128,7 @@ struct RawOperation {
 }
 
 /// Istio writes ports as strings; a bare number is accepted too.
-#[derive(Deserialize, PartialEq)]
+#[derive(Deserialize)]
 #[serde(untagged)]
 enum RawPort {
     Number(i64),
@@ -150,6 +150,54 @@ struct RawMtls {
 }
 
 // ---- validation ---------------------------------------------------------------------------------
+
+/// Whether a field zt does not enforce was given a value: an empty list (`methods: []`) or a
+/// null is none, as Istio reads it.
+fn given_value(value: &Option<Value>) -> bool {
+    match value {
+        None | Some(Value::Null) => false,
+        Some(Value::Sequence(items)) => !items.is_empty(),
+        Some(_) => true,
+    }
+}
+
+impl RawSource {
+    fn is_empty(&self) -> bool {
+        self.principals.is_empty()
+            && self.not_principals.is_empty()
+            && self.namespaces.is_empty()
+            && self.not_namespaces.is_empty()
+            && self.ip_blocks.is_empty()
+            && self.not_ip_blocks.is_empty()
+            && ![
+                &self.request_principals,
+                &self.not_request_principals,
+                &self.remote_ip_blocks,
+                &self.not_remote_ip_blocks,
+                &self.service_accounts,
+                &self.not_service_accounts,
+            ]
+            .into_iter()
+            .any(given_value)
+    }
+}
+
+impl RawOperation {
+    fn is_empty(&self) -> bool {
+        self.ports.is_empty()
+            && self.not_ports.is_empty()
+            && ![
+                &self.hosts,
+                &self.not_hosts,
+                &self.methods,
+                &self.not_methods,
+                &self.paths,
+                &self.not_paths,
+            ]
+            .into_iter()
+            .any(given_value)
+    }
+}
 
 /// Names of the given fields among `fields`, as `prefix.field`.
 fn present(prefix: &str, fields: &[(&str, bool)]) -> Vec<String> {
@@ -232,10 +280,10 @@ fn given<T>(at: &str, field: &str, list: Option<Vec<T>>) -> Result<Vec<T>, Strin
 }
 
 /// The `source` or `operation` of a `from` or `to` entry, which must name at least one field.
-fn named<T: Default + PartialEq>(at: &str, entry: Option<T>) -> Result<T, String> {
+fn named<T>(at: &str, entry: Option<T>, is_empty: fn(&T) -> bool) -> Result<T, String> {
     match entry {
         None => Err(format!("{at}: must be given")),
-        Some(entry) if entry == T::default() => Err(format!(
+        Some(entry) if is_empty(&entry) => Err(format!(
             "{at}: must not be empty (it names no field, and Istio refuses it)"
         )),
         Some(entry) => Ok(entry),
@@ -244,22 +292,25 @@ fn named<T: Default + PartialEq>(at: &str, entry: Option<T>) -> Result<T, String
 
 /// The rule and the paths of the fields it had that zt cannot enforce (left out of the rule).
 fn rule(at: &str, raw: RawRule) -> Result<(Rule, Vec<String>), String> {
-    let mut unsupported = present(at, &[("when", raw.when.is_some())]);
+    let mut unsupported = present(at, &[("when", given_value(&raw.when))]);
     let raw_from = given(at, "from", raw.from)?;
     let raw_to = given(at, "to", raw.to)?;
     let mut from = Vec::with_capacity(raw_from.len());
     for (f, RawFrom { source }) in raw_from.into_iter().enumerate() {
         let at = format!("{at}.from[{f}].source");
-        let s = named(&at, source)?;
+        let s = named(&at, source, RawSource::is_empty)?;
         unsupported.extend(present(
             &at,
             &[
-                ("requestPrincipals", s.request_principals.is_some()),
-                ("notRequestPrincipals", s.not_request_principals.is_some()),
-                ("remoteIpBlocks", s.remote_ip_blocks.is_some()),
-                ("notRemoteIpBlocks", s.not_remote_ip_blocks.is_some()),
-                ("serviceAccounts", s.service_accounts.is_some()),
-                ("notServiceAccounts", s.not_service_accounts.is_some()),
+                ("requestPrincipals", given_value(&s.request_principals)),
+                (
+                    "notRequestPrincipals",
+                    given_value(&s.not_request_principals),
+                ),
+                ("remoteIpBlocks", given_value(&s.remote_ip_blocks)),
+                ("notRemoteIpBlocks", given_value(&s.not_remote_ip_blocks)),
+                ("serviceAccounts", given_value(&s.service_accounts)),
+                ("notServiceAccounts", given_value(&s.not_service_accounts)),
             ],
         ));
         from.push(Source {
@@ -274,16 +325,16 @@ fn rule(at: &str, raw: RawRule) -> Result<(Rule, Vec<String>), String> {
     let mut to = Vec::with_capacity(raw_to.len());
     for (t, RawTo { operation }) in raw_to.into_iter().enumerate() {
         let at = format!("{at}.to[{t}].operation");
-        let o = named(&at, operation)?;
+        let o = named(&at, operation, RawOperation::is_empty)?;
         unsupported.extend(present(
             &at,
             &[
-                ("hosts", o.hosts.is_some()),
-                ("notHosts", o.not_hosts.is_some()),
-                ("methods", o.methods.is_some()),
-                ("notMethods", o.not_methods.is_some()),
-                ("paths", o.paths.is_some()),
-                ("notPaths", o.not_paths.is_some()),
+                ("hosts", given_value(&o.hosts)),
+                ("notHosts", given_value(&o.not_hosts)),
+                ("methods", given_value(&o.methods)),
+                ("notMethods", given_value(&o.not_methods)),
+                ("paths", given_value(&o.paths)),
+                ("notPaths", given_value(&o.not_paths)),
             ],
         ));
         to.push(Operation {
