@@ -5,7 +5,7 @@
 mod drift;
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
     path::PathBuf,
     sync::Arc,
@@ -21,7 +21,7 @@ use crate::{
     config::{MtlsMode, NodeConfig, SameNode},
     directory::{MeshDirectory, NodeWorkloads},
     discovery,
-    enrollment::{EnrollFailure, Enrollment},
+    enrollment::{EarlierConnections, EnrollFailure, Enrollment},
     identity::{node::NodeIdentity, rotation::WorkloadIdentity, spiffe::SpiffeId},
     policy::{self, PolicyStore},
     proxy::{self, ProxyContext},
@@ -380,6 +380,13 @@ impl Agent {
             .collect();
         let before: Vec<WorkloadId> = self.enrolled.keys().cloned().collect();
         let left = !gone.is_empty();
+        // A workload that changed (a label, say) is enrolled again at once: its pod was captured
+        // all along, and its connections (direct ones too) stay.
+        let changed: BTreeSet<WorkloadId> = gone
+            .iter()
+            .filter(|id| desired.contains_key(*id))
+            .cloned()
+            .collect();
         for id in gone {
             if let Some(enrollment) = self.enrolled.remove(&id)
                 && let Err(e) = enrollment.remove(&mut self.capture).await
@@ -406,11 +413,17 @@ impl Agent {
             let identity = self.issue_identity(&workload);
             let flags = self.capture_flags(&workload);
             let ctx = &self.proxy;
+            let earlier = if changed.contains(&id) {
+                EarlierConnections::Keep
+            } else {
+                EarlierConnections::Reset
+            };
             match Enrollment::enroll(
                 &mut self.capture,
                 workload.clone(),
                 identity,
                 flags,
+                earlier,
                 ctx.max_connections_per_workload,
                 |local, listeners| proxy::serve_workload(ctx, &local, listeners),
             )

@@ -224,6 +224,15 @@ fn create_listeners(
     })
 }
 
+/// What an enrollment does with the TCP connections the pod already holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EarlierConnections {
+    /// The pod is captured for the first time: what it holds, capture never saw; reset it.
+    Reset,
+    /// The pod was captured all along (enrolled again after a change): keep them.
+    Keep,
+}
+
 impl Enrollment {
     /// Enrolls `workload`: listeners, capture (with `flags`, `zt_common::pod_flags`), then
     /// inbound steering; `serve` then gets the listeners and returns the tasks serving them.
@@ -233,6 +242,7 @@ impl Enrollment {
         workload: Workload,
         identity: Option<WorkloadIdentity>,
         flags: u64,
+        earlier: EarlierConnections,
         max_connections: usize,
         serve: impl FnOnce(Arc<LocalWorkload>, PodListeners) -> Vec<JoinHandle<()>>,
     ) -> Result<Self, EnrollFailure> {
@@ -317,7 +327,7 @@ impl Enrollment {
         // A pod captured for the first time may already hold connections capture never saw
         // (opened between its start and this enrollment): they are reset, not left around the
         // agent. An adopted pod was captured all along.
-        if !adopted {
+        if !adopted && earlier == EarlierConnections::Reset {
             match pod_netns.run(sock_diag::reset_uncaptured).await {
                 Ok(Ok(0)) => {}
                 Ok(Ok(connections)) => {
