@@ -9,7 +9,7 @@ use std::{
 
 use zt_daemon::identity::{ca::CertificateAuthority, svid::pem};
 use zt_tests::{
-    Agent, Testbed,
+    Agent, Pod, Testbed,
     agent::{meshed_config, node_config, spiffe_id},
     node_config::{Identity, MtlsMode},
     probe::{Server, Tally, churn, received_by, start_load},
@@ -133,6 +133,33 @@ fn issue_to_files(
     (cert_pem, expiry)
 }
 
+/// Copies the SVID issued into `from` to `dir` as an issuer would: key first, then the
+/// certificate, each replaced by a rename.
+fn install_svid(from: &Path, dir: &Path) {
+    for name in ["tls.key", "tls.crt"] {
+        let tmp = dir.join(format!("{name}.tmp"));
+        std::fs::copy(from.join(name), &tmp).unwrap();
+        std::fs::rename(&tmp, dir.join(name)).unwrap();
+    }
+}
+
+/// A CONNECT from `from` to `to`'s HBONE port for `to`'s application, by a client holding an
+/// SVID of `ca` and trusting `ca`: the status, or where the exchange broke.
+fn hbone_connect(ca: &CertificateAuthority, from: &Pod, to: &Pod) -> Result<u16, String> {
+    let hbone = SocketAddr::new(to.ip(false), 15008);
+    let app = SocketAddr::new(to.ip(false), PORT).to_string();
+    let client = svid(ca, "spiffe://cluster.local/ns/default/sa/client");
+    let config = zt_daemon::identity::tls::client_config(
+        zt_daemon::identity::tls::SvidSlot::new(client),
+        trust_of(ca),
+        None,
+    )
+    .unwrap();
+    in_netns(&from.netns, async || {
+        request(hbone, config, http::Method::CONNECT, &app).await
+    })
+}
+
 /// `zt_certificate_expiry_timestamp_seconds` of `identity`, in whole seconds.
 fn expiry_metric(agent: &Agent, identity: &str) -> Option<u64> {
     agent
@@ -165,21 +192,7 @@ fn an_issuer_outage_keeps_the_certificate_until_it_expires_and_a_half_written_on
     let agent = Agent::start_with_config(&mut bed, 2, &config).unwrap();
     let started = std::time::Instant::now();
     Server::start(&mut bed, &p21, SocketAddr::from(([0, 0, 0, 0], PORT))).unwrap();
-    let hbone = SocketAddr::new(p21.ip(false), 15008);
-    let app = SocketAddr::new(p21.ip(false), PORT).to_string();
-    let client = svid(&ca, "spiffe://cluster.local/ns/default/sa/client");
-    let trust = trust_of(&ca);
-    let connect = || {
-        let config = zt_daemon::identity::tls::client_config(
-            zt_daemon::identity::tls::SvidSlot::new(client.clone()),
-            trust.clone(),
-            None,
-        )
-        .unwrap();
-        in_netns(&p22.netns, async || {
-            request(hbone, config, http::Method::CONNECT, &app).await
-        })
-    };
+    let connect = || hbone_connect(&ca, &p22, &p21);
     assert_eq!(connect(), Ok(200));
     assert_eq!(expiry_metric(&agent, &id), Some(first_expiry));
     let failures = || {
@@ -236,10 +249,7 @@ fn an_issuer_outage_keeps_the_certificate_until_it_expires_and_a_half_written_on
     );
 
     // The issuer comes back: the agent takes the new certificate by itself.
-    std::fs::copy(next_key_dir.join("tls.key"), svid_dir.join("tls.key.tmp")).unwrap();
-    std::fs::rename(svid_dir.join("tls.key.tmp"), svid_dir.join("tls.key")).unwrap();
-    std::fs::copy(next_key_dir.join("tls.crt"), svid_dir.join("tls.crt.tmp")).unwrap();
-    std::fs::rename(svid_dir.join("tls.crt.tmp"), svid_dir.join("tls.crt")).unwrap();
+    install_svid(&next_key_dir, &svid_dir);
     wait_until(Duration::from_secs(10), || Ok(agent.readiness()?.0 == 200))
         .unwrap_or_else(|e| panic!("not ready after renewal: {e}\n{}", agent.log_tail()));
     assert_eq!(expiry_metric(&agent, &id), Some(next_expiry));
@@ -264,32 +274,14 @@ fn a_certificate_from_a_root_the_bundle_does_not_trust_yet_does_not_replace_the_
     let config = node_config(bed.node(2), &[&p21]).identity(Identity::files(&files));
     let agent = Agent::start_with_config(&mut bed, 2, &config).unwrap();
     Server::start(&mut bed, &p21, SocketAddr::from(([0, 0, 0, 0], PORT))).unwrap();
-    let hbone = SocketAddr::new(p21.ip(false), 15008);
-    let app = SocketAddr::new(p21.ip(false), PORT).to_string();
-    let client = svid(&ca, "spiffe://cluster.local/ns/default/sa/client");
-    let trust = trust_of(&ca);
-    let connect = || {
-        let config = zt_daemon::identity::tls::client_config(
-            zt_daemon::identity::tls::SvidSlot::new(client.clone()),
-            trust.clone(),
-            None,
-        )
-        .unwrap();
-        in_netns(&p22.netns, async || {
-            request(hbone, config, http::Method::CONNECT, &app).await
-        })
-    };
+    let connect = || hbone_connect(&ca, &p22, &p21);
     assert_eq!(connect(), Ok(200));
 
     // The new root's certificate arrives; its bundle has not.
     let next_ca = CertificateAuthority::generate("cluster.local".parse().unwrap()).unwrap();
     let next_dir = bed.dir.join("next");
     let (_, next_expiry) = issue_to_files(&next_ca, &id, Duration::from_secs(7200), &next_dir);
-    for name in ["tls.key", "tls.crt"] {
-        let tmp = svid_dir.join(format!("{name}.tmp"));
-        std::fs::copy(next_dir.join(name), &tmp).unwrap();
-        std::fs::rename(&tmp, svid_dir.join(name)).unwrap();
-    }
+    install_svid(&next_dir, &svid_dir);
     let refused = || {
         agent.events().unwrap().into_iter().find(|e| {
             e["message"] == "renewal failed; keeping the current certificate"
