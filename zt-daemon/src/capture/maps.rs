@@ -188,29 +188,34 @@ impl CaptureMaps {
         ] {
             self.replace_ports(netns_cookie, kind, &[])?;
         }
-        let conns: Vec<ConnKey> = self
-            .orig_dst_by_port
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| k.netns_cookie == netns_cookie)
-            .collect();
-        for key in conns {
-            ignore_missing(
-                self.orig_dst_by_port.remove(&key),
-                map_names::ORIG_DST_BY_PORT,
-            )?;
-        }
-        let queries: Vec<DnsQueryKey> = self
-            .dns_queries
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| k.netns_cookie == netns_cookie)
-            .collect();
-        for key in queries {
-            ignore_missing(self.dns_queries.remove(&key), map_names::DNS_QUERIES)?;
-        }
-        Ok(())
+        remove_where(
+            &mut self.orig_dst_by_port,
+            map_names::ORIG_DST_BY_PORT,
+            |k: &ConnKey| k.netns_cookie == netns_cookie,
+        )?;
+        remove_where(
+            &mut self.dns_queries,
+            map_names::DNS_QUERIES,
+            |k: &DnsQueryKey| k.netns_cookie == netns_cookie,
+        )
     }
+}
+
+/// Removes every entry of `map` (pinned as `name`) whose key `matches`.
+fn remove_where<K: aya::Pod, V: aya::Pod>(
+    map: &mut HashMap<MapData, K, V>,
+    name: &'static str,
+    matches: impl Fn(&K) -> bool,
+) -> Result<(), CaptureError> {
+    let keys: Vec<K> = map
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| matches(k))
+        .collect();
+    for key in keys {
+        ignore_missing(map.remove(&key), name)?;
+    }
+    Ok(())
 }
 
 /// A map entry may already be gone (a closed socket leaves the sockhash by itself).
