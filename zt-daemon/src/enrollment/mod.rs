@@ -328,16 +328,17 @@ impl Enrollment {
         // (opened between its start and this enrollment): they are reset, not left around the
         // agent. An adopted pod was captured all along.
         if !adopted && earlier == EarlierConnections::Reset {
-            match pod_netns.run(sock_diag::reset_uncaptured).await {
-                Ok(Ok(0)) => {}
-                Ok(Ok(connections)) => {
+            let reset = match pod_netns.run(sock_diag::reset_uncaptured).await {
+                Ok(reset) => reset.map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match reset {
+                Ok(0) => {}
+                Ok(connections) => {
                     warn!(workload = %id, connections, "reset connections the pod held from before it was captured")
                 }
-                Ok(Err(e)) => {
-                    warn!(workload = %id, error = %e, "could not look for connections the pod held from before it was captured")
-                }
-                Err(e) => {
-                    warn!(workload = %id, error = %e, "could not look for connections the pod held from before it was captured")
+                Err(error) => {
+                    warn!(workload = %id, %error, "could not look for connections the pod held from before it was captured")
                 }
             }
         }
