@@ -22,7 +22,7 @@ use zt_tests::{
         },
     },
     maps,
-    probe::{Server, connect},
+    probe::{Server, connect, connect_idle_until},
     wait_until,
 };
 
@@ -565,6 +565,120 @@ fn a_namespace_label_change_moves_its_pods_in_and_out_of_the_mesh() {
         Ok(security == "none")
     })
     .unwrap();
+    assert!(server.connections().unwrap().len() >= 3);
+    no_panic(&agent1);
+    no_panic(&agent2);
+}
+
+/// Allowed connections to `agent`'s pods so far.
+fn allowed(agent: &Agent) -> u64 {
+    agent
+        .metric_lines("zt_policy_decisions_total")
+        .unwrap()
+        .iter()
+        .filter(|l| l.contains("action=\"allow\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// A pod's labels change in place, as `kubectl label` changes them: its open connections stay,
+/// and policy decides them again under the new labels, so a DENY that now selects the pod (a
+/// quarantine label) closes them and refuses new ones, and lifting it lets new ones in. The pod
+/// is enrolled once throughout.
+#[test]
+fn a_relabelled_pod_keeps_its_connections_and_a_deny_that_now_selects_it_closes_them() {
+    let mut k = KubeBed::new(1);
+    k.create(&k.pod(1, 1, "frontend-0", "frontend"));
+    k.create(&k.pod(2, 1, "backend-0", "backend").label("app", "backend"));
+    write_policy(&k.policies, "allow.yaml", &allow_from("frontend")).unwrap();
+    let quarantine = format!(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: quarantine\n  namespace: {NS}\nspec:\n  selector:\n    matchLabels:\n      quarantine: \"true\"\n  action: DENY\n  rules:\n  - to:\n    - operation:\n        ports: [\"{PORT}\"]\n"
+    );
+    write_policy(&k.policies, "quarantine.yaml", &quarantine).unwrap();
+    let agent1 = k.agent(1, false);
+    let agent2 = k.agent(2, true);
+    wait_enrolled(&agent1, "frontend-0");
+    wait_enrolled(&agent2, "backend-0");
+    wait_ready(&agent2);
+    let p21 = k.bed.pod(2, 1).clone();
+    let server = Server::start(&mut k.bed, &p21, SocketAddr::from(([0u16; 8], PORT))).unwrap();
+    let dst = SocketAddr::new(p21.ip(false), PORT);
+    intact(&connect_when_known(&k.bed, (1, 1), dst, KIB), KIB);
+    let relabelled = || {
+        count(
+            &agent2,
+            "workload labels changed",
+            &format!("{NS}/backend-0"),
+        )
+    };
+
+    // Opens a connection that stays silent, waits until node 2 allowed it, applies `labels`
+    // to backend-0 and waits until node 2 took them (`changes` so far); then the connection
+    // sends. Its outcome.
+    let idle_across = |go: &str, labels: &[(&str, Option<&str>)], changes: usize| {
+        let go = k.bed.dir.join(go);
+        let before = allowed(&agent2);
+        std::thread::scope(|s| {
+            let open = s.spawn(|| connect_idle_until(&k.bed, k.bed.pod(1, 1), dst, &go));
+            wait_until(PROPAGATION, || Ok(allowed(&agent2) > before)).unwrap();
+            k.cluster.set_pod_labels(NS, "backend-0", labels).unwrap();
+            wait_until(PROPAGATION, || Ok(relabelled() == changes))
+                .unwrap_or_else(|e| panic!("labels not taken: {e}\n{}", agent2.log_tail()));
+            std::fs::write(&go, "").unwrap();
+            open.join().unwrap().unwrap()
+        })
+    };
+
+    // A label no policy selects by: the open connection carries its bytes.
+    let kept = idle_across("go-version", &[("version", Some("v2"))], 1);
+    let kept = kept.expect("the connection open across the label change");
+    assert_eq!(kept["reply"]["bytes"].as_u64(), Some(KIB), "{kept}");
+
+    // Quarantined: the open connection is closed by the DENY that now selects the pod.
+    let closed = idle_across("go-quarantine", &[("quarantine", Some("true"))], 2);
+    assert!(
+        closed.is_err(),
+        "a quarantined pod's connection stayed open: {closed:?}"
+    );
+    let record = agent2
+        .wait_access("the connection the quarantine closed", |r| {
+            r["close"] == "policy"
+        })
+        .unwrap();
+    assert_eq!(
+        record["source_identity"],
+        spiffe("frontend").as_str(),
+        "{record}"
+    );
+    let event = agent2
+        .events()
+        .unwrap()
+        .into_iter()
+        .find(|e| {
+            e["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("open connection closed by a policy update"))
+        })
+        .unwrap_or_else(|| panic!("no policy close logged\n{}", agent2.log_tail()));
+    assert!(
+        event["rule"]
+            .as_str()
+            .is_some_and(|r| r.contains("quarantine")),
+        "{event}"
+    );
+    let refused = connect(&k.bed, k.bed.pod(1, 1), dst, KIB, TIMEOUT).unwrap();
+    assert!(
+        refused.is_err(),
+        "a new connection to the quarantined pod: {refused:?}"
+    );
+
+    // Lifted: new connections are allowed again.
+    k.cluster
+        .set_pod_labels(NS, "backend-0", &[("quarantine", None)])
+        .unwrap();
+    wait_until(PROPAGATION, || Ok(relabelled() == 3)).unwrap();
+    intact(&connect_when_known(&k.bed, (1, 1), dst, KIB), KIB);
+    enrolled_throughout(&agent2, "backend-0");
     assert!(server.connections().unwrap().len() >= 3);
     no_panic(&agent1);
     no_panic(&agent2);

@@ -872,15 +872,13 @@ fn a_pod_enrolled_again_keeps_the_places_its_direct_connections_hold() {
     std::thread::scope(|s| {
         // p11's direct connection takes the server pod's only place...
         let held = hold_direct(s, &n, p11, dst, &hold, 1).pop().unwrap();
-        // ... and keeps it when a new label makes the server pod a new enrollment.
+        // ... and keeps it when a new probe port makes the server pod a new enrollment (a new
+        // label does not: labels change in place).
         let moved = "direct connections moved to their pods' new enrollments, with their places";
         let moves = n.agent.count(moved).unwrap();
-        let mut relabelled = n.config.clone();
-        relabelled
-            .workload(p12)
-            .labels
-            .insert("tier".into(), "backend".into());
-        n.agent.reload(&relabelled).unwrap();
+        let mut reenrolled = n.config.clone();
+        reenrolled.workload(p12).probe_ports.push(8081);
+        n.agent.reload(&reenrolled).unwrap();
         zt_tests::wait_until(
             Duration::from_secs(10),
             || Ok(n.agent.count(moved)? > moves),

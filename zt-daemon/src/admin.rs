@@ -227,11 +227,12 @@ impl AdminState {
             .iter()
             .map(|w| {
                 let svid = w.svid.as_ref().and_then(SvidSlot::get);
+                let current = w.current();
                 json!({
-                    "workload": w.workload.id.to_string(),
-                    "service_account": w.workload.service_account,
-                    "labels": w.workload.labels,
-                    "netns": w.workload.netns,
+                    "workload": w.id.to_string(),
+                    "service_account": current.service_account,
+                    "labels": current.labels,
+                    "netns": w.netns,
                     "netns_cookie": w.netns_cookie,
                     "addresses": w.addresses,
                     "enrolled": true,

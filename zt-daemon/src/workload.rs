@@ -15,6 +15,24 @@ pub struct Workload {
     pub probe_ports: Vec<u16>,
 }
 
+impl Workload {
+    /// The same pod with other labels: what an enrolled workload takes in place. Written field
+    /// by field, so that a field added later has to be placed on one side or the other.
+    pub fn differs_only_in_labels(&self, other: &Workload) -> bool {
+        let Workload {
+            id,
+            service_account,
+            labels: _,
+            netns,
+            probe_ports,
+        } = self;
+        *id == other.id
+            && *service_account == other.service_account
+            && *netns == other.netns
+            && *probe_ports == other.probe_ports
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct WorkloadId {
     pub namespace: String,

@@ -392,15 +392,36 @@ impl Cluster {
         name: &str,
         annotations: &[(&str, Option<&str>)],
     ) -> anyhow::Result<()> {
-        let annotations: BTreeMap<&str, Option<&str>> = annotations.iter().copied().collect();
+        self.merge_pod_metadata(namespace, name, "annotations", annotations)
+    }
+
+    /// Merges `labels` into the pod's; a `None` value removes one.
+    pub fn set_pod_labels(
+        &self,
+        namespace: &str,
+        name: &str,
+        labels: &[(&str, Option<&str>)],
+    ) -> anyhow::Result<()> {
+        self.merge_pod_metadata(namespace, name, "labels", labels)
+    }
+
+    /// Merges `entries` into the map `field` (labels, annotations) of the pod's metadata.
+    fn merge_pod_metadata(
+        &self,
+        namespace: &str,
+        name: &str,
+        field: &str,
+        entries: &[(&str, Option<&str>)],
+    ) -> anyhow::Result<()> {
+        let entries: BTreeMap<&str, Option<&str>> = entries.iter().copied().collect();
         let api: Api<KubePod> = Api::namespaced(self.client.clone(), namespace);
         self.rt
             .block_on(api.patch(
                 name,
                 &PatchParams::default(),
-                &Patch::Merge(json!({"metadata": {"annotations": annotations}})),
+                &Patch::Merge(json!({"metadata": {field: entries}})),
             ))
-            .with_context(|| format!("annotating pod {namespace}/{name}"))?;
+            .with_context(|| format!("setting {field} of pod {namespace}/{name}"))?;
         Ok(())
     }
 

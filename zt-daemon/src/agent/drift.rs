@@ -20,13 +20,13 @@ impl Agent {
         let dead: Vec<WorkloadId> = self
             .enrolled
             .iter()
-            .filter(|(_, e)| !e.local.workload.netns.exists())
+            .filter(|(_, e)| !e.local.netns.exists())
             .map(|(id, _)| id.clone())
             .collect();
         let any_dead = !dead.is_empty();
         for id in dead {
             if let Some(enrollment) = self.enrolled.remove(&id) {
-                warn!(workload = %id, netns = %enrollment.local.workload.netns.display(), "network namespace gone (the pod died?): un-enrolling");
+                warn!(workload = %id, netns = %enrollment.local.netns.display(), "network namespace gone (the pod died?): un-enrolling");
                 if let Err(e) = enrollment.remove(&mut self.capture).await {
                     error!(workload = %id, error = %e, "un-enrollment incomplete");
                 }
@@ -40,9 +40,9 @@ impl Agent {
             .enrolled
             .values()
             .map(|e| WantedPod {
-                workload: &e.local.workload.id,
+                workload: &e.local.id,
                 pod: &e.captured,
-                flags: self.capture_flags(&e.local.workload),
+                flags: self.capture_flags(&e.local.current()),
             })
             .collect();
         let held: HashSet<u64> = self.failed.values().filter_map(|f| f.fail_closed).collect();
@@ -68,7 +68,7 @@ impl Agent {
                 .enrolled
                 .values()
                 .find(|e| e.local.netns_cookie == cookie)
-                .map(|e| e.local.workload.id.to_string())
+                .map(|e| e.local.id.to_string())
                 .unwrap_or_default();
             warn!(%workload, netns_cookie = cookie, attempts, "refused: a pod tried to bind one of the agent's ports");
         }

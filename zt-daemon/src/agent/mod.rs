@@ -372,16 +372,27 @@ impl Agent {
     /// new. A workload that fails to enroll is logged and tried again on the next reconcile.
     async fn reconcile(&mut self) {
         let desired = self.desired();
+        // A label change is taken in place: the pod's connections stay, and policy decides
+        // them again (they close if it now denies them).
+        let mut relabeled = false;
+        for (id, e) in &self.enrolled {
+            if let Some(wanted) = desired.get(id)
+                && e.local.relabel(wanted)
+            {
+                info!(workload = %id, labels = ?wanted.labels, "workload labels changed");
+                relabeled = true;
+            }
+        }
         let gone: Vec<WorkloadId> = self
             .enrolled
             .iter()
-            .filter(|(id, e)| desired.get(*id) != Some(&e.local.workload))
+            .filter(|(id, e)| desired.get(*id) != Some(&*e.local.current()))
             .map(|(id, _)| id.clone())
             .collect();
         let before: Vec<WorkloadId> = self.enrolled.keys().cloned().collect();
         let left = !gone.is_empty();
-        // A workload that changed (a label, say) is enrolled again at once: its pod was captured
-        // all along, and its connections (direct ones too) stay.
+        // A workload that changed otherwise (a probe port, say) is enrolled again at once: its
+        // pod was captured all along, and its direct connections stay.
         let changed: BTreeSet<WorkloadId> = gone
             .iter()
             .filter(|id| desired.contains_key(*id))
@@ -456,8 +467,12 @@ impl Agent {
             .enrollment_failed
             .set(self.failed.len() as i64);
         self.publish_state();
-        if left || !self.enrolled.keys().eq(before.iter()) {
+        if left || relabeled || !self.enrolled.keys().eq(before.iter()) {
             self.pods_changed();
+        }
+        if relabeled {
+            // Selectors of PeerAuthentication may now match otherwise: the pod's non-TCP rules.
+            self.reconcile_capture().await;
         }
     }
 

@@ -19,6 +19,7 @@ use std::{
     fs::File,
     io,
     net::{IpAddr, SocketAddr},
+    path::PathBuf,
     sync::Arc,
     time::Duration,
 };
@@ -97,7 +98,12 @@ impl UpstreamSockets for PodNetns {
 
 /// What the proxy needs to act for one enrolled workload.
 pub struct LocalWorkload {
-    pub workload: Workload,
+    /// Fixed for the enrollment's life: a pod in another netns is enrolled anew.
+    pub id: WorkloadId,
+    pub netns: PathBuf,
+    /// The pod as discovery or the config describes it now. Only its labels change in place
+    /// ([`Self::relabel`]): its connections stay, and policy decides them again.
+    current: tokio::sync::watch::Sender<Arc<Workload>>,
     pub netns_cookie: u64,
     pub addresses: Vec<IpAddr>,
     sockets: Box<dyn UpstreamSockets>,
@@ -120,7 +126,9 @@ impl LocalWorkload {
         max_connections: usize,
     ) -> Self {
         Self {
-            workload,
+            id: workload.id.clone(),
+            netns: workload.netns.clone(),
+            current: tokio::sync::watch::channel(Arc::new(workload)).0,
             netns_cookie,
             addresses,
             sockets,
@@ -128,6 +136,28 @@ impl LocalWorkload {
             connection_permits: Arc::new(tokio::sync::Semaphore::new(max_connections)),
             removed: tokio::sync::watch::channel(false).0,
         }
+    }
+
+    /// The pod as it is now (its labels, for policy).
+    pub fn current(&self) -> Arc<Workload> {
+        self.current.borrow().clone()
+    }
+
+    /// The pod as it is now, and as it changes.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<Arc<Workload>> {
+        self.current.subscribe()
+    }
+
+    /// Takes `new` when it differs from the pod as enrolled in its labels only, and says
+    /// whether it did; anything else (a netns, a probe port) needs the pod enrolled again.
+    pub fn relabel(&self, new: &Workload) -> bool {
+        self.current.send_if_modified(|current| {
+            if **current == *new || !current.differs_only_in_labels(new) {
+                return false;
+            }
+            *current = Arc::new(new.clone());
+            true
+        })
     }
 
     /// Resolves once the workload is removed.
@@ -365,8 +395,8 @@ impl Enrollment {
         let tasks = serve(local.clone(), listeners);
 
         info!(
-            workload = %local.workload.id,
-            netns = %local.workload.netns.display(),
+            workload = %local.id,
+            netns = %local.netns.display(),
             netns_cookie = cookie,
             addresses = ?local.addresses,
             adopted,
@@ -398,9 +428,9 @@ impl Enrollment {
         }
         capture.forget_pod(self.local.netns_cookie)?;
         if let Some(identity) = &self.identity {
-            info!(workload = %self.local.workload.id, identity = %identity.id, "identity released");
+            info!(workload = %self.local.id, identity = %identity.id, "identity released");
         }
-        info!(workload = %self.local.workload.id, "workload un-enrolled");
+        info!(workload = %self.local.id, "workload un-enrolled");
         Ok(())
     }
 }

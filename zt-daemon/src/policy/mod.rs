@@ -496,21 +496,27 @@ pub fn log_warnings(warnings: &[LoadWarning]) {
     }
 }
 
-/// Resolves with the denying decision when a policy change denies a connection that was allowed;
-/// never resolves otherwise. Open connections race it against their byte copy.
+/// Resolves with the denying decision when a policy change, or a change of the workload's labels
+/// (what selectors match), denies a connection that was allowed; never resolves otherwise. Open
+/// connections race it against their byte copy.
 pub async fn denied_by_update(
     mut updates: watch::Receiver<Arc<PolicySet>>,
-    workload: WorkloadRef<'_>,
+    mut workload: watch::Receiver<Arc<crate::workload::Workload>>,
     peer: &Peer,
     port: u16,
     mtls: bool,
 ) -> PolicyDecision {
+    // A closed channel changes no more (the agent stopping, the workload removed).
+    let (mut policies_open, mut labels_open) = (true, true);
     loop {
-        if updates.changed().await.is_err() {
-            return std::future::pending().await;
+        tokio::select! {
+            changed = updates.changed(), if policies_open => policies_open = changed.is_ok(),
+            changed = workload.changed(), if labels_open => labels_open = changed.is_ok(),
+            else => return std::future::pending().await,
         }
         let set = updates.borrow_and_update().clone();
-        let decision = set.decide(&workload, peer, port, mtls);
+        let current = workload.borrow_and_update().clone();
+        let decision = set.decide(&WorkloadRef::from(&*current), peer, port, mtls);
         if !decision.is_allowed() {
             return decision;
         }

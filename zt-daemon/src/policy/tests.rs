@@ -870,3 +870,47 @@ fn a_store_whose_files_do_not_load_at_start_denies_everything_until_they_do() {
     assert!(missing.current().is_unavailable());
     assert!(missing.status().failure().unwrap().contains("missing"));
 }
+
+#[tokio::test]
+async fn an_open_connection_is_decided_again_when_its_workloads_labels_change() {
+    let deny = authz(
+        "shop",
+        "quarantine",
+        "  selector:\n    matchLabels:\n      quarantine: \"true\"\n  action: DENY\n  rules:\n  - to:\n    - operation:\n        ports: [\"80\"]",
+    );
+    let (_policies, updates) =
+        tokio::sync::watch::channel(Arc::new(set(&deny, PolicyDefault::Allow)));
+    let pod = |labels: &[(&str, &str)]| {
+        Arc::new(crate::workload::Workload {
+            id: WorkloadId {
+                namespace: "shop".into(),
+                name: "db-0".into(),
+            },
+            service_account: "db".into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            netns: "/run/netns/db".into(),
+            probe_ports: vec![],
+        })
+    };
+    let (labels, changes) = tokio::sync::watch::channel(pod(&[("app", "db")]));
+    let peer = web();
+    let denied = denied_by_update(updates, changes, &peer, 80, true);
+    tokio::pin!(denied);
+    // A label no policy selects by: still allowed.
+    labels.send_replace(pod(&[("app", "db"), ("version", "v2")]));
+    // One poll takes the change (it is ready) and decides again.
+    let pending =
+        std::future::poll_fn(|cx| std::task::Poll::Ready(denied.as_mut().poll(cx).is_pending()))
+            .await;
+    assert!(pending, "denied under an unrelated label");
+    // The quarantine label: denied by the policy that now selects the workload.
+    labels.send_replace(pod(&[("app", "db"), ("quarantine", "true")]));
+    let decision = tokio::time::timeout(std::time::Duration::from_secs(10), denied)
+        .await
+        .expect("not decided again on the label change");
+    assert_eq!(decision.action, Action::Deny);
+    assert_eq!(decision.rule_ref(), "shop/quarantine rules[0]");
+}

@@ -80,7 +80,7 @@ impl AccessRecord<'_> {
 
     /// (source, destination) workloads.
     fn workloads(&self) -> (Option<&WorkloadId>, Option<&WorkloadId>) {
-        let local = Some(&self.workload.workload.id);
+        let local = Some(&self.workload.id);
         match self.direction {
             Direction::Outbound => (local, self.peer_workload.as_ref()),
             Direction::Inbound => (self.peer_workload.as_ref(), local),
@@ -191,7 +191,7 @@ pub(crate) fn log_access(record: &AccessRecord<'_>, outcome: &copy::RelayOutcome
     info!(
         target: "zt::access",
         direction = record.direction.as_str(),
-        workload = %record.workload.workload.id,
+        workload = %record.workload.id,
         source_identity = %id_or_dash(ids.source.as_ref()),
         destination_identity = %id_or_dash(ids.destination.as_ref()),
         source_workload = %workload_name(source_workload),

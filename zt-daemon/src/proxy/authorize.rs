@@ -15,7 +15,7 @@ use crate::{
 /// Authorizes an inbound connection from `peer` (with `identities.source` when it came through
 /// the tunnel) to `original_dst` on `workload`, under the policies in force, and returns its
 /// access record. When allowed, the returned future resolves (close reason `policy`) if a later
-/// policy update denies it; when denied, the decision is logged with the policy and rule.
+/// policy update, or a change of the workload's labels, denies it; when denied, the decision is logged with the policy and rule.
 pub(crate) fn authorize<'a>(
     ctx: &ProxyContext,
     workload: &'a LocalWorkload,
@@ -35,14 +35,17 @@ pub(crate) fn authorize<'a>(
     };
     let port = original_dst.port();
     let mut updates = ctx.policy.subscribe();
-    let target = WorkloadRef::from(&workload.workload);
-    let decision = updates
-        .borrow_and_update()
-        .decide(&target, &peer, port, mtls);
+    let mut changes = workload.changes();
+    let decision = updates.borrow_and_update().decide(
+        &WorkloadRef::from(&**changes.borrow_and_update()),
+        &peer,
+        port,
+        mtls,
+    );
     ctx.metrics.count_decision(&decision);
     if !decision.is_allowed() {
         warn!(
-            workload = %workload.workload.id,
+            workload = %workload.id,
             source_identity = %id_or_dash(peer.identity.as_ref()),
             peer = %peer.ip,
             port,
@@ -54,10 +57,10 @@ pub(crate) fn authorize<'a>(
     }
     let metrics = ctx.metrics.clone();
     let revoked = async move {
-        let decision = policy::denied_by_update(updates, target, &peer, port, mtls).await;
+        let decision = policy::denied_by_update(updates, changes, &peer, port, mtls).await;
         metrics.count_decision(&decision);
         warn!(
-            workload = %workload.workload.id,
+            workload = %workload.id,
             source_identity = %id_or_dash(peer.identity.as_ref()),
             peer = %peer.ip,
             port,

@@ -78,7 +78,7 @@ pub async fn serve_hbone(
             match &c.tunnel {
                 Some(tunnel) => handle_hbone(stream, peer, &w, tunnel, &c).await,
                 None => {
-                    debug!(workload = %w.workload.id, %peer, "no identity provider: HBONE refused")
+                    debug!(workload = %w.id, %peer, "no identity provider: HBONE refused")
                 }
             }
         },
@@ -93,7 +93,7 @@ async fn handle_plaintext(
     ctx: &ProxyContext,
 ) {
     let started = Instant::now();
-    let id = &workload.workload.id;
+    let id = &workload.id;
     let dst = match client.local_addr() {
         Ok(a) => SocketAddr::new(a.ip().to_canonical(), a.port()),
         Err(e) => {
@@ -133,7 +133,7 @@ async fn handle_hbone(
     tunnel: &Tunnel,
     ctx: &Arc<ProxyContext>,
 ) {
-    let id = &workload.workload.id;
+    let id = &workload.id;
     // Logged at debug only: a flood must not flood the log too; the counter tells.
     let Some(unauthenticated) = tunnel.handshakes.try_acquire(peer.ip()) else {
         ctx.metrics.handshake_failed("too_many_handshakes");
@@ -317,7 +317,7 @@ async fn handle_connect(
 ) {
     let (workload, ctx) = (&*workload, &*ctx);
     let started = Instant::now();
-    let id = &workload.workload.id;
+    let id = &workload.id;
     let source = identities
         .source
         .as_ref()
@@ -353,7 +353,7 @@ async fn handle_connect(
     };
     let mut ok = Response::new(());
     ok.headers_mut()
-        .insert("baggage", hbone::baggage(&workload.workload.id));
+        .insert("baggage", hbone::baggage(&workload.id));
     let tunnel = match H2Stream::answering(respond, ok, body, answer_hold) {
         Ok(s) => s,
         Err(e) => {

@@ -95,7 +95,7 @@ pub(crate) async fn accept_loop<F, Fut>(
                         Admission::WorkloadPermit => match workload.connection_permit() {
                             Some(permit) => Some(permit),
                             None => {
-                                warn!(workload = %workload.workload.id, listener = what, %peer, close = "max_connections", "connection refused: workload at its connection limit");
+                                warn!(workload = %workload.id, listener = what, %peer, close = "max_connections", "connection refused: workload at its connection limit");
                                 reset(stream);
                                 continue;
                             }
@@ -121,9 +121,9 @@ pub(crate) async fn accept_loop<F, Fut>(
     })
     .await;
     if finished.is_err() {
-        warn!(workload = %workload.workload.id, listener = what, open = connections.len(), close = "drain_timeout", "drain time over; closing open connections");
+        warn!(workload = %workload.id, listener = what, open = connections.len(), close = "drain_timeout", "drain time over; closing open connections");
     } else if open > 0 {
-        info!(workload = %workload.workload.id, listener = what, connections = open, "listener drained");
+        info!(workload = %workload.id, listener = what, connections = open, "listener drained");
     }
 }
 

@@ -49,10 +49,10 @@ async fn handle(app: TcpStream, peer: SocketAddr, workload: &LocalWorkload, ctx:
     let started = Instant::now();
     let Some(dst) = ctx.dsts.original_dst(workload.netns_cookie, peer.port()) else {
         // Not captured by us (e.g. something connected to 15001 directly): refuse.
-        warn!(workload = %workload.workload.id, %peer, "outbound connection without an original destination; closing");
+        warn!(workload = %workload.id, %peer, "outbound connection without an original destination; closing");
         return;
     };
-    let id = &workload.workload.id;
+    let id = &workload.id;
     let egress = ctx.egress();
     let plan = route::plan(
         dst,

@@ -128,7 +128,7 @@ pub(super) async fn serve(
     let started = Instant::now();
     let outbound = AccessRecord {
         identities: ends.identities(),
-        peer_workload: Some(ends.destination.workload.id.clone()),
+        peer_workload: Some(ends.destination.id.clone()),
         node_local: Some(NodeLocal::Spliced),
         ..outbound
     };
@@ -136,7 +136,7 @@ pub(super) async fn serve(
     let certificates = ends.certificates();
     if let Err(why) = certificates.check(&tunnel.trust.current(), std::time::SystemTime::now()) {
         ctx.metrics.handshake_failed(why.reason());
-        warn!(workload = %ends.source.workload.id, original_dst = %ends.endpoint, reason = %why, "same-node connection refused: {why}");
+        warn!(workload = %ends.source.id, original_dst = %ends.endpoint, reason = %why, "same-node connection refused: {why}");
         access::refuse(&outbound, app, CloseReason::TunnelFailed, ctx);
         return;
     }
@@ -148,7 +148,7 @@ pub(super) async fn serve(
         SocketAddr::new(source_ip, outbound.peer.port()),
         ends.endpoint,
         ends.identities(),
-        Some(ends.source.workload.id.clone()),
+        Some(ends.source.id.clone()),
         started,
     );
     let inbound = AccessRecord {
@@ -162,7 +162,7 @@ pub(super) async fn serve(
     }
     // The connection counts against the destination's limit, as its tunnel stream would.
     let Some(_permit) = ends.destination.connection_permit() else {
-        warn!(workload = %ends.destination.workload.id, source_identity = %ends.source_svid.id(), "same-node connection refused: the destination is at max_connections_per_workload");
+        warn!(workload = %ends.destination.id, source_identity = %ends.source_svid.id(), "same-node connection refused: the destination is at max_connections_per_workload");
         access::refuse(&outbound, app, CloseReason::MaxConnections, ctx);
         return;
     };
@@ -173,7 +173,7 @@ pub(super) async fn serve(
     {
         Ok(s) => s,
         Err(e) => {
-            warn!(workload = %ends.destination.workload.id, original_dst = %ends.endpoint, error = %e, "same-node: application unreachable");
+            warn!(workload = %ends.destination.id, original_dst = %ends.endpoint, error = %e, "same-node: application unreachable");
             log_access(&inbound, &RelayOutcome::refused(CloseReason::ConnectFailed));
             access::refuse(&outbound, app, CloseReason::ConnectFailed, ctx);
             return;
@@ -198,7 +198,7 @@ pub(super) async fn serve(
         Err(e) => {
             // Most often the application already half-closed (the kernel splices only
             // established sockets): copy it instead. A failed splice removed what it inserted.
-            debug!(workload = %ends.source.workload.id, original_dst = %ends.endpoint, error = %e, "same-node: not spliced, copied");
+            debug!(workload = %ends.source.id, original_dst = %ends.endpoint, error = %e, "same-node: not spliced, copied");
             copy::relay(app, upstream, ctx.idle_timeout, interrupt).await
         }
     };
@@ -235,11 +235,11 @@ fn grant_direct(direct: &DirectPaths, epoch: u64, ends: &Ends<'_>, dialed: Socke
         epoch,
     ) {
         Ok(()) => {
-            debug!(workload = %ends.source.workload.id, destination = %ends.endpoint, epoch, "same-node: direct path granted")
+            debug!(workload = %ends.source.id, destination = %ends.endpoint, epoch, "same-node: direct path granted")
         }
         // The next connection takes this path again; nothing is lost.
         Err(e) => {
-            warn!(workload = %ends.source.workload.id, destination = %ends.endpoint, error = %e, "same-node: direct path not granted")
+            warn!(workload = %ends.source.id, destination = %ends.endpoint, error = %e, "same-node: direct path not granted")
         }
     }
 }

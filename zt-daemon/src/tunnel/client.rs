@@ -112,7 +112,7 @@ pub async fn open_tunnel(
         .ok_or(TunnelError::NoCertificate)?;
     let key = PoolKey {
         source_netns: workload.netns_cookie,
-        source_workload: workload.workload.id.clone(),
+        source_workload: workload.id.clone(),
         source: source.clone(),
         destination: dst.ip(),
         expected: expected.clone(),
@@ -152,7 +152,7 @@ pub async fn open_tunnel(
                     && attempts > 0
                     && ((early.chunks.is_empty() && !early.ended) || e.unprocessed()) =>
             {
-                debug!(workload = %workload.workload.id, original_dst = %dst, error = %e, "pooled HBONE connection unusable; replacing it");
+                debug!(workload = %workload.id, original_dst = %dst, error = %e, "pooled HBONE connection unusable; replacing it");
                 tunnel.pool.evict(&key, connection);
             }
             Err(e) => return Err(e),
@@ -217,7 +217,7 @@ async fn open_stream(
     let request = http::Request::builder()
         .method(http::Method::CONNECT)
         .uri(dst.to_string())
-        .header("baggage", hbone::baggage(&workload.workload.id))
+        .header("baggage", hbone::baggage(&workload.id))
         .body(())?;
     let (response, mut send) = send_request.send_request(request, false)?;
     // Within the stream's initial window (megabytes), so they go out with the headers. A retry

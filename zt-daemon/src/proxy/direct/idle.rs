@@ -41,13 +41,13 @@ pub(super) async fn abort_idle(followed: &mut Followed, idle_timeout: Duration) 
             let idle = match source.idle_for(&asked) {
                 Ok(idle) => idle,
                 Err(e) => {
-                    warn!(workload = %source.workload.id, error = %e, "direct connections: cannot read how long the pod's connections have been idle");
+                    warn!(workload = %source.id, error = %e, "direct connections: cannot read how long the pod's connections have been idle");
                     continue;
                 }
             };
             for (c, quiet) in connections.iter().zip(idle) {
                 if quiet.is_some_and(|quiet| quiet >= idle_timeout) && abort(c, &source) {
-                    info!(workload = %source.workload.id, source = %c.source, destination = %c.destination, close = "idle_timeout", "direct connection aborted: idle for limits.idle_timeout");
+                    info!(workload = %source.id, source = %c.source, destination = %c.destination, close = "idle_timeout", "direct connection aborted: idle for limits.idle_timeout");
                     aborted.push(*c);
                 }
             }

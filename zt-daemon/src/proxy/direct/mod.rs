@@ -183,7 +183,7 @@ fn records<'a>(
         service: None,
         upstream: None,
         identities: identities.clone(),
-        peer_workload: Some(destination.workload.id.clone()),
+        peer_workload: Some(destination.id.clone()),
         decision: None,
         sent_with_connect: 0,
         node_local: Some(NodeLocal::Direct),
@@ -198,7 +198,7 @@ fn records<'a>(
             service: None,
             upstream: None,
             identities: identities.clone(),
-            peer_workload: Some(source.workload.id.clone()),
+            peer_workload: Some(source.id.clone()),
             decision,
             sent_with_connect: 0,
             node_local: Some(NodeLocal::Direct),
@@ -212,7 +212,7 @@ fn records<'a>(
                 peer,
                 to,
                 identities.clone(),
-                Some(source.workload.id.clone()),
+                Some(source.id.clone()),
                 started,
             );
             AccessRecord {
@@ -478,7 +478,7 @@ fn beyond_limit(
 ) {
     ctx.metrics
         .outbound_refused(CloseReason::MaxConnections.as_str());
-    warn!(source = %c.source, destination = %c.destination, source_workload = %source.workload.id, destination_workload = %destination.workload.id, "direct connection aborted: a pod is at max_connections_per_workload");
+    warn!(source = %c.source, destination = %c.destination, source_workload = %source.id, destination_workload = %destination.id, "direct connection aborted: a pod is at max_connections_per_workload");
 }
 
 /// Follows an allowed connection the agent did not see open (a previous agent let it through,
@@ -533,7 +533,8 @@ fn still_allowed(
         identity: ends.identities().source,
         ip: ends.source_ip().unwrap_or(c.source.ip()).to_canonical(),
     };
-    let target = WorkloadRef::from(&destination.workload);
+    let current = destination.current();
+    let target = WorkloadRef::from(&*current);
     let decision =
         ctx.policy
             .subscribe()
@@ -544,7 +545,7 @@ fn still_allowed(
     }
     ctx.metrics.count_decision(&decision);
     warn!(
-        workload = %destination.workload.id,
+        workload = %destination.id,
         source = %c.source,
         rule = %decision.rule_ref(),
         close = "policy",
@@ -566,7 +567,7 @@ fn abort(c: &DirectConnection, source: &LocalWorkload) -> bool {
             false
         }
         Err(e) => {
-            error!(workload = %source.workload.id, source = %c.source, destination = %c.destination, error = %e, "cannot abort a direct connection");
+            error!(workload = %source.id, source = %c.source, destination = %c.destination, error = %e, "cannot abort a direct connection");
             false
         }
     }
