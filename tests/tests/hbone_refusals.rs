@@ -554,6 +554,12 @@ fn forged_stale_and_revoked_certificates_are_refused_counted_and_logged() {
             "2 URI SANs",
         ),
         (
+            "leaf naming the trust domain itself",
+            present(forge(&ca, "spiffe://cluster.local", |_| {})),
+            "not_an_svid",
+            "spiffe://cluster.local has no path",
+        ),
+        (
             "CA certificate as leaf",
             present(forge(&ca, rogue, |p| {
                 p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);

@@ -28,6 +28,8 @@ pub enum LeafError {
     MultipleUriSans(usize),
     #[error("URI SAN {uri:?} is not a SPIFFE ID: {error}")]
     NotSpiffe { uri: String, error: SpiffeIdError },
+    #[error("SPIFFE ID {0} has no path: a leaf SVID names a workload, not its trust domain")]
+    TrustDomainId(SpiffeId),
     #[error("a CA certificate used as a leaf")]
     CaAsLeaf,
     #[error("leaf may sign certificates or CRLs (keyCertSign/cRLSign)")]
@@ -70,6 +72,10 @@ impl LeafFacts {
         let id = uri
             .parse::<SpiffeId>()
             .map_err(|error| LeafError::NotSpiffe { uri, error })?;
+        // X.509-SVID 5.2: a leaf's ID has a non-root path.
+        if id.path().is_empty() {
+            return Err(LeafError::TrustDomainId(id));
+        }
         if cert.is_ca() {
             return Err(LeafError::CaAsLeaf);
         }
