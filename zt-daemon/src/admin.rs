@@ -6,14 +6,18 @@
 //! - admin, `admin.admin_addr` (127.0.0.1:15000): `GET /config_dump` (JSON), `GET /logging`
 //!   (the log filter) and `POST /logging?level=FILTER` (change it at runtime).
 //!
-//! Pods reach the first two: each endpoint bounds the connections one source address may hold
-//! and closes a connection that does not send a request's headers in time, so idle connections
-//! cannot pile up in the agent.
+//! Pods reach the first two: each endpoint bounds the connections one source address may hold,
+//! closes a connection that does not send a request's headers in time and resets one that stops
+//! taking its response, so neither idle nor stalled connections pile up in the agent.
 use std::{
     convert::Infallible,
+    future::Future,
+    io,
     net::SocketAddr,
     path::{Path, PathBuf},
+    pin::Pin,
     sync::{Arc, RwLock, atomic::Ordering},
+    task::{Context, Poll},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -21,7 +25,10 @@ use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode, body::Bytes, service::service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::{TcpListener, TcpStream},
+};
 use tracing::{debug, info, warn};
 
 use crate::{
@@ -334,6 +341,8 @@ pub struct EndpointLimits {
     /// A request's headers must arrive within this, counted from the connection's start or the
     /// previous response.
     pub header_read_timeout: Duration,
+    /// A response that makes no progress this long (its client stopped reading) is reset.
+    pub write_timeout: Duration,
     /// Connections each source address may have open; one per endpoint, so a flood of one does
     /// not block the others.
     pub per_source: SourceLimit,
@@ -343,8 +352,91 @@ impl EndpointLimits {
     pub fn new(config: &AdminConfig) -> Self {
         Self {
             header_read_timeout: config.header_read_timeout,
+            write_timeout: config.write_timeout,
             per_source: SourceLimit::new(config.max_connections_per_source),
         }
+    }
+}
+
+/// A client's connection whose writes must make progress: one that stops taking a response
+/// (its receive window shut) would otherwise hold the response's memory and its source's slot
+/// for as long as it likes. Past `limit` without progress the connection is reset.
+struct WriteDeadline {
+    stream: TcpStream,
+    limit: Duration,
+    /// Armed when a write could not proceed; disarmed by any progress.
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl WriteDeadline {
+    fn progress<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if polled.is_ready() {
+            self.stalled = None;
+            return polled;
+        }
+        let limit = self.limit;
+        let stalled = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match stalled.as_mut().poll(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(()) => {
+                // Linger 0: the close is a reset, and the kernel drops what it still queues.
+                let _ = socket2::SockRef::from(&self.stream).set_linger(Some(Duration::ZERO));
+                Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("the client took no bytes of the response for {limit:?}"),
+                )))
+            }
+        }
+    }
+}
+
+impl AsyncRead for WriteDeadline {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for WriteDeadline {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.stream).poll_write(cx, buf);
+        self.progress(cx, polled)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        self.progress(cx, polled)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let polled = Pin::new(&mut self.stream).poll_flush(cx);
+        self.progress(cx, polled)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let polled = Pin::new(&mut self.stream).poll_shutdown(cx);
+        self.progress(cx, polled)
     }
 }
 
@@ -359,7 +451,15 @@ pub async fn serve<R>(
 where
     R: Fn(&Method, &str, Option<&str>) -> Reply + Clone + Send + Sync + 'static,
 {
-    let listener = TcpListener::bind(addr).await?;
+    serve_on(TcpListener::bind(addr).await?, what, limits, route).await;
+    Ok(())
+}
+
+/// [`serve`] on a listener already bound.
+async fn serve_on<R>(listener: TcpListener, what: &'static str, limits: EndpointLimits, route: R)
+where
+    R: Fn(&Method, &str, Option<&str>) -> Reply + Clone + Send + Sync + 'static,
+{
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(a) => a,
@@ -377,6 +477,11 @@ where
         };
         let route = route.clone();
         let header_read_timeout = limits.header_read_timeout;
+        let stream = WriteDeadline {
+            stream,
+            limit: limits.write_timeout,
+            stalled: None,
+        };
         tokio::spawn(async move {
             let _slot = slot;
             let service = service_fn(move |req: Request<hyper::body::Incoming>| {
@@ -482,5 +587,86 @@ pub fn admin_route(
             text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
         }
         _ => not_found(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+
+    use super::*;
+
+    /// Connects (with a receive buffer of `receive_buffer` bytes) and asks for `/metrics`, to
+    /// be closed after the answer.
+    fn request(addr: SocketAddr, receive_buffer: Option<usize>) -> std::net::TcpStream {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        if let Some(size) = receive_buffer {
+            socket.set_recv_buffer_size(size).expect("SO_RCVBUF");
+        }
+        socket.connect(&addr.into()).expect("connect");
+        let mut stream = std::net::TcpStream::from(socket);
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nhost: agent\r\nconnection: close\r\n\r\n")
+            .expect("request");
+        stream
+    }
+
+    /// The bytes read until the connection ended, and how it ended.
+    fn read_all(stream: &mut std::net::TcpStream) -> (usize, io::Result<()>) {
+        let mut buf = vec![0u8; 1 << 16];
+        let mut total = 0;
+        loop {
+            match stream.read(&mut buf) {
+                Ok(0) => return (total, Ok(())),
+                Ok(n) => total += n,
+                Err(e) => return (total, Err(e)),
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_client_that_stops_reading_its_response_is_reset_and_frees_its_place() {
+        const BODY: usize = 16 << 20;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let limits = EndpointLimits {
+            header_read_timeout: Duration::from_secs(30),
+            write_timeout: Duration::from_millis(300),
+            per_source: SourceLimit::new(1),
+        };
+        let server = tokio::spawn(serve_on(
+            listener,
+            "test",
+            limits,
+            |_: &Method, _: &str, _: Option<&str>| text(StatusCode::OK, "x".repeat(BODY)),
+        ));
+        let (stalled, refused, served) = tokio::task::spawn_blocking(move || {
+            // Asks, and takes nothing of the answer: its window shuts after a few KiB.
+            let mut stalled = request(addr, Some(4096));
+            // While it holds the source's one place, the next connection is closed at once.
+            let refused = read_all(&mut request(addr, None));
+            // Once it is reset, the place is free again.
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            let served = loop {
+                let answer = read_all(&mut request(addr, None));
+                if answer.0 > BODY || std::time::Instant::now() > deadline {
+                    break answer;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            };
+            (read_all(&mut stalled), refused, served)
+        })
+        .await
+        .unwrap();
+        server.abort();
+        assert_eq!(refused.0, 0, "answered beyond the source's limit");
+        assert!(served.0 > BODY, "the place never came back: {served:?}");
+        assert!(stalled.0 < BODY, "the stalled client got the whole answer");
+        assert_eq!(
+            stalled.1.as_ref().map_err(io::Error::kind).err(),
+            Some(io::ErrorKind::ConnectionReset),
+            "{stalled:?}"
+        );
     }
 }

@@ -68,6 +68,7 @@ readiness_addr = "0.0.0.0:25021"
 metrics_addr = "0.0.0.0:25020"
 admin_addr = "127.0.0.1:25000"
 header_read_timeout_ms = 2000
+write_timeout_ms = 3000
 max_connections_per_source = 4
 
 [log]

@@ -154,6 +154,7 @@ pub(super) struct RawAdmin {
     pub(super) metrics_addr: Option<SocketAddr>,
     pub(super) admin_addr: Option<SocketAddr>,
     pub(super) header_read_timeout_ms: Option<Spanned<u64>>,
+    pub(super) write_timeout_ms: Option<Spanned<u64>>,
     pub(super) max_connections_per_source: Option<Spanned<usize>>,
 }
 

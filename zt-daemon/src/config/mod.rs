@@ -195,6 +195,8 @@ pub struct AdminConfig {
     /// A client of these endpoints must send a request's headers within this (also while its
     /// connection idles between requests).
     pub header_read_timeout: Duration,
+    /// A response its client takes no bytes of for this long is reset.
+    pub write_timeout: Duration,
     /// Connections one source address may hold open on each endpoint.
     pub max_connections_per_source: usize,
 }

@@ -37,6 +37,8 @@ const DEFAULT_STREAMS_PER_CONNECTION: u32 = 100;
 /// Longer than the client pools' default idle timeout (60 s), so clients close first.
 const DEFAULT_HBONE_IDLE_TIMEOUT_SECONDS: u64 = 300;
 const DEFAULT_HEADER_READ_TIMEOUT_MS: u64 = 5000;
+/// Prometheus' default scrape timeout: a scraper reading slower than that has given up anyway.
+const DEFAULT_ADMIN_WRITE_TIMEOUT_MS: u64 = 10_000;
 const DEFAULT_ADMIN_CONNECTIONS_PER_SOURCE: usize = 8;
 /// More is a typo: the runtime would fail to start them all.
 const MAX_WORKER_THREADS: usize = 1024;
@@ -201,6 +203,7 @@ impl NodeConfig {
                 "admin.header_read_timeout_ms",
                 raw.admin.header_read_timeout_ms.clone(),
             ),
+            ("admin.write_timeout_ms", raw.admin.write_timeout_ms.clone()),
             (
                 "admin.max_connections_per_source",
                 as_u64(&raw.admin.max_connections_per_source),
@@ -335,6 +338,12 @@ impl NodeConfig {
                         .map(Spanned::into_inner)
                         .unwrap_or(DEFAULT_HEADER_READ_TIMEOUT_MS),
                 ),
+                write_timeout: Duration::from_millis(
+                    raw.admin
+                        .write_timeout_ms
+                        .map(Spanned::into_inner)
+                        .unwrap_or(DEFAULT_ADMIN_WRITE_TIMEOUT_MS),
+                ),
                 max_connections_per_source: raw
                     .admin
                     .max_connections_per_source
@@ -468,6 +477,7 @@ mod tests {
         assert_eq!(c.runtime.worker_threads, NonZeroUsize::new(2));
         assert_eq!(c.limits.hbone_idle_timeout, Duration::from_secs(120));
         assert_eq!(c.admin.header_read_timeout, Duration::from_secs(2));
+        assert_eq!(c.admin.write_timeout, Duration::from_secs(3));
         assert_eq!(c.admin.max_connections_per_source, 4);
         assert_eq!(c.admin.admin_addr.port(), 25000);
         assert_eq!(
