@@ -117,6 +117,7 @@ struct Tuning {
     connect_timeout: Duration,
     max_connections_per_workload: usize,
     hbone_connections_per_source: usize,
+    handshakes_per_source: usize,
 }
 
 impl Default for Tuning {
@@ -126,6 +127,7 @@ impl Default for Tuning {
             connect_timeout: WAIT,
             max_connections_per_workload: 100,
             hbone_connections_per_source: 512,
+            handshakes_per_source: 16,
         }
     }
 }
@@ -185,6 +187,7 @@ impl Bed {
             connect_timeout,
             max_connections_per_workload,
             hbone_connections_per_source,
+            handshakes_per_source,
         } = tuning;
         static BEDS: AtomicU8 = AtomicU8::new(1);
         let net = BEDS.fetch_add(1, Ordering::Relaxed);
@@ -226,7 +229,7 @@ impl Bed {
                 handshake_timeout: WAIT,
                 connect_timeout,
                 pool: Arc::new(Pool::new(trust, Duration::from_secs(60))),
-                handshakes: SourceLimit::new(16),
+                handshakes: SourceLimit::new(handshakes_per_source),
                 established: SourceLimit::new(hbone_connections_per_source),
                 max_streams_per_connection: 100,
                 hbone_idle_timeout: Duration::from_secs(60),
@@ -1167,4 +1170,49 @@ async fn idle_hbone_connections_take_none_of_the_workloads_connections_and_are_b
     )
     .await;
     drop(held);
+}
+
+#[tokio::test]
+async fn a_handshake_refused_while_the_pod_has_too_many_pending_is_tried_again() {
+    let bed = Bed::tuned(
+        "",
+        MtlsMode::Strict,
+        EgressPolicy::default(),
+        Tuning {
+            handshakes_per_source: 1,
+            ..Tuning::default()
+        },
+    );
+    let web = bed.pod(1, "shop", "web-1", "web").await;
+    let db = bed.pod(2, "shop", "db-1", "db").await;
+    let app = SocketAddr::new(db.ip, APP_PORT);
+    bed.echo(app).await;
+    // Another socket of web's pod holds the one handshake its address may have pending: it
+    // connects to db's 15008 and says nothing.
+    let silent = TcpSocket::new_v4().unwrap();
+    silent.bind(SocketAddr::new(web.ip, 0)).unwrap();
+    let silent = silent
+        .connect(SocketAddr::new(db.ip, HBONE_PORT))
+        .await
+        .unwrap();
+    let handshakes = &bed.ctx.tunnel.as_ref().unwrap().handshakes;
+    tokio::time::timeout(WAIT, async {
+        while handshakes.sources() == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the silent connection was never accepted");
+    // web's application connects to db: its agent's handshake is refused (counted by db's side)...
+    let app_connection = bed.connect(&web, app).await;
+    let exchange = tokio::spawn(round_trip(app_connection, b"fan-out"));
+    bed.wait_metric(
+        "zt_tls_handshake_failures_total",
+        &["reason=\"too_many_handshakes\""],
+        1,
+    )
+    .await;
+    // ... and passes once the pending one is gone: the application never knew.
+    drop(silent);
+    assert_eq!(exchange.await.unwrap().unwrap(), b"fan-out");
 }

@@ -1,7 +1,7 @@
 //! The client side of the tunnel: an HBONE stream to a destination pod as one of this node's
 //! workloads, on a pooled connection of that pod when one is usable, else on a new mutual-TLS
 //! HTTP/2 connection dialled from inside the pod (one dial per pool key, `pool`).
-use std::{io, net::SocketAddr, sync::Arc};
+use std::{io, net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::{Bytes, BytesMut};
 use tokio::net::TcpStream;
@@ -172,20 +172,37 @@ async fn dial(
     // Read before the handshake: a rotation during it presents a certificate that lives longer.
     let local = slot.get().ok_or(TunnelError::NoCertificate)?;
     let config = client_config(slot, tunnel.trust.clone(), Some(expected.clone()))?;
-    let hbone = SocketAddr::new(dst.ip(), HBONE_PORT);
-    let tcp = workload
-        .connect(hbone, tunnel.connect_timeout)
-        .await
-        .map_err(|e| TunnelError::Connect(hbone, e))?;
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let server_name = rustls::pki_types::ServerName::IpAddress(dst.ip().into());
-    let tls = tokio::time::timeout(
-        tunnel.handshake_timeout,
-        connector.connect(server_name, tcp),
-    )
-    .await
-    .map_err(|_| TunnelError::HandshakeTimeout)?
-    .map_err(TunnelError::Handshake)?;
+    let hbone = SocketAddr::new(dst.ip(), HBONE_PORT);
+    // A destination's agent that closes a handshake without a word refused it before looking at
+    // any certificate: this pod had `limits.max_handshakes_per_source` pending on its node (a
+    // fan-out to many of its pods at once), or the agent was restarting. Nothing was sent, so
+    // it is tried again, with backoff, within `connect_timeout`.
+    let give_up = tokio::time::Instant::now() + tunnel.connect_timeout;
+    let mut pause = FIRST_HANDSHAKE_RETRY;
+    let tls = loop {
+        let tcp = workload
+            .connect(hbone, tunnel.connect_timeout)
+            .await
+            .map_err(|e| TunnelError::Connect(hbone, e))?;
+        let server_name = rustls::pki_types::ServerName::IpAddress(dst.ip().into());
+        let handshake = tokio::time::timeout(
+            tunnel.handshake_timeout,
+            connector.connect(server_name, tcp),
+        )
+        .await
+        .map_err(|_| TunnelError::HandshakeTimeout)?;
+        match handshake {
+            Ok(tls) => break tls,
+            Err(e) if is_unheard_close(&e) && tokio::time::Instant::now() + pause < give_up => {
+                debug!(workload = %workload.id, peer = %hbone, error = %e, "HBONE handshake closed by the destination before a word; trying again");
+                // Jittered, so that a burst refused together does not come back together.
+                tokio::time::sleep(pause / 2 + pause.mul_f64(fastrand::f64())).await;
+                pause = (pause * 2).min(MAX_HANDSHAKE_RETRY);
+            }
+            Err(e) => return Err(TunnelError::Handshake(e)),
+        }
+    };
     let peer_chain = tls.get_ref().1.peer_certificates().unwrap_or_default();
     let peer = peer_chain
         .first()
@@ -202,6 +219,26 @@ async fn dial(
         },
         peer: hbone,
     })
+}
+
+/// The first pause before a refused handshake is tried again; it doubles up to the last.
+const FIRST_HANDSHAKE_RETRY: Duration = Duration::from_millis(10);
+const MAX_HANDSHAKE_RETRY: Duration = Duration::from_millis(320);
+
+/// A handshake the peer ended by closing or resetting its connection, with no TLS alert: it
+/// refused before it read our certificate.
+fn is_unheard_close(e: &io::Error) -> bool {
+    let from_tls = e
+        .get_ref()
+        .is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some());
+    !from_tls
+        && matches!(
+            e.kind(),
+            io::ErrorKind::ConnectionReset
+                | io::ErrorKind::ConnectionAborted
+                | io::ErrorKind::UnexpectedEof
+                | io::ErrorKind::BrokenPipe
+        )
 }
 
 /// One CONNECT stream to `dst` on a leased pooled connection, with the application's early
