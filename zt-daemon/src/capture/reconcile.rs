@@ -7,7 +7,7 @@ use std::{
     fs::File,
 };
 
-use tracing::{debug, error, warn};
+use tracing::{debug, error, info, warn};
 
 use super::{Capture, CaptureError, CapturedPod};
 use crate::workload::WorkloadId;
@@ -39,6 +39,9 @@ pub struct WantedPod<'a> {
 pub struct Drift {
     /// Enrolled pods (netns cookies) whose kernel state differs from what they should have.
     pub repair: Vec<u64>,
+    /// Enrolled pods whose only difference is their flags: a policy or label change the agent
+    /// made, to be written, not drift.
+    pub reflag: Vec<u64>,
     /// Pods the kernel holds as enrolled that nobody enrolled.
     pub forget: Vec<u64>,
 }
@@ -46,9 +49,10 @@ pub struct Drift {
 /// Compares the kernel with the wanted pods; pods in `held` (failed enrollments the agent keeps
 /// fail-closed) are neither repaired nor forgotten.
 pub fn drift(kernel: &KernelState, wanted: &[WantedPod<'_>], held: &HashSet<u64>) -> Drift {
-    let in_sync = |w: &WantedPod<'_>| {
+    // In sync but maybe for its flags.
+    let in_place = |w: &WantedPod<'_>| {
         let cookie = w.pod.netns_cookie;
-        kernel.enrolled.get(&cookie) == Some(&w.flags)
+        kernel.enrolled.contains_key(&cookie)
             && kernel.steered.contains(&cookie)
             && kernel.sk_lookup.contains(&cookie)
             && kernel
@@ -57,11 +61,15 @@ pub fn drift(kernel: &KernelState, wanted: &[WantedPod<'_>], held: &HashSet<u64>
                 .map_or(&[][..], Vec::as_slice)
                 == w.pod.probe_ports.as_slice()
     };
-    let repair = wanted
-        .iter()
-        .filter(|w| !in_sync(w))
-        .map(|w| w.pod.netns_cookie)
-        .collect();
+    let (mut repair, mut reflag) = (Vec::new(), Vec::new());
+    for w in wanted {
+        let cookie = w.pod.netns_cookie;
+        if !in_place(w) {
+            repair.push(cookie);
+        } else if kernel.enrolled.get(&cookie) != Some(&w.flags) {
+            reflag.push(cookie);
+        }
+    }
     let owned: HashSet<u64> = wanted.iter().map(|w| w.pod.netns_cookie).collect();
     let mut forget: Vec<u64> = kernel
         .enrolled
@@ -70,7 +78,11 @@ pub fn drift(kernel: &KernelState, wanted: &[WantedPod<'_>], held: &HashSet<u64>
         .copied()
         .collect();
     forget.sort_unstable();
-    Drift { repair, forget }
+    Drift {
+        repair,
+        reflag,
+        forget,
+    }
 }
 
 /// What the drift check does with pods whose capture a previous agent left pinned and no
@@ -106,9 +118,9 @@ impl Capture {
     }
 
     /// Makes the kernel hold every wanted pod's capture state again where it drifted (an entry
-    /// deleted behind the agent's back, flags a policy change altered), and, with
-    /// `Unowned::Forget`, forgets pods nobody enrolled but those in `held`. Returns how many pods
-    /// differed.
+    /// deleted behind the agent's back), writes the flags a policy or label change altered, and,
+    /// with `Unowned::Forget`, forgets pods nobody enrolled but those in `held`. Returns how
+    /// many pods drifted (new flags are not drift).
     pub fn repair_drift(
         &mut self,
         wanted: &[WantedPod<'_>],
@@ -140,6 +152,19 @@ impl Capture {
                 }
                 Err(e) => {
                     error!(workload = %w.workload, error = %e, "capture drift: repair failed; retrying")
+                }
+            }
+        }
+        for w in wanted
+            .iter()
+            .filter(|w| found.reflag.contains(&w.pod.netns_cookie))
+        {
+            match self.maps.enroll(w.pod.netns_cookie, w.flags) {
+                Ok(()) => {
+                    info!(workload = %w.workload, flags = w.flags, "capture flags updated after a policy or label change")
+                }
+                Err(e) => {
+                    error!(workload = %w.workload, error = %e, "capture flags not updated; retrying")
                 }
             }
         }
@@ -247,14 +272,11 @@ mod tests {
         }];
         let repair_only_7 = Drift {
             repair: vec![7],
-            forget: vec![],
+            ..Drift::default()
         };
-        let breakages: [Breakage; 6] = [
+        let breakages: [Breakage; 5] = [
             ("not enrolled", |k| {
                 k.enrolled.remove(&7);
-            }),
-            ("other flags (a policy change)", |k| {
-                k.enrolled.insert(7, 0);
             }),
             ("listener gone from the sockhash", |k| {
                 k.steered.remove(&7);
@@ -278,6 +300,15 @@ mod tests {
                 "{what}"
             );
         }
+        // Other flags alone (a policy or label change): written, not drift.
+        let kernel = kernel_with(&[(7, 0, &[8080])]);
+        assert_eq!(
+            drift(&kernel, &wanted, &HashSet::new()),
+            Drift {
+                reflag: vec![7],
+                ..Drift::default()
+            }
+        );
     }
 
     #[test]
@@ -295,8 +326,8 @@ mod tests {
         assert_eq!(
             drift(&kernel, &wanted, &held),
             Drift {
-                repair: vec![],
                 forget: vec![5],
+                ..Drift::default()
             }
         );
         assert_eq!(
