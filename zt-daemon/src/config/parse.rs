@@ -133,6 +133,13 @@ impl NodeConfig {
                 let identity: SpiffeId = e.identity.get_ref().parse().map_err(|err| {
                     source.invalid_at(&e.identity, format!("endpoint[{i}].identity: {err}"))
                 })?;
+                // No SVID names a bare trust domain: every handshake to it would fail.
+                if identity.path().is_empty() {
+                    return Err(source.invalid_at(
+                        &e.identity,
+                        format!("endpoint[{i}].identity: {identity} has no path; a workload's is spiffe://<trust domain>/<path>"),
+                    ));
+                }
                 // Peers' and destinations' addresses are looked up canonical (IPv4 as IPv4): an
                 // endpoint written IPv4-mapped (`::ffff:10.0.0.1`) must be found by them.
                 Ok(MeshEndpoint {
@@ -593,6 +600,11 @@ mod tests {
                 "[[endpoint]]\nip = \"10.0.0.1\"\nidentity = \"not-spiffe\"\n",
                 4,
                 "endpoint[0].identity",
+            ),
+            (
+                "[[endpoint]]\nip = \"10.0.0.1\"\nidentity = \"spiffe://cluster.local\"\n",
+                4,
+                "endpoint[0].identity: spiffe://cluster.local has no path",
             ),
             (
                 "[[workload]]\nname = \"a\"\nnamespace = \"d\"\nnetns = \"/run/netns/a\"\n[[workload]]\nname = \"B\"\nnamespace = \"d\"\nnetns = \"/run/netns/b\"\n",

@@ -72,10 +72,6 @@ impl LeafFacts {
         let id = uri
             .parse::<SpiffeId>()
             .map_err(|error| LeafError::NotSpiffe { uri, error })?;
-        // X.509-SVID 5.2: a leaf's ID has a non-root path.
-        if id.path().is_empty() {
-            return Err(LeafError::TrustDomainId(id));
-        }
         if cert.is_ca() {
             return Err(LeafError::CaAsLeaf);
         }
@@ -83,6 +79,10 @@ impl LeafFacts {
             && (ku.value.key_cert_sign() || ku.value.crl_sign())
         {
             return Err(LeafError::LeafCanSign);
+        }
+        // X.509-SVID 5.2: a leaf's ID has a non-root path (a CA's is the bare trust domain).
+        if id.path().is_empty() {
+            return Err(LeafError::TrustDomainId(id));
         }
         Ok(Self {
             id,
