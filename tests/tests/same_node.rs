@@ -265,6 +265,24 @@ fn deny_all_while_open(
     serde_json::Value,
     Result<serde_json::Value, serde_json::Value>,
 ) {
+    denied_while_open(n, from, dst, what, closed, || {
+        zt_tests::agent::write_policy(&n.policies, "allow.yaml", &allow_only("nobody/ns/x/sa/y"))
+            .unwrap();
+    })
+}
+
+/// As [`deny_all_while_open`], denied by `deny` instead.
+fn denied_while_open(
+    n: &Node,
+    from: &Pod,
+    dst: SocketAddr,
+    what: &str,
+    closed: impl Fn(&serde_json::Value) -> bool,
+    deny: impl FnOnce(),
+) -> (
+    serde_json::Value,
+    Result<serde_json::Value, serde_json::Value>,
+) {
     let go = n.bed.dir.join("go");
     let before = n.agent.opened_connections().unwrap();
     std::thread::scope(|s| {
@@ -274,12 +292,77 @@ fn deny_all_while_open(
             Ok(n.agent.opened_connections()? >= before + 2)
         })
         .unwrap();
-        zt_tests::agent::write_policy(&n.policies, "allow.yaml", &allow_only("nobody/ns/x/sa/y"))
-            .unwrap();
+        deny();
         let record = n.agent.wait_access(what, closed).unwrap();
         std::fs::write(&go, "").unwrap();
         (record, conn.join().unwrap().unwrap())
     })
+}
+
+/// A pod labelled `quarantine: "true"` is denied every connection to `PORT`, and its open
+/// ones closed, spliced and direct alike; it stays enrolled throughout (labels change in place).
+#[test]
+fn a_label_that_a_deny_selects_closes_spliced_and_aborts_direct_connections() {
+    let quarantine = format!(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: quarantine\n  namespace: default\nspec:\n  selector:\n    matchLabels:\n      quarantine: \"true\"\n  action: DENY\n  rules:\n  - to:\n    - operation:\n        ports: [\"{PORT}\"]\n"
+    );
+    for how in ["splice", "direct"] {
+        let n = node_with(how, 2, true);
+        let (p11, dst) = n.client_and_server();
+        let p12 = n.bed.pod(1, 2);
+        zt_tests::agent::write_policy(&n.policies, "allow.yaml", &allow_only(&principal(p11)))
+            .unwrap();
+        zt_tests::agent::write_policy(&n.policies, "quarantine.yaml", &quarantine).unwrap();
+        let mut served = 0;
+        if how == "direct" {
+            connect_until_direct(&n, p11, dst, &mut served).unwrap();
+        } else {
+            // Allowed once the agent has read the policy files.
+            zt_tests::wait_until(Duration::from_secs(10), || {
+                Ok(connect(&n.bed, p11, dst, 1024, TIMEOUT)?.is_ok())
+            })
+            .unwrap();
+        }
+        let (record, closed) = denied_while_open(
+            &n,
+            p11,
+            dst,
+            "the connection the label denies",
+            // Allowed when it opened, closed by the label (not a refusal before the policies
+            // loaded).
+            |r| {
+                r["close"] == "policy"
+                    && r["direction"] == "inbound"
+                    && r["policy_decision"] == "ALLOW"
+            },
+            || {
+                let mut quarantined = n.config.clone();
+                quarantined
+                    .workload(p12)
+                    .labels
+                    .insert("quarantine".into(), "true".into());
+                n.agent.reload(&quarantined).unwrap();
+            },
+        );
+        if how == "direct" {
+            assert_eq!(record["same_node"], "direct", "{record}");
+        }
+        assert!(
+            closed.is_err(),
+            "{how}: the quarantined pod's connection got a reply: {closed:?}"
+        );
+        let after = connect(&n.bed, p11, dst, 1024, TIMEOUT).unwrap();
+        assert!(
+            after.is_err(),
+            "{how}: connected to the quarantined pod: {after:?}"
+        );
+        assert_eq!(
+            n.agent.count("workload labels changed").unwrap(),
+            1,
+            "{how}"
+        );
+        assert_eq!(n.agent.count("workload un-enrolled").unwrap(), 0, "{how}");
+    }
 }
 
 #[test]
