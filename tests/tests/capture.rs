@@ -668,10 +668,10 @@ fn a_pod_whose_network_namespace_disappears_is_unenrolled_cleanly() {
     let name = p11.netns.file_name().unwrap().to_str().unwrap();
     zt_tests::sh("ip", &["netns", "del", name]).unwrap();
     zt_tests::wait_until(Duration::from_secs(5), || {
-        Ok(
-            agent.count("network namespace gone (the pod died?): un-enrolling")? == 1
-                && agent.count("workload un-enrolled")? == 1,
-        )
+        Ok(agent.count(
+            "network namespace gone or replaced (the pod died or restarted?): un-enrolling",
+        )? == 1
+            && agent.count("workload un-enrolled")? == 1)
     })
     .unwrap_or_else(|e| panic!("not un-enrolled: {e}\n{}", agent.log_tail()));
     let enrolled = maps::enrolled(&node.pin_dir).unwrap();
@@ -688,4 +688,46 @@ fn a_pod_whose_network_namespace_disappears_is_unenrolled_cleanly() {
     .unwrap();
     assert!(descriptors_on(agent.pid, alive_netns) >= 1);
     assert!(!bed.exited(agent.pid));
+}
+
+#[test]
+fn a_pod_whose_network_namespace_is_replaced_under_the_same_name_is_captured_in_the_new_one() {
+    let mut bed = Testbed::new(1).unwrap();
+    let (p11, node) = (bed.pod(1, 1).clone(), bed.node(1).clone());
+    let config = node_config(&node, &[&p11]).reconcile_interval_ms(200);
+    let agent = Agent::start_with_config(&mut bed, 1, &config).unwrap();
+    let old = agent.netns_cookie(&p11).unwrap();
+
+    // The pod restarts: a new namespace under its old name (the config's netns path).
+    let name = p11.netns.file_name().unwrap().to_str().unwrap();
+    zt_tests::sh("ip", &["netns", "del", name]).unwrap();
+    zt_tests::sh("ip", &["netns", "add", name]).unwrap();
+    zt_tests::sh("ip", &["-n", name, "link", "set", "lo", "up"]).unwrap();
+    zt_tests::wait_until(Duration::from_secs(10), || {
+        Ok(agent.count("workload enrolled")? == 2)
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "not enrolled in the new namespace: {e}\n{}",
+            agent.log_tail()
+        )
+    });
+    let new = agent.netns_cookie(&p11).unwrap();
+    assert_ne!(new, old);
+    // The new namespace is the one captured, and the old one is forgotten.
+    let enrolled = maps::enrolled(&node.pin_dir).unwrap();
+    assert!(
+        enrolled.contains(&new) && !enrolled.contains(&old),
+        "{enrolled:?}"
+    );
+    assert!(maps::steered_pods(&node.pin_dir).unwrap().contains(&new));
+    // Its connects go to the agent: one to nowhere is still seen (and logged) by the agent.
+    let dst = SocketAddr::new(std::net::IpAddr::from([10, 200, 2, 11]), APP_PORT);
+    let _ = connect(&bed, &p11, dst, 16, TIMEOUT).unwrap();
+    agent
+        .wait_access("the new namespace's connection", |r| {
+            r["direction"] == "outbound" && r["original_dst"] == dst.to_string()
+        })
+        .unwrap();
+    assert_eq!(agent.readiness().unwrap().0, 200);
 }

@@ -13,23 +13,37 @@ use crate::{
 impl Agent {
     /// Compares the kernel's capture state with the enrolled workloads, repairs what differs
     /// (re-steers and re-enrolls a pod whose entries went missing, forgets pods nobody enrolled)
-    /// and exports how many pods differed as `zt_capture_drift`.
-    pub(super) async fn reconcile_capture(&mut self) {
+    /// and exports how many pods differed as `zt_capture_drift`. Says whether a workload was
+    /// un-enrolled because its network namespace went (or its name now names another).
+    pub(super) async fn reconcile_capture(&mut self) -> bool {
         // A pod that died took its network namespace with it (or only its name: our netns
-        // thread would keep it alive). Either way it is un-enrolled, not repaired.
+        // thread would keep it alive). Either way it is un-enrolled, not repaired. A pod that
+        // restarted under the same netns name is another namespace behind the same path: its
+        // old enrollment goes too, and the caller enrolls the new one.
         let dead: Vec<WorkloadId> = self
             .enrolled
             .iter()
-            .filter(|(_, e)| !e.local.netns.exists())
+            .filter(|(_, e)| !e.captured.netns_unchanged())
             .map(|(id, _)| id.clone())
             .collect();
         let any_dead = !dead.is_empty();
         for id in dead {
             if let Some(enrollment) = self.enrolled.remove(&id) {
-                warn!(workload = %id, netns = %enrollment.local.netns.display(), "network namespace gone (the pod died?): un-enrolling");
+                warn!(workload = %id, netns = %enrollment.local.netns.display(), "network namespace gone or replaced (the pod died or restarted?): un-enrolling");
+                let workload = (*enrollment.local.current()).clone();
                 if let Err(e) = enrollment.remove(&mut self.capture).await {
                     error!(workload = %id, error = %e, "un-enrollment incomplete");
                 }
+                // Still wanted, it is tried again like a failed enrollment: in a replaced
+                // namespace it succeeds; a pod gone for good fails until nobody wants it.
+                self.failed.insert(
+                    id,
+                    super::FailedEnrollment {
+                        workload,
+                        reason: "network namespace gone or replaced".into(),
+                        fail_closed: None,
+                    },
+                );
             }
         }
         if any_dead {
@@ -56,6 +70,7 @@ impl Agent {
         let drift = self.capture.repair_drift(&wanted, &held, unowned);
         self.proxy.metrics.capture_drift.set(drift as i64);
         self.report_denied_binds();
+        any_dead
     }
 
     /// Binds of the agent's ports that the kernel refused in pods: counted and logged per

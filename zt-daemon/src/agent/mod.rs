@@ -269,9 +269,15 @@ impl Agent {
                     if !self.failed.is_empty() {
                         self.reconcile().await;
                     }
-                    self.reconcile_capture().await
+                    if self.reconcile_capture().await {
+                        // A workload whose namespace was replaced is enrolled in the new one
+                        // at once.
+                        self.reconcile().await;
+                    }
                 }
-                Ok(()) = policy_changes.changed() => self.reconcile_capture().await,
+                Ok(()) = policy_changes.changed() => {
+                    self.reconcile_capture().await;
+                }
                 _ = hup.recv() => {
                     loaded_text = std::fs::read_to_string(&self.config_path).unwrap_or_default();
                     self.reload().await

@@ -170,6 +170,17 @@ pub struct CapturedPod {
     pub inbound_listener: std::net::TcpListener,
     /// Ports kubelet probes reach in plaintext.
     pub probe_ports: Vec<u16>,
+    /// Device and inode of `netns` when the pod was enrolled: the path naming another namespace
+    /// later is another pod (one restarted under the same name).
+    pub netns_inode: (u64, u64),
+}
+
+impl CapturedPod {
+    /// Whether `netns` still names the namespace that was enrolled.
+    pub fn netns_unchanged(&self) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(&self.netns).is_ok_and(|m| (m.dev(), m.ino()) == self.netns_inode)
+    }
 }
 
 /// Opens the pinned map `name` of `pin_dir` as a `T`.

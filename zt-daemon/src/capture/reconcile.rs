@@ -214,6 +214,7 @@ mod tests {
             netns: format!("/run/netns/pod-{netns_cookie}").into(),
             inbound_listener,
             probe_ports: probe_ports.to_vec(),
+            netns_inode: (0, netns_cookie),
         }
     }
 

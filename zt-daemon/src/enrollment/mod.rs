@@ -19,6 +19,7 @@ use std::{
     fs::File,
     io,
     net::{IpAddr, SocketAddr},
+    os::unix::fs::MetadataExt,
     path::PathBuf,
     sync::Arc,
     time::Duration,
@@ -296,6 +297,10 @@ impl Enrollment {
             .map_err(|e| open(netns_err(e)))?;
         let netns_file =
             File::open(&workload.netns).map_err(|e| open(socket_err("opening netns", e)))?;
+        let netns_inode = netns_file
+            .metadata()
+            .map(|m| (m.dev(), m.ino()))
+            .map_err(|e| open(socket_err("reading the netns file's inode", e)))?;
         let cookie = pod_netns
             .run(current_netns_cookie)
             .await
@@ -342,6 +347,7 @@ impl Enrollment {
             netns: workload.netns.clone(),
             inbound_listener,
             probe_ports: workload.probe_ports.clone(),
+            netns_inode,
         };
         let adopted = match capture.enroll_pod(&captured, flags, &netns_file) {
             Ok(adopted) => adopted,
